@@ -1,0 +1,156 @@
+//! Shared between the kernel side (`agent-ebpf`, `no_std`, bpfel target) and user space.
+//!
+//! Every map key and value is `#[repr(C)]`, has no `bool` and no implicit padding, so the
+//! kernel and user space agree on the layout byte for byte. Map names are defined once here
+//! and used on both sides; they are at most 15 bytes (the kernel's `BPF_OBJ_NAME_LEN` - 1).
+#![no_std]
+#![cfg_attr(not(feature = "client"), forbid(unsafe_code))]
+
+#[cfg(feature = "client")]
+extern crate std;
+
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "client")]
+pub mod proto;
+
+/// Socket cookie -> [`SocketTag`]. An LRU hash: written by the agent when a client hands it a
+/// socket, deleted by the `sock_release` program when the socket closes; the LRU eviction is
+/// only a backstop for tags whose release was missed (e.g. written while the hook was detached).
+pub const MAP_COOKIE_TAGS: &str = "BH_COOKIE_TAGS";
+/// [`TrafficKey`] -> [`TrafficCounters`], per CPU: bytes and packets per tenant and direction.
+pub const MAP_TRAFFIC: &str = "BH_TRAFFIC";
+/// [`TenantName`] -> tenant id (`u32`). Only user space reads or writes it; it is a pinned map
+/// so that tenant ids stay stable across agent restarts together with the counters.
+pub const MAP_TENANT_IDS: &str = "BH_TENANT_IDS";
+/// Per-CPU array of [`DIAG_SLOTS`] `u64` kernel-side event counters, indexed by `DIAG_*`.
+pub const MAP_DIAG: &str = "BH_DIAG";
+
+/// Names of the programs in the object, as user space looks them up.
+pub const PROG_INGRESS: &str = "bulkhead_ingress";
+pub const PROG_EGRESS: &str = "bulkhead_egress";
+pub const PROG_SOCK_RELEASE: &str = "bulkhead_sock_release";
+
+pub const COOKIE_TAGS_MAX_ENTRIES: u32 = 65_536;
+pub const TRAFFIC_MAX_ENTRIES: u32 = 8_192;
+pub const TENANT_IDS_MAX_ENTRIES: u32 = 4_096;
+
+/// Tenant id of traffic whose socket carries no tag. Never handed to a named tenant.
+pub const UNTAGGED_TENANT_ID: u32 = 0;
+/// Label used for [`UNTAGGED_TENANT_ID`] in metrics.
+pub const UNTAGGED_TENANT_NAME: &str = "untagged";
+
+pub const DIRECTION_INGRESS: u32 = 0;
+pub const DIRECTION_EGRESS: u32 = 1;
+
+/// Diagnostic counters kept by the kernel programs (slots of [`MAP_DIAG`]).
+pub const DIAG_TRAFFIC_MAP_FULL: u32 = 0;
+pub const DIAG_NO_SOCKET: u32 = 1;
+pub const DIAG_RELEASED_TAGS: u32 = 2;
+pub const DIAG_SLOTS: u32 = 4;
+
+/// Longest tenant name, in bytes.
+pub const TENANT_NAME_LEN: usize = 64;
+
+/// Key of [`MAP_TRAFFIC`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrafficKey {
+    pub tenant_id: u32,
+    /// [`DIRECTION_INGRESS`] or [`DIRECTION_EGRESS`].
+    pub direction: u32,
+}
+
+/// Value of [`MAP_TRAFFIC`] (one copy per CPU; user space sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    /// Bytes of the packets as the cgroup hook sees them: from the network header on.
+    pub bytes: u64,
+    /// Packets (socket buffers; a GSO buffer counts once).
+    pub packets: u64,
+}
+
+/// Value of [`MAP_COOKIE_TAGS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketTag {
+    pub tenant_id: u32,
+    pub _reserved: u32,
+}
+
+/// Key of [`MAP_TENANT_IDS`]: the name's bytes, zero padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TenantName {
+    pub len: u32,
+    pub bytes: [u8; TENANT_NAME_LEN],
+}
+
+impl TenantName {
+    /// `None` when the name is empty or longer than [`TENANT_NAME_LEN`] bytes.
+    pub fn new(name: &str) -> Option<Self> {
+        let src = name.as_bytes();
+        if src.is_empty() || src.len() > TENANT_NAME_LEN {
+            return None;
+        }
+        let mut bytes = [0u8; TENANT_NAME_LEN];
+        bytes[..src.len()].copy_from_slice(src);
+        Some(Self {
+            len: src.len() as u32,
+            bytes,
+        })
+    }
+
+    /// The name, or `None` when the stored bytes are not a valid name.
+    pub fn as_str(&self) -> Option<&str> {
+        let len = self.len as usize;
+        if len == 0 || len > TENANT_NAME_LEN {
+            return None;
+        }
+        core::str::from_utf8(&self.bytes[..len]).ok()
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], made of integers only, with no padding, so every bit
+    // pattern is a valid value and the kernel's copy can be read back as-is.
+    unsafe impl aya::Pod for super::TrafficKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TrafficCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketTag {}
+    // SAFETY: as above (u32 followed by a byte array whose length is a multiple of 4).
+    unsafe impl aya::Pod for super::TenantName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(core::mem::size_of::<TrafficKey>(), 8);
+        assert_eq!(core::mem::size_of::<TrafficCounters>(), 16);
+        assert_eq!(core::mem::size_of::<SocketTag>(), 8);
+        assert_eq!(core::mem::size_of::<TenantName>(), 4 + TENANT_NAME_LEN);
+    }
+
+    #[test]
+    fn tenant_name_round_trips_and_rejects_bad_lengths() {
+        let n = TenantName::new("acme").unwrap();
+        assert_eq!(n.as_str(), Some("acme"));
+        assert!(TenantName::new("").is_none());
+        let long = "x".repeat(TENANT_NAME_LEN + 1);
+        assert!(TenantName::new(&long).is_none());
+        assert!(TenantName::new(&long[..TENANT_NAME_LEN]).is_some());
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in [MAP_COOKIE_TAGS, MAP_TRAFFIC, MAP_TENANT_IDS, MAP_DIAG] {
+            assert!(name.len() <= 15, "{name} is too long for BPF_OBJ_NAME_LEN");
+        }
+    }
+}
