@@ -11,8 +11,8 @@
 
 use crate::proto::{ErrorCode, MAX_MESSAGE_LEN, Request, Response};
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, connect, recv,
-    sendmsg, setsockopt, socket, sockopt,
+    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, connect, recv, sendmsg,
+    setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
 use std::io::IoSlice;

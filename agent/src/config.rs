@@ -1,0 +1,281 @@
+//! The agent's TOML configuration, validated as a whole at start-up.
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The built-in configuration, used when no `--config` is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../bulkhead-agent.toml");
+
+/// Names that label metrics of traffic or memory that belongs to no single tenant.
+pub const RESERVED_TENANT_NAMES: &[&str] = &["untagged", "shared", "unattributed"];
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub cgroup_path: Option<PathBuf>,
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default = "default_true")]
+    pub detach_on_shutdown: bool,
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: SocketAddr,
+    #[serde(default)]
+    pub tagging: TaggingConfig,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaggingConfig {
+    #[serde(default = "default_socket_path")]
+    pub socket_path: PathBuf,
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: u32,
+    #[serde(default = "default_allowed_uids")]
+    pub allowed_uids: Vec<u32>,
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+}
+
+impl Default for TaggingConfig {
+    fn default() -> Self {
+        Self {
+            socket_path: default_socket_path(),
+            socket_mode: default_socket_mode(),
+            allowed_uids: default_allowed_uids(),
+            allowed_gids: Vec::new(),
+        }
+    }
+}
+
+impl TaggingConfig {
+    /// The allow rule: a caller may tag when its uid or gid is listed.
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        self.allowed_uids.contains(&uid) || self.allowed_gids.contains(&gid)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+}
+
+fn default_bpffs() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf")
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/bulkhead")
+}
+fn default_true() -> bool {
+    true
+}
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_socket_path() -> PathBuf {
+    PathBuf::from("/run/bulkhead/agent.sock")
+}
+fn default_socket_mode() -> u32 {
+    0o666
+}
+fn default_allowed_uids() -> Vec<u32> {
+    vec![0]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config {origin}: field `{field}`: {message}")]
+    Invalid {
+        origin: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The built-in default configuration.
+    pub fn builtin() -> Self {
+        Self::parse(DEFAULT_CONFIG, "(built-in)").expect("the built-in config is valid")
+    }
+
+    /// Parses and validates; `origin` names the source in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            field: field.to_string(),
+            message,
+        };
+        for (field, path) in [
+            ("bpffs", &self.bpffs),
+            ("pin_dir", &self.pin_dir),
+            ("tagging.socket_path", &self.tagging.socket_path),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    field,
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        if let Some(cg) = &self.cgroup_path
+            && !cg.is_absolute()
+        {
+            return Err(invalid(
+                "cgroup_path",
+                format!("{} is not an absolute path", cg.display()),
+            ));
+        }
+        if !self.pin_dir.starts_with(&self.bpffs) || self.pin_dir == self.bpffs {
+            return Err(invalid(
+                "pin_dir",
+                format!(
+                    "{} must be a directory below bpffs ({})",
+                    self.pin_dir.display(),
+                    self.bpffs.display()
+                ),
+            ));
+        }
+        if self.tagging.socket_mode > 0o777 {
+            return Err(invalid(
+                "tagging.socket_mode",
+                format!(
+                    "{:o} is not a file mode (0o000-0o777)",
+                    self.tagging.socket_mode
+                ),
+            ));
+        }
+        if self.tagging.allowed_uids.is_empty() && self.tagging.allowed_gids.is_empty() {
+            return Err(invalid(
+                "tagging.allowed_uids",
+                "no caller could tag a socket: allow at least one uid or gid".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let field = format!("tenants[{i}].name");
+            validate_tenant_name(&t.name).map_err(|m| invalid(&field, m))?;
+            if !seen.insert(t.name.as_str()) {
+                return Err(invalid(
+                    &field,
+                    format!("tenant {:?} is listed twice", t.name),
+                ));
+            }
+        }
+        if self.tenants.len() >= agent_common::TENANT_IDS_MAX_ENTRIES as usize {
+            return Err(invalid(
+                "tenants",
+                format!(
+                    "{} tenants; at most {} are supported",
+                    self.tenants.len(),
+                    agent_common::TENANT_IDS_MAX_ENTRIES - 1
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A tenant name is 1-64 bytes of `[A-Za-z0-9._-]` and not a reserved label.
+pub fn validate_tenant_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > agent_common::TENANT_NAME_LEN {
+        return Err(format!(
+            "tenant name {name:?} must be 1-{} characters long",
+            agent_common::TENANT_NAME_LEN
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "tenant name {name:?} has the character {c:?}; use letters, digits, '.', '_' and '-'"
+        ));
+    }
+    if RESERVED_TENANT_NAMES.contains(&name) {
+        return Err(format!("tenant name {name:?} is reserved"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn builtin_config_is_valid_and_has_tenants() {
+        let c = Config::builtin();
+        assert_eq!(c.tenants.len(), 3);
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/bulkhead"));
+        assert!(c.detach_on_shutdown);
+        assert!(c.tagging.allows(0, 12345));
+        assert!(!c.tagging.allows(1000, 1000));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            err("[[tenants]]\nname = \"a b\""),
+            "config test.toml: field `tenants[0].name`: tenant name \"a b\" has the character ' '; use letters, digits, '.', '_' and '-'"
+        );
+        assert!(
+            err("[[tenants]]\nname = \"untagged\"")
+                .contains("`tenants[0].name`: tenant name \"untagged\" is reserved")
+        );
+        assert!(
+            err("[[tenants]]\nname = \"a\"\n[[tenants]]\nname = \"a\"")
+                .contains("`tenants[1].name`: tenant \"a\" is listed twice")
+        );
+        assert!(err("pin_dir = \"/tmp/x\"").contains("`pin_dir`"));
+        assert!(
+            err("pin_dir = \"relative\"").contains("`pin_dir`: relative is not an absolute path")
+        );
+        assert!(err("[tagging]\nallowed_uids = []").contains("`tagging.allowed_uids`"));
+        assert!(err("[tagging]\nsocket_mode = 4096").contains("`tagging.socket_mode`"));
+        let long = "x".repeat(65);
+        assert!(err(&format!("[[tenants]]\nname = \"{long}\"")).contains("1-64 characters"));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_are_rejected() {
+        let e = err("detach_on_shutdwn = true");
+        assert!(e.contains("detach_on_shutdwn"), "{e}");
+        let e = err("admin_addr = \"not an address\"");
+        assert!(e.contains("admin_addr"), "{e}");
+    }
+}

@@ -1,0 +1,511 @@
+//! Loading, attaching and pinning the eBPF programs and maps, and typed access to the maps.
+//!
+//! Maps are pinned by name under `pin_dir` (aya reuses a pinned map when one exists), so
+//! counters, tags and tenant ids survive the agent. Program links are pinned there too, as
+//! `link_<program>`: a new agent finds them and swaps its programs in atomically with
+//! `BPF_LINK_UPDATE`, so a restart neither double-counts nor leaves a gap. On shutdown the links
+//! are unpinned (detached) or left in place, as `detach_on_shutdown` says.
+
+use agent_common::{
+    DIAG_SLOTS, MAP_COOKIE_TAGS, MAP_DIAG, MAP_TENANT_IDS, MAP_TRAFFIC, PROG_EGRESS, PROG_INGRESS,
+    PROG_SOCK_RELEASE, SocketTag, TenantName, TrafficCounters, TrafficKey,
+};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, ProgramFd,
+};
+use aya::{Ebpf, EbpfLoader};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The object built from `agent-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot create the pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object (maps pinned under {pin_dir}) failed: {source}")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("attaching program {name} to the cgroup: {message}")]
+    Attach { name: &'static str, message: String },
+    #[error("pinning the link of {name} at {path}: {message}")]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+}
+
+/// Handles on the pinned maps. Each sits behind a mutex: aya's map writes take `&mut`.
+pub struct Maps {
+    cookie_tags: Mutex<HashMap<MapData, u64, SocketTag>>,
+    traffic: Mutex<PerCpuHashMap<MapData, TrafficKey, TrafficCounters>>,
+    tenant_ids: Mutex<HashMap<MapData, TenantName, u32>>,
+    diag: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Maps")
+    }
+}
+
+impl Maps {
+    /// Tags the socket with `cookie`; an existing tag is replaced.
+    pub fn tag(&self, cookie: u64, tenant_id: u32) -> Result<(), MapError> {
+        let tag = SocketTag {
+            tenant_id,
+            _reserved: 0,
+        };
+        self.cookie_tags.lock().unwrap().insert(cookie, tag, 0)
+    }
+
+    /// Removes the socket's tag; `false` when it had none.
+    pub fn untag(&self, cookie: u64) -> Result<bool, MapError> {
+        match self.cookie_tags.lock().unwrap().remove(&cookie) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn lookup_tag(&self, cookie: u64) -> Result<Option<u32>, MapError> {
+        match self.cookie_tags.lock().unwrap().get(&cookie, 0) {
+            Ok(tag) => Ok(Some(tag.tenant_id)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn tagged_sockets(&self) -> usize {
+        self.cookie_tags.lock().unwrap().keys().count()
+    }
+
+    /// Counters per (tenant, direction), summed over CPUs.
+    pub fn traffic(&self) -> Result<Vec<(TrafficKey, TrafficCounters)>, MapError> {
+        let map = self.traffic.lock().unwrap();
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (key, per_cpu) = entry?;
+            let mut sum = TrafficCounters::default();
+            for c in per_cpu.iter() {
+                sum.bytes = sum.bytes.wrapping_add(c.bytes);
+                sum.packets = sum.packets.wrapping_add(c.packets);
+            }
+            out.push((key, sum));
+        }
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+
+    pub fn diag(&self) -> Result<[u64; DIAG_SLOTS as usize], MapError> {
+        let map = self.diag.lock().unwrap();
+        let mut out = [0u64; DIAG_SLOTS as usize];
+        for (slot, v) in out.iter_mut().enumerate() {
+            *v = map.get(&(slot as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    pub fn tenant_ids(&self) -> Result<Vec<(String, u32)>, MapError> {
+        let map = self.tenant_ids.lock().unwrap();
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (name, id) = entry?;
+            if let Some(name) = name.as_str() {
+                out.push((name.to_string(), id));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn insert_tenant_id(&self, name: &TenantName, id: u32) -> Result<(), MapError> {
+        self.tenant_ids.lock().unwrap().insert(name, id, 0)
+    }
+}
+
+/// A program link pinned at `path`, and this agent's descriptor of it.
+struct AttachedLink {
+    name: &'static str,
+    path: PathBuf,
+    hold: LinkHold,
+}
+
+enum LinkHold {
+    /// Attached and pinned by this agent.
+    Pinned(#[allow(dead_code)] PinnedLink),
+    /// Taken over from an earlier agent's pin.
+    Adopted(#[allow(dead_code)] OwnedFd),
+}
+
+/// The loaded programs, their links and the maps.
+pub struct Datapath {
+    // Holds the programs (and the aya-log ring buffer) alive; the links hold the attachment.
+    _ebpf: Ebpf,
+    maps: std::sync::Arc<Maps>,
+    links: Vec<AttachedLink>,
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// How the programs came to be attached: fresh, or swapped into an earlier agent's links.
+    pub replaced_links: usize,
+}
+
+impl Datapath {
+    /// Loads the object with its maps pinned in `pin_dir` and attaches the programs to `cgroup`.
+    pub fn load(cgroup: &Path, pin_dir: &Path) -> Result<Self, DatapathError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                pin_dir: pin_dir.to_path_buf(),
+                source,
+            })?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel-side logging unavailable");
+                None
+            }
+        };
+        let maps = std::sync::Arc::new(Maps {
+            cookie_tags: Mutex::new(take_map(&mut ebpf, MAP_COOKIE_TAGS)?),
+            traffic: Mutex::new(take_map(&mut ebpf, MAP_TRAFFIC)?),
+            tenant_ids: Mutex::new(take_map(&mut ebpf, MAP_TENANT_IDS)?),
+            diag: Mutex::new(take_map(&mut ebpf, MAP_DIAG)?),
+        });
+        let cgroup_file = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        // With bpf_link (kernel >= 5.7, which aya uses when present) the attach flags must be 0
+        // ("Single"); the kernel then attaches the link as one of many programs on the cgroup,
+        // so the agent coexists with other cgroup programs.
+        let mut links = Vec::new();
+        let mut replaced_links = 0;
+        for (name, attach_type) in [
+            (PROG_INGRESS, CgroupSkbAttachType::Ingress),
+            (PROG_EGRESS, CgroupSkbAttachType::Egress),
+        ] {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let fd = prog_fd(prog.fd(), name)?;
+            let (link, replaced) = attach_pinned(name, pin_dir, fd.as_fd(), || {
+                let id = prog.attach(&cgroup_file, attach_type, CgroupAttachMode::Single)?;
+                FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string().into())
+            })?;
+            replaced_links += usize::from(replaced);
+            links.push(link);
+        }
+        let name = PROG_SOCK_RELEASE;
+        let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let fd = prog_fd(prog.fd(), name)?;
+        let (link, replaced) = attach_pinned(name, pin_dir, fd.as_fd(), || {
+            let id = prog.attach(&cgroup_file, CgroupAttachMode::Single)?;
+            FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string().into())
+        })?;
+        replaced_links += usize::from(replaced);
+        links.push(link);
+        Ok(Self {
+            _ebpf: ebpf,
+            maps,
+            links,
+            cgroup: cgroup.to_path_buf(),
+            pin_dir: pin_dir.to_path_buf(),
+            logger,
+            replaced_links,
+        })
+    }
+
+    pub fn maps(&self) -> std::sync::Arc<Maps> {
+        self.maps.clone()
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Takes the kernel-side log reader, to be drained when its descriptor is readable.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+
+    /// Ends this agent's hold on the programs. With `detach`, the links are unpinned and so the
+    /// programs detached; otherwise they stay attached (and counting) for the next agent.
+    pub fn shutdown(self, detach: bool) {
+        for l in self.links {
+            if detach && let Err(e) = std::fs::remove_file(&l.path) {
+                tracing::warn!(program = l.name, path = %l.path.display(), error = %e, "could not unpin link");
+            }
+            // Dropping the last descriptor of an unpinned link detaches its program.
+            drop(l.hold);
+        }
+    }
+}
+
+/// Detaches programs left attached by an earlier agent (the `cleanup` command): removes the
+/// pinned links. Returns the links removed. Maps are kept unless `remove_maps`.
+pub fn cleanup(pin_dir: &Path, remove_maps: bool) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with("link_") || remove_maps {
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+    }
+    if remove_maps {
+        std::fs::remove_dir(pin_dir)?;
+    }
+    Ok(removed)
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(DatapathError::Missing {
+        kind: "program",
+        name,
+    })?;
+    prog.try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// A duplicate of the program's descriptor, so the program can be borrowed mutably to attach.
+fn prog_fd(
+    fd: Result<&ProgramFd, ProgramError>,
+    name: &'static str,
+) -> Result<ProgramFd, DatapathError> {
+    fd.and_then(|f| f.try_clone().map_err(ProgramError::from))
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Swaps the program into the link an earlier agent pinned, or attaches it fresh and pins the
+/// new link. Returns the pinned link and whether it was an existing one.
+fn attach_pinned(
+    name: &'static str,
+    pin_dir: &Path,
+    prog_fd: BorrowedFd<'_>,
+    attach: impl FnOnce() -> Result<FdLink, Box<dyn std::error::Error>>,
+) -> Result<(AttachedLink, bool), DatapathError> {
+    let path = pin_dir.join(format!("link_{name}"));
+    if !path.exists() {
+        return attach_and_pin(name, &path, attach).map(|l| (l, false));
+    }
+    let adopted = obj_get(&path)
+        .map_err(|e| format!("opening it: {e}"))
+        .and_then(|link| {
+            link_update(link.as_fd(), prog_fd)
+                .map(|()| link)
+                .map_err(|e| format!("BPF_LINK_UPDATE: {e}"))
+        });
+    match adopted {
+        Ok(link) => {
+            return Ok((
+                AttachedLink {
+                    name,
+                    path,
+                    hold: LinkHold::Adopted(link),
+                },
+                true,
+            ));
+        }
+        Err(e) => tracing::warn!(program = name, path = %path.display(), error = %e,
+            "cannot swap the program into the pinned link; replacing the link"),
+    }
+    // Attach the new link before the stale one goes, so nothing goes uncounted; bpffs has no
+    // rename, so the new link is pinned once the old pin is removed.
+    let fd_link = attach().map_err(|e| DatapathError::Attach {
+        name,
+        message: error_chain(e.as_ref()),
+    })?;
+    std::fs::remove_file(&path).map_err(|e| DatapathError::Pin {
+        name,
+        path: path.clone(),
+        message: format!("removing the stale link: {e}"),
+    })?;
+    pin(name, &path, fd_link).map(|l| (l, false))
+}
+
+fn attach_and_pin(
+    name: &'static str,
+    path: &Path,
+    attach: impl FnOnce() -> Result<FdLink, Box<dyn std::error::Error>>,
+) -> Result<AttachedLink, DatapathError> {
+    let fd_link = attach().map_err(|e| DatapathError::Attach {
+        name,
+        message: error_chain(e.as_ref()),
+    })?;
+    pin(name, path, fd_link)
+}
+
+fn pin(name: &'static str, path: &Path, fd_link: FdLink) -> Result<AttachedLink, DatapathError> {
+    let link = fd_link.pin(path).map_err(|e| DatapathError::Pin {
+        name,
+        path: path.to_path_buf(),
+        message: error_chain(&e),
+    })?;
+    Ok(AttachedLink {
+        name,
+        path: path.to_path_buf(),
+        hold: LinkHold::Pinned(link),
+    })
+}
+
+/// "outer: inner: innermost", so a syscall's errno is not lost behind its wrapper.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object (here a link) by path.
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = aya_obj::generated::bpf_cmd::BPF_OBJ_GET as libc::c_long;
+    /// The `obj_pin` member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGetAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: the kernel reads `size` bytes of `attr`, laid out as the BPF_OBJ_GET member of
+    // `union bpf_attr`; `pathname` points to a NUL-terminated string alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            std::mem::size_of::<ObjGetAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success BPF_OBJ_GET returns a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: atomically replaces the program of an existing link. aya 0.14 keeps
+/// its wrapper private for cgroup links, so the agent issues the command itself.
+fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long =
+        aya_obj::generated::bpf_cmd::BPF_LINK_UPDATE as libc::c_long;
+    /// The `link_update` member of `union bpf_attr`.
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: the bpf syscall reads `size` bytes of `attr`, a properly laid-out prefix of
+    // `union bpf_attr` for BPF_LINK_UPDATE (the kernel treats the rest as zero); the
+    // descriptors are valid for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const attr,
+            std::mem::size_of::<LinkUpdateAttr>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

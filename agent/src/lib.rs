@@ -1,0 +1,209 @@
+//! bulkhead-agent: per-tenant accounting on a GPU node.
+//!
+//! [`start`] loads and attaches the eBPF programs, opens the tagging API and the admin server,
+//! and returns a [`RunningAgent`] handle; [`RunningAgent::shutdown`] stops it cleanly.
+
+pub mod admin;
+pub mod config;
+pub mod datapath;
+pub mod metrics;
+pub mod sys;
+pub mod tagging;
+pub mod tenants;
+
+use crate::config::Config;
+use crate::datapath::{Datapath, DatapathError};
+use crate::metrics::{AgentMetrics, DatapathCollector};
+use crate::tagging::{TagService, TaggingError};
+use crate::tenants::{TenantError, TenantRegistry};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Sys(#[from] sys::SysError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("tenant ids: {0}")]
+    Tenants(#[from] TenantError),
+    #[error(transparent)]
+    Tagging(#[from] TaggingError),
+    #[error("admin server on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// Exit status for the binary: 77 (EX_NOPERM) without privileges, 69 (EX_UNAVAILABLE) when
+    /// a kernel feature is missing, 71 (EX_OSERR) otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AgentError::Sys(sys::SysError::NotPrivileged { .. }) => 77,
+            AgentError::Sys(sys::SysError::NoCgroup2 | sys::SysError::NotCgroup2 { .. }) => 69,
+            _ => 71,
+        }
+    }
+}
+
+/// A started agent.
+pub struct RunningAgent {
+    pub admin_addr: SocketAddr,
+    pub socket_path: PathBuf,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    /// Program links taken over from an earlier agent (0 on a fresh start).
+    pub replaced_links: usize,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    datapath: Datapath,
+    detach_on_shutdown: bool,
+    metrics: AgentMetrics,
+}
+
+impl RunningAgent {
+    /// Stops serving, removes the tagging socket, and detaches the programs if the config says
+    /// so. Pinned maps (counters, tags, tenant ids) are always kept.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.metrics.set_up(false);
+        let _ = std::fs::remove_file(&self.socket_path);
+        self.datapath.shutdown(self.detach_on_shutdown);
+        tracing::info!(detached = self.detach_on_shutdown, "bulkhead-agent stopped");
+    }
+}
+
+fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> {
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Starts the agent. Must run inside a tokio runtime.
+pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
+    sys::check_privileges()?;
+    if sys::ensure_bpffs(&config.bpffs)? {
+        tracing::info!(path = %config.bpffs.display(), "mounted bpffs");
+    }
+    let cgroup = sys::resolve_cgroup(config.cgroup_path.as_deref())?;
+    let mut datapath = Datapath::load(&cgroup, &config.pin_dir)?;
+    let maps = datapath.maps();
+    let names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
+    let tenants = Arc::new(RwLock::new(TenantRegistry::load(&names, &maps)?));
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = AgentMetrics::register(&mut registry);
+    registry.register_collector(Box::new(DatapathCollector {
+        maps: maps.clone(),
+        tenants: tenants.clone(),
+    }));
+
+    let listener = tagging::bind_socket(&config.tagging)?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| AgentError::Admin {
+            addr: config.admin_addr,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| AgentError::Admin {
+            addr: config.admin_addr,
+            source,
+        })?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let admin_state = Arc::new(admin::AdminState {
+        registry,
+        ready: false.into(),
+    });
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state.clone(),
+        stopped(stop_rx.clone()),
+    )));
+    let service = Arc::new(TagService {
+        maps,
+        tenants,
+        allow: config.tagging.clone(),
+        metrics: metrics.clone(),
+    });
+    let rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = tagging::serve(listener, service, stopped(rx)).await {
+            tracing::error!(error = %e, "tagging API stopped");
+        }
+    }));
+    if let Some(logger) = datapath.take_logger() {
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(drain_kernel_logs(logger, stopped(rx))));
+    }
+    metrics.set_up(true);
+    admin_state.ready.store(true, Ordering::Release);
+    tracing::info!(
+        admin = %admin_addr,
+        socket = %config.tagging.socket_path.display(),
+        cgroup = %cgroup.display(),
+        pin_dir = %config.pin_dir.display(),
+        replaced_links = datapath.replaced_links,
+        tenants = names.len(),
+        "bulkhead-agent ready"
+    );
+    Ok(RunningAgent {
+        admin_addr,
+        socket_path: config.tagging.socket_path.clone(),
+        cgroup,
+        pin_dir: config.pin_dir.clone(),
+        replaced_links: datapath.replaced_links,
+        stop,
+        tasks,
+        datapath,
+        detach_on_shutdown: config.detach_on_shutdown,
+        metrics,
+    })
+}
+
+/// Forwards aya-log records from the kernel programs to `log` (and so to `tracing`).
+async fn drain_kernel_logs(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    // SAFETY: the logger owns its ring buffer's descriptor, which stays open and the same for
+    // the logger's lifetime.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot poll the kernel log buffer");
+            return;
+        }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            guard = fd.readable_mut() => match guard {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel log buffer failed");
+                    return;
+                }
+            }
+        }
+    }
+}

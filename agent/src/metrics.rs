@@ -1,0 +1,175 @@
+//! Prometheus metrics. Kernel counters are read from the maps at scrape time (a collector), so
+//! a scrape always sees the kernel's current totals and nothing polls in between.
+
+use crate::datapath::Maps;
+use crate::tenants::TenantRegistry;
+use agent_common::{
+    COOKIE_TAGS_MAX_ENTRIES, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIAG_TRAFFIC_MAP_FULL,
+    DIRECTION_EGRESS, MAP_COOKIE_TAGS, MAP_TRAFFIC, TRAFFIC_MAX_ENTRIES,
+};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, RwLock};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TagLabels {
+    pub op: &'static str,
+    pub result: &'static str,
+}
+
+/// The agent's own (non-kernel) metrics.
+#[derive(Clone, Debug, Default)]
+pub struct AgentMetrics {
+    tag_requests: Family<TagLabels, Counter>,
+    up: Gauge,
+}
+
+impl AgentMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "bulkhead_tag_requests",
+            "Tagging API requests, by operation and result (ok or the error code)",
+            m.tag_requests.clone(),
+        );
+        registry.register(
+            "bulkhead_agent_up",
+            "1 while the agent runs with its eBPF programs attached",
+            m.up.clone(),
+        );
+        m
+    }
+
+    pub fn tag_request(&self, op: &'static str, result: &'static str) {
+        self.tag_requests
+            .get_or_create(&TagLabels { op, result })
+            .inc();
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TrafficLabels {
+    tenant: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+/// Reads the kernel maps on each scrape.
+#[derive(Debug)]
+pub struct DatapathCollector {
+    pub maps: Arc<Maps>,
+    pub tenants: Arc<RwLock<TenantRegistry>>,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let traffic = match self.maps.traffic() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the traffic map failed");
+                Vec::new()
+            }
+        };
+        let tenants = self.tenants.read().unwrap();
+        let labels = |k: &agent_common::TrafficKey| TrafficLabels {
+            tenant: tenants.label(k.tenant_id),
+            direction: if k.direction == DIRECTION_EGRESS {
+                "egress"
+            } else {
+                "ingress"
+            },
+        };
+        let mut bytes = encoder.encode_descriptor(
+            "bulkhead_network_bytes",
+            "Bytes of the tenant's sockets seen by the cgroup hooks (from the IP header on); tenant=\"untagged\" for untagged sockets",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, c) in &traffic {
+            ConstCounter::new(c.bytes).encode(bytes.encode_family(&labels(k))?)?;
+        }
+        let mut packets = encoder.encode_descriptor(
+            "bulkhead_network_packets",
+            "Packets (socket buffers) of the tenant's sockets seen by the cgroup hooks",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, c) in &traffic {
+            ConstCounter::new(c.packets).encode(packets.encode_family(&labels(k))?)?;
+        }
+        drop(tenants);
+
+        let fill = [
+            (
+                MAP_COOKIE_TAGS,
+                self.maps.tagged_sockets(),
+                COOKIE_TAGS_MAX_ENTRIES,
+            ),
+            (MAP_TRAFFIC, traffic.len(), TRAFFIC_MAX_ENTRIES),
+        ];
+        let mut entries = encoder.encode_descriptor(
+            "bulkhead_map_entries",
+            "Entries in the agent's eBPF maps",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (map, n, _) in fill {
+            ConstGauge::new(n as i64).encode(entries.encode_family(&MapLabels { map })?)?;
+        }
+        let mut capacity = encoder.encode_descriptor(
+            "bulkhead_map_capacity",
+            "Maximum entries of the agent's eBPF maps",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (map, _, max) in fill {
+            ConstGauge::new(i64::from(max)).encode(capacity.encode_family(&MapLabels { map })?)?;
+        }
+        let mut ratio = encoder.encode_descriptor(
+            "bulkhead_map_fill_ratio",
+            "Entries over capacity of the agent's eBPF maps (0-1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (map, n, max) in fill {
+            ConstGauge::new(n as f64 / f64::from(max))
+                .encode(ratio.encode_family(&MapLabels { map })?)?;
+        }
+
+        if let Ok(diag) = self.maps.diag() {
+            let mut events = encoder.encode_descriptor(
+                "bulkhead_kernel_events",
+                "Events seen by the kernel programs: traffic_map_full (packets not counted), no_socket (packets without a socket, counted as untagged), tag_released (tags removed when their socket closed)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (event, slot) in [
+                ("traffic_map_full", DIAG_TRAFFIC_MAP_FULL),
+                ("no_socket", DIAG_NO_SOCKET),
+                ("tag_released", DIAG_RELEASED_TAGS),
+            ] {
+                ConstCounter::new(diag[slot as usize])
+                    .encode(events.encode_family(&EventLabels { event })?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,338 @@
+//! The tagging API server: one JSON request per SOCK_SEQPACKET message, the socket to act on
+//! attached with SCM_RIGHTS (see `agent_common::proto`). The cookie is read from the received
+//! descriptor itself, so a caller can only tag sockets it holds, and the caller's credentials
+//! (SO_PEERCRED) are checked against the configured allow rule on every request.
+
+use crate::config::TaggingConfig;
+use crate::datapath::Maps;
+use crate::metrics::AgentMetrics;
+use crate::sys::{SocketKind, inspect_socket};
+use crate::tenants::TenantRegistry;
+use agent_common::proto::{ErrorCode, MAX_MESSAGE_LEN, Request, Response};
+use nix::sys::socket::{
+    AddressFamily, Backlog, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    UnixCredentials, accept4, bind, getsockopt, listen, recvmsg, send, socket, sockopt,
+};
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use tokio::io::unix::AsyncFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaggingError {
+    #[error("tagging socket {path}: {what}: {source}")]
+    Socket {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "tagging socket {path} is in use by a running agent; stop it or set tagging.socket_path"
+    )]
+    InUse { path: PathBuf },
+}
+
+/// What a request handler needs; shared by all connections.
+pub struct TagService {
+    pub maps: Arc<Maps>,
+    pub tenants: Arc<RwLock<TenantRegistry>>,
+    pub allow: TaggingConfig,
+    pub metrics: AgentMetrics,
+}
+
+impl TagService {
+    /// Answers one request. `fds` are the descriptors that came with it (closed afterwards:
+    /// they are the agent's duplicates, the caller's sockets stay open).
+    pub fn handle(
+        &self,
+        body: &[u8],
+        fds: &[OwnedFd],
+        creds: Option<UnixCredentials>,
+    ) -> (&'static str, Response) {
+        let (op, result) = self.handle_inner(body, fds, creds);
+        let response = match result {
+            Ok(r) => r,
+            Err((code, message)) => {
+                tracing::info!(op, code = code.as_str(), %message, pid = creds.map(|c| c.pid()), "tagging request refused");
+                Response::error(code, message)
+            }
+        };
+        let outcome = match &response {
+            Response::Ok { .. } => "ok",
+            Response::Err { error } => error.code.as_str(),
+        };
+        self.metrics.tag_request(op, outcome);
+        (op, response)
+    }
+
+    fn handle_inner(
+        &self,
+        body: &[u8],
+        fds: &[OwnedFd],
+        creds: Option<UnixCredentials>,
+    ) -> (&'static str, Result<Response, (ErrorCode, String)>) {
+        let request: Request = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return (
+                    "invalid",
+                    Err((
+                        ErrorCode::Malformed,
+                        format!(
+                            "request is not valid JSON of the form {{\"op\":\"tag\",\"tenant\":NAME}}, {{\"op\":\"untag\"}} or {{\"op\":\"lookup\"}}: {e}"
+                        ),
+                    )),
+                );
+            }
+        };
+        let op = request.op();
+        (op, self.execute(&request, fds, creds))
+    }
+
+    fn execute(
+        &self,
+        request: &Request,
+        fds: &[OwnedFd],
+        creds: Option<UnixCredentials>,
+    ) -> Result<Response, (ErrorCode, String)> {
+        let Some(creds) = creds else {
+            return Err((
+                ErrorCode::NotAllowed,
+                "the caller's credentials could not be read".into(),
+            ));
+        };
+        if !self.allow.allows(creds.uid(), creds.gid()) {
+            return Err((
+                ErrorCode::NotAllowed,
+                format!(
+                    "uid {} gid {} may not tag sockets (tagging.allowed_uids / allowed_gids)",
+                    creds.uid(),
+                    creds.gid()
+                ),
+            ));
+        }
+        let fd = match fds {
+            [fd] => fd,
+            _ => {
+                return Err((
+                    ErrorCode::MissingSocket,
+                    format!(
+                        "attach exactly one socket descriptor (SCM_RIGHTS); got {}",
+                        fds.len()
+                    ),
+                ));
+            }
+        };
+        let cookie = match inspect_socket(fd.as_fd()) {
+            Ok(SocketKind::Inet { cookie }) => cookie,
+            Ok(SocketKind::NotASocket) => {
+                return Err((
+                    ErrorCode::NotASocket,
+                    "the attached descriptor is not a socket".into(),
+                ));
+            }
+            Ok(SocketKind::Unsupported { family }) => {
+                return Err((
+                    ErrorCode::UnsupportedSocket,
+                    format!(
+                        "the attached socket is of address family {family}; only AF_INET and AF_INET6 sockets carry counted traffic"
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err((
+                    ErrorCode::Internal,
+                    format!("cannot inspect the attached descriptor: {e}"),
+                ));
+            }
+        };
+        let internal =
+            |e: aya::maps::MapError| (ErrorCode::Internal, format!("socket tag map: {e}"));
+        let tenants = self.tenants.read().unwrap();
+        match request {
+            Request::Tag { tenant } => {
+                let Some(id) = tenants.id(tenant) else {
+                    return Err((
+                        ErrorCode::UnknownTenant,
+                        format!("tenant {tenant:?} is not configured on this agent"),
+                    ));
+                };
+                self.maps.tag(cookie, id).map_err(internal)?;
+                tracing::debug!(tenant = %tenant, cookie, pid = creds.pid(), "tagged socket");
+                Ok(Response::Ok {
+                    tenant: Some(tenant.clone()),
+                    tenant_id: id,
+                    cookie,
+                })
+            }
+            Request::Untag => {
+                self.maps.untag(cookie).map_err(internal)?;
+                Ok(Response::Ok {
+                    tenant: None,
+                    tenant_id: agent_common::UNTAGGED_TENANT_ID,
+                    cookie,
+                })
+            }
+            Request::Lookup => {
+                let id = self.maps.lookup_tag(cookie).map_err(internal)?;
+                Ok(Response::Ok {
+                    tenant: id.and_then(|id| tenants.name(id).map(str::to_string)),
+                    tenant_id: id.unwrap_or(agent_common::UNTAGGED_TENANT_ID),
+                    cookie,
+                })
+            }
+        }
+    }
+}
+
+/// Binds the tagging socket, replacing a stale socket file but never a live agent's.
+pub fn bind_socket(cfg: &TaggingConfig) -> Result<OwnedFd, TaggingError> {
+    let path = &cfg.socket_path;
+    let err = |what, source: io::Error| TaggingError::Socket {
+        path: path.clone(),
+        what,
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err("creating its directory", e))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() || seqpacket_connects(path) {
+            return Err(TaggingError::InUse { path: path.clone() });
+        }
+        std::fs::remove_file(path).map_err(|e| err("removing a stale socket file", e))?;
+    }
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| err("socket", e.into()))?;
+    let addr = UnixAddr::new(path).map_err(|e| err("address", e.into()))?;
+    bind(fd.as_raw_fd(), &addr).map_err(|e| err("bind", e.into()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))
+        .map_err(|e| err("chmod", e))?;
+    listen(&fd, Backlog::new(128).unwrap()).map_err(|e| err("listen", e.into()))?;
+    Ok(fd)
+}
+
+fn seqpacket_connects(path: &Path) -> bool {
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr).is_ok()
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(
+    listener: OwnedFd,
+    service: Arc<TagService>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> io::Result<()> {
+    // SAFETY: the OwnedFd stays open, and is the same descriptor, for the AsyncFd's lifetime.
+    let listener = unsafe { AsyncFd::register(listener) }.map_err(io::Error::from)?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            guard = listener.readable() => {
+                let mut guard = guard?;
+                match guard.try_io(|fd| {
+                    accept4(fd.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)
+                        .map_err(io::Error::from)
+                }) {
+                    Ok(Ok(raw)) => {
+                        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                        let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+                        let service = service.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = serve_connection(conn, service).await {
+                                tracing::debug!(error = %e, "tagging connection ended with an error");
+                            }
+                        });
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "accept on the tagging socket failed"),
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(conn: OwnedFd, service: Arc<TagService>) -> io::Result<()> {
+    let creds = getsockopt(&conn, sockopt::PeerCredentials).ok();
+    // SAFETY: as for the listener above.
+    let conn = unsafe { AsyncFd::register(conn) }.map_err(io::Error::from)?;
+    let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
+    loop {
+        let mut guard = conn.readable().await?;
+        let received = guard.try_io(|fd| receive(fd.as_raw_fd(), &mut buf));
+        let (len, truncated, fds) = match received {
+            Ok(r) => r?,
+            Err(_would_block) => continue,
+        };
+        if len == 0 && !truncated && fds.is_empty() {
+            return Ok(()); // orderly close
+        }
+        let (_, response) = if truncated {
+            let r = Response::error(
+                ErrorCode::Malformed,
+                format!("request longer than {MAX_MESSAGE_LEN} bytes or with too many descriptors"),
+            );
+            service
+                .metrics
+                .tag_request("invalid", ErrorCode::Malformed.as_str());
+            ("invalid", r)
+        } else {
+            service.handle(&buf[..len], &fds, creds)
+        };
+        drop(fds);
+        let body = serde_json::to_vec(&response).expect("responses serialize");
+        loop {
+            let mut guard = conn.writable().await?;
+            match guard.try_io(|fd| {
+                send(fd.as_raw_fd(), &body, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+            }) {
+                Ok(r) => {
+                    r?;
+                    break;
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// One recvmsg: the bytes, whether the data or the descriptors were cut, and the descriptors.
+fn receive(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool, Vec<OwnedFd>)> {
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: SCM_RIGHTS installed these descriptors in this process for us alone.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    let truncated = msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+        || msg.bytes > MAX_MESSAGE_LEN;
+    Ok((msg.bytes, truncated, fds))
+}

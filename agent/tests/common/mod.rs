@@ -1,0 +1,318 @@
+//! Test harness: runs the real `bulkhead-agent` binary with its own pin directory, tagging
+//! socket and admin port, so tests can run side by side.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_bulkhead-agent");
+
+/// True when this process may load eBPF programs. Without that, the test is skipped with a
+/// message, except under CI=true, where it fails: CI must never skip these silently.
+pub fn require_bpf() -> bool {
+    match bulkhead_agent::sys::check_privileges() {
+        Ok(()) if Path::new("/sys/fs/cgroup").exists() => true,
+        result => {
+            let why = result
+                .err()
+                .map_or("no /sys/fs/cgroup".to_string(), |e| e.to_string());
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("CI=true but this test cannot load eBPF programs: {why}");
+            }
+            eprintln!("SKIPPED (not privileged; set CI=true to make this a failure): {why}");
+            false
+        }
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Names unique to this test process and call.
+pub struct Paths {
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new() -> Self {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("bulkhead-test-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{id}")),
+            socket: dir.join("agent.sock"),
+            dir,
+        }
+    }
+
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            "pin_dir = {:?}\nadmin_addr = \"127.0.0.1:0\"\n{extra}\n[tagging]\nsocket_path = {:?}\n\n\
+             [[tenants]]\nname = \"alpha\"\n[[tenants]]\nname = \"beta\"\n",
+            self.pin_dir, self.socket
+        )
+    }
+}
+
+impl Drop for Paths {
+    fn drop(&mut self) {
+        // Unpinning the maps and links frees them once no agent holds them.
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Agent {
+    child: Child,
+    pub admin: SocketAddr,
+    pub ready_line: serde_json::Value,
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent with `config` (TOML text) and waits for its ready line.
+    pub fn start(paths: &Paths, config: &str) -> Agent {
+        let cfg = paths.dir.join(format!(
+            "agent-{}.toml",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(AGENT)
+            .args(["--log-format", "json", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn bulkhead-agent");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                if tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining so the agent never blocks.
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => {
+                    let status = child.try_wait().ok().flatten();
+                    let _ = child.kill();
+                    panic!("bulkhead-agent did not become ready within 30 s (exit: {status:?})");
+                }
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "bulkhead-agent ready" {
+                let admin = v["admin"].as_str().unwrap().parse().unwrap();
+                return Agent {
+                    child,
+                    admin,
+                    ready_line: v,
+                    socket: paths.socket.clone(),
+                };
+            }
+        }
+    }
+
+    pub fn client(&self) -> agent_common::client::AgentClient {
+        agent_common::client::AgentClient::new(&self.socket)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path)
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        Metrics::parse(&body)
+    }
+
+    /// Polls /metrics until `cond` holds, or panics after 10 s with the last scrape.
+    pub fn wait_for(&self, what: &str, cond: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = self.metrics();
+            if cond(&m) {
+                return m;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; last scrape:\n{}", m.text);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "agent exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop within 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A parsed scrape: `name{labels}` -> value, labels sorted by key.
+pub struct Metrics {
+    pub text: String,
+    values: BTreeMap<String, f64>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut values = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let mut pairs: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
+                    pairs.sort();
+                    (n, pairs.join(","))
+                }
+                None => (series, String::new()),
+            };
+            values.insert(format!("{name}{{{labels}}}"), value.parse().unwrap());
+        }
+        Self {
+            text: text.to_string(),
+            values,
+        }
+    }
+
+    /// The value of `name` with exactly these labels (any order), or 0 when absent.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        pairs.sort();
+        self.values
+            .get(&format!("{name}{{{}}}", pairs.join(",")))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    pub fn bytes(&self, tenant: &str, direction: &str) -> u64 {
+        self.get(
+            "bulkhead_network_bytes_total",
+            &[("tenant", tenant), ("direction", direction)],
+        ) as u64
+    }
+
+    pub fn packets(&self, tenant: &str, direction: &str) -> u64 {
+        self.get(
+            "bulkhead_network_packets_total",
+            &[("tenant", tenant), ("direction", direction)],
+        ) as u64
+    }
+}
+
+/// A connected loopback TCP pair: (client, server side).
+pub fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
+/// Sends `n` bytes from `from` and reads all of them at `to`, so that by the time it returns
+/// every data packet has left and arrived.
+pub fn transfer(from: &mut TcpStream, to: &mut TcpStream, n: usize) {
+    let mut reader = to.try_clone().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < n {
+            let k = reader.read(&mut buf).unwrap();
+            assert!(k > 0, "peer closed early");
+            got += k;
+        }
+    });
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(chunk.len());
+        from.write_all(&chunk[..k]).unwrap();
+        sent += k;
+    }
+    t.join().unwrap();
+}
+
+/// Largest IPv4 + TCP header of one packet (20 + 60 bytes): the counted bytes of a tenant are
+/// its payload plus at most this much per counted packet.
+pub const MAX_HEADER_BYTES: u64 = 80;
+
+/// Asserts `payload <= bytes <= payload + packets * MAX_HEADER_BYTES`.
+pub fn assert_payload_accounted(what: &str, bytes: u64, packets: u64, payload: u64) {
+    assert!(packets > 0, "{what}: no packets counted");
+    assert!(
+        bytes >= payload,
+        "{what}: {bytes} bytes counted for {payload} bytes of payload"
+    );
+    assert!(
+        bytes <= payload + packets * MAX_HEADER_BYTES,
+        "{what}: {bytes} bytes counted for {payload} bytes of payload in {packets} packets: more than {MAX_HEADER_BYTES} bytes of headers per packet"
+    );
+}
