@@ -89,6 +89,21 @@ fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = (
     }
 }
 
+/// Checks, without changing anything, that the agent could start here: privileges and the
+/// cgroup-v2 mount. Returns a short report.
+pub fn preflight(config: &Config) -> Result<String, AgentError> {
+    sys::check_privileges()?;
+    let cgroup = sys::resolve_cgroup(config.cgroup_path.as_deref())?;
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    Ok(format!(
+        "privileges: ok\ncgroup v2: {}\nbpffs: {} ({})\nkernel BTF: {}",
+        cgroup.display(),
+        config.bpffs.display(),
+        if sys::is_bpffs(&config.bpffs) { "mounted" } else { "not mounted; the agent will mount it" },
+        if btf { "present" } else { "absent" }
+    ))
+}
+
 /// Starts the agent. Must run inside a tokio runtime.
 pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     sys::check_privileges()?;

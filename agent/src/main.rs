@@ -31,6 +31,9 @@ enum Command {
     Run,
     /// Validate the configuration and print it.
     CheckConfig,
+    /// Check that this process and kernel can run the agent (privileges, cgroup v2, bpffs
+    /// mount point) without changing anything; exit 0 when they can.
+    Preflight,
     /// Print the built-in default configuration.
     DefaultConfig,
     /// Detach programs left attached by a stopped agent (detach_on_shutdown = false) by
@@ -61,6 +64,16 @@ fn main() -> ExitCode {
             println!("{config:#?}");
             ExitCode::SUCCESS
         }
+        Command::Preflight => match bulkhead_agent::preflight(&config) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bulkhead-agent: {e}");
+                ExitCode::from(e.exit_code() as u8)
+            }
+        },
         Command::DefaultConfig => {
             print!("{}", bulkhead_agent::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

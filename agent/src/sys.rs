@@ -80,9 +80,13 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
     Ok(st.filesystem_type().0 as i64)
 }
 
+pub fn is_bpffs(path: &Path) -> bool {
+    fs_magic(path).ok() == Some(BPF_FS_MAGIC)
+}
+
 /// Makes sure `path` is a bpffs mount, mounting one when it is not.
 pub fn ensure_bpffs(path: &Path) -> Result<bool, SysError> {
-    if fs_magic(path).ok() == Some(BPF_FS_MAGIC) {
+    if is_bpffs(path) {
         return Ok(false);
     }
     std::fs::create_dir_all(path).map_err(|source| SysError::MountBpffs {

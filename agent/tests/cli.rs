@@ -1,8 +1,6 @@
 //! The binary's behaviour on bad input and without privileges.
 
-mod common;
-
-use common::AGENT;
+const AGENT: &str = env!("CARGO_BIN_EXE_bulkhead-agent");
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 

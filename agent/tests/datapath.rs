@@ -1,10 +1,14 @@
 //! The real agent, with its eBPF programs attached, counting real loopback traffic.
 //! These need root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON); under CI=true they fail without.
 
-mod common;
-
 use agent_common::proto::ErrorCode;
-use common::*;
+use bulkhead_tests::harness::*;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_bulkhead-agent");
+
+fn require_bpf() -> bool {
+    bulkhead_tests::harness::require_bpf(AGENT)
+}
 use std::os::fd::AsFd;
 
 #[test]
@@ -13,7 +17,7 @@ fn counts_each_tenants_bytes_in_both_directions() {
         return;
     }
     let paths = Paths::new();
-    let agent = Agent::start(&paths, &paths.config(""));
+    let agent = Agent::start(AGENT, &paths, &paths.config(""));
     let client = agent.client();
 
     let (mut a_client, mut a_server) = tcp_pair();
@@ -91,7 +95,7 @@ fn retagging_moves_later_bytes_and_untagging_stops_counting() {
         return;
     }
     let paths = Paths::new();
-    let agent = Agent::start(&paths, &paths.config(""));
+    let agent = Agent::start(AGENT, &paths, &paths.config(""));
     let client = agent.client();
     let (mut c, mut s) = tcp_pair();
 
@@ -133,7 +137,7 @@ fn closed_sockets_lose_their_tags() {
         return;
     }
     let paths = Paths::new();
-    let agent = Agent::start(&paths, &paths.config(""));
+    let agent = Agent::start(AGENT, &paths, &paths.config(""));
     let client = agent.client();
     let (c1, s1) = tcp_pair();
     let (c2, _s2) = tcp_pair();
@@ -161,7 +165,7 @@ fn restart_keeps_counters_and_tags() {
     }
     let paths = Paths::new();
     let config = paths.config("");
-    let agent = Agent::start(&paths, &config);
+    let agent = Agent::start(AGENT, &paths, &config);
     let (mut c, mut s) = tcp_pair();
     agent.client().tag(c.as_fd(), "beta").unwrap();
     transfer(&mut c, &mut s, 500_000);
@@ -169,7 +173,7 @@ fn restart_keeps_counters_and_tags() {
     agent.stop();
 
     // Same pin directory: the new agent finds the maps, the counters and the tag.
-    let agent = Agent::start(&paths, &config);
+    let agent = Agent::start(AGENT, &paths, &config);
     let m = agent.metrics();
     assert_eq!(m.bytes("beta", "egress"), before.bytes("beta", "egress"));
     assert_eq!(
@@ -197,7 +201,7 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
     }
     let paths = Paths::new();
     let config = paths.config("detach_on_shutdown = false");
-    let agent = Agent::start(&paths, &config);
+    let agent = Agent::start(AGENT, &paths, &config);
     assert_eq!(agent.ready_line["replaced_links"], 0);
     let (mut c, mut s) = tcp_pair();
     agent.client().tag(c.as_fd(), "alpha").unwrap();
@@ -207,7 +211,7 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
     // The agent is down, but its programs stay attached and keep counting.
     transfer(&mut c, &mut s, 400_000);
 
-    let agent = Agent::start(&paths, &config);
+    let agent = Agent::start(AGENT, &paths, &config);
     assert_eq!(
         agent.ready_line["replaced_links"], 3,
         "all three links taken over"
@@ -258,7 +262,7 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
     // Detached: traffic no longer counts.
     transfer(&mut c, &mut s, 100_000);
-    let agent = Agent::start(&paths, &config);
+    let agent = Agent::start(AGENT, &paths, &config);
     assert_eq!(agent.ready_line["replaced_links"], 0);
     let after = agent.metrics();
     assert_eq!(after.bytes("alpha", "egress"), m.bytes("alpha", "egress"));
@@ -270,7 +274,7 @@ fn bad_tagging_requests_get_their_error() {
         return;
     }
     let paths = Paths::new();
-    let agent = Agent::start(&paths, &paths.config(""));
+    let agent = Agent::start(AGENT, &paths, &paths.config(""));
     let client = agent.client();
     let (c, _s) = tcp_pair();
     let code = |r: Result<_, agent_common::client::ClientError>| r.unwrap_err().code().unwrap();
@@ -334,7 +338,7 @@ fn bad_tagging_requests_get_their_error() {
         "[tagging]\n",
         "[tagging]\nallowed_uids = [4242]\nallowed_gids = [4242]\n",
     );
-    let agent = Agent::start(&strict, &config);
+    let agent = Agent::start(AGENT, &strict, &config);
     let err = agent.client().tag(c.as_fd(), "alpha").unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotAllowed));
     assert!(err.to_string().contains("uid 0"), "{err}");
@@ -346,7 +350,7 @@ fn admin_endpoints_answer() {
         return;
     }
     let paths = Paths::new();
-    let agent = Agent::start(&paths, &paths.config(""));
+    let agent = Agent::start(AGENT, &paths, &paths.config(""));
     assert_eq!(agent.get("/healthz"), (200, "ok\n".to_string()));
     assert_eq!(agent.get("/readyz"), (200, "ready\n".to_string()));
     assert_eq!(agent.get("/nope").0, 404);
@@ -364,7 +368,7 @@ fn a_second_agent_on_the_same_socket_is_refused() {
         return;
     }
     let paths = Paths::new();
-    let _agent = Agent::start(&paths, &paths.config(""));
+    let _agent = Agent::start(AGENT, &paths, &paths.config(""));
     let other = Paths::new();
     let config = other.config("").replace(
         &format!("{:?}", other.socket),

@@ -1,34 +1,32 @@
-//! Test harness: runs the real `bulkhead-agent` binary with its own pin directory, tagging
-//! socket and admin port, so tests can run side by side.
-#![allow(dead_code)]
+//! Runs the real `bulkhead-agent` binary with its own pin directory, tagging socket and admin
+//! port (so several can run side by side), scrapes it, and makes loopback traffic.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_bulkhead-agent");
-
-/// True when this process may load eBPF programs. Without that, the test is skipped with a
-/// message, except under CI=true, where it fails: CI must never skip these silently.
-pub fn require_bpf() -> bool {
-    match bulkhead_agent::sys::check_privileges() {
-        Ok(()) if Path::new("/sys/fs/cgroup").exists() => true,
-        result => {
-            let why = result
-                .err()
-                .map_or("no /sys/fs/cgroup".to_string(), |e| e.to_string());
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("CI=true but this test cannot load eBPF programs: {why}");
-            }
-            eprintln!("SKIPPED (not privileged; set CI=true to make this a failure): {why}");
-            false
-        }
+/// True when `agent_bin preflight` says this machine and process can run the agent (root or
+/// the BPF capabilities, cgroup v2). Otherwise the test is skipped with a message, except under
+/// CI=true, where it fails: CI must never skip these silently.
+pub fn require_bpf(agent_bin: &str) -> bool {
+    let out = Command::new(agent_bin)
+        .arg("preflight")
+        .output()
+        .expect("run bulkhead-agent preflight");
+    if out.status.success() {
+        return true;
     }
+    let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but this test cannot load eBPF programs: {why}");
+    }
+    eprintln!("SKIPPED (set CI=true to make this a failure): {why}");
+    false
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -40,20 +38,45 @@ pub struct Paths {
     pub dir: PathBuf,
 }
 
+impl Default for Paths {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Paths {
+    /// Paths unique to this process and call.
     pub fn new() -> Self {
         let id = format!(
-            "{}-{}",
+            "test-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = std::env::temp_dir().join(format!("bulkhead-test-{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self {
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{id}")),
+        Self::named(&id)
+    }
+
+    /// `/sys/fs/bpf/bulkhead-<name>` and `$TMPDIR/bulkhead-<name>`, emptied first.
+    pub fn named(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("bulkhead-{name}"));
+        let paths = Self {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/bulkhead-{name}")),
             socket: dir.join("agent.sock"),
             dir,
+        };
+        paths.clear();
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        paths
+    }
+
+    /// Removes the pins (freeing maps and links no process holds) and the temp directory.
+    pub fn clear(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 
     pub fn config(&self, extra: &str) -> String {
@@ -67,33 +90,26 @@ impl Paths {
 
 impl Drop for Paths {
     fn drop(&mut self) {
-        // Unpinning the maps and links frees them once no agent holds them.
-        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.pin_dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.clear();
     }
 }
 
 pub struct Agent {
-    child: Child,
+    pub child: Child,
     pub admin: SocketAddr,
     pub ready_line: serde_json::Value,
     pub socket: PathBuf,
 }
 
 impl Agent {
-    /// Starts the agent with `config` (TOML text) and waits for its ready line.
-    pub fn start(paths: &Paths, config: &str) -> Agent {
+    /// Starts the agent binary with `config` (TOML text) and waits for its ready line.
+    pub fn start(agent_bin: &str, paths: &Paths, config: &str) -> Agent {
         let cfg = paths.dir.join(format!(
             "agent-{}.toml",
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(AGENT)
+        let mut child = Command::new(agent_bin)
             .args(["--log-format", "json", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "info")
@@ -105,23 +121,29 @@ impl Agent {
         let (tx, rx) = mpsc::channel::<String>();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[agent] {line}");
-                if tx.send(line).is_err() {
-                    // Nobody listens any more; keep draining so the agent never blocks.
+                if std::env::var_os("BULKHEAD_SHOW_AGENT_LOG").is_some() {
+                    eprintln!("[agent] {line}");
                 }
+                // Once nobody listens, keep draining so the agent never blocks on stderr.
+                let _ = tx.send(line);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut log = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(l) => l,
                 Err(_) => {
-                    let status = child.try_wait().ok().flatten();
                     let _ = child.kill();
-                    panic!("bulkhead-agent did not become ready within 30 s (exit: {status:?})");
+                    let status = child.wait().ok();
+                    panic!(
+                        "bulkhead-agent did not become ready (exit: {status:?}); its log:\n{}",
+                        log.join("\n")
+                    );
                 }
             };
+            log.push(line.clone());
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
