@@ -64,7 +64,7 @@ pub fn bulkhead_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer is the `struct bpf_sock *` the kernel passed to this program;
     // bpf_get_socket_cookie is allowed for cgroup_sock programs and only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if cookie != 0 && BH_COOKIE_TAGS.remove(&cookie).is_ok() {
+    if cookie != 0 && BH_COOKIE_TAGS.remove(cookie).is_ok() {
         bump_diag(DIAG_RELEASED_TAGS);
         debug!(&ctx, "released the tag of closed socket {}", cookie);
     }
@@ -80,7 +80,7 @@ fn count(ctx: &SkBuffContext, direction: u32) {
         bump_diag(DIAG_NO_SOCKET);
         UNTAGGED_TENANT_ID
     } else {
-        match BH_COOKIE_TAGS.get_ptr(&cookie) {
+        match BH_COOKIE_TAGS.get_ptr(cookie) {
             // SAFETY: a non-null pointer into the map's value, valid for this program run.
             Some(tag) => unsafe { (*tag).tenant_id },
             None => UNTAGGED_TENANT_ID,
@@ -101,7 +101,7 @@ fn count(ctx: &SkBuffContext, direction: u32) {
         packets: 1,
     };
     if BH_TRAFFIC
-        .insert(&key, &first, u64::from(BPF_NOEXIST))
+        .insert(key, first, u64::from(BPF_NOEXIST))
         .is_ok()
         || add(&key, len)
     {

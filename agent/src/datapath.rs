@@ -37,7 +37,7 @@ pub enum DatapathError {
     Load {
         pin_dir: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("the eBPF object has no {kind} named {name}")]
     Missing {
@@ -202,7 +202,7 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_path_buf(),
-                source,
+                source: Box::new(source),
             })?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),

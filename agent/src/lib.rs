@@ -83,10 +83,8 @@ impl RunningAgent {
     }
 }
 
-fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Checks, without changing anything, that the agent could start here: privileges and the
@@ -99,7 +97,11 @@ pub fn preflight(config: &Config) -> Result<String, AgentError> {
         "privileges: ok\ncgroup v2: {}\nbpffs: {} ({})\nkernel BTF: {}",
         cgroup.display(),
         config.bpffs.display(),
-        if sys::is_bpffs(&config.bpffs) { "mounted" } else { "not mounted; the agent will mount it" },
+        if sys::is_bpffs(&config.bpffs) {
+            "mounted"
+        } else {
+            "not mounted; the agent will mount it"
+        },
         if btf { "present" } else { "absent" }
     ))
 }

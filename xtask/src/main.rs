@@ -35,14 +35,21 @@ fn main() -> Result<()> {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs a command in the workspace root, echoing it, failing on a non-zero exit.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {}", render(cmd));
     let status = cmd
-        .current_dir(cmd.get_current_dir().map(Path::to_path_buf).unwrap_or_else(root))
+        .current_dir(
+            cmd.get_current_dir()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(root),
+        )
         .status()
         .with_context(|| format!("running {}", render(cmd)))?;
     if !status.success() {
@@ -68,12 +75,7 @@ fn test() -> Result<()> {
     setup::run()?;
     let linker_path = setup::path_with_linker()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    run(Command::new("rustfmt").args([
-        "--edition",
-        "2024",
-        "--check",
-        "agent-ebpf/src/main.rs",
-    ]))?;
+    run(Command::new("rustfmt").args(["--edition", "2024", "--check", "agent-ebpf/src/main.rs"]))?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -108,19 +110,67 @@ fn test() -> Result<()> {
     if std::env::var("CI").as_deref() == Ok("true") {
         eprintln!("CI=true: tests that load eBPF programs fail (never skip) without root or BPF");
     }
-    run(cargo().args(["test", "--workspace", "--all-targets"]))?;
-    run(cargo().args(["test", "--workspace", "--doc"]))?;
+    cargo_test(&["--workspace"])
+}
+
+/// `cargo test`, its output passed through, closing with one line that totals every test
+/// binary's "test result" line: `tests: N passed, N failed, N ignored`.
+fn cargo_test(args: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = cargo();
+    cmd.arg("test").args(args).current_dir(root());
+    eprintln!("+ {}", render(&cmd));
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
     Ok(())
 }
 
 fn demo(rest: &[&str]) -> Result<()> {
     setup::run()?;
-    run(cargo().args(["build", "--release", "-p", "bulkhead-tests", "--bin", "bulkhead-demo"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bulkhead-tests",
+        "--bin",
+        "bulkhead-demo",
+    ]))?;
     run(Command::new(root().join("target/release/bulkhead-demo")).args(rest))
 }
 
 fn bench_ebpf(rest: &[&str]) -> Result<()> {
     setup::run()?;
-    run(cargo().args(["build", "--release", "-p", "bulkhead-tests", "--bin", "bulkhead-bench-ebpf"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bulkhead-tests",
+        "--bin",
+        "bulkhead-bench-ebpf",
+    ]))?;
     run(Command::new(root().join("target/release/bulkhead-bench-ebpf")).args(rest))
 }

@@ -48,7 +48,13 @@ pub fn path_with_linker() -> Result<std::ffi::OsString> {
 pub fn run() -> Result<()> {
     let sysroot = PathBuf::from(nightly(&["rustc", "--print", "sysroot"])?);
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if !sysroot.join("bin/cargo-clippy").exists() {
         sh(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", "nightly"]))?;
@@ -66,7 +72,10 @@ pub fn run() -> Result<()> {
     let stamp = cache.join("stamp");
     let linker = cache.join("bin/bpf-linker");
     if linker.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&stamp_text) {
-        eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm_major}) is in {}", linker.display());
+        eprintln!(
+            "setup: bpf-linker {BPF_LINKER_VERSION} (LLVM {llvm_major}) is in {}",
+            linker.display()
+        );
         return Ok(());
     }
 
@@ -76,9 +85,9 @@ pub fn run() -> Result<()> {
     let libllvm = std::fs::read_dir(&lib)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+            })
         })
         .with_context(|| format!("no libLLVM in {}", lib.display()))?;
     let prefix = cache.join("llvm-prefix");
@@ -86,9 +95,21 @@ pub fn run() -> Result<()> {
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&libllvm, &link)?;
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute on 2 cores)", libllvm.display());
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute on 2 cores)",
+        libllvm.display()
+    );
     sh(Command::new("rustup")
-        .args(["run", "nightly", "cargo", "install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "install",
+            "bpf-linker",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features"])
         .arg(format!("llvm-{llvm_major}"))
         .arg("--root")

@@ -68,14 +68,22 @@ fn main() -> anyhow::Result<()> {
     agent.stop();
     let _ = std::fs::write(STATS_SYSCTL, stats_before.trim());
 
-    println!("\n## bench ebpf ({trials} interleaved trials of {} ms each, loopback TCP, one stream)\n", secs.as_millis());
+    println!(
+        "\n## bench ebpf ({trials} interleaved trials of {} ms each, loopback TCP, one stream)\n",
+        secs.as_millis()
+    );
     println!("| workload | detached (median) | attached (median) | attached / detached |");
     println!("|---|---|---|---|");
-    for (name, (d, a)) in [("128 KiB writes", &bulk), ("1 KiB writes, TCP_NODELAY", &small)] {
+    for (name, (d, a)) in [
+        ("128 KiB writes", &bulk),
+        ("1 KiB writes, TCP_NODELAY", &small),
+    ] {
         let (d, a) = (median(d), median(a));
         println!("| {name} | {d:.2} Gbit/s | {a:.2} Gbit/s | {:.3} |", a / d);
     }
-    println!("\nKernel BPF run statistics (kernel.bpf_stats_enabled=1, separate run; a loopback packet runs two programs, egress at the sender and ingress at the receiver; the statistics add their own clock reads to each run):\n");
+    println!(
+        "\nKernel BPF run statistics (kernel.bpf_stats_enabled=1, separate run; a loopback packet runs two programs, egress at the sender and ingress at the receiver; the statistics add their own clock reads to each run):\n"
+    );
     println!("| workload | program runs | ns per run |");
     println!("|---|---|---|");
     for (chunk, runs, ns) in per_run_ns {
@@ -91,7 +99,11 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// One TCP stream for `dur`, `chunk` bytes per write; both ends tagged when a client is given.
-fn stream_gbps(tag: Option<&agent_common::client::AgentClient>, dur: Duration, chunk: usize) -> f64 {
+fn stream_gbps(
+    tag: Option<&agent_common::client::AgentClient>,
+    dur: Duration,
+    chunk: usize,
+) -> f64 {
     let (mut c, mut s) = tcp_pair();
     if let Some(client) = tag {
         client.tag(c.as_fd(), "bench").expect("tag");

@@ -26,7 +26,9 @@ fn main() -> ExitCode {
     let exe = std::env::current_exe().expect("current exe");
     let agent_bin = exe.with_file_name("bulkhead-agent");
     let agent_bin = agent_bin.to_str().unwrap();
-    let pre = std::process::Command::new(agent_bin).arg("preflight").output();
+    let pre = std::process::Command::new(agent_bin)
+        .arg("preflight")
+        .output();
     match pre {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
@@ -89,7 +91,10 @@ fn main() -> ExitCode {
     }
     println!("\nexpected per round (payload only, both directions): ");
     for &(tenant, request, response, conns) in TENANTS {
-        println!("  {tenant:<10} {:>12} bytes each way", (request + response) * conns);
+        println!(
+            "  {tenant:<10} {:>12} bytes each way",
+            (request + response) * conns
+        );
     }
     println!("  untagged   >= {UNTAGGED_BYTES} bytes (and whatever else this machine sent)");
     agent.stop();
