@@ -18,7 +18,9 @@ pub mod proto;
 /// socket, deleted by the `sock_release` program when the socket closes; the LRU eviction is
 /// only a backstop for tags whose release was missed (e.g. written while the hook was detached).
 pub const MAP_COOKIE_TAGS: &str = "BH_COOKIE_TAGS";
-/// [`TrafficKey`] -> [`TrafficCounters`], per CPU: bytes and packets per tenant and direction.
+/// Per-CPU array of [`TrafficCounters`], indexed by [`traffic_index`]: bytes and packets per
+/// tenant and direction. An array, not a hash: the lookup is a bounds check and an offset (the
+/// verifier inlines it), no entry ever has to be created, and it can never be full.
 pub const MAP_TRAFFIC: &str = "BH_TRAFFIC";
 /// [`TenantName`] -> tenant id (`u32`). Only user space reads or writes it; it is a pinned map
 /// so that tenant ids stay stable across agent restarts together with the counters.
@@ -32,8 +34,11 @@ pub const PROG_EGRESS: &str = "bulkhead_egress";
 pub const PROG_SOCK_RELEASE: &str = "bulkhead_sock_release";
 
 pub const COOKIE_TAGS_MAX_ENTRIES: u32 = 65_536;
-pub const TRAFFIC_MAX_ENTRIES: u32 = 8_192;
-pub const TENANT_IDS_MAX_ENTRIES: u32 = 4_096;
+/// Tenant ids are `0..MAX_TENANTS` (0 is "untagged"), so at most `MAX_TENANTS - 1` named tenants
+/// over the life of the pinned maps.
+pub const MAX_TENANTS: u32 = 1_024;
+pub const TRAFFIC_MAX_ENTRIES: u32 = MAX_TENANTS * 2;
+pub const TENANT_IDS_MAX_ENTRIES: u32 = MAX_TENANTS;
 
 /// Tenant id of traffic whose socket carries no tag. Never handed to a named tenant.
 pub const UNTAGGED_TENANT_ID: u32 = 0;
@@ -44,7 +49,9 @@ pub const DIRECTION_INGRESS: u32 = 0;
 pub const DIRECTION_EGRESS: u32 = 1;
 
 /// Diagnostic counters kept by the kernel programs (slots of [`MAP_DIAG`]).
-pub const DIAG_TRAFFIC_MAP_FULL: u32 = 0;
+/// A tag with a tenant id out of range (counted as untagged instead); never seen unless the tag
+/// map was written by something other than the agent.
+pub const DIAG_BAD_TAG: u32 = 0;
 pub const DIAG_NO_SOCKET: u32 = 1;
 pub const DIAG_RELEASED_TAGS: u32 = 2;
 pub const DIAG_SLOTS: u32 = 4;
@@ -52,13 +59,15 @@ pub const DIAG_SLOTS: u32 = 4;
 /// Longest tenant name, in bytes.
 pub const TENANT_NAME_LEN: usize = 64;
 
-/// Key of [`MAP_TRAFFIC`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TrafficKey {
-    pub tenant_id: u32,
-    /// [`DIRECTION_INGRESS`] or [`DIRECTION_EGRESS`].
-    pub direction: u32,
+/// Index into [`MAP_TRAFFIC`] of a tenant's counters in one direction ([`DIRECTION_INGRESS`] or
+/// [`DIRECTION_EGRESS`]); `None` for an id out of range.
+#[inline(always)]
+pub fn traffic_index(tenant_id: u32, direction: u32) -> Option<u32> {
+    if tenant_id < MAX_TENANTS && direction <= 1 {
+        Some(tenant_id * 2 + direction)
+    } else {
+        None
+    }
 }
 
 /// Value of [`MAP_TRAFFIC`] (one copy per CPU; user space sums them).
@@ -116,8 +125,6 @@ impl TenantName {
 mod pod {
     // SAFETY: each type is #[repr(C)], made of integers only, with no padding, so every bit
     // pattern is a valid value and the kernel's copy can be read back as-is.
-    unsafe impl aya::Pod for super::TrafficKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketTag {}
@@ -131,7 +138,6 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(core::mem::size_of::<TrafficKey>(), 8);
         assert_eq!(core::mem::size_of::<TrafficCounters>(), 16);
         assert_eq!(core::mem::size_of::<SocketTag>(), 8);
         assert_eq!(core::mem::size_of::<TenantName>(), 4 + TENANT_NAME_LEN);
@@ -145,6 +151,19 @@ mod tests {
         let long = "x".repeat(TENANT_NAME_LEN + 1);
         assert!(TenantName::new(&long).is_none());
         assert!(TenantName::new(&long[..TENANT_NAME_LEN]).is_some());
+    }
+
+    #[test]
+    fn traffic_indexes_are_dense_and_bounded() {
+        assert_eq!(traffic_index(0, DIRECTION_INGRESS), Some(0));
+        assert_eq!(traffic_index(0, DIRECTION_EGRESS), Some(1));
+        assert_eq!(traffic_index(5, DIRECTION_EGRESS), Some(11));
+        assert_eq!(
+            traffic_index(MAX_TENANTS - 1, DIRECTION_EGRESS),
+            Some(TRAFFIC_MAX_ENTRIES - 1)
+        );
+        assert_eq!(traffic_index(MAX_TENANTS, DIRECTION_INGRESS), None);
+        assert_eq!(traffic_index(1, 2), None);
     }
 
     #[test]

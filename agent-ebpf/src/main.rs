@@ -1,8 +1,8 @@
 //! Kernel side of bulkhead-agent.
 //!
 //! * `bulkhead_ingress` / `bulkhead_egress` (`cgroup_skb`): look up the packet's socket cookie in
-//!   `BH_COOKIE_TAGS` and add the packet to its tenant's per-CPU counters in `BH_TRAFFIC`;
-//!   sockets without a tag count under tenant id 0 ("untagged"). They never drop a packet.
+//!   `BH_COOKIE_TAGS` and add the packet to its tenant's per-CPU counters in the `BH_TRAFFIC`
+//!   array; sockets without a tag count under tenant id 0 ("untagged"). They never drop a packet.
 //! * `bulkhead_sock_release` (`cgroup/sock_release`): deletes the tag of a closing socket, so the
 //!   tag map holds live sockets only (the map is also an LRU, as a backstop).
 //!
@@ -15,16 +15,15 @@
 #![feature(core_intrinsics)]
 
 use agent_common::{
-    COOKIE_TAGS_MAX_ENTRIES, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIAG_SLOTS, DIAG_TRAFFIC_MAP_FULL,
+    COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIAG_SLOTS,
     DIRECTION_EGRESS, DIRECTION_INGRESS, SocketTag, TENANT_IDS_MAX_ENTRIES, TRAFFIC_MAX_ENTRIES,
-    TenantName, TrafficCounters, TrafficKey, UNTAGGED_TENANT_ID,
+    TenantName, TrafficCounters, UNTAGGED_TENANT_ID, traffic_index,
 };
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_NOEXIST,
     helpers::bpf_get_socket_cookie,
     macros::{cgroup_skb, cgroup_sock, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{SkBuffContext, SockContext},
 };
 use aya_log_ebpf::{debug, warn};
@@ -34,8 +33,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 static BH_COOKIE_TAGS: LruHashMap<u64, SocketTag> = LruHashMap::pinned(COOKIE_TAGS_MAX_ENTRIES, 0);
 
 #[map]
-static BH_TRAFFIC: PerCpuHashMap<TrafficKey, TrafficCounters> =
-    PerCpuHashMap::pinned(TRAFFIC_MAX_ENTRIES, 0);
+static BH_TRAFFIC: PerCpuArray<TrafficCounters> = PerCpuArray::pinned(TRAFFIC_MAX_ENTRIES, 0);
 
 /// Written and read by user space only; lives here so that it is created and pinned with the
 /// others and tenant ids survive restarts together with the counters keyed by them.
@@ -86,55 +84,26 @@ fn count(ctx: &SkBuffContext, direction: u32) {
             None => UNTAGGED_TENANT_ID,
         }
     };
-    let key = TrafficKey {
-        tenant_id,
-        direction,
-    };
-    let len = u64::from(ctx.len());
-    if add(&key, len) {
-        return;
-    }
-    // First packet of this (tenant, direction): create the entry. NOEXIST so that a racing
-    // creation on another CPU is never overwritten (that would lose its counts).
-    let first = TrafficCounters {
-        bytes: len,
-        packets: 1,
-    };
-    if BH_TRAFFIC
-        .insert(key, first, u64::from(BPF_NOEXIST))
-        .is_ok()
-        || add(&key, len)
-    {
-        return;
-    }
-    bump_diag(DIAG_TRAFFIC_MAP_FULL);
-    warn!(
-        ctx,
-        "BH_TRAFFIC is full: {} bytes of tenant {} not counted", len, tenant_id
-    );
-}
-
-/// Adds one packet of `len` bytes to this CPU's counters of `key`; false if there is no entry.
-#[inline(always)]
-fn add(key: &TrafficKey, len: u64) -> bool {
-    match BH_TRAFFIC.get_ptr_mut(key) {
-        Some(counters) => {
-            // SAFETY: the pointer is this CPU's value of an existing map entry, valid and
-            // aligned for this program run. Atomic adds, because a softirq on this CPU can
-            // interrupt a process-context update of the same key.
-            unsafe {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                    &raw mut (*counters).bytes,
-                    len,
-                );
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                    &raw mut (*counters).packets,
-                    1,
-                );
-            }
-            true
+    let index = match traffic_index(tenant_id, direction) {
+        Some(i) => i,
+        None => {
+            bump_diag(DIAG_BAD_TAG);
+            warn!(
+                ctx,
+                "socket {} has tenant id {} out of range", cookie, tenant_id
+            );
+            UNTAGGED_TENANT_ID * 2 + direction
         }
-        None => false,
+    };
+    if let Some(counters) = BH_TRAFFIC.get_ptr_mut(index) {
+        let len = u64::from(ctx.len());
+        // SAFETY: the pointer is this CPU's element of the array, valid and aligned for this
+        // program run. Atomic adds, because a softirq on this CPU can interrupt a
+        // process-context update of the same element.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*counters).bytes, len);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*counters).packets, 1);
+        }
     }
 }
 

@@ -193,13 +193,13 @@ impl Config {
                 ));
             }
         }
-        if self.tenants.len() >= agent_common::TENANT_IDS_MAX_ENTRIES as usize {
+        if self.tenants.len() >= agent_common::MAX_TENANTS as usize {
             return Err(invalid(
                 "tenants",
                 format!(
                     "{} tenants; at most {} are supported",
                     self.tenants.len(),
-                    agent_common::TENANT_IDS_MAX_ENTRIES - 1
+                    agent_common::MAX_TENANTS - 1
                 ),
             ));
         }

@@ -8,9 +8,9 @@
 
 use agent_common::{
     DIAG_SLOTS, MAP_COOKIE_TAGS, MAP_DIAG, MAP_TENANT_IDS, MAP_TRAFFIC, PROG_EGRESS, PROG_INGRESS,
-    PROG_SOCK_RELEASE, SocketTag, TenantName, TrafficCounters, TrafficKey,
+    PROG_SOCK_RELEASE, SocketTag, TenantName, TrafficCounters, traffic_index,
 };
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, ProgramFd,
@@ -75,7 +75,7 @@ pub enum DatapathError {
 /// Handles on the pinned maps. Each sits behind a mutex: aya's map writes take `&mut`.
 pub struct Maps {
     cookie_tags: Mutex<HashMap<MapData, u64, SocketTag>>,
-    traffic: Mutex<PerCpuHashMap<MapData, TrafficKey, TrafficCounters>>,
+    traffic: Mutex<PerCpuArray<MapData, TrafficCounters>>,
     tenant_ids: Mutex<HashMap<MapData, TenantName, u32>>,
     diag: Mutex<PerCpuArray<MapData, u64>>,
 }
@@ -120,21 +120,18 @@ impl Maps {
         self.cookie_tags.lock().unwrap().keys().count()
     }
 
-    /// Counters per (tenant, direction), summed over CPUs.
-    pub fn traffic(&self) -> Result<Vec<(TrafficKey, TrafficCounters)>, MapError> {
-        let map = self.traffic.lock().unwrap();
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            let (key, per_cpu) = entry?;
-            let mut sum = TrafficCounters::default();
-            for c in per_cpu.iter() {
-                sum.bytes = sum.bytes.wrapping_add(c.bytes);
-                sum.packets = sum.packets.wrapping_add(c.packets);
-            }
-            out.push((key, sum));
+    /// Counters of one tenant in one direction, summed over CPUs.
+    pub fn traffic(&self, tenant_id: u32, direction: u32) -> Result<TrafficCounters, MapError> {
+        let Some(index) = traffic_index(tenant_id, direction) else {
+            return Ok(TrafficCounters::default());
+        };
+        let per_cpu = self.traffic.lock().unwrap().get(&index, 0)?;
+        let mut sum = TrafficCounters::default();
+        for c in per_cpu.iter() {
+            sum.bytes = sum.bytes.wrapping_add(c.bytes);
+            sum.packets = sum.packets.wrapping_add(c.packets);
         }
-        out.sort_by_key(|(k, _)| *k);
-        Ok(out)
+        Ok(sum)
     }
 
     pub fn diag(&self) -> Result<[u64; DIAG_SLOTS as usize], MapError> {
@@ -283,12 +280,19 @@ impl Datapath {
     /// Ends this agent's hold on the programs. With `detach`, the links are unpinned and so the
     /// programs detached; otherwise they stay attached (and counting) for the next agent.
     pub fn shutdown(self, detach: bool) {
+        let mut ids = Vec::new();
         for l in self.links {
-            if detach && let Err(e) = std::fs::remove_file(&l.path) {
-                tracing::warn!(program = l.name, path = %l.path.display(), error = %e, "could not unpin link");
+            if detach {
+                ids.extend(link_id(&l.path));
+                if let Err(e) = std::fs::remove_file(&l.path) {
+                    tracing::warn!(program = l.name, path = %l.path.display(), error = %e, "could not unpin link");
+                }
             }
             // Dropping the last descriptor of an unpinned link detaches its program.
             drop(l.hold);
+        }
+        if let Err(e) = wait_released(&ids) {
+            tracing::warn!(error = %e, "programs not yet detached");
         }
     }
 }
@@ -302,6 +306,7 @@ pub fn cleanup(pin_dir: &Path, remove_maps: bool) -> io::Result<Vec<PathBuf>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
         Err(e) => return Err(e),
     };
+    let mut ids = Vec::new();
     for entry in entries {
         let path = entry?.path();
         let name = path
@@ -309,6 +314,7 @@ pub fn cleanup(pin_dir: &Path, remove_maps: bool) -> io::Result<Vec<PathBuf>> {
             .and_then(|n| n.to_str())
             .unwrap_or_default();
         if name.starts_with("link_") || remove_maps {
+            ids.extend(link_id(&path));
             std::fs::remove_file(&path)?;
             removed.push(path);
         }
@@ -316,7 +322,37 @@ pub fn cleanup(pin_dir: &Path, remove_maps: bool) -> io::Result<Vec<PathBuf>> {
     if remove_maps {
         std::fs::remove_dir(pin_dir)?;
     }
+    wait_released(&ids)?;
     Ok(removed)
+}
+
+/// The kernel's id of the link pinned at `path`, if it is one.
+fn link_id(path: &Path) -> Option<u32> {
+    let link: FdLink = PinnedLink::from_pin(path).ok()?.into();
+    link.info().ok().map(|i| i.id())
+}
+
+/// Waits until the kernel has released the links with these ids. The last reference to an
+/// unpinned link is dropped asynchronously, so its program can run for a moment after the pin
+/// and the descriptors are gone; callers that say "detached" wait for it.
+fn wait_released(ids: &[u32]) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let live: Vec<u32> = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .map(|l| l.id())
+            .filter(|id| ids.contains(id))
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "links {live:?} still attached 5 s after they were unpinned"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

@@ -4,8 +4,8 @@
 use crate::datapath::Maps;
 use crate::tenants::TenantRegistry;
 use agent_common::{
-    COOKIE_TAGS_MAX_ENTRIES, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIAG_TRAFFIC_MAP_FULL,
-    DIRECTION_EGRESS, MAP_COOKIE_TAGS, MAP_TRAFFIC, TRAFFIC_MAX_ENTRIES,
+    COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, MAP_COOKIE_TAGS, MAP_TENANT_IDS, TENANT_IDS_MAX_ENTRIES, TrafficCounters,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -81,30 +81,36 @@ pub struct DatapathCollector {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let traffic = match self.maps.traffic() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the traffic map failed");
-                Vec::new()
-            }
-        };
+        // Every id with a name (configured or retired) and the untagged bucket.
         let tenants = self.tenants.read().unwrap();
-        let labels = |k: &agent_common::TrafficKey| TrafficLabels {
-            tenant: tenants.label(k.tenant_id),
-            direction: if k.direction == DIRECTION_EGRESS {
-                "egress"
-            } else {
-                "ingress"
-            },
-        };
+        let mut traffic: Vec<(TrafficLabels, TrafficCounters)> = Vec::new();
+        for (id, name) in tenants.labelled_ids() {
+            for (direction, label) in [(DIRECTION_INGRESS, "ingress"), (DIRECTION_EGRESS, "egress")]
+            {
+                match self.maps.traffic(id, direction) {
+                    Ok(c) => traffic.push((
+                        TrafficLabels {
+                            tenant: name.clone(),
+                            direction: label,
+                        },
+                        c,
+                    )),
+                    Err(e) => {
+                        tracing::warn!(error = %e, tenant = %name, "reading the traffic map failed")
+                    }
+                }
+            }
+        }
+        let tenant_ids = tenants.labelled_ids().len() - 1;
+        drop(tenants);
         let mut bytes = encoder.encode_descriptor(
             "bulkhead_network_bytes",
             "Bytes of the tenant's sockets seen by the cgroup hooks (from the IP header on); tenant=\"untagged\" for untagged sockets",
             None,
             MetricType::Counter,
         )?;
-        for (k, c) in &traffic {
-            ConstCounter::new(c.bytes).encode(bytes.encode_family(&labels(k))?)?;
+        for (labels, c) in &traffic {
+            ConstCounter::new(c.bytes).encode(bytes.encode_family(labels)?)?;
         }
         let mut packets = encoder.encode_descriptor(
             "bulkhead_network_packets",
@@ -112,10 +118,9 @@ impl Collector for DatapathCollector {
             None,
             MetricType::Counter,
         )?;
-        for (k, c) in &traffic {
-            ConstCounter::new(c.packets).encode(packets.encode_family(&labels(k))?)?;
+        for (labels, c) in &traffic {
+            ConstCounter::new(c.packets).encode(packets.encode_family(labels)?)?;
         }
-        drop(tenants);
 
         let fill = [
             (
@@ -123,7 +128,7 @@ impl Collector for DatapathCollector {
                 self.maps.tagged_sockets(),
                 COOKIE_TAGS_MAX_ENTRIES,
             ),
-            (MAP_TRAFFIC, traffic.len(), TRAFFIC_MAX_ENTRIES),
+            (MAP_TENANT_IDS, tenant_ids, TENANT_IDS_MAX_ENTRIES - 1),
         ];
         let mut entries = encoder.encode_descriptor(
             "bulkhead_map_entries",
@@ -157,12 +162,12 @@ impl Collector for DatapathCollector {
         if let Ok(diag) = self.maps.diag() {
             let mut events = encoder.encode_descriptor(
                 "bulkhead_kernel_events",
-                "Events seen by the kernel programs: traffic_map_full (packets not counted), no_socket (packets without a socket, counted as untagged), tag_released (tags removed when their socket closed)",
+                "Events seen by the kernel programs: bad_tag (a tag with an out-of-range tenant id, counted as untagged), no_socket (packets without a socket, counted as untagged), tag_released (tags removed when their socket closed)",
                 None,
                 MetricType::Counter,
             )?;
             for (event, slot) in [
-                ("traffic_map_full", DIAG_TRAFFIC_MAP_FULL),
+                ("bad_tag", DIAG_BAD_TAG),
                 ("no_socket", DIAG_NO_SOCKET),
                 ("tag_released", DIAG_RELEASED_TAGS),
             ] {

@@ -4,15 +4,19 @@
 //! agent finds the same ids, and a tenant added later gets a fresh id, never a retired one's.
 
 use crate::datapath::Maps;
-use agent_common::{TenantName, UNTAGGED_TENANT_ID, UNTAGGED_TENANT_NAME};
+use agent_common::{MAX_TENANTS, TenantName, UNTAGGED_TENANT_ID, UNTAGGED_TENANT_NAME};
 use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TenantError {
     #[error("tenant name {0:?} cannot be stored")]
     BadName(String),
-    #[error("no tenant ids left")]
-    Exhausted,
+    #[error(
+        "no tenant id left for {0:?}: ids 1-{max} were all given out over the life of the pinned \
+         maps; `bulkhead-agent cleanup --remove-maps` starts afresh (and loses the counters)",
+        max = MAX_TENANTS - 1
+    )]
+    Exhausted(String),
     #[error("reading or writing the tenant id map: {0}")]
     Map(#[from] aya::maps::MapError),
 }
@@ -46,7 +50,10 @@ impl TenantRegistry {
                 Some(id) if *id != UNTAGGED_TENANT_ID => *id,
                 _ => {
                     let id = next;
-                    next = next.checked_add(1).ok_or(TenantError::Exhausted)?;
+                    if id >= MAX_TENANTS {
+                        return Err(TenantError::Exhausted(name.clone()));
+                    }
+                    next += 1;
                     names.insert(id, name.clone());
                     new.push((name.clone(), id));
                     id
@@ -90,6 +97,13 @@ impl TenantRegistry {
         self.names.get(&id).map(String::as_str)
     }
 
+    /// Every id that labels counters: 0 ("untagged") and each named id, configured or retired.
+    pub fn labelled_ids(&self) -> Vec<(u32, String)> {
+        let mut v = vec![(UNTAGGED_TENANT_ID, UNTAGGED_TENANT_NAME.to_string())];
+        v.extend(self.names.iter().map(|(id, n)| (*id, n.clone())));
+        v
+    }
+
     pub fn configured(&self) -> impl Iterator<Item = (&str, u32)> {
         self.by_name.iter().map(|(n, id)| (n.as_str(), *id))
     }
@@ -118,5 +132,24 @@ mod tests {
         assert_eq!(r.label(2), "b", "but its old counters keep their label");
         assert_eq!(r.label(0), "untagged");
         assert_eq!(r.label(99), "unknown-99");
+        assert_eq!(
+            r.labelled_ids(),
+            vec![
+                (0, "untagged".into()),
+                (1, "a".into()),
+                (2, "b".into()),
+                (3, "c".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn running_out_of_ids_is_a_clear_error() {
+        let existing = vec![("old".to_string(), MAX_TENANTS - 1)];
+        let err = TenantRegistry::assign(&names(&["new"]), &existing).unwrap_err();
+        assert!(
+            err.to_string().contains("no tenant id left for \"new\""),
+            "{err}"
+        );
     }
 }

@@ -44,17 +44,20 @@ fn counts_each_tenants_bytes_in_both_directions() {
         m.bytes("alpha", "ingress") >= alpha_payload && m.bytes("beta", "ingress") >= beta_payload
     });
     for dir in ["egress", "ingress"] {
+        // Both ends are the tenant's, so what it receives is what it sent.
         assert_payload_accounted(
             &format!("alpha {dir}"),
             m.bytes("alpha", dir),
             m.packets("alpha", dir),
             alpha_payload,
+            bytes_sent(&[&a_client, &a_server]),
         );
         assert_payload_accounted(
             &format!("beta {dir}"),
             m.bytes("beta", dir),
             m.packets("beta", dir),
             beta_payload,
+            bytes_sent(&[&b_client, &b_server]),
         );
         // Untagged sockets of the whole machine land here, so only a lower bound holds.
         assert!(
@@ -74,11 +77,13 @@ fn counts_each_tenants_bytes_in_both_directions() {
         f64::from(agent_common::COOKIE_TAGS_MAX_ENTRIES)
     );
     assert_eq!(
-        m.get(
-            "bulkhead_kernel_events_total",
-            &[("event", "traffic_map_full")]
-        ),
+        m.get("bulkhead_kernel_events_total", &[("event", "bad_tag")]),
         0.0
+    );
+    assert_eq!(
+        m.get("bulkhead_map_entries", &[("map", "BH_TENANT_IDS")]),
+        2.0,
+        "two tenants have ids"
     );
     assert_eq!(
         m.get(
@@ -105,6 +110,7 @@ fn retagging_moves_later_bytes_and_untagging_stops_counting() {
     let alpha_egress = before.bytes("alpha", "egress");
 
     // A keep-alive connection handed to another tenant: later bytes are the new tenant's.
+    let sent_as_alpha = bytes_sent(&[&c]);
     let re = client.tag(c.as_fd(), "beta").unwrap();
     assert_eq!(re.tenant.as_deref(), Some("beta"));
     transfer(&mut c, &mut s, 200_000);
@@ -119,6 +125,7 @@ fn retagging_moves_later_bytes_and_untagging_stops_counting() {
         after.bytes("beta", "egress"),
         after.packets("beta", "egress"),
         200_000,
+        bytes_sent(&[&c]) - sent_as_alpha,
     );
 
     let untagged = client.untag(c.as_fd()).unwrap();
@@ -182,6 +189,7 @@ fn restart_keeps_counters_and_tags() {
     );
     let tag = agent.client().lookup(c.as_fd()).unwrap();
     assert_eq!(tag.tenant.as_deref(), Some("beta"));
+    let sent_before = bytes_sent(&[&c]);
     transfer(&mut c, &mut s, 300_000);
     let m = agent.wait_for("beta egress to grow", |m| {
         m.bytes("beta", "egress") >= before.bytes("beta", "egress") + 300_000
@@ -191,6 +199,7 @@ fn restart_keeps_counters_and_tags() {
         m.bytes("beta", "egress") - before.bytes("beta", "egress"),
         m.packets("beta", "egress") - before.packets("beta", "egress"),
         300_000,
+        bytes_sent(&[&c]) - sent_before,
     );
 }
 
@@ -222,9 +231,11 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
         m.bytes("alpha", "egress"),
         m.packets("alpha", "egress"),
         500_000,
+        bytes_sent(&[&c]),
     );
     // After the take-over exactly one program per hook counts: no double counting.
     let (b0, p0) = (m.bytes("alpha", "egress"), m.packets("alpha", "egress"));
+    let sent_before = bytes_sent(&[&c]);
     transfer(&mut c, &mut s, 300_000);
     let m = agent.wait_for("alpha egress to grow", |m| {
         m.bytes("alpha", "egress") >= b0 + 300_000
@@ -234,6 +245,7 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
         m.bytes("alpha", "egress") - b0,
         m.packets("alpha", "egress") - p0,
         300_000,
+        bytes_sent(&[&c]) - sent_before,
     );
     agent.stop();
     let links: Vec<_> = std::fs::read_dir(&paths.pin_dir)
@@ -265,7 +277,11 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
     let agent = Agent::start(AGENT, &paths, &config);
     assert_eq!(agent.ready_line["replaced_links"], 0);
     let after = agent.metrics();
-    assert_eq!(after.bytes("alpha", "egress"), m.bytes("alpha", "egress"));
+    assert_eq!(
+        after.bytes("alpha", "egress"),
+        m.bytes("alpha", "egress"),
+        "bytes sent while detached were counted"
+    );
 }
 
 #[test]

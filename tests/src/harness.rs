@@ -299,8 +299,9 @@ pub fn tcp_pair() -> (TcpStream, TcpStream) {
     (client, server)
 }
 
-/// Sends `n` bytes from `from` and reads all of them at `to`, so that by the time it returns
-/// every data packet has left and arrived.
+/// Sends `n` bytes from `from` and reads all of them at `to`, then waits until the sender has
+/// nothing unacknowledged: when it returns, every data packet has left and arrived, and no
+/// retransmission of it can come later.
 pub fn transfer(from: &mut TcpStream, to: &mut TcpStream, n: usize) {
     let mut reader = to.try_clone().unwrap();
     let t = std::thread::spawn(move || {
@@ -320,21 +321,62 @@ pub fn transfer(from: &mut TcpStream, to: &mut TcpStream, n: usize) {
         sent += k;
     }
     t.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = tcp_info(from);
+        if info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sender still has {} unacknowledged segments after 10 s",
+            info.tcpi_unacked
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The kernel's `TCP_INFO` of a socket.
+pub fn tcp_info(s: &TcpStream) -> libc::tcp_info {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers, so all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given and the socket is open;
+    // the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info
+}
+
+/// Payload bytes the sockets put on the wire, retransmissions included (`tcpi_bytes_sent`).
+pub fn bytes_sent(sockets: &[&TcpStream]) -> u64 {
+    sockets.iter().map(|s| tcp_info(s).tcpi_bytes_sent).sum()
 }
 
 /// Largest IPv4 + TCP header of one packet (20 + 60 bytes): the counted bytes of a tenant are
-/// its payload plus at most this much per counted packet.
+/// at least its payload and at most what its sockets sent (retransmissions included) plus this
+/// much per counted packet.
 pub const MAX_HEADER_BYTES: u64 = 80;
 
-/// Asserts `payload <= bytes <= payload + packets * MAX_HEADER_BYTES`.
-pub fn assert_payload_accounted(what: &str, bytes: u64, packets: u64, payload: u64) {
+/// Asserts `payload <= bytes <= sent + packets * MAX_HEADER_BYTES`, where `sent` is the payload
+/// actually put on the wire (retransmissions included) by the sockets whose packets are counted.
+pub fn assert_payload_accounted(what: &str, bytes: u64, packets: u64, payload: u64, sent: u64) {
     assert!(packets > 0, "{what}: no packets counted");
     assert!(
         bytes >= payload,
         "{what}: {bytes} bytes counted for {payload} bytes of payload"
     );
     assert!(
-        bytes <= payload + packets * MAX_HEADER_BYTES,
-        "{what}: {bytes} bytes counted for {payload} bytes of payload in {packets} packets: more than {MAX_HEADER_BYTES} bytes of headers per packet"
+        bytes <= sent + packets * MAX_HEADER_BYTES,
+        "{what}: {bytes} bytes counted for {sent} bytes sent (payload {payload}, retransmissions included) in {packets} packets: more than {MAX_HEADER_BYTES} bytes of headers per packet"
     );
 }
