@@ -194,8 +194,11 @@ impl Datapath {
             path: pin_dir.to_path_buf(),
             source,
         })?;
+        // Kernel-side log records below the agent's own level are not even written.
+        let log_level = kernel_log_level(tracing::level_filters::LevelFilter::current());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .override_global(aya_log::LEVEL, &log_level, true)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_path_buf(),
@@ -294,6 +297,19 @@ impl Datapath {
         if let Err(e) = wait_released(&ids) {
             tracing::warn!(error = %e, "programs not yet detached");
         }
+    }
+}
+
+/// aya-log's level numbers (error = 1 … trace = 5, 0 = off) for a tracing level filter.
+fn kernel_log_level(filter: tracing::level_filters::LevelFilter) -> u8 {
+    use tracing::Level;
+    match filter.into_level() {
+        None => 0,
+        Some(Level::ERROR) => 1,
+        Some(Level::WARN) => 2,
+        Some(Level::INFO) => 3,
+        Some(Level::DEBUG) => 4,
+        Some(Level::TRACE) => 5,
     }
 }
 

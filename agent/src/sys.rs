@@ -84,15 +84,26 @@ pub fn is_bpffs(path: &Path) -> bool {
     fs_magic(path).ok() == Some(BPF_FS_MAGIC)
 }
 
-/// Makes sure `path` is a bpffs mount, mounting one when it is not.
+/// Makes sure `path` is a bpffs mount, mounting one when it is not. Returns whether it mounted.
+///
+/// Two agents starting at once must not both mount: each bpffs mount is a new, empty instance,
+/// and the second would hide the first one's pins. So the check and the mount happen under an
+/// exclusive lock on the mount-point directory, and the check is repeated under the lock.
 pub fn ensure_bpffs(path: &Path) -> Result<bool, SysError> {
     if is_bpffs(path) {
         return Ok(false);
     }
-    std::fs::create_dir_all(path).map_err(|source| SysError::MountBpffs {
+    let err = |source: io::Error| SysError::MountBpffs {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    let dir = std::fs::File::open(path).map_err(err)?;
+    let _lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| err(e.into()))?;
+    if is_bpffs(path) {
+        return Ok(false);
+    }
     nix::mount::mount(
         Some("bpf"),
         path,

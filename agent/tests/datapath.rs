@@ -401,3 +401,58 @@ fn a_second_agent_on_the_same_socket_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is in use by a running agent"), "{stderr}");
 }
+
+#[test]
+fn kernel_side_logs_reach_the_agent_log() {
+    if !require_bpf() {
+        return;
+    }
+    let paths = Paths::new();
+    let agent = Agent::start_logged(AGENT, &paths, &paths.config(""), "info,bulkhead=debug");
+    let (c, _s) = tcp_pair();
+    let tag = agent.client().tag(c.as_fd(), "alpha").unwrap();
+    drop(c);
+    let cookie = tag.cookie.to_string();
+    let line = agent.wait_for_log("the release of the socket's tag", |l| {
+        l.contains("released the tag of closed socket") && l.contains(&cookie)
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "DEBUG", "{line}");
+}
+
+#[test]
+fn mounts_bpffs_where_there_is_none() {
+    if !require_bpf() {
+        return;
+    }
+    let paths = Paths::new();
+    let bpffs = paths.dir.join("bpffs");
+    let config = format!(
+        "bpffs = {:?}\npin_dir = {:?}\nadmin_addr = \"127.0.0.1:0\"\n[tagging]\nsocket_path = {:?}\n[[tenants]]\nname = \"alpha\"\n",
+        bpffs,
+        bpffs.join("bulkhead"),
+        paths.socket
+    );
+    let agent = Agent::start(AGENT, &paths, &config);
+    assert!(
+        agent
+            .startup_log
+            .iter()
+            .any(|l| l.contains("mounted bpffs")),
+        "{:?}",
+        agent.startup_log
+    );
+    let magic = nix::sys::statfs::statfs(&bpffs)
+        .unwrap()
+        .filesystem_type()
+        .0;
+    assert_eq!(
+        magic as u64,
+        0xcafe_4a11,
+        "a bpffs is mounted at {}",
+        bpffs.display()
+    );
+    assert!(bpffs.join("bulkhead/BH_TRAFFIC").exists());
+    agent.stop();
+    nix::mount::umount(&bpffs).unwrap();
+}

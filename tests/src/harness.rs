@@ -98,12 +98,20 @@ pub struct Agent {
     pub child: Child,
     pub admin: SocketAddr,
     pub ready_line: serde_json::Value,
+    /// Every log line up to and including the ready line.
+    pub startup_log: Vec<String>,
     pub socket: PathBuf,
+    log: mpsc::Receiver<String>,
 }
 
 impl Agent {
     /// Starts the agent binary with `config` (TOML text) and waits for its ready line.
     pub fn start(agent_bin: &str, paths: &Paths, config: &str) -> Agent {
+        Self::start_logged(agent_bin, paths, config, "info")
+    }
+
+    /// As [`Agent::start`], with `RUST_LOG` set to `rust_log`.
+    pub fn start_logged(agent_bin: &str, paths: &Paths, config: &str, rust_log: &str) -> Agent {
         let cfg = paths.dir.join(format!(
             "agent-{}.toml",
             SEQ.fetch_add(1, Ordering::Relaxed)
@@ -112,7 +120,7 @@ impl Agent {
         let mut child = Command::new(agent_bin)
             .args(["--log-format", "json", "--config"])
             .arg(&cfg)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -153,8 +161,23 @@ impl Agent {
                     child,
                     admin,
                     ready_line: v,
+                    startup_log: log,
                     socket: paths.socket.clone(),
+                    log: rx,
                 };
+            }
+        }
+    }
+
+    /// Waits (10 s at most) for a log line after start-up that satisfies `pred`, and returns it.
+    pub fn wait_for_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with {what} within 10 s"),
             }
         }
     }
