@@ -28,6 +28,40 @@ pub const MAP_TENANT_IDS: &str = "BH_TENANT_IDS";
 /// Per-CPU array of [`DIAG_SLOTS`] `u64` kernel-side event counters, indexed by `DIAG_*`.
 pub const MAP_DIAG: &str = "BH_DIAG";
 
+/// [`EndpointKey`] -> [`EndpointValue`]: addresses (and optionally ports) owned by a tenant.
+/// Written by the agent from its config; read by the egress program.
+pub const MAP_ENDPOINTS: &str = "BH_ENDPOINTS";
+/// Array of one `u32`: the number of entries in [`MAP_ENDPOINTS`], so that the egress program
+/// skips parsing headers entirely when no endpoint is configured.
+pub const MAP_ENDPOINT_COUNT: &str = "BH_ENDPOINT_CNT";
+/// cgroup id (`u64`) -> `u32` 1: workload cgroups whose sockets must be tagged; an untagged
+/// socket of such a cgroup (or of a cgroup below it) reaching a tenant's endpoint is a
+/// cross-tenant flow.
+pub const MAP_MUST_TAG: &str = "BH_MUST_TAG";
+/// [`FlowKey`] -> `u64`: cross-tenant flows seen, per source tenant, owner and action.
+pub const MAP_FLOWS: &str = "BH_FLOWS";
+/// [`FlowSeenKey`] -> last report time (ns): a flow is counted and reported once per
+/// [`FLOW_REPORT_INTERVAL_NS`], not once per packet.
+pub const MAP_FLOW_SEEN: &str = "BH_FLOW_SEEN";
+/// Ring buffer of [`FlowEvent`]s for the agent to log.
+pub const MAP_FLOW_EVENTS: &str = "BH_FLOW_EVENTS";
+
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 4_096;
+pub const MUST_TAG_MAX_ENTRIES: u32 = 1_024;
+pub const FLOWS_MAX_ENTRIES: u32 = 16_384;
+pub const FLOW_SEEN_MAX_ENTRIES: u32 = 16_384;
+pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
+pub const FLOW_REPORT_INTERVAL_NS: u64 = 60_000_000_000;
+/// How many cgroup levels above a socket's own the egress program checks in [`MAP_MUST_TAG`].
+pub const MUST_TAG_MAX_DEPTH: i32 = 8;
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// What happens to a cross-tenant flow to an endpoint.
+pub const MODE_ALERT: u32 = 1;
+pub const MODE_ENFORCE: u32 = 2;
+
 /// Names of the programs in the object, as user space looks them up.
 pub const PROG_INGRESS: &str = "bulkhead_ingress";
 pub const PROG_EGRESS: &str = "bulkhead_egress";
@@ -54,6 +88,8 @@ pub const DIRECTION_EGRESS: u32 = 1;
 pub const DIAG_BAD_TAG: u32 = 0;
 pub const DIAG_NO_SOCKET: u32 = 1;
 pub const DIAG_RELEASED_TAGS: u32 = 2;
+/// Cross-tenant flow events lost because the ring buffer was full (the flow was still counted).
+pub const DIAG_FLOW_EVENTS_LOST: u32 = 3;
 pub const DIAG_SLOTS: u32 = 4;
 
 /// Longest tenant name, in bytes.
@@ -86,6 +122,65 @@ pub struct TrafficCounters {
 pub struct SocketTag {
     pub tenant_id: u32,
     pub _reserved: u32,
+}
+
+/// Key of [`MAP_ENDPOINTS`]. IPv4 addresses take the first 4 bytes of `addr`, the rest zero.
+/// `port` 0 matches every port of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+    /// Host byte order.
+    pub port: u32,
+    pub addr: [u8; 16],
+}
+
+/// Value of [`MAP_ENDPOINTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub tenant_id: u32,
+    /// [`MODE_ALERT`] or [`MODE_ENFORCE`].
+    pub mode: u32,
+}
+
+/// Key of [`MAP_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src_tenant: u32,
+    pub dst_tenant: u32,
+    /// [`MODE_ALERT`] or [`MODE_ENFORCE`]: what was done.
+    pub action: u32,
+    pub _reserved: u32,
+}
+
+/// Key of [`MAP_FLOW_SEEN`]: one socket to one destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSeenKey {
+    pub cookie: u64,
+    pub family: u32,
+    pub port: u32,
+    pub addr: [u8; 16],
+}
+
+/// A cross-tenant flow, as reported through [`MAP_FLOW_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub cookie: u64,
+    pub cgroup_id: u64,
+    pub src_tenant: u32,
+    pub dst_tenant: u32,
+    pub action: u32,
+    pub family: u32,
+    /// Host byte order.
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
 }
 
 /// Key of [`MAP_TENANT_IDS`]: the name's bytes, zero padded.
@@ -130,6 +225,12 @@ mod pod {
     unsafe impl aya::Pod for super::SocketTag {}
     // SAFETY: as above (u32 followed by a byte array whose length is a multiple of 4).
     unsafe impl aya::Pod for super::TenantName {}
+    // SAFETY: as above (two u32 then 16 bytes).
+    unsafe impl aya::Pod for super::EndpointKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EndpointValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 #[cfg(test)]
@@ -141,6 +242,11 @@ mod tests {
         assert_eq!(core::mem::size_of::<TrafficCounters>(), 16);
         assert_eq!(core::mem::size_of::<SocketTag>(), 8);
         assert_eq!(core::mem::size_of::<TenantName>(), 4 + TENANT_NAME_LEN);
+        assert_eq!(core::mem::size_of::<EndpointKey>(), 24);
+        assert_eq!(core::mem::size_of::<EndpointValue>(), 8);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 16);
+        assert_eq!(core::mem::size_of::<FlowSeenKey>(), 32);
+        assert_eq!(core::mem::size_of::<FlowEvent>(), 2 * 8 + 6 * 4 + 32);
     }
 
     #[test]
@@ -168,7 +274,18 @@ mod tests {
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
-        for name in [MAP_COOKIE_TAGS, MAP_TRAFFIC, MAP_TENANT_IDS, MAP_DIAG] {
+        for name in [
+            MAP_COOKIE_TAGS,
+            MAP_TRAFFIC,
+            MAP_TENANT_IDS,
+            MAP_DIAG,
+            MAP_ENDPOINTS,
+            MAP_ENDPOINT_COUNT,
+            MAP_MUST_TAG,
+            MAP_FLOWS,
+            MAP_FLOW_SEEN,
+            MAP_FLOW_EVENTS,
+        ] {
             assert!(name.len() <= 15, "{name} is too long for BPF_OBJ_NAME_LEN");
         }
     }

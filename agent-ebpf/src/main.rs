@@ -6,7 +6,12 @@
 //! * `bulkhead_sock_release` (`cgroup/sock_release`): deletes the tag of a closing socket, so the
 //!   tag map holds live sockets only (the map is also an LRU, as a backstop).
 //!
-//! Every map is pinned by name, so counters and tags outlive the agent process.
+//! * On egress, packets to an endpoint a tenant owns (`BH_ENDPOINTS`) from a socket of another
+//!   tenant, or from an untagged socket of a cgroup that must tag (`BH_MUST_TAG`), are a
+//!   cross-tenant flow: counted in `BH_FLOWS`, reported through `BH_FLOW_EVENTS` once per flow
+//!   and interval, and dropped when the endpoint's mode is enforce.
+//!
+//! Every map but the ring buffers is pinned by name, so counters and tags outlive the agent.
 #![no_std]
 #![no_main]
 // `AtomicU64::fetch_add` is not available on the bpf target; the intrinsic lowers to the
@@ -15,15 +20,21 @@
 #![feature(core_intrinsics)]
 
 use agent_common::{
-    COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIAG_SLOTS,
-    DIRECTION_EGRESS, DIRECTION_INGRESS, SocketTag, TENANT_IDS_MAX_ENTRIES, TRAFFIC_MAX_ENTRIES,
-    TenantName, TrafficCounters, UNTAGGED_TENANT_ID, traffic_index,
+    AF_INET, AF_INET6, COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_FLOW_EVENTS_LOST,
+    DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIAG_SLOTS, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    ENDPOINTS_MAX_ENTRIES, EndpointKey, EndpointValue, FLOW_EVENTS_BYTES, FLOW_REPORT_INTERVAL_NS,
+    FLOW_SEEN_MAX_ENTRIES, FLOWS_MAX_ENTRIES, FlowEvent, FlowKey, FlowSeenKey, MODE_ENFORCE,
+    MUST_TAG_MAX_DEPTH, MUST_TAG_MAX_ENTRIES, SocketTag, TENANT_IDS_MAX_ENTRIES,
+    TRAFFIC_MAX_ENTRIES, TenantName, TrafficCounters, UNTAGGED_TENANT_ID, traffic_index,
 };
 use aya_ebpf::{
     EbpfContext,
-    helpers::bpf_get_socket_cookie,
+    bindings::{__sk_buff, BPF_NOEXIST},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
     macros::{cgroup_skb, cgroup_sock, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockContext},
 };
 use aya_log_ebpf::{debug, warn};
@@ -43,18 +54,46 @@ static BH_TENANT_IDS: HashMap<TenantName, u32> = HashMap::pinned(TENANT_IDS_MAX_
 #[map]
 static BH_DIAG: PerCpuArray<u64> = PerCpuArray::pinned(DIAG_SLOTS, 0);
 
+#[map]
+static BH_ENDPOINTS: HashMap<EndpointKey, EndpointValue> =
+    HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);
+
+#[map]
+static BH_ENDPOINT_CNT: Array<u32> = Array::pinned(1, 0);
+
+#[map]
+static BH_MUST_TAG: HashMap<u64, u32> = HashMap::pinned(MUST_TAG_MAX_ENTRIES, 0);
+
+#[map]
+static BH_FLOWS: HashMap<FlowKey, u64> = HashMap::pinned(FLOWS_MAX_ENTRIES, 0);
+
+#[map]
+static BH_FLOW_SEEN: LruHashMap<FlowSeenKey, u64> = LruHashMap::pinned(FLOW_SEEN_MAX_ENTRIES, 0);
+
+#[map]
+static BH_FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+
 const ALLOW: i32 = 1;
+const DROP: i32 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 
 #[cgroup_skb]
 pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
-    count(&ctx, DIRECTION_INGRESS);
+    let (_, tenant_id) = tenant_of(&ctx);
+    count(&ctx, tenant_id, DIRECTION_INGRESS);
     ALLOW
 }
 
 #[cgroup_skb]
 pub fn bulkhead_egress(ctx: SkBuffContext) -> i32 {
-    count(&ctx, DIRECTION_EGRESS);
-    ALLOW
+    let (cookie, tenant_id) = tenant_of(&ctx);
+    let verdict = check_cross_tenant(&ctx, cookie, tenant_id);
+    // A dropped packet never leaves, so it is not the tenant's traffic; the flow counts it.
+    if verdict == ALLOW {
+        count(&ctx, tenant_id, DIRECTION_EGRESS);
+    }
+    verdict
 }
 
 #[cgroup_sock(sock_release)]
@@ -69,29 +108,30 @@ pub fn bulkhead_sock_release(ctx: SockContext) -> i32 {
     ALLOW
 }
 
+/// The packet's socket cookie (0 when it has no socket) and the tenant its tag names.
 #[inline(always)]
-fn count(ctx: &SkBuffContext, direction: u32) {
+fn tenant_of(ctx: &SkBuffContext) -> (u64, u32) {
     // SAFETY: the context pointer is the `struct __sk_buff *` the kernel passed to this program;
     // bpf_get_socket_cookie only reads it and returns 0 when the packet has no socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let tenant_id = if cookie == 0 {
+    if cookie == 0 {
         bump_diag(DIAG_NO_SOCKET);
-        UNTAGGED_TENANT_ID
-    } else {
-        match BH_COOKIE_TAGS.get_ptr(cookie) {
-            // SAFETY: a non-null pointer into the map's value, valid for this program run.
-            Some(tag) => unsafe { (*tag).tenant_id },
-            None => UNTAGGED_TENANT_ID,
-        }
-    };
+        return (0, UNTAGGED_TENANT_ID);
+    }
+    match BH_COOKIE_TAGS.get_ptr(cookie) {
+        // SAFETY: a non-null pointer into the map's value, valid for this program run.
+        Some(tag) => (cookie, unsafe { (*tag).tenant_id }),
+        None => (cookie, UNTAGGED_TENANT_ID),
+    }
+}
+
+#[inline(always)]
+fn count(ctx: &SkBuffContext, tenant_id: u32, direction: u32) {
     let index = match traffic_index(tenant_id, direction) {
         Some(i) => i,
         None => {
             bump_diag(DIAG_BAD_TAG);
-            warn!(
-                ctx,
-                "socket {} has tenant id {} out of range", cookie, tenant_id
-            );
+            warn!(ctx, "a socket has tenant id {} out of range", tenant_id);
             UNTAGGED_TENANT_ID * 2 + direction
         }
     };
@@ -104,6 +144,193 @@ fn count(ctx: &SkBuffContext, direction: u32) {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*counters).bytes, len);
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*counters).packets, 1);
         }
+    }
+}
+
+/// Addresses and ports of an IPv4/IPv6 packet (ports 0 when not TCP/UDP or not parsed).
+struct Packet {
+    family: u32,
+    src_addr: [u8; 16],
+    dst_addr: [u8; 16],
+    src_port: u32,
+    dst_port: u32,
+}
+
+/// Parses the network and transport headers; the cgroup hook's packet starts at the IP header.
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+    let first: u8 = ctx.load(0).ok()?;
+    let mut p = Packet {
+        family: 0,
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+    };
+    let (proto, l4) = match first >> 4 {
+        4 => {
+            p.family = AF_INET;
+            // Fixed-size loads: the verifier needs a constant length.
+            let src: [u8; 4] = ctx.load(12).ok()?;
+            let dst: [u8; 4] = ctx.load(16).ok()?;
+            p.src_addr[..4].copy_from_slice(&src);
+            p.dst_addr[..4].copy_from_slice(&dst);
+            let frag: u16 = u16::from_be(ctx.load(6).ok()?);
+            if frag & 0x1fff != 0 {
+                return Some(p); // a later fragment: no transport header
+            }
+            (ctx.load::<u8>(9).ok()?, usize::from(first & 0x0f) * 4)
+        }
+        6 => {
+            p.family = AF_INET6;
+            p.src_addr = ctx.load(8).ok()?;
+            p.dst_addr = ctx.load(24).ok()?;
+            (ctx.load::<u8>(6).ok()?, 40)
+        }
+        _ => return None,
+    };
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        let ports: u32 = u32::from_be(ctx.load(l4).ok()?);
+        p.src_port = ports >> 16;
+        p.dst_port = ports & 0xffff;
+    }
+    Some(p)
+}
+
+/// ALLOW, or DROP for a cross-tenant flow to an endpoint in enforce mode.
+#[inline(always)]
+fn check_cross_tenant(ctx: &SkBuffContext, cookie: u64, tenant_id: u32) -> i32 {
+    match BH_ENDPOINT_CNT.get(0) {
+        Some(n) if *n > 0 => {}
+        _ => return ALLOW,
+    }
+    let Some(p) = parse(ctx) else {
+        return ALLOW;
+    };
+    let mut key = EndpointKey {
+        family: p.family,
+        port: p.dst_port,
+        addr: p.dst_addr,
+    };
+    let owner = match BH_ENDPOINTS.get_ptr(key) {
+        Some(v) => v,
+        None => {
+            key.port = 0;
+            match BH_ENDPOINTS.get_ptr(key) {
+                Some(v) => v,
+                None => return ALLOW,
+            }
+        }
+    };
+    // SAFETY: a non-null pointer into the map's value, valid for this program run.
+    let owner = unsafe { *owner };
+    if owner.tenant_id == tenant_id {
+        return ALLOW;
+    }
+    if tenant_id == UNTAGGED_TENANT_ID && !must_tag(ctx) {
+        return ALLOW;
+    }
+    report(ctx, cookie, tenant_id, &owner, &p);
+    if owner.mode == MODE_ENFORCE {
+        DROP
+    } else {
+        ALLOW
+    }
+}
+
+/// Whether the packet's cgroup, or one above it, is marked as one whose sockets must be tagged.
+#[inline(always)]
+fn must_tag(ctx: &SkBuffContext) -> bool {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: `skb` is the context the kernel passed; these helpers only read it.
+    let own = unsafe { bpf_skb_cgroup_id(skb) };
+    if BH_MUST_TAG.get_ptr(own).is_some() {
+        return true;
+    }
+    for level in 0..MUST_TAG_MAX_DEPTH {
+        // SAFETY: as above.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
+        if id == 0 || id == own {
+            return false;
+        }
+        if BH_MUST_TAG.get_ptr(id).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Counts the flow and emits an event, once per socket, destination and report interval.
+#[inline(always)]
+fn report(ctx: &SkBuffContext, cookie: u64, tenant_id: u32, owner: &EndpointValue, p: &Packet) {
+    let seen = FlowSeenKey {
+        cookie,
+        family: p.family,
+        port: p.dst_port,
+        addr: p.dst_addr,
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match BH_FLOW_SEEN.get_ptr_mut(seen) {
+        Some(last) => {
+            // SAFETY: a non-null pointer into the map's value, valid for this program run.
+            unsafe {
+                if now.wrapping_sub(*last) < FLOW_REPORT_INTERVAL_NS {
+                    return;
+                }
+                *last = now;
+            }
+        }
+        None => {
+            // NOEXIST: when two CPUs see the first packet at once, one of them reports it.
+            if BH_FLOW_SEEN
+                .insert(seen, now, u64::from(BPF_NOEXIST))
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+    let key = FlowKey {
+        src_tenant: tenant_id,
+        dst_tenant: owner.tenant_id,
+        action: owner.mode,
+        _reserved: 0,
+    };
+    if !add_flow(&key) && BH_FLOWS.insert(key, 1u64, u64::from(BPF_NOEXIST)).is_err() {
+        add_flow(&key);
+    }
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    match BH_FLOW_EVENTS.reserve::<FlowEvent>(0) {
+        Some(mut entry) => {
+            entry.write(FlowEvent {
+                cookie,
+                // SAFETY: `skb` is the context the kernel passed; the helper only reads it.
+                cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+                src_tenant: tenant_id,
+                dst_tenant: owner.tenant_id,
+                action: owner.mode,
+                family: p.family,
+                src_port: p.src_port,
+                dst_port: p.dst_port,
+                src_addr: p.src_addr,
+                dst_addr: p.dst_addr,
+            });
+            entry.submit(0);
+        }
+        None => bump_diag(DIAG_FLOW_EVENTS_LOST),
+    }
+}
+
+#[inline(always)]
+fn add_flow(key: &FlowKey) -> bool {
+    match BH_FLOWS.get_ptr_mut(key) {
+        Some(n) => {
+            // SAFETY: a non-null pointer into the map's value; atomic, as CPUs share it.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+            true
+        }
+        None => false,
     }
 }
 

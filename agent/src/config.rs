@@ -28,6 +28,71 @@ pub struct Config {
     pub tagging: TaggingConfig,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    #[serde(default)]
+    pub cross_tenant: CrossTenantConfig,
+}
+
+/// Cross-tenant flow detection: endpoints tenants own, and cgroups whose sockets must be tagged.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CrossTenantConfig {
+    /// cgroup-v2 directories (absolute, or relative to the attach cgroup) whose sockets, and
+    /// those of cgroups below them, must carry a tag: their untagged traffic to a tenant's
+    /// endpoint is a cross-tenant flow.
+    #[serde(default)]
+    pub must_tag_cgroups: Vec<PathBuf>,
+    /// Flow events logged per second at most (the rest are counted, not logged).
+    #[serde(default = "default_event_rate")]
+    pub event_log_per_second: u32,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// The owning tenant (must be one of `tenants`).
+    pub tenant: String,
+    /// An IPv4 or IPv6 address.
+    pub address: std::net::IpAddr,
+    /// A TCP/UDP port; absent: every port of the address.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub mode: EndpointMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// Count and report the flow.
+    #[default]
+    Alert,
+    /// Count, report, and drop its packets.
+    Enforce,
+}
+
+impl EndpointMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointMode::Alert => "alert",
+            EndpointMode::Enforce => "enforce",
+        }
+    }
+}
+
+fn default_event_rate() -> u32 {
+    10
+}
+
+impl Default for CrossTenantConfig {
+    fn default() -> Self {
+        Self {
+            must_tag_cgroups: Vec::new(),
+            event_log_per_second: default_event_rate(),
+            endpoints: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -193,6 +258,45 @@ impl Config {
                 ));
             }
         }
+        let mut endpoints = HashSet::new();
+        for (i, e) in self.cross_tenant.endpoints.iter().enumerate() {
+            if !seen.contains(e.tenant.as_str()) {
+                return Err(invalid(
+                    &format!("cross_tenant.endpoints[{i}].tenant"),
+                    format!("tenant {:?} is not in `tenants`", e.tenant),
+                ));
+            }
+            if e.port == Some(0) {
+                return Err(invalid(
+                    &format!("cross_tenant.endpoints[{i}].port"),
+                    "port 0 is not a port; leave it out to mean every port".into(),
+                ));
+            }
+            if !endpoints.insert((e.address, e.port)) {
+                return Err(invalid(
+                    &format!("cross_tenant.endpoints[{i}]"),
+                    format!("{} port {:?} is listed twice", e.address, e.port),
+                ));
+            }
+        }
+        if self.cross_tenant.endpoints.len() > agent_common::ENDPOINTS_MAX_ENTRIES as usize {
+            return Err(invalid(
+                "cross_tenant.endpoints",
+                format!("at most {} endpoints", agent_common::ENDPOINTS_MAX_ENTRIES),
+            ));
+        }
+        if self.cross_tenant.must_tag_cgroups.len() > agent_common::MUST_TAG_MAX_ENTRIES as usize {
+            return Err(invalid(
+                "cross_tenant.must_tag_cgroups",
+                format!("at most {} cgroups", agent_common::MUST_TAG_MAX_ENTRIES),
+            ));
+        }
+        if self.cross_tenant.event_log_per_second == 0 {
+            return Err(invalid(
+                "cross_tenant.event_log_per_second",
+                "must be at least 1".into(),
+            ));
+        }
         if self.tenants.len() >= agent_common::MAX_TENANTS as usize {
             return Err(invalid(
                 "tenants",
@@ -269,6 +373,35 @@ mod tests {
         assert!(err("[tagging]\nsocket_mode = 4096").contains("`tagging.socket_mode`"));
         let long = "x".repeat(65);
         assert!(err(&format!("[[tenants]]\nname = \"{long}\"")).contains("1-64 characters"));
+    }
+
+    #[test]
+    fn endpoints_are_checked() {
+        let base = "[[tenants]]\nname = \"a\"\n";
+        let ok = Config::parse(
+            &format!("{base}[[cross_tenant.endpoints]]\ntenant = \"a\"\naddress = \"::1\"\nport = 80\nmode = \"enforce\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ok.cross_tenant.endpoints[0].mode, EndpointMode::Enforce);
+        assert!(
+            err(&format!(
+                "{base}[[cross_tenant.endpoints]]\ntenant = \"b\"\naddress = \"10.0.0.1\"\n"
+            ))
+            .contains("`cross_tenant.endpoints[0].tenant`: tenant \"b\" is not in `tenants`")
+        );
+        assert!(
+            err(&format!(
+                "{base}[[cross_tenant.endpoints]]\ntenant = \"a\"\naddress = \"10.0.0.300\"\n"
+            ))
+            .contains("address")
+        );
+        let twice = format!(
+            "{base}[[cross_tenant.endpoints]]\ntenant = \"a\"\naddress = \"10.0.0.1\"\n[[cross_tenant.endpoints]]\ntenant = \"a\"\naddress = \"10.0.0.1\"\n"
+        );
+        assert!(err(&twice).contains("`cross_tenant.endpoints[1]`"));
+        assert!(err(&format!("{base}[[cross_tenant.endpoints]]\ntenant = \"a\"\naddress = \"10.0.0.1\"\nmode = \"block\"\n"))
+            .contains("mode"));
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! are unpinned (detached) or left in place, as `detach_on_shutdown` says.
 
 use agent_common::{
-    DIAG_SLOTS, MAP_COOKIE_TAGS, MAP_DIAG, MAP_TENANT_IDS, MAP_TRAFFIC, PROG_EGRESS, PROG_INGRESS,
-    PROG_SOCK_RELEASE, SocketTag, TenantName, TrafficCounters, traffic_index,
+    DIAG_SLOTS, EndpointKey, EndpointValue, FlowKey, MAP_COOKIE_TAGS, MAP_DIAG, MAP_ENDPOINT_COUNT,
+    MAP_ENDPOINTS, MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MUST_TAG, MAP_TENANT_IDS, MAP_TRAFFIC,
+    PROG_EGRESS, PROG_INGRESS, PROG_SOCK_RELEASE, SocketTag, TenantName, TrafficCounters,
+    traffic_index,
 };
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, ProgramFd,
@@ -78,6 +80,10 @@ pub struct Maps {
     traffic: Mutex<PerCpuArray<MapData, TrafficCounters>>,
     tenant_ids: Mutex<HashMap<MapData, TenantName, u32>>,
     diag: Mutex<PerCpuArray<MapData, u64>>,
+    endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointValue>>,
+    endpoint_count: Mutex<Array<MapData, u32>>,
+    must_tag: Mutex<HashMap<MapData, u64, u32>>,
+    flows: Mutex<HashMap<MapData, FlowKey, u64>>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -158,6 +164,53 @@ impl Maps {
     pub fn insert_tenant_id(&self, name: &TenantName, id: u32) -> Result<(), MapError> {
         self.tenant_ids.lock().unwrap().insert(name, id, 0)
     }
+
+    /// Makes `BH_ENDPOINTS` hold exactly `wanted`: new and changed entries first, then stale ones
+    /// removed, then the count the programs check, so no configured endpoint is ever missing.
+    pub fn sync_endpoints(&self, wanted: &[(EndpointKey, EndpointValue)]) -> Result<(), MapError> {
+        let mut map = self.endpoints.lock().unwrap();
+        for (k, v) in wanted {
+            map.insert(k, v, 0)?;
+        }
+        let stale: Vec<EndpointKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+            .collect();
+        for k in stale {
+            map.remove(&k)?;
+        }
+        let count = map.keys().count() as u32;
+        self.endpoint_count.lock().unwrap().set(0, count, 0)
+    }
+
+    /// Makes `BH_MUST_TAG` hold exactly these cgroup ids.
+    pub fn sync_must_tag(&self, ids: &[u64]) -> Result<(), MapError> {
+        let mut map = self.must_tag.lock().unwrap();
+        for id in ids {
+            map.insert(id, 1, 0)?;
+        }
+        let stale: Vec<u64> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !ids.contains(k))
+            .collect();
+        for k in stale {
+            map.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// Cross-tenant flows counted so far.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, u64)>, MapError> {
+        let map = self.flows.lock().unwrap();
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            out.push(entry?);
+        }
+        out.sort();
+        Ok(out)
+    }
 }
 
 /// A program link pinned at `path`, and this agent's descriptor of it.
@@ -183,6 +236,7 @@ pub struct Datapath {
     cgroup: PathBuf,
     pin_dir: PathBuf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    flow_events: Option<RingBuf<MapData>>,
     /// How the programs came to be attached: fresh, or swapped into an earlier agent's links.
     pub replaced_links: usize,
 }
@@ -216,7 +270,12 @@ impl Datapath {
             traffic: Mutex::new(take_map(&mut ebpf, MAP_TRAFFIC)?),
             tenant_ids: Mutex::new(take_map(&mut ebpf, MAP_TENANT_IDS)?),
             diag: Mutex::new(take_map(&mut ebpf, MAP_DIAG)?),
+            endpoints: Mutex::new(take_map(&mut ebpf, MAP_ENDPOINTS)?),
+            endpoint_count: Mutex::new(take_map(&mut ebpf, MAP_ENDPOINT_COUNT)?),
+            must_tag: Mutex::new(take_map(&mut ebpf, MAP_MUST_TAG)?),
+            flows: Mutex::new(take_map(&mut ebpf, MAP_FLOWS)?),
         });
+        let flow_events = Some(take_map(&mut ebpf, MAP_FLOW_EVENTS)?);
         let cgroup_file = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
@@ -259,6 +318,7 @@ impl Datapath {
             cgroup: cgroup.to_path_buf(),
             pin_dir: pin_dir.to_path_buf(),
             logger,
+            flow_events,
             replaced_links,
         })
     }
@@ -273,6 +333,11 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Takes the cross-tenant flow event ring buffer, to be drained when readable.
+    pub fn take_flow_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.flow_events.take()
     }
 
     /// Takes the kernel-side log reader, to be drained when its descriptor is readable.

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod cross_tenant;
 pub mod datapath;
 pub mod metrics;
 pub mod sys;
@@ -18,7 +19,7 @@ use crate::tagging::{TagService, TaggingError};
 use crate::tenants::{TenantError, TenantRegistry};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
@@ -33,6 +34,8 @@ pub enum AgentError {
     Tenants(#[from] TenantError),
     #[error(transparent)]
     Tagging(#[from] TaggingError),
+    #[error(transparent)]
+    CrossTenant(#[from] cross_tenant::CrossTenantError),
     #[error("admin server on {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -64,11 +67,92 @@ pub struct RunningAgent {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     datapath: Datapath,
-    detach_on_shutdown: bool,
+    config: Config,
+    tenants: Arc<RwLock<TenantRegistry>>,
+    service: Arc<TagService>,
+    event_rate: Arc<AtomicU32>,
     metrics: AgentMetrics,
 }
 
 impl RunningAgent {
+    /// Applies a new configuration (SIGHUP): tenants, the tagging allow rule, cross-tenant
+    /// endpoints and must-tag cgroups, the event log rate, detach_on_shutdown. Fields that need
+    /// a restart (paths, addresses) are left as they are, with a warning. `new` was validated
+    /// when parsed; what can still fail here is checked before anything changes, so the agent
+    /// runs on with the old configuration when this returns an error.
+    pub fn reload(&mut self, new: Config) -> Result<(), AgentError> {
+        let result = self.try_reload(new);
+        self.metrics
+            .reload(if result.is_ok() { "ok" } else { "invalid" });
+        result
+    }
+
+    /// Reads, validates and applies the config file at `path` (what SIGHUP does). On any error
+    /// the running configuration stays; the error says why.
+    pub fn reload_file(&mut self, path: &std::path::Path) -> Result<(), String> {
+        match Config::from_file(path) {
+            Ok(c) => self.reload(c).map_err(|e| e.to_string()),
+            Err(e) => {
+                self.metrics.reload("invalid");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn try_reload(&mut self, new: Config) -> Result<(), AgentError> {
+        let old = &self.config;
+        for (field, changed) in [
+            ("cgroup_path", old.cgroup_path != new.cgroup_path),
+            ("bpffs", old.bpffs != new.bpffs),
+            ("pin_dir", old.pin_dir != new.pin_dir),
+            ("admin_addr", old.admin_addr != new.admin_addr),
+            (
+                "tagging.socket_path",
+                old.tagging.socket_path != new.tagging.socket_path,
+            ),
+            (
+                "tagging.socket_mode",
+                old.tagging.socket_mode != new.tagging.socket_mode,
+            ),
+        ] {
+            if changed {
+                tracing::warn!(
+                    field,
+                    "changing this field takes a restart; keeping the running value"
+                );
+            }
+        }
+        let maps = self.datapath.maps();
+        // Fallible steps without side effects first.
+        cross_tenant::must_tag_ids(&new, &self.cgroup)?;
+        let names: Vec<String> = new.tenants.iter().map(|t| t.name.clone()).collect();
+        let registry = TenantRegistry::load(&names, &maps)?;
+        cross_tenant::apply(&new, &self.cgroup, &registry, &maps)?;
+        *self.tenants.write().unwrap() = registry;
+        *self.service.allow.write().unwrap() = new.tagging.clone();
+        self.event_rate
+            .store(new.cross_tenant.event_log_per_second, Ordering::Relaxed);
+        let keep = Config {
+            cgroup_path: self.config.cgroup_path.clone(),
+            bpffs: self.config.bpffs.clone(),
+            pin_dir: self.config.pin_dir.clone(),
+            admin_addr: self.config.admin_addr,
+            tagging: config::TaggingConfig {
+                socket_path: self.config.tagging.socket_path.clone(),
+                socket_mode: self.config.tagging.socket_mode,
+                ..new.tagging.clone()
+            },
+            ..new
+        };
+        self.config = keep;
+        tracing::info!(
+            tenants = names.len(),
+            endpoints = self.config.cross_tenant.endpoints.len(),
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
     /// Stops serving, removes the tagging socket, and detaches the programs if the config says
     /// so. Pinned maps (counters, tags, tenant ids) are always kept.
     pub async fn shutdown(self) {
@@ -78,8 +162,9 @@ impl RunningAgent {
         }
         self.metrics.set_up(false);
         let _ = std::fs::remove_file(&self.socket_path);
-        self.datapath.shutdown(self.detach_on_shutdown);
-        tracing::info!(detached = self.detach_on_shutdown, "bulkhead-agent stopped");
+        let detach = self.config.detach_on_shutdown;
+        self.datapath.shutdown(detach);
+        tracing::info!(detached = detach, "bulkhead-agent stopped");
     }
 }
 
@@ -116,7 +201,9 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let mut datapath = Datapath::load(&cgroup, &config.pin_dir)?;
     let maps = datapath.maps();
     let names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
-    let tenants = Arc::new(RwLock::new(TenantRegistry::load(&names, &maps)?));
+    let registry = TenantRegistry::load(&names, &maps)?;
+    cross_tenant::apply(&config, &cgroup, &registry, &maps)?;
+    let tenants = Arc::new(RwLock::new(registry));
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
@@ -152,16 +239,27 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     )));
     let service = Arc::new(TagService {
         maps,
-        tenants,
-        allow: config.tagging.clone(),
+        tenants: tenants.clone(),
+        allow: RwLock::new(config.tagging.clone()),
         metrics: metrics.clone(),
     });
     let rx = stop_rx.clone();
+    let serving = service.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = tagging::serve(listener, service, stopped(rx)).await {
+        if let Err(e) = tagging::serve(listener, serving, stopped(rx)).await {
             tracing::error!(error = %e, "tagging API stopped");
         }
     }));
+    let event_rate = Arc::new(AtomicU32::new(config.cross_tenant.event_log_per_second));
+    if let Some(ring) = datapath.take_flow_events() {
+        tasks.push(tokio::spawn(cross_tenant::drain_events(
+            ring,
+            tenants.clone(),
+            event_rate.clone(),
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        )));
+    }
     if let Some(logger) = datapath.take_logger() {
         let rx = stop_rx.clone();
         tasks.push(tokio::spawn(drain_kernel_logs(logger, stopped(rx))));
@@ -175,6 +273,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         pin_dir = %config.pin_dir.display(),
         replaced_links = datapath.replaced_links,
         tenants = names.len(),
+        endpoints = config.cross_tenant.endpoints.len(),
         "bulkhead-agent ready"
     );
     Ok(RunningAgent {
@@ -186,7 +285,10 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         stop,
         tasks,
         datapath,
-        detach_on_shutdown: config.detach_on_shutdown,
+        config,
+        tenants,
+        service,
+        event_rate,
         metrics,
     })
 }

@@ -95,11 +95,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run => run(config),
+        Command::Run => run(config, cli.config),
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -115,7 +115,9 @@ fn run(config: Config) -> ExitCode {
         // Handlers first: a SIGTERM that comes while the agent starts must still shut it down
         // cleanly, not kill it with its programs half attached.
         let signal = shutdown_signal();
-        let agent = match bulkhead_agent::start(config).await {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("SIGHUP handler");
+        let mut agent = match bulkhead_agent::start(config).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("{e}");
@@ -123,11 +125,28 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::from(e.exit_code() as u8);
             }
         };
-        signal.await;
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                _ = &mut signal => break,
+                _ = hup.recv() => reload(&mut agent, path.as_deref()),
+            }
+        }
         tracing::info!("shutting down");
         agent.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// SIGHUP: re-read the config file and apply it, or keep the running config on any error.
+fn reload(agent: &mut bulkhead_agent::RunningAgent, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: running on the built-in config, nothing to reload");
+        return;
+    };
+    if let Err(e) = agent.reload_file(path) {
+        tracing::error!(error = %e, "SIGHUP: configuration not reloaded; the running one stays");
+    }
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future resolves on the first signal.

@@ -4,8 +4,9 @@
 use crate::datapath::Maps;
 use crate::tenants::TenantRegistry;
 use agent_common::{
-    COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, MAP_COOKIE_TAGS, MAP_TENANT_IDS, TENANT_IDS_MAX_ENTRIES, TrafficCounters,
+    COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_FLOW_EVENTS_LOST, DIAG_NO_SOCKET,
+    DIAG_RELEASED_TAGS, DIRECTION_EGRESS, DIRECTION_INGRESS, MAP_COOKIE_TAGS, MAP_TENANT_IDS,
+    MODE_ENFORCE, TENANT_IDS_MAX_ENTRIES, TrafficCounters,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -27,6 +28,13 @@ pub struct TagLabels {
 pub struct AgentMetrics {
     tag_requests: Family<TagLabels, Counter>,
     up: Gauge,
+    flow_events_suppressed: Counter,
+    reloads: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 impl AgentMetrics {
@@ -42,7 +50,25 @@ impl AgentMetrics {
             "1 while the agent runs with its eBPF programs attached",
             m.up.clone(),
         );
+        registry.register(
+            "bulkhead_cross_tenant_events_suppressed",
+            "Cross-tenant flow events not logged because of the log rate limit (the flows are still counted)",
+            m.flow_events_suppressed.clone(),
+        );
+        registry.register(
+            "bulkhead_config_reloads",
+            "Configuration reloads (SIGHUP), by result: ok, or invalid (the old config stays)",
+            m.reloads.clone(),
+        );
         m
+    }
+
+    pub fn flow_event_suppressed(&self) {
+        self.flow_events_suppressed.inc();
+    }
+
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn tag_request(&self, op: &'static str, result: &'static str) {
@@ -60,6 +86,13 @@ impl AgentMetrics {
 struct TrafficLabels {
     tenant: String,
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    src_tenant: String,
+    dst_tenant: String,
+    action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,7 +135,37 @@ impl Collector for DatapathCollector {
             }
         }
         let tenant_ids = tenants.labelled_ids().len() - 1;
+        let flows: Vec<(FlowLabels, u64)> = match self.maps.flows() {
+            Ok(f) => f
+                .into_iter()
+                .map(|(k, n)| {
+                    let labels = FlowLabels {
+                        src_tenant: tenants.label(k.src_tenant),
+                        dst_tenant: tenants.label(k.dst_tenant),
+                        action: if k.action == MODE_ENFORCE {
+                            "enforce"
+                        } else {
+                            "alert"
+                        },
+                    };
+                    (labels, n)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the flow map failed");
+                Vec::new()
+            }
+        };
         drop(tenants);
+        let mut flow_family = encoder.encode_descriptor(
+            "bulkhead_cross_tenant_flows",
+            "Cross-tenant flows: a socket of src_tenant (or an untagged socket of a must-tag cgroup, src_tenant=\"untagged\") sending to an endpoint dst_tenant owns; counted once per socket, destination and minute; action=enforce flows were dropped",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, n) in &flows {
+            ConstCounter::new(*n).encode(flow_family.encode_family(labels)?)?;
+        }
         let mut bytes = encoder.encode_descriptor(
             "bulkhead_network_bytes",
             "Bytes of the tenant's sockets seen by the cgroup hooks (from the IP header on); tenant=\"untagged\" for untagged sockets",
@@ -162,12 +225,13 @@ impl Collector for DatapathCollector {
         if let Ok(diag) = self.maps.diag() {
             let mut events = encoder.encode_descriptor(
                 "bulkhead_kernel_events",
-                "Events seen by the kernel programs: bad_tag (a tag with an out-of-range tenant id, counted as untagged), no_socket (packets without a socket, counted as untagged), tag_released (tags removed when their socket closed)",
+                "Events seen by the kernel programs: bad_tag (a tag with an out-of-range tenant id, counted as untagged), no_socket (packets without a socket, counted as untagged), tag_released (tags removed when their socket closed), flow_event_lost (cross-tenant flow events lost to a full ring buffer; the flows are still counted)",
                 None,
                 MetricType::Counter,
             )?;
             for (event, slot) in [
                 ("bad_tag", DIAG_BAD_TAG),
+                ("flow_event_lost", DIAG_FLOW_EVENTS_LOST),
                 ("no_socket", DIAG_NO_SOCKET),
                 ("tag_released", DIAG_RELEASED_TAGS),
             ] {

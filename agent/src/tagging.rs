@@ -39,7 +39,8 @@ pub enum TaggingError {
 pub struct TagService {
     pub maps: Arc<Maps>,
     pub tenants: Arc<RwLock<TenantRegistry>>,
-    pub allow: TaggingConfig,
+    /// The allow rule (replaced on reload).
+    pub allow: RwLock<TaggingConfig>,
     pub metrics: AgentMetrics,
 }
 
@@ -104,7 +105,7 @@ impl TagService {
                 "the caller's credentials could not be read".into(),
             ));
         };
-        if !self.allow.allows(creds.uid(), creds.gid()) {
+        if !self.allow.read().unwrap().allows(creds.uid(), creds.gid()) {
             return Err((
                 ErrorCode::NotAllowed,
                 format!(
