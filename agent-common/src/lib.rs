@@ -66,6 +66,8 @@ pub const MODE_ENFORCE: u32 = 2;
 pub const PROG_INGRESS: &str = "bulkhead_ingress";
 pub const PROG_EGRESS: &str = "bulkhead_egress";
 pub const PROG_SOCK_RELEASE: &str = "bulkhead_sock_release";
+pub const PROG_CONNECT4: &str = "bulkhead_connect4";
+pub const PROG_CONNECT6: &str = "bulkhead_connect6";
 
 pub const COOKIE_TAGS_MAX_ENTRIES: u32 = 65_536;
 /// Tenant ids are `0..MAX_TENANTS` (0 is "untagged"), so at most `MAX_TENANTS - 1` named tenants

@@ -10,6 +10,9 @@
 //!   tenant, or from an untagged socket of a cgroup that must tag (`BH_MUST_TAG`), are a
 //!   cross-tenant flow: counted in `BH_FLOWS`, reported through `BH_FLOW_EVENTS` once per flow
 //!   and interval, and dropped when the endpoint's mode is enforce.
+//! * `bulkhead_connect4` / `bulkhead_connect6` (`cgroup/connect4`, `cgroup/connect6`): the same
+//!   check at connect(), so that an enforced flow fails at once with EPERM instead of its SYNs
+//!   being dropped until the connect times out.
 //!
 //! Every map but the ring buffers is pinned by name, so counters and tags outlive the agent.
 #![no_std]
@@ -31,11 +34,12 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, BPF_NOEXIST},
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock, map},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SkBuffContext, SockContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::{debug, warn};
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -94,6 +98,70 @@ pub fn bulkhead_egress(ctx: SkBuffContext) -> i32 {
         count(&ctx, tenant_id, DIRECTION_EGRESS);
     }
     verdict
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn bulkhead_connect4(ctx: SockAddrContext) -> i32 {
+    connect_verdict(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn bulkhead_connect6(ctx: SockAddrContext) -> i32 {
+    connect_verdict(&ctx, AF_INET6)
+}
+
+/// 1 lets connect() go on, 0 makes it fail with EPERM (an enforced cross-tenant flow).
+#[inline(always)]
+fn connect_verdict(ctx: &SockAddrContext, family: u32) -> i32 {
+    if !endpoints_configured() {
+        return ALLOW;
+    }
+    // SAFETY: the context is the `struct bpf_sock_addr *` the kernel passed; reads only.
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut p = Packet {
+        family,
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        src_port: 0,
+        dst_port: u32::from(u16::from_be(sa.user_port as u16)),
+    };
+    if family == AF_INET {
+        // user_ip4 is in network order: its bytes in memory are the address.
+        p.dst_addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    } else {
+        for (i, word) in sa.user_ip6.iter().enumerate() {
+            p.dst_addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    let Some(owner) = endpoint_owner(&p) else {
+        return ALLOW;
+    };
+    // SAFETY: the context pointer is the one the kernel passed; the helper only reads it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let tenant_id = match BH_COOKIE_TAGS.get_ptr(cookie) {
+        // SAFETY: a non-null pointer into the map's value, valid for this program run.
+        Some(tag) => unsafe { (*tag).tenant_id },
+        None => UNTAGGED_TENANT_ID,
+    };
+    if owner.tenant_id == tenant_id {
+        return ALLOW;
+    }
+    // SAFETY: connect() runs in the calling task's context; these helpers read its cgroup.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if tenant_id == UNTAGGED_TENANT_ID
+        && !must_tag(cgroup_id, |level| unsafe {
+            // SAFETY: as above.
+            bpf_get_current_ancestor_cgroup_id(level)
+        })
+    {
+        return ALLOW;
+    }
+    // Alert-mode flows are reported by the egress program with their real source address.
+    if owner.mode != MODE_ENFORCE {
+        return ALLOW;
+    }
+    report(cookie, cgroup_id, tenant_id, &owner, &p);
+    DROP
 }
 
 #[cgroup_sock(sock_release)]
@@ -200,13 +268,45 @@ fn parse(ctx: &SkBuffContext) -> Option<Packet> {
 /// ALLOW, or DROP for a cross-tenant flow to an endpoint in enforce mode.
 #[inline(always)]
 fn check_cross_tenant(ctx: &SkBuffContext, cookie: u64, tenant_id: u32) -> i32 {
-    match BH_ENDPOINT_CNT.get(0) {
-        Some(n) if *n > 0 => {}
-        _ => return ALLOW,
+    if !endpoints_configured() {
+        return ALLOW;
     }
     let Some(p) = parse(ctx) else {
         return ALLOW;
     };
+    let Some(owner) = endpoint_owner(&p) else {
+        return ALLOW;
+    };
+    if owner.tenant_id == tenant_id {
+        return ALLOW;
+    }
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: `skb` is the context the kernel passed; these helpers only read it.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    if tenant_id == UNTAGGED_TENANT_ID
+        && !must_tag(cgroup_id, |level| unsafe {
+            // SAFETY: as above.
+            bpf_skb_ancestor_cgroup_id(skb, level)
+        })
+    {
+        return ALLOW;
+    }
+    report(cookie, cgroup_id, tenant_id, &owner, &p);
+    if owner.mode == MODE_ENFORCE {
+        DROP
+    } else {
+        ALLOW
+    }
+}
+
+#[inline(always)]
+fn endpoints_configured() -> bool {
+    matches!(BH_ENDPOINT_CNT.get(0), Some(n) if *n > 0)
+}
+
+/// The tenant owning the packet's destination: its address and port, else its address alone.
+#[inline(always)]
+fn endpoint_owner(p: &Packet) -> Option<EndpointValue> {
     let mut key = EndpointKey {
         family: p.family,
         port: p.dst_port,
@@ -216,40 +316,22 @@ fn check_cross_tenant(ctx: &SkBuffContext, cookie: u64, tenant_id: u32) -> i32 {
         Some(v) => v,
         None => {
             key.port = 0;
-            match BH_ENDPOINTS.get_ptr(key) {
-                Some(v) => v,
-                None => return ALLOW,
-            }
+            BH_ENDPOINTS.get_ptr(key)?
         }
     };
     // SAFETY: a non-null pointer into the map's value, valid for this program run.
-    let owner = unsafe { *owner };
-    if owner.tenant_id == tenant_id {
-        return ALLOW;
-    }
-    if tenant_id == UNTAGGED_TENANT_ID && !must_tag(ctx) {
-        return ALLOW;
-    }
-    report(ctx, cookie, tenant_id, &owner, &p);
-    if owner.mode == MODE_ENFORCE {
-        DROP
-    } else {
-        ALLOW
-    }
+    Some(unsafe { *owner })
 }
 
-/// Whether the packet's cgroup, or one above it, is marked as one whose sockets must be tagged.
+/// Whether cgroup `own`, or one above it (`ancestor(level)`, level 0 being the root), is
+/// marked as one whose sockets must be tagged.
 #[inline(always)]
-fn must_tag(ctx: &SkBuffContext) -> bool {
-    let skb = ctx.as_ptr().cast::<__sk_buff>();
-    // SAFETY: `skb` is the context the kernel passed; these helpers only read it.
-    let own = unsafe { bpf_skb_cgroup_id(skb) };
+fn must_tag(own: u64, ancestor: impl Fn(i32) -> u64) -> bool {
     if BH_MUST_TAG.get_ptr(own).is_some() {
         return true;
     }
     for level in 0..MUST_TAG_MAX_DEPTH {
-        // SAFETY: as above.
-        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
+        let id = ancestor(level);
         if id == 0 || id == own {
             return false;
         }
@@ -262,7 +344,7 @@ fn must_tag(ctx: &SkBuffContext) -> bool {
 
 /// Counts the flow and emits an event, once per socket, destination and report interval.
 #[inline(always)]
-fn report(ctx: &SkBuffContext, cookie: u64, tenant_id: u32, owner: &EndpointValue, p: &Packet) {
+fn report(cookie: u64, cgroup_id: u64, tenant_id: u32, owner: &EndpointValue, p: &Packet) {
     let seen = FlowSeenKey {
         cookie,
         family: p.family,
@@ -300,13 +382,11 @@ fn report(ctx: &SkBuffContext, cookie: u64, tenant_id: u32, owner: &EndpointValu
     if !add_flow(&key) && BH_FLOWS.insert(key, 1u64, u64::from(BPF_NOEXIST)).is_err() {
         add_flow(&key);
     }
-    let skb = ctx.as_ptr().cast::<__sk_buff>();
     match BH_FLOW_EVENTS.reserve::<FlowEvent>(0) {
         Some(mut entry) => {
             entry.write(FlowEvent {
                 cookie,
-                // SAFETY: `skb` is the context the kernel passed; the helper only reads it.
-                cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+                cgroup_id,
                 src_tenant: tenant_id,
                 dst_tenant: owner.tenant_id,
                 action: owner.mode,

@@ -9,13 +9,14 @@
 use agent_common::{
     DIAG_SLOTS, EndpointKey, EndpointValue, FlowKey, MAP_COOKIE_TAGS, MAP_DIAG, MAP_ENDPOINT_COUNT,
     MAP_ENDPOINTS, MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MUST_TAG, MAP_TENANT_IDS, MAP_TRAFFIC,
-    PROG_EGRESS, PROG_INGRESS, PROG_SOCK_RELEASE, SocketTag, TenantName, TrafficCounters,
-    traffic_index,
+    PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, PROG_SOCK_RELEASE, SocketTag,
+    TenantName, TrafficCounters, traffic_index,
 };
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, ProgramFd,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+    ProgramFd,
 };
 use aya::{Ebpf, EbpfLoader};
 use std::io;
@@ -311,6 +312,18 @@ impl Datapath {
         })?;
         replaced_links += usize::from(replaced);
         links.push(link);
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let fd = prog_fd(prog.fd(), name)?;
+            let (link, replaced) = attach_pinned(name, pin_dir, fd.as_fd(), || {
+                let id = prog.attach(&cgroup_file, CgroupAttachMode::Single)?;
+                FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string().into())
+            })?;
+            replaced_links += usize::from(replaced);
+            links.push(link);
+        }
         Ok(Self {
             _ebpf: ebpf,
             maps,

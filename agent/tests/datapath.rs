@@ -222,8 +222,8 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
 
     let agent = Agent::start(AGENT, &paths, &config);
     assert_eq!(
-        agent.ready_line["replaced_links"], 3,
-        "all three links taken over"
+        agent.ready_line["replaced_links"], 5,
+        "all five links taken over"
     );
     let m = agent.metrics();
     assert_payload_accounted(
@@ -255,7 +255,7 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
         .collect();
     assert_eq!(
         links.len(),
-        3,
+        5,
         "links stay pinned when detach_on_shutdown = false"
     );
     // `cleanup` reads the pin directory from the same config.
@@ -271,7 +271,7 @@ fn programs_left_attached_keep_counting_and_are_taken_over_without_double_counti
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5);
     // Detached: traffic no longer counts.
     transfer(&mut c, &mut s, 100_000);
     let agent = Agent::start(AGENT, &paths, &config);

@@ -117,6 +117,24 @@ impl Agent {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&cfg, config).unwrap();
+        Self::spawn(agent_bin, paths, &cfg, rust_log)
+    }
+
+    /// Starts the agent on a config file the test keeps (to change it and send SIGHUP).
+    pub fn start_file(agent_bin: &str, paths: &Paths, cfg: &std::path::Path) -> Agent {
+        Self::spawn(agent_bin, paths, cfg, "info")
+    }
+
+    /// SIGHUP: the agent re-reads its config file.
+    pub fn hup(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    }
+
+    fn spawn(agent_bin: &str, paths: &Paths, cfg: &std::path::Path, rust_log: &str) -> Agent {
         let mut child = Command::new(agent_bin)
             .args(["--log-format", "json", "--config"])
             .arg(&cfg)
@@ -402,4 +420,22 @@ pub fn assert_payload_accounted(what: &str, bytes: u64, packets: u64, payload: u
         bytes <= sent + packets * MAX_HEADER_BYTES,
         "{what}: {bytes} bytes counted for {sent} bytes sent (payload {payload}, retransmissions included) in {packets} packets: more than {MAX_HEADER_BYTES} bytes of headers per packet"
     );
+}
+
+/// A TCP socket tagged with `tenant` before it connects to `addr`, so that even its SYN is the
+/// tenant's. Returns the connect error as it is (e.g. EPERM when the agent drops the flow).
+pub fn connect_tagged(
+    client: &agent_common::client::AgentClient,
+    tenant: &str,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsFd;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    client.tag(s.as_fd(), tenant).expect("tag the socket");
+    s.connect(&addr.into())?;
+    Ok(s.into())
 }
