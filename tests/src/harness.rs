@@ -137,7 +137,7 @@ impl Agent {
     fn spawn(agent_bin: &str, paths: &Paths, cfg: &std::path::Path, rust_log: &str) -> Agent {
         let mut child = Command::new(agent_bin)
             .args(["--log-format", "json", "--config"])
-            .arg(&cfg)
+            .arg(cfg)
             .env("RUST_LOG", rust_log)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
