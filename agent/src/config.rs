@@ -30,6 +30,69 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     #[serde(default)]
     pub cross_tenant: CrossTenantConfig,
+    #[serde(default)]
+    pub gpu: GpuConfig,
+}
+
+/// GPU memory attribution: NVML polling, and which workloads (pods) belong to whom.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// `"nvml"`, `"off"`, or `"file:PATH"`: a JSON snapshot re-read at every poll (for tests
+    /// and replays; see `gpu::FileSource`).
+    #[serde(default = "default_gpu_source")]
+    pub source: String,
+    #[serde(default = "default_gpu_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// Where the host's /proc is visible (NVML reports host PIDs): `/proc` with hostPID, else
+    /// the mount point of the host's /proc.
+    #[serde(default = "default_proc_root")]
+    pub proc_root: PathBuf,
+    /// A shared server's KV report older than this is ignored (its memory counts as shared).
+    #[serde(default = "default_kv_max_age")]
+    pub kv_report_max_age_seconds: u64,
+    #[serde(default)]
+    pub workloads: Vec<GpuWorkload>,
+}
+
+/// A workload using GPUs: matched by pod UID or by a substring of the process's cgroup path,
+/// and either dedicated to one tenant or a shared inference server split by its KV reports.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuWorkload {
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    #[serde(default)]
+    pub cgroup_contains: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub shared: bool,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            source: default_gpu_source(),
+            poll_interval_ms: default_gpu_poll_ms(),
+            proc_root: default_proc_root(),
+            kv_report_max_age_seconds: default_kv_max_age(),
+            workloads: Vec::new(),
+        }
+    }
+}
+
+fn default_gpu_source() -> String {
+    "nvml".into()
+}
+fn default_gpu_poll_ms() -> u64 {
+    5_000
+}
+fn default_proc_root() -> PathBuf {
+    PathBuf::from("/proc")
+}
+fn default_kv_max_age() -> u64 {
+    30
 }
 
 /// Cross-tenant flow detection: endpoints tenants own, and cgroups whose sockets must be tagged.
@@ -297,6 +360,52 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let gpu = &self.gpu;
+        if gpu.source != "nvml" && gpu.source != "off" && !gpu.source.starts_with("file:") {
+            return Err(invalid(
+                "gpu.source",
+                format!("{:?}: use \"nvml\", \"off\" or \"file:PATH\"", gpu.source),
+            ));
+        }
+        let min_poll = if gpu.source == "nvml" { 1_000 } else { 10 };
+        if gpu.poll_interval_ms < min_poll {
+            return Err(invalid(
+                "gpu.poll_interval_ms",
+                format!(
+                    "{} ms is too often; at least {min_poll} ms (NVML calls take tens to hundreds of ms)",
+                    gpu.poll_interval_ms
+                ),
+            ));
+        }
+        for (i, w) in gpu.workloads.iter().enumerate() {
+            let field = format!("gpu.workloads[{i}]");
+            match (&w.pod_uid, &w.cgroup_contains) {
+                (Some(s), None) | (None, Some(s)) if !s.is_empty() => {}
+                _ => {
+                    return Err(invalid(
+                        &field,
+                        "give exactly one of pod_uid and cgroup_contains, not empty".into(),
+                    ));
+                }
+            }
+            match (&w.tenant, w.shared) {
+                (Some(t), false) => {
+                    if !seen.contains(t.as_str()) {
+                        return Err(invalid(
+                            &format!("{field}.tenant"),
+                            format!("tenant {t:?} is not in `tenants`"),
+                        ));
+                    }
+                }
+                (None, true) => {}
+                _ => {
+                    return Err(invalid(
+                        &field,
+                        "give either tenant (a pod dedicated to one tenant) or shared = true (a shared inference server), not both".into(),
+                    ));
+                }
+            }
+        }
         if self.tenants.len() >= agent_common::MAX_TENANTS as usize {
             return Err(invalid(
                 "tenants",
@@ -402,6 +511,35 @@ mod tests {
         assert!(err(&twice).contains("`cross_tenant.endpoints[1]`"));
         assert!(err(&format!("{base}[[cross_tenant.endpoints]]\ntenant = \"a\"\naddress = \"10.0.0.1\"\nmode = \"block\"\n"))
             .contains("mode"));
+    }
+
+    #[test]
+    fn gpu_workloads_are_checked() {
+        let base = "[[tenants]]\nname = \"a\"\n";
+        let c = Config::parse(
+            &format!("{base}[gpu]\nsource = \"off\"\n[[gpu.workloads]]\npod_uid = \"u1\"\ntenant = \"a\"\n[[gpu.workloads]]\ncgroup_contains = \"vllm\"\nshared = true\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.gpu.workloads.len(), 2);
+        assert!(
+            err(&format!(
+                "{base}[[gpu.workloads]]\npod_uid = \"u\"\ntenant = \"b\"\n"
+            ))
+            .contains("`gpu.workloads[0].tenant`: tenant \"b\" is not in `tenants`")
+        );
+        assert!(
+            err(&format!(
+                "{base}[[gpu.workloads]]\npod_uid = \"u\"\ntenant = \"a\"\nshared = true\n"
+            ))
+            .contains("`gpu.workloads[0]`: give either tenant")
+        );
+        assert!(
+            err(&format!("{base}[[gpu.workloads]]\ntenant = \"a\"\n"))
+                .contains("exactly one of pod_uid and cgroup_contains")
+        );
+        assert!(err("[gpu]\nsource = \"cuda\"").contains("`gpu.source`"));
+        assert!(err("[gpu]\npoll_interval_ms = 100").contains("`gpu.poll_interval_ms`"));
     }
 
     #[test]

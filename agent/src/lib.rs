@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod cross_tenant;
 pub mod datapath;
+pub mod gpu;
 pub mod metrics;
 pub mod sys;
 pub mod tagging;

@@ -1,0 +1,608 @@
+//! GPU memory attributed to tenants.
+//!
+//! NVML reports memory per device and per process (host PIDs), not per tenant. Each process is
+//! mapped to a workload through `/proc/<pid>/cgroup` (its pod): a pod dedicated to one tenant is
+//! that tenant's; a shared inference server's memory is split by the KV-cache bytes its sidecar
+//! reports per tenant, the rest labelled `shared`; anything else is `unattributed`.
+//!
+//! The GPU is behind [`GpuSource`] so tests script it ([`FileSource`]); [`NvmlSource`] keeps one
+//! NVML handle for the life of the process.
+
+use crate::config::{GpuConfig, GpuWorkload};
+use crate::tenants::TenantRegistry;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+pub const SHARED: &str = "shared";
+pub const UNATTRIBUTED: &str = "unattributed";
+
+/// One process on one GPU, as the source reports it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// `None` when the driver does not know (NVML's "not available").
+    pub used_bytes: Option<u64>,
+}
+
+/// One GPU, as the source reports it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct GpuSnapshot {
+    pub index: u32,
+    pub uuid: String,
+    pub used_bytes: u64,
+    pub total_bytes: u64,
+    #[serde(default)]
+    pub processes: Vec<GpuProcess>,
+}
+
+pub trait GpuSource: Send {
+    fn snapshot(&mut self) -> Result<Vec<GpuSnapshot>, String>;
+}
+
+/// NVML, one handle for the process's life (NVML calls are slow; init is slower).
+pub struct NvmlSource {
+    nvml: nvml_wrapper::Nvml,
+}
+
+impl NvmlSource {
+    pub fn init() -> Result<Self, String> {
+        nvml_wrapper::Nvml::init()
+            .map(|nvml| Self { nvml })
+            .map_err(|e| format!("NVML could not be initialised: {e}"))
+    }
+}
+
+impl GpuSource for NvmlSource {
+    fn snapshot(&mut self) -> Result<Vec<GpuSnapshot>, String> {
+        let count = self.nvml.device_count().map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for index in 0..count {
+            let dev = self
+                .nvml
+                .device_by_index(index)
+                .map_err(|e| format!("GPU {index}: {e}"))?;
+            let mem = dev.memory_info().map_err(|e| format!("GPU {index}: {e}"))?;
+            let processes = dev
+                .running_compute_processes()
+                .map_err(|e| format!("GPU {index}: {e}"))?
+                .into_iter()
+                .map(|p| GpuProcess {
+                    pid: p.pid,
+                    used_bytes: match p.used_gpu_memory {
+                        nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
+                        nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+                    },
+                })
+                .collect();
+            out.push(GpuSnapshot {
+                index,
+                uuid: dev.uuid().unwrap_or_default(),
+                used_bytes: mem.used,
+                total_bytes: mem.total,
+                processes,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A JSON file re-read at every poll: `{"gpus": [GpuSnapshot...]}` or `{"error": "..."}`.
+/// Tests (and replays of a node's state) inject GPUs with it.
+pub struct FileSource {
+    pub path: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileSnapshot {
+    Gpus { gpus: Vec<GpuSnapshot> },
+    Error { error: String },
+}
+
+impl GpuSource for FileSource {
+    fn snapshot(&mut self) -> Result<Vec<GpuSnapshot>, String> {
+        let text = std::fs::read_to_string(&self.path)
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        match serde_json::from_str(&text).map_err(|e| format!("{}: {e}", self.path.display()))? {
+            FileSnapshot::Gpus { gpus } => Ok(gpus),
+            FileSnapshot::Error { error } => Err(error),
+        }
+    }
+}
+
+/// How a workload's GPU memory is attributed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    Dedicated(String),
+    /// A shared inference server, by its index in `gpu.workloads`.
+    Shared(usize),
+}
+
+/// Maps a process to its workload through its cgroup path.
+#[derive(Clone, Debug)]
+pub struct Matcher {
+    workloads: Vec<GpuWorkload>,
+    proc_root: PathBuf,
+}
+
+impl Matcher {
+    pub fn new(config: &GpuConfig) -> Self {
+        Self {
+            workloads: config.workloads.clone(),
+            proc_root: config.proc_root.clone(),
+        }
+    }
+
+    /// The cgroup path of `pid` (the cgroup-v2 line of /proc/<pid>/cgroup, else the whole file).
+    pub fn cgroup_of(&self, pid: u32) -> Option<String> {
+        let text =
+            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+        Some(
+            text.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(str::to_string)
+                .unwrap_or(text),
+        )
+    }
+
+    /// The workload a cgroup path belongs to. Pod UIDs match both cgroup drivers' spellings
+    /// (`pod1a2b-...` with cgroupfs, `pod1a2b_...` with systemd).
+    pub fn classify_cgroup(&self, cgroup: &str) -> Option<Role> {
+        let normalized = cgroup.replace('_', "-");
+        self.workloads.iter().enumerate().find_map(|(i, w)| {
+            let hit = match (&w.pod_uid, &w.cgroup_contains) {
+                (Some(uid), _) => normalized.contains(&format!("pod{}", uid.replace('_', "-"))),
+                (None, Some(s)) => cgroup.contains(s.as_str()),
+                (None, None) => false,
+            };
+            hit.then(|| match &w.tenant {
+                Some(t) => Role::Dedicated(t.clone()),
+                None => Role::Shared(i),
+            })
+        })
+    }
+
+    pub fn classify_pid(&self, pid: u32) -> Option<Role> {
+        self.classify_cgroup(&self.cgroup_of(pid)?)
+    }
+}
+
+/// Per-tenant KV-cache bytes reported by each shared server's sidecar.
+#[derive(Debug, Default)]
+pub struct KvReports {
+    by_workload: HashMap<usize, (Instant, BTreeMap<String, u64>)>,
+}
+
+impl KvReports {
+    pub fn record(&mut self, workload: usize, bytes: BTreeMap<String, u64>) {
+        self.by_workload.insert(workload, (Instant::now(), bytes));
+    }
+
+    /// Reports younger than `max_age`.
+    pub fn fresh(&self, max_age: Duration) -> HashMap<usize, BTreeMap<String, u64>> {
+        self.by_workload
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() <= max_age)
+            .map(|(w, (_, b))| (*w, b.clone()))
+            .collect()
+    }
+}
+
+/// One GPU's memory, attributed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GpuUsage {
+    pub gpu: String,
+    pub uuid: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    /// tenant (or "shared", "unattributed") -> bytes; sums to `used_bytes`.
+    pub memory: BTreeMap<String, u64>,
+    /// tenant -> KV-cache bytes on this GPU (part of `memory`).
+    pub kv_cache: BTreeMap<String, u64>,
+}
+
+/// What the collector exports.
+#[derive(Clone, Debug, Default)]
+pub struct GpuReport {
+    pub nvml_up: bool,
+    pub gpus: Vec<GpuUsage>,
+    /// Process entries dropped as garbled since start.
+    pub garbled_total: u64,
+}
+
+/// Drops process entries that cannot be right (NVML has returned garbage with several
+/// processes on one GPU): PID 0, more memory than the GPU has, a PID listed twice.
+/// Returns the number dropped.
+pub fn sanitize(gpu: &mut GpuSnapshot) -> u64 {
+    let before = gpu.processes.len();
+    let mut seen = HashSet::new();
+    let total = gpu.total_bytes;
+    gpu.processes
+        .retain(|p| p.pid != 0 && p.used_bytes.is_none_or(|b| b <= total) && seen.insert(p.pid));
+    (before - gpu.processes.len()) as u64
+}
+
+/// The arithmetic: each GPU's used memory split into tenants, "shared" and "unattributed".
+///
+/// * a process of a dedicated workload: all its memory is the tenant's;
+/// * a process of a shared server: each tenant gets its reported KV bytes (divided evenly over
+///   the GPUs the server uses: tensor-parallel shards hold equal parts of each sequence's KV),
+///   capped so the tenants never get more than the process holds; the rest is "shared";
+/// * a process of no known workload, and device memory no process accounts for (the driver,
+///   processes NVML cannot size): "unattributed".
+pub fn attribute(
+    gpus: &[GpuSnapshot],
+    classify: &dyn Fn(u32) -> Option<Role>,
+    kv: &HashMap<usize, BTreeMap<String, u64>>,
+) -> Vec<GpuUsage> {
+    let roles: HashMap<u32, Option<Role>> = gpus
+        .iter()
+        .flat_map(|g| g.processes.iter().map(|p| p.pid))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .map(|pid| (pid, classify(pid)))
+        .collect();
+    // How many GPUs each shared workload is on.
+    let mut spread: HashMap<usize, u64> = HashMap::new();
+    for g in gpus {
+        let on: HashSet<usize> = g
+            .processes
+            .iter()
+            .filter_map(|p| match roles.get(&p.pid) {
+                Some(Some(Role::Shared(w))) => Some(*w),
+                _ => None,
+            })
+            .collect();
+        for w in on {
+            *spread.entry(w).or_default() += 1;
+        }
+    }
+    gpus.iter()
+        .map(|g| {
+            let mut usage = GpuUsage {
+                gpu: g.index.to_string(),
+                uuid: g.uuid.clone(),
+                total_bytes: g.total_bytes,
+                used_bytes: g.used_bytes,
+                ..Default::default()
+            };
+            let mut add = |m: &mut BTreeMap<String, u64>, k: &str, v: u64| {
+                if v > 0 {
+                    *m.entry(k.to_string()).or_default() += v;
+                }
+            };
+            let mut accounted = 0u64;
+            for p in &g.processes {
+                let Some(bytes) = p.used_bytes else { continue };
+                accounted += bytes;
+                match roles.get(&p.pid).cloned().flatten() {
+                    Some(Role::Dedicated(t)) => add(&mut usage.memory, &t, bytes),
+                    Some(Role::Shared(w)) => {
+                        let mut left = bytes;
+                        let n = spread.get(&w).copied().unwrap_or(1).max(1);
+                        for (tenant, total) in kv.get(&w).into_iter().flatten() {
+                            let share = (total / n).min(left);
+                            left -= share;
+                            add(&mut usage.memory, tenant, share);
+                            add(&mut usage.kv_cache, tenant, share);
+                        }
+                        add(&mut usage.memory, SHARED, left);
+                    }
+                    None => add(&mut usage.memory, UNATTRIBUTED, bytes),
+                }
+            }
+            add(
+                &mut usage.memory,
+                UNATTRIBUTED,
+                g.used_bytes.saturating_sub(accounted),
+            );
+            usage
+        })
+        .collect()
+}
+
+/// The polling thread's shared state.
+pub struct GpuState {
+    pub report: RwLock<GpuReport>,
+    pub kv: Mutex<KvReports>,
+    pub matcher: RwLock<Matcher>,
+    pub kv_max_age: Duration,
+}
+
+impl GpuState {
+    pub fn new(config: &GpuConfig) -> Self {
+        Self {
+            report: RwLock::new(GpuReport::default()),
+            kv: Mutex::new(KvReports::default()),
+            matcher: RwLock::new(Matcher::new(config)),
+            kv_max_age: Duration::from_secs(config.kv_report_max_age_seconds),
+        }
+    }
+}
+
+fn open(source: &str) -> Result<Box<dyn GpuSource>, String> {
+    match source.strip_prefix("file:") {
+        Some(path) => Ok(Box::new(FileSource {
+            path: PathBuf::from(path),
+        })),
+        None => NvmlSource::init().map(|s| Box::new(s) as Box<dyn GpuSource>),
+    }
+}
+
+/// Polls the source every `interval` on its own thread (NVML calls block) until `stop`
+/// has a message or is dropped. Without NVML the agent runs on: one log line, nvml_up 0, and
+/// a quiet retry each interval.
+pub fn spawn_poller(
+    source: String,
+    interval: Duration,
+    state: Arc<GpuState>,
+    tenants: Arc<RwLock<TenantRegistry>>,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("gpu-poller".into())
+        .spawn(move || {
+            let mut src: Option<Box<dyn GpuSource>> = None;
+            let mut last_error: Option<String> = None;
+            let mut garbled_total = 0u64;
+            loop {
+                if src.is_none() {
+                    match open(&source) {
+                        Ok(s) => src = Some(s),
+                        Err(e) => note_error(&mut last_error, e),
+                    }
+                }
+                let result = match src.as_mut() {
+                    Some(s) => s.snapshot(),
+                    None => Err(last_error.clone().unwrap_or_default()),
+                };
+                let report = match result {
+                    Ok(mut gpus) => {
+                        if last_error.take().is_some() {
+                            tracing::info!(source = %source, gpus = gpus.len(), "GPU source is up; attributing GPU memory");
+                        }
+                        for g in &mut gpus {
+                            let dropped = sanitize(g);
+                            if dropped > 0 {
+                                tracing::warn!(gpu = g.index, dropped, "dropped garbled GPU process entries");
+                            }
+                            garbled_total += dropped;
+                        }
+                        let matcher = state.matcher.read().unwrap().clone();
+                        let kv = state.kv.lock().unwrap().fresh(state.kv_max_age);
+                        let _ = &tenants; // tenants label the KV reports at the agent's socket
+                        GpuReport {
+                            nvml_up: true,
+                            gpus: attribute(&gpus, &|pid| matcher.classify_pid(pid), &kv),
+                            garbled_total,
+                        }
+                    }
+                    Err(e) => {
+                        note_error(&mut last_error, e);
+                        GpuReport {
+                            nvml_up: false,
+                            gpus: Vec::new(),
+                            garbled_total,
+                        }
+                    }
+                };
+                *state.report.write().unwrap() = report;
+                match stop.recv_timeout(interval) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            }
+        })
+        .expect("spawn the GPU poller")
+}
+
+/// Logs a GPU source error once, not at every poll.
+fn note_error(last: &mut Option<String>, e: String) {
+    if last.as_deref() != Some(e.as_str()) {
+        tracing::warn!(error = %e, "GPU memory attribution unavailable; the agent runs on and bulkhead_nvml_up is 0");
+        *last = Some(e);
+    }
+}
+
+/// The proc root a workload's sidecar is checked against (for KV reports).
+pub fn proc_root(config: &GpuConfig) -> &Path {
+    &config.proc_root
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn gpu(index: u32, used: u64, procs: &[(u32, Option<u64>)]) -> GpuSnapshot {
+        GpuSnapshot {
+            index,
+            uuid: format!("GPU-{index}"),
+            used_bytes: used,
+            total_bytes: 80 * GIB,
+            processes: procs
+                .iter()
+                .map(|&(pid, used_bytes)| GpuProcess { pid, used_bytes })
+                .collect(),
+        }
+    }
+
+    fn roles(pid: u32) -> Option<Role> {
+        match pid {
+            100 => Some(Role::Dedicated("acme".into())),
+            200 => Some(Role::Shared(0)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn dedicated_shared_and_unknown_processes() {
+        let gpus = [gpu(
+            0,
+            61 * GIB,
+            &[
+                (100, Some(10 * GIB)),
+                (200, Some(40 * GIB)),
+                (300, Some(10 * GIB)),
+            ],
+        )];
+        let kv = HashMap::from([(
+            0,
+            BTreeMap::from([
+                ("acme".to_string(), 6 * GIB),
+                ("globex".to_string(), 2 * GIB),
+            ]),
+        )]);
+        let u = &attribute(&gpus, &roles, &kv)[0];
+        assert_eq!(
+            u.memory["acme"],
+            10 * GIB + 6 * GIB,
+            "dedicated pod plus its KV share"
+        );
+        assert_eq!(u.memory["globex"], 2 * GIB);
+        assert_eq!(
+            u.memory[SHARED],
+            32 * GIB,
+            "weights and free KV pool of the server"
+        );
+        assert_eq!(
+            u.memory[UNATTRIBUTED],
+            10 * GIB + GIB,
+            "unknown pid plus driver memory"
+        );
+        assert_eq!(u.memory.values().sum::<u64>(), u.used_bytes);
+        assert_eq!(
+            u.kv_cache,
+            BTreeMap::from([
+                ("acme".to_string(), 6 * GIB),
+                ("globex".to_string(), 2 * GIB)
+            ])
+        );
+    }
+
+    #[test]
+    fn a_server_on_two_gpus_holds_half_of_each_tenants_kv_on_each() {
+        let gpus = [
+            gpu(0, 40 * GIB, &[(200, Some(40 * GIB))]),
+            gpu(1, 40 * GIB, &[(200, Some(40 * GIB))]),
+        ];
+        let kv = HashMap::from([(0, BTreeMap::from([("acme".to_string(), 10 * GIB)]))]);
+        for u in attribute(&gpus, &roles, &kv) {
+            assert_eq!(u.kv_cache["acme"], 5 * GIB);
+            assert_eq!(u.memory[SHARED], 35 * GIB);
+        }
+    }
+
+    #[test]
+    fn kv_reports_never_claim_more_than_the_process_holds() {
+        let gpus = [gpu(0, 4 * GIB, &[(200, Some(4 * GIB))])];
+        let kv = HashMap::from([(
+            0,
+            BTreeMap::from([
+                ("acme".to_string(), 3 * GIB),
+                ("globex".to_string(), 3 * GIB),
+            ]),
+        )]);
+        let u = &attribute(&gpus, &roles, &kv)[0];
+        assert_eq!(u.memory["acme"], 3 * GIB);
+        assert_eq!(u.memory["globex"], GIB);
+        assert!(!u.memory.contains_key(SHARED));
+        assert_eq!(u.memory.values().sum::<u64>(), 4 * GIB);
+    }
+
+    #[test]
+    fn without_a_report_the_server_is_shared_and_unsized_processes_are_unattributed() {
+        let gpus = [gpu(0, 30 * GIB, &[(200, Some(20 * GIB)), (100, None)])];
+        let u = &attribute(&gpus, &roles, &HashMap::new())[0];
+        assert_eq!(u.memory[SHARED], 20 * GIB);
+        assert_eq!(u.memory[UNATTRIBUTED], 10 * GIB);
+        assert!(
+            !u.memory.contains_key("acme"),
+            "NVML could not size acme's process"
+        );
+    }
+
+    #[test]
+    fn garbled_entries_are_dropped() {
+        let mut g = gpu(
+            0,
+            10 * GIB,
+            &[
+                (0, Some(GIB)),
+                (100, Some(GIB)),
+                (100, Some(GIB)),
+                (7, Some(u64::MAX)),
+            ],
+        );
+        assert_eq!(sanitize(&mut g), 3);
+        assert_eq!(
+            g.processes,
+            vec![GpuProcess {
+                pid: 100,
+                used_bytes: Some(GIB)
+            }]
+        );
+    }
+
+    #[test]
+    fn pods_match_either_cgroup_driver_spelling() {
+        let config = GpuConfig {
+            workloads: vec![
+                GpuWorkload {
+                    pod_uid: Some("1a2b-3c4d".into()),
+                    cgroup_contains: None,
+                    tenant: Some("acme".into()),
+                    shared: false,
+                },
+                GpuWorkload {
+                    pod_uid: None,
+                    cgroup_contains: Some("vllm".into()),
+                    tenant: None,
+                    shared: true,
+                },
+            ],
+            ..GpuConfig::default()
+        };
+        let m = Matcher::new(&config);
+        let systemd = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1a2b_3c4d.slice/cri-containerd-ab.scope";
+        let cgroupfs = "/kubepods/burstable/pod1a2b-3c4d/ab";
+        assert_eq!(
+            m.classify_cgroup(systemd),
+            Some(Role::Dedicated("acme".into()))
+        );
+        assert_eq!(
+            m.classify_cgroup(cgroupfs),
+            Some(Role::Dedicated("acme".into()))
+        );
+        assert_eq!(
+            m.classify_cgroup("/system.slice/vllm.service"),
+            Some(Role::Shared(1))
+        );
+        assert_eq!(m.classify_cgroup("/user.slice"), None);
+    }
+
+    #[test]
+    fn pids_are_read_from_the_proc_root() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-proc-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("42")).unwrap();
+        std::fs::write(dir.join("42/cgroup"), "0::/kubepods/pod1a2b-3c4d/x\n").unwrap();
+        let config = GpuConfig {
+            proc_root: dir.clone(),
+            workloads: vec![GpuWorkload {
+                pod_uid: Some("1a2b-3c4d".into()),
+                cgroup_contains: None,
+                tenant: Some("acme".into()),
+                shared: false,
+            }],
+            ..GpuConfig::default()
+        };
+        let m = Matcher::new(&config);
+        assert_eq!(m.classify_pid(42), Some(Role::Dedicated("acme".into())));
+        assert_eq!(m.classify_pid(43), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
