@@ -5,6 +5,8 @@
     check.py check               kustomizations, CRD shapes, rules vs PrometheusRule, alerts vs
                                  RUNBOOK.md and tests.yaml, dashboard queries vs the metrics
     check.py gen-prometheusrule  rewrite prometheus/prometheusrule.yaml from prometheus/rules.yaml
+    check.py dashboard-rules OUT write the dashboard's queries, Grafana variables substituted, as
+                                 recording rules to OUT, so `promtool check rules OUT` parses them
 
 Needs PyYAML and jsonschema (both come with kubernetes-validate). Prints one line per problem
 and exits 1 when there is any.
@@ -494,6 +496,21 @@ def check_dashboard():
     return n
 
 
+def dashboard_rules(out):
+    with open(os.path.join(DEPLOY, "grafana", "bulkhead.json"), encoding="utf-8") as f:
+        dash = json.load(f)
+    rules = []
+    for p in walk_panels(dash.get("panels", [])):
+        for t in p.get("targets", []):
+            expr = t.get("expr", "")
+            for var, value in (("$__rate_interval", "1m"), ("$__interval", "1m"), ("$tenant", ".*")):
+                expr = expr.replace(var, value)
+            rules.append({"record": f"dashboard:panel_{p['id']}_{t['refId']}:query", "expr": expr})
+    with open(out, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, f, sort_keys=False)
+    print(f"wrote {len(rules)} dashboard queries to {out}")
+
+
 # ------------------------------------------------------------------------------------- main
 
 
@@ -502,6 +519,8 @@ def main(argv):
     if cmd == "manifests":
         for kind, p in manifests():
             print(kind, p)
+    elif cmd == "dashboard-rules" and len(argv) == 3:
+        dashboard_rules(argv[2])
     elif cmd == "gen-prometheusrule":
         gen_prometheusrule()
     elif cmd == "check":
