@@ -75,11 +75,13 @@ PROMETHEUSRULE_HEADER = """\
 """
 
 problems = []
+quiet = False  # `manifests` lists what it can; `check` reports the problems
 
 
 def problem(msg):
     problems.append(msg)
-    print(f"deploy/check.py: {msg}", file=sys.stderr)
+    if not quiet:
+        print(f"deploy/check.py: {msg}", file=sys.stderr)
 
 
 def rel(path):
@@ -516,9 +518,12 @@ def dashboard_rules(out):
 
 def main(argv):
     cmd = argv[1] if len(argv) > 1 else "check"
+    global quiet
     if cmd == "manifests":
+        quiet = True
         for kind, p in manifests():
             print(kind, p)
+        return 0
     elif cmd == "dashboard-rules" and len(argv) == 3:
         dashboard_rules(argv[2])
     elif cmd == "gen-prometheusrule":
