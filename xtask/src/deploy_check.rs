@@ -224,7 +224,10 @@ fn ensure_venv(venv: &Path) -> Result<PathBuf> {
         return Ok(venv.to_path_buf());
     }
     if !venv.join("bin/python").is_file() {
-        let create = |v: &Path| works(Command::new("python3").args(["-m", "venv"]).arg(v));
+        let create = |v: &Path| {
+            eprintln!("+ python3 -m venv {}", v.display());
+            works(Command::new("python3").args(["-m", "venv"]).arg(v))
+        };
         if !create(venv) {
             // Debian splits venv (and ensurepip) out of python3.
             let _ = std::fs::remove_dir_all(venv);
