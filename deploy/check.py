@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""Checks of deploy/ that need a YAML or JSON parser (run by `xtask deploy-check`).
+
+    check.py manifests           list the Kubernetes manifests: "core PATH" or "crd PATH" lines
+    check.py check               kustomizations, CRD shapes, rules vs PrometheusRule, alerts vs
+                                 RUNBOOK.md and tests.yaml, dashboard queries vs the metrics
+    check.py gen-prometheusrule  rewrite prometheus/prometheusrule.yaml from prometheus/rules.yaml
+    check.py dashboard-rules OUT write the dashboard's queries, Grafana variables substituted, as
+                                 recording rules to OUT, so `promtool check rules OUT` parses them
+
+Needs PyYAML and jsonschema (both come with kubernetes-validate). Prints one line per problem
+and exits 1 when there is any.
+"""
+
+import json
+import os
+import re
+import sys
+
+import jsonschema
+import yaml
+
+DEPLOY = os.path.dirname(os.path.abspath(__file__))
+
+# Every metric Bulkhead exports or plans to export (counters as they appear on the wire).
+INVENTORY = {
+    # agent
+    "bulkhead_network_bytes_total",
+    "bulkhead_network_packets_total",
+    "bulkhead_agent_up",
+    "bulkhead_map_entries",
+    "bulkhead_map_capacity",
+    "bulkhead_map_fill_ratio",
+    "bulkhead_kernel_events_total",
+    "bulkhead_tag_requests_total",
+    "bulkhead_gpu_memory_bytes",
+    "bulkhead_kv_cache_bytes",
+    "bulkhead_gpu_memory_total_bytes",
+    "bulkhead_nvml_up",
+    "bulkhead_cross_tenant_flows_total",
+    # sidecar
+    "bulkhead_requests_total",
+    "bulkhead_tokens_total",
+    "bulkhead_rate_limited_total",
+    "bulkhead_inflight_requests",
+    "bulkhead_auth_failures_total",
+    "bulkhead_cache_flushes_total",
+    "bulkhead_cache_salt_overrides_total",
+    "bulkhead_kv_cache_tokens",
+}
+HISTOGRAMS = {
+    "bulkhead_request_duration_seconds",
+    "bulkhead_time_to_first_token_seconds",
+    "bulkhead_queue_wait_seconds",
+    "bulkhead_cache_flush_duration_seconds",
+}
+SERIES_NAMES = INVENTORY | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+
+# The panels the dashboard must have (matched against panel titles, case-insensitive).
+REQUIRED_PANELS = [
+    "requests",
+    "tokens",
+    "throttl",
+    "latency p50",
+    "latency p99",
+    "network bytes",
+    "gpu memory",
+    "kv cache",
+    "cross-tenant flows",
+]
+
+PROMETHEUSRULE_HEADER = """\
+# GENERATED from rules.yaml by `python3 deploy/check.py gen-prometheusrule`; do not edit.
+# The deploy check fails when this file and rules.yaml differ.
+"""
+
+problems = []
+quiet = False  # `manifests` lists what it can; `check` reports the problems
+
+
+def problem(msg):
+    problems.append(msg)
+    if not quiet:
+        print(f"deploy/check.py: {msg}", file=sys.stderr)
+
+
+def rel(path):
+    return os.path.relpath(path, DEPLOY)
+
+
+def load_all(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def load_one(path):
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+# ---------------------------------------------------------------------------- kustomizations
+
+
+def kustomization_dirs():
+    out = []
+    for d, dirs, files in os.walk(DEPLOY):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        if "kustomization.yaml" in files:
+            out.append(d)
+    return sorted(out)
+
+
+def check_kustomizations():
+    """Every resource named exists: a file, or a directory with its own kustomization.yaml,
+    inside the kustomization root (kustomize's default load restriction); every YAML manifest
+    under deploy/ is reached from deploy/kustomization.yaml or another kustomization."""
+    files = []
+    for d in kustomization_dirs():
+        k = load_one(os.path.join(d, "kustomization.yaml"))
+        if k.get("kind") != "Kustomization":
+            problem(f"{rel(d)}/kustomization.yaml: kind is not Kustomization")
+        for r in k.get("resources", []):
+            p = os.path.normpath(os.path.join(d, r))
+            if os.path.isdir(p):
+                if not os.path.isfile(os.path.join(p, "kustomization.yaml")):
+                    problem(f"{rel(d)}/kustomization.yaml: resource {r} is a directory without kustomization.yaml")
+            elif os.path.isfile(p):
+                if not p.startswith(d + os.sep):
+                    problem(f"{rel(d)}/kustomization.yaml: file {r} is outside the kustomization root")
+                files.append(p)
+            else:
+                problem(f"{rel(d)}/kustomization.yaml: resource {r} does not exist")
+    not_resources = {"kustomization.yaml", "rules.yaml", "tests.yaml"}
+    for d, dirs, names in os.walk(DEPLOY):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        for n in names:
+            p = os.path.join(d, n)
+            if n.endswith((".yaml", ".yml")) and n not in not_resources and p not in files:
+                problem(f"{rel(p)}: not listed in any kustomization.yaml")
+    return sorted(set(files))
+
+
+def manifests():
+    """(kind, path) for every manifest listed in a kustomization: "core" when its apiVersion
+    is a built-in Kubernetes group, "crd" for monitoring.coreos.com."""
+    out = []
+    for p in check_kustomizations():
+        docs = load_all(p)
+        if not docs:
+            problem(f"{rel(p)}: no documents")
+        groups = {d.get("apiVersion", "").split("/")[0] for d in docs}
+        if groups == {"monitoring.coreos.com"}:
+            out.append(("crd", p))
+        elif "monitoring.coreos.com" in groups:
+            problem(f"{rel(p)}: mixes Prometheus Operator resources with built-in ones")
+        else:
+            out.append(("core", p))
+    return out
+
+
+# -------------------------------------------------------------------------------- CRD shapes
+
+_selector = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {"type": "array"},
+    },
+}
+_relabel = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep",
+                            "hashmod", "lowercase", "uppercase", "keepequal", "dropequal",
+                            "Replace", "Keep", "Drop", "LabelMap", "LabelDrop", "LabelKeep"]},
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "separator": {"type": "string"},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "modulus": {"type": "integer"},
+        "replacement": {"type": "string"},
+    },
+}
+_duration = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                          r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_metadata = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "additionalProperties": False,
+}
+# The subset of the monitoring.coreos.com/v1 CRD schemas these files use; unknown fields are
+# rejected, as the API server's structural-schema pruning would silently drop them.
+CRD_SCHEMAS = {
+    "PodMonitor": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PodMonitor"},
+            "metadata": _metadata,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "podMetricsEndpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "jobLabel": {"type": "string"},
+                    "namespaceSelector": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "any": {"type": "boolean"},
+                            "matchNames": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    "selector": _selector,
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["port"],
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string", "pattern": "^/"},
+                                "scheme": {"enum": ["http", "https"]},
+                                "interval": _duration,
+                                "scrapeTimeout": _duration,
+                                "honorLabels": {"type": "boolean"},
+                                "relabelings": {"type": "array", "items": _relabel},
+                                "metricRelabelings": {"type": "array", "items": _relabel},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "PrometheusRule": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PrometheusRule"},
+            "metadata": _metadata,
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string", "minLength": 1},
+                                "interval": _duration,
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "additionalProperties": False,
+                                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                        "properties": {
+                                            "alert": {"type": "string"},
+                                            "record": {"type": "string"},
+                                            "expr": {"type": "string"},
+                                            "for": _duration,
+                                            "labels": {"type": "object",
+                                                       "additionalProperties": {"type": "string"}},
+                                            "annotations": {"type": "object",
+                                                            "additionalProperties": {"type": "string"}},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
+}
+
+
+def check_crds(crd_files):
+    n = 0
+    for p in crd_files:
+        for doc in load_all(p):
+            schema = CRD_SCHEMAS.get(doc.get("kind"))
+            if schema is None:
+                problem(f"{rel(p)}: no shape schema for kind {doc.get('kind')}")
+                continue
+            for e in jsonschema.Draft202012Validator(schema).iter_errors(doc):
+                where = "/".join(str(x) for x in e.absolute_path)
+                problem(f"{rel(p)}: {doc['kind']} {where}: {e.message}")
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------ rules
+
+
+def rules_groups():
+    return load_one(os.path.join(DEPLOY, "prometheus", "rules.yaml"))["groups"]
+
+
+def prometheusrule_doc():
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "bulkhead", "labels": {"app.kubernetes.io/name": "bulkhead"}},
+        "spec": {"groups": rules_groups()},
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str_representer(dumper, s):
+    style = "|" if "\n" in s else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+class _IndentDumper(_Dumper):
+    # PyYAML writes block sequences flush with their key; the other files here indent them.
+    def increase_indent(self, flow=False, indentless=False):
+        return super().increase_indent(flow, False)
+
+
+def render_prometheusrule():
+    body = yaml.dump(prometheusrule_doc(), Dumper=_IndentDumper, sort_keys=False, width=100,
+                     allow_unicode=True)
+    return PROMETHEUSRULE_HEADER + body
+
+
+def gen_prometheusrule():
+    path = os.path.join(DEPLOY, "prometheus", "prometheusrule.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_prometheusrule())
+    print(f"wrote {rel(path)}")
+
+
+def check_prometheusrule():
+    path = os.path.join(DEPLOY, "prometheus", "prometheusrule.yaml")
+    if not os.path.isfile(path):
+        problem("prometheus/prometheusrule.yaml is missing (python3 deploy/check.py gen-prometheusrule)")
+        return
+    docs = load_all(path)
+    if len(docs) != 1 or docs[0].get("kind") != "PrometheusRule":
+        problem("prometheus/prometheusrule.yaml: expected exactly one PrometheusRule")
+        return
+    if docs[0].get("spec", {}).get("groups") != rules_groups():
+        problem("prometheus/prometheusrule.yaml differs from rules.yaml "
+                "(python3 deploy/check.py gen-prometheusrule)")
+    with open(path, encoding="utf-8") as f:
+        if f.read() != render_prometheusrule():
+            problem("prometheus/prometheusrule.yaml is not the generated text "
+                    "(python3 deploy/check.py gen-prometheusrule)")
+
+
+def github_anchor(heading):
+    a = heading.strip().lower()
+    a = re.sub(r"[^\w\- ]", "", a)
+    return a.replace(" ", "-")
+
+
+def runbook_anchors():
+    anchors = {}
+    with open(os.path.join(DEPLOY, "RUNBOOK.md"), encoding="utf-8") as f:
+        text = f.read()
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    for s in sections:
+        heading, _, body = s.partition("\n")
+        anchors[github_anchor(heading)] = body
+    return anchors
+
+
+METRIC_RE = re.compile(r"\b(bulkhead_[a-z0-9_]+)")
+RECORD_RE = re.compile(r"\b([a-z_]+:bulkhead_[a-z0-9_]+:[a-z0-9_]+)\b")
+
+
+def check_alerts():
+    groups = rules_groups()
+    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
+    records = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    anchors = runbook_anchors()
+    for g in groups:
+        for r in g["rules"]:
+            for m in METRIC_RE.findall(RECORD_RE.sub("", r["expr"])):
+                if m not in SERIES_NAMES:
+                    problem(f"rules.yaml: {r.get('alert') or r.get('record')}: unknown metric {m}")
+    for a in alerts:
+        name = a["alert"]
+        if not a.get("labels", {}).get("severity"):
+            problem(f"rules.yaml: {name}: no labels.severity")
+        ann = a.get("annotations", {})
+        for k in ("summary", "description", "runbook_url"):
+            if not ann.get(k):
+                problem(f"rules.yaml: {name}: no annotations.{k}")
+        url = ann.get("runbook_url", "")
+        anchor = url.partition("#")[2]
+        if not url.startswith("deploy/RUNBOOK.md#") or anchor != name.lower():
+            problem(f"rules.yaml: {name}: runbook_url should be deploy/RUNBOOK.md#{name.lower()}, is {url}")
+        elif anchor not in anchors:
+            problem(f"RUNBOOK.md: no section '## {name}' for alert {name}")
+        else:
+            body = anchors[anchor]
+            for part in ("Meaning", "Confirm", "Act"):
+                if f"**{part}" not in body:
+                    problem(f"RUNBOOK.md: section {name} lacks a **{part}** part")
+
+    tests = load_one(os.path.join(DEPLOY, "prometheus", "tests.yaml"))
+    firing, silent = set(), set()
+    for t in tests.get("tests", []):
+        for case in t.get("alert_rule_test", []) or []:
+            (firing if case.get("exp_alerts") else silent).add(case["alertname"])
+    for a in alerts:
+        if a["alert"] not in firing:
+            problem(f"tests.yaml: no case where {a['alert']} fires")
+        if a["alert"] not in silent:
+            problem(f"tests.yaml: no case where {a['alert']} must not fire")
+    known = {a["alert"] for a in alerts}
+    for name in (firing | silent) - known:
+        problem(f"tests.yaml: tests an alert that rules.yaml does not define: {name}")
+    return len(alerts), len(records)
+
+
+# -------------------------------------------------------------------------------- dashboard
+
+
+def walk_panels(panels):
+    for p in panels:
+        yield p
+        yield from walk_panels(p.get("panels", []))
+
+
+def check_dashboard():
+    path = os.path.join(DEPLOY, "grafana", "bulkhead.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            dash = json.load(f)
+    except (OSError, ValueError) as e:
+        problem(f"grafana/bulkhead.json: {e}")
+        return 0
+    records = {r["record"] for g in rules_groups() for r in g["rules"] if "record" in r}
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    if "tenant" not in variables:
+        problem("grafana/bulkhead.json: no 'tenant' template variable")
+    else:
+        q = variables["tenant"].get("query")
+        q = q.get("query", "") if isinstance(q, dict) else (q or "")
+        if not any(m in SERIES_NAMES for m in METRIC_RE.findall(q)):
+            problem("grafana/bulkhead.json: the tenant variable's query uses no Bulkhead metric")
+    n = 0
+    titles = []
+    for p in walk_panels(dash.get("panels", [])):
+        if p.get("type") == "row":
+            continue
+        n += 1
+        title = p.get("title", "")
+        titles.append(title.lower())
+        targets = p.get("targets", [])
+        if not targets:
+            problem(f"grafana/bulkhead.json: panel '{title}' has no queries")
+        for t in targets:
+            expr = t.get("expr", "")
+            used = RECORD_RE.findall(expr)
+            for r in used:
+                if r not in records:
+                    problem(f"grafana/bulkhead.json: panel '{title}': unknown recording rule {r}")
+            metrics = METRIC_RE.findall(RECORD_RE.sub("", expr))
+            if not metrics and not used:
+                problem(f"grafana/bulkhead.json: panel '{title}': query uses no Bulkhead metric: {expr!r}")
+            for m in metrics:
+                if m not in SERIES_NAMES:
+                    problem(f"grafana/bulkhead.json: panel '{title}': unknown metric {m}")
+    for want in REQUIRED_PANELS:
+        if not any(want in t for t in titles):
+            problem(f"grafana/bulkhead.json: no panel titled like '{want}'")
+    return n
+
+
+def dashboard_rules(out):
+    with open(os.path.join(DEPLOY, "grafana", "bulkhead.json"), encoding="utf-8") as f:
+        dash = json.load(f)
+    rules = []
+    for p in walk_panels(dash.get("panels", [])):
+        for t in p.get("targets", []):
+            expr = t.get("expr", "")
+            for var, value in (("$__rate_interval", "1m"), ("$__interval", "1m"), ("$tenant", ".*")):
+                expr = expr.replace(var, value)
+            rules.append({"record": f"dashboard:panel_{p['id']}_{t['refId']}:query", "expr": expr})
+    with open(out, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, f, sort_keys=False)
+    print(f"wrote {len(rules)} dashboard queries to {out}")
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main(argv):
+    cmd = argv[1] if len(argv) > 1 else "check"
+    global quiet
+    if cmd == "manifests":
+        quiet = True
+        for kind, p in manifests():
+            print(kind, p)
+        return 0
+    elif cmd == "dashboard-rules" and len(argv) == 3:
+        dashboard_rules(argv[2])
+    elif cmd == "gen-prometheusrule":
+        gen_prometheusrule()
+    elif cmd == "check":
+        ms = manifests()
+        crds = check_crds([p for k, p in ms if k == "crd"])
+        check_prometheusrule()
+        n_alerts, n_records = check_alerts()
+        n_panels = check_dashboard()
+        print(f"check.py: {len(ms)} manifest files in kustomizations, {crds} custom resources shape-checked, "
+              f"{n_alerts} alerts and {n_records} recording rules, {n_panels} dashboard panels; "
+              f"{len(problems)} problem(s)")
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
