@@ -4,6 +4,8 @@
 //! * `test`: setup, then fmt, clippy and every test: the command CI runs.
 //! * `demo`: setup, then run the demo (needs root: it loads the eBPF programs).
 //! * `bench ebpf`: loopback throughput with the programs attached vs detached.
+//! * `deploy-check`: yamllint, kubernetes-validate, hadolint, promtool and consistency checks of
+//!   `deploy/` (installs promtool and a Python venv with the validators when missing).
 //!
 //! xtask depends on no workspace crate: it must build before the eBPF toolchain exists.
 
@@ -11,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod deploy_check;
 mod setup;
 
 fn main() -> Result<()> {
@@ -21,13 +24,15 @@ fn main() -> Result<()> {
         ["test"] => test(),
         ["demo", rest @ ..] => demo(rest),
         ["bench", "ebpf", rest @ ..] => bench_ebpf(rest),
+        ["deploy-check"] => deploy_check::run(&root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf>\n\n\
+                "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf | deploy-check>\n\n\
                  setup       install the nightly rust-src and bpf-linker (cached)\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
-                 bench ebpf  loopback TCP throughput, programs attached vs detached"
+                 bench ebpf  loopback TCP throughput, programs attached vs detached\n\
+                 deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)"
             );
             bail!("unknown task {:?}", args);
         }
@@ -107,6 +112,7 @@ fn test() -> Result<()> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO")
         .env_remove("RUSTC"))?;
+    deploy_check::run(&root())?;
     if std::env::var("CI").as_deref() == Ok("true") {
         eprintln!("CI=true: tests that load eBPF programs fail (never skip) without root or BPF");
     }
