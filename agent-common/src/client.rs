@@ -107,6 +107,29 @@ impl AgentClient {
         self.call(&Request::Lookup, Some(sock))
     }
 
+    /// Report the KV-cache bytes each tenant holds in this (shared) inference server, as its
+    /// sidecar sees them. Returns how many tenants the agent accepted.
+    pub fn report_kv(
+        &self,
+        tenants: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<u32, ClientError> {
+        let body = serde_json::to_vec(&Request::KvReport {
+            tenants: tenants.clone(),
+        })
+        .map_err(|e| ClientError::BadReply(e.to_string()))?;
+        match serde_json::from_slice::<Response>(&self.raw_call(&body, None)?) {
+            Ok(Response::Accepted { accepted }) => Ok(accepted),
+            Ok(Response::Err { error }) => Err(ClientError::Rejected {
+                code: error.code,
+                message: error.message,
+            }),
+            Ok(other) => Err(ClientError::BadReply(std::format!(
+                "unexpected answer {other:?}"
+            ))),
+            Err(e) => Err(ClientError::BadReply(e.to_string())),
+        }
+    }
+
     /// Send one request, with `sock` attached when given, and decode the answer.
     pub fn call(
         &self,
@@ -129,6 +152,9 @@ impl AgentClient {
                 code: error.code,
                 message: error.message,
             }),
+            Ok(other) => Err(ClientError::BadReply(std::format!(
+                "unexpected answer {other:?}"
+            ))),
             Err(e) => Err(ClientError::BadReply(e.to_string())),
         }
     }

@@ -5,6 +5,7 @@
 //! tag sockets it actually holds.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::string::String;
 
 /// Largest request or response, in bytes. Longer requests are rejected as malformed.
@@ -19,6 +20,10 @@ pub enum Request {
     Untag,
     /// Report the attached socket's tag without changing it.
     Lookup,
+    /// A shared inference server's sidecar reports the KV-cache bytes each tenant's in-flight
+    /// requests hold. No socket attached: the agent finds the server's pod from the caller's
+    /// credentials, so a report can only speak for the caller's own pod.
+    KvReport { tenants: BTreeMap<String, u64> },
 }
 
 impl Request {
@@ -27,6 +32,7 @@ impl Request {
             Request::Tag { .. } => "tag",
             Request::Untag => "untag",
             Request::Lookup => "lookup",
+            Request::KvReport { .. } => "kv_report",
         }
     }
 }
@@ -46,6 +52,8 @@ pub enum ErrorCode {
     UnknownTenant,
     /// The caller's credentials (SO_PEERCRED) are not allowed by the agent's configuration.
     NotAllowed,
+    /// A KV report from a process that is not in a workload configured as a shared server.
+    UnknownWorkload,
     /// The agent failed (e.g. a full map); the message says why.
     Internal,
 }
@@ -59,6 +67,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedSocket => "unsupported_socket",
             ErrorCode::UnknownTenant => "unknown_tenant",
             ErrorCode::NotAllowed => "not_allowed",
+            ErrorCode::UnknownWorkload => "unknown_workload",
             ErrorCode::Internal => "internal",
         }
     }
@@ -78,6 +87,10 @@ pub enum Response {
         tenant: Option<String>,
         tenant_id: u32,
         cookie: u64,
+    },
+    /// A KV report was recorded, for this many tenants.
+    Accepted {
+        accepted: u32,
     },
     Err {
         error: ErrorBody,
@@ -130,6 +143,17 @@ mod tests {
                 tenant_id: 3,
                 cookie: 77
             }
+        );
+        let kv = Request::KvReport {
+            tenants: BTreeMap::from([("acme".into(), 4096)]),
+        };
+        assert_eq!(
+            serde_json::to_string(&kv).unwrap(),
+            r#"{"op":"kv_report","tenants":{"acme":4096}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Response>(r#"{"accepted":2}"#).unwrap(),
+            Response::Accepted { accepted: 2 }
         );
     }
 }

@@ -9,10 +9,9 @@
 //! NVML handle for the life of the process.
 
 use crate::config::{GpuConfig, GpuWorkload};
-use crate::tenants::TenantRegistry;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -211,6 +210,8 @@ pub struct GpuReport {
     pub gpus: Vec<GpuUsage>,
     /// Process entries dropped as garbled since start.
     pub garbled_total: u64,
+    /// Polls done since start, failed ones included.
+    pub polls_total: u64,
 }
 
 /// Drops process entries that cannot be right (NVML has returned garbage with several
@@ -269,7 +270,7 @@ pub fn attribute(
                 used_bytes: g.used_bytes,
                 ..Default::default()
             };
-            let mut add = |m: &mut BTreeMap<String, u64>, k: &str, v: u64| {
+            let add = |m: &mut BTreeMap<String, u64>, k: &str, v: u64| {
                 if v > 0 {
                     *m.entry(k.to_string()).or_default() += v;
                 }
@@ -339,7 +340,6 @@ pub fn spawn_poller(
     source: String,
     interval: Duration,
     state: Arc<GpuState>,
-    tenants: Arc<RwLock<TenantRegistry>>,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -348,7 +348,9 @@ pub fn spawn_poller(
             let mut src: Option<Box<dyn GpuSource>> = None;
             let mut last_error: Option<String> = None;
             let mut garbled_total = 0u64;
+            let mut polls_total = 0u64;
             loop {
+                polls_total += 1;
                 if src.is_none() {
                     match open(&source) {
                         Ok(s) => src = Some(s),
@@ -373,11 +375,11 @@ pub fn spawn_poller(
                         }
                         let matcher = state.matcher.read().unwrap().clone();
                         let kv = state.kv.lock().unwrap().fresh(state.kv_max_age);
-                        let _ = &tenants; // tenants label the KV reports at the agent's socket
                         GpuReport {
                             nvml_up: true,
                             gpus: attribute(&gpus, &|pid| matcher.classify_pid(pid), &kv),
                             garbled_total,
+                            polls_total,
                         }
                     }
                     Err(e) => {
@@ -386,6 +388,7 @@ pub fn spawn_poller(
                             nvml_up: false,
                             gpus: Vec::new(),
                             garbled_total,
+                            polls_total,
                         }
                     }
                 };
@@ -405,11 +408,6 @@ fn note_error(last: &mut Option<String>, e: String) {
         tracing::warn!(error = %e, "GPU memory attribution unavailable; the agent runs on and bulkhead_nvml_up is 0");
         *last = Some(e);
     }
-}
-
-/// The proc root a workload's sidecar is checked against (for KV reports).
-pub fn proc_root(config: &GpuConfig) -> &Path {
-    &config.proc_root
 }
 
 #[cfg(test)]

@@ -73,6 +73,8 @@ pub struct RunningAgent {
     service: Arc<TagService>,
     event_rate: Arc<AtomicU32>,
     metrics: AgentMetrics,
+    gpu: Arc<gpu::GpuState>,
+    gpu_poller: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl RunningAgent {
@@ -131,6 +133,21 @@ impl RunningAgent {
         cross_tenant::apply(&new, &self.cgroup, &registry, &maps)?;
         *self.tenants.write().unwrap() = registry;
         *self.service.allow.write().unwrap() = new.tagging.clone();
+        *self.gpu.matcher.write().unwrap() = gpu::Matcher::new(&new.gpu);
+        for (field, changed) in [
+            ("gpu.source", self.config.gpu.source != new.gpu.source),
+            (
+                "gpu.poll_interval_ms",
+                self.config.gpu.poll_interval_ms != new.gpu.poll_interval_ms,
+            ),
+        ] {
+            if changed {
+                tracing::warn!(
+                    field,
+                    "changing this field takes a restart; keeping the running value"
+                );
+            }
+        }
         self.event_rate
             .store(new.cross_tenant.event_log_per_second, Ordering::Relaxed);
         let keep = Config {
@@ -160,6 +177,10 @@ impl RunningAgent {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Some((stop, thread)) = self.gpu_poller {
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         self.metrics.set_up(false);
         let _ = std::fs::remove_file(&self.socket_path);
@@ -206,11 +227,27 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     cross_tenant::apply(&config, &cgroup, &registry, &maps)?;
     let tenants = Arc::new(RwLock::new(registry));
 
+    let gpu_state = Arc::new(gpu::GpuState::new(&config.gpu));
+    let gpu_poller = (config.gpu.source != "off").then(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = gpu::spawn_poller(
+            config.gpu.source.clone(),
+            std::time::Duration::from_millis(config.gpu.poll_interval_ms),
+            gpu_state.clone(),
+            rx,
+        );
+        (tx, thread)
+    });
+
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     registry.register_collector(Box::new(DatapathCollector {
         maps: maps.clone(),
         tenants: tenants.clone(),
+    }));
+    registry.register_collector(Box::new(metrics::GpuCollector {
+        state: gpu_state.clone(),
+        enabled: config.gpu.source != "off",
     }));
 
     let listener = tagging::bind_socket(&config.tagging)?;
@@ -240,6 +277,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     )));
     let service = Arc::new(TagService {
         maps,
+        gpu: gpu_state.clone(),
         tenants: tenants.clone(),
         allow: RwLock::new(config.tagging.clone()),
         metrics: metrics.clone(),
@@ -291,6 +329,8 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         service,
         event_rate,
         metrics,
+        gpu: gpu_state,
+        gpu_poller,
     })
 }
 

@@ -242,3 +242,116 @@ impl Collector for DatapathCollector {
         Ok(())
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuTenantLabels {
+    tenant: String,
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuInfoLabels {
+    gpu: String,
+    uuid: String,
+}
+
+/// GPU memory per tenant, from the poller's last report.
+pub struct GpuCollector {
+    pub state: Arc<crate::gpu::GpuState>,
+    /// False with `gpu.source = "off"`: then nothing GPU-related is exported.
+    pub enabled: bool,
+}
+
+impl std::fmt::Debug for GpuCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GpuCollector")
+    }
+}
+
+impl Collector for GpuCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let report = self.state.report.read().unwrap().clone();
+        let up = encoder.encode_descriptor(
+            "bulkhead_nvml_up",
+            "1 when the last GPU poll succeeded (NVML loaded and answering), else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(report.nvml_up)).encode(up)?;
+        let garbled = encoder.encode_descriptor(
+            "bulkhead_nvml_garbled_entries",
+            "GPU process entries dropped as garbled (PID 0, more memory than the GPU, a PID twice)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(report.garbled_total).encode(garbled)?;
+        let polls = encoder.encode_descriptor(
+            "bulkhead_gpu_polls",
+            "GPU source polls since the agent started, failed ones included",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(report.polls_total).encode(polls)?;
+        let mut info = encoder.encode_descriptor(
+            "bulkhead_gpu_info",
+            "One series per GPU, labelled with its UUID",
+            None,
+            MetricType::Gauge,
+        )?;
+        for g in &report.gpus {
+            ConstGauge::new(1).encode(info.encode_family(&GpuInfoLabels {
+                gpu: g.gpu.clone(),
+                uuid: g.uuid.clone(),
+            })?)?;
+        }
+        let mut total = encoder.encode_descriptor(
+            "bulkhead_gpu_memory_total_bytes",
+            "Memory of each GPU",
+            None,
+            MetricType::Gauge,
+        )?;
+        for g in &report.gpus {
+            ConstGauge::new(g.total_bytes as i64)
+                .encode(total.encode_family(&GpuLabels { gpu: g.gpu.clone() })?)?;
+        }
+        let mut memory = encoder.encode_descriptor(
+            "bulkhead_gpu_memory_bytes",
+            "Used GPU memory by tenant: a dedicated pod's processes, a tenant's KV cache in a shared server; tenant=\"shared\" for the rest of a shared server (weights, free KV pool), tenant=\"unattributed\" for unknown processes and driver memory",
+            None,
+            MetricType::Gauge,
+        )?;
+        for g in &report.gpus {
+            for (tenant, bytes) in &g.memory {
+                ConstGauge::new(*bytes as i64).encode(memory.encode_family(
+                    &GpuTenantLabels {
+                        tenant: tenant.clone(),
+                        gpu: g.gpu.clone(),
+                    },
+                )?)?;
+            }
+        }
+        let mut kv = encoder.encode_descriptor(
+            "bulkhead_kv_cache_bytes",
+            "KV-cache bytes each tenant holds in shared inference servers on the GPU, as their sidecars report",
+            None,
+            MetricType::Gauge,
+        )?;
+        for g in &report.gpus {
+            for (tenant, bytes) in &g.kv_cache {
+                ConstGauge::new(*bytes as i64).encode(kv.encode_family(&GpuTenantLabels {
+                    tenant: tenant.clone(),
+                    gpu: g.gpu.clone(),
+                })?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -38,6 +38,7 @@ pub enum TaggingError {
 /// What a request handler needs; shared by all connections.
 pub struct TagService {
     pub maps: Arc<Maps>,
+    pub gpu: Arc<crate::gpu::GpuState>,
     pub tenants: Arc<RwLock<TenantRegistry>>,
     /// The allow rule (replaced on reload).
     pub allow: RwLock<TaggingConfig>,
@@ -62,7 +63,7 @@ impl TagService {
             }
         };
         let outcome = match &response {
-            Response::Ok { .. } => "ok",
+            Response::Ok { .. } | Response::Accepted { .. } => "ok",
             Response::Err { error } => error.code.as_str(),
         };
         self.metrics.tag_request(op, outcome);
@@ -114,6 +115,9 @@ impl TagService {
                     creds.gid()
                 ),
             ));
+        }
+        if let Request::KvReport { tenants } = request {
+            return self.kv_report(creds, tenants);
         }
         let fd = match fds {
             [fd] => fd,
@@ -177,6 +181,7 @@ impl TagService {
                     cookie,
                 })
             }
+            Request::KvReport { .. } => unreachable!("answered above"),
             Request::Lookup => {
                 let id = self.maps.lookup_tag(cookie).map_err(internal)?;
                 Ok(Response::Ok {
@@ -186,6 +191,43 @@ impl TagService {
                 })
             }
         }
+    }
+}
+
+impl TagService {
+    /// Records a shared server's per-tenant KV bytes, for the pod the caller runs in.
+    fn kv_report(
+        &self,
+        creds: UnixCredentials,
+        tenants: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<Response, (ErrorCode, String)> {
+        let pid = creds.pid() as u32;
+        let role = self.gpu.matcher.read().unwrap().classify_pid(pid);
+        let Some(crate::gpu::Role::Shared(workload)) = role else {
+            return Err((
+                ErrorCode::UnknownWorkload,
+                format!(
+                    "the caller (pid {pid}) is not in a workload configured as a shared inference server (gpu.workloads with shared = true)"
+                ),
+            ));
+        };
+        let registry = self.tenants.read().unwrap();
+        if let Some(unknown) = tenants.keys().find(|t| registry.id(t).is_none()) {
+            return Err((
+                ErrorCode::UnknownTenant,
+                format!(
+                    "tenant {unknown:?} is not configured on this agent; the report was not recorded"
+                ),
+            ));
+        }
+        self.gpu
+            .kv
+            .lock()
+            .unwrap()
+            .record(workload, tenants.clone());
+        Ok(Response::Accepted {
+            accepted: tenants.len() as u32,
+        })
     }
 }
 

@@ -187,8 +187,12 @@ impl Agent {
         }
     }
 
-    /// Waits (10 s at most) for a log line after start-up that satisfies `pred`, and returns it.
+    /// The first log line that satisfies `pred`: from start-up, or the next ones (waiting 10 s
+    /// at most).
     pub fn wait_for_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(line) = self.startup_log.iter().find(|l| pred(l)) {
+            return line.clone();
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -198,6 +202,13 @@ impl Agent {
                 Err(_) => panic!("no log line with {what} within 10 s"),
             }
         }
+    }
+
+    /// Every log line so far: start-up, then whatever arrived since (consumed).
+    pub fn log_so_far(&self) -> Vec<String> {
+        let mut lines = self.startup_log.clone();
+        lines.extend(self.log.try_iter());
+        lines
     }
 
     pub fn client(&self) -> agent_common::client::AgentClient {

@@ -1,0 +1,164 @@
+//! GPU memory attribution through the real agent, with a scripted GPU source (a JSON file the
+//! agent re-reads each poll) and a scripted /proc, and without NVML (no driver in CI).
+
+use agent_common::proto::ErrorCode;
+use bulkhead_tests::harness::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_bulkhead-agent");
+const GIB: u64 = 1 << 30;
+
+fn gpu_mem(m: &Metrics, tenant: &str, gpu: &str) -> u64 {
+    m.get(
+        "bulkhead_gpu_memory_bytes",
+        &[("tenant", tenant), ("gpu", gpu)],
+    ) as u64
+}
+
+fn kv(m: &Metrics, tenant: &str, gpu: &str) -> u64 {
+    m.get(
+        "bulkhead_kv_cache_bytes",
+        &[("tenant", tenant), ("gpu", gpu)],
+    ) as u64
+}
+
+fn write_cgroup(proc_root: &Path, pid: u32, cgroup: &str) {
+    std::fs::create_dir_all(proc_root.join(pid.to_string())).unwrap();
+    std::fs::write(
+        proc_root.join(format!("{pid}/cgroup")),
+        format!("0::{cgroup}\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn without_nvml_the_agent_runs_on_and_says_so_once() {
+    if !require_bpf(AGENT) {
+        return;
+    }
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        eprintln!("this machine has an NVIDIA driver; the no-NVML case cannot be shown here");
+        return;
+    }
+    let paths = Paths::new();
+    let config = paths.config("").replace(
+        "[tagging]",
+        "[gpu]\nsource = \"nvml\"\npoll_interval_ms = 1000\n\n[tagging]",
+    );
+    let agent = Agent::start(AGENT, &paths, &config);
+    let line = agent.wait_for_log("the NVML line", |l| {
+        l.contains("GPU memory attribution unavailable")
+    });
+    assert!(line.contains("NVML"), "{line}");
+    let m = agent.wait_for("bulkhead_nvml_up 0", |m| {
+        m.text.contains("bulkhead_nvml_up 0")
+    });
+    assert!(!m.text.contains("bulkhead_gpu_memory_bytes{"), "{}", m.text);
+    // Tagging and counting work as ever.
+    let (c, _s) = tcp_pair();
+    use std::os::fd::AsFd;
+    agent.client().tag(c.as_fd(), "alpha").unwrap();
+}
+
+#[test]
+fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
+    if !require_bpf(AGENT) {
+        return;
+    }
+    let paths = Paths::new();
+    let proc_root = paths.dir.join("proc");
+    let dedicated = "/kubepods.slice/kubepods-pod11aa_22bb.slice/cri-containerd-1.scope";
+    let shared = "/kubepods.slice/kubepods-pod33cc_44dd.slice/cri-containerd-2.scope";
+    write_cgroup(&proc_root, 1001, dedicated);
+    write_cgroup(&proc_root, 1002, shared);
+    write_cgroup(&proc_root, 1003, "/system.slice/unknown.service");
+    // This test process plays the shared server's sidecar: it is in the same pod.
+    let me = std::process::id();
+    write_cgroup(&proc_root, me, shared);
+    let gpus = paths.dir.join("gpus.json");
+    let snapshot = |extra: &str| {
+        format!(
+            r#"{{"gpus": [
+              {{"index": 0, "uuid": "GPU-aaaa", "used_bytes": {u0}, "total_bytes": {t},
+                "processes": [{{"pid": 1001, "used_bytes": {p1}}}, {{"pid": 1002, "used_bytes": {p2}}},
+                              {{"pid": 1003, "used_bytes": {p3}}}{extra}]}},
+              {{"index": 1, "uuid": "GPU-bbbb", "used_bytes": {p2}, "total_bytes": {t},
+                "processes": [{{"pid": 1002, "used_bytes": {p2}}}]}}
+            ]}}"#,
+            u0 = 61 * GIB,
+            t = 80 * GIB,
+            p1 = 10 * GIB,
+            p2 = 40 * GIB,
+            p3 = 10 * GIB,
+        )
+    };
+    // Two garbled entries: PID 0, and PID 1001 twice.
+    let garbled = format!(
+        r#", {{"pid": 0, "used_bytes": 5}}, {{"pid": 1001, "used_bytes": {}}}"#,
+        GIB
+    );
+    std::fs::write(&gpus, snapshot(&garbled)).unwrap();
+    let config = paths.config("").replace(
+        "[tagging]",
+        &format!(
+            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\
+             [[gpu.workloads]]\npod_uid = \"11aa-22bb\"\ntenant = \"alpha\"\n\
+             [[gpu.workloads]]\npod_uid = \"33cc-44dd\"\nshared = true\n\n[tagging]",
+            gpus.display(),
+            proc_root
+        ),
+    );
+    let agent = Agent::start(AGENT, &paths, &config);
+    let m = agent.wait_for("the first attribution", |m| gpu_mem(m, "alpha", "0") > 0);
+    assert_eq!(m.get("bulkhead_nvml_up", &[]), 1.0);
+    assert_eq!(
+        m.get("bulkhead_gpu_memory_total_bytes", &[("gpu", "0")]),
+        (80 * GIB) as f64
+    );
+    assert_eq!(gpu_mem(&m, "alpha", "0"), 10 * GIB, "the dedicated pod");
+    assert_eq!(
+        gpu_mem(&m, "shared", "0"),
+        40 * GIB,
+        "no KV report yet: all shared"
+    );
+    assert_eq!(
+        gpu_mem(&m, "unattributed", "0"),
+        11 * GIB,
+        "unknown process + driver"
+    );
+    assert!(m.get("bulkhead_nvml_garbled_entries_total", &[]) >= 2.0);
+
+    // The sidecar reports per-tenant KV bytes; the server runs on both GPUs (tensor parallel),
+    // so each GPU holds half of each tenant's KV cache.
+    let report = BTreeMap::from([
+        ("alpha".to_string(), 6 * GIB),
+        ("beta".to_string(), 2 * GIB),
+    ]);
+    assert_eq!(agent.client().report_kv(&report).unwrap(), 2);
+    let m = agent.wait_for("the KV split", |m| kv(m, "beta", "1") > 0);
+    for gpu in ["0", "1"] {
+        assert_eq!(kv(&m, "alpha", gpu), 3 * GIB);
+        assert_eq!(kv(&m, "beta", gpu), GIB);
+        assert_eq!(gpu_mem(&m, "shared", gpu), 36 * GIB);
+    }
+    assert_eq!(
+        gpu_mem(&m, "alpha", "0"),
+        13 * GIB,
+        "dedicated pod plus KV share"
+    );
+    assert_eq!(gpu_mem(&m, "beta", "1"), GIB);
+
+    // A report naming an unknown tenant is refused whole; so is one from outside the server.
+    let bad = BTreeMap::from([("alpha".to_string(), GIB), ("zed".to_string(), GIB)]);
+    let err = agent.client().report_kv(&bad).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownTenant), "{err}");
+    write_cgroup(&proc_root, me, dedicated);
+    let err = agent.client().report_kv(&report).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownWorkload), "{err}");
+
+    // The GPU source fails: nvml_up drops to 0 and no stale attribution is exported.
+    std::fs::write(&gpus, r#"{"error": "NVML: GPU is lost"}"#).unwrap();
+    let m = agent.wait_for("nvml down", |m| m.text.contains("bulkhead_nvml_up 0"));
+    assert_eq!(gpu_mem(&m, "alpha", "0"), 0);
+}
