@@ -364,7 +364,7 @@ impl Datapath {
         let mut ids = Vec::new();
         for l in self.links {
             if detach {
-                ids.extend(link_id(&l.path));
+                ids.extend(linked_program(&l.path));
                 if let Err(e) = std::fs::remove_file(&l.path) {
                     tracing::warn!(program = l.name, path = %l.path.display(), error = %e, "could not unpin link");
                 }
@@ -372,7 +372,7 @@ impl Datapath {
             // Dropping the last descriptor of an unpinned link detaches its program.
             drop(l.hold);
         }
-        if let Err(e) = wait_released(&ids) {
+        if let Err(e) = wait_detached(&self.cgroup, &ids) {
             tracing::warn!(error = %e, "programs not yet detached");
         }
     }
@@ -393,7 +393,7 @@ fn kernel_log_level(filter: tracing::level_filters::LevelFilter) -> u8 {
 
 /// Detaches programs left attached by an earlier agent (the `cleanup` command): removes the
 /// pinned links. Returns the links removed. Maps are kept unless `remove_maps`.
-pub fn cleanup(pin_dir: &Path, remove_maps: bool) -> io::Result<Vec<PathBuf>> {
+pub fn cleanup(pin_dir: &Path, cgroup: &Path, remove_maps: bool) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(pin_dir) {
         Ok(e) => e,
@@ -408,7 +408,7 @@ pub fn cleanup(pin_dir: &Path, remove_maps: bool) -> io::Result<Vec<PathBuf>> {
             .and_then(|n| n.to_str())
             .unwrap_or_default();
         if name.starts_with("link_") || remove_maps {
-            ids.extend(link_id(&path));
+            ids.extend(linked_program(&path));
             std::fs::remove_file(&path)?;
             removed.push(path);
         }
@@ -416,37 +416,108 @@ pub fn cleanup(pin_dir: &Path, remove_maps: bool) -> io::Result<Vec<PathBuf>> {
     if remove_maps {
         std::fs::remove_dir(pin_dir)?;
     }
-    wait_released(&ids)?;
+    wait_detached(cgroup, &ids)?;
     Ok(removed)
 }
 
-/// The kernel's id of the link pinned at `path`, if it is one.
-fn link_id(path: &Path) -> Option<u32> {
-    let link: FdLink = PinnedLink::from_pin(path).ok()?.into();
-    link.info().ok().map(|i| i.id())
+/// The id of the program behind the link pinned at `path`, if it is one.
+fn linked_program(path: &Path) -> Option<u32> {
+    let link: FdLink = match PinnedLink::from_pin(path) {
+        Ok(l) => l.into(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot open pinned link");
+            return None;
+        }
+    };
+    match link.info() {
+        Ok(i) => Some(i.program_id()),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the link's program");
+            None
+        }
+    }
 }
 
-/// Waits until the kernel has released the links with these ids. The last reference to an
-/// unpinned link is dropped asynchronously, so its program can run for a moment after the pin
-/// and the descriptors are gone; callers that say "detached" wait for it.
-fn wait_released(ids: &[u32]) -> io::Result<()> {
+/// Waits until none of `programs` is attached to `cgroup` any more. The last reference to an
+/// unpinned link is dropped asynchronously (after an RCU grace period, then on a workqueue,
+/// then under the cgroup mutex), so a program runs on for a moment after its pin and every
+/// descriptor are gone; callers that say "detached" ask the cgroup itself (BPF_PROG_QUERY).
+fn wait_detached(cgroup: &Path, programs: &[u32]) -> io::Result<()> {
+    use aya_obj::generated::bpf_attach_type::*;
+    if programs.is_empty() {
+        return Ok(());
+    }
+    let dir = std::fs::File::open(cgroup)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let live: Vec<u32> = aya::programs::loaded_links()
-            .filter_map(Result::ok)
-            .map(|l| l.id())
-            .filter(|id| ids.contains(id))
-            .collect();
-        if live.is_empty() {
+        let mut still = Vec::new();
+        for attach_type in [
+            BPF_CGROUP_INET_INGRESS,
+            BPF_CGROUP_INET_EGRESS,
+            BPF_CGROUP_INET_SOCK_RELEASE,
+            BPF_CGROUP_INET4_CONNECT,
+            BPF_CGROUP_INET6_CONNECT,
+        ] {
+            still.extend(
+                attached_programs(dir.as_fd(), attach_type as u32)?
+                    .into_iter()
+                    .filter(|id| programs.contains(id)),
+            );
+        }
+        if still.is_empty() {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
             return Err(io::Error::other(format!(
-                "links {live:?} still attached 5 s after they were unpinned"
+                "programs {still:?} still attached to {} 5 s after their links were unpinned",
+                cgroup.display()
             )));
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// `BPF_PROG_QUERY`: ids of the programs attached directly to a cgroup for one attach type.
+fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long =
+        aya_obj::generated::bpf_cmd::BPF_PROG_QUERY as libc::c_long;
+    /// The `query` member of `union bpf_attr`, up to `prog_cnt`.
+    #[repr(C)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    // SAFETY: the kernel reads `size` bytes of `attr` (a prefix of `union bpf_attr`'s query
+    // member) and writes at most `prog_cnt` u32 ids to `prog_ids`, which points to that many;
+    // both live for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &raw mut attr,
+            std::mem::size_of::<QueryAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate((attr.prog_cnt as usize).min(ids.len()));
+    Ok(ids)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

@@ -79,7 +79,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Cleanup { remove_maps } => {
-            match bulkhead_agent::datapath::cleanup(&config.pin_dir, remove_maps) {
+            let cgroup = match bulkhead_agent::sys::resolve_cgroup(config.cgroup_path.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("bulkhead-agent: {e}");
+                    return ExitCode::from(69);
+                }
+            };
+            match bulkhead_agent::datapath::cleanup(&config.pin_dir, &cgroup, remove_maps) {
                 Ok(removed) => {
                     for p in removed {
                         println!("removed {}", p.display());
