@@ -38,16 +38,16 @@ fn main() -> anyhow::Result<()> {
     let mut bulk = (Vec::new(), Vec::new());
     let mut small = (Vec::new(), Vec::new());
     for trial in 0..trials {
-        bulk.0.push(stream_gbps(None, secs, 128 << 10));
-        small.0.push(stream_gbps(None, secs, 1024));
+        bulk.0.push(stream(None, secs, 128 << 10));
+        small.0.push(stream(None, secs, 1024));
         let agent = Agent::start(agent_bin, &paths, &config);
         let client = agent.client();
-        bulk.1.push(stream_gbps(Some(&client), secs, 128 << 10));
-        small.1.push(stream_gbps(Some(&client), secs, 1024));
+        bulk.1.push(stream(Some(&client), secs, 128 << 10));
+        small.1.push(stream(Some(&client), secs, 1024));
         agent.stop();
         eprintln!(
             "trial {trial}: bulk {:.2} -> {:.2} Gbit/s, 1 KiB writes {:.3} -> {:.3} Gbit/s",
-            bulk.0[trial], bulk.1[trial], small.0[trial], small.1[trial]
+            bulk.0[trial].gbps, bulk.1[trial].gbps, small.0[trial].gbps, small.1[trial].gbps
         );
     }
 
@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     let mut per_run_ns = Vec::new();
     for chunk in [128 << 10, 1024] {
         let before = prog_stats();
-        stream_gbps(Some(&client), secs, chunk);
+        stream(Some(&client), secs, chunk);
         let after = prog_stats();
         let (runs, ns) = (after.0 - before.0, after.1 - before.1);
         per_run_ns.push((chunk, runs, ns as f64 / runs.max(1) as f64));
@@ -72,14 +72,22 @@ fn main() -> anyhow::Result<()> {
         "\n## bench ebpf ({trials} interleaved trials of {} ms each, loopback TCP, one stream)\n",
         secs.as_millis()
     );
-    println!("| workload | detached (median) | attached (median) | attached / detached |");
-    println!("|---|---|---|---|");
+    println!(
+        "| workload | detached (median) | attached (median) | attached / detached | CPU s/GiB detached | CPU s/GiB attached | attached / detached |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (name, (d, a)) in [
         ("128 KiB writes", &bulk),
         ("1 KiB writes, TCP_NODELAY", &small),
     ] {
-        let (d, a) = (median(d), median(a));
-        println!("| {name} | {d:.2} Gbit/s | {a:.2} Gbit/s | {:.3} |", a / d);
+        let tput = |v: &[Run]| median(&v.iter().map(|r| r.gbps).collect::<Vec<_>>());
+        let cpu = |v: &[Run]| median(&v.iter().map(|r| r.cpu_s_per_gib).collect::<Vec<_>>());
+        let (dt, at, dc, ac) = (tput(d), tput(a), cpu(d), cpu(a));
+        println!(
+            "| {name} | {dt:.2} Gbit/s | {at:.2} Gbit/s | {:.3} | {dc:.3} | {ac:.3} | {:.3} |",
+            at / dt,
+            ac / dc
+        );
     }
     println!(
         "\nKernel BPF run statistics (kernel.bpf_stats_enabled=1, separate run; a loopback packet runs two programs, egress at the sender and ingress at the receiver; the statistics add their own clock reads to each run):\n"
@@ -90,6 +98,36 @@ fn main() -> anyhow::Result<()> {
         println!("| {} B writes | {runs} | {ns:.0} |", chunk);
     }
     Ok(())
+}
+
+/// CPU time (user + system) this process has used so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes one `rusage` into the zeroed value it is given; RUSAGE_SELF is
+    // always valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// One stream's figures: throughput, and CPU seconds per GiB moved (both ends are in this
+/// process, so the kernel's work for both, the programs' included, is in its system time).
+#[derive(Clone, Copy)]
+struct Run {
+    gbps: f64,
+    cpu_s_per_gib: f64,
+}
+
+fn stream(tag: Option<&agent_common::client::AgentClient>, dur: Duration, chunk: usize) -> Run {
+    let cpu0 = cpu_time();
+    let gbps = stream_gbps(tag, dur, chunk);
+    let cpu = (cpu_time() - cpu0).as_secs_f64();
+    let gib = gbps * 1e9 / 8.0 * dur.as_secs_f64() / f64::from(1u32 << 30);
+    Run {
+        gbps,
+        cpu_s_per_gib: cpu / gib,
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
