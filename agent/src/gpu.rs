@@ -116,8 +116,9 @@ impl GpuSource for FileSource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
     Dedicated(String),
-    /// A shared inference server, by its index in `gpu.workloads`.
-    Shared(usize),
+    /// A shared inference server, by a key naming its workload: `gpu.workloads[i]` for a
+    /// configured one, `pod <uid>` for one discovered through its sidecar's KV report.
+    Shared(String),
 }
 
 /// Maps a process to its workload through its cgroup path.
@@ -125,6 +126,9 @@ pub enum Role {
 pub struct Matcher {
     workloads: Vec<GpuWorkload>,
     proc_root: PathBuf,
+    /// Pods (UIDs, dashed) whose sidecar reported KV usage without being configured: a
+    /// sidecar's report declares its pod a shared inference server.
+    discovered: Vec<String>,
 }
 
 impl Matcher {
@@ -132,7 +136,22 @@ impl Matcher {
         Self {
             workloads: config.workloads.clone(),
             proc_root: config.proc_root.clone(),
+            discovered: Vec::new(),
         }
+    }
+
+    /// Marks a pod as a shared inference server; returns its workload key.
+    pub fn discover(&mut self, pod_uid: &str) -> String {
+        if !self.discovered.iter().any(|p| p == pod_uid) {
+            self.discovered.push(pod_uid.to_string());
+        }
+        format!("pod {pod_uid}")
+    }
+
+    /// Keeps the discovered pods across a reload of the configured workloads.
+    pub fn with_discovered_from(mut self, old: &Matcher) -> Self {
+        self.discovered = old.discovered.clone();
+        self
     }
 
     /// The cgroup path of `pid` (the cgroup-v2 line of /proc/<pid>/cgroup, else the whole file).
@@ -151,17 +170,26 @@ impl Matcher {
     /// (`pod1a2b-...` with cgroupfs, `pod1a2b_...` with systemd).
     pub fn classify_cgroup(&self, cgroup: &str) -> Option<Role> {
         let normalized = cgroup.replace('_', "-");
-        self.workloads.iter().enumerate().find_map(|(i, w)| {
-            let hit = match (&w.pod_uid, &w.cgroup_contains) {
-                (Some(uid), _) => normalized.contains(&format!("pod{}", uid.replace('_', "-"))),
-                (None, Some(s)) => cgroup.contains(s.as_str()),
-                (None, None) => false,
-            };
-            hit.then(|| match &w.tenant {
-                Some(t) => Role::Dedicated(t.clone()),
-                None => Role::Shared(i),
+        self.workloads
+            .iter()
+            .enumerate()
+            .find_map(|(i, w)| {
+                let hit = match (&w.pod_uid, &w.cgroup_contains) {
+                    (Some(uid), _) => normalized.contains(&format!("pod{}", uid.replace('_', "-"))),
+                    (None, Some(s)) => cgroup.contains(s.as_str()),
+                    (None, None) => false,
+                };
+                hit.then(|| match &w.tenant {
+                    Some(t) => Role::Dedicated(t.clone()),
+                    None => Role::Shared(format!("gpu.workloads[{i}]")),
+                })
             })
-        })
+            .or_else(|| {
+                let uid = pod_uid_of(cgroup)?;
+                self.discovered
+                    .contains(&uid)
+                    .then(|| Role::Shared(format!("pod {uid}")))
+            })
     }
 
     pub fn classify_pid(&self, pid: u32) -> Option<Role> {
@@ -169,23 +197,39 @@ impl Matcher {
     }
 }
 
+/// The pod UID in a kubelet cgroup path (`pod<uid>` with `-` or `_`), dashed and lower case.
+pub fn pod_uid_of(cgroup: &str) -> Option<String> {
+    let s = cgroup.replace('_', "-").to_ascii_lowercase();
+    s.match_indices("pod").find_map(|(i, _)| {
+        let uid = s.get(i + 3..i + 3 + 36)?;
+        let shape = uid.char_indices().all(|(j, c)| {
+            if [8, 13, 18, 23].contains(&j) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+        shape.then(|| uid.to_string())
+    })
+}
+
 /// Per-tenant KV-cache bytes reported by each shared server's sidecar.
 #[derive(Debug, Default)]
 pub struct KvReports {
-    by_workload: HashMap<usize, (Instant, BTreeMap<String, u64>)>,
+    by_workload: HashMap<String, (Instant, BTreeMap<String, u64>)>,
 }
 
 impl KvReports {
-    pub fn record(&mut self, workload: usize, bytes: BTreeMap<String, u64>) {
+    pub fn record(&mut self, workload: String, bytes: BTreeMap<String, u64>) {
         self.by_workload.insert(workload, (Instant::now(), bytes));
     }
 
     /// Reports younger than `max_age`.
-    pub fn fresh(&self, max_age: Duration) -> HashMap<usize, BTreeMap<String, u64>> {
+    pub fn fresh(&self, max_age: Duration) -> HashMap<String, BTreeMap<String, u64>> {
         self.by_workload
             .iter()
             .filter(|(_, (at, _))| at.elapsed() <= max_age)
-            .map(|(w, (_, b))| (*w, b.clone()))
+            .map(|(w, (_, b))| (w.clone(), b.clone()))
             .collect()
     }
 }
@@ -237,7 +281,7 @@ pub fn sanitize(gpu: &mut GpuSnapshot) -> u64 {
 pub fn attribute(
     gpus: &[GpuSnapshot],
     classify: &dyn Fn(u32) -> Option<Role>,
-    kv: &HashMap<usize, BTreeMap<String, u64>>,
+    kv: &HashMap<String, BTreeMap<String, u64>>,
 ) -> Vec<GpuUsage> {
     let roles: HashMap<u32, Option<Role>> = gpus
         .iter()
@@ -247,13 +291,13 @@ pub fn attribute(
         .map(|pid| (pid, classify(pid)))
         .collect();
     // How many GPUs each shared workload is on.
-    let mut spread: HashMap<usize, u64> = HashMap::new();
+    let mut spread: HashMap<String, u64> = HashMap::new();
     for g in gpus {
-        let on: HashSet<usize> = g
+        let on: HashSet<String> = g
             .processes
             .iter()
             .filter_map(|p| match roles.get(&p.pid) {
-                Some(Some(Role::Shared(w))) => Some(*w),
+                Some(Some(Role::Shared(w))) => Some(w.clone()),
                 _ => None,
             })
             .collect();
@@ -432,7 +476,7 @@ mod tests {
     fn roles(pid: u32) -> Option<Role> {
         match pid {
             100 => Some(Role::Dedicated("acme".into())),
-            200 => Some(Role::Shared(0)),
+            200 => Some(Role::Shared("server".into())),
             _ => None,
         }
     }
@@ -449,7 +493,7 @@ mod tests {
             ],
         )];
         let kv = HashMap::from([(
-            0,
+            "server".to_string(),
             BTreeMap::from([
                 ("acme".to_string(), 6 * GIB),
                 ("globex".to_string(), 2 * GIB),
@@ -488,7 +532,10 @@ mod tests {
             gpu(0, 40 * GIB, &[(200, Some(40 * GIB))]),
             gpu(1, 40 * GIB, &[(200, Some(40 * GIB))]),
         ];
-        let kv = HashMap::from([(0, BTreeMap::from([("acme".to_string(), 10 * GIB)]))]);
+        let kv = HashMap::from([(
+            "server".to_string(),
+            BTreeMap::from([("acme".to_string(), 10 * GIB)]),
+        )]);
         for u in attribute(&gpus, &roles, &kv) {
             assert_eq!(u.kv_cache["acme"], 5 * GIB);
             assert_eq!(u.memory[SHARED], 35 * GIB);
@@ -499,7 +546,7 @@ mod tests {
     fn kv_reports_never_claim_more_than_the_process_holds() {
         let gpus = [gpu(0, 4 * GIB, &[(200, Some(4 * GIB))])];
         let kv = HashMap::from([(
-            0,
+            "server".to_string(),
             BTreeMap::from([
                 ("acme".to_string(), 3 * GIB),
                 ("globex".to_string(), 3 * GIB),
@@ -578,9 +625,36 @@ mod tests {
         );
         assert_eq!(
             m.classify_cgroup("/system.slice/vllm.service"),
-            Some(Role::Shared(1))
+            Some(Role::Shared("gpu.workloads[1]".into()))
         );
         assert_eq!(m.classify_cgroup("/user.slice"), None);
+    }
+
+    #[test]
+    fn pods_reporting_kv_become_shared_servers() {
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let cgroup = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-9.scope",
+            uid.replace('-', "_")
+        );
+        assert_eq!(pod_uid_of(&cgroup).as_deref(), Some(uid));
+        assert_eq!(
+            pod_uid_of(&format!("/kubepods/besteffort/pod{uid}/abc")).as_deref(),
+            Some(uid)
+        );
+        assert_eq!(pod_uid_of("/system.slice/podman.service"), None);
+        let mut m = Matcher::new(&GpuConfig::default());
+        assert_eq!(m.classify_cgroup(&cgroup), None);
+        assert_eq!(m.discover(uid), format!("pod {uid}"));
+        assert_eq!(
+            m.classify_cgroup(&cgroup),
+            Some(Role::Shared(format!("pod {uid}")))
+        );
+        let reloaded = Matcher::new(&GpuConfig::default()).with_discovered_from(&m);
+        assert_eq!(
+            reloaded.classify_cgroup(&cgroup),
+            Some(Role::Shared(format!("pod {uid}")))
+        );
     }
 
     #[test]

@@ -133,7 +133,10 @@ impl RunningAgent {
         cross_tenant::apply(&new, &self.cgroup, &registry, &maps)?;
         *self.tenants.write().unwrap() = registry;
         *self.service.allow.write().unwrap() = new.tagging.clone();
-        *self.gpu.matcher.write().unwrap() = gpu::Matcher::new(&new.gpu);
+        {
+            let mut matcher = self.gpu.matcher.write().unwrap();
+            *matcher = gpu::Matcher::new(&new.gpu).with_discovered_from(&matcher);
+        }
         for (field, changed) in [
             ("gpu.source", self.config.gpu.source != new.gpu.source),
             (

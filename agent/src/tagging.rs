@@ -202,14 +202,37 @@ impl TagService {
         tenants: &std::collections::BTreeMap<String, u64>,
     ) -> Result<Response, (ErrorCode, String)> {
         let pid = creds.pid() as u32;
-        let role = self.gpu.matcher.read().unwrap().classify_pid(pid);
-        let Some(crate::gpu::Role::Shared(workload)) = role else {
-            return Err((
-                ErrorCode::UnknownWorkload,
-                format!(
-                    "the caller (pid {pid}) is not in a workload configured as a shared inference server (gpu.workloads with shared = true)"
-                ),
-            ));
+        let matcher = self.gpu.matcher.read().unwrap().clone();
+        let workload = match matcher.classify_pid(pid) {
+            Some(crate::gpu::Role::Shared(key)) => key,
+            Some(crate::gpu::Role::Dedicated(tenant)) => {
+                return Err((
+                    ErrorCode::UnknownWorkload,
+                    format!(
+                        "the caller (pid {pid}) is in a workload dedicated to tenant {tenant:?} (gpu.workloads), not a shared inference server"
+                    ),
+                ));
+            }
+            None => match matcher
+                .cgroup_of(pid)
+                .as_deref()
+                .and_then(crate::gpu::pod_uid_of)
+            {
+                // A sidecar's report declares its pod a shared inference server.
+                Some(uid) => {
+                    let key = self.gpu.matcher.write().unwrap().discover(&uid);
+                    tracing::info!(pod_uid = %uid, pid, "a sidecar reported KV usage: its pod is a shared inference server");
+                    key
+                }
+                None => {
+                    return Err((
+                        ErrorCode::UnknownWorkload,
+                        format!(
+                            "the caller (pid {pid}) is in no Kubernetes pod and in no workload configured as a shared inference server (gpu.workloads with shared = true)"
+                        ),
+                    ));
+                }
+            },
         };
         let registry = self.tenants.read().unwrap();
         if let Some(unknown) = tenants.keys().find(|t| registry.id(t).is_none()) {

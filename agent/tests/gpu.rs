@@ -156,6 +156,33 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
     write_cgroup(&proc_root, me, dedicated);
     let err = agent.client().report_kv(&report).unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::UnknownWorkload), "{err}");
+    write_cgroup(&proc_root, me, "/user.slice/session-1.scope");
+    let err = agent.client().report_kv(&report).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownWorkload), "{err}");
+
+    // A sidecar in a pod nobody configured: its report makes the pod a shared server, and the
+    // pod's GPU processes are split by it from the next poll on.
+    let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    write_cgroup(
+        &proc_root,
+        me,
+        &format!("/kubepods/burstable/pod{uid}/sidecar"),
+    );
+    write_cgroup(
+        &proc_root,
+        1003,
+        &format!("/kubepods/burstable/pod{uid}/vllm"),
+    );
+    let only_beta = BTreeMap::from([("beta".to_string(), 4 * GIB)]);
+    assert_eq!(agent.client().report_kv(&only_beta).unwrap(), 1);
+    let m = agent.wait_for("the discovered server's split", |m| {
+        kv(m, "beta", "0") == 5 * GIB
+    });
+    assert_eq!(
+        gpu_mem(&m, "unattributed", "0"),
+        GIB,
+        "only the driver's memory is left"
+    );
 
     // The GPU source fails: nvml_up drops to 0 and no stale attribution is exported.
     std::fs::write(&gpus, r#"{"error": "NVML: GPU is lost"}"#).unwrap();
