@@ -57,3 +57,24 @@ fn without_privileges_it_exits_with_one_clear_error() {
     );
     assert!(stderr.contains("uid 65534"), "{stderr}");
 }
+
+#[test]
+fn the_shipped_kubernetes_config_is_valid() {
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent/configmap.yaml"),
+    )
+    .unwrap();
+    // The block scalar under `agent.toml: |`, dedented.
+    let toml: String = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "agent.toml: |")
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    let config = bulkhead_agent::config::Config::parse(&toml, "deploy/agent/configmap.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.tenants.len(), 3);
+    assert!(!config.detach_on_shutdown);
+    assert_eq!(config.gpu.proc_root, std::path::PathBuf::from("/host/proc"));
+}
