@@ -284,7 +284,7 @@ fn valid_name(s: &str) -> bool {
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !s.starts_with('.')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
 }
 
 impl Config {
@@ -366,7 +366,7 @@ impl Config {
             if !valid_name(name) {
                 return Err(invalid(
                     format!("tenants.{name}"),
-                    "tenant names are 1-64 of [A-Za-z0-9._-], not starting with '.'",
+                    "tenant names are 1-64 of [A-Za-z0-9._-], starting with a letter or digit",
                 ));
             }
             if t.weight == 0 || t.weight > 10_000 {
