@@ -57,6 +57,7 @@ pub struct Metrics {
     pub ttft: HistFamily,
     pub queue_wait: HistFamily,
     pub inflight: Family<TenantLabel, Gauge>,
+    pub queued: Family<TenantLabel, Gauge>,
     pub auth_failures: Family<Reason, Counter>,
     /// 1 when the node agent's tagging API answered last time, 0 when not.
     pub agent_available: Gauge,
@@ -77,6 +78,7 @@ impl Metrics {
             ttft: Family::new_with_constructor(latency_histogram),
             queue_wait: Family::new_with_constructor(latency_histogram),
             inflight: Family::default(),
+            queued: Family::default(),
             auth_failures: Family::default(),
             agent_available: Gauge::default(),
             config_reloads: Family::default(),
@@ -118,6 +120,11 @@ impl Metrics {
             "inflight_requests",
             "Requests in flight to the upstream",
             m.inflight.clone(),
+        );
+        r.register(
+            "queued_requests",
+            "Requests waiting in the fair queue",
+            m.queued.clone(),
         );
         r.register(
             "auth_failures",
@@ -162,6 +169,7 @@ impl Metrics {
                 .get_or_create(&TenantLimit { tenant: t(), limit });
         }
         let _ = self.inflight.get_or_create(&TenantLabel { tenant: t() });
+        let _ = self.queued.get_or_create(&TenantLabel { tenant: t() });
     }
 }
 

@@ -652,7 +652,19 @@ pub async fn handle(
     };
     // Phase 5: fair queue.
     let timeout = rt.config.queue_timeout();
-    let (permit, waited) = match app.sched.acquire(&tenant, timeout).await {
+    let queued = app
+        .metrics
+        .queued
+        .get_or_create(&TenantLabel {
+            tenant: tenant.clone(),
+        })
+        .clone();
+    let acquired = {
+        // Decremented however the wait ends (including the client going away).
+        let _waiting = GaugeGuard::new(queued);
+        app.sched.acquire(&tenant, timeout).await
+    };
+    let (permit, waited) = match acquired {
         Ok(p) => p,
         Err(e) => {
             admission.refund();
@@ -819,6 +831,21 @@ fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Res
     rec.latency_ms = ctx.t0.elapsed().as_secs_f64() * 1e3;
     app.audit.record(rec);
     r
+}
+
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl GaugeGuard {
+    fn new(g: prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Finishes a forwarded request when its response ends or is dropped.

@@ -192,8 +192,8 @@ pub async fn run_with(
         });
     }
     tracing::info!("shutting down: draining in-flight requests");
-    app.ready.store(false, Ordering::SeqCst);
     drop(listener);
+    app.ready.store(false, Ordering::SeqCst);
     let drain = Duration::from_millis(http_limits.drain_timeout_ms);
     if tokio::time::timeout(drain, graceful.shutdown())
         .await
