@@ -1087,7 +1087,14 @@ impl Body for MeteredBody {
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        if let Some(out) = this.on_data(data) {
+                        let out = this.on_data(data);
+                        // With a Content-Length the server may stop polling once it has
+                        // written that many bytes: finish as soon as the upstream is done.
+                        if this.inner.is_end_stream() && !this.done {
+                            this.tail = this.on_end();
+                            this.done = true;
+                        }
+                        if let Some(out) = out {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                     }
@@ -1099,6 +1106,14 @@ impl Body for MeteredBody {
 
     fn is_end_stream(&self) -> bool {
         self.done && self.tail.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.mode {
+            // Passed through unchanged: the upstream's length holds.
+            Mode::Json(_) => self.inner.size_hint(),
+            Mode::Sse(_) => http_body::SizeHint::default(),
+        }
     }
 }
 

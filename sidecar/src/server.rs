@@ -138,7 +138,14 @@ pub async fn run_with(
         registry.clone(),
         stop_rx.clone(),
     ));
-    let reloader = tokio::spawn(reload_loop(app.clone(), opts.clone(), stop_rx.clone()));
+    // The fingerprint of the files as loaded, taken before anything can change them.
+    let loaded = opts.config_path.as_deref().and_then(fingerprint);
+    let reloader = tokio::spawn(reload_loop(
+        app.clone(),
+        opts.clone(),
+        loaded,
+        stop_rx.clone(),
+    ));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -307,12 +314,16 @@ fn try_reload(app: &App, metrics: &Metrics, path: &std::path::Path) {
     }
 }
 
-async fn reload_loop(app: Arc<App>, opts: Options, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn reload_loop(
+    app: Arc<App>,
+    opts: Options,
+    mut last: Option<Vec<u8>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let Some(path) = opts.config_path.clone() else {
         return;
     };
     let metrics = app.metrics.clone();
-    let mut last = fingerprint(&path);
     let mut hup = if opts.sighup {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),

@@ -120,7 +120,20 @@ impl Harness {
                 let _ = rx.await;
             },
         ));
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        // Wait until the sidecar serves (poll with a deadline).
+        let ready: Uri = format!("http://{admin}/readyz").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = client.get(ready.clone()).await
+                && r.status() == http::StatusCode::OK
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sidecar never became ready");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Harness {
             sim,
             addr,
