@@ -45,6 +45,8 @@ impl Default for SimConfig {
 /// A request as the simulator received it.
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
+    /// The client's address (the sidecar's upstream connection).
+    pub peer: Option<SocketAddr>,
     pub method: Method,
     pub path: String,
     pub headers: HeaderMap,
@@ -173,7 +175,11 @@ impl Sim {
         q.push_back(r);
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        peer: Option<SocketAddr>,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let body = match body.collect().await {
             Ok(b) => b.to_bytes(),
@@ -188,6 +194,7 @@ impl Sim {
         };
         let path = parts.uri.path().to_string();
         self.record(RecordedRequest {
+            peer,
             method: parts.method.clone(),
             path: path.clone(),
             headers: parts.headers.clone(),
@@ -367,7 +374,7 @@ pub async fn serve(
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -381,7 +388,7 @@ pub async fn serve(
         let sim = sim.clone();
         let svc = hyper::service::service_fn(move |req| {
             let sim = sim.clone();
-            async move { Ok::<_, std::convert::Infallible>(sim.handle(req).await) }
+            async move { Ok::<_, std::convert::Infallible>(sim.handle(Some(peer), req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
