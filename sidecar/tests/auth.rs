@@ -69,6 +69,11 @@ async fn every_failure_reason() {
     );
     expect_refused(&h, req2, "malformed").await;
 
+    // malformed: a body whose digest the signature does not cover.
+    let mut req = h.signed("acme", Method::POST, path, "");
+    *req.body_mut() = Full::new(Bytes::from(body()));
+    expect_refused(&h, req, "malformed").await;
+
     // bad_signature: right key id, wrong secret; or a tampered covered component.
     let req = h.signed_with(
         "acme",
