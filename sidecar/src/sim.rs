@@ -206,8 +206,10 @@ impl Sim {
                 "data": [{"id": self.config.model, "object": "model", "owned_by": "bulkhead-sim"}]
             })),
             (Method::GET, "/health") => json(serde_json::json!({"status": "ok"})),
-            (Method::POST, "/v1/chat/completions") => self.generate(&body, true).await,
-            (Method::POST, "/v1/completions") => self.generate(&body, false).await,
+            (Method::POST, "/v1/chat/completions") => {
+                self.generate(&parts.headers, &body, true).await
+            }
+            (Method::POST, "/v1/completions") => self.generate(&parts.headers, &body, false).await,
             (Method::POST, "/v1/embeddings") => {
                 let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
                     return bad_json();
@@ -229,11 +231,27 @@ impl Sim {
         }
     }
 
-    async fn generate(self: Arc<Self>, body: &[u8], chat: bool) -> Response<ProxyBody> {
+    async fn generate(
+        self: Arc<Self>,
+        headers: &HeaderMap,
+        body: &[u8],
+        chat: bool,
+    ) -> Response<ProxyBody> {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
             return bad_json();
         };
         let r = SimRequest::parse(&v);
+        // Per-request timing overrides (benchmarks): `x-sim-ttft-ms`, `x-sim-itl-ms`.
+        let ms = |name: &str, default: Duration| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite() && *v >= 0.0 && *v <= 60_000.0)
+                .map_or(default, |v| Duration::from_secs_f64(v / 1e3))
+        };
+        let ttft = ms("x-sim-ttft-ms", self.config.time_to_first_token);
+        let itl = ms("x-sim-itl-ms", self.config.inter_token_latency);
         let n = r
             .max_tokens
             .unwrap_or(self.config.completion_tokens)
@@ -250,9 +268,11 @@ impl Sim {
         });
         let model = self.config.model.clone();
         if !r.stream {
-            tokio::time::sleep(self.config.time_to_first_token).await;
-            if n > 1 {
-                tokio::time::sleep(self.config.inter_token_latency * (n as u32 - 1)).await;
+            if !ttft.is_zero() {
+                tokio::time::sleep(ttft).await;
+            }
+            if n > 1 && !itl.is_zero() {
+                tokio::time::sleep(itl * (n as u32 - 1)).await;
             }
             let text: String = (0..n).map(|i| format!("tok{i} ")).collect();
             let choice = if chat {
@@ -284,7 +304,9 @@ impl Sim {
                 });
                 Bytes::from(format!("data: {c}\n\n"))
             };
-            tokio::time::sleep(sim.config.time_to_first_token).await;
+            if !ttft.is_zero() {
+                tokio::time::sleep(ttft).await;
+            }
             let mut gate = sim.gate.subscribe();
             for i in 0..n {
                 if i > 0 {
@@ -293,7 +315,9 @@ impl Sim {
                     {
                         return;
                     }
-                    tokio::time::sleep(sim.config.inter_token_latency).await;
+                    if !itl.is_zero() {
+                        tokio::time::sleep(itl).await;
+                    }
                 }
                 let text = format!("tok{i} ");
                 let choice = if chat {
