@@ -140,10 +140,23 @@ pub async fn run_with(
     ));
     // The fingerprint of the files as loaded, taken before anything can change them.
     let loaded = opts.config_path.as_deref().and_then(fingerprint);
+    // Listen for SIGHUP before serving, so a signal never finds the default action.
+    let hup = if opts.sighup && opts.config_path.is_some() {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let reloader = tokio::spawn(reload_loop(
         app.clone(),
         opts.clone(),
         loaded,
+        hup,
         stop_rx.clone(),
     ));
 
@@ -318,23 +331,13 @@ async fn reload_loop(
     app: Arc<App>,
     opts: Options,
     mut last: Option<Vec<u8>>,
+    mut hup: Option<tokio::signal::unix::Signal>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let Some(path) = opts.config_path.clone() else {
         return;
     };
     let metrics = app.metrics.clone();
-    let mut hup = if opts.sighup {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP");
-                None
-            }
-        }
-    } else {
-        None
-    };
     let mut tick = tokio::time::interval(opts.reload_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -186,3 +186,37 @@ max_concurrent = 1
     assert_eq!(p.status, StatusCode::OK);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn limits_refill_with_the_injected_clock() {
+    use bulkhead_sidecar::limits::{ManualClock, SharedClock};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let clock = Arc::new(ManualClock::default());
+    let opts = bulkhead_sidecar::Options {
+        clock: SharedClock(clock.clone()),
+        ..Default::default()
+    };
+    let h = Harness::start_opts(
+        r#"
+[tenants.acme]
+requests_per_minute = 1
+tokens_per_minute = 200
+[tenants.globex]
+"#,
+        Default::default(),
+        |_| {},
+        opts,
+    )
+    .await;
+    let body = chat("hi", r#","max_tokens":100"#);
+    let send = || h.signed("acme", Method::POST, "/v1/chat/completions", &body);
+    assert_eq!(h.send_collect(send()).await.0.status, StatusCode::OK);
+    let (p, _) = h.send_collect(send()).await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(p.headers["retry-after"], "60");
+    // No sleeping: the limits' clock moves a minute.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(h.send_collect(send()).await.0.status, StatusCode::OK);
+    h.shutdown().await;
+}

@@ -91,6 +91,16 @@ impl Harness {
         sim: SimConfig,
         tweak: impl FnOnce(&mut String),
     ) -> Harness {
+        Self::start_opts(tenants, sim, tweak, bulkhead_sidecar::Options::default()).await
+    }
+
+    /// Start with `opts` (its `config_path` is set here; `reload_poll` kept unless default).
+    pub async fn start_opts(
+        tenants: &str,
+        sim: SimConfig,
+        tweak: impl FnOnce(&mut String),
+        mut opts: bulkhead_sidecar::Options,
+    ) -> Harness {
         let sim = SimHandle::start(sim).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -106,11 +116,10 @@ impl Harness {
         let addr = listener.local_addr().unwrap();
         let admin = admin_l.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let opts = bulkhead_sidecar::Options {
-            config_path: Some(config_path.clone()),
-            reload_poll: Duration::from_millis(25),
-            ..Default::default()
-        };
+        opts.config_path = Some(config_path.clone());
+        if opts.reload_poll == bulkhead_sidecar::Options::default().reload_poll {
+            opts.reload_poll = Duration::from_millis(25);
+        }
         let task = tokio::spawn(bulkhead_sidecar::run_with(
             listener,
             admin_l,
