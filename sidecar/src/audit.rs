@@ -5,8 +5,8 @@
 use ring::hmac;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 /// The file stem for requests that carried no verified tenant.
@@ -61,18 +61,25 @@ impl AuditLog {
         }
     }
 
-    /// Start the writer task on the current runtime.
+    /// Start the writer on its own thread (plain blocking file I/O, off the async workers);
+    /// it ends when every sender is gone.
     pub fn start(
         dir: PathBuf,
         key: &[u8],
         dropped: prometheus_client::metrics::counter::Counter,
-    ) -> Result<(Self, tokio::task::JoinHandle<()>), AuditError> {
+    ) -> Result<(Self, std::thread::JoinHandle<()>), AuditError> {
         std::fs::create_dir_all(&dir).map_err(|source| AuditError::Dir {
             path: dir.clone(),
             source,
         })?;
         let (tx, rx) = mpsc::channel(8192);
-        let handle = tokio::spawn(writer(dir, rx));
+        let handle = std::thread::Builder::new()
+            .name("bulkhead-audit".into())
+            .spawn(move || writer(dir, rx))
+            .map_err(|source| AuditError::Dir {
+                path: PathBuf::from("<audit writer thread>"),
+                source,
+            })?;
         Ok((
             Self {
                 tx: Some(tx),
@@ -98,51 +105,50 @@ impl AuditLog {
     }
 }
 
-async fn writer(dir: PathBuf, mut rx: mpsc::Receiver<AuditRecord>) {
-    let mut files: HashMap<String, tokio::io::BufWriter<tokio::fs::File>> = HashMap::new();
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let mut touched = Vec::new();
-        for rec in batch {
-            let stem = rec.tenant.clone();
-            if !files.contains_key(&stem) {
-                let path = dir.join(format!("{stem}.jsonl"));
-                match tokio::fs::OpenOptions::new()
+fn writer(dir: PathBuf, mut rx: mpsc::Receiver<AuditRecord>) {
+    let mut files: HashMap<String, std::io::BufWriter<std::fs::File>> = HashMap::new();
+    let mut line = Vec::with_capacity(512);
+    while let Some(first) = rx.blocking_recv() {
+        let mut touched: Vec<String> = Vec::new();
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(rec) = next.take() {
+            n += 1;
+            if !files.contains_key(&rec.tenant) {
+                let path = dir.join(format!("{}.jsonl", rec.tenant));
+                match std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&path)
-                    .await
                 {
                     Ok(f) => {
-                        files.insert(stem.clone(), tokio::io::BufWriter::new(f));
+                        files.insert(rec.tenant.clone(), std::io::BufWriter::new(f));
                     }
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "cannot open audit log");
-                        continue;
                     }
                 }
             }
-            let Some(f) = files.get_mut(&stem) else {
-                continue;
-            };
-            let mut line = serde_json::to_vec(&rec).unwrap_or_default();
-            line.push(b'\n');
-            if let Err(e) = f.write_all(&line).await {
-                tracing::warn!(tenant = %stem, error = %e, "audit write failed");
+            if let Some(f) = files.get_mut(&rec.tenant) {
+                line.clear();
+                if serde_json::to_writer(&mut line, &rec).is_ok() {
+                    line.push(b'\n');
+                    if let Err(e) = f.write_all(&line) {
+                        tracing::warn!(tenant = %rec.tenant, error = %e, "audit write failed");
+                    }
+                }
+                if !touched.contains(&rec.tenant) {
+                    touched.push(rec.tenant);
+                }
             }
-            touched.push(stem);
+            if n < 4096 {
+                next = rx.try_recv().ok();
+            }
         }
-        touched.sort();
-        touched.dedup();
+        // Flush once the queue is drained: whole lines reach the files promptly.
         for t in touched {
             if let Some(f) = files.get_mut(&t)
-                && let Err(e) = f.flush().await
+                && let Err(e) = f.flush()
             {
                 tracing::warn!(tenant = %t, error = %e, "audit flush failed");
             }

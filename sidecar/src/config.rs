@@ -47,6 +47,8 @@ pub struct Config {
     #[serde(default)]
     pub agent: AgentConfig,
     #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
@@ -208,6 +210,14 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; 0 (default) uses one per CPU. Read at start only.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -357,6 +367,9 @@ impl Config {
         }
         if self.http.header_read_timeout_ms == 0 {
             return Err(invalid("http.header_read_timeout_ms", "must be > 0"));
+        }
+        if self.runtime.worker_threads > 256 {
+            return Err(invalid("runtime.worker_threads", "must be within 0..=256"));
         }
         if self.tenants.is_empty() {
             return Err(invalid("tenants", "at least one tenant is required"));

@@ -173,6 +173,47 @@ impl Metrics {
     }
 }
 
+/// One tenant's series, looked up once per configuration instead of once per request.
+#[derive(Clone)]
+pub struct TenantMetrics {
+    pub ok: Counter,
+    pub prompt_tokens: Counter,
+    pub completion_tokens: Counter,
+    pub duration: Histogram,
+    pub ttft: Histogram,
+    pub queue_wait: Histogram,
+    pub inflight: Gauge,
+    pub queued: Gauge,
+}
+
+impl Metrics {
+    pub fn tenant(&self, tenant: &str) -> TenantMetrics {
+        let l = TenantLabel {
+            tenant: tenant.to_string(),
+        };
+        let kind = |kind| TenantKind {
+            tenant: tenant.to_string(),
+            kind,
+        };
+        TenantMetrics {
+            ok: self
+                .requests
+                .get_or_create(&TenantCode {
+                    tenant: tenant.to_string(),
+                    code: 200,
+                })
+                .clone(),
+            prompt_tokens: self.tokens.get_or_create(&kind("prompt")).clone(),
+            completion_tokens: self.tokens.get_or_create(&kind("completion")).clone(),
+            duration: self.duration.get_or_create(&l).clone(),
+            ttft: self.ttft.get_or_create(&l).clone(),
+            queue_wait: self.queue_wait.get_or_create(&l).clone(),
+            inflight: self.inflight.get_or_create(&l).clone(),
+            queued: self.queued.get_or_create(&l).clone(),
+        }
+    }
+}
+
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, registry)

@@ -9,7 +9,7 @@ use crate::http_util::{BoxError, ProxyBody, json_error};
 use crate::limits::{
     Admission, LimitKind, RateInfo, Rejection, SharedClock, TenantLimits, format_reset,
 };
-use crate::metrics::{Metrics, Reason, TenantCode, TenantKind, TenantLabel, TenantLimit};
+use crate::metrics::{Metrics, Reason, TenantCode, TenantLimit, TenantMetrics};
 use crate::signature::{AuthError, RESERVED_PREFIX, ReplayCache, RequestView, Verifier};
 use crate::tagging::Tagger;
 use crate::wfq::{Permit, QueueError, Scheduler};
@@ -75,6 +75,7 @@ pub struct Runtime {
     pub verifier: Verifier,
     pub limits: HashMap<String, Arc<TenantLimits>>,
     pub clients: HashMap<String, UpstreamClient>,
+    pub tenant_metrics: HashMap<String, Arc<TenantMetrics>>,
     pub upstream: Uri,
 }
 
@@ -218,8 +219,10 @@ fn build_runtime(
     let same_upstream = prev.is_some_and(|p| p.config.upstream == config.upstream);
     let mut limits = HashMap::new();
     let mut clients = HashMap::new();
+    let mut tenant_metrics = HashMap::new();
     for (name, t) in &config.tenants {
         metrics.init_tenant(name);
+        tenant_metrics.insert(name.clone(), Arc::new(metrics.tenant(name)));
         let l = match prev.and_then(|p| p.limits.get(name)) {
             Some(old) if old.config() == t => old.clone(),
             _ => Arc::new(TenantLimits::new(t.clone(), clock.clone())),
@@ -251,6 +254,7 @@ fn build_runtime(
         verifier,
         limits,
         clients,
+        tenant_metrics,
         upstream,
     })
 }
@@ -365,7 +369,7 @@ fn inspect_body(path: &str, body: &Bytes, default_max_tokens: u64) -> BodyInfo {
         }
     }
     let mut prompt_bytes = 0usize;
-    let mut hash_input = serde_json::Map::new();
+    let mut hash_input = Vec::new();
     for k in ["messages", "prompt", "input", "suffix"] {
         if let Some(x) = obj.get(k) {
             prompt_bytes += text_len(x);
@@ -374,10 +378,13 @@ fn inspect_body(path: &str, body: &Bytes, default_max_tokens: u64) -> BodyInfo {
             {
                 prompt_bytes += 16 * a.len();
             }
-            hash_input.insert(k.to_string(), x.clone());
+            hash_input.extend_from_slice(k.as_bytes());
+            hash_input.push(b'=');
+            let _ = serde_json::to_writer(&mut hash_input, x);
+            hash_input.push(b'\n');
         }
     }
-    info.prompt_hash_input = serde_json::to_vec(&hash_input).unwrap_or_default();
+    info.prompt_hash_input = hash_input;
     info.prompt_estimate = prompt_bytes.div_ceil(4) as u64;
     let generates = path.ends_with("/completions");
     if generates {
@@ -652,13 +659,12 @@ pub async fn handle(
     };
     // Phase 5: fair queue.
     let timeout = rt.config.queue_timeout();
-    let queued = app
-        .metrics
-        .queued
-        .get_or_create(&TenantLabel {
-            tenant: tenant.clone(),
-        })
-        .clone();
+    let tm = rt
+        .tenant_metrics
+        .get(&tenant)
+        .cloned()
+        .unwrap_or_else(|| unreachable!("tenant is configured"));
+    let queued = tm.queued.clone();
     let acquired = {
         // Decremented however the wait ends (including the client going away).
         let _waiting = GaugeGuard::new(queued);
@@ -689,12 +695,7 @@ pub async fn handle(
             return r;
         }
     };
-    app.metrics
-        .queue_wait
-        .get_or_create(&TenantLabel {
-            tenant: tenant.clone(),
-        })
-        .observe(waited.as_secs_f64());
+    tm.queue_wait.observe(waited.as_secs_f64());
     base_rec.queue_ms = Some(waited.as_secs_f64() * 1e3);
     base_rec.reserved_tokens = Some(estimate);
     // Phase 6: forward.
@@ -714,17 +715,12 @@ pub async fn handle(
     *up.method_mut() = parts.method.clone();
     *up.uri_mut() = uri;
     *up.headers_mut() = fwd_headers;
-    let inflight = app
-        .metrics
-        .inflight
-        .get_or_create(&TenantLabel {
-            tenant: tenant.clone(),
-        })
-        .clone();
+    let inflight = tm.inflight.clone();
     inflight.inc();
     let mut outcome = Outcome {
         app: app.clone(),
         tenant: tenant.clone(),
+        tm,
         rec: base_rec,
         t0: ctx.t0,
         admission: Some(admission),
@@ -852,6 +848,7 @@ impl Drop for GaugeGuard {
 struct Outcome {
     app: Arc<App>,
     tenant: String,
+    tm: Arc<TenantMetrics>,
     rec: AuditRecord,
     t0: Instant,
     admission: Option<Admission>,
@@ -889,31 +886,23 @@ impl Drop for Outcome {
         self.permit.take();
         self.inflight.dec();
         if let Some(u) = usage {
-            m.tokens
-                .get_or_create(&TenantKind {
-                    tenant: t(),
-                    kind: "prompt",
-                })
-                .inc_by(u.prompt);
-            m.tokens
-                .get_or_create(&TenantKind {
-                    tenant: t(),
-                    kind: "completion",
-                })
-                .inc_by(u.completion);
+            self.tm.prompt_tokens.inc_by(u.prompt);
+            self.tm.completion_tokens.inc_by(u.completion);
             self.rec.prompt_tokens = Some(u.prompt);
             self.rec.completion_tokens = Some(u.completion);
         }
-        m.requests
-            .get_or_create(&TenantCode {
-                tenant: t(),
-                code: self.status.as_u16(),
-            })
-            .inc();
+        if self.status == StatusCode::OK {
+            self.tm.ok.inc();
+        } else {
+            m.requests
+                .get_or_create(&TenantCode {
+                    tenant: t(),
+                    code: self.status.as_u16(),
+                })
+                .inc();
+        }
         let elapsed = self.t0.elapsed();
-        m.duration
-            .get_or_create(&TenantLabel { tenant: t() })
-            .observe(elapsed.as_secs_f64());
+        self.tm.duration.observe(elapsed.as_secs_f64());
         self.rec.status = self.status.as_u16();
         self.rec.latency_ms = elapsed.as_secs_f64() * 1e3;
         self.rec.ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1e3);
@@ -1002,14 +991,7 @@ impl MeteredBody {
         if outcome.ttft.is_none() && !data.is_empty() {
             let d = outcome.t0.elapsed();
             outcome.ttft = Some(d);
-            outcome
-                .app
-                .metrics
-                .ttft
-                .get_or_create(&TenantLabel {
-                    tenant: outcome.tenant.clone(),
-                })
-                .observe(d.as_secs_f64());
+            outcome.tm.ttft.observe(d.as_secs_f64());
         }
         match &mut self.mode {
             Mode::Json(buf) => {

@@ -265,7 +265,11 @@ pub fn signature_base(
         if v.contains('\n') || v.contains('\r') {
             return Err(malformed("component value contains a newline"));
         }
-        base.push_str(&format!("\"{c}\": {v}\n"));
+        base.push('"');
+        base.push_str(c);
+        base.push_str("\": ");
+        base.push_str(&v);
+        base.push('\n');
     }
     base.push_str("\"@signature-params\": ");
     base.push_str(params_value);
@@ -360,18 +364,33 @@ pub fn hmac_verify(key: &[u8], base: &str, sig: &[u8]) -> bool {
 }
 
 /// A bounded set of recently seen `(keyid, nonce)` pairs, each remembered until the time after
-/// which its signature would be rejected as expired anyway.
-#[derive(Debug)]
+/// which its signature would be rejected as expired anyway. Entries are 128-bit keyed hashes
+/// (two independently keyed SipHash-1-3), so memory per nonce stays small and fixed; a false
+/// "replayed" needs a 128-bit collision under keys the sender does not know.
 pub struct ReplayCache {
     capacity: usize,
-    seen: HashMap<(String, String), i64>,
-    order: VecDeque<((String, String), i64)>,
+    hashers: (
+        std::collections::hash_map::RandomState,
+        std::collections::hash_map::RandomState,
+    ),
+    seen: HashMap<u128, i64>,
+    order: VecDeque<(u128, i64)>,
+}
+
+impl std::fmt::Debug for ReplayCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayCache")
+            .field("capacity", &self.capacity)
+            .field("len", &self.seen.len())
+            .finish()
+    }
 }
 
 impl ReplayCache {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
+            hashers: Default::default(),
             seen: HashMap::new(),
             order: VecDeque::new(),
         }
@@ -385,6 +404,13 @@ impl ReplayCache {
         self.seen.is_empty()
     }
 
+    fn key(&self, keyid: &str, nonce: &str) -> u128 {
+        use std::hash::BuildHasher;
+        let a = self.hashers.0.hash_one((keyid, nonce));
+        let b = self.hashers.1.hash_one((keyid, nonce));
+        ((a as u128) << 64) | b as u128
+    }
+
     /// Record the nonce; `Replayed` when it is already live, `ReplayCacheFull` when the cache is
     /// full of live entries (fail closed rather than forget a live nonce).
     pub fn check_and_insert(
@@ -394,16 +420,16 @@ impl ReplayCache {
         forget_at: i64,
         now: i64,
     ) -> Result<(), AuthError> {
-        while let Some((k, t)) = self.order.front() {
-            if *t > now {
+        while let Some(&(k, t)) = self.order.front() {
+            if t > now {
                 break;
             }
-            if self.seen.get(k) == Some(t) {
-                self.seen.remove(k);
+            if self.seen.get(&k) == Some(&t) {
+                self.seen.remove(&k);
             }
             self.order.pop_front();
         }
-        let key = (keyid.to_string(), nonce.to_string());
+        let key = self.key(keyid, nonce);
         if let Some(t) = self.seen.get(&key)
             && *t > now
         {
@@ -412,7 +438,7 @@ impl ReplayCache {
         if self.seen.len() >= self.capacity {
             return Err(AuthError::ReplayCacheFull);
         }
-        self.seen.insert(key.clone(), forget_at);
+        self.seen.insert(key, forget_at);
         // Entries are mostly inserted in time order; out-of-order ones are removed lazily.
         self.order.push_back((key, forget_at));
         Ok(())

@@ -55,11 +55,23 @@ const STREAM_BODY: &str = r#"{"model":"bulkhead-sim","max_tokens":32,"stream":tr
 struct Proc {
     name: &'static str,
     child: Child,
+    /// How to stop it gracefully (nginx: its master must stop its workers).
+    stop: Option<Command>,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         // Only the processes this run started.
+        if let Some(cmd) = self.stop.as_mut() {
+            let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -399,9 +411,11 @@ fn main() -> anyhow::Result<()> {
                 "--threads",
                 "1",
             ])
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
+        stop: None,
     };
     let sim_addr: SocketAddr = ([127, 0, 0, 1], sim_port).into();
     wait_port(sim_addr, sim.name)?;
@@ -413,10 +427,12 @@ fn main() -> anyhow::Result<()> {
         child: Command::new(bin_dir.join("bulkhead-sidecar"))
             .args(["run", "--config"])
             .arg(&cfg)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sidecar").display()))?,
+        stop: None,
     };
     let sc_addr: SocketAddr = ([127, 0, 0, 1], sc_port).into();
     wait_port(sc_addr, sidecar.name)?;
@@ -425,18 +441,26 @@ fn main() -> anyhow::Result<()> {
         (false, Some(bin)) => {
             let port = free_port()?;
             let conf = write_nginx_config(&dir, port, sim_port)?;
-            let child = Command::new(bin)
+            let child = Command::new(&bin)
                 .arg("-c")
                 .arg(&conf)
                 .arg("-p")
                 .arg(&dir)
+                .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .context("starting nginx")?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let mut stop = Command::new(&bin);
+            stop.arg("-c")
+                .arg(&conf)
+                .arg("-p")
+                .arg(&dir)
+                .args(["-s", "stop"]);
             let p = Proc {
                 name: "nginx",
                 child,
+                stop: Some(stop),
             };
             wait_port(addr, p.name)?;
             Some((p, addr))
