@@ -1,7 +1,215 @@
-//! bulkhead-sidecar: not built yet (see the sidecar issue).
+//! bulkhead-sidecar: `run --config FILE` (default), `sign ...`, `check-config FILE`.
 #![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!("bulkhead-sidecar: not implemented yet");
-    std::process::exit(2);
+use anyhow::{Context, bail};
+use bulkhead_sidecar::config::Config;
+use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
+use clap::{Args, Parser, Subcommand};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status for a configuration error (EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Per-tenant authenticating, rate-limiting, fair-queuing proxy for OpenAI-compatible inference"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run(RunArgs),
+    /// Sign a request as the trusted gateway does; prints the headers to send.
+    Sign(SignArgs),
+    /// Validate a configuration file (and read its key files).
+    CheckConfig { file: PathBuf },
+    /// Print the example configuration.
+    ExampleConfig,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Args)]
+struct SignArgs {
+    /// File holding the HMAC key (base64 unless --raw-key).
+    #[arg(long)]
+    key_file: PathBuf,
+    #[arg(long)]
+    raw_key: bool,
+    #[arg(long)]
+    key_id: String,
+    #[arg(long)]
+    tenant: String,
+    #[arg(long, default_value = "POST")]
+    method: String,
+    /// Request target, e.g. /v1/chat/completions
+    #[arg(long, default_value = "/v1/chat/completions")]
+    path: String,
+    /// Body file ("-" for stdin); none for an empty body.
+    #[arg(long)]
+    body_file: Option<PathBuf>,
+    #[arg(long, default_value = "bulkhead")]
+    label: String,
+    /// Seconds until the signature expires.
+    #[arg(long)]
+    expires_in: Option<i64>,
+    /// Extra covered components (header names or derived components).
+    #[arg(long = "cover")]
+    cover: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Some(Command::Run(a)) => serve(a),
+        None => serve(cli.run),
+        Some(Command::Sign(a)) => sign(a),
+        Some(Command::CheckConfig { file }) => check(&file),
+        Some(Command::ExampleConfig) => {
+            print!("{}", bulkhead_sidecar::config::EXAMPLE_CONFIG);
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match res {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulkhead-sidecar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let cfg = match Config::from_file(file).and_then(|c| c.load_keys().map(|_| c)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulkhead-sidecar: {}: {e}", file.display());
+            return Ok(ExitCode::from(EX_CONFIG));
+        }
+    };
+    println!(
+        "{}: ok ({} tenants, {} keys)",
+        file.display(),
+        cfg.tenants.len(),
+        cfg.keys.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sign(a: SignArgs) -> anyhow::Result<ExitCode> {
+    use base64::Engine;
+    let raw =
+        std::fs::read(&a.key_file).with_context(|| format!("reading {}", a.key_file.display()))?;
+    let key = if a.raw_key {
+        raw
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(String::from_utf8_lossy(&raw).trim())
+            .context("key file is not base64 (use --raw-key for raw bytes)")?
+    };
+    let body = match &a.body_file {
+        None => Vec::new(),
+        Some(p) if p.as_os_str() == "-" => {
+            let mut b = Vec::new();
+            std::io::stdin().read_to_end(&mut b)?;
+            b
+        }
+        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+    };
+    let method: http::Method = a.method.parse().context("bad --method")?;
+    let uri: http::Uri = a.path.parse().context("bad --path")?;
+    let mut headers = http::HeaderMap::new();
+    headers.insert(TENANT_HEADER, a.tenant.parse().context("bad --tenant")?);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let mut opts = SignOptions::new(a.key_id, now);
+    opts.label = a.label;
+    opts.expires = a.expires_in.map(|s| now + s);
+    opts.extra_components = a.cover;
+    for c in &opts.extra_components {
+        if !c.starts_with('@') && !headers.contains_key(c.as_str()) {
+            bail!(
+                "--cover {c}: only derived components and the headers set here can be covered by the CLI"
+            );
+        }
+    }
+    sign_request(&method, &uri, &mut headers, &body, &key, &opts)?;
+    for (k, v) in &headers {
+        println!("{}: {}", k, v.to_str()?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt().with_env_filter(filter);
+    if a.log_json {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    let Some(path) = a.config else {
+        bail!("--config FILE is required (see `bulkhead-sidecar example-config`)");
+    };
+    let config = match Config::from_file(&path).and_then(|c| c.load_keys().map(|_| c)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "bad configuration");
+            return Ok(ExitCode::from(EX_CONFIG));
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen.addr)
+            .await
+            .with_context(|| format!("binding listen.addr {}", config.listen.addr))?;
+        let admin = tokio::net::TcpListener::bind(config.listen.admin_addr)
+            .await
+            .with_context(|| format!("binding listen.admin_addr {}", config.listen.admin_addr))?;
+        tracing::info!(addr = %config.listen.addr, admin = %config.listen.admin_addr, "bulkhead-sidecar listening");
+        let opts = bulkhead_sidecar::Options {
+            config_path: Some(path),
+            sighup: true,
+            ..Default::default()
+        };
+        bulkhead_sidecar::run_with(listener, admin, config, opts, shutdown_signal()).await?;
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
 }

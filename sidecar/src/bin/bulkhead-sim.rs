@@ -1,0 +1,57 @@
+//! bulkhead-sim: a simulated OpenAI-compatible inference server (see `bulkhead_sidecar::sim`).
+#![forbid(unsafe_code)]
+
+use bulkhead_sidecar::sim::{Sim, SimConfig, serve};
+use clap::Parser;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(about = "Simulated OpenAI-compatible inference server")]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// Time to first token, milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    ttft_ms: f64,
+    /// Inter-token latency, milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    itl_ms: f64,
+    /// Completion length in tokens (the request's max_tokens can ask for fewer).
+    #[arg(long, default_value_t = 16)]
+    tokens: u64,
+    #[arg(long, default_value = "bulkhead-sim")]
+    model: String,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cfg = SimConfig {
+        model: a.model,
+        time_to_first_token: Duration::from_secs_f64(a.ttft_ms / 1e3),
+        inter_token_latency: Duration::from_secs_f64(a.itl_ms / 1e3),
+        completion_tokens: a.tokens,
+        record_requests: 0,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(a.listen).await?;
+        eprintln!("bulkhead-sim listening on {}", listener.local_addr()?);
+        serve(listener, Sim::new(cfg), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+        anyhow::Ok(())
+    })
+}

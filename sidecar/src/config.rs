@@ -1,0 +1,524 @@
+//! The sidecar's TOML configuration: parsing, validation (errors name the field) and key loading.
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The example configuration shipped with the crate (used by the demo and `check-config`).
+pub const EXAMPLE_CONFIG: &str = include_str!("../examples/sidecar.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML: {0}")]
+    Parse(String),
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub http: HttpLimits,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the inference server, e.g. `http://127.0.0.1:8000`.
+    pub url: String,
+    /// Idle keep-alive connections kept per tenant.
+    #[serde(default = "default_pool_idle")]
+    pub pool_max_idle_per_tenant: usize,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+fn default_pool_idle() -> usize {
+    32
+}
+fn default_connect_timeout_ms() -> u64 {
+    2000
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    #[serde(default = "default_listen")]
+    pub addr: SocketAddr,
+    #[serde(default = "default_admin")]
+    pub admin_addr: SocketAddr,
+}
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            addr: default_listen(),
+            admin_addr: default_admin(),
+        }
+    }
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Signature label to verify (RFC 9421 `Signature-Input` dictionary key).
+    #[serde(default = "default_label")]
+    pub label: String,
+    /// Allowed clock skew for `created`, in seconds; also the replay window.
+    #[serde(default = "default_skew")]
+    pub max_skew_secs: u64,
+    /// Nonces remembered at most (fail closed with 503 when full of live nonces).
+    #[serde(default = "default_replay_capacity")]
+    pub replay_cache_capacity: usize,
+}
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            label: default_label(),
+            max_skew_secs: default_skew(),
+            replay_cache_capacity: default_replay_capacity(),
+        }
+    }
+}
+fn default_label() -> String {
+    "bulkhead".into()
+}
+fn default_skew() -> u64 {
+    30
+}
+fn default_replay_capacity() -> usize {
+    100_000
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Requests in flight to the upstream at most, all tenants together.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+    /// Requests waiting per tenant at most.
+    #[serde(default = "default_queue_len")]
+    pub max_queue_per_tenant: usize,
+    #[serde(default = "default_queue_timeout")]
+    pub timeout_ms: u64,
+}
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight: default_max_inflight(),
+            max_queue_per_tenant: default_queue_len(),
+            timeout_ms: default_queue_timeout(),
+        }
+    }
+}
+fn default_max_inflight() -> usize {
+    64
+}
+fn default_queue_len() -> usize {
+    128
+}
+fn default_queue_timeout() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpLimits {
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// How long shutdown waits for in-flight requests.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_ms: u64,
+}
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: default_max_header_bytes(),
+            max_body_bytes: default_max_body_bytes(),
+            header_read_timeout_ms: default_header_timeout(),
+            drain_timeout_ms: default_drain(),
+        }
+    }
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_body_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_drain() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Directory for per-tenant `<tenant>.jsonl` files; no audit log when absent.
+    pub dir: Option<PathBuf>,
+    /// Key for the keyed prompt hash (base64 file); a random per-process key when absent.
+    pub hash_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The node agent's tagging socket; tagging is off when absent.
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; 0 (default) uses one per CPU. Read at start only.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+    /// Completion tokens reserved when a request has no `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_max_tokens() -> u64 {
+    256
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub id: String,
+    /// Files holding the secret (several for rotation: any one verifies).
+    pub secret_files: Vec<PathBuf>,
+    /// `base64` (default) or `raw`.
+    #[serde(default = "default_encoding")]
+    pub encoding: String,
+    /// Tenants this key may assert; `*` for a gateway key.
+    pub tenants: Vec<String>,
+}
+fn default_encoding() -> String {
+    "base64".into()
+}
+
+/// A key after its files have been read.
+#[derive(Clone)]
+pub struct LoadedKey {
+    pub id: String,
+    pub secrets: Vec<Vec<u8>>,
+    pub tenants: TenantBinding,
+}
+
+impl std::fmt::Debug for LoadedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedKey")
+            .field("id", &self.id)
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.secrets.len()),
+            )
+            .field("tenants", &self.tenants)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TenantBinding {
+    Any,
+    Only(BTreeSet<String>),
+}
+
+impl TenantBinding {
+    pub fn allows(&self, tenant: &str) -> bool {
+        match self {
+            TenantBinding::Any => true,
+            TenantBinding::Only(s) => s.contains(tenant),
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Check every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let uri: http::Uri = self
+            .upstream
+            .url
+            .parse()
+            .map_err(|e| invalid("upstream.url", format!("not a URL: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(invalid(
+                "upstream.url",
+                "only http:// upstreams are supported",
+            ));
+        }
+        if uri.authority().is_none() {
+            return Err(invalid("upstream.url", "missing host"));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(invalid("upstream.url", "must not have a path"));
+        }
+        if self.upstream.connect_timeout_ms == 0 {
+            return Err(invalid("upstream.connect_timeout_ms", "must be > 0"));
+        }
+        if self.auth.label.is_empty()
+            || !self
+                .auth
+                .label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b))
+            || !self.auth.label.as_bytes()[0].is_ascii_lowercase()
+        {
+            return Err(invalid(
+                "auth.label",
+                "must be an RFC 8941 key (lowercase letter, then a-z 0-9 _ - . *)",
+            ));
+        }
+        if self.auth.max_skew_secs == 0 || self.auth.max_skew_secs > 3600 {
+            return Err(invalid("auth.max_skew_secs", "must be within 1..=3600"));
+        }
+        if self.auth.replay_cache_capacity == 0 {
+            return Err(invalid("auth.replay_cache_capacity", "must be > 0"));
+        }
+        if self.queue.max_inflight == 0 {
+            return Err(invalid("queue.max_inflight", "must be > 0"));
+        }
+        if self.queue.timeout_ms == 0 {
+            return Err(invalid("queue.timeout_ms", "must be > 0"));
+        }
+        if self.http.max_header_bytes < 1024 {
+            return Err(invalid("http.max_header_bytes", "must be >= 1024"));
+        }
+        if self.http.max_body_bytes == 0 {
+            return Err(invalid("http.max_body_bytes", "must be > 0"));
+        }
+        if self.http.header_read_timeout_ms == 0 {
+            return Err(invalid("http.header_read_timeout_ms", "must be > 0"));
+        }
+        if self.runtime.worker_threads > 256 {
+            return Err(invalid("runtime.worker_threads", "must be within 0..=256"));
+        }
+        if self.tenants.is_empty() {
+            return Err(invalid("tenants", "at least one tenant is required"));
+        }
+        for (name, t) in &self.tenants {
+            let f = |k: &str| format!("tenants.{name}.{k}");
+            if !valid_name(name) {
+                return Err(invalid(
+                    format!("tenants.{name}"),
+                    "tenant names are 1-64 of [A-Za-z0-9._-], starting with a letter or digit",
+                ));
+            }
+            if t.weight == 0 || t.weight > 10_000 {
+                return Err(invalid(f("weight"), "must be within 1..=10000"));
+            }
+            if t.requests_per_minute == Some(0) {
+                return Err(invalid(
+                    f("requests_per_minute"),
+                    "must be > 0 (omit for no limit)",
+                ));
+            }
+            if t.tokens_per_minute == Some(0) {
+                return Err(invalid(
+                    f("tokens_per_minute"),
+                    "must be > 0 (omit for no limit)",
+                ));
+            }
+            if t.max_concurrent == Some(0) {
+                return Err(invalid(
+                    f("max_concurrent"),
+                    "must be > 0 (omit for no limit)",
+                ));
+            }
+            if t.default_max_tokens == 0 {
+                return Err(invalid(f("default_max_tokens"), "must be > 0"));
+            }
+        }
+        if self.keys.is_empty() {
+            return Err(invalid("keys", "at least one key is required"));
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            let f = |x: &str| format!("keys[{i}].{x}");
+            if k.id.is_empty() || k.id.len() > 128 {
+                return Err(invalid(f("id"), "must be 1-128 characters"));
+            }
+            if k.secret_files.is_empty() {
+                return Err(invalid(f("secret_files"), "at least one file is required"));
+            }
+            if k.encoding != "base64" && k.encoding != "raw" {
+                return Err(invalid(f("encoding"), "must be \"base64\" or \"raw\""));
+            }
+            if k.tenants.is_empty() {
+                return Err(invalid(f("tenants"), "list the tenants, or \"*\" for any"));
+            }
+            for t in &k.tenants {
+                if t != "*" && !self.tenants.contains_key(t) {
+                    return Err(invalid(f("tenants"), format!("unknown tenant {t:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read every key file. Called at start and on reload, so a bad key file rejects the reload.
+    pub fn load_keys(&self) -> Result<Vec<LoadedKey>, ConfigError> {
+        use base64::Engine;
+        let mut out = Vec::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            let mut secrets = Vec::new();
+            for (j, p) in k.secret_files.iter().enumerate() {
+                let field = format!("keys[{i}].secret_files[{j}]");
+                let raw = std::fs::read(p).map_err(|e| {
+                    invalid(field.clone(), format!("cannot read {}: {e}", p.display()))
+                })?;
+                let secret = if k.encoding == "base64" {
+                    let text = String::from_utf8(raw)
+                        .map_err(|_| invalid(field.clone(), "not base64 text"))?;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(text.trim())
+                        .map_err(|_| invalid(field.clone(), "not valid base64"))?
+                } else {
+                    raw
+                };
+                if secret.len() < 16 {
+                    return Err(invalid(field, "secret shorter than 16 bytes"));
+                }
+                secrets.push(secret);
+            }
+            let tenants = if k.tenants.iter().any(|t| t == "*") {
+                TenantBinding::Any
+            } else {
+                TenantBinding::Only(k.tenants.iter().cloned().collect())
+            };
+            out.push(LoadedKey {
+                id: k.id.clone(),
+                secrets,
+                tenants,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn queue_timeout(&self) -> Duration {
+        Duration::from_millis(self.queue.timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> String {
+        r#"
+[upstream]
+url = "http://127.0.0.1:8000"
+[tenants.acme]
+requests_per_minute = 10
+[[keys]]
+id = "gw"
+secret_files = ["/nonexistent"]
+tenants = ["*"]
+"#
+        .to_string()
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        Config::from_toml(EXAMPLE_CONFIG).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = base().replace("requests_per_minute = 10", "requests_per_minute = 0");
+        let e = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("tenants.acme.requests_per_minute"), "{e}");
+        let bad = base().replace("http://127.0.0.1:8000", "ftp://x");
+        let e = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("upstream.url"), "{e}");
+        let bad = base().replace("[\"*\"]", "[\"nobody\"]");
+        let e = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("keys[0].tenants"), "{e}");
+        let bad = base() + "\nbogus = 1\n";
+        assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn missing_key_file_is_reported() {
+        let cfg = Config::from_toml(&base()).unwrap();
+        let e = cfg.load_keys().unwrap_err().to_string();
+        assert!(e.contains("keys[0].secret_files[0]"), "{e}");
+    }
+}

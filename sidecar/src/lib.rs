@@ -1,0 +1,23 @@
+//! bulkhead-sidecar: authenticated, rate-limited, fair, metered proxy for OpenAI-compatible
+//! inference servers.
+//!
+//! Entry points: [`run`] / [`run_with`] serve the proxy and admin listeners the caller binds;
+//! [`sim::SimHandle::start`] runs the simulated inference server in-process;
+//! [`signature::sign_request`] signs a request as the trusted gateway does.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod config;
+pub mod digest;
+pub mod http_util;
+pub mod limits;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod signature;
+pub mod sim;
+pub mod tagging;
+pub mod wfq;
+
+pub use config::Config;
+pub use server::{Options, SidecarError, run, run_with};

@@ -1,0 +1,475 @@
+//! Per-tenant limits: requests per minute (governor GCRA), tokens per minute (a token bucket
+//! with reservation at admission and reconciliation with the real usage), and concurrency.
+//! Time comes from an injected [`Clock`] so tests never sleep.
+
+use crate::config::TenantConfig;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A monotonic clock: time since an arbitrary origin.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Duration;
+}
+
+/// The process's monotonic clock.
+#[derive(Debug)]
+pub struct SystemClock(Instant);
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(Mutex<Duration>);
+
+impl ManualClock {
+    pub fn advance(&self, d: Duration) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) += d;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Duration {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A cloneable handle on a [`Clock`]; also a `governor` clock.
+#[derive(Clone)]
+pub struct SharedClock(pub Arc<dyn Clock>);
+
+impl SharedClock {
+    pub fn system() -> Self {
+        Self(Arc::new(SystemClock::default()))
+    }
+}
+
+impl std::fmt::Debug for SharedClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedClock")
+    }
+}
+
+impl governor::clock::Clock for SharedClock {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        self.0.now()
+    }
+}
+
+/// Which limit refused a request (also the `limit` metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Tokens,
+    Concurrency,
+    Queue,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests",
+            LimitKind::Tokens => "tokens",
+            LimitKind::Concurrency => "concurrency",
+            LimitKind::Queue => "queue",
+        }
+    }
+}
+
+/// OpenAI-style rate-limit state, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateInfo {
+    pub limit_requests: Option<u64>,
+    pub remaining_requests: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub limit_tokens: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_tokens: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub kind: LimitKind,
+    pub retry_after: Duration,
+    pub info: RateInfo,
+}
+
+/// Tokens per minute as a bucket that refills continuously and may go negative when a
+/// reservation turns out too small.
+#[derive(Debug)]
+struct TokenBucket {
+    capacity: f64,
+    per_sec: f64,
+    balance: f64,
+    last: Duration,
+}
+
+impl TokenBucket {
+    fn new(tpm: u64, now: Duration) -> Self {
+        Self {
+            capacity: tpm as f64,
+            per_sec: tpm as f64 / 60.0,
+            balance: tpm as f64,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Duration) {
+        let dt = now.saturating_sub(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.balance = (self.balance + dt * self.per_sec).min(self.capacity);
+    }
+
+    /// Reserve `est` tokens: admitted when the balance covers it (or, for a request larger
+    /// than the whole limit, when the bucket is full). Otherwise the wait until it would be.
+    fn reserve(&mut self, est: u64, now: Duration) -> Result<(), Duration> {
+        self.refill(now);
+        let need = (est as f64).min(self.capacity);
+        if self.balance >= need {
+            self.balance -= est as f64;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (need - self.balance) / self.per_sec,
+            ))
+        }
+    }
+
+    fn credit(&mut self, tokens: f64, now: Duration) {
+        self.refill(now);
+        self.balance = (self.balance + tokens).min(self.capacity);
+    }
+
+    fn remaining(&self) -> u64 {
+        self.balance.max(0.0) as u64
+    }
+
+    fn reset(&self) -> Duration {
+        Duration::from_secs_f64(((self.capacity - self.balance) / self.per_sec).max(0.0))
+    }
+}
+
+type Gcra = RateLimiter<NotKeyed, InMemoryState, SharedClock, StateInformationMiddleware>;
+
+/// One tenant's limits.
+pub struct TenantLimits {
+    config: TenantConfig,
+    clock: SharedClock,
+    rpm: Option<Gcra>,
+    tpm: Option<Mutex<TokenBucket>>,
+    concurrent: AtomicU32,
+}
+
+impl std::fmt::Debug for TenantLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantLimits")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds a concurrency slot until dropped.
+#[derive(Debug)]
+pub struct ConcurrencyGuard(Option<Arc<TenantLimits>>);
+
+impl Drop for ConcurrencyGuard {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.concurrent.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// An admitted request: the tokens reserved for it and its concurrency slot.
+#[derive(Debug)]
+pub struct Admission {
+    pub reserved: u64,
+    pub info: RateInfo,
+    pub guard: ConcurrencyGuard,
+    limits: Arc<TenantLimits>,
+    settled: bool,
+}
+
+impl Admission {
+    /// Replace the reservation by the real usage (`None`: unknown, the reservation stays).
+    pub fn reconcile(mut self, actual: Option<u64>) {
+        self.settle(actual);
+    }
+
+    /// Give the whole reservation back (the upstream did no work).
+    pub fn refund(mut self) {
+        self.settle(Some(0));
+    }
+
+    fn settle(&mut self, actual: Option<u64>) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        if let (Some(actual), Some(tpm)) = (actual, &self.limits.tpm) {
+            let delta = self.reserved as f64 - actual as f64;
+            let now = self.limits.clock.0.now();
+            tpm.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .credit(delta, now);
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // Dropped without an outcome (client went away): the reservation stays charged.
+        self.settle(None);
+    }
+}
+
+impl TenantLimits {
+    pub fn new(config: TenantConfig, clock: SharedClock) -> Self {
+        let now = clock.0.now();
+        let rpm = config
+            .requests_per_minute
+            .and_then(NonZeroU32::new)
+            .map(|n| {
+                RateLimiter::direct_with_clock(Quota::per_minute(n), clock.clone())
+                    .with_middleware::<StateInformationMiddleware>()
+            });
+        let tpm = config
+            .tokens_per_minute
+            .map(|t| Mutex::new(TokenBucket::new(t, now)));
+        Self {
+            config,
+            clock,
+            rpm,
+            tpm,
+            concurrent: AtomicU32::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &TenantConfig {
+        &self.config
+    }
+
+    /// Admit a request estimated at `estimate` tokens, or say which limit refused it.
+    pub fn admit(self: &Arc<Self>, estimate: u64) -> Result<Admission, Rejection> {
+        let mut info = RateInfo::default();
+        let now = self.clock.0.now();
+        // Concurrency first: it is given back on every path below.
+        let guard = if let Some(max) = self.config.max_concurrent {
+            let mut cur = self.concurrent.load(Ordering::Acquire);
+            loop {
+                if cur >= max {
+                    return Err(Rejection {
+                        kind: LimitKind::Concurrency,
+                        retry_after: Duration::from_secs(1),
+                        info: self.peek_info(now),
+                    });
+                }
+                match self.concurrent.compare_exchange(
+                    cur,
+                    cur + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break,
+                    Err(c) => cur = c,
+                }
+            }
+            ConcurrencyGuard(Some(self.clone()))
+        } else {
+            ConcurrencyGuard(None)
+        };
+        if let (Some(rpm), Some(limit)) = (&self.rpm, self.config.requests_per_minute) {
+            info.limit_requests = Some(limit as u64);
+            match rpm.check() {
+                Ok(snap) => {
+                    let rem = snap.remaining_burst_capacity() as u64;
+                    info.remaining_requests = Some(rem);
+                    info.reset_requests =
+                        Some(per_unit(limit as u64 - rem.min(limit as u64), limit as u64));
+                }
+                Err(nu) => {
+                    let wait = nu.wait_time_from(now);
+                    info.remaining_requests = Some(0);
+                    info.reset_requests = Some(wait);
+                    self.fill_tokens(&mut info, now);
+                    return Err(Rejection {
+                        kind: LimitKind::Requests,
+                        retry_after: wait,
+                        info,
+                    });
+                }
+            }
+        }
+        if let Some(tpm) = &self.tpm {
+            let mut b = tpm.lock().unwrap_or_else(|e| e.into_inner());
+            let res = b.reserve(estimate, now);
+            info.limit_tokens = self.config.tokens_per_minute;
+            info.remaining_tokens = Some(b.remaining());
+            info.reset_tokens = Some(b.reset());
+            if let Err(wait) = res {
+                return Err(Rejection {
+                    kind: LimitKind::Tokens,
+                    retry_after: wait,
+                    info,
+                });
+            }
+        }
+        Ok(Admission {
+            reserved: estimate,
+            info,
+            guard,
+            limits: self.clone(),
+            settled: false,
+        })
+    }
+
+    fn fill_tokens(&self, info: &mut RateInfo, now: Duration) {
+        if let Some(tpm) = &self.tpm {
+            let mut b = tpm.lock().unwrap_or_else(|e| e.into_inner());
+            b.refill(now);
+            info.limit_tokens = self.config.tokens_per_minute;
+            info.remaining_tokens = Some(b.remaining());
+            info.reset_tokens = Some(b.reset());
+        }
+    }
+
+    fn peek_info(&self, now: Duration) -> RateInfo {
+        let mut info = RateInfo {
+            limit_requests: self.config.requests_per_minute.map(u64::from),
+            ..RateInfo::default()
+        };
+        self.fill_tokens(&mut info, now);
+        info
+    }
+
+    /// Tokens currently available (tests and metrics).
+    pub fn tokens_remaining(&self) -> Option<i64> {
+        self.tpm.as_ref().map(|t| {
+            let mut b = t.lock().unwrap_or_else(|e| e.into_inner());
+            b.refill(self.clock.0.now());
+            b.balance.floor() as i64
+        })
+    }
+}
+
+fn per_unit(used: u64, limit: u64) -> Duration {
+    Duration::from_secs_f64(60.0 * used as f64 / limit as f64)
+}
+
+/// Format a duration the way OpenAI's `x-ratelimit-reset-*` headers do (`1s`, `6m0s`, `20ms`).
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64();
+    if secs < 60.0 {
+        let s = format!("{secs:.3}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        return format!("{s}s");
+    }
+    let total = d.as_secs();
+    format!("{}m{}s", total / 60, total % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(rpm: Option<u32>, tpm: Option<u64>, conc: Option<u32>) -> TenantConfig {
+        TenantConfig {
+            weight: 1,
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            max_concurrent: conc,
+            default_max_tokens: 100,
+        }
+    }
+
+    fn setup(cfg: TenantConfig) -> (Arc<ManualClock>, Arc<TenantLimits>) {
+        let clock = Arc::new(ManualClock::default());
+        let l = Arc::new(TenantLimits::new(cfg, SharedClock(clock.clone())));
+        (clock, l)
+    }
+
+    #[test]
+    fn rpm_refills_with_the_clock() {
+        let (clock, l) = setup(tenant(Some(2), None, None));
+        let a = l.admit(1).unwrap();
+        assert_eq!(a.info.remaining_requests, Some(1));
+        l.admit(1).unwrap();
+        let r = l.admit(1).unwrap_err();
+        assert_eq!(r.kind, LimitKind::Requests);
+        assert_eq!(r.retry_after, Duration::from_secs(30));
+        clock.advance(Duration::from_secs(30));
+        l.admit(1).unwrap();
+    }
+
+    #[test]
+    fn tokens_reserve_and_reconcile() {
+        let (clock, l) = setup(tenant(None, Some(1000), None));
+        let a = l.admit(600).unwrap();
+        assert_eq!(l.tokens_remaining(), Some(400));
+        // A second 600 does not fit while the first is reserved.
+        let r = l.admit(600).unwrap_err();
+        assert_eq!(r.kind, LimitKind::Tokens);
+        assert_eq!(r.info.remaining_tokens, Some(400));
+        assert_eq!(r.retry_after, Duration::from_secs(12));
+        // The real usage was 100: 500 come back.
+        a.reconcile(Some(100));
+        assert_eq!(l.tokens_remaining(), Some(900));
+        // Usage above the reservation drives the balance down (even negative).
+        let b = l.admit(100).unwrap();
+        b.reconcile(Some(1500));
+        assert_eq!(l.tokens_remaining(), Some(-600));
+        assert!(l.admit(1).is_err());
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(l.tokens_remaining(), Some(400));
+        // Dropping without an outcome keeps the reservation charged; refund gives it back.
+        drop(l.admit(300).unwrap());
+        assert_eq!(l.tokens_remaining(), Some(100));
+        l.admit(100).unwrap().refund();
+        assert_eq!(l.tokens_remaining(), Some(100));
+    }
+
+    #[test]
+    fn oversized_request_waits_for_a_full_bucket() {
+        let (clock, l) = setup(tenant(None, Some(100), None));
+        l.admit(500).unwrap().reconcile(Some(500));
+        assert!(l.admit(500).is_err());
+        clock.advance(Duration::from_secs(300));
+        l.admit(500).unwrap();
+    }
+
+    #[test]
+    fn concurrency_slots_come_back() {
+        let (_c, l) = setup(tenant(None, None, Some(1)));
+        let a = l.admit(1).unwrap();
+        assert_eq!(l.admit(1).unwrap_err().kind, LimitKind::Concurrency);
+        drop(a);
+        l.admit(1).unwrap();
+    }
+
+    #[test]
+    fn reset_format() {
+        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_reset(Duration::from_secs(1)), "1s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+    }
+}

@@ -1,0 +1,222 @@
+//! Prometheus metrics (one registry per process). Tenant labels only ever carry configured
+//! tenant names, so cardinality is bounded by the config.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantCode {
+    pub tenant: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantKind {
+    pub tenant: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLimit {
+    pub tenant: String,
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    pub tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+type HistFamily = Family<TenantLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 us .. ~105 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<TenantCode, Counter>,
+    pub tokens: Family<TenantKind, Counter>,
+    pub rate_limited: Family<TenantLimit, Counter>,
+    pub duration: HistFamily,
+    pub ttft: HistFamily,
+    pub queue_wait: HistFamily,
+    pub inflight: Family<TenantLabel, Gauge>,
+    pub queued: Family<TenantLabel, Gauge>,
+    pub auth_failures: Family<Reason, Counter>,
+    /// 1 when the node agent's tagging API answered last time, 0 when not.
+    pub agent_available: Gauge,
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub audit_dropped: Counter,
+    /// Requests answered without a trusted tenant (auth failures, unknown routes).
+    pub unattributed_requests: Family<Reason, Counter>,
+}
+
+impl Metrics {
+    /// Create the metrics and register them under `bulkhead_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            tokens: Family::default(),
+            rate_limited: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            ttft: Family::new_with_constructor(latency_histogram),
+            queue_wait: Family::new_with_constructor(latency_histogram),
+            inflight: Family::default(),
+            queued: Family::default(),
+            auth_failures: Family::default(),
+            agent_available: Gauge::default(),
+            config_reloads: Family::default(),
+            audit_dropped: Counter::default(),
+            unattributed_requests: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("bulkhead");
+        r.register(
+            "requests",
+            "Requests answered, by tenant and status code",
+            m.requests.clone(),
+        );
+        r.register(
+            "tokens",
+            "LLM tokens used (prompt or completion)",
+            m.tokens.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused by a limit",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response",
+            m.duration.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "Time from request to the first response body bytes",
+            m.ttft.clone(),
+        );
+        r.register(
+            "queue_wait_seconds",
+            "Time spent in the fair queue",
+            m.queue_wait.clone(),
+        );
+        r.register(
+            "inflight_requests",
+            "Requests in flight to the upstream",
+            m.inflight.clone(),
+        );
+        r.register(
+            "queued_requests",
+            "Requests waiting in the fair queue",
+            m.queued.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Requests refused by signature verification",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "agent_tagging_available",
+            "1 when the node agent's tagging API is reachable",
+            m.agent_available.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Configuration reload attempts",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "audit_dropped",
+            "Audit records dropped because the writer fell behind",
+            m.audit_dropped.clone(),
+        );
+        r.register(
+            "unattributed_requests",
+            "Requests answered without a trusted tenant",
+            m.unattributed_requests.clone(),
+        );
+        for reason in crate::signature::AuthError::REASONS {
+            let _ = m.auth_failures.get_or_create(&Reason { reason });
+        }
+        m
+    }
+
+    /// Create the per-tenant series up front, so dashboards see zeros.
+    pub fn init_tenant(&self, tenant: &str) {
+        let t = || tenant.to_string();
+        for kind in ["prompt", "completion"] {
+            let _ = self.tokens.get_or_create(&TenantKind { tenant: t(), kind });
+        }
+        for limit in ["requests", "tokens", "concurrency", "queue"] {
+            let _ = self
+                .rate_limited
+                .get_or_create(&TenantLimit { tenant: t(), limit });
+        }
+        let _ = self.inflight.get_or_create(&TenantLabel { tenant: t() });
+        let _ = self.queued.get_or_create(&TenantLabel { tenant: t() });
+    }
+}
+
+/// One tenant's series, looked up once per configuration instead of once per request.
+#[derive(Clone)]
+pub struct TenantMetrics {
+    pub ok: Counter,
+    pub prompt_tokens: Counter,
+    pub completion_tokens: Counter,
+    pub duration: Histogram,
+    pub ttft: Histogram,
+    pub queue_wait: Histogram,
+    pub inflight: Gauge,
+    pub queued: Gauge,
+}
+
+impl Metrics {
+    pub fn tenant(&self, tenant: &str) -> TenantMetrics {
+        let l = TenantLabel {
+            tenant: tenant.to_string(),
+        };
+        let kind = |kind| TenantKind {
+            tenant: tenant.to_string(),
+            kind,
+        };
+        TenantMetrics {
+            ok: self
+                .requests
+                .get_or_create(&TenantCode {
+                    tenant: tenant.to_string(),
+                    code: 200,
+                })
+                .clone(),
+            prompt_tokens: self.tokens.get_or_create(&kind("prompt")).clone(),
+            completion_tokens: self.tokens.get_or_create(&kind("completion")).clone(),
+            duration: self.duration.get_or_create(&l).clone(),
+            ttft: self.ttft.get_or_create(&l).clone(),
+            queue_wait: self.queue_wait.get_or_create(&l).clone(),
+            inflight: self.inflight.get_or_create(&l).clone(),
+            queued: self.queued.get_or_create(&l).clone(),
+        }
+    }
+}
+
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("writing to a String cannot fail");
+    out
+}

@@ -1,0 +1,360 @@
+//! Serving: the proxy listener (HTTP/1.1 and h2c), the admin listener, configuration reload
+//! (SIGHUP or file change) and graceful shutdown.
+
+use crate::audit::AuditLog;
+use crate::config::{Config, ConfigError};
+use crate::http_util::{ProxyBody, full};
+use crate::limits::SharedClock;
+use crate::metrics::{Metrics, ResultLabel};
+use crate::proxy::{App, ConnCtx};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use std::future::Future;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("I/O error on {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to run besides the configuration itself.
+#[derive(Clone)]
+pub struct Options {
+    /// The file the configuration came from; enables reload on change and on SIGHUP.
+    pub config_path: Option<PathBuf>,
+    /// How often to look at the file (and the key files) for changes.
+    pub reload_poll: Duration,
+    /// Reload on SIGHUP (the binary sets this; tests usually do not).
+    pub sighup: bool,
+    /// The limits' clock.
+    pub clock: SharedClock,
+    /// Key for the audit log's prompt hash; random per process when `None` and not configured.
+    pub audit_key: Option<Vec<u8>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            config_path: None,
+            reload_poll: Duration::from_secs(2),
+            sighup: false,
+            clock: SharedClock::system(),
+            audit_key: None,
+        }
+    }
+}
+
+/// Run with default options until `shutdown` resolves; then drain in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SidecarError> {
+    run_with(
+        listener,
+        admin_listener,
+        config,
+        Options::default(),
+        shutdown,
+    )
+    .await
+}
+
+fn audit_key(config: &Config, opts: &Options) -> Result<Vec<u8>, SidecarError> {
+    use base64::Engine;
+    if let Some(k) = &opts.audit_key {
+        return Ok(k.clone());
+    }
+    if let Some(p) = &config.audit.hash_key_file {
+        let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Invalid {
+            field: "audit.hash_key_file".into(),
+            message: format!("cannot read {}: {e}", p.display()),
+        })?;
+        return base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|_| {
+                ConfigError::Invalid {
+                    field: "audit.hash_key_file".into(),
+                    message: "not valid base64".into(),
+                }
+                .into()
+            });
+    }
+    use ring::rand::SecureRandom;
+    let mut k = vec![0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut k)
+        .expect("system RNG available");
+    tracing::info!("no audit.hash_key_file: prompt hashes use a per-process random key");
+    Ok(k)
+}
+
+/// Run until `shutdown` resolves; then stop accepting, drain (at most `http.drain_timeout_ms`).
+pub async fn run_with(
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    config: Config,
+    opts: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SidecarError> {
+    config.validate()?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let key = audit_key(&config, &opts)?;
+    let (audit, _audit_task) = match &config.audit.dir {
+        Some(dir) => {
+            let (a, t) = AuditLog::start(dir.clone(), &key, metrics.audit_dropped.clone())?;
+            (a, Some(t))
+        }
+        None => (AuditLog::disabled(&key), None),
+    };
+    let http_limits = config.http.clone();
+    let app = App::new(config, metrics.clone(), audit, opts.clock.clone())?;
+    let registry = Arc::new(registry);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let admin = tokio::spawn(serve_admin(
+        admin_listener,
+        app.clone(),
+        registry.clone(),
+        stop_rx.clone(),
+    ));
+    // The fingerprint of the files as loaded, taken before anything can change them.
+    let loaded = opts.config_path.as_deref().and_then(fingerprint);
+    // Listen for SIGHUP before serving, so a signal never finds the default action.
+    let hup = if opts.sighup && opts.config_path.is_some() {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let reloader = tokio::spawn(reload_loop(
+        app.clone(),
+        opts.clone(),
+        loaded,
+        hup,
+        stop_rx.clone(),
+    ));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(http_limits.header_read_timeout_ms))
+        .max_buf_size(http_limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(http_limits.max_header_bytes as u32);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let fd = if app.tagger.enabled() {
+            stream.as_fd().try_clone_to_owned().ok()
+        } else {
+            None
+        };
+        let conn = Arc::new(ConnCtx {
+            peer,
+            fd,
+            tenant: tokio::sync::Mutex::new(None),
+        });
+        let app2 = app.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let app = app2.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, std::convert::Infallible>(crate::proxy::handle(app, conn, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let fut = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    drop(listener);
+    app.ready.store(false, Ordering::SeqCst);
+    let drain = Duration::from_millis(http_limits.drain_timeout_ms);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout: closing remaining connections");
+    }
+    let _ = stop_tx.send(true);
+    let _ = admin.await;
+    let _ = reloader.await;
+    Ok(())
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    app: Arc<App>,
+    registry: Arc<Registry>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(_) => continue,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let app = app.clone();
+        let registry = registry.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let r = admin_response(&app, &registry, req.uri().path());
+            async move { Ok::<_, std::convert::Infallible>(r) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+fn admin_response(app: &App, registry: &Registry, path: &str) -> Response<ProxyBody> {
+    let (status, body, ctype) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            crate::metrics::encode(registry),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/healthz" | "/live" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
+        "/readyz" | "/ready" => {
+            if app.ready.load(Ordering::SeqCst) {
+                (StatusCode::OK, "ready\n".to_string(), "text/plain")
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "draining\n".to_string(),
+                    "text/plain",
+                )
+            }
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found\n".to_string(),
+            "text/plain",
+        ),
+    };
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+/// A fingerprint of the config file and every key file it names.
+fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
+    let text = std::fs::read(path).ok()?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&text);
+    if let Ok(cfg) = toml::from_str::<Config>(&String::from_utf8_lossy(&text)) {
+        for k in &cfg.keys {
+            for f in &k.secret_files {
+                ctx.update(f.as_os_str().as_encoded_bytes());
+                ctx.update(&std::fs::read(f).unwrap_or_default());
+            }
+        }
+    }
+    Some(ctx.finish().as_ref().to_vec())
+}
+
+fn try_reload(app: &App, metrics: &Metrics, path: &std::path::Path) {
+    let res = Config::from_file(path).and_then(|c| app.reload(c));
+    match res {
+        Ok(()) => {
+            metrics
+                .config_reloads
+                .get_or_create(&ResultLabel { result: "ok" })
+                .inc();
+            tracing::info!(path = %path.display(), "configuration reloaded");
+        }
+        Err(e) => {
+            metrics
+                .config_reloads
+                .get_or_create(&ResultLabel { result: "error" })
+                .inc();
+            tracing::error!(path = %path.display(), error = %e, "configuration reload rejected; keeping the previous configuration");
+        }
+    }
+}
+
+async fn reload_loop(
+    app: Arc<App>,
+    opts: Options,
+    mut last: Option<Vec<u8>>,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(path) = opts.config_path.clone() else {
+        return;
+    };
+    let metrics = app.metrics.clone();
+    let mut tick = tokio::time::interval(opts.reload_poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => false,
+            Some(()) = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
+        let fp = fingerprint(&path);
+        if forced || (fp.is_some() && fp != last) {
+            last = fp;
+            try_reload(&app, &metrics, &path);
+        }
+    }
+}

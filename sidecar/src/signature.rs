@@ -1,0 +1,916 @@
+//! RFC 9421 HTTP Message Signatures with `hmac-sha256`: signature base construction, the
+//! sidecar's fail-closed verification policy, a bounded nonce replay cache and a signing helper.
+
+use crate::config::LoadedKey;
+use crate::digest;
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use ring::hmac;
+use sfv::{BareItem, InnerList, Item, Key, ListEntry, Parameters, SerializeValue};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// The header naming the tenant; it must be covered by the signature.
+pub const TENANT_HEADER: &str = "x-bulkhead-tenant";
+/// Every client header with this prefix is removed unless the signature covers it.
+pub const RESERVED_PREFIX: &str = "x-bulkhead-";
+pub const ALG: &str = "hmac-sha256";
+
+/// Why a request failed authentication. `reason()` is the stable metric label and error code.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing: {0}")]
+    Missing(String),
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("bad signature")]
+    BadSignature,
+    #[error("expired: {0}")]
+    Expired(String),
+    #[error("replayed nonce")]
+    Replayed,
+    #[error("unknown key id")]
+    UnknownKey,
+    #[error("tenant mismatch: the key may not assert this tenant")]
+    TenantMismatch,
+    #[error("content digest mismatch: {0}")]
+    DigestMismatch(String),
+    #[error("unknown tenant")]
+    UnknownTenant,
+    #[error("replay cache full, try again later")]
+    ReplayCacheFull,
+}
+
+impl AuthError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing(_) => "missing",
+            AuthError::Malformed(_) => "malformed",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired(_) => "expired",
+            AuthError::Replayed => "replayed",
+            AuthError::UnknownKey => "unknown_key",
+            AuthError::TenantMismatch => "tenant_mismatch",
+            AuthError::DigestMismatch(_) => "digest_mismatch",
+            AuthError::UnknownTenant => "unknown_tenant",
+            AuthError::ReplayCacheFull => "replay_cache_full",
+        }
+    }
+
+    /// Every reason, for pre-creating metric series.
+    pub const REASONS: [&'static str; 10] = [
+        "missing",
+        "malformed",
+        "bad_signature",
+        "expired",
+        "replayed",
+        "unknown_key",
+        "tenant_mismatch",
+        "digest_mismatch",
+        "unknown_tenant",
+        "replay_cache_full",
+    ];
+}
+
+fn malformed(m: impl Into<String>) -> AuthError {
+    AuthError::Malformed(m.into())
+}
+
+/// The parts of a request that signatures can cover.
+#[derive(Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+}
+
+/// Value of one covered component (RFC 9421 sections 2.1 and 2.2). Component parameters
+/// (`sf`, `key`, `bs`, `req`, `name`) are not supported and fail closed.
+fn component_value(req: RequestView<'_>, name: &str) -> Result<String, AuthError> {
+    let authority = || -> Result<String, AuthError> {
+        if let Some(h) = req.headers.get(http::header::HOST) {
+            let s = h
+                .to_str()
+                .map_err(|_| malformed("Host is not visible ASCII"))?;
+            Ok(s.trim().to_ascii_lowercase())
+        } else if let Some(a) = req.uri.authority() {
+            Ok(a.as_str().to_ascii_lowercase())
+        } else {
+            Err(AuthError::Missing(
+                "@authority is covered but unknown".into(),
+            ))
+        }
+    };
+    let path = || {
+        let p = req.uri.path();
+        if p.is_empty() {
+            "/".to_string()
+        } else {
+            p.to_string()
+        }
+    };
+    let query = || format!("?{}", req.uri.query().unwrap_or(""));
+    let scheme = || req.uri.scheme_str().unwrap_or("http").to_ascii_lowercase();
+    Ok(match name {
+        "@method" => req.method.as_str().to_string(),
+        "@authority" => authority()?,
+        "@scheme" => scheme(),
+        "@path" => path(),
+        "@query" => query(),
+        "@request-target" => match req.uri.query() {
+            Some(q) => format!("{}?{q}", path()),
+            None => path(),
+        },
+        "@target-uri" => {
+            let q = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+            format!("{}://{}{}{q}", scheme(), authority()?, path())
+        }
+        n if n.starts_with('@') => {
+            return Err(malformed(format!("unsupported derived component {n}")));
+        }
+        n => {
+            if n.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(malformed("component names must be lowercase"));
+            }
+            let hn = HeaderName::from_bytes(n.as_bytes())
+                .map_err(|_| malformed("component is not a header name"))?;
+            let mut vals = Vec::new();
+            for v in req.headers.get_all(&hn) {
+                let s = v
+                    .to_str()
+                    .map_err(|_| malformed(format!("header {n} is not visible ASCII")))?;
+                vals.push(s.trim().to_string());
+            }
+            if vals.is_empty() {
+                return Err(AuthError::Missing(format!(
+                    "covered header {n} is not in the request"
+                )));
+            }
+            vals.join(", ")
+        }
+    })
+}
+
+/// Signature parameters as parsed from `Signature-Input`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SigParams {
+    pub components: Vec<String>,
+    pub created: Option<i64>,
+    pub expires: Option<i64>,
+    pub nonce: Option<String>,
+    pub keyid: Option<String>,
+    pub alg: Option<String>,
+    pub tag: Option<String>,
+}
+
+impl SigParams {
+    /// Serialize as an RFC 8941 inner list (the `@signature-params` value and the
+    /// `Signature-Input` member). Parameters are written in the order the RFC examples use.
+    pub fn to_inner_list(&self) -> Result<InnerList, AuthError> {
+        let mut items = Vec::new();
+        for c in &self.components {
+            let s = sfv::String::from_string(c.clone())
+                .map_err(|_| malformed("component name is not an sf-string"))?;
+            items.push(Item::new(BareItem::String(s)));
+        }
+        let mut params = Parameters::new();
+        let key = |k: &str| Key::from_string(k.to_string()).expect("static key is valid");
+        let int = |v: i64| -> Result<BareItem, AuthError> {
+            Ok(BareItem::Integer(
+                sfv::Integer::try_from(v).map_err(|_| malformed("integer out of range"))?,
+            ))
+        };
+        let string = |v: &str| -> Result<BareItem, AuthError> {
+            Ok(BareItem::String(
+                sfv::String::from_string(v.to_string())
+                    .map_err(|_| malformed("parameter is not an sf-string"))?,
+            ))
+        };
+        if let Some(v) = self.created {
+            params.insert(key("created"), int(v)?);
+        }
+        if let Some(v) = self.expires {
+            params.insert(key("expires"), int(v)?);
+        }
+        if let Some(v) = &self.nonce {
+            params.insert(key("nonce"), string(v)?);
+        }
+        if let Some(v) = &self.alg {
+            params.insert(key("alg"), string(v)?);
+        }
+        if let Some(v) = &self.keyid {
+            params.insert(key("keyid"), string(v)?);
+        }
+        if let Some(v) = &self.tag {
+            params.insert(key("tag"), string(v)?);
+        }
+        Ok(InnerList::with_params(items, params))
+    }
+
+    fn from_inner_list(il: &InnerList) -> Result<SigParams, AuthError> {
+        let mut p = SigParams::default();
+        let mut seen = HashSet::new();
+        for item in &il.items {
+            if !item.params.is_empty() {
+                return Err(malformed("component parameters are not supported"));
+            }
+            let s = item
+                .bare_item
+                .as_string()
+                .ok_or_else(|| malformed("covered components must be strings"))?;
+            if !seen.insert(s.as_str().to_string()) {
+                return Err(malformed("a component is covered twice"));
+            }
+            p.components.push(s.as_str().to_string());
+        }
+        for (k, v) in &il.params {
+            let int = || -> Result<i64, AuthError> {
+                v.as_integer()
+                    .map(i64::from)
+                    .ok_or_else(|| malformed(format!("{} must be an integer", k.as_str())))
+            };
+            let string = || -> Result<String, AuthError> {
+                v.as_string()
+                    .map(|s| s.as_str().to_string())
+                    .ok_or_else(|| malformed(format!("{} must be a string", k.as_str())))
+            };
+            match k.as_str() {
+                "created" => p.created = Some(int()?),
+                "expires" => p.expires = Some(int()?),
+                "nonce" => p.nonce = Some(string()?),
+                "keyid" => p.keyid = Some(string()?),
+                "alg" => p.alg = Some(string()?),
+                "tag" => p.tag = Some(string()?),
+                _ => {} // unknown parameters are covered by the signature and otherwise ignored
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// Build the signature base (RFC 9421 section 2.5) for `components` over `req`, with
+/// `params_value` as the serialized `@signature-params` value.
+pub fn signature_base(
+    req: RequestView<'_>,
+    components: &[String],
+    params_value: &str,
+) -> Result<String, AuthError> {
+    let mut base = String::new();
+    for c in components {
+        if c == "@signature-params" {
+            return Err(malformed("@signature-params cannot be covered"));
+        }
+        let v = component_value(req, c)?;
+        if v.contains('\n') || v.contains('\r') {
+            return Err(malformed("component value contains a newline"));
+        }
+        base.push('"');
+        base.push_str(c);
+        base.push_str("\": ");
+        base.push_str(&v);
+        base.push('\n');
+    }
+    base.push_str("\"@signature-params\": ");
+    base.push_str(params_value);
+    Ok(base)
+}
+
+fn serialize_inner_list(il: InnerList) -> Result<String, AuthError> {
+    vec![ListEntry::InnerList(il)]
+        .serialize_value()
+        .map_err(|_| malformed("cannot serialize signature parameters"))
+}
+
+fn joined(headers: &HeaderMap, name: &str) -> Result<Option<String>, AuthError> {
+    let mut parts = Vec::new();
+    for v in headers.get_all(name) {
+        parts.push(
+            v.to_str()
+                .map_err(|_| malformed(format!("{name} is not visible ASCII")))?
+                .to_string(),
+        );
+    }
+    Ok(if parts.is_empty() {
+        None
+    } else {
+        Some(parts.join(", "))
+    })
+}
+
+/// One signature found in a request, with its parameters and raw bytes.
+#[derive(Debug, Clone)]
+pub struct FoundSignature {
+    pub params: SigParams,
+    pub params_value: String,
+    pub signature: Vec<u8>,
+}
+
+/// Find and parse the signature labelled `label`.
+pub fn find_signature(headers: &HeaderMap, label: &str) -> Result<FoundSignature, AuthError> {
+    let input = joined(headers, "signature-input")?
+        .ok_or_else(|| AuthError::Missing("no Signature-Input header".into()))?;
+    let sig = joined(headers, "signature")?
+        .ok_or_else(|| AuthError::Missing("no Signature header".into()))?;
+    let parse = |v: &str, what: &str| {
+        sfv::Parser::new(v)
+            .with_version(sfv::Version::Rfc8941)
+            .parse_dictionary()
+            .map_err(|_| malformed(format!("{what} is not an RFC 8941 dictionary")))
+    };
+    let input = parse(&input, "Signature-Input")?;
+    let sig = parse(&sig, "Signature")?;
+    let il = match input.iter().find(|(k, _)| k.as_str() == label) {
+        Some((_, ListEntry::InnerList(il))) => il.clone(),
+        Some(_) => return Err(malformed("Signature-Input member is not an inner list")),
+        None => {
+            return Err(AuthError::Missing(format!(
+                "no signature labelled {label:?}"
+            )));
+        }
+    };
+    let bytes = match sig.iter().find(|(k, _)| k.as_str() == label) {
+        Some((_, ListEntry::Item(item))) => item
+            .bare_item
+            .as_byte_sequence()
+            .ok_or_else(|| malformed("Signature member is not a byte sequence"))?
+            .to_vec(),
+        Some(_) => return Err(malformed("Signature member is not an item")),
+        None => {
+            return Err(AuthError::Missing(format!(
+                "no Signature member labelled {label:?}"
+            )));
+        }
+    };
+    let params = SigParams::from_inner_list(&il)?;
+    let params_value = serialize_inner_list(il)?;
+    Ok(FoundSignature {
+        params,
+        params_value,
+        signature: bytes,
+    })
+}
+
+/// HMAC-SHA256 of the signature base.
+pub fn hmac_sign(key: &[u8], base: &str) -> Vec<u8> {
+    let k = hmac::Key::new(hmac::HMAC_SHA256, key);
+    hmac::sign(&k, base.as_bytes()).as_ref().to_vec()
+}
+
+/// Constant-time HMAC-SHA256 check.
+pub fn hmac_verify(key: &[u8], base: &str, sig: &[u8]) -> bool {
+    let k = hmac::Key::new(hmac::HMAC_SHA256, key);
+    hmac::verify(&k, base.as_bytes(), sig).is_ok()
+}
+
+/// A bounded set of recently seen `(keyid, nonce)` pairs, each remembered until the time after
+/// which its signature would be rejected as expired anyway. Entries are 128-bit keyed hashes
+/// (two independently keyed SipHash-1-3), so memory per nonce stays small and fixed; a false
+/// "replayed" needs a 128-bit collision under keys the sender does not know.
+pub struct ReplayCache {
+    capacity: usize,
+    hashers: (
+        std::collections::hash_map::RandomState,
+        std::collections::hash_map::RandomState,
+    ),
+    seen: HashMap<u128, i64>,
+    order: VecDeque<(u128, i64)>,
+}
+
+impl std::fmt::Debug for ReplayCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayCache")
+            .field("capacity", &self.capacity)
+            .field("len", &self.seen.len())
+            .finish()
+    }
+}
+
+impl ReplayCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            hashers: Default::default(),
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn key(&self, keyid: &str, nonce: &str) -> u128 {
+        use std::hash::BuildHasher;
+        let a = self.hashers.0.hash_one((keyid, nonce));
+        let b = self.hashers.1.hash_one((keyid, nonce));
+        ((a as u128) << 64) | b as u128
+    }
+
+    /// Record the nonce; `Replayed` when it is already live, `ReplayCacheFull` when the cache is
+    /// full of live entries (fail closed rather than forget a live nonce).
+    pub fn check_and_insert(
+        &mut self,
+        keyid: &str,
+        nonce: &str,
+        forget_at: i64,
+        now: i64,
+    ) -> Result<(), AuthError> {
+        while let Some(&(k, t)) = self.order.front() {
+            if t > now {
+                break;
+            }
+            if self.seen.get(&k) == Some(&t) {
+                self.seen.remove(&k);
+            }
+            self.order.pop_front();
+        }
+        let key = self.key(keyid, nonce);
+        if let Some(t) = self.seen.get(&key)
+            && *t > now
+        {
+            return Err(AuthError::Replayed);
+        }
+        if self.seen.len() >= self.capacity {
+            return Err(AuthError::ReplayCacheFull);
+        }
+        self.seen.insert(key, forget_at);
+        // Entries are mostly inserted in time order; out-of-order ones are removed lazily.
+        self.order.push_back((key, forget_at));
+        Ok(())
+    }
+}
+
+/// What a verified request proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub tenant: String,
+    pub key_id: String,
+    /// Lowercase header names covered by the signature.
+    pub covered_headers: HashSet<String>,
+}
+
+/// The sidecar's verification policy.
+pub struct Verifier {
+    label: String,
+    keys: HashMap<String, LoadedKey>,
+    max_skew: i64,
+    replay: Arc<Mutex<ReplayCache>>,
+}
+
+impl Verifier {
+    pub fn new(
+        label: String,
+        keys: Vec<LoadedKey>,
+        max_skew_secs: u64,
+        replay: Arc<Mutex<ReplayCache>>,
+    ) -> Self {
+        let mut map: HashMap<String, LoadedKey> = HashMap::new();
+        for k in keys {
+            match map.get_mut(&k.id) {
+                // Several entries with one id: all their secrets verify, bindings must agree
+                // (validated as the union, which is what an operator listing them means).
+                Some(existing) => {
+                    existing.secrets.extend(k.secrets);
+                    existing.tenants = match (&existing.tenants, k.tenants) {
+                        (
+                            crate::config::TenantBinding::Only(a),
+                            crate::config::TenantBinding::Only(b),
+                        ) => crate::config::TenantBinding::Only(a.union(&b).cloned().collect()),
+                        _ => crate::config::TenantBinding::Any,
+                    };
+                }
+                None => {
+                    map.insert(k.id.clone(), k);
+                }
+            }
+        }
+        Self {
+            label,
+            keys: map,
+            max_skew: max_skew_secs as i64,
+            replay,
+        }
+    }
+
+    /// Verify `req` with `body` at unix time `now`. Fails closed on anything unexpected.
+    pub fn verify(
+        &self,
+        req: RequestView<'_>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<Verified, AuthError> {
+        let found = find_signature(req.headers, &self.label)?;
+        let p = &found.params;
+        if let Some(alg) = &p.alg
+            && alg != ALG
+        {
+            return Err(malformed(format!("alg must be {ALG}")));
+        }
+        let created = p
+            .created
+            .ok_or_else(|| malformed("created parameter is required"))?;
+        let nonce = p
+            .nonce
+            .as_deref()
+            .ok_or_else(|| malformed("nonce parameter is required"))?;
+        if nonce.is_empty() || nonce.len() > 256 {
+            return Err(malformed("nonce must be 1-256 characters"));
+        }
+        let keyid = p
+            .keyid
+            .as_deref()
+            .ok_or_else(|| malformed("keyid parameter is required"))?;
+        let has = |c: &str| p.components.iter().any(|x| x == c);
+        for required in ["@method", "@path", TENANT_HEADER] {
+            if !has(required) {
+                return Err(malformed(format!("{required} must be covered")));
+            }
+        }
+        let has_digest_header = req.headers.contains_key("content-digest");
+        if (!body.is_empty() || has_digest_header) && !has("content-digest") {
+            return Err(malformed(
+                "content-digest must be covered when there is a body",
+            ));
+        }
+        let key = self.keys.get(keyid).ok_or(AuthError::UnknownKey)?;
+        let base = signature_base(req, &p.components, &found.params_value)?;
+        if !key
+            .secrets
+            .iter()
+            .any(|s| hmac_verify(s, &base, &found.signature))
+        {
+            return Err(AuthError::BadSignature);
+        }
+        // Authentic from here on: check time, replay, binding, body.
+        if created > now + self.max_skew {
+            return Err(AuthError::Expired("created is in the future".into()));
+        }
+        if created < now - self.max_skew {
+            return Err(AuthError::Expired("created is too old".into()));
+        }
+        if let Some(exp) = p.expires
+            && exp <= now
+        {
+            return Err(AuthError::Expired("expires has passed".into()));
+        }
+        let tenant = req
+            .headers
+            .get(TENANT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| AuthError::Missing(format!("no {TENANT_HEADER} header")))?;
+        if req.headers.get_all(TENANT_HEADER).iter().count() != 1 {
+            return Err(malformed(format!("{TENANT_HEADER} appears more than once")));
+        }
+        if !key.tenants.allows(&tenant) {
+            return Err(AuthError::TenantMismatch);
+        }
+        if has("content-digest") {
+            let v = req
+                .headers
+                .get("content-digest")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| AuthError::Missing("no Content-Digest header".into()))?;
+            digest::verify(v, body).map_err(|e| AuthError::DigestMismatch(e.to_string()))?;
+        }
+        // Remember the nonce last, so that a failing request does not burn it.
+        let mut forget_at = created + self.max_skew + 1;
+        if let Some(exp) = p.expires {
+            forget_at = forget_at.min(exp.max(now + 1));
+        }
+        self.replay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check_and_insert(keyid, nonce, forget_at, now)?;
+        let covered_headers = p
+            .components
+            .iter()
+            .filter(|c| !c.starts_with('@'))
+            .cloned()
+            .collect();
+        Ok(Verified {
+            tenant,
+            key_id: keyid.to_string(),
+            covered_headers,
+        })
+    }
+}
+
+/// What to sign.
+#[derive(Debug, Clone)]
+pub struct SignOptions {
+    pub label: String,
+    pub key_id: String,
+    pub created: i64,
+    pub expires: Option<i64>,
+    /// `None` draws 16 random bytes.
+    pub nonce: Option<String>,
+    /// Extra components beyond the defaults (`@method`, `@path`, `x-bulkhead-tenant`,
+    /// `content-digest` with a body, and every other `x-bulkhead-*` header present).
+    pub extra_components: Vec<String>,
+    pub include_alg: bool,
+}
+
+impl SignOptions {
+    pub fn new(key_id: impl Into<String>, created: i64) -> Self {
+        Self {
+            label: "bulkhead".into(),
+            key_id: key_id.into(),
+            created,
+            expires: None,
+            nonce: None,
+            extra_components: Vec::new(),
+            include_alg: true,
+        }
+    }
+}
+
+/// A fresh random nonce (16 bytes, base64url).
+pub fn random_nonce() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system RNG available");
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Sign a request as a gateway would: sets `Content-Digest` (when there is a body and none is
+/// present), `Signature-Input` and `Signature`. The tenant header must already be set.
+pub fn sign_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &mut HeaderMap,
+    body: &[u8],
+    key: &[u8],
+    opts: &SignOptions,
+) -> Result<(), AuthError> {
+    if !body.is_empty() && !headers.contains_key("content-digest") {
+        headers.insert(
+            "content-digest",
+            HeaderValue::from_str(&digest::content_digest_sha256(body))
+                .expect("digest is a valid header value"),
+        );
+    }
+    let mut components: Vec<String> = vec!["@method".into(), "@path".into()];
+    let mut names: Vec<String> = headers
+        .keys()
+        .map(|k| k.as_str().to_string())
+        .filter(|k| k.starts_with(RESERVED_PREFIX))
+        .collect();
+    names.sort();
+    names.dedup();
+    components.extend(names);
+    if headers.contains_key("content-digest") {
+        components.push("content-digest".into());
+    }
+    for c in &opts.extra_components {
+        if !components.contains(c) {
+            components.push(c.clone());
+        }
+    }
+    let params = SigParams {
+        components,
+        created: Some(opts.created),
+        expires: opts.expires,
+        nonce: Some(opts.nonce.clone().unwrap_or_else(random_nonce)),
+        keyid: Some(opts.key_id.clone()),
+        alg: opts.include_alg.then(|| ALG.to_string()),
+        tag: None,
+    };
+    let params_value = serialize_inner_list(params.to_inner_list()?)?;
+    let view = RequestView {
+        method,
+        uri,
+        headers,
+    };
+    let base = signature_base(view, &params.components, &params_value)?;
+    let sig = hmac_sign(key, &base);
+    let input = format!("{}={}", opts.label, params_value);
+    let sig = format!("{}=:{}:", opts.label, STANDARD.encode(sig));
+    headers.insert(
+        "signature-input",
+        HeaderValue::from_str(&input).map_err(|_| malformed("bad Signature-Input value"))?,
+    );
+    headers.insert(
+        "signature",
+        HeaderValue::from_str(&sig).map_err(|_| malformed("bad Signature value"))?,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TenantBinding;
+
+    // RFC 9421 appendix B.1.5, "test-shared-secret".
+    const SHARED_SECRET_B64: &str =
+        "uzvJfB4u3N0Jy4T7NZ75MDVcr8zSTInedJtkgcu46YW4XByzNJjxBdtjUkdJPBtbmHhIDi6pcl8jsasjlTMtDQ==";
+
+    fn test_request() -> (Method, Uri, HeaderMap) {
+        // RFC 9421 appendix B.2, the test request.
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("example.com"));
+        h.insert(
+            "date",
+            HeaderValue::from_static("Tue, 20 Apr 2021 02:07:55 GMT"),
+        );
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("content-digest", HeaderValue::from_static("sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:"));
+        h.insert("content-length", HeaderValue::from_static("18"));
+        (Method::POST, "/foo?param=Value&Pet=dog".parse().unwrap(), h)
+    }
+
+    #[test]
+    fn rfc9421_b25_hmac_sha256() {
+        let (m, u, mut h) = test_request();
+        h.insert("signature-input", HeaderValue::from_static(
+            "sig-b25=(\"date\" \"@authority\" \"content-type\");created=1618884473;keyid=\"test-shared-secret\""));
+        h.insert(
+            "signature",
+            HeaderValue::from_static("sig-b25=:pxcQw6G3AjtMBQjwo8XzkZf/bws5LelbaMk5rGIGtE8=:"),
+        );
+        let found = find_signature(&h, "sig-b25").unwrap();
+        let view = RequestView {
+            method: &m,
+            uri: &u,
+            headers: &h,
+        };
+        let base = signature_base(view, &found.params.components, &found.params_value).unwrap();
+        assert_eq!(
+            base,
+            "\"date\": Tue, 20 Apr 2021 02:07:55 GMT\n\"@authority\": example.com\n\"content-type\": application/json\n\"@signature-params\": (\"date\" \"@authority\" \"content-type\");created=1618884473;keyid=\"test-shared-secret\""
+        );
+        let key = STANDARD.decode(SHARED_SECRET_B64).unwrap();
+        assert!(hmac_verify(&key, &base, &found.signature));
+        assert_eq!(
+            STANDARD.encode(hmac_sign(&key, &base)),
+            "pxcQw6G3AjtMBQjwo8XzkZf/bws5LelbaMk5rGIGtE8="
+        );
+        assert!(!hmac_verify(
+            b"another key entirely",
+            &base,
+            &found.signature
+        ));
+    }
+
+    #[test]
+    fn derived_components_follow_rfc_2_2() {
+        // RFC 9421 section 2.2 examples for the request `POST /path?param=value` to www.example.com.
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("www.example.com"));
+        let u: Uri = "/path?param=value".parse().unwrap();
+        let v = RequestView {
+            method: &Method::POST,
+            uri: &u,
+            headers: &h,
+        };
+        assert_eq!(component_value(v, "@method").unwrap(), "POST");
+        assert_eq!(component_value(v, "@authority").unwrap(), "www.example.com");
+        assert_eq!(component_value(v, "@path").unwrap(), "/path");
+        assert_eq!(component_value(v, "@query").unwrap(), "?param=value");
+        assert_eq!(
+            component_value(v, "@request-target").unwrap(),
+            "/path?param=value"
+        );
+        assert_eq!(
+            component_value(v, "@target-uri").unwrap(),
+            "http://www.example.com/path?param=value"
+        );
+        let u2: Uri = "/path".parse().unwrap();
+        let v2 = RequestView { uri: &u2, ..v };
+        assert_eq!(component_value(v2, "@query").unwrap(), "?");
+        // Section 2.1: multiple field lines are trimmed and joined with ", ".
+        let mut h3 = HeaderMap::new();
+        h3.append("x-list", HeaderValue::from_static("  a, b "));
+        h3.append("x-list", HeaderValue::from_static("c"));
+        let v3 = RequestView { headers: &h3, ..v };
+        assert_eq!(component_value(v3, "x-list").unwrap(), "a, b, c");
+        assert!(matches!(
+            component_value(v3, "x-absent"),
+            Err(AuthError::Missing(_))
+        ));
+        assert!(component_value(v3, "@query-param").is_err());
+    }
+
+    fn verifier(tenants: TenantBinding) -> Verifier {
+        let key = LoadedKey {
+            id: "gw".into(),
+            secrets: vec![b"0123456789abcdef0123456789abcdef".to_vec()],
+            tenants,
+        };
+        Verifier::new(
+            "bulkhead".into(),
+            vec![key],
+            30,
+            Arc::new(Mutex::new(ReplayCache::new(16))),
+        )
+    }
+
+    fn signed(body: &[u8], tenant: &str, created: i64, nonce: &str) -> (Method, Uri, HeaderMap) {
+        let m = Method::POST;
+        let u: Uri = "/v1/chat/completions".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, HeaderValue::from_str(tenant).unwrap());
+        let mut o = SignOptions::new("gw", created);
+        o.nonce = Some(nonce.into());
+        sign_request(
+            &m,
+            &u,
+            &mut h,
+            body,
+            b"0123456789abcdef0123456789abcdef",
+            &o,
+        )
+        .unwrap();
+        (m, u, h)
+    }
+
+    #[test]
+    fn sign_then_verify_and_policy() {
+        let v = verifier(TenantBinding::Any);
+        let body = br#"{"model":"m"}"#;
+        let (m, u, h) = signed(body, "acme", 1000, "n1");
+        let view = RequestView {
+            method: &m,
+            uri: &u,
+            headers: &h,
+        };
+        let ok = v.verify(view, body, 1005).unwrap();
+        assert_eq!(ok.tenant, "acme");
+        assert!(ok.covered_headers.contains("content-digest"));
+        // Replay.
+        assert_eq!(v.verify(view, body, 1006), Err(AuthError::Replayed));
+        // Body changed: digest mismatch (signature still fine).
+        let (m, u, h) = signed(body, "acme", 1000, "n2");
+        let view = RequestView {
+            method: &m,
+            uri: &u,
+            headers: &h,
+        };
+        assert!(matches!(
+            v.verify(view, b"{}", 1000),
+            Err(AuthError::DigestMismatch(_))
+        ));
+        // The failed attempt did not burn the nonce.
+        v.verify(view, body, 1000).unwrap();
+        // Too old / future.
+        let (m, u, h) = signed(body, "acme", 1000, "n3");
+        let view = RequestView {
+            method: &m,
+            uri: &u,
+            headers: &h,
+        };
+        assert!(matches!(
+            v.verify(view, body, 1031),
+            Err(AuthError::Expired(_))
+        ));
+        assert!(matches!(
+            v.verify(view, body, 969),
+            Err(AuthError::Expired(_))
+        ));
+        // Tampered method.
+        let view = RequestView {
+            method: &Method::PUT,
+            uri: &u,
+            headers: &h,
+        };
+        assert_eq!(v.verify(view, body, 1000), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn tenant_binding() {
+        let v = verifier(TenantBinding::Only(["acme".to_string()].into()));
+        let (m, u, h) = signed(b"", "globex", 1000, "n");
+        let view = RequestView {
+            method: &m,
+            uri: &u,
+            headers: &h,
+        };
+        assert_eq!(v.verify(view, b"", 1000), Err(AuthError::TenantMismatch));
+    }
+
+    #[test]
+    fn replay_cache_is_bounded_and_forgets() {
+        let mut c = ReplayCache::new(2);
+        c.check_and_insert("k", "a", 10, 0).unwrap();
+        c.check_and_insert("k", "b", 10, 0).unwrap();
+        assert_eq!(
+            c.check_and_insert("k", "c", 10, 0),
+            Err(AuthError::ReplayCacheFull)
+        );
+        assert_eq!(
+            c.check_and_insert("k", "a", 10, 5),
+            Err(AuthError::Replayed)
+        );
+        c.check_and_insert("k", "c", 20, 10).unwrap();
+        assert_eq!(c.len(), 1);
+    }
+}
