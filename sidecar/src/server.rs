@@ -120,7 +120,7 @@ pub async fn run_with(
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let key = audit_key(&config, &opts)?;
-    let (audit, _audit_task) = match &config.audit.dir {
+    let (audit, audit_thread) = match &config.audit.dir {
         Some(dir) => {
             let (a, t) = AuditLog::start(dir.clone(), &key, metrics.audit_dropped.clone())?;
             (a, Some(t))
@@ -224,6 +224,14 @@ pub async fn run_with(
     let _ = stop_tx.send(true);
     let _ = admin.await;
     let _ = reloader.await;
+    // Let the audit writer write what is buffered (it ends once the last handle is gone).
+    drop(app);
+    if let Some(t) = audit_thread {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !t.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     Ok(())
 }
 

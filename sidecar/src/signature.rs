@@ -320,8 +320,8 @@ pub fn find_signature(headers: &HeaderMap, label: &str) -> Result<FoundSignature
     };
     let input = parse(&input, "Signature-Input")?;
     let sig = parse(&sig, "Signature")?;
-    let il = match input.iter().find(|(k, _)| k.as_str() == label) {
-        Some((_, ListEntry::InnerList(il))) => il.clone(),
+    let il = match input.into_iter().find(|(k, _)| k.as_str() == label) {
+        Some((_, ListEntry::InnerList(il))) => il,
         Some(_) => return Err(malformed("Signature-Input member is not an inner list")),
         None => {
             return Err(AuthError::Missing(format!(
