@@ -242,6 +242,7 @@ async fn serve_admin(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -259,10 +260,13 @@ async fn serve_admin(
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
+        let fut = graceful.watch(conn);
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = fut.await;
         });
     }
+    // Close keep-alive scrapers too, so nothing outlives the server.
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
 fn admin_response(app: &App, registry: &Registry, path: &str) -> Response<ProxyBody> {

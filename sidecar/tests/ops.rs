@@ -113,7 +113,14 @@ async fn audit_log_is_per_tenant_and_holds_no_prompt() {
         assert!(!text.contains(secret), "prompt leaked into the audit log");
         assert!(!text.contains("gateway-secret"));
     }
-    h.shutdown().await;
+    // Everything buffered is on disk by the time `run` returns (no polling here).
+    let (p, _) = h
+        .send_collect(h.signed("globex", Method::GET, "/v1/models", ""))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    let kept = h.shutdown_keep_dir().await;
+    let lines = std::fs::read_to_string(kept.path().join("audit").join("globex.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2, "{lines}");
 }
 
 #[tokio::test]

@@ -240,6 +240,17 @@ impl Harness {
         }
     }
 
+    /// Shut down and keep the temporary directory (audit files) for inspection.
+    pub async fn shutdown_keep_dir(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+        self.dir
+    }
+
     pub fn trigger_shutdown(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
