@@ -350,8 +350,15 @@ async fn reload_loop(
         return;
     };
     let metrics = app.metrics.clone();
-    let mut tick = tokio::time::interval(opts.reload_poll);
+    // The files as loaded are the baseline: the first look is one interval from now.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + opts.reload_poll,
+        opts.reload_poll,
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A change is applied once the files look the same on two looks in a row, so a file
+    // caught half-written (which might even parse) is never applied.
+    let mut pending: Option<Vec<u8>> = None;
     loop {
         let forced = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -364,9 +371,21 @@ async fn reload_loop(
             } => true,
         };
         let fp = fingerprint(&path);
-        if forced || (fp.is_some() && fp != last) {
+        if forced {
             last = fp;
+            pending = None;
             try_reload(&app, &metrics, &path);
+            continue;
         }
+        if fp.is_none() || fp == last {
+            pending = None;
+            continue;
+        }
+        if pending != fp {
+            pending = fp;
+            continue;
+        }
+        last = pending.take();
+        try_reload(&app, &metrics, &path);
     }
 }
