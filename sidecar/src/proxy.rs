@@ -296,21 +296,35 @@ pub struct Usage {
     pub completion: u64,
 }
 
-fn parse_usage(v: &serde_json::Value) -> Option<Usage> {
-    let u = v.get("usage")?;
-    if u.is_null() {
-        return None;
+/// The parts of a response (or stream chunk) the sidecar reads; everything else is skipped
+/// without being materialised.
+#[derive(serde::Deserialize)]
+struct ResponseView {
+    #[serde(default)]
+    usage: Option<UsageView>,
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageView {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl UsageView {
+    fn usage(&self) -> Usage {
+        let prompt = self.prompt_tokens.unwrap_or(0);
+        let completion = self
+            .completion_tokens
+            .unwrap_or_else(|| self.total_tokens.map_or(0, |t| t.saturating_sub(prompt)));
+        Usage { prompt, completion }
     }
-    let prompt = u.get("prompt_tokens").and_then(|x| x.as_u64()).unwrap_or(0);
-    let completion = u
-        .get("completion_tokens")
-        .and_then(|x| x.as_u64())
-        .unwrap_or_else(|| {
-            u.get("total_tokens")
-                .and_then(|x| x.as_u64())
-                .map_or(0, |t| t.saturating_sub(prompt))
-        });
-    Some(Usage { prompt, completion })
+}
+
+fn parse_response(data: &[u8]) -> Option<ResponseView> {
+    serde_json::from_slice::<ResponseView>(data).ok()
 }
 
 /// What the rewrite phase learned from the request body.
@@ -956,17 +970,14 @@ fn inspect_event(ev: &[u8], strip_usage: bool, outcome: &mut Outcome) -> bool {
             outcome.chunks += 1;
             continue;
         }
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        let Some(v) = parse_response(data) else {
             outcome.chunks += 1;
             continue;
         };
-        if let Some(u) = parse_usage(&v) {
-            outcome.usage = Some(u);
+        if let Some(u) = &v.usage {
+            outcome.usage = Some(u.usage());
         }
-        let empty_choices = v
-            .get("choices")
-            .and_then(|c| c.as_array())
-            .is_some_and(|a| a.is_empty());
+        let empty_choices = v.choices.as_ref().is_some_and(|c| c.is_empty());
         if empty_choices && strip_usage {
             keep = false;
         } else if !empty_choices {
@@ -1020,8 +1031,8 @@ impl MeteredBody {
         if let Some(outcome) = self.outcome.as_mut() {
             match &mut self.mode {
                 Mode::Json(buf) => {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(buf) {
-                        outcome.usage = parse_usage(&v);
+                    if let Some(v) = parse_response(buf) {
+                        outcome.usage = v.usage.as_ref().map(UsageView::usage);
                     }
                 }
                 Mode::Sse(f) => {
