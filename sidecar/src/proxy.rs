@@ -671,6 +671,9 @@ pub async fn handle(
         Ok(a) => a,
         Err(rej) => return limited(&ctx, &tenant, base_rec, rej),
     };
+    // Until the request is forwarded, any way out (including the client going away while
+    // queued) gives the reservation back.
+    let mut admission = RefundUnlessForwarded(Some(admission));
     // Phase 5: fair queue.
     let timeout = rt.config.queue_timeout();
     let tm = rt
@@ -687,7 +690,7 @@ pub async fn handle(
     let (permit, waited) = match acquired {
         Ok(p) => p,
         Err(e) => {
-            admission.refund();
+            drop(admission);
             let (status, msg) = match e {
                 QueueError::Full => (
                     StatusCode::TOO_MANY_REQUESTS,
@@ -716,7 +719,7 @@ pub async fn handle(
     let mut uri_parts = rt.upstream.clone().into_parts();
     uri_parts.path_and_query = parts.uri.path_and_query().cloned();
     let Ok(uri) = Uri::from_parts(uri_parts) else {
-        admission.refund();
+        drop(admission);
         let r = json_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -737,10 +740,12 @@ pub async fn handle(
         tm,
         rec: base_rec,
         t0: ctx.t0,
-        admission: Some(admission),
+        admission: admission.0.take(),
         permit: Some(permit),
         inflight,
-        status: StatusCode::BAD_GATEWAY,
+        // 499 (client closed request) until the upstream answers.
+        status: StatusCode::from_u16(499).expect("valid status"),
+        responded: false,
         usage: None,
         chunks: 0,
         ended: false,
@@ -760,6 +765,7 @@ pub async fn handle(
             if let Some(a) = outcome.admission.take() {
                 a.refund();
             }
+            outcome.status = StatusCode::BAD_GATEWAY;
             let mut r = json_error(
                 StatusCode::BAD_GATEWAY,
                 "server_error",
@@ -772,6 +778,7 @@ pub async fn handle(
     };
     let (mut rparts, rbody) = resp.into_parts();
     outcome.status = rparts.status;
+    outcome.responded = true;
     strip_hop_by_hop(&mut rparts.headers);
     if info.strip_usage_chunk {
         // The body may lose its usage chunk: its length is no longer known.
@@ -843,6 +850,16 @@ fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Res
     r
 }
 
+struct RefundUnlessForwarded(Option<Admission>);
+
+impl Drop for RefundUnlessForwarded {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.refund();
+        }
+    }
+}
+
 struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
 
 impl GaugeGuard {
@@ -869,6 +886,7 @@ struct Outcome {
     permit: Option<Permit>,
     inflight: prometheus_client::metrics::gauge::Gauge,
     status: StatusCode,
+    responded: bool,
     usage: Option<Usage>,
     chunks: u64,
     ended: bool,
@@ -891,9 +909,13 @@ impl Drop for Outcome {
         if let Some(a) = self.admission.take() {
             match usage {
                 Some(u) => a.reconcile(Some(u.prompt + u.completion)),
-                None if self.status.is_client_error() || self.status.is_server_error() => {
+                // The upstream answered with an error: it did no generation work.
+                None if self.responded
+                    && (self.status.is_client_error() || self.status.is_server_error()) =>
+                {
                     a.refund()
                 }
+                // Forwarded but the outcome is unknown (client gone): keep the reservation.
                 None => a.reconcile(None),
             }
         }
@@ -920,7 +942,9 @@ impl Drop for Outcome {
         self.rec.status = self.status.as_u16();
         self.rec.latency_ms = elapsed.as_secs_f64() * 1e3;
         self.rec.ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1e3);
-        if !self.ended && self.status.is_success() {
+        if !self.responded && self.status == StatusCode::BAD_GATEWAY {
+            self.rec.reason = Some("upstream_unavailable".into());
+        } else if !self.responded || (!self.ended && self.status.is_success()) {
             self.rec.reason = Some("client_disconnected".into());
         }
         self.app.audit.record(std::mem::take(&mut self.rec));

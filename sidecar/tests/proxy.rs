@@ -367,3 +367,33 @@ async fn upstream_connections_are_never_shared_between_tenants() {
     }
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_and_refunds_the_reservation() {
+    // A port with nothing listening.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let h = Harness::start_with(
+        // 250 tokens: without refunds the third 106-token reservation would be refused (429).
+        "[tenants.acme]\ntokens_per_minute = 250\n[tenants.globex]\n",
+        Default::default(),
+        |t| {
+            let start = t.find("url = \"").unwrap() + 7;
+            let end = start + t[start..].find('"').unwrap();
+            t.replace_range(start..end, &url);
+        },
+    )
+    .await;
+    let body = chat("hi", r#","max_tokens":100"#);
+    for _ in 0..3 {
+        let (p, b) = h
+            .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &body))
+            .await;
+        assert_eq!(p.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(json(&b)["error"]["code"], "upstream_unavailable");
+    }
+    h.wait_metric("bulkhead_requests_total{tenant=\"acme\",code=\"502\"}", 3.0)
+        .await;
+    h.shutdown().await;
+}
