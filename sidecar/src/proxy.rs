@@ -706,10 +706,7 @@ pub async fn handle(
                 retry_after: Duration::from_secs(1),
                 info: RateInfo::default(),
             };
-            let mut r = limited(&ctx, &tenant, base_rec, rej);
-            *r.status_mut() = status;
-            *r.body_mut() = json_error(status, "rate_limit_error", "queue", msg).into_body();
-            return r;
+            return refused(&ctx, &tenant, base_rec, rej, status, msg);
         }
     };
     tm.queue_wait.observe(waited.as_secs_f64());
@@ -813,7 +810,25 @@ pub async fn handle(
     Response::from_parts(rparts, body.boxed_unsync())
 }
 
-fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Response<ProxyBody> {
+fn limited(ctx: &Ctx, tenant: &str, rec: AuditRecord, rej: Rejection) -> Response<ProxyBody> {
+    let msg = match rej.kind {
+        LimitKind::Requests => "rate limit reached: requests per minute",
+        LimitKind::Tokens => "rate limit reached: tokens per minute",
+        LimitKind::Concurrency => "rate limit reached: concurrent requests",
+        LimitKind::Queue => "the tenant's fair-share queue is full",
+    };
+    refused(ctx, tenant, rec, rej, StatusCode::TOO_MANY_REQUESTS, msg)
+}
+
+/// A refusal by a limit or the queue: metrics, audit, `Retry-After` and rate headers.
+fn refused(
+    ctx: &Ctx,
+    tenant: &str,
+    mut rec: AuditRecord,
+    rej: Rejection,
+    status: StatusCode,
+    msg: &str,
+) -> Response<ProxyBody> {
     let app = &ctx.app;
     let limit = rej.kind.as_str();
     app.metrics
@@ -823,7 +838,6 @@ fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Res
             limit,
         })
         .inc();
-    let status = StatusCode::TOO_MANY_REQUESTS;
     app.metrics
         .requests
         .get_or_create(&TenantCode {
@@ -831,12 +845,6 @@ fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Res
             code: status.as_u16(),
         })
         .inc();
-    let msg = match rej.kind {
-        LimitKind::Requests => "rate limit reached: requests per minute",
-        LimitKind::Tokens => "rate limit reached: tokens per minute",
-        LimitKind::Concurrency => "rate limit reached: concurrent requests",
-        LimitKind::Queue => "the tenant's fair-share queue is full",
-    };
     let mut r = json_error(status, "rate_limit_error", limit, msg);
     let secs = rej.retry_after.as_secs_f64().ceil().max(1.0) as u64;
     r.headers_mut()

@@ -107,6 +107,17 @@ async fn full_queue_and_queue_timeout() {
             .await,
         Some(2.0)
     );
+    // The timeout is a 503, the full queue a 429, in the metrics as on the wire.
+    assert_eq!(
+        h.metric("bulkhead_requests_total{tenant=\"globex\",code=\"503\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric("bulkhead_requests_total{tenant=\"globex\",code=\"429\"}")
+            .await,
+        Some(1.0)
+    );
     h.sim.sim.open_gate();
     holder.into_body().collect().await.unwrap();
     h.shutdown().await;
