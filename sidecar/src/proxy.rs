@@ -503,6 +503,16 @@ impl Ctx {
     }
 }
 
+/// No dot segments (literal or percent-encoded), so an upstream that normalises paths cannot
+/// be steered outside `/v1/`.
+fn plain_path(path: &str) -> bool {
+    !path.split('/').any(|seg| seg == "." || seg == "..")
+        && !path
+            .as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%2e"))
+}
+
 /// Handle one client request.
 pub async fn handle(
     app: Arc<App>,
@@ -517,7 +527,7 @@ pub async fn handle(
         app: app.clone(),
     };
     let rt = app.runtime();
-    if !ctx.route.starts_with("/v1/") {
+    if !ctx.route.starts_with("/v1/") || !plain_path(&ctx.route) {
         let r = json_error(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -1166,6 +1176,14 @@ mod tests {
         // Embeddings reserve no completion.
         let b = Bytes::from_static(br#"{"input":"abcd abcd"}"#);
         assert_eq!(inspect_body("/v1/embeddings", &b, 7).completion_reserve, 0);
+    }
+
+    #[test]
+    fn dot_segments_are_refused() {
+        assert!(plain_path("/v1/chat/completions"));
+        assert!(!plain_path("/v1/../admin"));
+        assert!(!plain_path("/v1/./models"));
+        assert!(!plain_path("/v1/%2E%2e/admin"));
     }
 
     #[test]
