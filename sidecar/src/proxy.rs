@@ -764,10 +764,28 @@ pub async fn handle(
         .get(&tenant)
         .cloned()
         .unwrap_or_else(|| unreachable!("tenant is configured"));
+    let response_timeout = Duration::from_millis(rt.config.upstream.response_timeout_ms);
     drop(rt);
-    let resp = match client.request(up).await {
-        Ok(r) => r,
-        Err(e) => {
+    let resp = match tokio::time::timeout(response_timeout, client.request(up)).await {
+        Ok(Ok(r)) => r,
+        Err(_) => {
+            // The upstream may be working on it: the reservation stays charged.
+            tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, "upstream response timed out");
+            outcome.status = StatusCode::GATEWAY_TIMEOUT;
+            outcome.responded = true;
+            let mut r = json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "upstream_timeout",
+                "the inference server did not answer in time",
+            );
+            set_request_id(&mut r, &ctx.request_id);
+            if let Some(a) = outcome.admission.take() {
+                a.reconcile(None);
+            }
+            return r;
+        }
+        Ok(Err(e)) => {
             tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, error = %e, "upstream request failed");
             if let Some(a) = outcome.admission.take() {
                 a.refund();

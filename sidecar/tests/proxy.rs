@@ -397,3 +397,28 @@ async fn unreachable_upstream_is_502_and_refunds_the_reservation() {
         .await;
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn slow_upstream_headers_time_out_with_504() {
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        *t = t.replace("[listen]", "response_timeout_ms = 200\n[listen]");
+    })
+    .await;
+    let mut req = h.signed(
+        "acme",
+        Method::POST,
+        "/v1/chat/completions",
+        &chat("hi", ""),
+    );
+    // The simulator waits 30 s before answering a non-streaming request.
+    req.headers_mut()
+        .insert("x-sim-ttft-ms", "30000".parse().unwrap());
+    let t0 = Instant::now();
+    let (p, b) = h.send_collect(req).await;
+    assert_eq!(p.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(json(&b)["error"]["code"], "upstream_timeout");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    h.wait_metric("bulkhead_inflight_requests{tenant=\"acme\"}", 0.0)
+        .await;
+    h.shutdown().await;
+}
