@@ -159,6 +159,17 @@ impl App {
         if old.config.listen != config.listen {
             tracing::warn!("listen addresses changed: they take effect only after a restart");
         }
+        let (a, b) = (&old.config.http, &config.http);
+        if old.config.runtime != config.runtime
+            || a.max_header_bytes != b.max_header_bytes
+            || a.header_read_timeout_ms != b.header_read_timeout_ms
+            || a.drain_timeout_ms != b.drain_timeout_ms
+        {
+            tracing::warn!(
+                "runtime.*, http.max_header_bytes, http.header_read_timeout_ms and \
+                 http.drain_timeout_ms take effect only after a restart"
+            );
+        }
         let rt = build_runtime(
             config,
             Some(&old),
