@@ -7,7 +7,8 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use tokio::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// The file stem for requests that carried no verified tenant.
 pub const UNAUTHENTICATED: &str = "_unauthenticated";
@@ -43,26 +44,63 @@ pub enum AuditError {
     },
 }
 
-/// The sending side; cheap to clone.
+/// Buffers shared between request handlers and the writer thread.
+struct Shared {
+    state: Mutex<Buffers>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Buffers {
+    per_tenant: HashMap<String, Vec<u8>>,
+    bytes: usize,
+    closed: bool,
+}
+
+/// Flush at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Wake the writer early when this much is buffered.
+const WAKE_AT: usize = 256 * 1024;
+/// Drop records (and count them) beyond this much unwritten data.
+const MAX_BUFFERED: usize = 16 * 1024 * 1024;
+
+/// The recording side; cheap to clone. Records are serialized on the request path into a
+/// per-tenant buffer and written by one thread at least every 50 ms, so the request path
+/// never waits on the disk and rarely wakes another thread.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: Option<mpsc::Sender<AuditRecord>>,
+    shared: Option<Arc<Shared>>,
+    _closer: Option<Arc<Closer>>,
     key: hmac::Key,
     dropped: prometheus_client::metrics::counter::Counter,
+}
+
+/// Tells the writer to finish when the last `AuditLog` clone goes away.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed = true;
+        self.0.wake.notify_one();
+    }
 }
 
 impl AuditLog {
     /// A log that writes nothing (no `audit.dir` configured).
     pub fn disabled(key: &[u8]) -> Self {
         Self {
-            tx: None,
+            shared: None,
+            _closer: None,
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             dropped: Default::default(),
         }
     }
 
-    /// Start the writer on its own thread (plain blocking file I/O, off the async workers);
-    /// it ends when every sender is gone.
+    /// Start the writer thread; it writes what is left and ends when every clone is dropped.
     pub fn start(
         dir: PathBuf,
         key: &[u8],
@@ -72,17 +110,22 @@ impl AuditLog {
             path: dir.clone(),
             source,
         })?;
-        let (tx, rx) = mpsc::channel(8192);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Buffers::default()),
+            wake: Condvar::new(),
+        });
+        let w = shared.clone();
         let handle = std::thread::Builder::new()
             .name("bulkhead-audit".into())
-            .spawn(move || writer(dir, rx))
+            .spawn(move || writer(dir, w))
             .map_err(|source| AuditError::Dir {
                 path: PathBuf::from("<audit writer thread>"),
                 source,
             })?;
         Ok((
             Self {
-                tx: Some(tx),
+                _closer: Some(Arc::new(Closer(shared.clone()))),
+                shared: Some(shared),
                 key: hmac::Key::new(hmac::HMAC_SHA256, key),
                 dropped,
             },
@@ -92,66 +135,83 @@ impl AuditLog {
 
     pub fn prompt_hash(&self, prompt: &[u8]) -> String {
         let tag = hmac::sign(&self.key, prompt);
-        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        let mut out = String::with_capacity(64);
+        for b in tag.as_ref() {
+            out.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0'));
+            out.push(char::from_digit((b & 15) as u32, 16).unwrap_or('0'));
+        }
+        out
     }
 
-    /// Queue a record; never blocks the request path (drops and counts when behind).
+    /// Buffer a record; never blocks on I/O (drops and counts when the writer is far behind).
     pub fn record(&self, rec: AuditRecord) {
-        if let Some(tx) = &self.tx
-            && tx.try_send(rec).is_err()
-        {
+        let Some(shared) = &self.shared else { return };
+        let mut line = match serde_json::to_vec(&rec) {
+            Ok(l) => l,
+            Err(_) => return,
+        };
+        line.push(b'\n');
+        let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.bytes + line.len() > MAX_BUFFERED {
+            drop(st);
             self.dropped.inc();
+            return;
+        }
+        st.bytes += line.len();
+        let wake = st.bytes >= WAKE_AT;
+        match st.per_tenant.get_mut(&rec.tenant) {
+            Some(buf) => buf.extend_from_slice(&line),
+            None => {
+                st.per_tenant.insert(rec.tenant, line);
+            }
+        }
+        drop(st);
+        if wake {
+            shared.wake.notify_one();
         }
     }
 }
 
-fn writer(dir: PathBuf, mut rx: mpsc::Receiver<AuditRecord>) {
-    let mut files: HashMap<String, std::io::BufWriter<std::fs::File>> = HashMap::new();
-    let mut line = Vec::with_capacity(512);
-    while let Some(first) = rx.blocking_recv() {
-        let mut touched: Vec<String> = Vec::new();
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(rec) = next.take() {
-            n += 1;
-            if !files.contains_key(&rec.tenant) {
-                let path = dir.join(format!("{}.jsonl", rec.tenant));
+fn writer(dir: PathBuf, shared: Arc<Shared>) {
+    let mut files: HashMap<String, std::fs::File> = HashMap::new();
+    loop {
+        let (batch, closed) = {
+            let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let (mut st, _) = shared
+                .wake
+                .wait_timeout_while(st, FLUSH_EVERY, |b| !b.closed && b.bytes < WAKE_AT)
+                .unwrap_or_else(|e| e.into_inner());
+            st.bytes = 0;
+            (std::mem::take(&mut st.per_tenant), st.closed)
+        };
+        for (tenant, data) in batch {
+            if data.is_empty() {
+                continue;
+            }
+            if !files.contains_key(&tenant) {
+                let path = dir.join(format!("{tenant}.jsonl"));
                 match std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&path)
                 {
                     Ok(f) => {
-                        files.insert(rec.tenant.clone(), std::io::BufWriter::new(f));
+                        files.insert(tenant.clone(), f);
                     }
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "cannot open audit log");
+                        continue;
                     }
                 }
             }
-            if let Some(f) = files.get_mut(&rec.tenant) {
-                line.clear();
-                if serde_json::to_writer(&mut line, &rec).is_ok() {
-                    line.push(b'\n');
-                    if let Err(e) = f.write_all(&line) {
-                        tracing::warn!(tenant = %rec.tenant, error = %e, "audit write failed");
-                    }
-                }
-                if !touched.contains(&rec.tenant) {
-                    touched.push(rec.tenant);
-                }
-            }
-            if n < 4096 {
-                next = rx.try_recv().ok();
+            if let Some(f) = files.get_mut(&tenant)
+                && let Err(e) = f.write_all(&data)
+            {
+                tracing::warn!(tenant = %tenant, error = %e, "audit write failed");
             }
         }
-        // Flush once the queue is drained: whole lines reach the files promptly.
-        for t in touched {
-            if let Some(f) = files.get_mut(&t)
-                && let Err(e) = f.flush()
-            {
-                tracing::warn!(tenant = %t, error = %e, "audit flush failed");
-            }
+        if closed {
+            return;
         }
     }
 }

@@ -64,6 +64,12 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_tenant: usize,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// How long to wait for the upstream's response headers (a stream's body may run longer).
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+}
+fn default_response_timeout_ms() -> u64 {
+    600_000
 }
 fn default_pool_idle() -> usize {
     32
@@ -333,6 +339,9 @@ impl Config {
         }
         if self.upstream.connect_timeout_ms == 0 {
             return Err(invalid("upstream.connect_timeout_ms", "must be > 0"));
+        }
+        if self.upstream.response_timeout_ms == 0 {
+            return Err(invalid("upstream.response_timeout_ms", "must be > 0"));
         }
         if self.auth.label.is_empty()
             || !self

@@ -159,6 +159,17 @@ impl App {
         if old.config.listen != config.listen {
             tracing::warn!("listen addresses changed: they take effect only after a restart");
         }
+        let (a, b) = (&old.config.http, &config.http);
+        if old.config.runtime != config.runtime
+            || a.max_header_bytes != b.max_header_bytes
+            || a.header_read_timeout_ms != b.header_read_timeout_ms
+            || a.drain_timeout_ms != b.drain_timeout_ms
+        {
+            tracing::warn!(
+                "runtime.*, http.max_header_bytes, http.header_read_timeout_ms and \
+                 http.drain_timeout_ms take effect only after a restart"
+            );
+        }
         let rt = build_runtime(
             config,
             Some(&old),
@@ -296,21 +307,35 @@ pub struct Usage {
     pub completion: u64,
 }
 
-fn parse_usage(v: &serde_json::Value) -> Option<Usage> {
-    let u = v.get("usage")?;
-    if u.is_null() {
-        return None;
+/// The parts of a response (or stream chunk) the sidecar reads; everything else is skipped
+/// without being materialised.
+#[derive(serde::Deserialize)]
+struct ResponseView {
+    #[serde(default)]
+    usage: Option<UsageView>,
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageView {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl UsageView {
+    fn usage(&self) -> Usage {
+        let prompt = self.prompt_tokens.unwrap_or(0);
+        let completion = self
+            .completion_tokens
+            .unwrap_or_else(|| self.total_tokens.map_or(0, |t| t.saturating_sub(prompt)));
+        Usage { prompt, completion }
     }
-    let prompt = u.get("prompt_tokens").and_then(|x| x.as_u64()).unwrap_or(0);
-    let completion = u
-        .get("completion_tokens")
-        .and_then(|x| x.as_u64())
-        .unwrap_or_else(|| {
-            u.get("total_tokens")
-                .and_then(|x| x.as_u64())
-                .map_or(0, |t| t.saturating_sub(prompt))
-        });
-    Some(Usage { prompt, completion })
+}
+
+fn parse_response(data: &[u8]) -> Option<ResponseView> {
+    serde_json::from_slice::<ResponseView>(data).ok()
 }
 
 /// What the rewrite phase learned from the request body.
@@ -489,6 +514,16 @@ impl Ctx {
     }
 }
 
+/// No dot segments (literal or percent-encoded), so an upstream that normalises paths cannot
+/// be steered outside `/v1/`.
+fn plain_path(path: &str) -> bool {
+    !path.split('/').any(|seg| seg == "." || seg == "..")
+        && !path
+            .as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%2e"))
+}
+
 /// Handle one client request.
 pub async fn handle(
     app: Arc<App>,
@@ -503,7 +538,7 @@ pub async fn handle(
         app: app.clone(),
     };
     let rt = app.runtime();
-    if !ctx.route.starts_with("/v1/") {
+    if !ctx.route.starts_with("/v1/") || !plain_path(&ctx.route) {
         let r = json_error(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -657,6 +692,9 @@ pub async fn handle(
         Ok(a) => a,
         Err(rej) => return limited(&ctx, &tenant, base_rec, rej),
     };
+    // Until the request is forwarded, any way out (including the client going away while
+    // queued) gives the reservation back.
+    let mut admission = RefundUnlessForwarded(Some(admission));
     // Phase 5: fair queue.
     let timeout = rt.config.queue_timeout();
     let tm = rt
@@ -673,7 +711,7 @@ pub async fn handle(
     let (permit, waited) = match acquired {
         Ok(p) => p,
         Err(e) => {
-            admission.refund();
+            drop(admission);
             let (status, msg) = match e {
                 QueueError::Full => (
                     StatusCode::TOO_MANY_REQUESTS,
@@ -689,10 +727,7 @@ pub async fn handle(
                 retry_after: Duration::from_secs(1),
                 info: RateInfo::default(),
             };
-            let mut r = limited(&ctx, &tenant, base_rec, rej);
-            *r.status_mut() = status;
-            *r.body_mut() = json_error(status, "rate_limit_error", "queue", msg).into_body();
-            return r;
+            return refused(&ctx, &tenant, base_rec, rej, status, msg);
         }
     };
     tm.queue_wait.observe(waited.as_secs_f64());
@@ -702,7 +737,7 @@ pub async fn handle(
     let mut uri_parts = rt.upstream.clone().into_parts();
     uri_parts.path_and_query = parts.uri.path_and_query().cloned();
     let Ok(uri) = Uri::from_parts(uri_parts) else {
-        admission.refund();
+        drop(admission);
         let r = json_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -723,10 +758,12 @@ pub async fn handle(
         tm,
         rec: base_rec,
         t0: ctx.t0,
-        admission: Some(admission),
+        admission: admission.0.take(),
         permit: Some(permit),
         inflight,
-        status: StatusCode::BAD_GATEWAY,
+        // 499 (client closed request) until the upstream answers.
+        status: StatusCode::from_u16(499).expect("valid status"),
+        responded: false,
         usage: None,
         chunks: 0,
         ended: false,
@@ -738,14 +775,33 @@ pub async fn handle(
         .get(&tenant)
         .cloned()
         .unwrap_or_else(|| unreachable!("tenant is configured"));
+    let response_timeout = Duration::from_millis(rt.config.upstream.response_timeout_ms);
     drop(rt);
-    let resp = match client.request(up).await {
-        Ok(r) => r,
-        Err(e) => {
+    let resp = match tokio::time::timeout(response_timeout, client.request(up)).await {
+        Ok(Ok(r)) => r,
+        Err(_) => {
+            // The upstream may be working on it: the reservation stays charged.
+            tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, "upstream response timed out");
+            outcome.status = StatusCode::GATEWAY_TIMEOUT;
+            outcome.responded = true;
+            let mut r = json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "upstream_timeout",
+                "the inference server did not answer in time",
+            );
+            set_request_id(&mut r, &ctx.request_id);
+            if let Some(a) = outcome.admission.take() {
+                a.reconcile(None);
+            }
+            return r;
+        }
+        Ok(Err(e)) => {
             tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, error = %e, "upstream request failed");
             if let Some(a) = outcome.admission.take() {
                 a.refund();
             }
+            outcome.status = StatusCode::BAD_GATEWAY;
             let mut r = json_error(
                 StatusCode::BAD_GATEWAY,
                 "server_error",
@@ -758,6 +814,7 @@ pub async fn handle(
     };
     let (mut rparts, rbody) = resp.into_parts();
     outcome.status = rparts.status;
+    outcome.responded = true;
     strip_hop_by_hop(&mut rparts.headers);
     if info.strip_usage_chunk {
         // The body may lose its usage chunk: its length is no longer known.
@@ -792,7 +849,25 @@ pub async fn handle(
     Response::from_parts(rparts, body.boxed_unsync())
 }
 
-fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Response<ProxyBody> {
+fn limited(ctx: &Ctx, tenant: &str, rec: AuditRecord, rej: Rejection) -> Response<ProxyBody> {
+    let msg = match rej.kind {
+        LimitKind::Requests => "rate limit reached: requests per minute",
+        LimitKind::Tokens => "rate limit reached: tokens per minute",
+        LimitKind::Concurrency => "rate limit reached: concurrent requests",
+        LimitKind::Queue => "the tenant's fair-share queue is full",
+    };
+    refused(ctx, tenant, rec, rej, StatusCode::TOO_MANY_REQUESTS, msg)
+}
+
+/// A refusal by a limit or the queue: metrics, audit, `Retry-After` and rate headers.
+fn refused(
+    ctx: &Ctx,
+    tenant: &str,
+    mut rec: AuditRecord,
+    rej: Rejection,
+    status: StatusCode,
+    msg: &str,
+) -> Response<ProxyBody> {
     let app = &ctx.app;
     let limit = rej.kind.as_str();
     app.metrics
@@ -802,7 +877,6 @@ fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Res
             limit,
         })
         .inc();
-    let status = StatusCode::TOO_MANY_REQUESTS;
     app.metrics
         .requests
         .get_or_create(&TenantCode {
@@ -810,12 +884,6 @@ fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Res
             code: status.as_u16(),
         })
         .inc();
-    let msg = match rej.kind {
-        LimitKind::Requests => "rate limit reached: requests per minute",
-        LimitKind::Tokens => "rate limit reached: tokens per minute",
-        LimitKind::Concurrency => "rate limit reached: concurrent requests",
-        LimitKind::Queue => "the tenant's fair-share queue is full",
-    };
     let mut r = json_error(status, "rate_limit_error", limit, msg);
     let secs = rej.retry_after.as_secs_f64().ceil().max(1.0) as u64;
     r.headers_mut()
@@ -827,6 +895,16 @@ fn limited(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, rej: Rejection) -> Res
     rec.latency_ms = ctx.t0.elapsed().as_secs_f64() * 1e3;
     app.audit.record(rec);
     r
+}
+
+struct RefundUnlessForwarded(Option<Admission>);
+
+impl Drop for RefundUnlessForwarded {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.refund();
+        }
+    }
 }
 
 struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
@@ -855,6 +933,7 @@ struct Outcome {
     permit: Option<Permit>,
     inflight: prometheus_client::metrics::gauge::Gauge,
     status: StatusCode,
+    responded: bool,
     usage: Option<Usage>,
     chunks: u64,
     ended: bool,
@@ -877,9 +956,13 @@ impl Drop for Outcome {
         if let Some(a) = self.admission.take() {
             match usage {
                 Some(u) => a.reconcile(Some(u.prompt + u.completion)),
-                None if self.status.is_client_error() || self.status.is_server_error() => {
+                // The upstream answered with an error: it did no generation work.
+                None if self.responded
+                    && (self.status.is_client_error() || self.status.is_server_error()) =>
+                {
                     a.refund()
                 }
+                // Forwarded but the outcome is unknown (client gone): keep the reservation.
                 None => a.reconcile(None),
             }
         }
@@ -906,7 +989,9 @@ impl Drop for Outcome {
         self.rec.status = self.status.as_u16();
         self.rec.latency_ms = elapsed.as_secs_f64() * 1e3;
         self.rec.ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1e3);
-        if !self.ended && self.status.is_success() {
+        if !self.responded && self.status == StatusCode::BAD_GATEWAY {
+            self.rec.reason = Some("upstream_unavailable".into());
+        } else if !self.responded || (!self.ended && self.status.is_success()) {
             self.rec.reason = Some("client_disconnected".into());
         }
         self.app.audit.record(std::mem::take(&mut self.rec));
@@ -956,17 +1041,14 @@ fn inspect_event(ev: &[u8], strip_usage: bool, outcome: &mut Outcome) -> bool {
             outcome.chunks += 1;
             continue;
         }
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        let Some(v) = parse_response(data) else {
             outcome.chunks += 1;
             continue;
         };
-        if let Some(u) = parse_usage(&v) {
-            outcome.usage = Some(u);
+        if let Some(u) = &v.usage {
+            outcome.usage = Some(u.usage());
         }
-        let empty_choices = v
-            .get("choices")
-            .and_then(|c| c.as_array())
-            .is_some_and(|a| a.is_empty());
+        let empty_choices = v.choices.as_ref().is_some_and(|c| c.is_empty());
         if empty_choices && strip_usage {
             keep = false;
         } else if !empty_choices {
@@ -1020,8 +1102,8 @@ impl MeteredBody {
         if let Some(outcome) = self.outcome.as_mut() {
             match &mut self.mode {
                 Mode::Json(buf) => {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(buf) {
-                        outcome.usage = parse_usage(&v);
+                    if let Some(v) = parse_response(buf) {
+                        outcome.usage = v.usage.as_ref().map(UsageView::usage);
                     }
                 }
                 Mode::Sse(f) => {
@@ -1123,6 +1205,14 @@ mod tests {
         // Embeddings reserve no completion.
         let b = Bytes::from_static(br#"{"input":"abcd abcd"}"#);
         assert_eq!(inspect_body("/v1/embeddings", &b, 7).completion_reserve, 0);
+    }
+
+    #[test]
+    fn dot_segments_are_refused() {
+        assert!(plain_path("/v1/chat/completions"));
+        assert!(!plain_path("/v1/../admin"));
+        assert!(!plain_path("/v1/./models"));
+        assert!(!plain_path("/v1/%2E%2e/admin"));
     }
 
     #[test]

@@ -120,7 +120,7 @@ pub async fn run_with(
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let key = audit_key(&config, &opts)?;
-    let (audit, _audit_task) = match &config.audit.dir {
+    let (audit, audit_thread) = match &config.audit.dir {
         Some(dir) => {
             let (a, t) = AuditLog::start(dir.clone(), &key, metrics.audit_dropped.clone())?;
             (a, Some(t))
@@ -224,6 +224,14 @@ pub async fn run_with(
     let _ = stop_tx.send(true);
     let _ = admin.await;
     let _ = reloader.await;
+    // Let the audit writer write what is buffered (it ends once the last handle is gone).
+    drop(app);
+    if let Some(t) = audit_thread {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !t.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     Ok(())
 }
 
@@ -234,6 +242,7 @@ async fn serve_admin(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -251,10 +260,13 @@ async fn serve_admin(
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
+        let fut = graceful.watch(conn);
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = fut.await;
         });
     }
+    // Close keep-alive scrapers too, so nothing outlives the server.
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
 fn admin_response(app: &App, registry: &Registry, path: &str) -> Response<ProxyBody> {
@@ -338,8 +350,15 @@ async fn reload_loop(
         return;
     };
     let metrics = app.metrics.clone();
-    let mut tick = tokio::time::interval(opts.reload_poll);
+    // The files as loaded are the baseline: the first look is one interval from now.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + opts.reload_poll,
+        opts.reload_poll,
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A change is applied once the files look the same on two looks in a row, so a file
+    // caught half-written (which might even parse) is never applied.
+    let mut pending: Option<Vec<u8>> = None;
     loop {
         let forced = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -352,9 +371,21 @@ async fn reload_loop(
             } => true,
         };
         let fp = fingerprint(&path);
-        if forced || (fp.is_some() && fp != last) {
+        if forced {
             last = fp;
+            pending = None;
             try_reload(&app, &metrics, &path);
+            continue;
         }
+        if fp.is_none() || fp == last {
+            pending = None;
+            continue;
+        }
+        if pending != fp {
+            pending = fp;
+            continue;
+        }
+        last = pending.take();
+        try_reload(&app, &metrics, &path);
     }
 }

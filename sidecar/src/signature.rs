@@ -320,8 +320,8 @@ pub fn find_signature(headers: &HeaderMap, label: &str) -> Result<FoundSignature
     };
     let input = parse(&input, "Signature-Input")?;
     let sig = parse(&sig, "Signature")?;
-    let il = match input.iter().find(|(k, _)| k.as_str() == label) {
-        Some((_, ListEntry::InnerList(il))) => il.clone(),
+    let il = match input.into_iter().find(|(k, _)| k.as_str() == label) {
+        Some((_, ListEntry::InnerList(il))) => il,
         Some(_) => return Err(malformed("Signature-Input member is not an inner list")),
         None => {
             return Err(AuthError::Missing(format!(
@@ -883,6 +883,32 @@ mod tests {
             headers: &h,
         };
         assert_eq!(v.verify(view, body, 1000), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn foreign_parameter_order_and_whitespace_verify() {
+        // Another implementation may order parameters differently and add optional spaces;
+        // the signature base uses the canonical serialization in the order received.
+        let m = Method::GET;
+        let u: Uri = "/v1/models".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, HeaderValue::from_static("acme"));
+        let base = "\"@method\": GET\n\"@path\": /v1/models\n\"x-bulkhead-tenant\": acme\n\"@signature-params\": (\"@method\" \"@path\" \"x-bulkhead-tenant\");keyid=\"gw\";nonce=\"abc\";tag=\"t\";created=1000";
+        let key = b"0123456789abcdef0123456789abcdef";
+        let sig = STANDARD.encode(hmac_sign(key, base));
+        h.insert("signature-input", HeaderValue::from_str(
+            "other=(\"@method\");created=1, bulkhead=(  \"@method\" \"@path\"   \"x-bulkhead-tenant\" );keyid=\"gw\";nonce=\"abc\";tag=\"t\";created=1000").unwrap());
+        h.insert(
+            "signature",
+            HeaderValue::from_str(&format!("other=:AAAA:, bulkhead=:{sig}:")).unwrap(),
+        );
+        let v = verifier(TenantBinding::Any);
+        let view = RequestView {
+            method: &m,
+            uri: &u,
+            headers: &h,
+        };
+        assert_eq!(v.verify(view, b"", 1000).unwrap().tenant, "acme");
     }
 
     #[test]

@@ -107,7 +107,76 @@ async fn full_queue_and_queue_timeout() {
             .await,
         Some(2.0)
     );
+    // The timeout is a 503, the full queue a 429, in the metrics as on the wire.
+    assert_eq!(
+        h.metric("bulkhead_requests_total{tenant=\"globex\",code=\"503\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric("bulkhead_requests_total{tenant=\"globex\",code=\"429\"}")
+            .await,
+        Some(1.0)
+    );
     h.sim.sim.open_gate();
     holder.into_body().collect().await.unwrap();
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_the_queue_gets_its_reservation_back() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start_with(
+        // 250 tokens: two 106-token requests fit only if the abandoned one was refunded.
+        "[tenants.acme]\n[tenants.globex]\ntokens_per_minute = 250\n",
+        Default::default(),
+        one_slot,
+    )
+    .await;
+    h.sim.sim.close_gate();
+    let body = chat("hi", r#","stream":true,"max_tokens":100"#);
+    let holder = h
+        .send(h.signed("acme", Method::POST, "/v1/chat/completions", &body))
+        .await;
+    assert_eq!(holder.status(), StatusCode::OK);
+    // globex queues on a raw connection, then goes away.
+    let req = h.signed("globex", Method::POST, "/v1/chat/completions", &body);
+    let mut raw = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\n", h.addr);
+    for (k, v) in req.headers() {
+        raw.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap()));
+    }
+    raw.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(raw.as_bytes()).await.unwrap();
+    h.wait_metric("bulkhead_queued_requests{tenant=\"globex\"}", 1.0)
+        .await;
+    drop(s);
+    h.wait_metric("bulkhead_queued_requests{tenant=\"globex\"}", 0.0)
+        .await;
+    h.sim.sim.open_gate();
+    holder.into_body().collect().await.unwrap();
+    // Two reservations at once (neither reconciled yet): 212 of 250 only fit if the
+    // abandoned 106 came back.
+    h.sim.sim.close_gate();
+    let first = h
+        .send(h.signed("globex", Method::POST, "/v1/chat/completions", &body))
+        .await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = {
+        let req = h.signed("globex", Method::POST, "/v1/chat/completions", &body);
+        let client = h.client.clone();
+        tokio::spawn(async move {
+            let r = client.request(req).await.unwrap();
+            let status = r.status();
+            r.into_body().collect().await.unwrap();
+            status
+        })
+    };
+    // Admitted (waiting for the one upstream slot), not refused.
+    h.wait_metric("bulkhead_queued_requests{tenant=\"globex\"}", 1.0)
+        .await;
+    h.sim.sim.open_gate();
+    first.into_body().collect().await.unwrap();
+    assert_eq!(second.await.unwrap(), StatusCode::OK);
     h.shutdown().await;
 }

@@ -9,9 +9,27 @@ use http_body_util::BodyExt;
 /// The sidecar's estimate for `chat("hi", max_tokens=100)`: ceil((4 + 2 + 16) / 4) + 100.
 const EST: u64 = 6 + 100;
 
+/// A harness whose limits run on a clock that only moves when told (no refill during a test).
+async fn frozen(
+    tenants: &str,
+) -> (
+    Harness,
+    std::sync::Arc<bulkhead_sidecar::limits::ManualClock>,
+) {
+    let clock = std::sync::Arc::new(bulkhead_sidecar::limits::ManualClock::default());
+    let opts = bulkhead_sidecar::Options {
+        clock: bulkhead_sidecar::limits::SharedClock(clock.clone()),
+        ..Default::default()
+    };
+    (
+        Harness::start_opts(tenants, Default::default(), |_| {}, opts).await,
+        clock,
+    )
+}
+
 #[tokio::test]
 async fn concurrent_burst_admits_at_most_the_limit_plus_one_reservation() {
-    let h = Harness::start(
+    let (h, _clock) = frozen(
         r#"
 [tenants.acme]
 tokens_per_minute = 1000
@@ -86,7 +104,7 @@ tokens_per_minute = 1000
 
 #[tokio::test]
 async fn streamed_usage_is_charged_not_the_reservation() {
-    let h = Harness::start(
+    let (h, _clock) = frozen(
         r#"
 [tenants.acme]
 tokens_per_minute = 10000
@@ -111,8 +129,8 @@ tokens_per_minute = 10000
         16.0,
     )
     .await;
-    // The next admission sees 10000 - 21 (used) - EST (its own reservation), plus a little
-    // refill; not 10000 - 2 * EST.
+    // The next admission sees 10000 - 21 (used) - EST (its own reservation), not
+    // 10000 - 2 * EST (the clock is frozen: no refill).
     let (p, _) = h
         .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &body))
         .await;
@@ -121,8 +139,7 @@ tokens_per_minute = 10000
         .unwrap()
         .parse()
         .unwrap();
-    assert!(rem >= 10000 - 21 - EST, "{rem}");
-    assert!(rem < 10000 - 21 - EST + 50, "{rem}");
+    assert_eq!(rem, 10000 - 21 - EST);
     h.shutdown().await;
 }
 

@@ -113,7 +113,14 @@ async fn audit_log_is_per_tenant_and_holds_no_prompt() {
         assert!(!text.contains(secret), "prompt leaked into the audit log");
         assert!(!text.contains("gateway-secret"));
     }
-    h.shutdown().await;
+    // Everything buffered is on disk by the time `run` returns (no polling here).
+    let (p, _) = h
+        .send_collect(h.signed("globex", Method::GET, "/v1/models", ""))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    let kept = h.shutdown_keep_dir().await;
+    let lines = std::fs::read_to_string(kept.path().join("audit").join("globex.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2, "{lines}");
 }
 
 #[tokio::test]
@@ -126,11 +133,11 @@ async fn hot_reload_applies_good_files_and_keeps_the_old_config_on_bad_ones() {
         "[tenants.acme]\nweight = 0\nrequests_per_minute = 1",
     );
     assert_ne!(bad, original);
-    std::fs::write(&h.config_path, &bad).unwrap();
+    h.write_config(&bad);
     h.wait_metric("bulkhead_config_reloads_total{result=\"error\"}", 1.0)
         .await;
     // Broken TOML too.
-    std::fs::write(&h.config_path, "[upstream\nurl=").unwrap();
+    h.write_config("[upstream\nurl=");
     h.wait_metric("bulkhead_config_reloads_total{result=\"error\"}", 2.0)
         .await;
     for _ in 0..3 {
@@ -144,7 +151,7 @@ async fn hot_reload_applies_good_files_and_keeps_the_old_config_on_bad_ones() {
         "[tenants.acme]\nweight = 1",
         "[tenants.acme]\nweight = 1\nrequests_per_minute = 1",
     );
-    std::fs::write(&h.config_path, &good).unwrap();
+    h.write_config(&good);
     h.wait_metric("bulkhead_config_reloads_total{result=\"ok\"}", 1.0)
         .await;
     let (p, _) = h
@@ -175,7 +182,7 @@ async fn key_rotation_through_reload() {
         &format!("[\"{old_path}\", \"{}\"]", next.display()),
     );
     assert_ne!(both, original);
-    std::fs::write(&h.config_path, &both).unwrap();
+    h.write_config(&both);
     h.wait_metric("bulkhead_config_reloads_total{result=\"ok\"}", 1.0)
         .await;
     let path = "/v1/chat/completions";
@@ -193,7 +200,7 @@ async fn key_rotation_through_reload() {
     }
     // The old secret retired.
     let only_next = original.replace(&old_path, &next.display().to_string());
-    std::fs::write(&h.config_path, &only_next).unwrap();
+    h.write_config(&only_next);
     h.wait_metric("bulkhead_config_reloads_total{result=\"ok\"}", 2.0)
         .await;
     let req = h.signed_with(

@@ -367,3 +367,58 @@ async fn upstream_connections_are_never_shared_between_tenants() {
     }
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_and_refunds_the_reservation() {
+    // A port with nothing listening.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let h = Harness::start_with(
+        // 250 tokens: without refunds the third 106-token reservation would be refused (429).
+        "[tenants.acme]\ntokens_per_minute = 250\n[tenants.globex]\n",
+        Default::default(),
+        |t| {
+            let start = t.find("url = \"").unwrap() + 7;
+            let end = start + t[start..].find('"').unwrap();
+            t.replace_range(start..end, &url);
+        },
+    )
+    .await;
+    let body = chat("hi", r#","max_tokens":100"#);
+    for _ in 0..3 {
+        let (p, b) = h
+            .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &body))
+            .await;
+        assert_eq!(p.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(json(&b)["error"]["code"], "upstream_unavailable");
+    }
+    h.wait_metric("bulkhead_requests_total{tenant=\"acme\",code=\"502\"}", 3.0)
+        .await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_upstream_headers_time_out_with_504() {
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        *t = t.replace("[listen]", "response_timeout_ms = 200\n[listen]");
+    })
+    .await;
+    let mut req = h.signed(
+        "acme",
+        Method::POST,
+        "/v1/chat/completions",
+        &chat("hi", ""),
+    );
+    // The simulator waits 30 s before answering a non-streaming request.
+    req.headers_mut()
+        .insert("x-sim-ttft-ms", "30000".parse().unwrap());
+    let t0 = Instant::now();
+    let (p, b) = h.send_collect(req).await;
+    assert_eq!(p.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(json(&b)["error"]["code"], "upstream_timeout");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    h.wait_metric("bulkhead_inflight_requests{tenant=\"acme\"}", 0.0)
+        .await;
+    h.shutdown().await;
+}

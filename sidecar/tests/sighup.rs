@@ -20,7 +20,7 @@ async fn sighup_reloads() {
         "[tenants.acme]\nweight = 1\nrequests_per_minute = 1",
     );
     assert_ne!(limited, original);
-    std::fs::write(&h.config_path, &limited).unwrap();
+    h.write_config(&limited);
     nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGHUP).unwrap();
     h.wait_metric("bulkhead_config_reloads_total{result=\"ok\"}", 1.0)
         .await;

@@ -240,6 +240,24 @@ impl Harness {
         }
     }
 
+    /// Replace the config file atomically (as a Kubernetes volume update does).
+    pub fn write_config(&self, text: &str) {
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    /// Shut down and keep the temporary directory (audit files) for inspection.
+    pub async fn shutdown_keep_dir(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+        self.dir
+    }
+
     pub fn trigger_shutdown(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());

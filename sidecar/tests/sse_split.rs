@@ -1,0 +1,110 @@
+//! An upstream that splits SSE events at awkward places (mid-line, mid-JSON, CRLF endings):
+//! the sidecar still forwards every content event, drops only the usage chunk it asked for,
+//! and charges the usage.
+
+mod common;
+use common::*;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+async fn fake_upstream(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        s.set_nodelay(true).unwrap();
+        tokio::spawn(async move {
+            // Read one request (headers and a Content-Length body).
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            let header_end = loop {
+                let n = s.read(&mut tmp).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&tmp[..n]);
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break p + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < header_end + len {
+                let n = s.read(&mut tmp).await.unwrap();
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            let body: serde_json::Value = serde_json::from_slice(&buf[header_end..]).unwrap();
+            assert_eq!(body["stream_options"]["include_usage"], true);
+            let events = concat!(
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"A\"}}]}\r\n\r\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"B\"}}]}\n\n",
+                ": a comment line\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+                "data: [DONE]\n\n",
+            );
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            // Chunks of 7 bytes: every event is split, several mid-JSON.
+            for piece in events.as_bytes().chunks(7) {
+                s.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                    .await
+                    .unwrap();
+                s.write_all(piece).await.unwrap();
+                s.write_all(b"\r\n").await.unwrap();
+                s.flush().await.unwrap();
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+#[tokio::test]
+async fn split_events_are_reassembled_and_usage_is_stripped_and_charged() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(fake_upstream(listener));
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        let start = t.find("url = \"").unwrap() + 7;
+        let end = start + t[start..].find('"').unwrap();
+        t.replace_range(start..end, &up);
+    })
+    .await;
+    let r = h
+        .send(h.signed(
+            "acme",
+            Method::POST,
+            "/v1/chat/completions",
+            &chat("hi", r#","stream":true"#),
+        ))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(
+        text.contains("\"content\":\"A\"") && text.contains("\"content\":\"B\""),
+        "{text}"
+    );
+    assert!(text.contains(": a comment line"));
+    assert!(text.contains("finish_reason"));
+    assert!(!text.contains("usage"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text:?}");
+    h.wait_metric(
+        "bulkhead_tokens_total{tenant=\"acme\",kind=\"prompt\"}",
+        7.0,
+    )
+    .await;
+    h.wait_metric(
+        "bulkhead_tokens_total{tenant=\"acme\",kind=\"completion\"}",
+        2.0,
+    )
+    .await;
+    h.shutdown().await;
+}
