@@ -2,3 +2,4 @@
 //! binaries and drives real sockets.
 
 pub mod harness;
+pub mod stack;

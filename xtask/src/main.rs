@@ -4,6 +4,8 @@
 //! * `test`: setup, then fmt, clippy and every test: the command CI runs.
 //! * `demo`: setup, then run the demo (needs root: it loads the eBPF programs).
 //! * `bench ebpf`: loopback throughput with the programs attached vs detached.
+//! * `bench sidecar`: the sidecar against bulkhead-sim directly and through nginx (installed
+//!   with apt-get when missing, as the plain-proxy baseline).
 //! * `deploy-check`: yamllint, kubernetes-validate, hadolint, promtool and consistency checks of
 //!   `deploy/` (installs promtool and a Python venv with the validators when missing).
 //!
@@ -24,14 +26,16 @@ fn main() -> Result<()> {
         ["test"] => test(),
         ["demo", rest @ ..] => demo(rest),
         ["bench", "ebpf", rest @ ..] => bench_ebpf(rest),
+        ["bench", "sidecar", rest @ ..] => bench_sidecar(rest),
         ["deploy-check"] => deploy_check::run(&root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf | deploy-check>\n\n\
+                "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf | bench sidecar | deploy-check>\n\n\
                  setup       install the nightly rust-src and bpf-linker (cached)\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
                  bench ebpf  loopback TCP throughput, programs attached vs detached\n\
+                 bench sidecar  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar\n\
                  deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)"
             );
             bail!("unknown task {:?}", args);
@@ -166,6 +170,43 @@ fn demo(rest: &[&str]) -> Result<()> {
         "bulkhead-demo",
     ]))?;
     run(Command::new(root().join("target/release/bulkhead-demo")).args(rest))
+}
+
+fn bench_sidecar(rest: &[&str]) -> Result<()> {
+    if which("nginx").is_none() {
+        eprintln!("bench sidecar: installing nginx (the plain-proxy baseline)");
+        let installed = Command::new("apt-get")
+            .args(["install", "-y", "-q", "nginx-light"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            || (Command::new("apt-get")
+                .args(["update", "-q"])
+                .status()
+                .is_ok()
+                && Command::new("apt-get")
+                    .args(["install", "-y", "-q", "nginx-light"])
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false));
+        if !installed {
+            eprintln!("bench sidecar: nginx could not be installed; the nginx baseline is skipped");
+        }
+    }
+    run(cargo().args(["build", "--release", "-p", "bulkhead-sidecar", "--bins"]))?;
+    let bin_dir = root().join("target/release");
+    run(Command::new(bin_dir.join("bulkhead-bench"))
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .args(rest))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 fn bench_ebpf(rest: &[&str]) -> Result<()> {

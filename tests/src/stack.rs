@@ -1,0 +1,194 @@
+//! The request path in one process: `bulkhead-sim` (the inference server) and
+//! `bulkhead-sidecar` in front of it, on 127.0.0.1:0, with a gateway key that signs requests
+//! for any tenant. Used by the demo and the end-to-end tests (with the real agent beside it).
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The gateway's HMAC key (test material, not a secret of any deployment).
+pub const GATEWAY_KEY: &[u8] = b"bulkhead-demo-gateway-key-32-bytes!!";
+pub const GATEWAY_KEY_ID: &str = "gateway";
+
+pub struct Stack {
+    pub sim: bulkhead_sidecar::sim::SimHandle,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), bulkhead_sidecar::SidecarError>>>,
+}
+
+/// One answered request, as a client sees it.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub status: StatusCode,
+    pub latency: Duration,
+    pub completion_tokens: u64,
+}
+
+impl Stack {
+    /// Starts the sim and the sidecar. `tenants` is the sidecar's `[tenants.*]` tables;
+    /// `agent_socket`, when given, is the node agent's tagging socket; `dir` holds the key,
+    /// the audit log and the config.
+    pub async fn start(
+        sim: bulkhead_sidecar::sim::SimConfig,
+        tenants: &str,
+        queue: &str,
+        agent_socket: Option<&Path>,
+        dir: &Path,
+    ) -> Stack {
+        let sim = bulkhead_sidecar::sim::SimHandle::start(sim)
+            .await
+            .expect("start the sim");
+        std::fs::create_dir_all(dir).unwrap();
+        let key_file = dir.join("gateway.key");
+        std::fs::write(
+            &key_file,
+            base64::engine::general_purpose::STANDARD.encode(GATEWAY_KEY),
+        )
+        .unwrap();
+        let agent = agent_socket
+            .map(|p| format!("[agent]\nsocket = {:?}\n", p))
+            .unwrap_or_default();
+        let text = format!(
+            "[upstream]\nurl = \"{}\"\n[listen]\naddr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n\
+             [auth]\nmax_skew_secs = 30\n{queue}\n[audit]\ndir = {:?}\n{agent}{tenants}\n\
+             [[keys]]\nid = \"{GATEWAY_KEY_ID}\"\nsecret_files = [{:?}]\ntenants = [\"*\"]\n",
+            sim.url(),
+            dir.join("audit"),
+            key_file,
+        );
+        let config = bulkhead_sidecar::Config::from_toml(&text)
+            .unwrap_or_else(|e| panic!("sidecar config: {e}\n{text}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin) = (
+            listener.local_addr().unwrap(),
+            admin_l.local_addr().unwrap(),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(bulkhead_sidecar::run(
+            listener,
+            admin_l,
+            config,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        let stack = Stack {
+            sim,
+            addr,
+            admin,
+            client,
+            stop: Some(tx),
+            task: Some(task),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stack.get_admin("/readyz").await.map(|(s, _)| s) != Some(StatusCode::OK) {
+            assert!(Instant::now() < deadline, "the sidecar never became ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stack
+    }
+
+    /// GET on the admin port: (status, body), or None when nothing answers.
+    pub async fn get_admin(&self, path: &str) -> Option<(StatusCode, String)> {
+        let uri: Uri = format!("http://{}{path}", self.admin).parse().unwrap();
+        let resp = self.client.get(uri).await.ok()?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// A chat completion for `tenant`, signed by the gateway, sent through the sidecar.
+    pub async fn chat(&self, tenant: &str, prompt: &str, max_tokens: u64) -> Outcome {
+        let body = serde_json::json!({
+            "model": "sim",
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": prompt}],
+        })
+        .to_string();
+        let path: Uri = "/v1/chat/completions".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            bulkhead_sidecar::signature::TENANT_HEADER,
+            HeaderValue::from_str(tenant).unwrap(),
+        );
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        bulkhead_sidecar::signature::sign_request(
+            &Method::POST,
+            &path,
+            &mut headers,
+            body.as_bytes(),
+            GATEWAY_KEY,
+            &bulkhead_sidecar::signature::SignOptions::new(GATEWAY_KEY_ID, created),
+        )
+        .expect("sign");
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = format!("http://{}/v1/chat/completions", self.addr)
+            .parse()
+            .unwrap();
+        *req.headers_mut() = headers;
+        let start = Instant::now();
+        let resp = self.client.request(req).await.expect("the sidecar answers");
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let latency = start.elapsed();
+        let completion_tokens = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["usage"]["completion_tokens"].as_u64())
+            .unwrap_or(0);
+        Outcome {
+            status,
+            latency,
+            completion_tokens,
+        }
+    }
+
+    /// Stops the sidecar (draining) and the sim.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.sim.stop().await;
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("bulkhead-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
