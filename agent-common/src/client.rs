@@ -51,6 +51,10 @@ pub enum ClientError {
     BadReply(String),
 }
 
+fn unexpected(answer: &Response) -> ClientError {
+    ClientError::BadReply(std::format!("unexpected answer {answer:?}"))
+}
+
 impl ClientError {
     /// The agent's error code, when the agent answered with one.
     pub fn code(&self) -> Option<ErrorCode> {
@@ -113,20 +117,14 @@ impl AgentClient {
         &self,
         tenants: &std::collections::BTreeMap<String, u64>,
     ) -> Result<u32, ClientError> {
-        let body = serde_json::to_vec(&Request::KvReport {
-            tenants: tenants.clone(),
-        })
-        .map_err(|e| ClientError::BadReply(e.to_string()))?;
-        match serde_json::from_slice::<Response>(&self.raw_call(&body, None)?) {
-            Ok(Response::Accepted { accepted }) => Ok(accepted),
-            Ok(Response::Err { error }) => Err(ClientError::Rejected {
-                code: error.code,
-                message: error.message,
-            }),
-            Ok(other) => Err(ClientError::BadReply(std::format!(
-                "unexpected answer {other:?}"
-            ))),
-            Err(e) => Err(ClientError::BadReply(e.to_string())),
+        match self.exchange(
+            &Request::KvReport {
+                tenants: tenants.clone(),
+            },
+            None,
+        )? {
+            Response::Accepted { accepted } => Ok(accepted),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -136,25 +134,33 @@ impl AgentClient {
         request: &Request,
         sock: Option<BorrowedFd<'_>>,
     ) -> Result<SocketTagInfo, ClientError> {
-        let body = serde_json::to_vec(request).map_err(|e| ClientError::BadReply(e.to_string()))?;
-        let reply = self.raw_call(&body, sock)?;
-        match serde_json::from_slice::<Response>(&reply) {
-            Ok(Response::Ok {
+        match self.exchange(request, sock)? {
+            Response::Ok {
                 tenant,
                 tenant_id,
                 cookie,
-            }) => Ok(SocketTagInfo {
+            } => Ok(SocketTagInfo {
                 tenant,
                 tenant_id,
                 cookie,
             }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// One request and its decoded answer; an error answer becomes `ClientError::Rejected`.
+    fn exchange(
+        &self,
+        request: &Request,
+        sock: Option<BorrowedFd<'_>>,
+    ) -> Result<Response, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::BadReply(e.to_string()))?;
+        match serde_json::from_slice::<Response>(&self.raw_call(&body, sock)?) {
             Ok(Response::Err { error }) => Err(ClientError::Rejected {
                 code: error.code,
                 message: error.message,
             }),
-            Ok(other) => Err(ClientError::BadReply(std::format!(
-                "unexpected answer {other:?}"
-            ))),
+            Ok(answer) => Ok(answer),
             Err(e) => Err(ClientError::BadReply(e.to_string())),
         }
     }

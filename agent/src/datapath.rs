@@ -284,46 +284,30 @@ impl Datapath {
         // With bpf_link (kernel >= 5.7, which aya uses when present) the attach flags must be 0
         // ("Single"); the kernel then attaches the link as one of many programs on the cgroup,
         // so the agent coexists with other cgroup programs.
-        let mut links = Vec::new();
-        let mut replaced_links = 0;
-        for (name, attach_type) in [
-            (PROG_INGRESS, CgroupSkbAttachType::Ingress),
-            (PROG_EGRESS, CgroupSkbAttachType::Egress),
-        ] {
-            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let fd = prog_fd(prog.fd(), name)?;
-            let (link, replaced) = attach_pinned(name, pin_dir, fd.as_fd(), || {
-                let id = prog.attach(&cgroup_file, attach_type, CgroupAttachMode::Single)?;
-                FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string().into())
-            })?;
-            replaced_links += usize::from(replaced);
-            links.push(link);
+        // Loads one program and attaches it (or swaps it into its pinned link); the program
+        // types differ only in their attach arguments.
+        macro_rules! attach {
+            ($ty:ty, $name:expr $(, $arg:expr)*) => {{
+                let name = $name;
+                let prog: &mut $ty = program(&mut ebpf, name)?;
+                prog.load()
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                let fd = prog_fd(prog.fd(), name)?;
+                attach_pinned(name, pin_dir, fd.as_fd(), || {
+                    let id = prog.attach(&cgroup_file, $($arg,)* CgroupAttachMode::Single)?;
+                    FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string().into())
+                })?
+            }};
         }
-        let name = PROG_SOCK_RELEASE;
-        let prog: &mut CgroupSock = program(&mut ebpf, name)?;
-        prog.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let fd = prog_fd(prog.fd(), name)?;
-        let (link, replaced) = attach_pinned(name, pin_dir, fd.as_fd(), || {
-            let id = prog.attach(&cgroup_file, CgroupAttachMode::Single)?;
-            FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string().into())
-        })?;
-        replaced_links += usize::from(replaced);
-        links.push(link);
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let fd = prog_fd(prog.fd(), name)?;
-            let (link, replaced) = attach_pinned(name, pin_dir, fd.as_fd(), || {
-                let id = prog.attach(&cgroup_file, CgroupAttachMode::Single)?;
-                FdLink::try_from(prog.take_link(id)?).map_err(|e| e.to_string().into())
-            })?;
-            replaced_links += usize::from(replaced);
-            links.push(link);
-        }
+        let attached = [
+            attach!(CgroupSkb, PROG_INGRESS, CgroupSkbAttachType::Ingress),
+            attach!(CgroupSkb, PROG_EGRESS, CgroupSkbAttachType::Egress),
+            attach!(CgroupSock, PROG_SOCK_RELEASE),
+            attach!(CgroupSockAddr, PROG_CONNECT4),
+            attach!(CgroupSockAddr, PROG_CONNECT6),
+        ];
+        let replaced_links = attached.iter().filter(|(_, replaced)| *replaced).count();
+        let links = attached.into_iter().map(|(link, _)| link).collect();
         Ok(Self {
             _ebpf: ebpf,
             maps,
