@@ -624,7 +624,10 @@ impl Config {
             return Err(invalid("cache.exclusive_window_ms", "must be > 0"));
         }
         if c.exclusive_window_max_requests == 0 {
-            return Err(invalid("cache.exclusive_window_max_requests", "must be > 0"));
+            return Err(invalid(
+                "cache.exclusive_window_max_requests",
+                "must be > 0",
+            ));
         }
         if c.flush_attempts == 0 || c.flush_attempts > 100 {
             return Err(invalid("cache.flush_attempts", "must be within 1..=100"));
@@ -779,7 +782,10 @@ tenants = ["*"]
             "requests_per_minute = 10\nisolation = \"salted\"",
         );
         let e = Config::from_toml(&salted).unwrap_err().to_string();
-        assert!(e.contains("tenants.acme.isolation") && e.contains("openai"), "{e}");
+        assert!(
+            e.contains("tenants.acme.isolation") && e.contains("openai"),
+            "{e}"
+        );
         let excl = base().replace(
             "requests_per_minute = 10",
             "requests_per_minute = 10\nisolation = \"exclusive\"",

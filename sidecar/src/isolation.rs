@@ -66,7 +66,9 @@ pub fn judge_flush(flavor: Flavor, status: StatusCode, body: &[u8]) -> FlushOutc
         .and_then(|v| v.get("success").cloned());
     let says_no = lower.contains("not flushed")
         || lower.contains("pending requests")
-        || json_success.as_ref().is_some_and(|s| s != &serde_json::Value::Bool(true));
+        || json_success
+            .as_ref()
+            .is_some_and(|s| s != &serde_json::Value::Bool(true));
     if status == StatusCode::OK && !says_no {
         return match flavor {
             Flavor::Vllm | Flavor::Sglang => FlushOutcome::Ok,
@@ -164,7 +166,9 @@ impl State {
         if exclusive {
             self.dirty.iter().any(|t| t != tenant)
         } else {
-            self.dirty.iter().any(|t| self.settings.exclusive.contains(t))
+            self.dirty
+                .iter()
+                .any(|t| self.settings.exclusive.contains(t))
         }
     }
 
@@ -184,10 +188,7 @@ impl State {
                     .find(|(_, w)| w.exclusive)
                     .map(|(k, w)| (*k, w.tenant.clone()));
                 if let Some((e, et)) = oldest_excl {
-                    let older_shared = self
-                        .waiting
-                        .range(..e)
-                        .any(|(_, w)| !w.exclusive);
+                    let older_shared = self.waiting.range(..e).any(|(_, w)| !w.exclusive);
                     if self.running_total == 0 && !older_shared {
                         self.phase = Phase::Exclusive {
                             tenant: et,
@@ -379,10 +380,7 @@ impl CacheGate {
             );
             ticket
         };
-        let guard = WaitGuard {
-            gate: self,
-            ticket,
-        };
+        let guard = WaitGuard { gate: self, ticket };
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);

@@ -82,7 +82,9 @@ pub async fn report_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<b
         if let Some(path) = socket {
             if !has_model {
                 if !said_no_model {
-                    tracing::info!("no [model] configured: KV-cache bytes are not reported to the node agent");
+                    tracing::info!(
+                        "no [model] configured: KV-cache bytes are not reported to the node agent"
+                    );
                     said_no_model = true;
                 }
             } else {

@@ -416,12 +416,7 @@ fn text_len(v: &serde_json::Value) -> usize {
 /// Inspect and rewrite a JSON request body: drop the client's `cache_salt` (and set `salt`
 /// instead on generation routes, for a `salted` tenant), ask for stream usage, estimate
 /// tokens (about 4 bytes per token, 4 per message, plus `max_tokens` or the tenant default).
-fn inspect_body(
-    path: &str,
-    body: &Bytes,
-    default_max_tokens: u64,
-    salt: Option<&str>,
-) -> BodyInfo {
+fn inspect_body(path: &str, body: &Bytes, default_max_tokens: u64, salt: Option<&str>) -> BodyInfo {
     let mut info = BodyInfo::default();
     if body.is_empty() {
         return info;
@@ -837,7 +832,11 @@ pub async fn handle(
     *up.headers_mut() = fwd_headers;
     let inflight = tm.inflight.clone();
     inflight.inc();
-    let mut kv = KvCharge::new(tm.kv_tokens.clone(), tm.kv_bytes.clone(), rt.kv_bytes_per_token);
+    let mut kv = KvCharge::new(
+        tm.kv_tokens.clone(),
+        tm.kv_bytes.clone(),
+        rt.kv_bytes_per_token,
+    );
     kv.set(info.prompt_estimate);
     let mut outcome = Outcome {
         app: app.clone(),
@@ -987,7 +986,12 @@ fn refused(
 }
 
 /// The gate refused: timed out, or the flush isolation needs was not confirmed.
-fn gate_refused(ctx: &Ctx, tenant: &str, mut rec: AuditRecord, e: GateError) -> Response<ProxyBody> {
+fn gate_refused(
+    ctx: &Ctx,
+    tenant: &str,
+    mut rec: AuditRecord,
+    e: GateError,
+) -> Response<ProxyBody> {
     match e {
         GateError::Timeout => {
             let rej = Rejection {

@@ -344,7 +344,9 @@ impl Sim {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.flushes_ok.fetch_add(1, Ordering::SeqCst);
         if sglang {
-            Response::new(full("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)\n"))
+            Response::new(full(
+                "Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)\n",
+            ))
         } else {
             json(serde_json::json!({"success": true}))
         }
