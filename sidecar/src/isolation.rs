@@ -113,8 +113,9 @@ pub enum GateError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
-    /// Non-exclusive tenants run.
-    Shared,
+    /// Non-exclusive tenants run: those that arrived before the oldest waiting exclusive
+    /// request, or before `admit_until` (everyone waiting when an exclusive window closed).
+    Shared { admit_until: u64 },
     /// One exclusive tenant's window.
     Exclusive {
         tenant: String,
@@ -151,7 +152,7 @@ enum Step {
 impl State {
     fn window_over(&self, now: Instant) -> bool {
         match &self.phase {
-            Phase::Shared => false,
+            Phase::Shared { .. } => false,
             Phase::Exclusive {
                 opened, admitted, ..
             } => {
@@ -181,14 +182,17 @@ impl State {
         // Phase changes happen only when nothing runs.
         let mut wake_at = None;
         match self.phase.clone() {
-            Phase::Shared => {
+            Phase::Shared { admit_until } => {
                 let oldest_excl = self
                     .waiting
                     .iter()
                     .find(|(_, w)| w.exclusive)
                     .map(|(k, w)| (*k, w.tenant.clone()));
                 if let Some((e, et)) = oldest_excl {
-                    let older_shared = self.waiting.range(..e).any(|(_, w)| !w.exclusive);
+                    let older_shared = self
+                        .waiting
+                        .range(..e.max(admit_until))
+                        .any(|(_, w)| !w.exclusive);
                     if self.running_total == 0 && !older_shared {
                         self.phase = Phase::Exclusive {
                             tenant: et,
@@ -222,7 +226,9 @@ impl State {
                                     admitted: 0,
                                 }
                             } else {
-                                Phase::Shared
+                                Phase::Shared {
+                                    admit_until: self.seq + 1,
+                                }
                             };
                         }
                     }
@@ -239,10 +245,10 @@ impl State {
             }
         }
         let allowed = match &self.phase {
-            Phase::Shared => {
+            Phase::Shared { admit_until } => {
                 !exclusive
                     && match self.waiting.iter().find(|(_, w)| w.exclusive) {
-                        Some((e, _)) => ticket < *e,
+                        Some((e, _)) => ticket < (*e).max(*admit_until),
                         None => true,
                     }
             }
@@ -329,7 +335,7 @@ impl CacheGate {
         Arc::new(Self {
             state: Mutex::new(State {
                 settings,
-                phase: Phase::Shared,
+                phase: Phase::Shared { admit_until: 0 },
                 seq: 0,
                 waiting: BTreeMap::new(),
                 running: HashMap::new(),
@@ -520,6 +526,127 @@ impl CacheGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state(window_ms: u64, max: u32) -> State {
+        State {
+            settings: GateSettings {
+                exclusive: ["a".to_string()].into_iter().collect(),
+                window: Duration::from_millis(window_ms),
+                window_max_requests: max,
+                flavor: Flavor::Vllm,
+                upstream: "http://127.0.0.1:1".parse().unwrap(),
+                flush_attempts: 1,
+                flush_retry: Duration::ZERO,
+                flush_timeout: Duration::from_secs(1),
+                on_failure: FlushFailure::Fail,
+            },
+            phase: Phase::Shared { admit_until: 0 },
+            seq: 0,
+            waiting: BTreeMap::new(),
+            running: HashMap::new(),
+            running_total: 0,
+            dirty: BTreeSet::new(),
+            flushing: false,
+        }
+    }
+
+    fn arrive(st: &mut State, tenant: &str) -> u64 {
+        st.seq += 1;
+        let exclusive = st.settings.exclusive.contains(tenant);
+        st.waiting.insert(
+            st.seq,
+            Waiting {
+                tenant: tenant.into(),
+                exclusive,
+            },
+        );
+        st.seq
+    }
+
+    fn leave(st: &mut State, tenant: &str) {
+        *st.running.get_mut(tenant).unwrap() -= 1;
+        st.running_total -= 1;
+    }
+
+    /// What `ticket` may do now: "enter" (and enters), "flush" (and the flush succeeds) or "wait".
+    fn try_step(st: &mut State, ticket: u64, now: Instant) -> &'static str {
+        match st.step(ticket, now) {
+            Step::Enter => {
+                st.enter(ticket);
+                "enter"
+            }
+            Step::Flush => {
+                st.dirty.clear();
+                "flush"
+            }
+            Step::Wait(_) => "wait",
+        }
+    }
+
+    #[test]
+    fn exclusive_window_is_bounded_by_time() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut st = state(2000, 100);
+        // b (shared) ran before: a's window starts with a flush.
+        let b0 = arrive(&mut st, "b");
+        assert_eq!(try_step(&mut st, b0, t0), "enter");
+        leave(&mut st, "b");
+        let a1 = arrive(&mut st, "a");
+        assert_eq!(try_step(&mut st, a1, t0), "flush");
+        assert_eq!(try_step(&mut st, a1, t0), "enter");
+        // b waits while a runs; a's queued requests join the window until it ends.
+        let b1 = arrive(&mut st, "b");
+        assert_eq!(try_step(&mut st, b1, ms(10)), "wait");
+        let a2 = arrive(&mut st, "a");
+        assert_eq!(try_step(&mut st, a2, ms(10)), "enter");
+        let a3 = arrive(&mut st, "a");
+        assert_eq!(try_step(&mut st, a3, ms(2001)), "wait", "window over");
+        assert_eq!(try_step(&mut st, b1, ms(2001)), "wait", "a still runs");
+        leave(&mut st, "a");
+        leave(&mut st, "a");
+        // Drained: flush, then b; a's next window waits for b.
+        assert_eq!(try_step(&mut st, b1, ms(2002)), "flush");
+        assert_eq!(try_step(&mut st, b1, ms(2002)), "enter");
+        assert_eq!(try_step(&mut st, a3, ms(2003)), "wait");
+        let b2 = arrive(&mut st, "b");
+        assert_eq!(
+            try_step(&mut st, b2, ms(2003)),
+            "wait",
+            "behind a's waiting request"
+        );
+        leave(&mut st, "b");
+        assert_eq!(try_step(&mut st, a3, ms(2004)), "flush");
+        assert_eq!(try_step(&mut st, a3, ms(2004)), "enter");
+    }
+
+    #[test]
+    fn exclusive_window_is_bounded_by_count() {
+        let t0 = Instant::now();
+        let mut st = state(60_000, 2);
+        let a: Vec<u64> = (0..4).map(|_| arrive(&mut st, "a")).collect();
+        let b = arrive(&mut st, "b");
+        assert_eq!(try_step(&mut st, a[0], t0), "enter");
+        assert_eq!(try_step(&mut st, a[1], t0), "enter");
+        assert_eq!(
+            try_step(&mut st, a[2], t0),
+            "wait",
+            "two per window while b waits"
+        );
+        leave(&mut st, "a");
+        leave(&mut st, "a");
+        assert_eq!(try_step(&mut st, a[2], t0), "wait");
+        assert_eq!(try_step(&mut st, b, t0), "flush");
+        assert_eq!(try_step(&mut st, b, t0), "enter");
+        leave(&mut st, "b");
+        assert_eq!(try_step(&mut st, a[2], t0), "flush");
+        assert_eq!(try_step(&mut st, a[2], t0), "enter");
+        // Nobody else waits: a's window renews instead of ending.
+        assert_eq!(try_step(&mut st, a[3], t0), "enter");
+        let a5 = arrive(&mut st, "a");
+        assert_eq!(try_step(&mut st, a5, t0), "enter");
+        assert_eq!(st.running_total, 3);
+    }
 
     #[test]
     fn salts_are_keyed_and_rotate() {
