@@ -313,6 +313,16 @@ impl Drop for GatePass {
     }
 }
 
+/// Marks the flush in progress over when dropped.
+struct Flushing<'a>(&'a CacheGate);
+
+impl Drop for Flushing<'_> {
+    fn drop(&mut self) {
+        self.0.lock().flushing = false;
+        self.0.notify.notify_waiters();
+    }
+}
+
 /// Removes a waiter that gave up (timeout, client gone).
 struct WaitGuard<'a> {
     gate: &'a CacheGate,
@@ -420,16 +430,17 @@ impl CacheGate {
             };
             match step {
                 Step::Flush => {
+                    // Cleared however this ends, including the client going away mid-flush.
+                    let flushing = Flushing(self);
                     let (ok, why) = self.flush_with_retries(deadline).await;
                     let policy = {
                         let mut st = self.lock();
-                        st.flushing = false;
                         if ok {
                             st.dirty.clear();
                         }
                         st.settings.on_failure
                     };
-                    self.notify.notify_waiters();
+                    drop(flushing);
                     if !ok {
                         match policy {
                             FlushFailure::Fail => return Err(GateError::FlushFailed(why)),
@@ -646,6 +657,29 @@ mod tests {
         let a5 = arrive(&mut st, "a");
         assert_eq!(try_step(&mut st, a5, t0), "enter");
         assert_eq!(st.running_total, 3);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gone_mid_flush_does_not_wedge_the_gate() {
+        // An upstream that accepts the flush call and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut settings = state(1000, 10).settings;
+        settings.upstream = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        settings.flush_timeout = Duration::from_secs(600);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let gate = CacheGate::new(settings, Metrics::register(&mut registry));
+        let far = Instant::now() + Duration::from_secs(600);
+        drop(gate.enter("b", far).await.unwrap());
+        let g = gate.clone();
+        let waiter = tokio::spawn(async move { g.enter("a", far).await.map(|_| ()) });
+        let (_conn, _) = listener.accept().await.unwrap();
+        assert!(gate.lock().flushing);
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        let st = gate.lock();
+        assert!(!st.flushing && st.waiting.is_empty());
     }
 
     #[test]
