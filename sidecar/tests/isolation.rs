@@ -366,3 +366,25 @@ async fn openai_upstream_refuses_isolation_tiers_at_load() {
         assert!(e.contains("upstream.flavor"), "{e}");
     }
 }
+
+#[tokio::test]
+async fn bumping_the_salt_generation_changes_the_salt_on_reload() {
+    let tenants = "[tenants.acme]\nisolation = \"salted\"\n[tenants.globex]\n";
+    let s = start("vllm", tenants, "").await;
+    let h = &s.h;
+    let (_, v, _) = ask(h, "acme", PROMPT, "").await;
+    assert_eq!(v, "miss");
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    h.write_config(&text.replace("salt_generation = 1", "salt_generation = 2"));
+    h.wait_metric("bulkhead_config_reloads_total{result=\"ok\"}", 1.0)
+        .await;
+    // Same tenant, same prompt, new salt: its old blocks are unreachable.
+    let (_, v, took) = ask(h, "acme", PROMPT, "").await;
+    assert_eq!(v, "miss");
+    assert!(took >= MISS);
+    let salts = salts_seen(h, "acme");
+    assert_eq!(salts.len(), 2);
+    assert!(salts[0].is_some() && salts[1].is_some());
+    assert_ne!(salts[0], salts[1]);
+    s.h.shutdown().await;
+}
