@@ -49,6 +49,10 @@ pub struct Config {
     #[serde(default)]
     pub runtime: RuntimeConfig,
     #[serde(default)]
+    pub cache: CacheConfig,
+    /// The served model's KV-cache geometry; enables `bulkhead_kv_cache_bytes` and KV reports.
+    pub model: Option<ModelConfig>,
+    #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
@@ -67,6 +71,166 @@ pub struct UpstreamConfig {
     /// How long to wait for the upstream's response headers (a stream's body may run longer).
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// What the upstream supports: `openai` (no `cache_salt`, no flush), `vllm` or `sglang`.
+    #[serde(default)]
+    pub flavor: Flavor,
+}
+
+/// The inference server's kind, for prefix-cache isolation.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// Any OpenAI-compatible server: no `cache_salt`, no cache flush.
+    #[default]
+    Openai,
+    /// vLLM: `cache_salt`; flush with `POST /reset_prefix_cache`.
+    Vllm,
+    /// SGLang: `cache_salt`; flush with `POST /flush_cache`.
+    Sglang,
+}
+
+impl Flavor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavor::Openai => "openai",
+            Flavor::Vllm => "vllm",
+            Flavor::Sglang => "sglang",
+        }
+    }
+
+    /// The flush endpoint, when the server has one.
+    pub fn flush_path(self) -> Option<&'static str> {
+        match self {
+            Flavor::Openai => None,
+            Flavor::Vllm => Some("/reset_prefix_cache"),
+            Flavor::Sglang => Some("/flush_cache"),
+        }
+    }
+}
+
+/// How a tenant's requests are kept apart in the upstream's prefix cache.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Cache blocks may be shared with other shared tenants (no salt).
+    #[default]
+    Shared,
+    /// A keyed per-tenant `cache_salt` on every request: never shares blocks.
+    Salted,
+    /// Runs alone, in windows, with the cache flushed before and after.
+    Exclusive,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Shared => "shared",
+            Isolation::Salted => "salted",
+            Isolation::Exclusive => "exclusive",
+        }
+    }
+}
+
+/// What an exclusive-window request does when the upstream does not confirm a flush.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushFailure {
+    /// Answer 503 `cache_flush_failed` once `flush_attempts` attempts failed.
+    #[default]
+    Fail,
+    /// Keep the request waiting and retry until the queue timeout.
+    Hold,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Base64 key (a Kubernetes Secret file, >= 16 bytes) for the `salted` tier's salts.
+    pub salt_key_file: Option<PathBuf>,
+    /// Folded into every salt: bump it to change all salts without a new key.
+    #[serde(default)]
+    pub salt_generation: u64,
+    /// An exclusive tenant's window lasts at most this long while others wait.
+    #[serde(default = "default_window_ms")]
+    pub exclusive_window_ms: u64,
+    /// ... and admits at most this many requests while others wait.
+    #[serde(default = "default_window_requests")]
+    pub exclusive_window_max_requests: u32,
+    /// Attempts per flush before it counts as failed.
+    #[serde(default = "default_flush_attempts")]
+    pub flush_attempts: u32,
+    /// Pause between flush attempts.
+    #[serde(default = "default_flush_retry_ms")]
+    pub flush_retry_ms: u64,
+    /// Time limit for one flush call.
+    #[serde(default = "default_flush_timeout_ms")]
+    pub flush_timeout_ms: u64,
+    #[serde(default)]
+    pub on_flush_failure: FlushFailure,
+}
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            salt_key_file: None,
+            salt_generation: 0,
+            exclusive_window_ms: default_window_ms(),
+            exclusive_window_max_requests: default_window_requests(),
+            flush_attempts: default_flush_attempts(),
+            flush_retry_ms: default_flush_retry_ms(),
+            flush_timeout_ms: default_flush_timeout_ms(),
+            on_flush_failure: FlushFailure::default(),
+        }
+    }
+}
+fn default_window_ms() -> u64 {
+    2000
+}
+fn default_window_requests() -> u32 {
+    64
+}
+fn default_flush_attempts() -> u32 {
+    3
+}
+fn default_flush_retry_ms() -> u64 {
+    100
+}
+fn default_flush_timeout_ms() -> u64 {
+    5000
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Bf16,
+    Fp16,
+    Fp8,
+    Fp32,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::Fp8 => 1,
+            Dtype::Bf16 | Dtype::Fp16 => 2,
+            Dtype::Fp32 => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub layers: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub dtype: Dtype,
+}
+
+impl ModelConfig {
+    /// KV-cache bytes per token: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        2 * self.layers as u64 * self.kv_heads as u64 * self.head_dim as u64 * self.dtype.bytes()
+    }
 }
 fn default_response_timeout_ms() -> u64 {
     600_000
@@ -209,11 +373,25 @@ pub struct AuditConfig {
     pub hash_key_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The node agent's tagging socket; tagging is off when absent.
+    /// The node agent's socket; tagging and KV reports are off when absent.
     pub socket: Option<PathBuf>,
+    /// How often to report per-tenant KV-cache bytes (needs `[model]`).
+    #[serde(default = "default_kv_interval")]
+    pub kv_report_interval_ms: u64,
+}
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            kv_report_interval_ms: default_kv_interval(),
+        }
+    }
+}
+fn default_kv_interval() -> u64 {
+    5000
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -235,6 +413,9 @@ pub struct TenantConfig {
     /// Completion tokens reserved when a request has no `max_tokens`.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u64,
+    /// Prefix-cache isolation tier: `shared` (default), `salted` or `exclusive`.
+    #[serde(default)]
+    pub isolation: Isolation,
 }
 fn default_weight() -> u32 {
     1
@@ -415,6 +596,58 @@ impl Config {
             if t.default_max_tokens == 0 {
                 return Err(invalid(f("default_max_tokens"), "must be > 0"));
             }
+            let flavor = self.upstream.flavor;
+            match t.isolation {
+                Isolation::Shared => {}
+                Isolation::Salted | Isolation::Exclusive if flavor == Flavor::Openai => {
+                    return Err(invalid(
+                        f("isolation"),
+                        format!(
+                            "\"{}\" needs an upstream with cache_salt and a cache flush; \
+                             upstream.flavor = \"openai\" has neither (set upstream.flavor to \
+                             \"vllm\" or \"sglang\", or use \"shared\")",
+                            t.isolation.as_str()
+                        ),
+                    ));
+                }
+                Isolation::Salted if self.cache.salt_key_file.is_none() => {
+                    return Err(invalid(
+                        "cache.salt_key_file",
+                        format!("required: tenants.{name}.isolation is \"salted\""),
+                    ));
+                }
+                Isolation::Salted | Isolation::Exclusive => {}
+            }
+        }
+        let c = &self.cache;
+        if c.exclusive_window_ms == 0 {
+            return Err(invalid("cache.exclusive_window_ms", "must be > 0"));
+        }
+        if c.exclusive_window_max_requests == 0 {
+            return Err(invalid(
+                "cache.exclusive_window_max_requests",
+                "must be > 0",
+            ));
+        }
+        if c.flush_attempts == 0 || c.flush_attempts > 100 {
+            return Err(invalid("cache.flush_attempts", "must be within 1..=100"));
+        }
+        if c.flush_timeout_ms == 0 {
+            return Err(invalid("cache.flush_timeout_ms", "must be > 0"));
+        }
+        if let Some(m) = &self.model {
+            for (k, v) in [
+                ("layers", m.layers),
+                ("kv_heads", m.kv_heads),
+                ("head_dim", m.head_dim),
+            ] {
+                if v == 0 || v > 1_000_000 {
+                    return Err(invalid(format!("model.{k}"), "must be within 1..=1000000"));
+                }
+            }
+        }
+        if self.agent.kv_report_interval_ms < 100 {
+            return Err(invalid("agent.kv_report_interval_ms", "must be >= 100"));
         }
         if self.keys.is_empty() {
             return Err(invalid("keys", "at least one key is required"));
@@ -481,6 +714,24 @@ impl Config {
         Ok(out)
     }
 
+    /// Read the salt key (base64, >= 16 bytes) when one is configured.
+    pub fn load_salt_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        use base64::Engine;
+        let Some(p) = &self.cache.salt_key_file else {
+            return Ok(None);
+        };
+        let field = "cache.salt_key_file";
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| invalid(field, format!("cannot read {}: {e}", p.display())))?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|_| invalid(field, "not valid base64"))?;
+        if key.len() < 16 {
+            return Err(invalid(field, "key shorter than 16 bytes"));
+        }
+        Ok(Some(key))
+    }
+
     pub fn queue_timeout(&self) -> Duration {
         Duration::from_millis(self.queue.timeout_ms)
     }
@@ -522,6 +773,50 @@ tenants = ["*"]
         assert!(e.contains("keys[0].tenants"), "{e}");
         let bad = base() + "\nbogus = 1\n";
         assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn isolation_tiers_need_a_capable_upstream() {
+        let salted = base().replace(
+            "requests_per_minute = 10",
+            "requests_per_minute = 10\nisolation = \"salted\"",
+        );
+        let e = Config::from_toml(&salted).unwrap_err().to_string();
+        assert!(
+            e.contains("tenants.acme.isolation") && e.contains("openai"),
+            "{e}"
+        );
+        let excl = base().replace(
+            "requests_per_minute = 10",
+            "requests_per_minute = 10\nisolation = \"exclusive\"",
+        );
+        let e = Config::from_toml(&excl).unwrap_err().to_string();
+        assert!(e.contains("tenants.acme.isolation"), "{e}");
+        let vllm = |t: &str| t.replace("8000\"", "8000\"\nflavor = \"vllm\"");
+        Config::from_toml(&vllm(&excl)).unwrap();
+        let e = Config::from_toml(&vllm(&salted)).unwrap_err().to_string();
+        assert!(e.contains("cache.salt_key_file"), "{e}");
+        let ok = vllm(&salted) + "[cache]\nsalt_key_file = \"/k\"\n";
+        let c = Config::from_toml(&ok).unwrap();
+        assert_eq!(c.tenants["acme"].isolation, Isolation::Salted);
+        let bad = base().replace("8000\"", "8000\"\nflavor = \"tgi\"");
+        assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn kv_bytes_per_token() {
+        let m = ModelConfig {
+            layers: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            dtype: Dtype::Bf16,
+        };
+        assert_eq!(m.kv_bytes_per_token(), 131_072);
+        let m = ModelConfig {
+            dtype: Dtype::Fp8,
+            ..m
+        };
+        assert_eq!(m.kv_bytes_per_token(), 65_536);
     }
 
     #[test]

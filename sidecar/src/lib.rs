@@ -10,6 +10,8 @@ pub mod audit;
 pub mod config;
 pub mod digest;
 pub mod http_util;
+pub mod isolation;
+pub mod kv;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;

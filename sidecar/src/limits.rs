@@ -398,6 +398,7 @@ mod tests {
             tokens_per_minute: tpm,
             max_concurrent: conc,
             default_max_tokens: 100,
+            isolation: Default::default(),
         }
     }
 

@@ -65,6 +65,17 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// Requests answered without a trusted tenant (auth failures, unknown routes).
     pub unattributed_requests: Family<Reason, Counter>,
+    /// Prefix-cache flush attempts by result (`ok`, `failed`, `refused`).
+    pub cache_flushes: Family<ResultLabel, Counter>,
+    pub cache_flush_duration: Histogram,
+    /// Requests whose client tried to set `cache_salt` (always replaced or removed).
+    pub cache_salt_overrides: Family<TenantLabel, Counter>,
+    /// KV-cache tokens held by the tenant's in-flight requests (prompt + generated so far).
+    pub kv_tokens: Family<TenantLabel, Gauge>,
+    /// The same in bytes (needs `[model]`).
+    pub kv_bytes: Family<TenantLabel, Gauge>,
+    /// KV reports to the node agent by result (`ok`, `error`).
+    pub kv_reports: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -84,6 +95,12 @@ impl Metrics {
             config_reloads: Family::default(),
             audit_dropped: Counter::default(),
             unattributed_requests: Family::default(),
+            cache_flushes: Family::default(),
+            cache_flush_duration: latency_histogram(),
+            cache_salt_overrides: Family::default(),
+            kv_tokens: Family::default(),
+            kv_bytes: Family::default(),
+            kv_reports: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
@@ -151,6 +168,39 @@ impl Metrics {
             "Requests answered without a trusted tenant",
             m.unattributed_requests.clone(),
         );
+        r.register(
+            "cache_flushes",
+            "Upstream prefix-cache flush attempts, by result (ok, failed, refused)",
+            m.cache_flushes.clone(),
+        );
+        r.register(
+            "cache_flush_duration_seconds",
+            "Time one upstream prefix-cache flush call took",
+            m.cache_flush_duration.clone(),
+        );
+        r.register(
+            "cache_salt_overrides",
+            "Requests whose client tried to set cache_salt (replaced or removed)",
+            m.cache_salt_overrides.clone(),
+        );
+        r.register(
+            "kv_cache_tokens",
+            "KV-cache tokens held by the tenant's in-flight requests",
+            m.kv_tokens.clone(),
+        );
+        r.register(
+            "kv_cache_bytes",
+            "KV-cache bytes held by the tenant's in-flight requests ([model] geometry)",
+            m.kv_bytes.clone(),
+        );
+        r.register(
+            "agent_kv_reports",
+            "KV reports sent to the node agent, by result",
+            m.kv_reports.clone(),
+        );
+        for result in ["ok", "failed", "refused"] {
+            let _ = m.cache_flushes.get_or_create(&ResultLabel { result });
+        }
         for reason in crate::signature::AuthError::REASONS {
             let _ = m.auth_failures.get_or_create(&Reason { reason });
         }
@@ -170,6 +220,11 @@ impl Metrics {
         }
         let _ = self.inflight.get_or_create(&TenantLabel { tenant: t() });
         let _ = self.queued.get_or_create(&TenantLabel { tenant: t() });
+        let _ = self
+            .cache_salt_overrides
+            .get_or_create(&TenantLabel { tenant: t() });
+        let _ = self.kv_tokens.get_or_create(&TenantLabel { tenant: t() });
+        let _ = self.kv_bytes.get_or_create(&TenantLabel { tenant: t() });
     }
 }
 
@@ -184,6 +239,9 @@ pub struct TenantMetrics {
     pub queue_wait: Histogram,
     pub inflight: Gauge,
     pub queued: Gauge,
+    pub salt_overrides: Counter,
+    pub kv_tokens: Gauge,
+    pub kv_bytes: Gauge,
 }
 
 impl Metrics {
@@ -210,6 +268,9 @@ impl Metrics {
             queue_wait: self.queue_wait.get_or_create(&l).clone(),
             inflight: self.inflight.get_or_create(&l).clone(),
             queued: self.queued.get_or_create(&l).clone(),
+            salt_overrides: self.cache_salt_overrides.get_or_create(&l).clone(),
+            kv_tokens: self.kv_tokens.get_or_create(&l).clone(),
+            kv_bytes: self.kv_bytes.get_or_create(&l).clone(),
         }
     }
 }

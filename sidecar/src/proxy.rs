@@ -6,6 +6,8 @@
 use crate::audit::{AuditLog, AuditRecord, UNAUTHENTICATED};
 use crate::config::{Config, ConfigError};
 use crate::http_util::{BoxError, ProxyBody, json_error};
+use crate::isolation::{CacheGate, GateError, GatePass, GateSettings, derive_salt};
+use crate::kv::KvCharge;
 use crate::limits::{
     Admission, LimitKind, RateInfo, Rejection, SharedClock, TenantLimits, format_reset,
 };
@@ -77,12 +79,41 @@ pub struct Runtime {
     pub clients: HashMap<String, UpstreamClient>,
     pub tenant_metrics: HashMap<String, Arc<TenantMetrics>>,
     pub upstream: Uri,
+    /// The `cache_salt` of each `salted` tenant (secret: never log).
+    salts: HashMap<String, Arc<str>>,
+    /// KV-cache bytes per token from `[model]`; 0 when not configured.
+    pub kv_bytes_per_token: u64,
+}
+
+impl Runtime {
+    /// The cache-gate settings this configuration asks for.
+    pub fn gate_settings(&self) -> GateSettings {
+        let c = &self.config.cache;
+        GateSettings {
+            exclusive: self
+                .config
+                .tenants
+                .iter()
+                .filter(|(_, t)| t.isolation == crate::config::Isolation::Exclusive)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            window: Duration::from_millis(c.exclusive_window_ms),
+            window_max_requests: c.exclusive_window_max_requests,
+            flavor: self.config.upstream.flavor,
+            upstream: self.upstream.clone(),
+            flush_attempts: c.flush_attempts,
+            flush_retry: Duration::from_millis(c.flush_retry_ms),
+            flush_timeout: Duration::from_millis(c.flush_timeout_ms),
+            on_failure: c.on_flush_failure,
+        }
+    }
 }
 
 /// Per-process state shared by all connections.
 pub struct App {
     runtime: RwLock<Arc<Runtime>>,
     pub sched: Arc<Scheduler>,
+    pub gate: Arc<CacheGate>,
     pub metrics: Metrics,
     pub audit: AuditLog,
     pub tagger: Arc<Tagger>,
@@ -127,6 +158,7 @@ impl App {
             config.tenants.iter().map(|(k, v)| (k.clone(), v.weight)),
         );
         let runtime = build_runtime(config, None, &replay, &tagger, &clock, &metrics)?;
+        let gate = CacheGate::new(runtime.gate_settings(), metrics.clone());
         let id_prefix = {
             let n = crate::signature::random_nonce();
             n[..8].to_string()
@@ -134,6 +166,7 @@ impl App {
         Ok(Arc::new(App {
             runtime: RwLock::new(Arc::new(runtime)),
             sched,
+            gate,
             metrics,
             audit,
             tagger,
@@ -179,6 +212,7 @@ impl App {
             &self.metrics,
         )?;
         let c = rt.config.clone();
+        self.gate.update(rt.gate_settings());
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
         self.sched.update(
             c.queue.max_inflight,
@@ -213,6 +247,22 @@ fn build_runtime(
     metrics: &Metrics,
 ) -> Result<Runtime, ConfigError> {
     let keys = config.load_keys()?;
+    let salt_key = config.load_salt_key()?;
+    let mut salts = HashMap::new();
+    for (name, t) in &config.tenants {
+        if t.isolation == crate::config::Isolation::Salted {
+            let key = salt_key.as_deref().ok_or_else(|| ConfigError::Invalid {
+                field: "cache.salt_key_file".into(),
+                message: format!("required: tenants.{name}.isolation is \"salted\""),
+            })?;
+            let salt = derive_salt(key, config.cache.salt_generation, name);
+            salts.insert(name.clone(), Arc::from(salt.as_str()));
+        }
+    }
+    let kv_bytes_per_token = config
+        .model
+        .as_ref()
+        .map_or(0, crate::config::ModelConfig::kv_bytes_per_token);
     let verifier = Verifier::new(
         config.auth.label.clone(),
         keys,
@@ -267,6 +317,8 @@ fn build_runtime(
         clients,
         tenant_metrics,
         upstream,
+        salts,
+        kv_bytes_per_token,
     })
 }
 
@@ -347,6 +399,8 @@ struct BodyInfo {
     completion_reserve: u64,
     prompt_hash_input: Vec<u8>,
     rewritten: Option<Bytes>,
+    /// The client sent a `cache_salt` (removed or replaced).
+    client_salt: bool,
 }
 
 fn text_len(v: &serde_json::Value) -> usize {
@@ -359,9 +413,10 @@ fn text_len(v: &serde_json::Value) -> usize {
     }
 }
 
-/// Inspect and rewrite a JSON request body: drop `cache_salt`, ask for stream usage, estimate
+/// Inspect and rewrite a JSON request body: drop the client's `cache_salt` (and set `salt`
+/// instead on generation routes, for a `salted` tenant), ask for stream usage, estimate
 /// tokens (about 4 bytes per token, 4 per message, plus `max_tokens` or the tenant default).
-fn inspect_body(path: &str, body: &Bytes, default_max_tokens: u64) -> BodyInfo {
+fn inspect_body(path: &str, body: &Bytes, default_max_tokens: u64, salt: Option<&str>) -> BodyInfo {
     let mut info = BodyInfo::default();
     if body.is_empty() {
         return info;
@@ -374,7 +429,15 @@ fn inspect_body(path: &str, body: &Bytes, default_max_tokens: u64) -> BodyInfo {
     let Some(obj) = v.as_object_mut() else {
         return info;
     };
-    let mut modified = obj.remove("cache_salt").is_some();
+    info.client_salt = obj.remove("cache_salt").is_some();
+    let mut modified = info.client_salt;
+    let generates = path.ends_with("/completions");
+    if let Some(salt) = salt
+        && generates
+    {
+        obj.insert("cache_salt".into(), serde_json::Value::String(salt.into()));
+        modified = true;
+    }
     info.stream = obj.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
     if info.stream {
         let asked = obj
@@ -411,7 +474,6 @@ fn inspect_body(path: &str, body: &Bytes, default_max_tokens: u64) -> BodyInfo {
     }
     info.prompt_hash_input = hash_input;
     info.prompt_estimate = prompt_bytes.div_ceil(4) as u64;
-    let generates = path.ends_with("/completions");
     if generates {
         let n = obj
             .get("n")
@@ -631,7 +693,8 @@ pub async fn handle(
         }
     }
     // Phase 3: rewrite.
-    let info = inspect_body(&ctx.route, &body, tcfg.default_max_tokens);
+    let salt = rt.salts.get(&tenant).cloned();
+    let info = inspect_body(&ctx.route, &body, tcfg.default_max_tokens, salt.as_deref());
     let prompt_hash = (!info.prompt_hash_input.is_empty())
         .then(|| app.audit.prompt_hash(&info.prompt_hash_input));
     let mut fwd_headers = std::mem::take(&mut parts.headers);
@@ -702,7 +765,24 @@ pub async fn handle(
         .get(&tenant)
         .cloned()
         .unwrap_or_else(|| unreachable!("tenant is configured"));
+    if info.client_salt {
+        tm.salt_overrides.inc();
+    }
     let queued = tm.queued.clone();
+    // Phase 5a: the cache-isolation gate (exclusive windows, flushes).
+    let gate_deadline = tokio::time::Instant::now() + timeout;
+    let entered = {
+        let _waiting = GaugeGuard::new(queued.clone());
+        app.gate.enter(&tenant, gate_deadline).await
+    };
+    let gate_pass = match entered {
+        Ok(p) => p,
+        Err(e) => {
+            drop(admission);
+            return gate_refused(&ctx, &tenant, base_rec, e);
+        }
+    };
+    let timeout = gate_deadline.saturating_duration_since(tokio::time::Instant::now());
     let acquired = {
         // Decremented however the wait ends (including the client going away).
         let _waiting = GaugeGuard::new(queued);
@@ -752,6 +832,12 @@ pub async fn handle(
     *up.headers_mut() = fwd_headers;
     let inflight = tm.inflight.clone();
     inflight.inc();
+    let mut kv = KvCharge::new(
+        tm.kv_tokens.clone(),
+        tm.kv_bytes.clone(),
+        rt.kv_bytes_per_token,
+    );
+    kv.set(info.prompt_estimate);
     let mut outcome = Outcome {
         app: app.clone(),
         tenant: tenant.clone(),
@@ -760,6 +846,8 @@ pub async fn handle(
         t0: ctx.t0,
         admission: admission.0.take(),
         permit: Some(permit),
+        gate: Some(gate_pass),
+        kv,
         inflight,
         // 499 (client closed request) until the upstream answers.
         status: StatusCode::from_u16(499).expect("valid status"),
@@ -897,6 +985,59 @@ fn refused(
     r
 }
 
+/// The gate refused: timed out, or the flush isolation needs was not confirmed.
+fn gate_refused(
+    ctx: &Ctx,
+    tenant: &str,
+    mut rec: AuditRecord,
+    e: GateError,
+) -> Response<ProxyBody> {
+    match e {
+        GateError::Timeout => {
+            let rej = Rejection {
+                kind: LimitKind::Queue,
+                retry_after: Duration::from_secs(1),
+                info: RateInfo::default(),
+            };
+            refused(
+                ctx,
+                tenant,
+                rec,
+                rej,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timed out waiting for the tenant's cache-isolation window",
+            )
+        }
+        GateError::FlushFailed(why) => {
+            tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, reason = %why, "request refused: prefix-cache flush not confirmed");
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            ctx.app
+                .metrics
+                .requests
+                .get_or_create(&TenantCode {
+                    tenant: tenant.to_string(),
+                    code: status.as_u16(),
+                })
+                .inc();
+            let mut r = json_error(
+                status,
+                "server_error",
+                "cache_flush_failed",
+                "the inference server did not confirm the prefix-cache flush that tenant \
+                 isolation needs before this request; it was not forwarded",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+            set_request_id(&mut r, &ctx.request_id);
+            rec.status = status.as_u16();
+            rec.reason = Some("cache_flush_failed".into());
+            rec.latency_ms = ctx.t0.elapsed().as_secs_f64() * 1e3;
+            ctx.app.audit.record(rec);
+            r
+        }
+    }
+}
+
 struct RefundUnlessForwarded(Option<Admission>);
 
 impl Drop for RefundUnlessForwarded {
@@ -931,6 +1072,8 @@ struct Outcome {
     t0: Instant,
     admission: Option<Admission>,
     permit: Option<Permit>,
+    gate: Option<GatePass>,
+    kv: KvCharge,
     inflight: prometheus_client::metrics::gauge::Gauge,
     status: StatusCode,
     responded: bool,
@@ -939,6 +1082,17 @@ struct Outcome {
     ended: bool,
     prompt_estimate: u64,
     ttft: Option<Duration>,
+}
+
+impl Outcome {
+    /// KV tokens held now: the prompt (real once known) plus what was generated so far.
+    fn kv_sync(&mut self) {
+        let (prompt, completion) = match self.usage {
+            Some(u) => (u.prompt, u.completion.max(self.chunks)),
+            None => (self.prompt_estimate, self.chunks),
+        };
+        self.kv.set(prompt + completion);
+    }
 }
 
 impl Drop for Outcome {
@@ -967,6 +1121,8 @@ impl Drop for Outcome {
             }
         }
         self.permit.take();
+        self.kv.set(0);
+        self.gate.take();
         self.inflight.dec();
         if let Some(u) = usage {
             self.tm.prompt_tokens.inc_by(u.prompt);
@@ -1092,6 +1248,7 @@ impl MeteredBody {
                         out.extend_from_slice(&ev);
                     }
                 }
+                outcome.kv_sync();
                 (!out.is_empty()).then(|| out.freeze())
             }
         }
@@ -1188,8 +1345,8 @@ mod tests {
     #[test]
     fn inspect_body_strips_salt_and_asks_for_usage() {
         let b = Bytes::from_static(br#"{"model":"m","cache_salt":"victim","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hello there"}]}"#);
-        let i = inspect_body("/v1/chat/completions", &b, 256);
-        assert!(i.stream && i.strip_usage_chunk);
+        let i = inspect_body("/v1/chat/completions", &b, 256, None);
+        assert!(i.stream && i.strip_usage_chunk && i.client_salt);
         assert_eq!(i.completion_reserve, 10);
         assert!(i.prompt_estimate >= 3);
         let v: serde_json::Value = serde_json::from_slice(i.rewritten.as_ref().unwrap()).unwrap();
@@ -1199,12 +1356,27 @@ mod tests {
         let b = Bytes::from_static(
             br#"{"stream":true,"stream_options":{"include_usage":true},"prompt":"x"}"#,
         );
-        let i = inspect_body("/v1/completions", &b, 7);
-        assert!(!i.strip_usage_chunk && i.rewritten.is_none());
+        let i = inspect_body("/v1/completions", &b, 7, None);
+        assert!(!i.strip_usage_chunk && i.rewritten.is_none() && !i.client_salt);
         assert_eq!(i.completion_reserve, 7);
         // Embeddings reserve no completion.
         let b = Bytes::from_static(br#"{"input":"abcd abcd"}"#);
-        assert_eq!(inspect_body("/v1/embeddings", &b, 7).completion_reserve, 0);
+        assert_eq!(
+            inspect_body("/v1/embeddings", &b, 7, None).completion_reserve,
+            0
+        );
+        // A salted tenant's salt replaces the client's, on generation routes only.
+        let b = Bytes::from_static(br#"{"prompt":"x","cache_salt":"mine"}"#);
+        let i = inspect_body("/v1/completions", &b, 7, Some("s3cret"));
+        let v: serde_json::Value = serde_json::from_slice(i.rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!(v["cache_salt"], "s3cret");
+        assert!(i.client_salt);
+        let b = Bytes::from_static(br#"{"input":"x"}"#);
+        assert!(
+            inspect_body("/v1/embeddings", &b, 7, Some("s"))
+                .rewritten
+                .is_none()
+        );
     }
 
     #[test]

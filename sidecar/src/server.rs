@@ -152,6 +152,7 @@ pub async fn run_with(
     } else {
         None
     };
+    let kv_reporter = tokio::spawn(crate::kv::report_loop(app.clone(), stop_rx.clone()));
     let reloader = tokio::spawn(reload_loop(
         app.clone(),
         opts.clone(),
@@ -224,6 +225,7 @@ pub async fn run_with(
     let _ = stop_tx.send(true);
     let _ = admin.await;
     let _ = reloader.await;
+    let _ = kv_reporter.await;
     // Let the audit writer write what is buffered (it ends once the last handle is gone).
     drop(app);
     if let Some(t) = audit_thread {
@@ -309,11 +311,10 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(&text);
     if let Ok(cfg) = toml::from_str::<Config>(&String::from_utf8_lossy(&text)) {
-        for k in &cfg.keys {
-            for f in &k.secret_files {
-                ctx.update(f.as_os_str().as_encoded_bytes());
-                ctx.update(&std::fs::read(f).unwrap_or_default());
-            }
+        let files = cfg.keys.iter().flat_map(|k| k.secret_files.iter());
+        for f in files.chain(cfg.cache.salt_key_file.iter()) {
+            ctx.update(f.as_os_str().as_encoded_bytes());
+            ctx.update(&std::fs::read(f).unwrap_or_default());
         }
     }
     Some(ctx.finish().as_ref().to_vec())

@@ -2,8 +2,16 @@
 //! benchmarks. Streaming and non-streaming chat/completions, embeddings and models, with
 //! configurable time to first token, inter-token latency and length; returns `usage`.
 //!
-//! Requests are handled by [`Sim::handle`]; new request fields (e.g. a prefix cache keyed by
-//! `cache_salt`) go into [`SimRequest`] and the handler.
+//! Requests are handled by [`Sim::handle`].
+//!
+//! Prefix cache: the prompt's words are hashed in blocks of `prefix_block_words`, chained like
+//! vLLM's block hashes, with `cache_salt` folded into the first block; the longest cached
+//! prefix of full blocks costs `cached_prefill_per_block` each, the rest `prefill_per_block`
+//! each (added to the time to first token). Each response says `x-sim-prefix-cache: hit`
+//! (every full block cached), `partial` or `miss`, and `x-sim-cached-blocks: N`.
+//! `POST /reset_prefix_cache` (vLLM: `{"success": false}` while requests run, or a 503 with
+//! `reset_busy_status = 503`; `{"success": true}` when idle) and `POST /flush_cache` (SGLang:
+//! 400 "Cache not flushed because there are pending requests" while busy) empty it.
 
 use crate::http_util::{ChannelBody, ProxyBody, full, json_error};
 use bytes::Bytes;
@@ -28,6 +36,18 @@ pub struct SimConfig {
     pub completion_tokens: u64,
     /// Requests remembered for inspection (tests).
     pub record_requests: usize,
+    /// Model a prefix cache.
+    pub prefix_cache: bool,
+    /// Words per cache block.
+    pub prefix_block_words: usize,
+    /// Prefill time per block not in the cache.
+    pub prefill_per_block: Duration,
+    /// Prefill time per block found in the cache.
+    pub cached_prefill_per_block: Duration,
+    /// Status of a refused `/reset_prefix_cache`: 200 (body `{"success": false}`) or 503.
+    pub reset_busy_status: u16,
+    /// Blocks kept at most (the cache is emptied when full).
+    pub cache_capacity_blocks: usize,
 }
 
 impl Default for SimConfig {
@@ -38,6 +58,12 @@ impl Default for SimConfig {
             inter_token_latency: Duration::from_millis(0),
             completion_tokens: 16,
             record_requests: 256,
+            prefix_cache: true,
+            prefix_block_words: 16,
+            prefill_per_block: Duration::ZERO,
+            cached_prefill_per_block: Duration::ZERO,
+            reset_busy_status: 200,
+            cache_capacity_blocks: 1 << 20,
         }
     }
 }
@@ -61,6 +87,8 @@ pub struct SimRequest {
     pub max_tokens: Option<u64>,
     pub prompt_tokens: u64,
     pub cache_salt: Option<String>,
+    /// The prompt's words (message contents and `prompt`), for the prefix cache.
+    pub prompt_words: Vec<String>,
 }
 
 impl SimRequest {
@@ -82,11 +110,35 @@ impl SimRequest {
                 _ => 0,
             }
         };
+        let mut words = Vec::new();
+        fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::String(s) => {
+                    out.extend(s.split_whitespace().map(str::to_string))
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| collect(x, out)),
+                serde_json::Value::Object(o) => {
+                    if let Some(t) = o.get("text") {
+                        collect(t, out)
+                    }
+                }
+                _ => {}
+            }
+        }
         let mut prompt_tokens = 0;
         if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
             for m in msgs {
                 prompt_tokens += 4 + m.get("content").map_or(0, text_tokens);
+                if let Some(role) = m.get("role").and_then(|r| r.as_str()) {
+                    words.push(format!("<{role}>"));
+                }
+                if let Some(c) = m.get("content") {
+                    collect(c, &mut words);
+                }
             }
+        }
+        if let Some(p) = v.get("prompt") {
+            collect(p, &mut words);
         }
         if let Some(p) = v.get("prompt") {
             prompt_tokens += text_tokens(p);
@@ -109,7 +161,59 @@ impl SimRequest {
                 .get("cache_salt")
                 .and_then(|s| s.as_str())
                 .map(str::to_string),
+            prompt_words: words,
         }
+    }
+}
+
+/// The chained block hashes of `words` (full blocks only), the salt folded into the first.
+pub fn block_hashes(salt: Option<&str>, words: &[String], block: usize) -> Vec<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut out = Vec::new();
+    let mut prev: u64 = 0;
+    for (i, chunk) in words.chunks_exact(block.max(1)).enumerate() {
+        let mut h = std::hash::DefaultHasher::new();
+        if i == 0 {
+            salt.hash(&mut h);
+        } else {
+            prev.hash(&mut h);
+        }
+        chunk.hash(&mut h);
+        prev = h.finish();
+        out.push(prev);
+    }
+    out
+}
+
+/// One generation request's prefix-cache lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEvent {
+    pub salt: Option<String>,
+    /// Full blocks in the prompt.
+    pub blocks: usize,
+    /// Of those, found in the cache (a prefix).
+    pub cached: usize,
+}
+
+impl CacheEvent {
+    /// `hit` (every full block cached), `partial`, or `miss`.
+    pub fn verdict(&self) -> &'static str {
+        if self.cached == 0 {
+            "miss"
+        } else if self.cached == self.blocks {
+            "hit"
+        } else {
+            "partial"
+        }
+    }
+}
+
+/// Counts a generation request as running while alive.
+struct Running(Arc<Sim>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -121,6 +225,12 @@ pub struct Sim {
     completed: AtomicU64,
     gate: watch::Sender<bool>,
     gated: std::sync::atomic::AtomicBool,
+    cache: Mutex<std::collections::HashSet<u64>>,
+    cache_events: Mutex<Vec<CacheEvent>>,
+    running: AtomicU64,
+    refuse_flushes: AtomicU64,
+    flushes_ok: AtomicU64,
+    flushes_refused: AtomicU64,
 }
 
 impl Sim {
@@ -132,7 +242,114 @@ impl Sim {
             completed: AtomicU64::new(0),
             gate: watch::channel(true).0,
             gated: false.into(),
+            cache: Mutex::new(Default::default()),
+            cache_events: Mutex::new(Vec::new()),
+            running: AtomicU64::new(0),
+            refuse_flushes: AtomicU64::new(0),
+            flushes_ok: AtomicU64::new(0),
+            flushes_refused: AtomicU64::new(0),
         })
+    }
+
+    /// Every generation request's prefix-cache lookup, in order.
+    pub fn cache_events(&self) -> Vec<CacheEvent> {
+        self.cache_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Generation requests running now (a stream until its last chunk is sent).
+    pub fn running(&self) -> u64 {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Refuse the next `n` flushes even when idle (tests of unsuccessful flushes).
+    pub fn refuse_next_flushes(&self, n: u64) {
+        self.refuse_flushes.store(n, Ordering::SeqCst);
+    }
+
+    /// Flushes done / refused.
+    pub fn flushes(&self) -> (u64, u64) {
+        (
+            self.flushes_ok.load(Ordering::SeqCst),
+            self.flushes_refused.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Blocks in the cache.
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Look up and insert the prompt's blocks; the prefill time they cost.
+    fn prefix_lookup(&self, r: &SimRequest) -> (CacheEvent, Duration) {
+        let c = &self.config;
+        let hashes = block_hashes(
+            r.cache_salt.as_deref(),
+            &r.prompt_words,
+            c.prefix_block_words,
+        );
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = if c.prefix_cache {
+            hashes.iter().take_while(|h| cache.contains(h)).count()
+        } else {
+            0
+        };
+        if c.prefix_cache {
+            if cache.len() + hashes.len() > c.cache_capacity_blocks {
+                cache.clear();
+            }
+            cache.extend(hashes.iter().copied());
+        }
+        drop(cache);
+        let ev = CacheEvent {
+            salt: r.cache_salt.clone(),
+            blocks: hashes.len(),
+            cached,
+        };
+        let prefill = c.cached_prefill_per_block * cached as u32
+            + c.prefill_per_block * (hashes.len() - cached) as u32;
+        if self.config.record_requests > 0 {
+            let mut evs = self.cache_events.lock().unwrap_or_else(|e| e.into_inner());
+            if evs.len() >= self.config.record_requests {
+                evs.remove(0);
+            }
+            evs.push(ev.clone());
+        }
+        (ev, prefill)
+    }
+
+    /// vLLM `/reset_prefix_cache` or SGLang `/flush_cache`.
+    fn flush(&self, sglang: bool) -> Response<ProxyBody> {
+        let forced = self
+            .refuse_flushes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let busy = forced || self.running() > 0;
+        if busy {
+            self.flushes_refused.fetch_add(1, Ordering::SeqCst);
+            if sglang {
+                let mut r = Response::new(full(
+                    "Cache not flushed because there are pending requests. #queue-req: 0, #running-req: 1\n",
+                ));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return r;
+            }
+            let mut r = json(serde_json::json!({"success": false}));
+            *r.status_mut() =
+                StatusCode::from_u16(self.config.reset_busy_status).unwrap_or(StatusCode::OK);
+            return r;
+        }
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.flushes_ok.fetch_add(1, Ordering::SeqCst);
+        if sglang {
+            Response::new(full(
+                "Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)\n",
+            ))
+        } else {
+            json(serde_json::json!({"success": true}))
+        }
     }
 
     /// Hold every stream after its first token until [`Sim::open_gate`] (tests).
@@ -206,6 +423,8 @@ impl Sim {
                 "data": [{"id": self.config.model, "object": "model", "owned_by": "bulkhead-sim"}]
             })),
             (Method::GET, "/health") => json(serde_json::json!({"status": "ok"})),
+            (Method::POST, "/reset_prefix_cache") => self.flush(false),
+            (Method::POST, "/flush_cache") => self.flush(true),
             (Method::POST, "/v1/chat/completions") => {
                 self.generate(&parts.headers, &body, true).await
             }
@@ -250,7 +469,17 @@ impl Sim {
                 .filter(|v| v.is_finite() && *v >= 0.0 && *v <= 60_000.0)
                 .map_or(default, |v| Duration::from_secs_f64(v / 1e3))
         };
-        let ttft = ms("x-sim-ttft-ms", self.config.time_to_first_token);
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let running = Running(self.clone());
+        let (cache_ev, prefill) = self.prefix_lookup(&r);
+        let ttft = ms("x-sim-ttft-ms", self.config.time_to_first_token) + prefill;
+        let cache_headers = move |h: &mut HeaderMap| {
+            h.insert(
+                "x-sim-prefix-cache",
+                HeaderValue::from_static(cache_ev.verdict()),
+            );
+            h.insert("x-sim-cached-blocks", HeaderValue::from(cache_ev.cached));
+        };
         let itl = ms("x-sim-itl-ms", self.config.inter_token_latency);
         let n = r
             .max_tokens
@@ -281,7 +510,8 @@ impl Sim {
                 serde_json::json!({"index": 0, "text": text, "finish_reason": "length"})
             };
             self.completed.fetch_add(1, Ordering::SeqCst);
-            return json(serde_json::json!({
+            drop(running);
+            let mut resp = json(serde_json::json!({
                 "id": id,
                 "object": if chat { "chat.completion" } else { "text_completion" },
                 "created": created,
@@ -289,10 +519,13 @@ impl Sim {
                 "choices": [choice],
                 "usage": usage
             }));
+            cache_headers(resp.headers_mut());
+            return resp;
         }
         let (tx, body) = ChannelBody::new(16);
         let sim = self.clone();
         tokio::spawn(async move {
+            let _running = running;
             let object = if chat {
                 "chat.completion.chunk"
             } else {
@@ -367,6 +600,7 @@ impl Sim {
             http::header::CACHE_CONTROL,
             HeaderValue::from_static("no-cache"),
         );
+        cache_headers(resp.headers_mut());
         resp
     }
 }

@@ -59,3 +59,90 @@ async fn sim_speaks_openai() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn sim_prefix_cache_is_keyed_by_salt_and_flushes_refuse_while_busy() {
+    let sim = SimHandle::start(SimConfig {
+        prefix_block_words: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let url = format!("{}/v1/completions", sim.url());
+    let verdict = |r: &http::Response<hyper::body::Incoming>| {
+        r.headers()["x-sim-prefix-cache"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let ask = |body: &'static str| client.request(post(&url, body));
+    let r = ask(r#"{"prompt":"a b c d"}"#).await.unwrap();
+    assert_eq!(verdict(&r), "miss");
+    let r = ask(r#"{"prompt":"a b c d"}"#).await.unwrap();
+    assert_eq!(verdict(&r), "hit");
+    assert_eq!(r.headers()["x-sim-cached-blocks"], "2");
+    let r = ask(r#"{"prompt":"a b x y"}"#).await.unwrap();
+    assert_eq!(verdict(&r), "partial");
+    // The salt is folded into the first block: another salt shares nothing.
+    let r = ask(r#"{"prompt":"a b c d","cache_salt":"s1"}"#)
+        .await
+        .unwrap();
+    assert_eq!(verdict(&r), "miss");
+    let r = ask(r#"{"prompt":"a b c d","cache_salt":"s1"}"#)
+        .await
+        .unwrap();
+    assert_eq!(verdict(&r), "hit");
+    let evs = sim.sim.cache_events();
+    assert_eq!(evs.len(), 5);
+    assert_eq!(evs[3].salt.as_deref(), Some("s1"));
+    // Busy (a stream held open): both flush endpoints refuse.
+    sim.sim.close_gate();
+    let held = ask(r#"{"prompt":"z","stream":true}"#).await.unwrap();
+    let mut held = held.into_body();
+    held.frame().await.unwrap().unwrap();
+    assert_eq!(sim.sim.running(), 1);
+    let flush = |path: &str| client.request(post(&format!("{}{path}", sim.url()), ""));
+    let r = flush("/reset_prefix_cache").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&b[..], br#"{"success":false}"#);
+    let r = flush("/flush_cache").await.unwrap();
+    assert_ne!(r.status(), StatusCode::OK);
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&b)
+            .contains("Cache not flushed because there are pending requests")
+    );
+    assert!(sim.sim.cached_blocks() > 0);
+    sim.sim.open_gate();
+    while held.frame().await.is_some() {}
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sim.sim.running() > 0 {
+        assert!(Instant::now() < deadline, "stream never ended");
+        tokio::task::yield_now().await;
+    }
+    let r = flush("/reset_prefix_cache").await.unwrap();
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&b[..], br#"{"success":true}"#);
+    assert_eq!(sim.sim.cached_blocks(), 0);
+    assert_eq!(sim.sim.flushes(), (1, 2));
+    let r = ask(r#"{"prompt":"a b c d"}"#).await.unwrap();
+    assert_eq!(verdict(&r), "miss");
+    sim.stop().await;
+
+    // vLLM answering busy with 503 instead.
+    let sim = SimHandle::start(SimConfig {
+        reset_busy_status: 503,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    sim.sim.refuse_next_flushes(1);
+    let r = client
+        .request(post(&format!("{}/reset_prefix_cache", sim.url()), ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    sim.stop().await;
+}

@@ -1,6 +1,7 @@
 //! Socket tagging through a fake node agent speaking the real protocol (SOCK_SEQPACKET +
 //! SCM_RIGHTS): client sockets are tagged and re-tagged when a keep-alive connection changes
-//! tenant; upstream sockets are tagged with their pool's tenant.
+//! tenant; upstream sockets are tagged with their pool's tenant. The same fake agent records
+//! `kv_report`s: per-tenant KV-cache bytes while a stream is held open, zero after it ends.
 
 mod common;
 use agent_common::proto::Request as AgentRequest;
@@ -10,6 +11,7 @@ use nix::sys::socket::{
     AddressFamily, Backlog, ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn,
     UnixAddr, accept, bind, getpeername, getsockname, listen, recvmsg, send, socket,
 };
+use std::collections::BTreeMap;
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -21,7 +23,9 @@ struct Tagged {
     peer_port: u16,
 }
 
-fn fake_agent(path: &std::path::Path, log: Arc<Mutex<Vec<Tagged>>>) {
+type KvLog = Arc<Mutex<Vec<BTreeMap<String, u64>>>>;
+
+fn fake_agent(path: &std::path::Path, log: Arc<Mutex<Vec<Tagged>>>, kv: KvLog) {
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -57,6 +61,12 @@ fn fake_agent(path: &std::path::Path, log: Arc<Mutex<Vec<Tagged>>>) {
                     }
                 };
             let req: AgentRequest = serde_json::from_slice(&buf[..n]).unwrap();
+            if let AgentRequest::KvReport { tenants } = &req {
+                assert!(fds.is_empty(), "a KV report carries no socket");
+                kv.lock().unwrap().push(tenants.clone());
+                let reply = format!(r#"{{"accepted":{}}}"#, tenants.len());
+                let _ = send(conn, reply.as_bytes(), MsgFlags::empty());
+            }
             if let (AgentRequest::Tag { tenant }, Some(&sock)) = (&req, fds.first()) {
                 let local: SockaddrIn = getsockname(sock).unwrap();
                 let peer: SockaddrIn = getpeername(sock).unwrap();
@@ -81,7 +91,7 @@ async fn sockets_are_tagged_and_retagged_per_tenant() {
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");
     let log = Arc::new(Mutex::new(Vec::new()));
-    fake_agent(&sock, log.clone());
+    fake_agent(&sock, log.clone(), Default::default());
     let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
         t.push_str(&format!("\n[agent]\nsocket = \"{}\"\n", sock.display()));
     })
@@ -131,5 +141,105 @@ async fn sockets_are_tagged_and_retagged_per_tenant() {
         let port = r.peer.unwrap().port();
         assert!(up.contains(&(tenant, port)), "{tenant} on {port}: {up:?}");
     }
+    h.shutdown().await;
+}
+
+/// Poll the fake agent's KV reports until the latest one satisfies `want`.
+async fn wait_report(kv: &KvLog, what: &str, want: impl Fn(&BTreeMap<String, u64>) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let last = kv.lock().unwrap().last().cloned();
+        if last.as_ref().is_some_and(&want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no KV report with {what}; last {last:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn kv_cache_bytes_are_tracked_and_reported_while_a_stream_runs() {
+    use http_body_util::BodyExt;
+    let agent_dir = tempfile::tempdir().unwrap();
+    let sock = agent_dir.path().join("agent.sock");
+    let kv: KvLog = Default::default();
+    fake_agent(&sock, Default::default(), kv.clone());
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&format!(
+            "\n[agent]\nsocket = \"{}\"\nkv_report_interval_ms = 100\n\
+             [model]\nlayers = 2\nkv_heads = 1\nhead_dim = 4\ndtype = \"fp16\"\n",
+            sock.display()
+        ));
+    })
+    .await;
+    // 2 (K, V) x 2 layers x 1 head x 4 dims x 2 bytes = 32 bytes per token.
+    h.sim.sim.close_gate();
+    let resp = h
+        .send(h.signed(
+            "acme",
+            Method::POST,
+            "/v1/chat/completions",
+            &chat("hello world", r#","stream":true"#),
+        ))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    // The prompt estimate (31 bytes of messages -> 8 tokens) plus the first generated token.
+    h.wait_metric("bulkhead_kv_cache_tokens{tenant=\"acme\"}", 9.0)
+        .await;
+    h.wait_metric("bulkhead_kv_cache_bytes{tenant=\"acme\"}", 288.0)
+        .await;
+    wait_report(&kv, "acme = 288", |r| {
+        r.get("acme") == Some(&288) && r.get("globex").copied().unwrap_or(0) == 0
+    })
+    .await;
+    // The stream ends: nothing held any more.
+    h.sim.sim.open_gate();
+    while body.frame().await.is_some() {}
+    h.wait_metric("bulkhead_kv_cache_tokens{tenant=\"acme\"}", 0.0)
+        .await;
+    wait_report(&kv, "acme = 0", |r| {
+        r.get("acme").copied().unwrap_or(0) == 0
+    })
+    .await;
+    assert!(
+        h.metric("bulkhead_agent_kv_reports_total{result=\"ok\"}")
+            .await
+            .unwrap()
+            >= 2.0
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn kv_reports_to_an_absent_agent_are_counted_and_never_block_requests() {
+    let agent_dir = tempfile::tempdir().unwrap();
+    let sock = agent_dir.path().join("nobody.sock");
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&format!(
+            "\n[agent]\nsocket = \"{}\"\nkv_report_interval_ms = 100\n\
+             [model]\nlayers = 1\nkv_heads = 1\nhead_dim = 1\ndtype = \"fp8\"\n",
+            sock.display()
+        ));
+    })
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h
+        .metric("bulkhead_agent_kv_reports_total{result=\"error\"}")
+        .await
+        .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(std::time::Instant::now() < deadline, "no failed reports");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (p, _) = h
+        .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &chat("x", "")))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
     h.shutdown().await;
 }

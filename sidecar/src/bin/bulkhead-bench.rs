@@ -46,6 +46,13 @@ struct Args {
     /// Write the figures as JSON here too.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead: compare the prefix-cache isolation tiers (shared, salted, exclusive) with
+    /// three tenants interleaving against the simulator's prefix cache.
+    #[arg(long)]
+    cache_tiers: bool,
+    /// Connections per tenant in --cache-tiers.
+    #[arg(long, default_value_t = 4)]
+    tier_connections: usize,
 }
 
 const KEY: &[u8] = b"bench-gateway-secret-0123456789ab";
@@ -387,6 +394,298 @@ fn which(cmd: &str) -> Option<PathBuf> {
     })
 }
 
+const TIER_TENANTS: [&str; 3] = ["t1", "t2", "t3"];
+const SALT_KEY: &[u8] = b"bench-salt-key-0123456789abcdef!";
+
+fn write_tier_config(
+    dir: &Path,
+    port: u16,
+    admin: u16,
+    sim: u16,
+    tier: &str,
+) -> anyhow::Result<PathBuf> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = dir.join("gw.key");
+    std::fs::write(&key, b64.encode(KEY))?;
+    let salt = dir.join("salt.key");
+    std::fs::write(&salt, b64.encode(SALT_KEY))?;
+    let tenants: String = TIER_TENANTS
+        .iter()
+        .map(|t| format!("[tenants.{t}]\nisolation = \"{tier}\"\n"))
+        .collect();
+    let cfg = format!(
+        r#"
+[upstream]
+url = "http://127.0.0.1:{sim}"
+flavor = "vllm"
+pool_max_idle_per_tenant = 64
+[listen]
+addr = "127.0.0.1:{port}"
+admin_addr = "127.0.0.1:{admin}"
+[auth]
+max_skew_secs = 60
+replay_cache_capacity = 2000000
+[queue]
+max_inflight = 256
+max_queue_per_tenant = 1024
+timeout_ms = 60000
+[cache]
+salt_key_file = "{salt}"
+exclusive_window_ms = 200
+exclusive_window_max_requests = 32
+{tenants}
+[[keys]]
+id = "gw"
+secret_files = ["{key}"]
+tenants = ["*"]
+"#,
+        salt = salt.display(),
+        key = key.display(),
+    );
+    let p = dir.join(format!("sidecar-{tier}.toml"));
+    std::fs::write(&p, cfg)?;
+    Ok(p)
+}
+
+/// A request prompt: a system prefix common to every tenant (4 blocks of 16 words), the
+/// tenant's own context (2 blocks), and a question unique to the request (1 block).
+fn tier_body(tenant: &str, n: u64) -> String {
+    let common: Vec<String> = (0..64).map(|i| format!("sys{i}")).collect();
+    let own: Vec<String> = (0..32).map(|i| format!("{tenant}ctx{i}")).collect();
+    let q: Vec<String> = (0..16).map(|i| format!("q{n}w{i}")).collect();
+    let content = format!("{} {} {}", common.join(" "), own.join(" "), q.join(" "));
+    serde_json::json!({
+        "model": "bulkhead-sim", "max_tokens": 16, "stream": true,
+        "messages": [{"role": "user", "content": content}]
+    })
+    .to_string()
+}
+
+fn tier_request(addr: SocketAddr, tenant: &str, body: String) -> Request<Full<Bytes>> {
+    let path = "/v1/chat/completions";
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        "host",
+        HeaderValue::from_str(&addr.to_string()).expect("addr"),
+    );
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    h.insert(
+        TENANT_HEADER,
+        HeaderValue::from_str(tenant).expect("tenant"),
+    );
+    let uri: http::Uri = path.parse().expect("static path");
+    sign_request(
+        &Method::POST,
+        &uri,
+        &mut h,
+        body.as_bytes(),
+        KEY,
+        &SignOptions::new("gw", now()),
+    )
+    .expect("signing");
+    let mut req = Request::new(Full::new(Bytes::from(body)));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = h;
+    req
+}
+
+#[derive(Default)]
+struct TierResult {
+    ok: u64,
+    errors: u64,
+    elapsed: Duration,
+    ttft: Vec<Duration>,
+    blocks_cached: u64,
+    blocks: u64,
+}
+
+/// `conns` connections per tenant, round-robin interleaved, streaming, for `duration`.
+async fn tier_load(
+    addr: SocketAddr,
+    conns: usize,
+    duration: Duration,
+) -> anyhow::Result<TierResult> {
+    let start = Instant::now();
+    let end = start + duration;
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        for tenant in TIER_TENANTS {
+            let seq = seq.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut r = TierResult::default();
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                while Instant::now() < end {
+                    let n = seq.fetch_add(1, Ordering::Relaxed);
+                    let req = tier_request(addr, tenant, tier_body(tenant, n));
+                    let t0 = Instant::now();
+                    let resp = sender.send_request(req).await?;
+                    if !resp.status().is_success() {
+                        r.errors += 1;
+                        resp.into_body().collect().await?;
+                        continue;
+                    }
+                    let cached = resp
+                        .headers()
+                        .get("x-sim-cached-blocks")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    let mut body = resp.into_body();
+                    let mut first = None;
+                    while let Some(f) = body.frame().await {
+                        if f?.data_ref().is_some_and(|d| !d.is_empty()) && first.is_none() {
+                            first = Some(t0.elapsed());
+                        }
+                    }
+                    r.ok += 1;
+                    r.blocks_cached += cached;
+                    r.blocks += 7;
+                    r.ttft.extend(first);
+                }
+                anyhow::Ok(r)
+            }));
+        }
+    }
+    let mut total = TierResult::default();
+    for t in tasks {
+        let r = t.await??;
+        total.ok += r.ok;
+        total.errors += r.errors;
+        total.blocks += r.blocks;
+        total.blocks_cached += r.blocks_cached;
+        total.ttft.extend(r.ttft);
+    }
+    total.elapsed = start.elapsed();
+    total.ttft.sort();
+    Ok(total)
+}
+
+/// Scrape one sample from the sidecar's /metrics.
+fn scrape(admin: SocketAddr, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn reset_sim_cache(sim: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(sim)?;
+    write!(
+        s,
+        "POST /reset_prefix_cache HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    if !text.contains("\"success\":true") {
+        bail!("the simulator did not reset its cache: {text}");
+    }
+    Ok(())
+}
+
+fn cache_tiers(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    let sim_port = free_port()?;
+    let sim = Proc {
+        name: "bulkhead-sim",
+        child: Command::new(bin_dir.join("bulkhead-sim"))
+            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
+            .args(["--tokens", "16", "--itl-ms", "2", "--threads", "1"])
+            .args(["--prefix-block-words", "16", "--prefill-ms-per-block", "10"])
+            .args(["--cached-prefill-ms-per-block", "0.5"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
+        stop: None,
+    };
+    let sim_addr: SocketAddr = ([127, 0, 0, 1], sim_port).into();
+    wait_port(sim_addr, sim.name)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let duration = Duration::from_secs_f64(args.duration);
+    println!(
+        "bulkhead-bench --cache-tiers: {} s per tier, 3 tenants x {} connections, streaming, \
+         prompts of 7 blocks (4 common to all tenants, 2 per tenant, 1 unique); sim prefill 10 ms \
+         per uncached block, 0.5 ms cached, 16 tokens at 2 ms",
+        args.duration, args.tier_connections
+    );
+    let mut report = serde_json::Map::new();
+    let mut base: Option<(f64, Duration, Duration)> = None;
+    for tier in ["shared", "salted", "exclusive"] {
+        reset_sim_cache(sim_addr)?;
+        let (port, admin) = (free_port()?, free_port()?);
+        let cfg = write_tier_config(dir, port, admin, sim_port, tier)?;
+        let sidecar = Proc {
+            name: "bulkhead-sidecar",
+            child: Command::new(bin_dir.join("bulkhead-sidecar"))
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting bulkhead-sidecar")?,
+            stop: None,
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+        wait_port(addr, sidecar.name)?;
+        let r = rt.block_on(tier_load(addr, args.tier_connections, duration))?;
+        let flushes =
+            scrape(admin_addr, "bulkhead_cache_flushes_total{result=\"ok\"}").unwrap_or(0.0);
+        let refused = scrape(
+            admin_addr,
+            "bulkhead_cache_flushes_total{result=\"refused\"}",
+        )
+        .unwrap_or(0.0);
+        drop(sidecar);
+        let rps = r.ok as f64 / r.elapsed.as_secs_f64();
+        let (p50, p99) = (pct(&r.ttft, 0.5), pct(&r.ttft, 0.99));
+        let hit = r.blocks_cached as f64 / r.blocks.max(1) as f64;
+        let (brps, b50, b99) = *base.get_or_insert((rps, p50, p99));
+        println!(
+            "{tier:>9}: {rps:7.1} req/s ({:.2}x shared), TTFT p50 {:>9.2?} ({:.2}x) p99 {:>9.2?} ({:.2}x), \
+             cached blocks {:4.1} %, flushes {flushes} ok / {refused} refused, {} errors",
+            rps / brps,
+            p50,
+            p50.as_secs_f64() / b50.as_secs_f64(),
+            p99,
+            p99.as_secs_f64() / b99.as_secs_f64(),
+            hit * 100.0,
+            r.errors
+        );
+        report.insert(format!("{tier}_rps"), rps.into());
+        report.insert(
+            format!("{tier}_ttft_p50_ms"),
+            (p50.as_secs_f64() * 1e3).into(),
+        );
+        report.insert(
+            format!("{tier}_ttft_p99_ms"),
+            (p99.as_secs_f64() * 1e3).into(),
+        );
+        report.insert(format!("{tier}_cached_block_share"), hit.into());
+        report.insert(format!("{tier}_flushes"), flushes.into());
+        report.insert(format!("{tier}_errors"), r.errors.into());
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    }
+    drop(sim);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin_dir = match &args.bin_dir {
@@ -398,6 +697,11 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if args.cache_tiers {
+        let r = cache_tiers(&args, &bin_dir, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return r;
+    }
 
     let sim_port = free_port()?;
     let sim = Proc {

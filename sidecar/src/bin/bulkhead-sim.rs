@@ -21,6 +21,21 @@ struct Args {
     tokens: u64,
     #[arg(long, default_value = "bulkhead-sim")]
     model: String,
+    /// Words per prefix-cache block.
+    #[arg(long, default_value_t = 16)]
+    prefix_block_words: usize,
+    /// Prefill milliseconds per prompt block not in the prefix cache.
+    #[arg(long, default_value_t = 0.0)]
+    prefill_ms_per_block: f64,
+    /// Prefill milliseconds per prompt block found in the prefix cache.
+    #[arg(long, default_value_t = 0.0)]
+    cached_prefill_ms_per_block: f64,
+    /// No prefix cache.
+    #[arg(long)]
+    no_prefix_cache: bool,
+    /// Answer a refused /reset_prefix_cache with 503 instead of 200 {"success": false}.
+    #[arg(long)]
+    reset_busy_503: bool,
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -40,6 +55,12 @@ fn main() -> anyhow::Result<()> {
         inter_token_latency: Duration::from_secs_f64(a.itl_ms / 1e3),
         completion_tokens: a.tokens,
         record_requests: 0,
+        prefix_cache: !a.no_prefix_cache,
+        prefix_block_words: a.prefix_block_words.max(1),
+        prefill_per_block: Duration::from_secs_f64(a.prefill_ms_per_block / 1e3),
+        cached_prefill_per_block: Duration::from_secs_f64(a.cached_prefill_ms_per_block / 1e3),
+        reset_busy_status: if a.reset_busy_503 { 503 } else { 200 },
+        ..SimConfig::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(a.threads.max(1))

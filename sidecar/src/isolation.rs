@@ -1,0 +1,731 @@
+//! Prefix-cache isolation between tenants sharing one inference server.
+//!
+//! - `salted`: [`derive_salt`] gives each tenant a keyed `cache_salt` (HMAC-SHA256 over the
+//!   generation and the tenant name), so its cache blocks are never shared.
+//! - `exclusive`: the [`CacheGate`] runs such a tenant alone, in windows bounded by time and
+//!   request count, with the upstream's prefix cache flushed (and the flush confirmed) before
+//!   the window opens and before anyone else runs after it.
+//! - `shared`: unchanged, but still passes the gate so it waits while a window is open.
+
+use crate::config::{Flavor, FlushFailure};
+use crate::http_util::BoxError;
+use crate::metrics::{Metrics, ResultLabel};
+use bytes::Bytes;
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The `cache_salt` of a `salted` tenant: base64url(HMAC-SHA256(key, domain || generation ||
+/// tenant)). Not derivable from the tenant name without the key; a new key or generation
+/// changes every salt. Never log it.
+pub fn derive_salt(key: &[u8], generation: u64, tenant: &str) -> String {
+    use base64::Engine;
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let mut ctx = ring::hmac::Context::with_key(&k);
+    ctx.update(b"bulkhead cache_salt v1\0");
+    ctx.update(&generation.to_be_bytes());
+    ctx.update(tenant.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ctx.sign().as_ref())
+}
+
+/// How one flush call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlushOutcome {
+    Ok,
+    /// The server answered but did not flush (busy, `success: false`).
+    Refused(String),
+    /// No usable answer (unreachable, timeout, unexpected status).
+    Failed(String),
+}
+
+impl FlushOutcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            FlushOutcome::Ok => "ok",
+            FlushOutcome::Refused(_) => "refused",
+            FlushOutcome::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Judge a flush answer. vLLM: 200, and `success` true when the body is JSON with it. SGLang:
+/// the same, and never a body saying the cache was not flushed. Anything else is no flush.
+pub fn judge_flush(flavor: Flavor, status: StatusCode, body: &[u8]) -> FlushOutcome {
+    let text = String::from_utf8_lossy(body);
+    let snippet: String = text.chars().take(200).collect();
+    let lower = text.to_ascii_lowercase();
+    let json_success = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("success").cloned());
+    let says_no = lower.contains("not flushed")
+        || lower.contains("pending requests")
+        || json_success
+            .as_ref()
+            .is_some_and(|s| s != &serde_json::Value::Bool(true));
+    if status == StatusCode::OK && !says_no {
+        return match flavor {
+            Flavor::Vllm | Flavor::Sglang => FlushOutcome::Ok,
+            Flavor::Openai => FlushOutcome::Failed("the upstream has no flush".into()),
+        };
+    }
+    if says_no
+        || matches!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::CONFLICT
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::BAD_REQUEST
+        )
+    {
+        return FlushOutcome::Refused(format!("HTTP {}: {snippet}", status.as_u16()));
+    }
+    FlushOutcome::Failed(format!("HTTP {}: {snippet}", status.as_u16()))
+}
+
+/// Gate settings, replaced on reload.
+#[derive(Debug, Clone)]
+pub struct GateSettings {
+    pub exclusive: HashSet<String>,
+    pub window: Duration,
+    pub window_max_requests: u32,
+    pub flavor: Flavor,
+    pub upstream: Uri,
+    pub flush_attempts: u32,
+    pub flush_retry: Duration,
+    pub flush_timeout: Duration,
+    pub on_failure: FlushFailure,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum GateError {
+    #[error("timed out waiting for the cache isolation window")]
+    Timeout,
+    #[error("the inference server did not confirm the prefix-cache flush: {0}")]
+    FlushFailed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Non-exclusive tenants run: those that arrived before the oldest waiting exclusive
+    /// request, or before `admit_until` (everyone waiting when an exclusive window closed).
+    Shared { admit_until: u64 },
+    /// One exclusive tenant's window.
+    Exclusive {
+        tenant: String,
+        opened: Instant,
+        admitted: u32,
+    },
+}
+
+#[derive(Debug)]
+struct Waiting {
+    tenant: String,
+    exclusive: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    settings: GateSettings,
+    phase: Phase,
+    seq: u64,
+    waiting: BTreeMap<u64, Waiting>,
+    running: HashMap<String, usize>,
+    running_total: usize,
+    /// Tenants whose requests ran since the last confirmed flush.
+    dirty: BTreeSet<String>,
+    flushing: bool,
+}
+
+enum Step {
+    Enter,
+    Flush,
+    Wait(Option<Instant>),
+}
+
+impl State {
+    fn window_over(&self, now: Instant) -> bool {
+        match &self.phase {
+            Phase::Shared { .. } => false,
+            Phase::Exclusive {
+                opened, admitted, ..
+            } => {
+                now.duration_since(*opened) >= self.settings.window
+                    || *admitted >= self.settings.window_max_requests
+            }
+        }
+    }
+
+    /// Whether entering `tenant` now needs a flush first.
+    fn needs_flush(&self, tenant: &str, exclusive: bool) -> bool {
+        if exclusive {
+            self.dirty.iter().any(|t| t != tenant)
+        } else {
+            self.dirty
+                .iter()
+                .any(|t| self.settings.exclusive.contains(t))
+        }
+    }
+
+    /// Advance the phase if it should change; then decide for waiter `ticket`.
+    fn step(&mut self, ticket: u64, now: Instant) -> Step {
+        let Some(me) = self.waiting.get(&ticket) else {
+            return Step::Wait(None);
+        };
+        let (tenant, exclusive) = (me.tenant.clone(), me.exclusive);
+        // Phase changes happen only when nothing runs.
+        let mut wake_at = None;
+        match self.phase.clone() {
+            Phase::Shared { admit_until } => {
+                let oldest_excl = self
+                    .waiting
+                    .iter()
+                    .find(|(_, w)| w.exclusive)
+                    .map(|(k, w)| (*k, w.tenant.clone()));
+                if let Some((e, et)) = oldest_excl {
+                    let older_shared = self
+                        .waiting
+                        .range(..e.max(admit_until))
+                        .any(|(_, w)| !w.exclusive);
+                    if self.running_total == 0 && !older_shared {
+                        self.phase = Phase::Exclusive {
+                            tenant: et,
+                            opened: now,
+                            admitted: 0,
+                        };
+                    }
+                }
+            }
+            Phase::Exclusive {
+                tenant: owner,
+                opened,
+                ..
+            } => {
+                let others = self.waiting.values().any(|w| w.tenant != owner);
+                let owner_waits = self.waiting.values().any(|w| w.tenant == owner);
+                let over = self.window_over(now);
+                if others && (over || !owner_waits) {
+                    // Closing: no more of the owner; switch once drained.
+                    if self.running_total == 0 {
+                        let next = self
+                            .waiting
+                            .values()
+                            .find(|w| w.tenant != owner)
+                            .map(|w| (w.tenant.clone(), w.exclusive));
+                        if let Some((t, excl)) = next {
+                            self.phase = if excl {
+                                Phase::Exclusive {
+                                    tenant: t,
+                                    opened: now,
+                                    admitted: 0,
+                                }
+                            } else {
+                                Phase::Shared {
+                                    admit_until: self.seq + 1,
+                                }
+                            };
+                        }
+                    }
+                } else if over && !others {
+                    // Nobody else wants the server: a new window for the owner.
+                    self.phase = Phase::Exclusive {
+                        tenant: owner,
+                        opened: now,
+                        admitted: 0,
+                    };
+                } else if others {
+                    wake_at = Some(opened + self.settings.window);
+                }
+            }
+        }
+        let allowed = match &self.phase {
+            Phase::Shared { admit_until } => {
+                !exclusive
+                    && match self.waiting.iter().find(|(_, w)| w.exclusive) {
+                        Some((e, _)) => ticket < (*e).max(*admit_until),
+                        None => true,
+                    }
+            }
+            Phase::Exclusive { tenant: owner, .. } => {
+                let others = self.waiting.values().any(|w| &w.tenant != owner);
+                let owner_waits = self.waiting.values().any(|w| &w.tenant == owner);
+                let closing = others && (self.window_over(now) || !owner_waits);
+                exclusive && &tenant == owner && !closing
+            }
+        };
+        if !allowed || self.flushing {
+            return Step::Wait(wake_at);
+        }
+        if self.needs_flush(&tenant, exclusive) {
+            if self.running_total == 0 {
+                return Step::Flush;
+            }
+            return Step::Wait(wake_at);
+        }
+        Step::Enter
+    }
+
+    fn enter(&mut self, ticket: u64) -> String {
+        let w = self.waiting.remove(&ticket).expect("waiting");
+        *self.running.entry(w.tenant.clone()).or_default() += 1;
+        self.running_total += 1;
+        self.dirty.insert(w.tenant.clone());
+        if let Phase::Exclusive { admitted, .. } = &mut self.phase {
+            *admitted += 1;
+        }
+        w.tenant
+    }
+}
+
+/// The exclusivity lock in front of the fair queue.
+pub struct CacheGate {
+    state: Mutex<State>,
+    notify: Notify,
+    client: Client<HttpConnector, Full<Bytes>>,
+    metrics: Metrics,
+}
+
+/// A request past the gate; dropping it (when the response ends) lets the gate move on.
+pub struct GatePass {
+    gate: Arc<CacheGate>,
+    tenant: String,
+}
+
+impl Drop for GatePass {
+    fn drop(&mut self) {
+        {
+            let mut st = self.gate.lock();
+            if let Some(n) = st.running.get_mut(&self.tenant) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    st.running.remove(&self.tenant);
+                }
+            }
+            st.running_total = st.running_total.saturating_sub(1);
+        }
+        self.gate.notify.notify_waiters();
+    }
+}
+
+/// Marks the flush in progress over when dropped.
+struct Flushing<'a>(&'a CacheGate);
+
+impl Drop for Flushing<'_> {
+    fn drop(&mut self) {
+        self.0.lock().flushing = false;
+        self.0.notify.notify_waiters();
+    }
+}
+
+/// Removes a waiter that gave up (timeout, client gone).
+struct WaitGuard<'a> {
+    gate: &'a CacheGate,
+    ticket: u64,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let removed = self.gate.lock().waiting.remove(&self.ticket).is_some();
+        if removed {
+            self.gate.notify.notify_waiters();
+        }
+    }
+}
+
+impl CacheGate {
+    pub fn new(settings: GateSettings, metrics: Metrics) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        Arc::new(Self {
+            state: Mutex::new(State {
+                settings,
+                phase: Phase::Shared { admit_until: 0 },
+                seq: 0,
+                waiting: BTreeMap::new(),
+                running: HashMap::new(),
+                running_total: 0,
+                dirty: BTreeSet::new(),
+                flushing: false,
+            }),
+            notify: Notify::new(),
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1)
+                .build(http),
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Apply new settings (reload); waiters re-evaluate.
+    pub fn update(&self, settings: GateSettings) {
+        self.lock().settings = settings;
+        self.notify.notify_waiters();
+    }
+
+    /// Requests past the gate and not finished.
+    pub fn running(&self) -> usize {
+        self.lock().running_total
+    }
+
+    /// Wait (until `deadline`) until `tenant` may run; flush first when isolation needs it.
+    pub async fn enter(
+        self: &Arc<Self>,
+        tenant: &str,
+        deadline: Instant,
+    ) -> Result<GatePass, GateError> {
+        let ticket = {
+            let mut st = self.lock();
+            st.seq += 1;
+            let ticket = st.seq;
+            let exclusive = st.settings.exclusive.contains(tenant);
+            st.waiting.insert(
+                ticket,
+                Waiting {
+                    tenant: tenant.to_string(),
+                    exclusive,
+                },
+            );
+            ticket
+        };
+        let guard = WaitGuard { gate: self, ticket };
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let step = {
+                let mut st = self.lock();
+                let before = st.phase.clone();
+                let step = st.step(ticket, Instant::now());
+                if st.phase != before {
+                    // Someone else may be the one the new phase lets in.
+                    self.notify.notify_waiters();
+                }
+                match step {
+                    Step::Enter => {
+                        let tenant = st.enter(ticket);
+                        drop(st);
+                        std::mem::forget(guard);
+                        // Others may enter along (same phase).
+                        self.notify.notify_waiters();
+                        return Ok(GatePass {
+                            gate: self.clone(),
+                            tenant,
+                        });
+                    }
+                    Step::Flush => {
+                        st.flushing = true;
+                        Step::Flush
+                    }
+                    w => w,
+                }
+            };
+            match step {
+                Step::Flush => {
+                    // Cleared however this ends, including the client going away mid-flush.
+                    let flushing = Flushing(self);
+                    let (ok, why) = self.flush_with_retries(deadline).await;
+                    let policy = {
+                        let mut st = self.lock();
+                        if ok {
+                            st.dirty.clear();
+                        }
+                        st.settings.on_failure
+                    };
+                    drop(flushing);
+                    if !ok {
+                        match policy {
+                            FlushFailure::Fail => return Err(GateError::FlushFailed(why)),
+                            FlushFailure::Hold => {
+                                tracing::warn!(tenant, reason = %why, "prefix-cache flush not confirmed; holding the request and retrying");
+                                let retry = self.lock().settings.flush_retry;
+                                let until = (Instant::now() + retry).min(deadline);
+                                tokio::time::sleep_until(until).await;
+                                if Instant::now() >= deadline {
+                                    return Err(GateError::Timeout);
+                                }
+                            }
+                        }
+                    }
+                }
+                Step::Wait(wake) => {
+                    let until = wake.map_or(deadline, |w| w.min(deadline));
+                    if tokio::time::timeout_at(until, notified).await.is_err()
+                        && Instant::now() >= deadline
+                    {
+                        return Err(GateError::Timeout);
+                    }
+                }
+                Step::Enter => unreachable!("returned above"),
+            }
+        }
+    }
+
+    /// Flush, retrying up to `flush_attempts`; true only when the upstream confirmed.
+    async fn flush_with_retries(&self, deadline: Instant) -> (bool, String) {
+        let s = self.lock().settings.clone();
+        let mut why = String::new();
+        for attempt in 0..s.flush_attempts {
+            if attempt > 0 {
+                if Instant::now() + s.flush_retry >= deadline {
+                    break;
+                }
+                tokio::time::sleep(s.flush_retry).await;
+            }
+            let t0 = Instant::now();
+            let outcome = self.flush_once(&s).await;
+            self.metrics
+                .cache_flush_duration
+                .observe(t0.elapsed().as_secs_f64());
+            self.metrics
+                .cache_flushes
+                .get_or_create(&ResultLabel {
+                    result: outcome.label(),
+                })
+                .inc();
+            match outcome {
+                FlushOutcome::Ok => {
+                    tracing::debug!("upstream prefix cache flushed");
+                    return (true, String::new());
+                }
+                FlushOutcome::Refused(w) | FlushOutcome::Failed(w) => {
+                    tracing::info!(attempt, reason = %w, "prefix-cache flush not confirmed");
+                    why = w;
+                }
+            }
+        }
+        (false, why)
+    }
+
+    async fn flush_once(&self, s: &GateSettings) -> FlushOutcome {
+        let Some(path) = s.flavor.flush_path() else {
+            return FlushOutcome::Failed("upstream.flavor \"openai\" has no cache flush".into());
+        };
+        let mut parts = s.upstream.clone().into_parts();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+        let Ok(uri) = Uri::from_parts(parts) else {
+            return FlushOutcome::Failed("bad upstream URL".into());
+        };
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri;
+        let call = async {
+            let resp = self.client.request(req).await.map_err(BoxError::from)?;
+            let status = resp.status();
+            let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+                .collect()
+                .await?
+                .to_bytes();
+            Ok::<_, BoxError>((status, body))
+        };
+        match tokio::time::timeout(s.flush_timeout, call).await {
+            Err(_) => FlushOutcome::Failed("flush timed out".into()),
+            Ok(Err(e)) => FlushOutcome::Failed(format!("flush request failed: {e}")),
+            Ok(Ok((status, body))) => judge_flush(s.flavor, status, &body),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(window_ms: u64, max: u32) -> State {
+        State {
+            settings: GateSettings {
+                exclusive: ["a".to_string()].into_iter().collect(),
+                window: Duration::from_millis(window_ms),
+                window_max_requests: max,
+                flavor: Flavor::Vllm,
+                upstream: "http://127.0.0.1:1".parse().unwrap(),
+                flush_attempts: 1,
+                flush_retry: Duration::ZERO,
+                flush_timeout: Duration::from_secs(1),
+                on_failure: FlushFailure::Fail,
+            },
+            phase: Phase::Shared { admit_until: 0 },
+            seq: 0,
+            waiting: BTreeMap::new(),
+            running: HashMap::new(),
+            running_total: 0,
+            dirty: BTreeSet::new(),
+            flushing: false,
+        }
+    }
+
+    fn arrive(st: &mut State, tenant: &str) -> u64 {
+        st.seq += 1;
+        let exclusive = st.settings.exclusive.contains(tenant);
+        st.waiting.insert(
+            st.seq,
+            Waiting {
+                tenant: tenant.into(),
+                exclusive,
+            },
+        );
+        st.seq
+    }
+
+    fn leave(st: &mut State, tenant: &str) {
+        *st.running.get_mut(tenant).unwrap() -= 1;
+        st.running_total -= 1;
+    }
+
+    /// What `ticket` may do now: "enter" (and enters), "flush" (and the flush succeeds) or "wait".
+    fn try_step(st: &mut State, ticket: u64, now: Instant) -> &'static str {
+        match st.step(ticket, now) {
+            Step::Enter => {
+                st.enter(ticket);
+                "enter"
+            }
+            Step::Flush => {
+                st.dirty.clear();
+                "flush"
+            }
+            Step::Wait(_) => "wait",
+        }
+    }
+
+    #[test]
+    fn exclusive_window_is_bounded_by_time() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut st = state(2000, 100);
+        // b (shared) ran before: a's window starts with a flush.
+        let b0 = arrive(&mut st, "b");
+        assert_eq!(try_step(&mut st, b0, t0), "enter");
+        leave(&mut st, "b");
+        let a1 = arrive(&mut st, "a");
+        assert_eq!(try_step(&mut st, a1, t0), "flush");
+        assert_eq!(try_step(&mut st, a1, t0), "enter");
+        // b waits while a runs; a's queued requests join the window until it ends.
+        let b1 = arrive(&mut st, "b");
+        assert_eq!(try_step(&mut st, b1, ms(10)), "wait");
+        let a2 = arrive(&mut st, "a");
+        assert_eq!(try_step(&mut st, a2, ms(10)), "enter");
+        let a3 = arrive(&mut st, "a");
+        assert_eq!(try_step(&mut st, a3, ms(2001)), "wait", "window over");
+        assert_eq!(try_step(&mut st, b1, ms(2001)), "wait", "a still runs");
+        leave(&mut st, "a");
+        leave(&mut st, "a");
+        // Drained: flush, then b; a's next window waits for b.
+        assert_eq!(try_step(&mut st, b1, ms(2002)), "flush");
+        assert_eq!(try_step(&mut st, b1, ms(2002)), "enter");
+        assert_eq!(try_step(&mut st, a3, ms(2003)), "wait");
+        let b2 = arrive(&mut st, "b");
+        assert_eq!(
+            try_step(&mut st, b2, ms(2003)),
+            "wait",
+            "behind a's waiting request"
+        );
+        leave(&mut st, "b");
+        assert_eq!(try_step(&mut st, a3, ms(2004)), "flush");
+        assert_eq!(try_step(&mut st, a3, ms(2004)), "enter");
+    }
+
+    #[test]
+    fn exclusive_window_is_bounded_by_count() {
+        let t0 = Instant::now();
+        let mut st = state(60_000, 2);
+        let a: Vec<u64> = (0..4).map(|_| arrive(&mut st, "a")).collect();
+        let b = arrive(&mut st, "b");
+        assert_eq!(try_step(&mut st, a[0], t0), "enter");
+        assert_eq!(try_step(&mut st, a[1], t0), "enter");
+        assert_eq!(
+            try_step(&mut st, a[2], t0),
+            "wait",
+            "two per window while b waits"
+        );
+        leave(&mut st, "a");
+        leave(&mut st, "a");
+        assert_eq!(try_step(&mut st, a[2], t0), "wait");
+        assert_eq!(try_step(&mut st, b, t0), "flush");
+        assert_eq!(try_step(&mut st, b, t0), "enter");
+        leave(&mut st, "b");
+        assert_eq!(try_step(&mut st, a[2], t0), "flush");
+        assert_eq!(try_step(&mut st, a[2], t0), "enter");
+        // Nobody else waits: a's window renews instead of ending.
+        assert_eq!(try_step(&mut st, a[3], t0), "enter");
+        let a5 = arrive(&mut st, "a");
+        assert_eq!(try_step(&mut st, a5, t0), "enter");
+        assert_eq!(st.running_total, 3);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gone_mid_flush_does_not_wedge_the_gate() {
+        // An upstream that accepts the flush call and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut settings = state(1000, 10).settings;
+        settings.upstream = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        settings.flush_timeout = Duration::from_secs(600);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let gate = CacheGate::new(settings, Metrics::register(&mut registry));
+        let far = Instant::now() + Duration::from_secs(600);
+        drop(gate.enter("b", far).await.unwrap());
+        let g = gate.clone();
+        let waiter = tokio::spawn(async move { g.enter("a", far).await.map(|_| ()) });
+        let (_conn, _) = listener.accept().await.unwrap();
+        assert!(gate.lock().flushing);
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        let st = gate.lock();
+        assert!(!st.flushing && st.waiting.is_empty());
+    }
+
+    #[test]
+    fn salts_are_keyed_and_rotate() {
+        let k1 = b"0123456789abcdef0123456789abcdef";
+        let k2 = b"fedcba9876543210fedcba9876543210";
+        let a = derive_salt(k1, 1, "acme");
+        assert_eq!(a, derive_salt(k1, 1, "acme"));
+        assert_ne!(a, derive_salt(k1, 1, "globex"));
+        assert_ne!(a, derive_salt(k1, 2, "acme"));
+        assert_ne!(a, derive_salt(k2, 1, "acme"));
+        assert!(!a.contains("acme") && a.len() >= 43);
+    }
+
+    #[test]
+    fn flush_answers_are_judged_strictly() {
+        let ok = StatusCode::OK;
+        assert_eq!(judge_flush(Flavor::Vllm, ok, b""), FlushOutcome::Ok);
+        assert_eq!(
+            judge_flush(Flavor::Vllm, ok, br#"{"success":true}"#),
+            FlushOutcome::Ok
+        );
+        assert_eq!(
+            judge_flush(Flavor::Vllm, ok, br#"{"success":false}"#).label(),
+            "refused"
+        );
+        assert_eq!(
+            judge_flush(Flavor::Vllm, StatusCode::SERVICE_UNAVAILABLE, b"busy").label(),
+            "refused"
+        );
+        assert_eq!(
+            judge_flush(Flavor::Vllm, StatusCode::INTERNAL_SERVER_ERROR, b"").label(),
+            "failed"
+        );
+        assert_eq!(
+            judge_flush(
+                Flavor::Sglang,
+                ok,
+                b"Cache not flushed because there are pending requests."
+            )
+            .label(),
+            "refused"
+        );
+        assert_eq!(
+            judge_flush(Flavor::Sglang, ok, b"Cache flushed.\n"),
+            FlushOutcome::Ok
+        );
+    }
+}
