@@ -34,13 +34,14 @@ pub struct Outcome {
 }
 
 impl Stack {
-    /// Starts the sim and the sidecar. `tenants` is the sidecar's `[tenants.*]` tables;
+    /// Starts the sim and the sidecar. `tenants` is the sidecar's `[tenants.*]` tables, `extra`
+    /// any other sections (`[queue]`, `[model]`, ...);
     /// `agent_socket`, when given, is the node agent's tagging socket; `dir` holds the key,
     /// the audit log and the config.
     pub async fn start(
         sim: bulkhead_sidecar::sim::SimConfig,
         tenants: &str,
-        queue: &str,
+        extra: &str,
         agent_socket: Option<&Path>,
         dir: &Path,
     ) -> Stack {
@@ -55,11 +56,11 @@ impl Stack {
         )
         .unwrap();
         let agent = agent_socket
-            .map(|p| format!("[agent]\nsocket = {:?}\n", p))
+            .map(|p| format!("[agent]\nsocket = {:?}\nkv_report_interval_ms = 100\n", p))
             .unwrap_or_default();
         let text = format!(
             "[upstream]\nurl = \"{}\"\n[listen]\naddr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n\
-             [auth]\nmax_skew_secs = 30\n{queue}\n[audit]\ndir = {:?}\n{agent}{tenants}\n\
+             [auth]\nmax_skew_secs = 30\n{extra}\n[audit]\ndir = {:?}\n{agent}{tenants}\n\
              [[keys]]\nid = \"{GATEWAY_KEY_ID}\"\nsecret_files = [{:?}]\ntenants = [\"*\"]\n",
             sim.url(),
             dir.join("audit"),
@@ -110,9 +111,25 @@ impl Stack {
 
     /// A chat completion for `tenant`, signed by the gateway, sent through the sidecar.
     pub async fn chat(&self, tenant: &str, prompt: &str, max_tokens: u64) -> Outcome {
+        self.send_chat(tenant, prompt, max_tokens, false).await
+    }
+
+    /// As [`Stack::chat`], streamed (SSE); the outcome comes when the stream ends.
+    pub async fn chat_stream(&self, tenant: &str, prompt: &str, max_tokens: u64) -> Outcome {
+        self.send_chat(tenant, prompt, max_tokens, true).await
+    }
+
+    async fn send_chat(
+        &self,
+        tenant: &str,
+        prompt: &str,
+        max_tokens: u64,
+        stream: bool,
+    ) -> Outcome {
         let body = serde_json::json!({
             "model": "sim",
             "max_tokens": max_tokens,
+            "stream": stream,
             "messages": [{"role": "user", "content": prompt}],
         })
         .to_string();

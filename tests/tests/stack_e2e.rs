@@ -61,3 +61,99 @@ async fn the_sidecar_tags_its_sockets_and_the_agent_counts_each_tenant() {
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sidecars_kv_reports_split_the_servers_gpu_memory_in_the_agent() {
+    const GIB: u64 = 1 << 30;
+    let agent_bin = workspace_bin("bulkhead-agent");
+    if !require_bpf(&agent_bin) {
+        return;
+    }
+    let paths = Paths::new();
+    // A scripted node: this test process is the sidecar of a pod whose inference server
+    // (pid 4242) holds 16 GiB on GPU 0.
+    let uid = "7e1d2c3b-4a59-4867-9a8b-7c6d5e4f3a2b";
+    let proc_root = paths.dir.join("proc");
+    for (pid, container) in [(std::process::id(), "sidecar"), (4242, "vllm")] {
+        std::fs::create_dir_all(proc_root.join(pid.to_string())).unwrap();
+        std::fs::write(
+            proc_root.join(format!("{pid}/cgroup")),
+            format!("0::/kubepods/burstable/pod{uid}/{container}\n"),
+        )
+        .unwrap();
+    }
+    let gpus = paths.dir.join("gpus.json");
+    std::fs::write(
+        &gpus,
+        format!(
+            r#"{{"gpus": [{{"index": 0, "uuid": "GPU-e2e", "used_bytes": {}, "total_bytes": {},
+                "processes": [{{"pid": 4242, "used_bytes": {}}}]}}]}}"#,
+            16 * GIB,
+            80 * GIB,
+            16 * GIB
+        ),
+    )
+    .unwrap();
+    let config = paths.config("").replace(
+        "[tagging]",
+        &format!(
+            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\n[tagging]",
+            gpus.display(),
+            proc_root
+        ),
+    );
+    let agent = Agent::start(&agent_bin, &paths, &config);
+    let dir = TempDir::new("stack-kv");
+    // 32 layers x 8 KV heads x 128 dims x 2 (K, V) x 2 bytes = 128 KiB per token.
+    let model = "[model]\nlayers = 32\nkv_heads = 8\nhead_dim = 128\ndtype = \"bf16\"\n";
+    let stack = std::sync::Arc::new(
+        Stack::start(
+            bulkhead_sidecar::sim::SimConfig::default(),
+            "[tenants.alpha]\nweight = 1\n[tenants.beta]\nweight = 1\n",
+            model,
+            Some(&paths.socket),
+            &dir.0,
+        )
+        .await,
+    );
+    // Hold alpha's stream open after its first token: its KV cache is in use meanwhile.
+    stack.sim.sim.close_gate();
+    let s = stack.clone();
+    let request = tokio::spawn(async move {
+        s.chat_stream("alpha", "a long prompt about the tenants of this node", 32)
+            .await
+    });
+    let kv = |m: &Metrics, tenant: &str| {
+        m.get(
+            "bulkhead_kv_cache_bytes",
+            &[("tenant", tenant), ("gpu", "0")],
+        ) as u64
+    };
+    let gpu = |m: &Metrics, tenant: &str| {
+        m.get(
+            "bulkhead_gpu_memory_bytes",
+            &[("tenant", tenant), ("gpu", "0")],
+        ) as u64
+    };
+    let m = agent.wait_for("alpha's KV bytes on GPU 0", |m| kv(m, "alpha") > 0);
+    let alpha = kv(&m, "alpha");
+    assert_eq!(
+        alpha % (128 << 10),
+        0,
+        "a whole number of 128 KiB tokens: {alpha}"
+    );
+    assert_eq!(gpu(&m, "alpha"), alpha);
+    assert_eq!(gpu(&m, "shared"), 16 * GIB - alpha);
+    assert_eq!(kv(&m, "beta"), 0);
+    stack.sim.sim.open_gate();
+    assert_eq!(request.await.unwrap().status, 200);
+    // When the stream ends, the next report gives alpha's KV back to the server.
+    agent.wait_for("alpha's KV released", |m| {
+        kv(m, "alpha") == 0 && gpu(m, "shared") == 16 * GIB
+    });
+    std::sync::Arc::try_unwrap(stack)
+        .ok()
+        .expect("the request task is done")
+        .stop()
+        .await;
+}
