@@ -205,18 +205,7 @@ isolation = "exclusive"
     );
 
     // While acme's stream is in flight, globex waits; it runs after acme ends and a flush.
-    h.sim.sim.close_gate();
-    let resp = h
-        .send(h.signed(
-            "acme",
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("hold this", r#","stream":true"#),
-        ))
-        .await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    body.frame().await.unwrap().unwrap();
+    let mut body = h.hold_stream("acme", "hold this").await;
     let started = h.sim.sim.started();
     let h2 = std::sync::Arc::new(s);
     let h3 = h2.clone();

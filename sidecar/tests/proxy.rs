@@ -253,18 +253,7 @@ async fn oversized_headers_are_refused() {
 #[tokio::test]
 async fn shutdown_drains_in_flight_streams() {
     let mut h = Harness::start(DEFAULT_TENANTS).await;
-    h.sim.sim.close_gate();
-    let resp = h
-        .send(h.signed(
-            "acme",
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("hi", r#","stream":true"#),
-        ))
-        .await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    body.frame().await.unwrap().unwrap();
+    let body = h.hold_stream("acme", "hi").await;
     h.trigger_shutdown();
     // Readiness drops while draining.
     let deadline = Instant::now() + Duration::from_secs(10);

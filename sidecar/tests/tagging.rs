@@ -176,18 +176,7 @@ async fn kv_cache_bytes_are_tracked_and_reported_while_a_stream_runs() {
     })
     .await;
     // 2 (K, V) x 2 layers x 1 head x 4 dims x 2 bytes = 32 bytes per token.
-    h.sim.sim.close_gate();
-    let resp = h
-        .send(h.signed(
-            "acme",
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("hello world", r#","stream":true"#),
-        ))
-        .await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    body.frame().await.unwrap().unwrap();
+    let mut body = h.hold_stream("acme", "hello world").await;
     // The prompt estimate (31 bytes of messages -> 8 tokens) plus the first generated token.
     h.wait_metric("bulkhead_kv_cache_tokens{tenant=\"acme\"}", 9.0)
         .await;

@@ -196,6 +196,24 @@ impl Harness {
         req
     }
 
+    /// Closes the simulator's gate, sends `tenant` a streamed chat completion and reads its
+    /// first frame: the stream is then held open (in flight) until the gate opens.
+    pub async fn hold_stream(&self, tenant: &str, prompt: &str) -> Incoming {
+        self.sim.sim.close_gate();
+        let resp = self
+            .send(self.signed(
+                tenant,
+                Method::POST,
+                "/v1/chat/completions",
+                &chat(prompt, r#","stream":true"#),
+            ))
+            .await;
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        let mut body = resp.into_body();
+        body.frame().await.unwrap().unwrap();
+        body
+    }
+
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Response<Incoming> {
         self.client.request(req).await.unwrap()
     }
