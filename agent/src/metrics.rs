@@ -117,7 +117,10 @@ impl Collector for DatapathCollector {
         // Every id with a name (configured or retired) and the untagged bucket.
         let tenants = self.tenants.read().unwrap();
         let mut traffic: Vec<(TrafficLabels, TrafficCounters)> = Vec::new();
-        for (id, name) in tenants.labelled_ids() {
+        let labelled = tenants.labelled_ids();
+        // Every labelled id but the untagged bucket has a BH_TENANT_IDS entry.
+        let tenant_ids = labelled.len() - 1;
+        for (id, name) in labelled {
             for (direction, label) in [(DIRECTION_INGRESS, "ingress"), (DIRECTION_EGRESS, "egress")]
             {
                 match self.maps.traffic(id, direction) {
@@ -134,7 +137,6 @@ impl Collector for DatapathCollector {
                 }
             }
         }
-        let tenant_ids = tenants.labelled_ids().len() - 1;
         let flows: Vec<(FlowLabels, u64)> = match self.maps.flows() {
             Ok(f) => f
                 .into_iter()
