@@ -103,17 +103,17 @@ pub fn must_tag_ids(config: &Config, cgroup_root: &Path) -> Result<Vec<u64>, Cro
         .collect()
 }
 
-/// Writes the config's endpoints and must-tag cgroups into the maps. Everything fallible that
-/// has no side effect is computed first, so a bad config changes nothing.
+/// Writes the config's endpoints and the must-tag cgroup ids (from [`must_tag_ids`], which
+/// callers resolve before any side effect) into the maps. The endpoints are resolved before
+/// either map is written, so a bad config changes nothing.
 pub fn apply(
     config: &Config,
-    cgroup_root: &Path,
+    must_tag: &[u64],
     tenants: &TenantRegistry,
     maps: &Maps,
 ) -> Result<(), CrossTenantError> {
-    let must_tag = must_tag_ids(config, cgroup_root)?;
     let endpoints = endpoint_entries(config, tenants)?;
-    maps.sync_must_tag(&must_tag)?;
+    maps.sync_must_tag(must_tag)?;
     maps.sync_endpoints(&endpoints)?;
     Ok(())
 }

@@ -127,10 +127,10 @@ impl RunningAgent {
         }
         let maps = self.datapath.maps();
         // Fallible steps without side effects first.
-        cross_tenant::must_tag_ids(&new, &self.cgroup)?;
+        let must_tag = cross_tenant::must_tag_ids(&new, &self.cgroup)?;
         let names: Vec<String> = new.tenants.iter().map(|t| t.name.clone()).collect();
         let registry = TenantRegistry::load(&names, &maps)?;
-        cross_tenant::apply(&new, &self.cgroup, &registry, &maps)?;
+        cross_tenant::apply(&new, &must_tag, &registry, &maps)?;
         *self.tenants.write().unwrap() = registry;
         *self.service.allow.write().unwrap() = new.tagging.clone();
         {
@@ -223,11 +223,12 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         tracing::info!(path = %config.bpffs.display(), "mounted bpffs");
     }
     let cgroup = sys::resolve_cgroup(config.cgroup_path.as_deref())?;
+    let must_tag = cross_tenant::must_tag_ids(&config, &cgroup)?;
     let mut datapath = Datapath::load(&cgroup, &config.pin_dir)?;
     let maps = datapath.maps();
     let names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
     let registry = TenantRegistry::load(&names, &maps)?;
-    cross_tenant::apply(&config, &cgroup, &registry, &maps)?;
+    cross_tenant::apply(&config, &must_tag, &registry, &maps)?;
     let tenants = Arc::new(RwLock::new(registry));
 
     let gpu_state = Arc::new(gpu::GpuState::new(&config.gpu));
