@@ -161,15 +161,24 @@ fn cargo_test(args: &[&str]) -> Result<()> {
 
 fn demo(rest: &[&str]) -> Result<()> {
     setup::run()?;
+    run_with_agent("bulkhead-demo", rest)
+}
+
+/// Builds `bin` (of the tests package) and the agent it runs, in release, and runs `bin`.
+fn run_with_agent(bin: &str, rest: &[&str]) -> Result<()> {
     run(cargo().args([
         "build",
         "--release",
         "-p",
         "bulkhead-tests",
         "--bin",
-        "bulkhead-demo",
+        bin,
+        "-p",
+        "bulkhead-agent",
+        "--bin",
+        "bulkhead-agent",
     ]))?;
-    run(Command::new(root().join("target/release/bulkhead-demo")).args(rest))
+    run(Command::new(root().join("target/release").join(bin)).args(rest))
 }
 
 fn bench_sidecar(rest: &[&str]) -> Result<()> {
@@ -211,13 +220,5 @@ fn which(name: &str) -> Option<PathBuf> {
 
 fn bench_ebpf(rest: &[&str]) -> Result<()> {
     setup::run()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "bulkhead-tests",
-        "--bin",
-        "bulkhead-bench-ebpf",
-    ]))?;
-    run(Command::new(root().join("target/release/bulkhead-bench-ebpf")).args(rest))
+    run_with_agent("bulkhead-bench-ebpf", rest)
 }
