@@ -18,7 +18,11 @@ pub struct AuditRecord {
     pub ts_unix_ms: u64,
     pub tenant: String,
     pub key_id: Option<String>,
+    /// The sidecar's own id (also sent upstream and to the client as `x-request-id`).
     pub request_id: String,
+    /// The client's `x-request-id`, kept for correlation only (never sent upstream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     pub method: String,
     pub route: String,
     pub status: u16,

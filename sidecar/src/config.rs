@@ -340,6 +340,22 @@ pub struct HttpLimits {
     /// How long shutdown waits for in-flight requests.
     #[serde(default = "default_drain")]
     pub drain_timeout_ms: u64,
+    /// A request body must arrive within this long of its headers (408 otherwise).
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_ms: u64,
+    /// Request-body bytes held in memory at once, all requests together (503 beyond).
+    #[serde(default = "default_inflight_body_bytes")]
+    pub max_inflight_body_bytes: usize,
+    /// Client connections served at once; more are accepted and closed at once (counted).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTP/2 streams per client connection.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+    /// A response the client stops reading for this long is cut (and its upstream request
+    /// cancelled), so a stalled client never holds a queue slot or the cache gate.
+    #[serde(default = "default_write_idle")]
+    pub response_write_idle_timeout_ms: u64,
 }
 impl Default for HttpLimits {
     fn default() -> Self {
@@ -348,8 +364,28 @@ impl Default for HttpLimits {
             max_body_bytes: default_max_body_bytes(),
             header_read_timeout_ms: default_header_timeout(),
             drain_timeout_ms: default_drain(),
+            body_read_timeout_ms: default_body_read_timeout(),
+            max_inflight_body_bytes: default_inflight_body_bytes(),
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_streams(),
+            response_write_idle_timeout_ms: default_write_idle(),
         }
     }
+}
+fn default_body_read_timeout() -> u64 {
+    30_000
+}
+fn default_inflight_body_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_streams() -> u32 {
+    64
+}
+fn default_write_idle() -> u64 {
+    30_000
 }
 fn default_max_header_bytes() -> usize {
     64 * 1024
@@ -381,14 +417,22 @@ pub struct AgentConfig {
     /// How often to report per-tenant KV-cache bytes (needs `[model]`).
     #[serde(default = "default_kv_interval")]
     pub kv_report_interval_ms: u64,
+    /// Client connections tagged per tenant at most; beyond, a tenant's extra connections
+    /// count as untagged, so no tenant can evict others' tags from the agent's map.
+    #[serde(default = "default_max_tagged")]
+    pub max_tagged_connections_per_tenant: usize,
 }
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             socket: None,
             kv_report_interval_ms: default_kv_interval(),
+            max_tagged_connections_per_tenant: default_max_tagged(),
         }
     }
+}
+fn default_max_tagged() -> usize {
+    1024
 }
 fn default_kv_interval() -> u64 {
     5000
@@ -416,6 +460,19 @@ pub struct TenantConfig {
     /// Prefix-cache isolation tier: `shared` (default), `salted` or `exclusive`.
     #[serde(default)]
     pub isolation: Isolation,
+    /// `/v1/` routes the sidecar does not know: `refuse` (default, 404) or `forward` (opaque,
+    /// charged by body size; only for `shared` tenants, since no salt can be set).
+    #[serde(default)]
+    pub unknown_routes: UnknownRoutes,
+}
+
+/// What happens to a `/v1/` route outside the sidecar's route table.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownRoutes {
+    #[default]
+    Refuse,
+    Forward,
 }
 fn default_weight() -> u32 {
     1
@@ -558,6 +615,36 @@ impl Config {
         if self.http.header_read_timeout_ms == 0 {
             return Err(invalid("http.header_read_timeout_ms", "must be > 0"));
         }
+        if self.http.body_read_timeout_ms == 0 {
+            return Err(invalid("http.body_read_timeout_ms", "must be > 0"));
+        }
+        if self.http.max_inflight_body_bytes < self.http.max_body_bytes {
+            return Err(invalid(
+                "http.max_inflight_body_bytes",
+                "must be >= http.max_body_bytes (or no body of the largest size could be read)",
+            ));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be > 0"));
+        }
+        if self.http.max_concurrent_streams == 0 || self.http.max_concurrent_streams > 10_000 {
+            return Err(invalid(
+                "http.max_concurrent_streams",
+                "must be within 1..=10000",
+            ));
+        }
+        if self.http.response_write_idle_timeout_ms == 0 {
+            return Err(invalid(
+                "http.response_write_idle_timeout_ms",
+                "must be > 0",
+            ));
+        }
+        if self.agent.max_tagged_connections_per_tenant == 0 {
+            return Err(invalid(
+                "agent.max_tagged_connections_per_tenant",
+                "must be > 0",
+            ));
+        }
         if self.runtime.worker_threads > 256 {
             return Err(invalid("runtime.worker_threads", "must be within 0..=256"));
         }
@@ -595,6 +682,16 @@ impl Config {
             }
             if t.default_max_tokens == 0 {
                 return Err(invalid(f("default_max_tokens"), "must be > 0"));
+            }
+            if t.unknown_routes == UnknownRoutes::Forward && t.isolation != Isolation::Shared {
+                return Err(invalid(
+                    f("unknown_routes"),
+                    format!(
+                        "\"forward\" is only for \"shared\" tenants: an unknown route's body is \
+                         not inspected, so the {} tier could not be applied to it",
+                        t.isolation.as_str()
+                    ),
+                ));
             }
             let flavor = self.upstream.flavor;
             match t.isolation {

@@ -3,12 +3,20 @@
 //! sends the per-tenant bytes to the node agent every `agent.kv_report_interval_ms`.
 
 use crate::metrics::{Metrics, ResultLabel, TenantLabel};
-use crate::proxy::App;
 use agent_common::client::AgentClient;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// What the report loop needs of the configuration (sent again on every reload).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvSettings {
+    pub socket: Option<PathBuf>,
+    pub interval: Duration,
+    pub has_model: bool,
+    pub tenants: Vec<String>,
+}
 
 /// One request's share of the KV cache; released when dropped.
 pub struct KvCharge {
@@ -69,16 +77,20 @@ pub fn snapshot(metrics: &Metrics, tenants: impl Iterator<Item = String>) -> BTr
 
 /// Report to the node agent until `stop`; failures are logged once per outage and counted,
 /// and never touch the request path (the blocking call runs on the blocking pool).
-pub async fn report_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn report_loop(
+    metrics: Metrics,
+    settings: tokio::sync::watch::Receiver<KvSettings>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut failing = false;
     let mut said_no_model = false;
     loop {
-        let rt = app.runtime();
-        let interval = Duration::from_millis(rt.config.agent.kv_report_interval_ms);
-        let socket = rt.config.agent.socket.clone();
-        let has_model = rt.config.model.is_some();
-        let tenants: Vec<String> = rt.config.tenants.keys().cloned().collect();
-        drop(rt);
+        let KvSettings {
+            socket,
+            interval,
+            has_model,
+            tenants,
+        } = settings.borrow().clone();
         if let Some(path) = socket {
             if !has_model {
                 if !said_no_model {
@@ -88,11 +100,11 @@ pub async fn report_loop(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<b
                     said_no_model = true;
                 }
             } else {
-                let report = snapshot(&app.metrics, tenants.into_iter());
+                let report = snapshot(&metrics, tenants.into_iter());
                 let client = AgentClient::new(path).with_timeout(Duration::from_millis(500));
                 let res = tokio::task::spawn_blocking(move || client.report_kv(&report)).await;
                 let ok = matches!(res, Ok(Ok(_)));
-                app.metrics
+                metrics
                     .kv_reports
                     .get_or_create(&ResultLabel {
                         result: if ok { "ok" } else { "error" },

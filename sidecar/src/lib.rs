@@ -15,10 +15,12 @@ pub mod kv;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod runtime;
 pub mod server;
 pub mod signature;
 pub mod sim;
 pub mod tagging;
+pub mod upstream;
 pub mod wfq;
 
 pub use config::Config;

@@ -166,9 +166,28 @@ impl TokenBucket {
 
 type Gcra = RateLimiter<NotKeyed, InMemoryState, SharedClock, StateInformationMiddleware>;
 
+/// The numbers a tenant's limiter enforces (and nothing else of its configuration, so a reload
+/// that changes only its weight or isolation keeps its buckets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitNumbers {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent: Option<u32>,
+}
+
+impl LimitNumbers {
+    pub fn of(t: &TenantConfig) -> Self {
+        Self {
+            requests_per_minute: t.requests_per_minute,
+            tokens_per_minute: t.tokens_per_minute,
+            max_concurrent: t.max_concurrent,
+        }
+    }
+}
+
 /// One tenant's limits.
 pub struct TenantLimits {
-    config: TenantConfig,
+    config: LimitNumbers,
     clock: SharedClock,
     rpm: Option<Gcra>,
     tpm: Option<Mutex<TokenBucket>>,
@@ -239,7 +258,7 @@ impl Drop for Admission {
 }
 
 impl TenantLimits {
-    pub fn new(config: TenantConfig, clock: SharedClock) -> Self {
+    pub fn new(config: LimitNumbers, clock: SharedClock) -> Self {
         let now = clock.0.now();
         let rpm = config
             .requests_per_minute
@@ -260,7 +279,7 @@ impl TenantLimits {
         }
     }
 
-    pub fn config(&self) -> &TenantConfig {
+    pub fn numbers(&self) -> &LimitNumbers {
         &self.config
     }
 
@@ -399,12 +418,16 @@ mod tests {
             max_concurrent: conc,
             default_max_tokens: 100,
             isolation: Default::default(),
+            unknown_routes: Default::default(),
         }
     }
 
     fn setup(cfg: TenantConfig) -> (Arc<ManualClock>, Arc<TenantLimits>) {
         let clock = Arc::new(ManualClock::default());
-        let l = Arc::new(TenantLimits::new(cfg, SharedClock(clock.clone())));
+        let l = Arc::new(TenantLimits::new(
+            LimitNumbers::of(&cfg),
+            SharedClock(clock.clone()),
+        ));
         (clock, l)
     }
 

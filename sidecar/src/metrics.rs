@@ -76,6 +76,16 @@ pub struct Metrics {
     pub kv_bytes: Family<TenantLabel, Gauge>,
     /// KV reports to the node agent by result (`ok`, `error`).
     pub kv_reports: Family<ResultLabel, Counter>,
+    /// Client connections left untagged because the tenant reached its tagged-connection cap.
+    pub tag_cap_reached: Family<TenantLabel, Counter>,
+    /// Client connections open now.
+    pub client_connections: Gauge,
+    /// Client connections closed at once because `http.max_connections` were open.
+    pub connections_refused: Counter,
+    /// Request-body bytes held in memory now (bounded by `http.max_inflight_body_bytes`).
+    pub inflight_body_bytes: Gauge,
+    /// Responses cut because the client stopped reading (`http.response_write_idle_timeout_ms`).
+    pub write_timeouts: Family<TenantLabel, Counter>,
 }
 
 impl Metrics {
@@ -101,6 +111,11 @@ impl Metrics {
             kv_tokens: Family::default(),
             kv_bytes: Family::default(),
             kv_reports: Family::default(),
+            tag_cap_reached: Family::default(),
+            client_connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            inflight_body_bytes: Gauge::default(),
+            write_timeouts: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
@@ -198,6 +213,31 @@ impl Metrics {
             "KV reports sent to the node agent, by result",
             m.kv_reports.clone(),
         );
+        r.register(
+            "tagging_cap_reached",
+            "Client connections left untagged: the tenant had agent.max_tagged_connections_per_tenant tagged",
+            m.tag_cap_reached.clone(),
+        );
+        r.register(
+            "client_connections",
+            "Client connections open",
+            m.client_connections.clone(),
+        );
+        r.register(
+            "client_connections_refused",
+            "Client connections closed at once because http.max_connections were open",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "inflight_body_bytes",
+            "Request-body bytes held in memory (bounded by http.max_inflight_body_bytes)",
+            m.inflight_body_bytes.clone(),
+        );
+        r.register(
+            "response_write_timeouts",
+            "Responses cut because the client stopped reading",
+            m.write_timeouts.clone(),
+        );
         for result in ["ok", "failed", "refused"] {
             let _ = m.cache_flushes.get_or_create(&ResultLabel { result });
         }
@@ -225,6 +265,12 @@ impl Metrics {
             .get_or_create(&TenantLabel { tenant: t() });
         let _ = self.kv_tokens.get_or_create(&TenantLabel { tenant: t() });
         let _ = self.kv_bytes.get_or_create(&TenantLabel { tenant: t() });
+        let _ = self
+            .tag_cap_reached
+            .get_or_create(&TenantLabel { tenant: t() });
+        let _ = self
+            .write_timeouts
+            .get_or_create(&TenantLabel { tenant: t() });
     }
 }
 
@@ -242,6 +288,7 @@ pub struct TenantMetrics {
     pub salt_overrides: Counter,
     pub kv_tokens: Gauge,
     pub kv_bytes: Gauge,
+    pub write_timeouts: Counter,
 }
 
 impl Metrics {
@@ -271,6 +318,7 @@ impl Metrics {
             salt_overrides: self.cache_salt_overrides.get_or_create(&l).clone(),
             kv_tokens: self.kv_tokens.get_or_create(&l).clone(),
             kv_bytes: self.kv_bytes.get_or_create(&l).clone(),
+            write_timeouts: self.write_timeouts.get_or_create(&l).clone(),
         }
     }
 }

@@ -6,7 +6,7 @@ use crate::config::{Config, ConfigError};
 use crate::http_util::{ProxyBody, full};
 use crate::limits::SharedClock;
 use crate::metrics::{Metrics, ResultLabel};
-use crate::proxy::{App, ConnCtx};
+use crate::runtime::{App, ConnCtx};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -152,7 +152,11 @@ pub async fn run_with(
     } else {
         None
     };
-    let kv_reporter = tokio::spawn(crate::kv::report_loop(app.clone(), stop_rx.clone()));
+    let kv_reporter = tokio::spawn(crate::kv::report_loop(
+        app.metrics.clone(),
+        app.kv_settings(),
+        stop_rx.clone(),
+    ));
     let reloader = tokio::spawn(reload_loop(
         app.clone(),
         opts.clone(),
@@ -171,7 +175,11 @@ pub async fn run_with(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(http_limits.max_concurrent_streams)
         .max_header_list_size(http_limits.max_header_bytes as u32);
+    // Connections beyond `http.max_connections` are accepted and closed at once (counted), so
+    // a flood of idle connections cannot exhaust file descriptors or memory.
+    let connections = Arc::new(tokio::sync::Semaphore::new(http_limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -185,6 +193,11 @@ pub async fn run_with(
             },
             _ = &mut shutdown => break,
         };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            app.metrics.connections_refused.inc();
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let fd = if app.tagger.enabled() {
             stream.as_fd().try_clone_to_owned().ok()
@@ -194,7 +207,7 @@ pub async fn run_with(
         let conn = Arc::new(ConnCtx {
             peer,
             fd,
-            tenant: tokio::sync::Mutex::new(None),
+            tag: tokio::sync::Mutex::new(None),
         });
         let app2 = app.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -206,10 +219,14 @@ pub async fn run_with(
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
         let fut = graceful.watch(conn);
+        let open = app.metrics.client_connections.clone();
+        open.inc();
         tokio::spawn(async move {
             if let Err(e) = fut.await {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
+            open.dec();
+            drop(slot);
         });
     }
     tracing::info!("shutting down: draining in-flight requests");

@@ -940,3 +940,52 @@ mod tests {
         assert_eq!(c.len(), 1);
     }
 }
+
+// TEMPORARY SHIM (replaced by the real head/body split from branch `sig` on merge).
+pub struct PendingAuth {
+    tenant: String,
+    key_id: String,
+    method: http::Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+}
+
+impl PendingAuth {
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    pub fn finish(self, verifier: &Verifier, body: &[u8], now: i64) -> Result<Verified, AuthError> {
+        let view = RequestView {
+            method: &self.method,
+            uri: &self.uri,
+            headers: &self.headers,
+        };
+        verifier.verify(view, body, now)
+    }
+}
+
+impl Verifier {
+    pub fn verify_head(&self, req: RequestView<'_>, _now: i64) -> Result<PendingAuth, AuthError> {
+        let found = find_signature(req.headers, &self.label)?;
+        let key_id = found.params.keyid.clone().unwrap_or_default();
+        let tenant = req
+            .headers
+            .get(TENANT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| AuthError::Missing(format!("no {TENANT_HEADER} header")))?;
+        Ok(PendingAuth {
+            tenant,
+            key_id,
+            method: req.method.clone(),
+            uri: req.uri.clone(),
+            headers: req.headers.clone(),
+        })
+    }
+}

@@ -2,11 +2,15 @@
 //! agent is not reachable, the sidecar runs on, says so once in the log, and sets
 //! `bulkhead_agent_tagging_available` to 0; it tries again at most every [`RETRY_AFTER`].
 
+use crate::metrics::TenantLabel;
 use agent_common::client::{AgentClient, ClientError};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -22,10 +26,45 @@ pub struct Tagger {
     client: Option<AgentClient>,
     state: Mutex<State>,
     gauge: Gauge,
+    /// Client connections tagged now, per tenant (capped, so that one tenant's many idle
+    /// connections cannot push other tenants' tags out of the agent's LRU map).
+    tagged: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    max_per_tenant: usize,
+    cap_reached: Family<TenantLabel, Counter>,
+}
+
+/// One client connection's tag under the per-tenant cap; the count drops when it is dropped.
+#[derive(Debug)]
+pub struct TagSlot {
+    tenant: Arc<str>,
+    tagged: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+}
+
+impl TagSlot {
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+impl Drop for TagSlot {
+    fn drop(&mut self) {
+        let mut m = self.tagged.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 impl Tagger {
-    pub fn new(socket: Option<PathBuf>, gauge: Gauge) -> Self {
+    pub fn new(
+        socket: Option<PathBuf>,
+        max_per_tenant: usize,
+        gauge: Gauge,
+        cap_reached: Family<TenantLabel, Counter>,
+    ) -> Self {
         if socket.is_none() {
             tracing::info!("socket tagging is off: no agent.socket configured");
         }
@@ -34,7 +73,44 @@ impl Tagger {
             client: socket.map(|p| AgentClient::new(p).with_timeout(Duration::from_millis(500))),
             state: Mutex::new(State::Unknown),
             gauge,
+            tagged: Arc::default(),
+            max_per_tenant,
+            cap_reached,
         }
+    }
+
+    /// Tag an admitted request's client connection with `tenant`, unless it already is.
+    /// Beyond the per-tenant cap the connection stays untagged (counted), and keeps no slot.
+    pub async fn tag_connection(
+        &self,
+        sock: BorrowedFd<'_>,
+        slot: &mut Option<TagSlot>,
+        tenant: &Arc<str>,
+    ) {
+        if slot.as_ref().is_some_and(|s| s.tenant == *tenant) {
+            return;
+        }
+        // Give up the old tenant's slot first (a keep-alive connection changing tenant).
+        *slot = None;
+        {
+            let mut m = self.tagged.lock().unwrap_or_else(|e| e.into_inner());
+            let n = m.entry(tenant.clone()).or_default();
+            if *n >= self.max_per_tenant {
+                drop(m);
+                self.cap_reached
+                    .get_or_create(&TenantLabel {
+                        tenant: tenant.to_string(),
+                    })
+                    .inc();
+                return;
+            }
+            *n += 1;
+        }
+        *slot = Some(TagSlot {
+            tenant: tenant.clone(),
+            tagged: self.tagged.clone(),
+        });
+        self.tag(sock, tenant).await;
     }
 
     pub fn enabled(&self) -> bool {

@@ -1,0 +1,323 @@
+//! [`Exchange`]: one request's context from its first byte to its last, and the ONE finish
+//! step (its `Drop`) that settles tokens, releases what the request held and writes metrics
+//! and the audit record for every outcome: refused, forwarded, upstream error, client gone.
+
+use super::refusal::Refusal;
+use crate::audit::{AuditRecord, UNAUTHENTICATED};
+use crate::isolation::GatePass;
+use crate::kv::KvCharge;
+use crate::limits::Admission;
+use crate::metrics::{Reason, TenantCode, TenantLimit};
+use crate::runtime::{App, TenantRuntime};
+use crate::wfq::Permit;
+use http::{Method, StatusCode};
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Tokens a request used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl Usage {
+    pub fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// How the exchange ended (so far).
+#[derive(Debug)]
+pub enum End {
+    /// No answer yet: dropped in this state, the client went away (499).
+    Pending,
+    /// The sidecar answered itself.
+    Refused(Refusal),
+    /// The upstream answered with this status; the meter says whether its body ended.
+    Answered(StatusCode),
+}
+
+/// Why a forwarded response did not reach its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    ClientGone,
+    WriteTimeout,
+    UpstreamError,
+}
+
+impl Cut {
+    fn reason(self) -> &'static str {
+        match self {
+            Cut::ClientGone => "client_disconnected",
+            Cut::WriteTimeout => "response_write_timeout",
+            Cut::UpstreamError => "upstream_body_error",
+        }
+    }
+}
+
+/// What the response meter saw.
+#[derive(Debug, Default)]
+pub struct Meter {
+    pub usage: Option<Usage>,
+    /// Content chunks forwarded (about one token each).
+    pub chunks: u64,
+    pub ended: bool,
+    pub cut: Option<Cut>,
+    pub ttft: Option<Duration>,
+    pub prompt_estimate: u64,
+}
+
+/// Request-body bytes held under `http.max_inflight_body_bytes`.
+pub struct BodyBytes {
+    pub permit: OwnedSemaphorePermit,
+    pub gauge: Gauge,
+}
+
+impl Drop for BodyBytes {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.permit.num_permits() as i64);
+    }
+}
+
+/// What a forwarded request holds until its response ends (released when dropped).
+#[allow(
+    dead_code,
+    reason = "the queue slot and gate pass are held for their Drop"
+)]
+pub struct Held {
+    pub permit: Permit,
+    pub gate: GatePass,
+    pub kv: KvCharge,
+    pub inflight: Gauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.inflight.dec();
+    }
+}
+
+pub struct Exchange {
+    pub app: Arc<App>,
+    pub t0: Instant,
+    pub request_id: String,
+    pub client_request_id: Option<String>,
+    pub method: Method,
+    pub route: String,
+    pub tenant: Option<Arc<TenantRuntime>>,
+    pub key_id: Option<String>,
+    pub stream: bool,
+    pub prompt_hash: Option<String>,
+    pub queue_wait: Option<Duration>,
+    /// Tokens reserved at admission.
+    pub reserved: Option<u64>,
+    pub admission: Option<Admission>,
+    pub body_bytes: Option<BodyBytes>,
+    pub held: Option<Held>,
+    /// The request was sent upstream (the upstream may have worked on it).
+    pub forwarded: bool,
+    pub meter: Meter,
+    pub end: End,
+}
+
+impl Exchange {
+    pub fn new(
+        app: Arc<App>,
+        method: Method,
+        route: String,
+        client_request_id: Option<String>,
+    ) -> Self {
+        Self {
+            request_id: app.request_id(),
+            app,
+            t0: Instant::now(),
+            client_request_id,
+            method,
+            route,
+            tenant: None,
+            key_id: None,
+            stream: false,
+            prompt_hash: None,
+            queue_wait: None,
+            reserved: None,
+            admission: None,
+            body_bytes: None,
+            held: None,
+            forwarded: false,
+            meter: Meter::default(),
+            end: End::Pending,
+        }
+    }
+
+    /// KV tokens held now: the prompt (real once known) plus what was generated so far.
+    pub fn kv_sync(&mut self) {
+        let (prompt, completion) = match self.meter.usage {
+            Some(u) => (u.prompt, u.completion.max(self.meter.chunks)),
+            None => (self.meter.prompt_estimate, self.meter.chunks),
+        };
+        if let Some(h) = &mut self.held {
+            h.kv.set(prompt + completion);
+        }
+    }
+
+    pub fn first_byte(&mut self) {
+        if self.meter.ttft.is_none() {
+            let d = self.t0.elapsed();
+            self.meter.ttft = Some(d);
+            if let Some(t) = &self.tenant {
+                t.metrics.ttft.observe(d.as_secs_f64());
+            }
+        }
+    }
+
+    /// Replace the reservation by what the request used, as well as it is known.
+    fn settle_tokens(&mut self) -> Option<Usage> {
+        let a = self.admission.take()?;
+        let m = &self.meter;
+        // A stream is charged at least what was forwarded, cut or not.
+        let seen = m.usage.or_else(|| {
+            (self.stream && m.chunks > 0).then_some(Usage {
+                prompt: m.prompt_estimate,
+                completion: m.chunks,
+            })
+        });
+        match &self.end {
+            // The upstream may be working on it (timed out waiting for its answer).
+            End::Refused(r) if self.forwarded && r.status == StatusCode::GATEWAY_TIMEOUT => {
+                a.reconcile(None);
+                None
+            }
+            End::Refused(_) => {
+                a.refund();
+                None
+            }
+            // Forwarded, then the client left before an answer: the reservation stays.
+            End::Pending if self.forwarded => {
+                a.reconcile(None);
+                None
+            }
+            End::Pending => {
+                a.refund();
+                None
+            }
+            End::Answered(status) => match seen {
+                Some(u) => {
+                    a.reconcile(Some(u.total()));
+                    Some(u)
+                }
+                // The upstream answered with an error: it did no generation work.
+                None if status.is_client_error() || status.is_server_error() => {
+                    a.refund();
+                    None
+                }
+                None => {
+                    a.reconcile(None);
+                    None
+                }
+            },
+        }
+    }
+
+    /// The finish step; runs once, from `Drop`.
+    fn finish(&mut self) {
+        let usage = self.settle_tokens();
+        self.held.take();
+        self.body_bytes.take();
+        let (status, reason): (StatusCode, Option<&'static str>) = match &self.end {
+            End::Pending => (
+                StatusCode::from_u16(499).expect("valid status"),
+                Some("client_disconnected"),
+            ),
+            End::Refused(r) => (r.status, Some(r.code)),
+            End::Answered(s) => (
+                *s,
+                match self.meter.cut {
+                    Some(c) => Some(c.reason()),
+                    None if !self.meter.ended => Some("client_disconnected"),
+                    None => None,
+                },
+            ),
+        };
+        let m = &self.app.metrics;
+        let elapsed = self.t0.elapsed();
+        match &self.tenant {
+            Some(t) => {
+                let tm = &t.metrics;
+                if status == StatusCode::OK {
+                    tm.ok.inc();
+                } else {
+                    m.requests
+                        .get_or_create(&TenantCode {
+                            tenant: t.name.to_string(),
+                            code: status.as_u16(),
+                        })
+                        .inc();
+                }
+                if let End::Refused(r) = &self.end
+                    && let Some(limit) = r.limit
+                {
+                    m.rate_limited
+                        .get_or_create(&TenantLimit {
+                            tenant: t.name.to_string(),
+                            limit: limit.as_str(),
+                        })
+                        .inc();
+                }
+                if self.meter.cut == Some(Cut::WriteTimeout) {
+                    tm.write_timeouts.inc();
+                }
+                if let Some(u) = usage {
+                    tm.prompt_tokens.inc_by(u.prompt);
+                    tm.completion_tokens.inc_by(u.completion);
+                }
+                if self.forwarded {
+                    tm.duration.observe(elapsed.as_secs_f64());
+                }
+            }
+            None => {
+                let reason = reason.unwrap_or("client_disconnected");
+                m.unattributed_requests
+                    .get_or_create(&Reason { reason })
+                    .inc();
+                if let End::Refused(r) = &self.end
+                    && r.auth
+                {
+                    m.auth_failures.get_or_create(&Reason { reason }).inc();
+                }
+            }
+        }
+        self.app.audit.record(AuditRecord {
+            ts_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            tenant: self
+                .tenant
+                .as_ref()
+                .map_or_else(|| UNAUTHENTICATED.to_string(), |t| t.name.to_string()),
+            key_id: self.key_id.take(),
+            request_id: std::mem::take(&mut self.request_id),
+            client_request_id: self.client_request_id.take(),
+            method: self.method.as_str().to_string(),
+            route: std::mem::take(&mut self.route),
+            status: status.as_u16(),
+            reason: reason.map(str::to_string),
+            stream: self.stream,
+            prompt_tokens: usage.map(|u| u.prompt),
+            completion_tokens: usage.map(|u| u.completion),
+            reserved_tokens: self.reserved,
+            latency_ms: elapsed.as_secs_f64() * 1e3,
+            ttft_ms: self.meter.ttft.map(|d| d.as_secs_f64() * 1e3),
+            queue_ms: self.queue_wait.map(|d| d.as_secs_f64() * 1e3),
+            prompt_hash: self.prompt_hash.take(),
+        });
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

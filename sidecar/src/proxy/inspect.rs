@@ -1,0 +1,399 @@
+//! Body inspection for the routes that run the model. Only a body the sidecar fully parsed is
+//! forwarded, and it is forwarded as the sidecar serialises it: whatever the client wrote
+//! (duplicate keys, a BOM, NaN, trailing bytes, numbers as strings), the upstream reads exactly
+//! the values the sidecar reserved tokens for and set the salt in.
+
+use super::refusal::Refusal;
+use super::routes::{Api, Route};
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+/// Nesting beyond this is refused (tool schemas nest, but not this deep).
+pub const MAX_DEPTH: usize = 64;
+/// Choices (`n`, `best_of`) per request at most.
+pub const MAX_CHOICES: u64 = 128;
+
+/// What inspection learned, and the body to forward.
+#[derive(Debug, Default)]
+pub struct Inspected {
+    /// The sidecar's own serialisation of the request.
+    pub body: Bytes,
+    pub stream: bool,
+    /// The sidecar asked for stream usage; the extra usage chunk is removed on the way back.
+    pub strip_usage_chunk: bool,
+    pub prompt_estimate: u64,
+    /// Completion tokens the upstream may generate: `max_tokens` (as forwarded) x choices.
+    pub completion_reserve: u64,
+    /// The prompt fields, for the audit log's keyed hash.
+    pub prompt_hash_input: Vec<u8>,
+    /// The client sent a `cache_salt` (removed or replaced).
+    pub client_salt: bool,
+}
+
+/// The tenant's side of inspection.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    pub default_max_tokens: u64,
+    /// The tenant's `cache_salt` (salted tier).
+    pub salt: Option<&'a str>,
+}
+
+fn depth_ok(v: &Value) -> bool {
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        if d > MAX_DEPTH {
+            return false;
+        }
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    true
+}
+
+fn bad(field: &str, what: &str) -> Refusal {
+    Refusal::invalid("invalid_parameter", format!("`{field}` must be {what}"))
+}
+
+/// A non-negative whole number as a lax (pydantic) integer field reads it: integers, whole
+/// floats (`1e5`), numeric strings, booleans. `null` is absent.
+fn lax_uint(v: &Value, field: &str) -> Result<Option<u64>, Refusal> {
+    let whole =
+        |f: f64| (f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < 9.0e15).then_some(f as u64);
+    let n = match v {
+        Value::Null => return Ok(None),
+        Value::Bool(b) => Some(u64::from(*b)),
+        Value::Number(n) => n.as_u64().or_else(|| n.as_f64().and_then(whole)),
+        Value::String(s) => {
+            let s = s.trim();
+            s.parse::<u64>()
+                .ok()
+                .or_else(|| s.parse::<f64>().ok().and_then(whole))
+        }
+        _ => None,
+    };
+    n.map(Some)
+        .ok_or_else(|| bad(field, "a non-negative whole number"))
+}
+
+/// A boolean as a lax (pydantic) bool field reads it. `null` is absent.
+fn lax_bool(v: &Value, field: &str) -> Result<Option<bool>, Refusal> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        Value::Number(n) if n.as_u64() == Some(0) => Ok(Some(false)),
+        Value::Number(n) if n.as_u64() == Some(1) => Ok(Some(true)),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" | "t" | "y" => Ok(Some(true)),
+            "false" | "0" | "no" | "off" | "f" | "n" => Ok(Some(false)),
+            _ => Err(bad(field, "a boolean")),
+        },
+        _ => Err(bad(field, "a boolean")),
+    }
+}
+
+/// Read `key` as a whole number and write it back as one (or remove a `null`).
+fn take_uint(obj: &mut Map<String, Value>, key: &str) -> Result<Option<u64>, Refusal> {
+    let Some(v) = obj.get(key) else {
+        return Ok(None);
+    };
+    let n = lax_uint(v, key)?;
+    match n {
+        Some(n) => obj.insert(key.into(), Value::from(n)),
+        None => obj.remove(key),
+    };
+    Ok(n)
+}
+
+fn take_bool(obj: &mut Map<String, Value>, key: &str) -> Result<Option<bool>, Refusal> {
+    let Some(v) = obj.get(key) else {
+        return Ok(None);
+    };
+    let b = lax_bool(v, key)?;
+    match b {
+        Some(b) => obj.insert(key.into(), Value::Bool(b)),
+        None => obj.remove(key),
+    };
+    Ok(b)
+}
+
+fn text_len(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(text_len).sum(),
+        Value::Object(o) => o.values().map(text_len).sum(),
+        Value::Number(_) => 2,
+        _ => 0,
+    }
+}
+
+/// Parse, check and rewrite the body of an inspected route.
+pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspected, Refusal> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| {
+        Refusal::invalid(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    })?;
+    if !depth_ok(&v) {
+        return Err(Refusal::invalid(
+            "invalid_json",
+            format!("the request body nests deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    let Some(obj) = v.as_object_mut() else {
+        return Err(Refusal::invalid(
+            "invalid_json",
+            "the request body must be a JSON object",
+        ));
+    };
+    let mut info = Inspected {
+        client_salt: obj.remove("cache_salt").is_some(),
+        ..Inspected::default()
+    };
+    if let Some(salt) = policy.salt
+        && route.salted()
+    {
+        obj.insert("cache_salt".into(), Value::String(salt.into()));
+    }
+    let mut hash_input = Vec::new();
+    let mut prompt_bytes = 0usize;
+    for k in ["messages", "prompt", "input", "suffix", "instructions"] {
+        if let Some(x) = obj.get(k) {
+            prompt_bytes += text_len(x);
+            if k == "messages"
+                && let Some(a) = x.as_array()
+            {
+                prompt_bytes += 16 * a.len();
+            }
+            hash_input.extend_from_slice(k.as_bytes());
+            hash_input.push(b'=');
+            let _ = serde_json::to_writer(&mut hash_input, x);
+            hash_input.push(b'\n');
+        }
+    }
+    info.prompt_hash_input = hash_input;
+    match route {
+        Route::Generate(api) => {
+            info.prompt_estimate = prompt_bytes.div_ceil(4) as u64;
+            generation(api, obj, policy, &mut info)?;
+        }
+        // Scoring and embedding inputs have many shapes: reserve by size (an upper bound).
+        Route::Encode => info.prompt_estimate = body.len().div_ceil(4) as u64,
+        _ => {}
+    }
+    info.body = Bytes::from(serde_json::to_vec(&v).map_err(|e| {
+        Refusal::invalid("invalid_json", format!("cannot re-serialise the body: {e}"))
+    })?);
+    Ok(info)
+}
+
+/// Streaming, usage and the completion reservation of a generating request.
+fn generation(
+    api: Api,
+    obj: &mut Map<String, Value>,
+    policy: Policy<'_>,
+    info: &mut Inspected,
+) -> Result<(), Refusal> {
+    info.stream = take_bool(obj, "stream")?.unwrap_or(false);
+    if info.stream && api != Api::Responses {
+        let so = obj
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if so.is_null() {
+            *so = Value::Object(Map::new());
+        }
+        let Some(so) = so.as_object_mut() else {
+            return Err(bad("stream_options", "an object"));
+        };
+        if take_bool(so, "include_usage")? != Some(true) {
+            so.insert("include_usage".into(), Value::Bool(true));
+            info.strip_usage_chunk = true;
+        }
+    }
+    // The completion limit the upstream will honour, written back as a plain integer; a
+    // request without one gets the tenant's default written in.
+    let max = match api {
+        Api::Chat => {
+            let mct = take_uint(obj, "max_completion_tokens")?;
+            let mt = take_uint(obj, "max_tokens")?;
+            // vLLM: `max_completion_tokens or max_tokens`.
+            match (mct.filter(|n| *n > 0), mt) {
+                (Some(n), Some(_)) => {
+                    obj.insert("max_tokens".into(), Value::from(n));
+                    Some(n)
+                }
+                (Some(n), None) => Some(n),
+                (None, m) => {
+                    if mct == Some(0) {
+                        obj.remove("max_completion_tokens");
+                    }
+                    m
+                }
+            }
+        }
+        Api::Completions => take_uint(obj, "max_tokens")?,
+        Api::Responses => take_uint(obj, "max_output_tokens")?,
+    };
+    let max = match max {
+        Some(n) => n,
+        None => {
+            let key = if api == Api::Responses {
+                "max_output_tokens"
+            } else {
+                "max_tokens"
+            };
+            obj.insert(key.into(), Value::from(policy.default_max_tokens));
+            policy.default_max_tokens
+        }
+    };
+    let mut choices = 1;
+    if api != Api::Responses {
+        for key in ["n", "best_of"] {
+            if let Some(c) = take_uint(obj, key)? {
+                if c == 0 || c > MAX_CHOICES {
+                    return Err(bad(key, &format!("within 1..={MAX_CHOICES}")));
+                }
+                choices = choices.max(c);
+            }
+        }
+    }
+    info.completion_reserve = max.saturating_mul(choices);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: Policy<'static> = Policy {
+        default_max_tokens: 256,
+        salt: None,
+    };
+
+    fn fwd(i: &Inspected) -> Value {
+        serde_json::from_slice(&i.body).unwrap()
+    }
+
+    #[test]
+    fn strips_salt_asks_for_usage_and_writes_the_limit() {
+        let b = br#"{"model":"m","cache_salt":"victim","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hello there"}]}"#;
+        let i = inspect(Route::Generate(Api::Chat), b, P).unwrap();
+        assert!(i.stream && i.strip_usage_chunk && i.client_salt);
+        assert_eq!(i.completion_reserve, 10);
+        assert!(i.prompt_estimate >= 3);
+        let v = fwd(&i);
+        assert!(v.get("cache_salt").is_none());
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        // No limit: the tenant default is reserved and written in.
+        let b = br#"{"stream":true,"stream_options":{"include_usage":true},"prompt":"x"}"#;
+        let i = inspect(Route::Generate(Api::Completions), b, P).unwrap();
+        assert!(!i.strip_usage_chunk && !i.client_salt);
+        assert_eq!(i.completion_reserve, 256);
+        assert_eq!(fwd(&i)["max_tokens"], 256);
+        let i = inspect(Route::Generate(Api::Responses), br#"{"input":"x"}"#, P).unwrap();
+        assert_eq!(fwd(&i)["max_output_tokens"], 256);
+        // Embeddings reserve no completion.
+        let i = inspect(Route::Encode, br#"{"input":"abcd abcd"}"#, P).unwrap();
+        assert_eq!(i.completion_reserve, 0);
+        assert!(i.prompt_estimate > 0);
+    }
+
+    #[test]
+    fn salt_replaces_the_clients_on_model_routes_only() {
+        let p = Policy {
+            salt: Some("s3cret"),
+            ..P
+        };
+        let b = br#"{"prompt":"x","cache_salt":"mine"}"#;
+        let i = inspect(Route::Generate(Api::Completions), b, p).unwrap();
+        assert_eq!(fwd(&i)["cache_salt"], "s3cret");
+        assert!(i.client_salt);
+        let i = inspect(Route::Encode, br#"{"input":"x"}"#, p).unwrap();
+        assert_eq!(fwd(&i)["cache_salt"], "s3cret");
+        let i = inspect(Route::Tokenize, br#"{"prompt":"x","cache_salt":"c"}"#, p).unwrap();
+        assert!(fwd(&i).get("cache_salt").is_none());
+    }
+
+    #[test]
+    fn token_fields_are_read_as_the_upstream_reads_them() {
+        let chat = |extra: &str| {
+            let b = format!(r#"{{"messages":[]{extra}}}"#);
+            inspect(Route::Generate(Api::Chat), b.as_bytes(), P)
+        };
+        for (extra, want) in [
+            (r#","max_tokens":1e5"#, 100_000),
+            (r#","max_tokens":"100000""#, 100_000),
+            (r#","max_tokens":100.0"#, 100),
+            (r#","max_tokens":null"#, 256),
+            (r#","max_completion_tokens":7,"max_tokens":100"#, 7),
+            (r#","max_completion_tokens":0,"max_tokens":9"#, 9),
+            (r#","max_tokens":10,"n":"3""#, 30),
+            (r#","max_tokens":10,"n":2,"best_of":5"#, 50),
+        ] {
+            let i = chat(extra).unwrap();
+            assert_eq!(i.completion_reserve, want, "{extra}");
+            let v = fwd(&i);
+            assert!(
+                v["max_tokens"].is_u64() || v["max_completion_tokens"].is_u64(),
+                "{extra}: {v}"
+            );
+        }
+        for extra in [
+            r#","max_tokens":-1"#,
+            r#","max_tokens":1.5"#,
+            r#","max_tokens":"lots""#,
+            r#","max_tokens":[1]"#,
+            r#","n":129"#,
+            r#","n":0"#,
+            r#","best_of":1000"#,
+            r#","stream":"maybe""#,
+            r#","stream":true,"stream_options":3"#,
+        ] {
+            assert_eq!(
+                chat(extra).unwrap_err().code,
+                "invalid_parameter",
+                "{extra}"
+            );
+        }
+        // A numeric-string limit is forwarded as the number that was reserved.
+        let v = fwd(&chat(r#","max_tokens":"12","stream":"true""#).unwrap());
+        assert_eq!(v["max_tokens"], 12);
+        assert_eq!(v["stream"], true);
+    }
+
+    #[test]
+    fn bodies_the_parser_rejects_are_refused() {
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let deep = format!(r#"{{"prompt":"x","x":{deep}}}"#);
+        for b in [
+            &b"\xef\xbb\xbf{\"prompt\":\"x\"}"[..],
+            br#"{"prompt":"x","temperature":NaN}"#,
+            br#"{"prompt":"x","temperature":Infinity}"#,
+            br#"{"prompt":"x"} {"cache_salt":"v"}"#,
+            b"{\"prompt\":\"\xff\xfe\"}",
+            br#"["prompt"]"#,
+            b"",
+            deep.as_bytes(),
+        ] {
+            let e = inspect(Route::Generate(Api::Completions), b, P).unwrap_err();
+            assert_eq!(e.code, "invalid_json", "{}", String::from_utf8_lossy(b));
+        }
+        // Duplicate keys: the forwarded body has one, the sidecar's.
+        let p = Policy {
+            salt: Some("mine"),
+            ..P
+        };
+        let i = inspect(
+            Route::Generate(Api::Completions),
+            br#"{"prompt":"x","cache_salt":"a","cache_salt":"b"}"#,
+            p,
+        )
+        .unwrap();
+        let text = String::from_utf8(i.body.to_vec()).unwrap();
+        assert_eq!(text.matches("cache_salt").count(), 1, "{text}");
+        assert!(text.contains(r#""cache_salt":"mine""#));
+    }
+}

@@ -1,0 +1,500 @@
+//! The response on its way back: metered (usage, chunks, time to first token, KV tokens) and
+//! delivered so that a client that stops reading can never hold what the request holds
+//! (a fair-queue slot, the cache gate, a reservation):
+//! - a non-streamed response up to [`BUFFER_UP_TO`] is read whole from the upstream, the
+//!   exchange finishes, and only then is the body written to the client;
+//! - a stream (or a larger body) is pumped by its own task through a small channel; when the
+//!   client has not taken a frame for `http.response_write_idle_timeout_ms` the response is
+//!   cut, the upstream request dropped (cancelling it) and the exchange finished.
+
+use super::exchange::{Cut, End, Exchange, Usage};
+use super::refusal::{Refusal, rate_headers};
+use crate::http_util::{BoxError, ProxyBody, full};
+use crate::upstream::strip_hop_by_hop;
+use bytes::{Bytes, BytesMut};
+use http::header;
+use http::{Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Non-streamed responses up to this size are read whole before being written to the client.
+pub const BUFFER_UP_TO: usize = 1 << 20;
+/// Frames in flight between the pump and the client connection.
+const PUMP_FRAMES: usize = 4;
+/// The largest `usage` object kept by the scanner.
+const MAX_USAGE_BYTES: usize = 4096;
+
+/// The parts of a response (or stream event) the sidecar reads.
+#[derive(serde::Deserialize)]
+struct ResponseView {
+    #[serde(default)]
+    usage: Option<UsageView>,
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+    /// The Responses API's stream events carry usage in `response.usage`.
+    #[serde(default)]
+    response: Option<InnerResponse>,
+}
+
+#[derive(serde::Deserialize)]
+struct InnerResponse {
+    #[serde(default)]
+    usage: Option<UsageView>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct UsageView {
+    #[serde(alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl UsageView {
+    fn usage(&self) -> Usage {
+        let prompt = self.prompt_tokens.unwrap_or(0);
+        let completion = self
+            .completion_tokens
+            .unwrap_or_else(|| self.total_tokens.map_or(0, |t| t.saturating_sub(prompt)));
+        Usage { prompt, completion }
+    }
+}
+
+/// Finds the top-level `"usage"` object of a JSON document of any size, fed in pieces.
+#[derive(Debug, Default)]
+pub struct UsageScanner {
+    depth: u32,
+    in_str: bool,
+    esc: bool,
+    /// At depth 1, the next string is a key.
+    expect_key: bool,
+    key: Option<Vec<u8>>,
+    /// The last key at depth 1 was "usage" and its value has not started.
+    usage_next: bool,
+    capture: Option<Vec<u8>>,
+    found: Option<Vec<u8>>,
+}
+
+impl UsageScanner {
+    pub fn feed(&mut self, data: &[u8]) {
+        for &b in data {
+            if let Some(c) = &mut self.capture {
+                if c.len() < MAX_USAGE_BYTES {
+                    c.push(b);
+                } else {
+                    self.capture = None;
+                }
+            }
+            if self.in_str {
+                if self.esc {
+                    self.esc = false;
+                } else if b == b'\\' {
+                    self.esc = true;
+                } else if b == b'"' {
+                    self.in_str = false;
+                    if let Some(k) = self.key.take() {
+                        self.usage_next = k == b"usage";
+                    }
+                } else if let Some(k) = &mut self.key
+                    && k.len() < 8
+                {
+                    k.push(b);
+                }
+                continue;
+            }
+            match b {
+                b'"' => {
+                    self.in_str = true;
+                    if self.depth == 1 && self.expect_key {
+                        self.key = Some(Vec::new());
+                        self.expect_key = false;
+                    }
+                }
+                b'{' | b'[' => {
+                    if self.depth == 1 && self.usage_next && b == b'{' {
+                        self.capture = Some(vec![b'{']);
+                    }
+                    self.usage_next = false;
+                    self.depth += 1;
+                    if self.depth == 1 {
+                        self.expect_key = b == b'{';
+                    }
+                }
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 1
+                        && let Some(c) = self.capture.take()
+                    {
+                        self.found = Some(c);
+                    }
+                }
+                b',' if self.depth == 1 => {
+                    self.expect_key = true;
+                    self.usage_next = false;
+                }
+                b':' | b' ' | b'\t' | b'\r' | b'\n' => {}
+                _ => self.usage_next = false,
+            }
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        let f = self.found.as_deref()?;
+        serde_json::from_slice::<UsageView>(f)
+            .ok()
+            .map(|u| u.usage())
+    }
+}
+
+fn event_end(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i] == b'\n' {
+            if b[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if b[i + 1] == b'\r' && b.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Look at one SSE event: record usage and count content chunks; false to drop it.
+fn inspect_event(ev: &[u8], strip_usage: bool, ex: &mut Exchange) -> bool {
+    let mut keep = true;
+    for line in ev.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let data = data.trim_ascii();
+        if data == b"[DONE]" || data.is_empty() {
+            continue;
+        }
+        let has_usage = data.windows(7).any(|w| w == b"\"usage\"");
+        let view = if has_usage {
+            serde_json::from_slice::<ResponseView>(data).ok()
+        } else {
+            None
+        };
+        let Some(v) = view else {
+            ex.meter.chunks += 1;
+            continue;
+        };
+        let usage = v
+            .usage
+            .as_ref()
+            .or(v.response.as_ref().and_then(|r| r.usage.as_ref()));
+        if let Some(u) = usage {
+            ex.meter.usage = Some(u.usage());
+        }
+        let empty_choices = v.choices.as_ref().is_some_and(|c| c.is_empty());
+        if empty_choices && strip_usage {
+            keep = false;
+        } else if !empty_choices {
+            ex.meter.chunks += 1;
+        }
+    }
+    keep
+}
+
+enum Filter {
+    Sse { buf: BytesMut, strip_usage: bool },
+    Json(UsageScanner),
+}
+
+impl Filter {
+    fn data(&mut self, data: Bytes, ex: &mut Exchange) -> Option<Bytes> {
+        if !data.is_empty() {
+            ex.first_byte();
+        }
+        match self {
+            Filter::Json(scan) => {
+                scan.feed(&data);
+                Some(data)
+            }
+            Filter::Sse { buf, strip_usage } => {
+                buf.extend_from_slice(&data);
+                let mut out = BytesMut::new();
+                while let Some(end) = event_end(buf) {
+                    let ev = buf.split_to(end);
+                    if inspect_event(&ev, *strip_usage, ex) {
+                        out.extend_from_slice(&ev);
+                    }
+                }
+                ex.kv_sync();
+                (!out.is_empty()).then(|| out.freeze())
+            }
+        }
+    }
+
+    fn end(&mut self, ex: &mut Exchange) -> Option<Bytes> {
+        let tail = match self {
+            Filter::Json(scan) => {
+                ex.meter.usage = scan.usage();
+                None
+            }
+            Filter::Sse { buf, strip_usage } => {
+                let ev = buf.split();
+                (!ev.is_empty() && inspect_event(&ev, *strip_usage, ex)).then(|| ev.freeze())
+            }
+        };
+        ex.meter.ended = true;
+        tail
+    }
+}
+
+/// Meter and deliver the upstream's response.
+pub async fn respond(
+    mut ex: Exchange,
+    resp: Response<Incoming>,
+    strip_usage: bool,
+    write_idle: Duration,
+    deadline: tokio::time::Instant,
+) -> Response<ProxyBody> {
+    let (mut parts, mut body) = resp.into_parts();
+    ex.end = End::Answered(parts.status);
+    // The request body is long gone upstream.
+    ex.body_bytes.take();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(a) = &ex.admission {
+        rate_headers(&mut parts.headers, &a.info);
+    }
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if sse {
+        if strip_usage {
+            // The body may lose its usage chunk: its length is no longer known.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        let filter = Filter::Sse {
+            buf: BytesMut::new(),
+            strip_usage,
+        };
+        return Response::from_parts(parts, pump(ex, body, filter, None, write_idle));
+    }
+    let mut filter = Filter::Json(UsageScanner::default());
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(f) => f,
+            Err(_) => {
+                let r = Refusal::server(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the inference server did not finish its answer in time",
+                );
+                let resp = r.response();
+                ex.end = End::Refused(r);
+                return resp;
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(e)) => {
+                tracing::warn!(request_id = %ex.request_id, error = %e, "upstream response body failed");
+                let r = Refusal::server(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_body_error",
+                    "the inference server's answer broke off",
+                );
+                let resp = r.response();
+                ex.end = End::Refused(r);
+                return resp;
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data()
+                    && let Some(out) = filter.data(data, &mut ex)
+                {
+                    buf.extend_from_slice(&out);
+                    if buf.len() > BUFFER_UP_TO {
+                        let prefix = buf.freeze();
+                        return Response::from_parts(
+                            parts,
+                            pump(ex, body, filter, Some(prefix), write_idle),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    filter.end(&mut ex);
+    drop(ex);
+    Response::from_parts(parts, full(buf.freeze()))
+}
+
+type Item = Result<Frame<Bytes>, BoxError>;
+
+/// The client's side of a pumped response.
+struct PumpedBody {
+    rx: mpsc::Receiver<Item>,
+    /// Set when the pump cut the response: its end is then an error, not a clean end.
+    cut: Arc<AtomicBool>,
+}
+
+impl Body for PumpedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) if self.cut.load(Ordering::Acquire) => {
+                Poll::Ready(Some(Err("response cut".into())))
+            }
+            other => other,
+        }
+    }
+}
+
+fn pump(
+    mut ex: Exchange,
+    mut body: Incoming,
+    mut filter: Filter,
+    prefix: Option<Bytes>,
+    write_idle: Duration,
+) -> ProxyBody {
+    let (tx, rx) = mpsc::channel::<Item>(PUMP_FRAMES);
+    let cut = Arc::new(AtomicBool::new(false));
+    let flag = cut.clone();
+    tokio::spawn(async move {
+        // Deliver one frame; false when the response must stop.
+        async fn send(
+            tx: &mpsc::Sender<Item>,
+            data: Bytes,
+            idle: Duration,
+            ex: &mut Exchange,
+        ) -> bool {
+            match tokio::time::timeout(idle, tx.send(Ok(Frame::data(data)))).await {
+                Ok(Ok(())) => true,
+                Ok(Err(_)) => {
+                    ex.meter.cut = Some(Cut::ClientGone);
+                    false
+                }
+                Err(_) => {
+                    tracing::info!(request_id = %ex.request_id, "response cut: the client stopped reading");
+                    ex.meter.cut = Some(Cut::WriteTimeout);
+                    false
+                }
+            }
+        }
+        let mut go = match prefix {
+            Some(p) => send(&tx, p, write_idle, &mut ex).await,
+            None => true,
+        };
+        while go {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = tx.closed() => {
+                    ex.meter.cut = Some(Cut::ClientGone);
+                    break;
+                }
+            };
+            match frame {
+                None => {
+                    if let Some(t) = filter.end(&mut ex) {
+                        send(&tx, t, write_idle, &mut ex).await;
+                    }
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(request_id = %ex.request_id, error = %e, "upstream response body failed");
+                    ex.meter.cut = Some(Cut::UpstreamError);
+                    break;
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if let Some(out) = filter.data(data, &mut ex) {
+                            go = send(&tx, out, write_idle, &mut ex).await;
+                        }
+                    }
+                    Err(trailers) => go = tx.send(Ok(trailers)).await.is_ok(),
+                },
+            }
+        }
+        if ex.meter.cut.is_some() {
+            flag.store(true, Ordering::Release);
+        }
+        // Dropping the upstream body cancels the upstream request; `ex` finishes here.
+        drop(body);
+        drop(ex);
+    });
+    PumpedBody { rx, cut }.boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_event_boundaries() {
+        assert_eq!(event_end(b"data: a\n\ndata: b"), Some(9));
+        assert_eq!(event_end(b"data: a\r\n\r\nx"), Some(11));
+        assert_eq!(event_end(b"data: a\n"), None);
+    }
+
+    fn scan(pieces: &[&[u8]]) -> Option<Usage> {
+        let mut s = UsageScanner::default();
+        for p in pieces {
+            s.feed(p);
+        }
+        s.usage()
+    }
+
+    #[test]
+    fn usage_is_found_at_the_top_level_only_in_any_split() {
+        let doc = br#"{"id":"x","choices":[{"usage":{"prompt_tokens":999},"text":"a \"usage\": {}"}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12},"z":1}"#;
+        let want = Some(Usage {
+            prompt: 5,
+            completion: 7,
+        });
+        assert_eq!(scan(&[doc]), want);
+        for cut in 1..doc.len() {
+            assert_eq!(scan(&[&doc[..cut], &doc[cut..]]), want, "split at {cut}");
+        }
+        // Responses API names; usage first; no usage.
+        assert_eq!(
+            scan(&[br#"{"usage":{"input_tokens":3,"output_tokens":4},"output":[]}"#]),
+            Some(Usage {
+                prompt: 3,
+                completion: 4
+            })
+        );
+        assert_eq!(
+            scan(&[br#"{"choices":[{"usage":{"prompt_tokens":1}}]}"#]),
+            None
+        );
+        assert_eq!(scan(&[br#"{"usage":null}"#]), None);
+    }
+
+    #[test]
+    fn a_large_body_is_scanned_in_pieces() {
+        let mut doc = br#"{"data":[""#.to_vec();
+        doc.extend(std::iter::repeat_n(b'x', 3 * BUFFER_UP_TO));
+        doc.extend_from_slice(br#""],"usage":{"prompt_tokens":40000,"total_tokens":40000}}"#);
+        let pieces: Vec<&[u8]> = doc.chunks(16 * 1024).collect();
+        assert_eq!(
+            scan(&pieces),
+            Some(Usage {
+                prompt: 40000,
+                completion: 0
+            })
+        );
+    }
+}

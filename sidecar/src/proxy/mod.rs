@@ -1,0 +1,505 @@
+//! The request path, as phases over one [`Exchange`]:
+//!
+//! route -> authenticate (headers only) -> read body (bounded in size, time and memory) ->
+//! verify body digest -> inspect / rewrite -> limits -> tag the client socket -> cache gate ->
+//! fair queue -> forward -> meter the response.
+//!
+//! Each phase returns `Result<_, Refusal>`. Whatever happens (refused, forwarded, upstream
+//! error, client gone) the exchange's one finish step ([`Exchange`]'s `Drop`) settles tokens,
+//! releases what the request held and writes metrics and the audit record; `x-request-id` is
+//! set in [`handle`] alone.
+
+mod exchange;
+mod inspect;
+mod meter;
+mod refusal;
+mod routes;
+
+pub use exchange::Usage;
+pub use inspect::{Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect};
+pub use meter::UsageScanner;
+pub use refusal::Refusal;
+pub use routes::{Api, ROUTES, Route, classify};
+
+use crate::http_util::ProxyBody;
+use crate::kv::KvCharge;
+use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
+use crate::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
+use bytes::{Bytes, BytesMut};
+use exchange::{BodyBytes, End, Exchange, Held};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The client's `x-request-id`, when it is one we may record.
+fn client_request_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("x-request-id")?.to_str().ok()?;
+    (!v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| v.to_string())
+}
+
+/// Handle one client request.
+pub async fn handle(
+    app: Arc<App>,
+    conn: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let mut ex = Exchange::new(
+        app,
+        req.method().clone(),
+        req.uri().path().to_string(),
+        client_request_id(req.headers()),
+    );
+    let request_id = HeaderValue::from_str(&ex.request_id).ok();
+    let mut resp = match proxy(&mut ex, &conn, req).await {
+        Ok(forward) => {
+            let Forward {
+                resp,
+                strip_usage,
+                write_idle,
+                deadline,
+            } = forward;
+            meter::respond(ex, resp, strip_usage, write_idle, deadline).await
+        }
+        Err(refusal) => {
+            let resp = refusal.response();
+            ex.end = End::Refused(refusal);
+            drop(ex);
+            resp
+        }
+    };
+    if let Some(id) = request_id {
+        resp.headers_mut().insert("x-request-id", id);
+    }
+    resp
+}
+
+/// The upstream's answer, ready to be metered.
+struct Forward {
+    resp: Response<Incoming>,
+    strip_usage: bool,
+    write_idle: Duration,
+    deadline: tokio::time::Instant,
+}
+
+async fn proxy(
+    ex: &mut Exchange,
+    conn: &ConnCtx,
+    req: Request<Incoming>,
+) -> Result<Forward, Refusal> {
+    let rt = ex.app.runtime();
+    let route = classify(req.method(), req.uri().path())?;
+    let (parts, body) = req.into_parts();
+    let (pending, tenant) = authenticate(ex, &rt, &parts)?;
+    check_route(route, &tenant)?;
+    let body = read_body(ex, &rt, &parts, body).await?;
+    let verified = pending
+        .finish(&rt.verifier, &body, unix_now())
+        .map_err(|e| {
+            tracing::info!(request_id = %ex.request_id, reason = e.reason(), "request refused: authentication failed");
+            Refusal::auth(&e)
+        })?;
+    // Attributed to the tenant only once everything verified.
+    ex.key_id = Some(verified.key_id.clone());
+    ex.tenant = Some(tenant.clone());
+    let info = inspect_body(ex, route, &tenant, &parts, body)?;
+    admit(ex, &tenant, &rt, &info)?;
+    tag_client(ex, conn, &tenant).await;
+    let (permit, gate) = wait_turn(ex, &tenant, &rt).await?;
+    let up = upstream_request(ex, &rt, conn, parts, &verified.covered_headers, info.body)?;
+    let kv = KvCharge::new(
+        tenant.metrics.kv_tokens.clone(),
+        tenant.metrics.kv_bytes.clone(),
+        rt.kv_bytes_per_token,
+    );
+    tenant.metrics.inflight.inc();
+    ex.held = Some(Held {
+        permit,
+        gate,
+        kv,
+        inflight: tenant.metrics.inflight.clone(),
+    });
+    ex.meter.prompt_estimate = info.prompt_estimate;
+    ex.kv_sync();
+    forward(ex, &rt, &tenant, up, info.strip_usage_chunk).await
+}
+
+/// Phase: verify everything but the body from the headers; look the tenant up once.
+fn authenticate(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    parts: &Parts,
+) -> Result<(PendingAuth, Arc<TenantRuntime>), Refusal> {
+    let view = RequestView {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+    };
+    let refuse = |ex: &Exchange, e: crate::signature::AuthError| {
+        tracing::info!(request_id = %ex.request_id, reason = e.reason(), "request refused: authentication failed");
+        Refusal::auth(&e)
+    };
+    let pending = rt
+        .verifier
+        .verify_head(view, unix_now())
+        .map_err(|e| refuse(ex, e))?;
+    let tenant = rt
+        .tenant(pending.tenant())
+        .cloned()
+        .ok_or_else(|| refuse(ex, crate::signature::AuthError::UnknownTenant))?;
+    Ok((pending, tenant))
+}
+
+/// Phase: the route's policy for this tenant.
+fn check_route(route: Route, tenant: &TenantRuntime) -> Result<(), Refusal> {
+    match route {
+        Route::Admin => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "route_forbidden",
+            "this route changes the inference server for every tenant and is never forwarded",
+        )),
+        Route::Unknown if tenant.unknown_routes == crate::config::UnknownRoutes::Refuse => {
+            Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown_route",
+                "the sidecar does not forward this route for this tenant",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Phase: read the body, bounded in size (413), time (408) and, all requests together, in
+/// memory (503).
+async fn read_body(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    parts: &Parts,
+    mut body: Incoming,
+) -> Result<Bytes, Refusal> {
+    let http = &rt.config.http;
+    let too_large = || {
+        Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            format!("request body larger than {} bytes", http.max_body_bytes),
+        )
+    };
+    let busy = || {
+        Refusal::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_busy",
+            "too many request bodies in flight; try again",
+        )
+        .with_retry(Duration::from_secs(1))
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > http.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let app = ex.app.clone();
+    let reserve = |n: usize, held: &mut Option<BodyBytes>| -> bool {
+        if n == 0 {
+            return true;
+        }
+        let Ok(n32) = u32::try_from(n) else {
+            return false;
+        };
+        let Ok(p) = app.body_budget.clone().try_acquire_many_owned(n32) else {
+            return false;
+        };
+        app.metrics.inflight_body_bytes.inc_by(n as i64);
+        match held {
+            Some(h) => h.permit.merge(p),
+            None => {
+                *held = Some(BodyBytes {
+                    permit: p,
+                    gauge: app.metrics.inflight_body_bytes.clone(),
+                })
+            }
+        }
+        true
+    };
+    let declared = declared.unwrap_or(0) as usize;
+    if !reserve(declared, &mut ex.body_bytes) {
+        return Err(busy());
+    }
+    let read = async {
+        let mut buf = BytesMut::with_capacity(declared);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| {
+                Refusal::invalid("body_unreadable", "the request body could not be read")
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() + data.len() > http.max_body_bytes {
+                return Err(too_large());
+            }
+            let beyond = (buf.len() + data.len()).saturating_sub(declared.max(buf.len()));
+            if !reserve(beyond, &mut ex.body_bytes) {
+                return Err(busy());
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    };
+    match tokio::time::timeout(Duration::from_millis(http.body_read_timeout_ms), read).await {
+        Ok(r) => r,
+        Err(_) => Err(Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                http.body_read_timeout_ms
+            ),
+        )),
+    }
+}
+
+/// Phase: parse and rewrite what the route needs; the rest is forwarded as it came.
+fn inspect_body(
+    ex: &mut Exchange,
+    route: Route,
+    tenant: &TenantRuntime,
+    parts: &Parts,
+    body: Bytes,
+) -> Result<Inspected, Refusal> {
+    let info = if route.inspected() {
+        if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING)
+            && enc.as_bytes() != b"identity"
+        {
+            return Err(Refusal::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_content_encoding",
+                "request bodies on this route must not be content-encoded",
+            ));
+        }
+        let policy = Policy {
+            default_max_tokens: tenant.default_max_tokens,
+            salt: tenant.salt.as_deref(),
+        };
+        inspect(route, &body, policy)?
+    } else if route == Route::Models {
+        if !body.is_empty() {
+            return Err(Refusal::invalid(
+                "unexpected_body",
+                "this route takes no request body",
+            ));
+        }
+        Inspected::default()
+    } else {
+        // An unknown route the tenant may use: opaque, reserved by size.
+        Inspected {
+            prompt_estimate: body.len().div_ceil(4) as u64,
+            body,
+            ..Inspected::default()
+        }
+    };
+    if info.client_salt {
+        tenant.metrics.salt_overrides.inc();
+    }
+    ex.stream = info.stream;
+    if !info.prompt_hash_input.is_empty() {
+        ex.prompt_hash = Some(ex.app.audit.prompt_hash(&info.prompt_hash_input));
+    }
+    Ok(info)
+}
+
+/// Phase: the tenant's limits; a request larger than its whole token budget is refused.
+fn admit(
+    ex: &mut Exchange,
+    tenant: &TenantRuntime,
+    _rt: &Runtime,
+    info: &Inspected,
+) -> Result<(), Refusal> {
+    let estimate = info.prompt_estimate.saturating_add(info.completion_reserve);
+    if let Some(tpm) = tenant.limits.numbers().tokens_per_minute
+        && estimate > tpm
+    {
+        return Err(Refusal::invalid(
+            "request_too_large",
+            format!(
+                "this request may use up to {estimate} tokens (prompt estimate plus max_tokens \
+                 x choices), more than the tenant's limit of {tpm} tokens per minute; lower \
+                 max_tokens"
+            ),
+        ));
+    }
+    let admission = tenant.limits.admit(estimate).map_err(Refusal::limit)?;
+    ex.reserved = Some(estimate);
+    ex.admission = Some(admission);
+    Ok(())
+}
+
+/// Phase: tag the client socket with the tenant, once admitted (capped per tenant).
+async fn tag_client(ex: &Exchange, conn: &ConnCtx, tenant: &TenantRuntime) {
+    if let Some(fd) = &conn.fd {
+        let mut slot = conn.tag.lock().await;
+        ex.app
+            .tagger
+            .tag_connection(fd.as_fd(), &mut slot, &tenant.name)
+            .await;
+    }
+}
+
+/// Phases: the cache-isolation gate, then the fair queue, within the queue timeout.
+async fn wait_turn(
+    ex: &mut Exchange,
+    tenant: &TenantRuntime,
+    rt: &Runtime,
+) -> Result<(crate::wfq::Permit, crate::isolation::GatePass), Refusal> {
+    let deadline = tokio::time::Instant::now() + rt.config.queue_timeout();
+    let queued = tenant.metrics.queued.clone();
+    queued.inc();
+    let _waiting = scopeguard(move || {
+        queued.dec();
+    });
+    let gate = ex
+        .app
+        .gate
+        .enter(&tenant.name, deadline)
+        .await
+        .map_err(Refusal::gate)?;
+    let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let (permit, waited) = ex
+        .app
+        .sched
+        .acquire(&tenant.name, timeout)
+        .await
+        .map_err(Refusal::queue)?;
+    tenant.metrics.queue_wait.observe(waited.as_secs_f64());
+    ex.queue_wait = Some(waited);
+    Ok((permit, gate))
+}
+
+/// Runs `f` when dropped (however the enclosing future ends).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// Phase: the request as the upstream gets it.
+fn upstream_request(
+    ex: &Exchange,
+    rt: &Runtime,
+    conn: &ConnCtx,
+    parts: Parts,
+    covered: &std::collections::HashSet<String>,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, Refusal> {
+    let mut h = parts.headers;
+    crate::upstream::strip_hop_by_hop(&mut h);
+    let spoofable: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with(RESERVED_PREFIX) && !covered.contains(k.as_str()))
+        .cloned()
+        .collect();
+    for k in spoofable {
+        h.remove(k);
+    }
+    // The body may have been re-serialised: a digest sent along describes the new one.
+    let had_digest = h.contains_key("content-digest");
+    for k in [
+        "signature",
+        "signature-input",
+        "host",
+        "content-digest",
+        "content-length",
+        "x-request-id",
+    ] {
+        h.remove(k);
+    }
+    if had_digest {
+        h.insert(
+            "content-digest",
+            HeaderValue::from_str(&crate::digest::content_digest_sha256(&body))
+                .expect("a digest is a valid header value"),
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(&ex.request_id) {
+        h.insert("x-request-id", v);
+    }
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", conn.peer.ip()),
+        None => conn.peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    let mut uri_parts = rt.upstream.clone().into_parts();
+    uri_parts.path_and_query = parts.uri.path_and_query().cloned();
+    let uri = Uri::from_parts(uri_parts)
+        .map_err(|_| Refusal::invalid("bad_uri", "bad request target"))?;
+    let mut up = Request::new(Full::new(body));
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = h;
+    Ok(up)
+}
+
+/// Phase: send it on the tenant's own pool and wait for the response head.
+async fn forward(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    tenant: &TenantRuntime,
+    up: Request<Full<Bytes>>,
+    strip_usage: bool,
+) -> Result<Forward, Refusal> {
+    let timeout = Duration::from_millis(rt.config.upstream.response_timeout_ms);
+    let deadline = tokio::time::Instant::now() + timeout;
+    ex.forwarded = true;
+    match tokio::time::timeout_at(deadline, tenant.client.request(up)).await {
+        Ok(Ok(resp)) => Ok(Forward {
+            resp,
+            strip_usage,
+            write_idle: Duration::from_millis(rt.config.http.response_write_idle_timeout_ms),
+            deadline,
+        }),
+        Err(_) => {
+            tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id, "upstream response timed out");
+            Err(Refusal::server(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the inference server did not answer in time",
+            ))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id, error = %e, "upstream request failed");
+            // Nothing reached the upstream's model: the reservation is given back.
+            ex.forwarded = false;
+            Err(Refusal::server(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the inference server could not be reached",
+            ))
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The routes the sidecar knows, in one table, matched on the exact path. A path that is not
+//! already in its canonical form (percent-encoding, empty or dot segments, a trailing slash)
+//! is refused rather than normalised, so the sidecar and the upstream can never disagree on
+//! which route a request is for.
+
+use super::refusal::Refusal;
+use http::{Method, StatusCode};
+
+/// The OpenAI-compatible APIs that run the model to generate tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Completions,
+    Responses,
+}
+
+/// What the sidecar does with a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Runs the model and generates: JSON inspected and re-serialised, the tier's salt,
+    /// stream usage, tokens reserved for prompt + completion (`max_tokens` x choices).
+    Generate(Api),
+    /// Runs the model over the input only (embeddings, pooling, scoring): JSON inspected and
+    /// re-serialised, the tier's salt, the prompt estimate reserved.
+    Encode,
+    /// Uses the tokenizer only: JSON inspected and re-serialised (no client salt), no tokens.
+    Tokenize,
+    /// Lists models: `GET`, no body, no tokens.
+    Models,
+    /// Changes the server for everyone (LoRA adapters): never forwarded.
+    Admin,
+    /// Anything else under `/v1/`: refused unless the tenant's `unknown_routes = "forward"`.
+    Unknown,
+}
+
+/// Every route the sidecar knows (vLLM's and SGLang's OpenAI-compatible servers).
+pub const ROUTES: &[(&str, Route)] = &[
+    ("/v1/chat/completions", Route::Generate(Api::Chat)),
+    ("/v1/completions", Route::Generate(Api::Completions)),
+    ("/v1/responses", Route::Generate(Api::Responses)),
+    ("/v1/embeddings", Route::Encode),
+    ("/v1/score", Route::Encode),
+    ("/v1/rerank", Route::Encode),
+    ("/v1/classify", Route::Encode),
+    ("/v1/pooling", Route::Encode),
+    ("/v1/tokenize", Route::Tokenize),
+    ("/v1/detokenize", Route::Tokenize),
+    ("/v1/models", Route::Models),
+    ("/v1/load_lora_adapter", Route::Admin),
+    ("/v1/unload_lora_adapter", Route::Admin),
+];
+
+impl Route {
+    /// Whether the body is parsed, checked and forwarded as the sidecar re-serialised it.
+    pub fn inspected(self) -> bool {
+        matches!(self, Route::Generate(_) | Route::Encode | Route::Tokenize)
+    }
+
+    /// Whether the tenant's `cache_salt` is set on this route.
+    pub fn salted(self) -> bool {
+        matches!(self, Route::Generate(_) | Route::Encode)
+    }
+}
+
+/// Refuse a path that is not canonical; a canonical one is matched exactly.
+pub fn classify(method: &Method, path: &str) -> Result<Route, Refusal> {
+    if !path.starts_with("/v1/") {
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            "only /v1/ routes are served",
+        ));
+    }
+    if path.contains('%') {
+        return Err(Refusal::invalid(
+            "encoded_path",
+            "percent-encoded request paths are not accepted",
+        ));
+    }
+    let rest = &path[1..];
+    if rest
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(Refusal::invalid(
+            "non_canonical_path",
+            "request paths must not have empty, \".\" or \"..\" segments or a trailing slash",
+        ));
+    }
+    let route = ROUTES
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, r)| *r)
+        .or_else(|| path.starts_with("/v1/models/").then_some(Route::Models))
+        .unwrap_or(Route::Unknown);
+    let allowed = match route {
+        Route::Generate(_) | Route::Encode | Route::Tokenize => *method == Method::POST,
+        Route::Models => *method == Method::GET,
+        Route::Admin | Route::Unknown => true,
+    };
+    if !allowed {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        ));
+    }
+    Ok(route)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(method: Method, path: &str) -> &'static str {
+        classify(&method, path)
+            .map(|_| "ok")
+            .unwrap_or_else(|r| r.code)
+    }
+
+    #[test]
+    fn canonical_paths_match_exactly() {
+        assert_eq!(
+            classify(&Method::POST, "/v1/chat/completions").unwrap(),
+            Route::Generate(Api::Chat)
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/models/m").unwrap(),
+            Route::Models
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1/Chat/completions").unwrap(),
+            Route::Unknown
+        );
+    }
+
+    #[test]
+    fn encodings_and_odd_segments_are_refused() {
+        for p in [
+            "/v1/chat/complet%69ons",
+            "/v1/chat%2fcompletions",
+            "/v1/%2E%2e/admin",
+        ] {
+            assert_eq!(code(Method::POST, p), "encoded_path", "{p}");
+        }
+        for p in [
+            "/v1/chat/completions/",
+            "/v1//chat/completions",
+            "/v1/./chat/completions",
+            "/v1/../admin",
+        ] {
+            assert_eq!(code(Method::POST, p), "non_canonical_path", "{p}");
+        }
+        assert_eq!(code(Method::POST, "/admin"), "not_found");
+        assert_eq!(
+            code(Method::GET, "/v1/chat/completions"),
+            "method_not_allowed"
+        );
+    }
+}

@@ -1,0 +1,350 @@
+//! Long-lived state: [`App`] (per process) and [`Runtime`] (per configuration generation), with
+//! one [`TenantRuntime`] per configured tenant holding everything a request of that tenant
+//! needs (limits, upstream pool, metric handles, salt, policy), looked up once after
+//! authentication.
+
+use crate::audit::AuditLog;
+use crate::config::{Config, ConfigError, Isolation, TenantConfig, UnknownRoutes};
+use crate::isolation::{CacheGate, GateSettings, derive_salt};
+use crate::kv::KvSettings;
+use crate::limits::{LimitNumbers, SharedClock, TenantLimits};
+use crate::metrics::{Metrics, TenantMetrics};
+use crate::signature::{ReplayCache, Verifier};
+use crate::tagging::Tagger;
+use crate::upstream::{UpstreamClient, upstream_client};
+use crate::wfq::Scheduler;
+use http::Uri;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Everything a request of one tenant needs, built once per configuration.
+pub struct TenantRuntime {
+    pub name: Arc<str>,
+    pub limits: Arc<TenantLimits>,
+    pub client: UpstreamClient,
+    pub metrics: Arc<TenantMetrics>,
+    /// The `cache_salt` of a `salted` tenant (secret: never log).
+    pub salt: Option<Arc<str>>,
+    pub isolation: Isolation,
+    pub unknown_routes: UnknownRoutes,
+    pub default_max_tokens: u64,
+    pub weight: u32,
+}
+
+impl std::fmt::Debug for TenantRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantRuntime")
+            .field("name", &self.name)
+            .field("isolation", &self.isolation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything derived from one configuration; replaced as a whole on reload.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub verifier: Verifier,
+    pub tenants: HashMap<String, Arc<TenantRuntime>>,
+    pub upstream: Uri,
+    /// KV-cache bytes per token from `[model]`; 0 when not configured.
+    pub kv_bytes_per_token: u64,
+}
+
+impl Runtime {
+    pub fn tenant(&self, name: &str) -> Option<&Arc<TenantRuntime>> {
+        self.tenants.get(name)
+    }
+
+    /// The cache-gate settings this configuration asks for.
+    pub fn gate_settings(&self) -> GateSettings {
+        let c = &self.config.cache;
+        GateSettings {
+            exclusive: self
+                .config
+                .tenants
+                .iter()
+                .filter(|(_, t)| t.isolation == Isolation::Exclusive)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            window: Duration::from_millis(c.exclusive_window_ms),
+            window_max_requests: c.exclusive_window_max_requests,
+            flavor: self.config.upstream.flavor,
+            upstream: self.upstream.clone(),
+            flush_attempts: c.flush_attempts,
+            flush_retry: Duration::from_millis(c.flush_retry_ms),
+            flush_timeout: Duration::from_millis(c.flush_timeout_ms),
+            on_failure: c.on_flush_failure,
+        }
+    }
+
+    fn kv_settings(&self) -> KvSettings {
+        let c = &self.config;
+        KvSettings {
+            socket: c.agent.socket.clone(),
+            interval: Duration::from_millis(c.agent.kv_report_interval_ms),
+            has_model: c.model.is_some(),
+            tenants: c.tenants.keys().cloned().collect(),
+        }
+    }
+}
+
+/// Per-process state shared by all connections.
+pub struct App {
+    runtime: RwLock<Arc<Runtime>>,
+    pub sched: Arc<Scheduler>,
+    pub gate: Arc<CacheGate>,
+    pub metrics: Metrics,
+    pub audit: AuditLog,
+    pub tagger: Arc<Tagger>,
+    /// Request-body bytes that may be held in memory at once (`http.max_inflight_body_bytes`).
+    pub body_budget: Arc<Semaphore>,
+    kv_settings: tokio::sync::watch::Sender<KvSettings>,
+    clock: SharedClock,
+    replay: Arc<Mutex<ReplayCache>>,
+    ids: RequestIds,
+    pub ready: AtomicBool,
+}
+
+/// Per client connection.
+pub struct ConnCtx {
+    pub peer: SocketAddr,
+    /// A duplicate of the client socket, kept only when tagging is on.
+    pub fd: Option<OwnedFd>,
+    /// The tenant the socket is tagged with now, and its slot under the per-tenant cap.
+    pub tag: tokio::sync::Mutex<Option<crate::tagging::TagSlot>>,
+}
+
+/// Unpredictable request ids: a keyed 128-bit hash of a counter (two SipHash keys drawn at
+/// start), so ids are unique per process and cannot be guessed or chosen by a client.
+struct RequestIds {
+    keys: (
+        std::collections::hash_map::RandomState,
+        std::collections::hash_map::RandomState,
+    ),
+    seq: AtomicU64,
+}
+
+impl RequestIds {
+    fn next(&self) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let a = self.keys.0.hash_one(n);
+        let b = self.keys.1.hash_one(n);
+        format!("{a:016x}{b:016x}")
+    }
+}
+
+impl App {
+    pub fn new(
+        config: Config,
+        metrics: Metrics,
+        audit: AuditLog,
+        clock: SharedClock,
+    ) -> Result<Arc<App>, ConfigError> {
+        let tagger = Arc::new(Tagger::new(
+            config.agent.socket.clone(),
+            config.agent.max_tagged_connections_per_tenant,
+            metrics.agent_available.clone(),
+            metrics.tag_cap_reached.clone(),
+        ));
+        let replay = Arc::new(Mutex::new(ReplayCache::new(
+            config.auth.replay_cache_capacity,
+        )));
+        let sched = Scheduler::new(
+            config.queue.max_inflight,
+            config.queue.max_queue_per_tenant,
+            config.tenants.iter().map(|(k, v)| (k.clone(), v.weight)),
+        );
+        let body_budget = Arc::new(Semaphore::new(config.http.max_inflight_body_bytes));
+        let runtime = build_runtime(config, None, &replay, &tagger, &clock, &metrics)?;
+        let gate = CacheGate::new(runtime.gate_settings(), metrics.clone());
+        let (kv_settings, _) = tokio::sync::watch::channel(runtime.kv_settings());
+        Ok(Arc::new(App {
+            runtime: RwLock::new(Arc::new(runtime)),
+            sched,
+            gate,
+            metrics,
+            audit,
+            tagger,
+            body_budget,
+            kv_settings,
+            clock,
+            replay,
+            ids: RequestIds {
+                keys: Default::default(),
+                seq: AtomicU64::new(0),
+            },
+            ready: AtomicBool::new(true),
+        }))
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The KV report loop's inputs, updated on reload.
+    pub fn kv_settings(&self) -> tokio::sync::watch::Receiver<KvSettings> {
+        self.kv_settings.subscribe()
+    }
+
+    /// A fresh request id (the one the upstream and the audit log see).
+    pub fn request_id(&self) -> String {
+        self.ids.next()
+    }
+
+    /// Apply a new (validated) configuration completely or not at all.
+    pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        let old = self.runtime();
+        if old.config.listen != config.listen {
+            tracing::warn!("listen addresses changed: they take effect only after a restart");
+        }
+        let (a, b) = (&old.config.http, &config.http);
+        if old.config.runtime != config.runtime
+            || a.max_header_bytes != b.max_header_bytes
+            || a.header_read_timeout_ms != b.header_read_timeout_ms
+            || a.drain_timeout_ms != b.drain_timeout_ms
+            || a.max_inflight_body_bytes != b.max_inflight_body_bytes
+            || a.max_connections != b.max_connections
+            || a.max_concurrent_streams != b.max_concurrent_streams
+            || old.config.agent.max_tagged_connections_per_tenant
+                != config.agent.max_tagged_connections_per_tenant
+        {
+            tracing::warn!(
+                "runtime.*, http.max_header_bytes, http.header_read_timeout_ms, \
+                 http.drain_timeout_ms, http.max_inflight_body_bytes, http.max_connections, \
+                 http.max_concurrent_streams and agent.max_tagged_connections_per_tenant take \
+                 effect only after a restart"
+            );
+        }
+        let rt = build_runtime(
+            config,
+            Some(&old),
+            &self.replay,
+            &self.tagger,
+            &self.clock,
+            &self.metrics,
+        )?;
+        let c = rt.config.clone();
+        self.gate.update(rt.gate_settings());
+        let _ = self.kv_settings.send(rt.kv_settings());
+        *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
+        self.sched.update(
+            c.queue.max_inflight,
+            c.queue.max_queue_per_tenant,
+            c.tenants.iter().map(|(k, v)| (k.clone(), v.weight)),
+        );
+        Ok(())
+    }
+}
+
+fn build_runtime(
+    config: Config,
+    prev: Option<&Runtime>,
+    replay: &Arc<Mutex<ReplayCache>>,
+    tagger: &Arc<Tagger>,
+    clock: &SharedClock,
+    metrics: &Metrics,
+) -> Result<Runtime, ConfigError> {
+    let keys = config.load_keys()?;
+    let salt_key = config.load_salt_key()?;
+    let kv_bytes_per_token = config
+        .model
+        .as_ref()
+        .map_or(0, crate::config::ModelConfig::kv_bytes_per_token);
+    let verifier = Verifier::new(
+        config.auth.label.clone(),
+        keys,
+        config.auth.max_skew_secs,
+        replay.clone(),
+    );
+    let upstream: Uri = config
+        .upstream
+        .url
+        .parse()
+        .map_err(|_| ConfigError::Invalid {
+            field: "upstream.url".into(),
+            message: "not a URL".into(),
+        })?;
+    let same_upstream = prev.is_some_and(|p| p.config.upstream == config.upstream);
+    let mut tenants = HashMap::new();
+    for (name, t) in &config.tenants {
+        let prev_tenant = prev.and_then(|p| p.tenants.get(name));
+        let salt = match t.isolation {
+            Isolation::Salted => {
+                let key = salt_key.as_deref().ok_or_else(|| ConfigError::Invalid {
+                    field: "cache.salt_key_file".into(),
+                    message: format!("required: tenants.{name}.isolation is \"salted\""),
+                })?;
+                Some(Arc::from(
+                    derive_salt(key, config.cache.salt_generation, name).as_str(),
+                ))
+            }
+            _ => None,
+        };
+        tenants.insert(
+            name.clone(),
+            Arc::new(tenant_runtime(
+                name,
+                t,
+                salt,
+                prev_tenant.map(|p| &**p),
+                same_upstream,
+                &config,
+                tagger,
+                clock,
+                metrics,
+            )),
+        );
+    }
+    Ok(Runtime {
+        config: Arc::new(config),
+        verifier,
+        tenants,
+        upstream,
+        kv_bytes_per_token,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tenant_runtime(
+    name: &str,
+    t: &TenantConfig,
+    salt: Option<Arc<str>>,
+    prev: Option<&TenantRuntime>,
+    same_upstream: bool,
+    config: &Config,
+    tagger: &Arc<Tagger>,
+    clock: &SharedClock,
+    metrics: &Metrics,
+) -> TenantRuntime {
+    metrics.init_tenant(name);
+    // A limiter is kept (with its buckets) unless its own numbers changed.
+    let numbers = LimitNumbers::of(t);
+    let limits = match prev {
+        Some(p) if *p.limits.numbers() == numbers => p.limits.clone(),
+        _ => Arc::new(TenantLimits::new(numbers, clock.clone())),
+    };
+    let client = match prev {
+        Some(p) if same_upstream => p.client.clone(),
+        _ => upstream_client(&config.upstream, name, tagger.clone()),
+    };
+    TenantRuntime {
+        name: Arc::from(name),
+        limits,
+        client,
+        metrics: Arc::new(metrics.tenant(name)),
+        salt,
+        isolation: t.isolation,
+        unknown_routes: t.unknown_routes,
+        default_max_tokens: t.default_max_tokens,
+        weight: t.weight,
+    }
+}
