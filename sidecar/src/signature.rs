@@ -90,6 +90,9 @@ pub struct RequestView<'a> {
 /// (`sf`, `key`, `bs`, `req`, `name`) are not supported and fail closed.
 fn component_value(req: RequestView<'_>, name: &str) -> Result<String, AuthError> {
     let authority = || -> Result<String, AuthError> {
+        if req.headers.get_all(http::header::HOST).iter().count() > 1 {
+            return Err(malformed("Host appears more than once"));
+        }
         if let Some(h) = req.headers.get(http::header::HOST) {
             let s = h
                 .to_str()
@@ -970,6 +973,14 @@ mod tests {
             Err(AuthError::Missing(_))
         ));
         assert!(component_value(v3, "@query-param").is_err());
+        // Two Host lines make the authority ambiguous: refused rather than reading the first.
+        let mut h4 = h.clone();
+        h4.append("host", HeaderValue::from_static("evil.example"));
+        let v4 = RequestView { headers: &h4, ..v };
+        assert!(matches!(
+            component_value(v4, "@authority"),
+            Err(AuthError::Malformed(_))
+        ));
     }
 
     fn verifier(tenants: TenantBinding) -> Verifier {
