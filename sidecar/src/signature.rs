@@ -8,7 +8,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use ring::hmac;
 use sfv::{BareItem, InnerList, Item, Key, ListEntry, Parameters, SerializeValue};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// The header naming the tenant; it must be covered by the signature.
@@ -89,6 +90,9 @@ pub struct RequestView<'a> {
 /// (`sf`, `key`, `bs`, `req`, `name`) are not supported and fail closed.
 fn component_value(req: RequestView<'_>, name: &str) -> Result<String, AuthError> {
     let authority = || -> Result<String, AuthError> {
+        if req.headers.get_all(http::header::HOST).iter().count() > 1 {
+            return Err(malformed("Host appears more than once"));
+        }
         if let Some(h) = req.headers.get(http::header::HOST) {
             let s = h
                 .to_str()
@@ -364,17 +368,26 @@ pub fn hmac_verify(key: &[u8], base: &str, sig: &[u8]) -> bool {
 }
 
 /// A bounded set of recently seen `(keyid, nonce)` pairs, each remembered until the time after
-/// which its signature would be rejected as expired anyway. Entries are 128-bit keyed hashes
-/// (two independently keyed SipHash-1-3), so memory per nonce stays small and fixed; a false
-/// "replayed" needs a 128-bit collision under keys the sender does not know.
+/// which its signature would be rejected as expired anyway.
+///
+/// Entries are 128-bit keyed hashes (two independently keyed SipHash-1-3), so memory per nonce
+/// stays small and fixed; a false "replayed" needs a 128-bit collision under keys the sender
+/// does not know. Expiry is ordered by the time an entry may be forgotten (a min-heap), so an
+/// entry remembered for long never delays the expiry of the others. Capacity is shared per key
+/// id: each insert names the most entries its key id may hold (see [`Verifier`]), so one key
+/// that fills its share is refused alone; `capacity` bounds the total.
 pub struct ReplayCache {
     capacity: usize,
     hashers: (
         std::collections::hash_map::RandomState,
         std::collections::hash_map::RandomState,
     ),
-    seen: HashMap<u128, i64>,
-    order: VecDeque<(u128, i64)>,
+    /// Entry hash -> (forget_at, key id hash).
+    seen: HashMap<u128, (i64, u64)>,
+    /// (forget_at, entry hash), earliest first.
+    expiry: BinaryHeap<Reverse<(i64, u128)>>,
+    /// Key id hash -> live entries of that key id.
+    per_key: HashMap<u64, usize>,
 }
 
 impl std::fmt::Debug for ReplayCache {
@@ -382,6 +395,7 @@ impl std::fmt::Debug for ReplayCache {
         f.debug_struct("ReplayCache")
             .field("capacity", &self.capacity)
             .field("len", &self.seen.len())
+            .field("key_ids", &self.per_key.len())
             .finish()
     }
 }
@@ -392,10 +406,18 @@ impl ReplayCache {
             capacity,
             hashers: Default::default(),
             seen: HashMap::new(),
-            order: VecDeque::new(),
+            expiry: BinaryHeap::new(),
+            per_key: HashMap::new(),
         }
     }
 
+    /// The most entries held, all key ids together.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Entries held (some may be expired but not yet dropped; they are dropped on the next
+    /// check or insert).
     pub fn len(&self) -> usize {
         self.seen.len()
     }
@@ -411,36 +433,72 @@ impl ReplayCache {
         ((a as u128) << 64) | b as u128
     }
 
-    /// Record the nonce; `Replayed` when it is already live, `ReplayCacheFull` when the cache is
-    /// full of live entries (fail closed rather than forget a live nonce).
+    fn owner(&self, keyid: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hashers.0.hash_one(("key id", keyid))
+    }
+
+    /// Drop every entry whose `forget_at` is `<= now`.
+    fn expire(&mut self, now: i64) {
+        while let Some(&Reverse((t, k))) = self.expiry.peek() {
+            if t > now {
+                break;
+            }
+            self.expiry.pop();
+            if let Some(&(forget_at, owner)) = self.seen.get(&k)
+                && forget_at == t
+            {
+                self.seen.remove(&k);
+                if let Some(n) = self.per_key.get_mut(&owner) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_key.remove(&owner);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Check without recording: `Replayed` when the nonce is live, `ReplayCacheFull` when
+    /// `keyid` already holds `key_limit` live entries or the whole cache is full.
+    pub fn check(
+        &mut self,
+        keyid: &str,
+        nonce: &str,
+        now: i64,
+        key_limit: usize,
+    ) -> Result<(), AuthError> {
+        self.expire(now);
+        if self.seen.contains_key(&self.key(keyid, nonce)) {
+            return Err(AuthError::Replayed);
+        }
+        let held = self.per_key.get(&self.owner(keyid)).copied().unwrap_or(0);
+        if held >= key_limit || self.seen.len() >= self.capacity {
+            return Err(AuthError::ReplayCacheFull);
+        }
+        Ok(())
+    }
+
+    /// Record the nonce until `forget_at` (exclusive); fails as [`ReplayCache::check`] does
+    /// (fail closed rather than forget a live nonce).
     pub fn check_and_insert(
         &mut self,
         keyid: &str,
         nonce: &str,
         forget_at: i64,
         now: i64,
+        key_limit: usize,
     ) -> Result<(), AuthError> {
-        while let Some(&(k, t)) = self.order.front() {
-            if t > now {
-                break;
-            }
-            if self.seen.get(&k) == Some(&t) {
-                self.seen.remove(&k);
-            }
-            self.order.pop_front();
+        self.check(keyid, nonce, now, key_limit)?;
+        if forget_at <= now {
+            // Already past its window: the signature is refused as expired from now on.
+            return Ok(());
         }
-        let key = self.key(keyid, nonce);
-        if let Some(t) = self.seen.get(&key)
-            && *t > now
-        {
-            return Err(AuthError::Replayed);
-        }
-        if self.seen.len() >= self.capacity {
-            return Err(AuthError::ReplayCacheFull);
-        }
-        self.seen.insert(key, forget_at);
-        // Entries are mostly inserted in time order; out-of-order ones are removed lazily.
-        self.order.push_back((key, forget_at));
+        let k = self.key(keyid, nonce);
+        let owner = self.owner(keyid);
+        self.seen.insert(k, (forget_at, owner));
+        self.expiry.push(Reverse((forget_at, k)));
+        *self.per_key.entry(owner).or_insert(0) += 1;
         Ok(())
     }
 }
@@ -454,12 +512,94 @@ pub struct Verified {
     pub covered_headers: HashSet<String>,
 }
 
+/// What the head of a request proved; the body is checked by [`PendingAuth::finish`].
+///
+/// Only [`Verifier::verify_head`] makes one, so holding one means the signature over the head
+/// is authentic and was fresh and unreplayed when checked.
+#[derive(Debug)]
+pub struct PendingAuth {
+    tenant: String,
+    key_id: String,
+    covered_headers: HashSet<String>,
+    nonce: String,
+    created: i64,
+    expires: Option<i64>,
+    forget_at: i64,
+    /// The signed `Content-Digest` value, when the signature covers it.
+    content_digest: Option<String>,
+}
+
+impl PendingAuth {
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Lowercase header names covered by the signature.
+    pub fn covered_headers(&self) -> &HashSet<String> {
+        &self.covered_headers
+    }
+
+    /// Check `body` against the signed Content-Digest (when covered; a non-empty body whose
+    /// digest is not covered is refused), check that the signature is still within its time
+    /// window at `now` (the body may have taken a while), then record the nonce (`Replayed`
+    /// if another request recorded it meanwhile). Nothing is recorded on failure, so a request
+    /// whose body was damaged does not burn its nonce.
+    pub fn finish(self, verifier: &Verifier, body: &[u8], now: i64) -> Result<Verified, AuthError> {
+        // Re-checked because the replay entry of this nonce is dropped at `forget_at`: a copy
+        // whose head was checked in time but whose body ended later must not slip through.
+        verifier.check_time(self.created, self.expires, now)?;
+        match &self.content_digest {
+            Some(v) => {
+                digest::verify(v, body).map_err(|e| AuthError::DigestMismatch(e.to_string()))?;
+            }
+            None if !body.is_empty() => {
+                return Err(malformed(
+                    "content-digest must be covered when there is a body",
+                ));
+            }
+            None => {}
+        }
+        verifier
+            .replay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check_and_insert(
+                &self.key_id,
+                &self.nonce,
+                self.forget_at,
+                now,
+                verifier.key_share,
+            )?;
+        Ok(Verified {
+            tenant: self.tenant,
+            key_id: self.key_id,
+            covered_headers: self.covered_headers,
+        })
+    }
+}
+
+/// Whether the head announces a body: any `Transfer-Encoding`, or a `Content-Length` other
+/// than 0 (an unparsable one counts as a body).
+fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) != Some(0))
+}
+
 /// The sidecar's verification policy.
 pub struct Verifier {
     label: String,
     keys: HashMap<String, LoadedKey>,
     max_skew: i64,
     replay: Arc<Mutex<ReplayCache>>,
+    /// Live nonces one key id may hold: the cache's capacity shared by the key ids, at least 1.
+    key_share: usize,
 }
 
 impl Verifier {
@@ -489,21 +629,48 @@ impl Verifier {
                 }
             }
         }
+        let capacity = replay.lock().unwrap_or_else(|e| e.into_inner()).capacity();
+        let key_share = (capacity / map.len().max(1)).max(1);
         Self {
             label,
             keys: map,
-            max_skew: max_skew_secs as i64,
+            // Config validation bounds the skew to an hour; clamp anyway so that no
+            // arithmetic on it can overflow.
+            max_skew: max_skew_secs.min(1 << 40) as i64,
             replay,
+            key_share,
         }
     }
 
-    /// Verify `req` with `body` at unix time `now`. Fails closed on anything unexpected.
-    pub fn verify(
-        &self,
-        req: RequestView<'_>,
-        body: &[u8],
-        now: i64,
-    ) -> Result<Verified, AuthError> {
+    /// Live nonces each key id may hold in the replay cache.
+    pub fn key_share(&self) -> usize {
+        self.key_share
+    }
+
+    /// A signature is accepted at `now` in `[created - skew, created + skew]` and before
+    /// `expires`.
+    fn check_time(&self, created: i64, expires: Option<i64>, now: i64) -> Result<(), AuthError> {
+        if created > now.saturating_add(self.max_skew) {
+            return Err(AuthError::Expired("created is in the future".into()));
+        }
+        if created < now.saturating_sub(self.max_skew) {
+            return Err(AuthError::Expired("created is too old".into()));
+        }
+        if let Some(exp) = expires
+            && exp <= now
+        {
+            return Err(AuthError::Expired("expires has passed".into()));
+        }
+        Ok(())
+    }
+
+    /// Everything that can be checked without the body: the signature (its base covers the
+    /// `Content-Digest` header value), alg, created/expires, keyid, the tenant header and the
+    /// key's tenant binding, and the replay cache (checked, not recorded, so a replayed or
+    /// forged request is refused before its body is read). A head that declares a body
+    /// (`Content-Length` > 0 or any `Transfer-Encoding`) or carries `Content-Digest` must
+    /// cover `content-digest`.
+    pub fn verify_head(&self, req: RequestView<'_>, now: i64) -> Result<PendingAuth, AuthError> {
         let found = find_signature(req.headers, &self.label)?;
         let p = &found.params;
         if let Some(alg) = &p.alg
@@ -531,8 +698,10 @@ impl Verifier {
                 return Err(malformed(format!("{required} must be covered")));
             }
         }
-        let has_digest_header = req.headers.contains_key("content-digest");
-        if (!body.is_empty() || has_digest_header) && !has("content-digest") {
+        let digest_covered = has("content-digest");
+        if (declares_body(req.headers) || req.headers.contains_key("content-digest"))
+            && !digest_covered
+        {
             return Err(malformed(
                 "content-digest must be covered when there is a body",
             ));
@@ -546,18 +715,8 @@ impl Verifier {
         {
             return Err(AuthError::BadSignature);
         }
-        // Authentic from here on: check time, replay, binding, body.
-        if created > now + self.max_skew {
-            return Err(AuthError::Expired("created is in the future".into()));
-        }
-        if created < now - self.max_skew {
-            return Err(AuthError::Expired("created is too old".into()));
-        }
-        if let Some(exp) = p.expires
-            && exp <= now
-        {
-            return Err(AuthError::Expired("expires has passed".into()));
-        }
+        // Authentic from here on: check time, binding, replay.
+        self.check_time(created, p.expires, now)?;
         let tenant = req
             .headers
             .get(TENANT_HEADER)
@@ -571,34 +730,50 @@ impl Verifier {
         if !key.tenants.allows(&tenant) {
             return Err(AuthError::TenantMismatch);
         }
-        if has("content-digest") {
-            let v = req
-                .headers
-                .get("content-digest")
-                .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| AuthError::Missing("no Content-Digest header".into()))?;
-            digest::verify(v, body).map_err(|e| AuthError::DigestMismatch(e.to_string()))?;
-        }
-        // Remember the nonce last, so that a failing request does not burn it.
-        let mut forget_at = created + self.max_skew + 1;
+        // The exact value the signature covers (all field lines, trimmed and joined).
+        let content_digest = if digest_covered {
+            Some(component_value(req, "content-digest")?)
+        } else {
+            None
+        };
+        // The signature is accepted until created + skew (and before expires), so the nonce
+        // must be remembered that long, even when `created` lies in the future; the cache
+        // orders expiry by this time, so a late one delays no one else's expiry.
+        let mut forget_at = created.saturating_add(self.max_skew).saturating_add(1);
         if let Some(exp) = p.expires {
-            forget_at = forget_at.min(exp.max(now + 1));
+            forget_at = forget_at.min(exp);
         }
         self.replay
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .check_and_insert(keyid, nonce, forget_at, now)?;
+            .check(keyid, nonce, now, self.key_share)?;
         let covered_headers = p
             .components
             .iter()
             .filter(|c| !c.starts_with('@'))
             .cloned()
             .collect();
-        Ok(Verified {
+        Ok(PendingAuth {
             tenant,
             key_id: keyid.to_string(),
             covered_headers,
+            nonce: nonce.to_string(),
+            created,
+            expires: p.expires,
+            forget_at,
+            content_digest,
         })
+    }
+
+    /// Verify `req` with `body` at unix time `now`: [`Verifier::verify_head`] then
+    /// [`PendingAuth::finish`]. Fails closed on anything unexpected.
+    pub fn verify(
+        &self,
+        req: RequestView<'_>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<Verified, AuthError> {
+        self.verify_head(req, now)?.finish(self, body, now)
     }
 }
 
@@ -798,6 +973,14 @@ mod tests {
             Err(AuthError::Missing(_))
         ));
         assert!(component_value(v3, "@query-param").is_err());
+        // Two Host lines make the authority ambiguous: refused rather than reading the first.
+        let mut h4 = h.clone();
+        h4.append("host", HeaderValue::from_static("evil.example"));
+        let v4 = RequestView { headers: &h4, ..v };
+        assert!(matches!(
+            component_value(v4, "@authority"),
+            Err(AuthError::Malformed(_))
+        ));
     }
 
     fn verifier(tenants: TenantBinding) -> Verifier {
@@ -926,18 +1109,315 @@ mod tests {
     #[test]
     fn replay_cache_is_bounded_and_forgets() {
         let mut c = ReplayCache::new(2);
-        c.check_and_insert("k", "a", 10, 0).unwrap();
-        c.check_and_insert("k", "b", 10, 0).unwrap();
+        c.check_and_insert("k", "a", 10, 0, 2).unwrap();
+        c.check_and_insert("k", "b", 10, 0, 2).unwrap();
         assert_eq!(
-            c.check_and_insert("k", "c", 10, 0),
+            c.check_and_insert("k", "c", 10, 0, 2),
             Err(AuthError::ReplayCacheFull)
         );
         assert_eq!(
-            c.check_and_insert("k", "a", 10, 5),
+            c.check_and_insert("k", "a", 10, 5, 2),
             Err(AuthError::Replayed)
         );
-        c.check_and_insert("k", "c", 20, 10).unwrap();
+        c.check_and_insert("k", "c", 20, 10, 2).unwrap();
         assert_eq!(c.len(), 1);
+    }
+
+    fn two_key_verifier(capacity: usize) -> (Verifier, Arc<Mutex<ReplayCache>>) {
+        let cache = Arc::new(Mutex::new(ReplayCache::new(capacity)));
+        let keys = ["a", "b"]
+            .iter()
+            .map(|id| LoadedKey {
+                id: id.to_string(),
+                secrets: vec![format!("secret-of-{id}-0123456789abcdef").into_bytes()],
+                tenants: TenantBinding::Any,
+            })
+            .collect();
+        (
+            Verifier::new("bulkhead".into(), keys, 30, cache.clone()),
+            cache,
+        )
+    }
+
+    fn signed_by(key_id: &str, created: i64, nonce: &str) -> (Method, Uri, HeaderMap) {
+        let m = Method::GET;
+        let u: Uri = "/v1/models".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, HeaderValue::from_static("acme"));
+        let mut o = SignOptions::new(key_id, created);
+        o.nonce = Some(nonce.into());
+        let secret = format!("secret-of-{key_id}-0123456789abcdef");
+        sign_request(&m, &u, &mut h, b"", secret.as_bytes(), &o).unwrap();
+        (m, u, h)
+    }
+
+    fn verify_at(
+        v: &Verifier,
+        r: &(Method, Uri, HeaderMap),
+        now: i64,
+    ) -> Result<Verified, AuthError> {
+        let view = RequestView {
+            method: &r.0,
+            uri: &r.1,
+            headers: &r.2,
+        };
+        v.verify(view, b"", now)
+    }
+
+    #[test]
+    fn one_key_filling_its_share_does_not_lock_out_another() {
+        let (v, _) = two_key_verifier(4);
+        verify_at(&v, &signed_by("a", 1000, "a1"), 1000).unwrap();
+        verify_at(&v, &signed_by("a", 1000, "a2"), 1000).unwrap();
+        // Key a has used its half of the capacity: it alone is refused.
+        assert_eq!(
+            verify_at(&v, &signed_by("a", 1000, "a3"), 1000).unwrap_err(),
+            AuthError::ReplayCacheFull
+        );
+        verify_at(&v, &signed_by("b", 1000, "b1"), 1000).unwrap();
+        verify_at(&v, &signed_by("b", 1000, "b2"), 1000).unwrap();
+        assert_eq!(
+            verify_at(&v, &signed_by("b", 1000, "b3"), 1000).unwrap_err(),
+            AuthError::ReplayCacheFull
+        );
+        // Once a's nonces are past their window, a is accepted again.
+        verify_at(&v, &signed_by("a", 1040, "a3"), 1040).unwrap();
+    }
+
+    #[test]
+    fn a_late_expiring_entry_does_not_keep_earlier_ones_alive() {
+        let (v, cache) = two_key_verifier(100);
+        // Inserted first, `created` 30 s ahead: remembered until 1061.
+        verify_at(&v, &signed_by("a", 1030, "future"), 1000).unwrap();
+        for i in 0..10 {
+            verify_at(&v, &signed_by("a", 1000, &format!("n{i}")), 1000).unwrap();
+        }
+        assert_eq!(cache.lock().unwrap().len(), 11);
+        // At 1031 the ten are expired (created + skew < now); one more request triggers expiry.
+        verify_at(&v, &signed_by("b", 1031, "later"), 1031).unwrap();
+        assert_eq!(cache.lock().unwrap().len(), 2);
+        // The future one is still live: its replay is refused until its window closes.
+        assert_eq!(
+            verify_at(&v, &signed_by("a", 1030, "future"), 1060).unwrap_err(),
+            AuthError::Replayed
+        );
+        verify_at(&v, &signed_by("a", 1030, "future"), 1061).unwrap_err();
+    }
+
+    fn view(r: &(Method, Uri, HeaderMap)) -> RequestView<'_> {
+        RequestView {
+            method: &r.0,
+            uri: &r.1,
+            headers: &r.2,
+        }
+    }
+
+    #[test]
+    fn forged_or_replayed_heads_fail_before_the_body() {
+        let v = verifier(TenantBinding::Any);
+        let body = br#"{"model":"m"}"#;
+        // A forged signature is refused from the head alone.
+        let mut forged = signed(body, "acme", 1000, "f1");
+        forged.2.insert(
+            "signature",
+            HeaderValue::from_static("bulkhead=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:"),
+        );
+        assert_eq!(
+            v.verify_head(view(&forged), 1000).unwrap_err(),
+            AuthError::BadSignature
+        );
+        // A changed covered header likewise (here the tenant).
+        let mut tampered = signed(body, "acme", 1000, "f2");
+        tampered
+            .2
+            .insert(TENANT_HEADER, HeaderValue::from_static("globex"));
+        assert_eq!(
+            v.verify_head(view(&tampered), 1000).unwrap_err(),
+            AuthError::BadSignature
+        );
+        // A replay is refused from the head alone once the original has finished.
+        let r = signed(body, "acme", 1000, "r1");
+        let p = v.verify_head(view(&r), 1000).unwrap();
+        assert_eq!((p.tenant(), p.key_id()), ("acme", "gw"));
+        assert!(p.covered_headers().contains("content-digest"));
+        p.finish(&v, body, 1001).unwrap();
+        assert_eq!(
+            v.verify_head(view(&r), 1002).unwrap_err(),
+            AuthError::Replayed
+        );
+    }
+
+    #[test]
+    fn digest_mismatch_fails_in_finish_without_burning_the_nonce() {
+        let v = verifier(TenantBinding::Any);
+        let body = br#"{"model":"m"}"#;
+        let r = signed(body, "acme", 1000, "d1");
+        let p = v.verify_head(view(&r), 1000).unwrap();
+        assert!(matches!(
+            p.finish(&v, b"{\"model\":\"x\"}", 1000),
+            Err(AuthError::DigestMismatch(_))
+        ));
+        // The legitimate request with the same nonce still verifies, once.
+        let p = v.verify_head(view(&r), 1001).unwrap();
+        assert_eq!(p.finish(&v, body, 1001).unwrap().tenant, "acme");
+        assert_eq!(v.verify(view(&r), body, 1002), Err(AuthError::Replayed));
+    }
+
+    #[test]
+    fn of_two_pending_heads_with_one_nonce_only_the_first_finish_wins() {
+        let v = verifier(TenantBinding::Any);
+        let body = b"hello";
+        let r = signed(body, "acme", 1000, "c1");
+        let first = v.verify_head(view(&r), 1000).unwrap();
+        let second = v.verify_head(view(&r), 1000).unwrap();
+        first.finish(&v, body, 1001).unwrap();
+        assert_eq!(second.finish(&v, body, 1001), Err(AuthError::Replayed));
+    }
+
+    #[test]
+    fn a_copy_whose_body_ends_after_the_window_is_refused() {
+        // The copy's head is checked while the original is still in flight; the original's
+        // nonce is forgotten at created + skew + 1, so the copy must not finish after that.
+        let v = verifier(TenantBinding::Any);
+        let body = b"hello";
+        let r = signed(body, "acme", 1000, "slow");
+        let copy = v.verify_head(view(&r), 1000).unwrap();
+        v.verify(view(&r), body, 1001).unwrap();
+        assert!(matches!(
+            copy.finish(&v, body, 1031),
+            Err(AuthError::Expired(_))
+        ));
+        // Within the window the cache still refuses it.
+        let r = signed(body, "acme", 1000, "slow2");
+        let copy = v.verify_head(view(&r), 1000).unwrap();
+        v.verify(view(&r), body, 1000).unwrap();
+        assert_eq!(copy.finish(&v, body, 1030), Err(AuthError::Replayed));
+    }
+
+    #[test]
+    fn a_declared_body_needs_a_covered_digest_before_it_is_read() {
+        let v = verifier(TenantBinding::Any);
+        // Signed without a body, so content-digest is not covered.
+        for (name, value) in [
+            ("content-length", "5"),
+            ("content-length", "not a number"),
+            ("transfer-encoding", "chunked"),
+        ] {
+            let mut r = signed(b"", "acme", 1000, name);
+            r.2.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+            assert!(
+                matches!(v.verify_head(view(&r), 1000), Err(AuthError::Malformed(_))),
+                "{name}: {value}"
+            );
+        }
+        let mut r = signed(b"", "acme", 1000, "zero");
+        r.2.insert("content-length", HeaderValue::from_static("0"));
+        let p = v.verify_head(view(&r), 1000).unwrap();
+        // A body that arrives without a declared length (HTTP/2) is refused by finish.
+        assert!(matches!(
+            p.finish(&v, b"smuggled", 1000),
+            Err(AuthError::Malformed(_))
+        ));
+        v.verify(view(&r), b"", 1000).unwrap();
+    }
+
+    #[test]
+    fn the_digest_checked_is_the_signed_value_of_every_field_line() {
+        // Content-Digest split over two field lines: the signature covers "a, b" and the body
+        // is checked against both members.
+        let v = verifier(TenantBinding::Any);
+        let body = b"hello";
+        let m = Method::POST;
+        let u: Uri = "/v1/chat/completions".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, HeaderValue::from_static("acme"));
+        h.append(
+            "content-digest",
+            HeaderValue::from_str(&digest::content_digest_sha256(body)).unwrap(),
+        );
+        h.append("content-digest", HeaderValue::from_static("sha-512=:AAAA:"));
+        let mut o = SignOptions::new("gw", 1000);
+        o.nonce = Some("two-lines".into());
+        sign_request(
+            &m,
+            &u,
+            &mut h,
+            body,
+            b"0123456789abcdef0123456789abcdef",
+            &o,
+        )
+        .unwrap();
+        let r = (m, u, h);
+        assert!(matches!(
+            v.verify(view(&r), body, 1000),
+            Err(AuthError::DigestMismatch(_))
+        ));
+    }
+
+    #[test]
+    fn replay_cache_shares_capacity_per_key() {
+        let mut c = ReplayCache::new(4);
+        c.check_and_insert("a", "1", 100, 0, 2).unwrap();
+        c.check_and_insert("a", "2", 100, 0, 2).unwrap();
+        assert_eq!(
+            c.check_and_insert("a", "3", 100, 0, 2),
+            Err(AuthError::ReplayCacheFull)
+        );
+        assert_eq!(c.check("a", "3", 0, 2), Err(AuthError::ReplayCacheFull));
+        c.check_and_insert("b", "1", 100, 0, 2).unwrap();
+        c.check_and_insert("b", "2", 100, 0, 2).unwrap();
+        // The total still bounds memory.
+        assert_eq!(
+            c.check_and_insert("c", "1", 100, 0, 2),
+            Err(AuthError::ReplayCacheFull)
+        );
+        // Replays are reported as such even when full.
+        assert_eq!(c.check("b", "2", 0, 2), Err(AuthError::Replayed));
+        let v = Verifier::new(
+            "bulkhead".into(),
+            Vec::new(),
+            30,
+            Arc::new(Mutex::new(ReplayCache::new(7))),
+        );
+        assert_eq!(v.key_share(), 7);
+        let (v, _) = two_key_verifier(7);
+        assert_eq!(v.key_share(), 3);
+        let (v, _) = two_key_verifier(1);
+        assert_eq!(v.key_share(), 1);
+    }
+
+    #[test]
+    fn live_nonces_are_never_forgotten_before_they_expire() {
+        // Entries with scattered expiry times, inserted in no particular order.
+        let mut c = ReplayCache::new(10_000);
+        let mut live = Vec::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..500 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let forget_at = 1 + (x % 200) as i64;
+            let key = if i % 3 == 0 { "a" } else { "b" };
+            c.check_and_insert(key, &i.to_string(), forget_at, 0, 10_000)
+                .unwrap();
+            live.push((key, i.to_string(), forget_at));
+        }
+        for now in 0..=201 {
+            for (key, nonce, forget_at) in &live {
+                let r = c.check(key, nonce, now, 10_000);
+                if *forget_at > now {
+                    assert_eq!(r, Err(AuthError::Replayed), "{nonce} at {now}");
+                }
+            }
+            let expected = live.iter().filter(|e| e.2 > now).count();
+            assert_eq!(c.len(), expected, "at {now}");
+        }
+        assert!(c.is_empty());
+        assert!(c.per_key.is_empty());
+        assert!(c.expiry.is_empty());
     }
 }
 
