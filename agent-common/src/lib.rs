@@ -6,7 +6,7 @@
 #![no_std]
 #![cfg_attr(not(feature = "client"), forbid(unsafe_code))]
 
-#[cfg(feature = "client")]
+#[cfg(any(test, feature = "client"))]
 extern crate std;
 
 #[cfg(feature = "client")]
@@ -94,8 +94,101 @@ pub const DIAG_RELEASED_TAGS: u32 = 2;
 pub const DIAG_FLOW_EVENTS_LOST: u32 = 3;
 pub const DIAG_SLOTS: u32 = 4;
 
-/// Longest tenant name, in bytes.
+/// Longest tenant name, in bytes (the size of [`TenantName::bytes`]).
 pub const TENANT_NAME_LEN: usize = 64;
+
+/// Label, in the agent's GPU memory metrics, of a shared server's memory that is no tenant's.
+pub const SHARED_TENANT_NAME: &str = "shared";
+/// Label, in the agent's GPU memory metrics, of memory no process or tenant could be found for.
+pub const UNATTRIBUTED_TENANT_NAME: &str = "unattributed";
+
+/// Names no tenant may have, in any letter case: they label metrics of traffic or memory that
+/// belongs to no single tenant.
+pub const RESERVED_TENANT_NAMES: [&str; 3] = [
+    UNTAGGED_TENANT_NAME,
+    SHARED_TENANT_NAME,
+    UNATTRIBUTED_TENANT_NAME,
+];
+
+/// Why [`check_tenant_name`] refused a name. Its `Display` says what is wrong, without the
+/// name itself (the caller adds the name or the config field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantNameError {
+    /// The empty string.
+    Empty,
+    /// Longer than [`TENANT_NAME_LEN`] bytes; `len` is the name's length in bytes.
+    TooLong { len: usize },
+    /// A character outside `[A-Za-z0-9._-]`; `position` counts characters from 1.
+    BadCharacter { position: usize, character: char },
+    /// Starts with `.`, `_` or `-`.
+    BadFirstCharacter { character: char },
+    /// Equal, ignoring ASCII case, to `reserved`, one of [`RESERVED_TENANT_NAMES`].
+    Reserved { reserved: &'static str },
+}
+
+impl core::fmt::Display for TenantNameError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Empty => write!(
+                f,
+                "tenant name is empty; use 1-{TENANT_NAME_LEN} bytes of [A-Za-z0-9._-]"
+            ),
+            Self::TooLong { len } => write!(
+                f,
+                "tenant name is {len} bytes long; at most {TENANT_NAME_LEN} are allowed"
+            ),
+            Self::BadCharacter {
+                position,
+                character,
+            } => write!(
+                f,
+                "tenant name has the character {character:?} at position {position}; \
+                 use letters, digits, '.', '_' and '-'"
+            ),
+            Self::BadFirstCharacter { character } => write!(
+                f,
+                "tenant name starts with {character:?}; it must start with a letter or a digit"
+            ),
+            Self::Reserved { reserved } => write!(
+                f,
+                "tenant name is reserved: {reserved:?} (in any letter case) labels metrics of \
+                 no single tenant"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for TenantNameError {}
+
+/// The rule for tenant names, in the agent's and the sidecar's configs alike: 1 to
+/// [`TENANT_NAME_LEN`] bytes of `[A-Za-z0-9._-]`, starting with a letter or a digit, and none
+/// of [`RESERVED_TENANT_NAMES`] in any letter case. The first problem found is returned.
+pub fn check_tenant_name(name: &str) -> Result<(), TenantNameError> {
+    if name.is_empty() {
+        return Err(TenantNameError::Empty);
+    }
+    if name.len() > TENANT_NAME_LEN {
+        return Err(TenantNameError::TooLong { len: name.len() });
+    }
+    for (i, c) in name.chars().enumerate() {
+        if !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+            return Err(TenantNameError::BadCharacter {
+                position: i + 1,
+                character: c,
+            });
+        }
+    }
+    if let Some(c) = name.chars().next().filter(|c| !c.is_ascii_alphanumeric()) {
+        return Err(TenantNameError::BadFirstCharacter { character: c });
+    }
+    if let Some(reserved) = RESERVED_TENANT_NAMES
+        .iter()
+        .find(|r| r.eq_ignore_ascii_case(name))
+    {
+        return Err(TenantNameError::Reserved { reserved });
+    }
+    Ok(())
+}
 
 /// Index into [`MAP_TRAFFIC`] of a tenant's counters in one direction ([`DIRECTION_INGRESS`] or
 /// [`DIRECTION_EGRESS`]); `None` for an id out of range.
@@ -259,6 +352,124 @@ mod tests {
         let long = "x".repeat(TENANT_NAME_LEN + 1);
         assert!(TenantName::new(&long).is_none());
         assert!(TenantName::new(&long[..TENANT_NAME_LEN]).is_some());
+    }
+
+    #[test]
+    fn tenant_names_follow_the_rule() {
+        for ok in [
+            "a",
+            "acme",
+            "tenant-a",
+            "Acme.Corp_2",
+            "0day",
+            "a..b",
+            "a-",
+            "sharedx",
+            "untagged2",
+        ] {
+            assert_eq!(check_tenant_name(ok), Ok(()), "{ok}");
+        }
+        let longest = "x".repeat(TENANT_NAME_LEN);
+        assert_eq!(check_tenant_name(&longest), Ok(()));
+        assert!(
+            TenantName::new(&longest).is_some(),
+            "every valid name fits the map key"
+        );
+
+        assert_eq!(check_tenant_name(""), Err(TenantNameError::Empty));
+        let long = "x".repeat(TENANT_NAME_LEN + 1);
+        assert_eq!(
+            check_tenant_name(&long),
+            Err(TenantNameError::TooLong { len: 65 })
+        );
+        assert_eq!(
+            check_tenant_name("a b"),
+            Err(TenantNameError::BadCharacter {
+                position: 2,
+                character: ' '
+            })
+        );
+        assert_eq!(
+            check_tenant_name("acme/x"),
+            Err(TenantNameError::BadCharacter {
+                position: 5,
+                character: '/'
+            })
+        );
+        assert_eq!(
+            check_tenant_name("caf\u{e9}"),
+            Err(TenantNameError::BadCharacter {
+                position: 4,
+                character: '\u{e9}'
+            })
+        );
+        // Multi-byte characters count as one position.
+        assert_eq!(
+            check_tenant_name("\u{e9}\u{e9}"),
+            Err(TenantNameError::BadCharacter {
+                position: 1,
+                character: '\u{e9}'
+            })
+        );
+        for (bad, c) in [(".hidden", '.'), ("-x", '-'), ("_", '_')] {
+            assert_eq!(
+                check_tenant_name(bad),
+                Err(TenantNameError::BadFirstCharacter { character: c }),
+                "{bad}"
+            );
+        }
+        for (bad, r) in [
+            ("untagged", "untagged"),
+            ("shared", "shared"),
+            ("unattributed", "unattributed"),
+            ("Untagged", "untagged"),
+            ("SHARED", "shared"),
+            ("UnAttributed", "unattributed"),
+        ] {
+            assert_eq!(
+                check_tenant_name(bad),
+                Err(TenantNameError::Reserved { reserved: r }),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn tenant_name_errors_say_what_is_wrong() {
+        use std::string::ToString;
+        let cases: [(&str, &str); 5] = [
+            ("", "tenant name is empty; use 1-64 bytes of [A-Za-z0-9._-]"),
+            (
+                "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                "tenant name is 68 bytes long; at most 64 are allowed",
+            ),
+            (
+                "a b",
+                "tenant name has the character ' ' at position 2; use letters, digits, '.', '_' and '-'",
+            ),
+            (
+                "-a",
+                "tenant name starts with '-'; it must start with a letter or a digit",
+            ),
+            (
+                "Shared",
+                "tenant name is reserved: \"shared\" (in any letter case) labels metrics of no single tenant",
+            ),
+        ];
+        for (name, want) in cases {
+            assert_eq!(
+                check_tenant_name(name).unwrap_err().to_string(),
+                want,
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reserved_names_are_the_metric_labels_of_no_tenant() {
+        assert!(RESERVED_TENANT_NAMES.contains(&UNTAGGED_TENANT_NAME));
+        assert!(RESERVED_TENANT_NAMES.contains(&SHARED_TENANT_NAME));
+        assert!(RESERVED_TENANT_NAMES.contains(&UNATTRIBUTED_TENANT_NAME));
     }
 
     #[test]

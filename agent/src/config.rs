@@ -8,9 +8,6 @@ use std::path::{Path, PathBuf};
 /// The built-in configuration, used when no `--config` is given.
 pub const DEFAULT_CONFIG: &str = include_str!("../bulkhead-agent.toml");
 
-/// Names that label metrics of traffic or memory that belongs to no single tenant.
-pub const RESERVED_TENANT_NAMES: &[&str] = &["untagged", "shared", "unattributed"];
-
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -313,7 +310,8 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
             let field = format!("tenants[{i}].name");
-            validate_tenant_name(&t.name).map_err(|m| invalid(&field, m))?;
+            agent_common::check_tenant_name(&t.name)
+                .map_err(|e| invalid(&field, format!("{:?}: {e}", t.name)))?;
             if !seen.insert(t.name.as_str()) {
                 return Err(invalid(
                     &field,
@@ -420,28 +418,6 @@ impl Config {
     }
 }
 
-/// A tenant name is 1-64 bytes of `[A-Za-z0-9._-]` and not a reserved label.
-pub fn validate_tenant_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > agent_common::TENANT_NAME_LEN {
-        return Err(format!(
-            "tenant name {name:?} must be 1-{} characters long",
-            agent_common::TENANT_NAME_LEN
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "tenant name {name:?} has the character {c:?}; use letters, digits, '.', '_' and '-'"
-        ));
-    }
-    if RESERVED_TENANT_NAMES.contains(&name) {
-        return Err(format!("tenant name {name:?} is reserved"));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,11 +440,7 @@ mod tests {
     fn errors_name_the_field() {
         assert_eq!(
             err("[[tenants]]\nname = \"a b\""),
-            "config test.toml: field `tenants[0].name`: tenant name \"a b\" has the character ' '; use letters, digits, '.', '_' and '-'"
-        );
-        assert!(
-            err("[[tenants]]\nname = \"untagged\"")
-                .contains("`tenants[0].name`: tenant name \"untagged\" is reserved")
+            "config test.toml: field `tenants[0].name`: \"a b\": tenant name has the character ' ' at position 2; use letters, digits, '.', '_' and '-'"
         );
         assert!(
             err("[[tenants]]\nname = \"a\"\n[[tenants]]\nname = \"a\"")
@@ -481,7 +453,43 @@ mod tests {
         assert!(err("[tagging]\nallowed_uids = []").contains("`tagging.allowed_uids`"));
         assert!(err("[tagging]\nsocket_mode = 4096").contains("`tagging.socket_mode`"));
         let long = "x".repeat(65);
-        assert!(err(&format!("[[tenants]]\nname = \"{long}\"")).contains("1-64 characters"));
+        assert!(
+            err(&format!("[[tenants]]\nname = \"{long}\"")).contains("`tenants[0].name`: \"xxx")
+        );
+        assert!(
+            err(&format!("[[tenants]]\nname = \"{long}\""))
+                .contains("tenant name is 65 bytes long; at most 64 are allowed")
+        );
+    }
+
+    #[test]
+    fn tenant_names_follow_the_shared_rule() {
+        // Reserved names (metric labels of no tenant), in any letter case.
+        for (name, reserved) in [
+            ("untagged", "untagged"),
+            ("Shared", "shared"),
+            ("UNATTRIBUTED", "unattributed"),
+        ] {
+            assert_eq!(
+                err(&format!(
+                    "[[tenants]]\nname = \"a\"\n[[tenants]]\nname = \"{name}\""
+                )),
+                format!(
+                    "config test.toml: field `tenants[1].name`: {name:?}: tenant name is reserved: \
+                     {reserved:?} (in any letter case) labels metrics of no single tenant"
+                )
+            );
+        }
+        // A name must start with a letter or a digit (as the sidecar's always had to).
+        assert_eq!(
+            err("[[tenants]]\nname = \".a\""),
+            "config test.toml: field `tenants[0].name`: \".a\": tenant name starts with '.'; it must start with a letter or a digit"
+        );
+        assert!(
+            err("[[tenants]]\nname = \"\"")
+                .contains("`tenants[0].name`: \"\": tenant name is empty")
+        );
+        assert!(Config::parse("[[tenants]]\nname = \"a.b_c-9\"", "t").is_ok());
     }
 
     #[test]

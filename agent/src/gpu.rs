@@ -15,8 +15,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-pub const SHARED: &str = "shared";
-pub const UNATTRIBUTED: &str = "unattributed";
+/// Label of a shared server's memory that is no tenant's (a name no tenant may have).
+pub const SHARED: &str = agent_common::SHARED_TENANT_NAME;
+/// Label of memory no process or tenant could be found for (a name no tenant may have).
+pub const UNATTRIBUTED: &str = agent_common::UNATTRIBUTED_TENANT_NAME;
 
 /// One process on one GPU, as the source reports it.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

@@ -533,14 +533,6 @@ impl TenantBinding {
     }
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && s.as_bytes()[0].is_ascii_alphanumeric()
-}
-
 impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
@@ -653,11 +645,9 @@ impl Config {
         }
         for (name, t) in &self.tenants {
             let f = |k: &str| format!("tenants.{name}.{k}");
-            if !valid_name(name) {
-                return Err(invalid(
-                    format!("tenants.{name}"),
-                    "tenant names are 1-64 of [A-Za-z0-9._-], starting with a letter or digit",
-                ));
+            // The rule the node agent applies too (its tenants must match these names).
+            if let Err(e) = agent_common::check_tenant_name(name) {
+                return Err(invalid(format!("tenants.{name}"), e.to_string()));
             }
             if t.weight == 0 || t.weight > 10_000 {
                 return Err(invalid(f("weight"), "must be within 1..=10000"));
@@ -870,6 +860,45 @@ tenants = ["*"]
         assert!(e.contains("keys[0].tenants"), "{e}");
         let bad = base() + "\nbogus = 1\n";
         assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn tenant_names_follow_the_shared_rule() {
+        let named = |name: &str| base().replace("[tenants.acme]", &format!("[tenants.{name:?}]"));
+        // Reserved names (the node agent's metric labels of no tenant), in any letter case.
+        for (name, reserved) in [
+            ("untagged", "untagged"),
+            ("Shared", "shared"),
+            ("UNATTRIBUTED", "unattributed"),
+        ] {
+            let e = Config::from_toml(&named(name)).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "config field `tenants.{name}`: tenant name is reserved: {reserved:?} \
+                     (in any letter case) labels metrics of no single tenant"
+                )
+            );
+        }
+        let e = Config::from_toml(&named("a b")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config field `tenants.a b`: tenant name has the character ' ' at position 2; \
+             use letters, digits, '.', '_' and '-'"
+        );
+        let e = Config::from_toml(&named("-a")).unwrap_err().to_string();
+        assert!(
+            e.contains("`tenants.-a`: tenant name starts with '-'"),
+            "{e}"
+        );
+        let e = Config::from_toml(&named(&"x".repeat(65)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tenant name is 65 bytes long; at most 64 are allowed"),
+            "{e}"
+        );
+        Config::from_toml(&named("a.b_c-9")).unwrap();
     }
 
     #[test]

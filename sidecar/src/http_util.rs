@@ -1,13 +1,9 @@
-//! Small HTTP helpers shared by the proxy, the admin server and the simulator.
+//! Small HTTP helpers shared by the proxy and the admin server (and used by `bulkhead-sim`).
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::sync::mpsc;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -35,28 +31,4 @@ pub fn json_error(
         HeaderValue::from_static("application/json"),
     );
     r
-}
-
-/// A body fed from a channel, frame by frame (used by the simulator for streaming).
-pub struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
-}
-
-impl ChannelBody {
-    pub fn new(capacity: usize) -> (mpsc::Sender<Bytes>, Self) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (tx, Self { rx })
-    }
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
 }

@@ -2,8 +2,8 @@
 //! inference servers.
 //!
 //! Entry points: [`run`] / [`run_with`] serve the proxy and admin listeners the caller binds;
-//! [`sim::SimHandle::start`] runs the simulated inference server in-process;
-//! [`signature::sign_request`] signs a request as the trusted gateway does.
+//! [`signature::sign_request`] signs a request as the trusted gateway does. The simulated
+//! inference server and the benchmark live in the `bulkhead-sim` crate.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -18,7 +18,6 @@ pub mod proxy;
 pub mod runtime;
 pub mod server;
 pub mod signature;
-pub mod sim;
 pub mod tagging;
 pub mod upstream;
 pub mod wfq;

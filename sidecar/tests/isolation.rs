@@ -9,7 +9,7 @@
 
 mod common;
 use base64::Engine;
-use bulkhead_sidecar::sim::SimConfig;
+use bulkhead_sim::SimConfig;
 use common::*;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;

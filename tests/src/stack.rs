@@ -17,7 +17,7 @@ pub const GATEWAY_KEY: &[u8] = b"bulkhead-demo-gateway-key-32-bytes!!";
 pub const GATEWAY_KEY_ID: &str = "gateway";
 
 pub struct Stack {
-    pub sim: bulkhead_sidecar::sim::SimHandle,
+    pub sim: bulkhead_sim::SimHandle,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -39,13 +39,13 @@ impl Stack {
     /// `agent_socket`, when given, is the node agent's tagging socket; `dir` holds the key,
     /// the audit log and the config.
     pub async fn start(
-        sim: bulkhead_sidecar::sim::SimConfig,
+        sim: bulkhead_sim::SimConfig,
         tenants: &str,
         extra: &str,
         agent_socket: Option<&Path>,
         dir: &Path,
     ) -> Stack {
-        let sim = bulkhead_sidecar::sim::SimHandle::start(sim)
+        let sim = bulkhead_sim::SimHandle::start(sim)
             .await
             .expect("start the sim");
         std::fs::create_dir_all(dir).unwrap();

@@ -141,7 +141,7 @@ async fn prometheus_sees_per_tenant_series_and_fires_the_cross_tenant_alert() {
     let agent = Agent::start(&agent_bin, &paths, &config);
     let dir = TempDir::new("prometheus-e2e");
     let stack = Stack::start(
-        bulkhead_sidecar::sim::SimConfig::default(),
+        bulkhead_sim::SimConfig::default(),
         "[tenants.alpha]\nweight = 1\n[tenants.beta]\nweight = 1\n",
         "",
         Some(&paths.socket),

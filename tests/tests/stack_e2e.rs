@@ -20,7 +20,7 @@ async fn the_sidecar_tags_its_sockets_and_the_agent_counts_each_tenant() {
     let dir = TempDir::new("stack-e2e");
     let tenants = "[tenants.alpha]\nweight = 1\n[tenants.beta]\nweight = 1\n";
     let stack = Stack::start(
-        bulkhead_sidecar::sim::SimConfig::default(),
+        bulkhead_sim::SimConfig::default(),
         tenants,
         "",
         Some(&paths.socket),
@@ -108,7 +108,7 @@ async fn the_sidecars_kv_reports_split_the_servers_gpu_memory_in_the_agent() {
     let model = "[model]\nlayers = 32\nkv_heads = 8\nhead_dim = 128\ndtype = \"bf16\"\n";
     let stack = std::sync::Arc::new(
         Stack::start(
-            bulkhead_sidecar::sim::SimConfig::default(),
+            bulkhead_sim::SimConfig::default(),
             "[tenants.alpha]\nweight = 1\n[tenants.beta]\nweight = 1\n",
             model,
             Some(&paths.socket),

@@ -202,7 +202,16 @@ fn bench_sidecar(rest: &[&str]) -> Result<()> {
             eprintln!("bench sidecar: nginx could not be installed; the nginx baseline is skipped");
         }
     }
-    run(cargo().args(["build", "--release", "-p", "bulkhead-sidecar", "--bins"]))?;
+    // bulkhead-bench starts bulkhead-sim and bulkhead-sidecar from the directory it is in.
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bulkhead-sidecar",
+        "-p",
+        "bulkhead-sim",
+        "--bins",
+    ]))?;
     let bin_dir = root().join("target/release");
     run(Command::new(bin_dir.join("bulkhead-bench"))
         .arg("--bin-dir")

@@ -4,7 +4,7 @@
 use base64::Engine;
 use bulkhead_sidecar::Config;
 use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
-use bulkhead_sidecar::sim::{SimConfig, SimHandle};
+use bulkhead_sim::{SimConfig, SimHandle};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full};

@@ -79,7 +79,7 @@ async fn main() -> ExitCode {
         .iter()
         .map(|(name, _, limits)| format!("[tenants.{name}]\n{limits}\n"))
         .collect();
-    let sim = bulkhead_sidecar::sim::SimConfig {
+    let sim = bulkhead_sim::SimConfig {
         time_to_first_token: Duration::from_millis(20),
         inter_token_latency: Duration::from_millis(1),
         completion_tokens: 32,

@@ -1,6 +1,6 @@
 //! The simulator on its own: OpenAI-compatible shapes, usage, streaming, timing.
 
-use bulkhead_sidecar::sim::{SimConfig, SimHandle};
+use bulkhead_sim::{SimConfig, SimHandle};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};

@@ -1,7 +1,7 @@
-//! bulkhead-sim: a simulated OpenAI-compatible inference server (see `bulkhead_sidecar::sim`).
+//! bulkhead-sim: a simulated OpenAI-compatible inference server (see the `bulkhead_sim` library).
 #![forbid(unsafe_code)]
 
-use bulkhead_sidecar::sim::{Sim, SimConfig, serve};
+use bulkhead_sim::{Sim, SimConfig, serve};
 use clap::Parser;
 use std::time::Duration;
 

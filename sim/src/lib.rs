@@ -1,8 +1,13 @@
-//! `bulkhead-sim`: a simulated OpenAI-compatible inference server for tests, the demo and
-//! benchmarks. Streaming and non-streaming chat/completions, embeddings and models, with
-//! configurable time to first token, inter-token latency and length; returns `usage`.
+//! bulkhead-sim: a simulated OpenAI-compatible inference server for tests, the demo and
+//! benchmarks; none of it is part of the production sidecar. Streaming and non-streaming
+//! chat/completions, embeddings and models, with configurable time to first token,
+//! inter-token latency and length; returns `usage`.
 //!
-//! Requests are handled by [`Sim::handle`].
+//! Binaries: `bulkhead-sim` (the simulator on its own) and `bulkhead-bench` (the sidecar
+//! benchmark, run by `cargo xtask bench sidecar`).
+//!
+//! Requests are handled by [`Sim::handle`]; [`SimHandle::start`] runs the simulator in the
+//! background of the current runtime on 127.0.0.1:0, [`serve`] on a listener of your own.
 //!
 //! Prefix cache: the prompt's words are hashed in blocks of `prefix_block_words`, chained like
 //! vLLM's block hashes, with `cache_salt` folded into the first block; the longest cached
@@ -12,20 +17,24 @@
 //! `POST /reset_prefix_cache` (vLLM: `{"success": false}` while requests run, or a 503 with
 //! `reset_busy_status = 503`; `{"success": true}` when idle) and `POST /flush_cache` (SGLang:
 //! 400 "Cache not flushed because there are pending requests" while busy) empty it.
+#![forbid(unsafe_code)]
 
-use crate::http_util::{ChannelBody, ProxyBody, full, json_error};
+use bulkhead_sidecar::http_util::{ProxyBody, full, json_error};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -692,5 +701,29 @@ impl SimHandle {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+    }
+}
+
+/// A body fed from a channel, frame by frame (the streamed responses).
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl ChannelBody {
+    fn new(capacity: usize) -> (mpsc::Sender<Bytes>, Self) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (tx, Self { rx })
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
