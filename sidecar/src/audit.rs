@@ -682,6 +682,12 @@ impl Disk {
             if !self.remove(&name, idx) {
                 return; // could not delete: do not spin (the write is then refused)
             }
+            tracing::info!(
+                stream,
+                file = %self.path(&name, idx).display(),
+                share = self.share,
+                "deleted an old audit file to stay within the stream's share"
+            );
         }
     }
 
