@@ -1,17 +1,48 @@
 //! Audit log: one JSON line per request, written per tenant to `<dir>/<tenant>.jsonl` so one
 //! tenant's log can be handed over without the others'. Requests without a verified tenant go
 //! to `_unauthenticated.jsonl`. Prompts are never written, only a keyed hash (HMAC-SHA256).
+//!
+//! Bounded against floods (nobody can fill the disk, and one stream cannot push out another's
+//! records):
+//! * a *stream* is a configured tenant or `_unauthenticated`; each has its own share of the
+//!   in-memory buffer and of the disk (`max_total_bytes / streams`);
+//! * `<stream>.jsonl` rotates to `<stream>.jsonl.1`, `.2`, ... at `min(max_file_bytes, share / 2)`
+//!   bytes; making room deletes only the same stream's oldest rotated files, so the directory
+//!   never holds more than `max_total_bytes` of audit files;
+//! * unauthenticated records are rate limited (a token bucket) and their client-controlled
+//!   strings are cut short (`route` to 256 bytes, marked `route_truncated: true`);
+//! * everything not written is counted in `bulkhead_audit_dropped_total{reason}`.
+//!
+//! Records of a tenant that is not (or no longer) configured are written to the
+//! `_unauthenticated` stream (their `tenant` field kept), and files left by tenants that are no
+//! longer configured count against the `_unauthenticated` share: they are deleted, oldest first,
+//! only after `_unauthenticated`'s own rotated files, when that share needs the room.
 
+use crate::metrics::Reason;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use ring::hmac;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The file stem for requests that carried no verified tenant.
 pub const UNAUTHENTICATED: &str = "_unauthenticated";
+
+/// `route` of an unauthenticated record is cut to at most this many bytes.
+pub const MAX_UNAUTHENTICATED_ROUTE: usize = 256;
+/// `route` of any other record is cut to at most this many bytes (a record always fits a file).
+pub const MAX_ROUTE: usize = 2048;
+/// `method` is cut to at most this many bytes (marked `method_truncated: true`).
+pub const MAX_METHOD: usize = 32;
+/// Other strings (`request_id`, `key_id`, `reason`) are cut to this many bytes.
+const MAX_SHORT: usize = 128;
+
+/// The reasons of `bulkhead_audit_dropped_total{reason}`.
+pub const DROP_REASONS: [&str; 4] = ["rate_limited", "buffer_full", "oversized", "write_failed"];
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct AuditRecord {
@@ -36,6 +67,48 @@ pub struct AuditRecord {
     pub queue_ms: Option<f64>,
     /// HMAC-SHA256 (hex) of the prompt part of the body under the audit key.
     pub prompt_hash: Option<String>,
+    /// Set (and written) when `route` was cut short; see [`MAX_UNAUTHENTICATED_ROUTE`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub route_truncated: bool,
+    /// Set (and written) when `method` was cut short; see [`MAX_METHOD`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub method_truncated: bool,
+}
+
+/// Cut `s` to at most `max` bytes on a character boundary; true when it was cut.
+fn truncate(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let end = s.floor_char_boundary(max);
+    s.truncate(end);
+    true
+}
+
+impl AuditRecord {
+    /// Bound every string a client can influence, so that a record's size is bounded.
+    fn bound(&mut self) {
+        let route_max = if self.tenant == UNAUTHENTICATED {
+            MAX_UNAUTHENTICATED_ROUTE
+        } else {
+            MAX_ROUTE
+        };
+        self.route_truncated |= truncate(&mut self.route, route_max);
+        self.method_truncated |= truncate(&mut self.method, MAX_METHOD);
+        truncate(&mut self.request_id, MAX_SHORT);
+        truncate(&mut self.tenant, MAX_SHORT);
+        for s in [
+            &mut self.key_id,
+            &mut self.client_request_id,
+            &mut self.reason,
+            &mut self.prompt_hash,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            truncate(s, MAX_SHORT);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,35 +121,189 @@ pub enum AuditError {
     },
 }
 
-/// Buffers shared between request handlers and the writer thread.
-struct Shared {
-    state: Mutex<Buffers>,
-    wake: Condvar,
+/// Size and rate bounds (from `[audit]`; a reload applies them through [`AuditLog::update`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditLimits {
+    /// A file rotates at this size (or at half its stream's share, when that is smaller).
+    pub max_file_bytes: u64,
+    /// All audit files together stay within this; each stream gets an equal share.
+    pub max_total_bytes: u64,
+    /// Unauthenticated records per second (token bucket refill) ...
+    pub unauthenticated_per_second: u32,
+    /// ... and the bucket's size.
+    pub unauthenticated_burst: u32,
 }
 
-#[derive(Default)]
-struct Buffers {
-    per_tenant: HashMap<String, Vec<u8>>,
-    bytes: usize,
-    closed: bool,
+impl From<&crate::config::AuditConfig> for AuditLimits {
+    fn from(c: &crate::config::AuditConfig) -> Self {
+        Self {
+            max_file_bytes: c.max_file_bytes,
+            max_total_bytes: c.max_total_bytes,
+            unauthenticated_per_second: c.unauthenticated_per_second,
+            unauthenticated_burst: c.unauthenticated_burst,
+        }
+    }
+}
+
+/// One counter per drop reason, looked up once.
+#[derive(Clone, Default)]
+struct Drops {
+    rate_limited: Counter,
+    buffer_full: Counter,
+    oversized: Counter,
+    write_failed: Counter,
+}
+
+impl Drops {
+    fn new(family: &Family<Reason, Counter>) -> Self {
+        let c = |reason| family.get_or_create(&Reason { reason }).clone();
+        Self {
+            rate_limited: c("rate_limited"),
+            buffer_full: c("buffer_full"),
+            oversized: c("oversized"),
+            write_failed: c("write_failed"),
+        }
+    }
+}
+
+/// Unauthenticated records allowed: refills `rate` per second up to `burst`.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: f64::from(rate),
+            burst,
+            tokens: burst,
+            last: None,
+        }
+    }
+
+    fn set(&mut self, rate: u32, burst: u32) {
+        self.rate = f64::from(rate);
+        self.burst = f64::from(burst.max(1));
+        self.tokens = self.tokens.min(self.burst);
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let dt = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Flush at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
-/// Wake the writer early when this much is buffered.
+/// Wake the writer early when this much is buffered (all streams together).
 const WAKE_AT: usize = 256 * 1024;
-/// Drop records (and count them) beyond this much unwritten data.
+/// The buffer all streams share at most: each stream may hold this divided by the number of
+/// streams unwritten, ...
 const MAX_BUFFERED: usize = 16 * 1024 * 1024;
+/// ... but never less than this.
+const MIN_STREAM_BUFFER: usize = 64 * 1024;
+
+fn buffer_share(streams: usize) -> usize {
+    (MAX_BUFFERED / streams.max(1)).max(MIN_STREAM_BUFFER)
+}
+
+/// Buffers shared between request handlers and the writer thread.
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+struct State {
+    limits: AuditLimits,
+    /// The configured tenants (each its own stream; `_unauthenticated` is always one).
+    tenants: Arc<HashSet<String>>,
+    /// Bumped by `update`, so the writer knows to recompute the shares.
+    generation: u64,
+    /// Unwritten lines per stream.
+    pending: HashMap<String, Vec<u8>>,
+    pending_bytes: usize,
+    /// How much one stream may hold unwritten.
+    stream_cap: usize,
+    bucket: Bucket,
+    wake_now: bool,
+    closed: bool,
+}
+
+impl State {
+    fn new(tenants: HashSet<String>, limits: &AuditLimits) -> Self {
+        Self {
+            limits: *limits,
+            stream_cap: buffer_share(tenants.len() + 1),
+            tenants: Arc::new(tenants),
+            generation: 0,
+            pending: HashMap::new(),
+            pending_bytes: 0,
+            bucket: Bucket::new(
+                limits.unauthenticated_per_second,
+                limits.unauthenticated_burst,
+            ),
+            wake_now: false,
+            closed: false,
+        }
+    }
+
+    /// Buffer one serialized record: `Ok(true)` when the writer should be woken now, `Err`
+    /// when the record was dropped (and counted).
+    fn push(&mut self, tenant: &str, line: &[u8], now: Instant, drops: &Drops) -> Result<bool, ()> {
+        let stream = if tenant == UNAUTHENTICATED {
+            if !self.bucket.take(now) {
+                drops.rate_limited.inc();
+                return Err(());
+            }
+            UNAUTHENTICATED
+        } else if self.tenants.contains(tenant) {
+            tenant
+        } else {
+            UNAUTHENTICATED
+        };
+        let cap = self.stream_cap;
+        let buf = match self.pending.get_mut(stream) {
+            Some(b) => b,
+            None => self.pending.entry(stream.to_string()).or_default(),
+        };
+        if buf.len() + line.len() > cap {
+            drops.buffer_full.inc();
+            return Err(());
+        }
+        buf.extend_from_slice(line);
+        let half_full = buf.len() >= cap / 2;
+        self.pending_bytes += line.len();
+        if !self.wake_now && (half_full || self.pending_bytes >= WAKE_AT) {
+            self.wake_now = true;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
 
 /// The recording side; cheap to clone. Records are serialized on the request path into a
-/// per-tenant buffer and written by one thread at least every 50 ms, so the request path
+/// per-stream buffer and written by one thread at least every 50 ms, so the request path
 /// never waits on the disk and rarely wakes another thread.
 #[derive(Clone)]
 pub struct AuditLog {
     shared: Option<Arc<Shared>>,
     _closer: Option<Arc<Closer>>,
     key: hmac::Key,
-    dropped: prometheus_client::metrics::counter::Counter,
+    drops: Drops,
 }
 
 /// Tells the writer to finish when the last `AuditLog` clone goes away.
@@ -100,28 +327,39 @@ impl AuditLog {
             shared: None,
             _closer: None,
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
-            dropped: Default::default(),
+            drops: Drops::default(),
         }
     }
 
     /// Start the writer thread; it writes what is left and ends when every clone is dropped.
-    pub fn start(
+    /// `tenants` are the configured tenants (each gets its own buffer and disk share). Files
+    /// already in `dir` are counted (and trimmed to the shares) before this returns.
+    pub fn start<I, S>(
         dir: PathBuf,
         key: &[u8],
-        dropped: prometheus_client::metrics::counter::Counter,
-    ) -> Result<(Self, std::thread::JoinHandle<()>), AuditError> {
+        limits: AuditLimits,
+        tenants: I,
+        dropped: Family<Reason, Counter>,
+    ) -> Result<(Self, std::thread::JoinHandle<()>), AuditError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
         std::fs::create_dir_all(&dir).map_err(|source| AuditError::Dir {
             path: dir.clone(),
             source,
         })?;
+        let drops = Drops::new(&dropped);
+        let tenants: HashSet<String> = tenants.into_iter().map(Into::into).collect();
+        let disk = Disk::open(dir, limits, tenants.clone(), drops.clone());
         let shared = Arc::new(Shared {
-            state: Mutex::new(Buffers::default()),
+            state: Mutex::new(State::new(tenants, &limits)),
             wake: Condvar::new(),
         });
         let w = shared.clone();
         let handle = std::thread::Builder::new()
             .name("bulkhead-audit".into())
-            .spawn(move || writer(dir, w))
+            .spawn(move || writer(disk, w))
             .map_err(|source| AuditError::Dir {
                 path: PathBuf::from("<audit writer thread>"),
                 source,
@@ -131,10 +369,38 @@ impl AuditLog {
                 _closer: Some(Arc::new(Closer(shared.clone()))),
                 shared: Some(shared),
                 key: hmac::Key::new(hmac::HMAC_SHA256, key),
-                dropped,
+                drops,
             },
             handle,
         ))
+    }
+
+    /// Apply a reloaded configuration: new limits and the configured tenants. The buffer and
+    /// disk shares are recomputed, and the writer trims every stream to its new share on its
+    /// next round. Files of tenants no longer listed then count against `_unauthenticated`'s
+    /// share. (`audit.dir` and `audit.hash_key_file` are read at start only.)
+    pub fn update<I, S>(&self, limits: AuditLimits, tenants: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let Some(shared) = &self.shared else { return };
+        let tenants: HashSet<String> = tenants.into_iter().map(Into::into).collect();
+        let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *st.tenants == tenants && st.limits == limits {
+            return;
+        }
+        st.bucket.set(
+            limits.unauthenticated_per_second,
+            limits.unauthenticated_burst,
+        );
+        st.limits = limits;
+        st.stream_cap = buffer_share(tenants.len() + 1);
+        st.tenants = Arc::new(tenants);
+        st.generation += 1;
+        st.wake_now = true;
+        drop(st);
+        shared.wake.notify_one();
     }
 
     pub fn prompt_hash(&self, prompt: &[u8]) -> String {
@@ -147,75 +413,647 @@ impl AuditLog {
         out
     }
 
-    /// Buffer a record; never blocks on I/O (drops and counts when the writer is far behind).
-    pub fn record(&self, rec: AuditRecord) {
+    /// Buffer a record; never blocks on I/O (drops and counts when rate limited or when the
+    /// stream's buffer share is full).
+    pub fn record(&self, mut rec: AuditRecord) {
         let Some(shared) = &self.shared else { return };
+        rec.bound();
         let mut line = match serde_json::to_vec(&rec) {
             Ok(l) => l,
             Err(_) => return,
         };
         line.push(b'\n');
+        let now = Instant::now();
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.bytes + line.len() > MAX_BUFFERED {
-            drop(st);
-            self.dropped.inc();
-            return;
-        }
-        st.bytes += line.len();
-        let wake = st.bytes >= WAKE_AT;
-        match st.per_tenant.get_mut(&rec.tenant) {
-            Some(buf) => buf.extend_from_slice(&line),
-            None => {
-                st.per_tenant.insert(rec.tenant, line);
-            }
-        }
+        let wake = st.push(&rec.tenant, &line, now, &self.drops);
         drop(st);
-        if wake {
+        if wake == Ok(true) {
             shared.wake.notify_one();
         }
     }
 }
 
-fn writer(dir: PathBuf, shared: Arc<Shared>) {
-    let mut files: HashMap<String, std::fs::File> = HashMap::new();
+fn writer(mut disk: Disk, shared: Arc<Shared>) {
+    let mut generation = 0;
     loop {
-        let (batch, closed) = {
+        let (batch, update, closed) = {
             let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             let (mut st, _) = shared
                 .wake
-                .wait_timeout_while(st, FLUSH_EVERY, |b| !b.closed && b.bytes < WAKE_AT)
+                .wait_timeout_while(st, FLUSH_EVERY, |s| !s.closed && !s.wake_now)
                 .unwrap_or_else(|e| e.into_inner());
-            st.bytes = 0;
-            (std::mem::take(&mut st.per_tenant), st.closed)
+            st.wake_now = false;
+            st.pending_bytes = 0;
+            let update = (st.generation != generation).then(|| {
+                generation = st.generation;
+                (st.limits, st.tenants.clone())
+            });
+            let batch: Vec<(String, Vec<u8>)> = st
+                .pending
+                .iter_mut()
+                .filter(|(_, b)| !b.is_empty())
+                .map(|(k, b)| (k.clone(), std::mem::take(b)))
+                .collect();
+            (batch, update, st.closed)
         };
-        for (tenant, data) in batch {
-            if data.is_empty() {
-                continue;
-            }
-            if !files.contains_key(&tenant) {
-                let path = dir.join(format!("{tenant}.jsonl"));
-                match std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                {
-                    Ok(f) => {
-                        files.insert(tenant.clone(), f);
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot open audit log");
-                        continue;
-                    }
-                }
-            }
-            if let Some(f) = files.get_mut(&tenant)
-                && let Err(e) = f.write_all(&data)
-            {
-                tracing::warn!(tenant = %tenant, error = %e, "audit write failed");
-            }
+        if let Some((limits, tenants)) = update {
+            disk.configure(limits, (*tenants).clone());
+        }
+        for (stream, data) in batch {
+            disk.append(&stream, &data);
         }
         if closed {
             return;
         }
+    }
+}
+
+/// One stream's files: `<name>.jsonl` (index 0) and `<name>.jsonl.<n>` (older as n grows).
+#[derive(Default)]
+struct Files {
+    current: Option<std::fs::File>,
+    current_size: u64,
+    /// Rotated files: index -> size.
+    rotated: BTreeMap<u64, u64>,
+}
+
+impl Files {
+    fn total(&self) -> u64 {
+        self.current_size + self.rotated.values().sum::<u64>()
+    }
+}
+
+/// The writer's view of the directory; all disk I/O happens here, on the writer thread.
+struct Disk {
+    dir: PathBuf,
+    limits: AuditLimits,
+    tenants: HashSet<String>,
+    /// Each stream's share of `max_total_bytes`.
+    share: u64,
+    /// The size at which a stream's current file rotates.
+    file_limit: u64,
+    /// Every stream with files here: configured, `_unauthenticated`, and retired ones.
+    streams: HashMap<String, Files>,
+    drops: Drops,
+}
+
+/// `<stem>.jsonl` -> (stem, 0); `<stem>.jsonl.<n>` -> (stem, n). Other names are not ours.
+fn parse_name(name: &str) -> Option<(&str, u64)> {
+    let (stem, idx) = match name.strip_suffix(".jsonl") {
+        Some(stem) => (stem, 0),
+        None => {
+            let (head, digits) = name.rsplit_once('.')?;
+            let n: u64 = digits.parse().ok().filter(|n| *n > 0)?;
+            if n.to_string() != digits {
+                return None; // `01`, `+1`: not a name this writer makes
+            }
+            (head.strip_suffix(".jsonl")?, n)
+        }
+    };
+    safe_stem(stem).then_some((stem, idx))
+}
+
+/// A name usable as a file stem: `_unauthenticated` or a config-valid tenant name.
+fn safe_stem(s: &str) -> bool {
+    s == UNAUTHENTICATED
+        || (!s.is_empty()
+            && s.len() <= 64
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'))
+}
+
+fn count_lines(data: &[u8]) -> u64 {
+    data.iter().filter(|b| **b == b'\n').count() as u64
+}
+
+impl Disk {
+    /// Count the audit files already in `dir` and trim every stream to its share.
+    fn open(dir: PathBuf, limits: AuditLimits, tenants: HashSet<String>, drops: Drops) -> Self {
+        let mut d = Disk {
+            dir,
+            limits,
+            tenants: HashSet::new(),
+            share: 0,
+            file_limit: 0,
+            streams: HashMap::new(),
+            drops,
+        };
+        d.scan();
+        d.configure(limits, tenants);
+        d
+    }
+
+    fn scan(&mut self) {
+        self.streams.clear();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot list the audit directory");
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some((stem, idx)) = name.to_str().and_then(parse_name) else {
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let files = self.streams.entry(stem.to_string()).or_default();
+            if idx == 0 {
+                files.current_size = meta.len();
+            } else {
+                files.rotated.insert(idx, meta.len());
+            }
+        }
+    }
+
+    /// Recompute the shares (for new limits or tenants) and trim every stream to its share.
+    fn configure(&mut self, limits: AuditLimits, tenants: HashSet<String>) {
+        self.limits = limits;
+        let streams = tenants.len() as u64 + 1;
+        self.tenants = tenants;
+        self.share = self.limits.max_total_bytes / streams;
+        self.file_limit = self.limits.max_file_bytes.min(self.share / 2);
+        let mut names: Vec<String> = self
+            .streams
+            .keys()
+            .filter(|n| self.tenants.contains(*n))
+            .cloned()
+            .collect();
+        names.sort();
+        // Each configured stream within its share, then `_unauthenticated` (with the retired).
+        for name in &names {
+            self.trim(name, 0);
+        }
+        self.trim(UNAUTHENTICATED, 0);
+    }
+
+    fn path(&self, stem: &str, idx: u64) -> PathBuf {
+        if idx == 0 {
+            self.dir.join(format!("{stem}.jsonl"))
+        } else {
+            self.dir.join(format!("{stem}.jsonl.{idx}"))
+        }
+    }
+
+    /// Streams that are neither configured nor `_unauthenticated` (their files stay until the
+    /// `_unauthenticated` share needs the room).
+    fn retired(&self) -> Vec<String> {
+        let mut r: Vec<String> = self
+            .streams
+            .keys()
+            .filter(|n| *n != UNAUTHENTICATED && !self.tenants.contains(*n))
+            .cloned()
+            .collect();
+        r.sort();
+        r
+    }
+
+    /// Bytes counted against `stream`'s share.
+    fn group_total(&self, stream: &str) -> u64 {
+        let own = self.streams.get(stream).map_or(0, Files::total);
+        if stream == UNAUTHENTICATED {
+            own + self
+                .retired()
+                .iter()
+                .filter_map(|n| self.streams.get(n))
+                .map(Files::total)
+                .sum::<u64>()
+        } else {
+            own
+        }
+    }
+
+    /// Delete one file; false (and it stays counted) when it could not be deleted.
+    fn remove(&mut self, stem: &str, idx: u64) -> bool {
+        let path = self.path(stem, idx);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete an old audit file");
+            return false;
+        }
+        if let Some(f) = self.streams.get_mut(stem) {
+            if idx == 0 {
+                f.current = None;
+                f.current_size = 0;
+            } else {
+                f.rotated.remove(&idx);
+            }
+            if f.current.is_none() && f.current_size == 0 && f.rotated.is_empty() {
+                self.streams.remove(stem);
+            }
+        }
+        true
+    }
+
+    /// The next file to delete for room in `stream`'s share: its own oldest rotated file; for
+    /// `_unauthenticated` then a retired stream's oldest file; and, only when `last_resort`, the
+    /// stream's current file. Never another configured stream's file.
+    fn victim(&self, stream: &str, last_resort: bool) -> Option<(String, u64)> {
+        let own = self.streams.get(stream);
+        if let Some(idx) = own.and_then(|f| f.rotated.keys().next_back()) {
+            return Some((stream.to_string(), *idx));
+        }
+        if stream == UNAUTHENTICATED {
+            for name in self.retired() {
+                let Some(f) = self.streams.get(&name) else {
+                    continue;
+                };
+                if let Some(idx) = f.rotated.keys().next_back() {
+                    return Some((name, *idx));
+                }
+                if f.current_size > 0 {
+                    return Some((name, 0));
+                }
+            }
+        }
+        (last_resort && own.is_some_and(|f| f.current_size > 0)).then(|| (stream.to_string(), 0))
+    }
+
+    /// Delete old files (see [`Disk::victim`]) until `need` more bytes fit `stream`'s share.
+    /// With `need` 0 (a share shrank) the current file goes too when nothing else is left.
+    fn trim(&mut self, stream: &str, need: u64) {
+        while self.group_total(stream) + need > self.share {
+            let Some((name, idx)) = self.victim(stream, need == 0) else {
+                return;
+            };
+            if idx == 0 && name == stream {
+                tracing::warn!(
+                    stream,
+                    "audit share shrank below the current file: deleting it"
+                );
+            }
+            if !self.remove(&name, idx) {
+                return; // could not delete: do not spin (the write is then refused)
+            }
+            tracing::info!(
+                stream,
+                file = %self.path(&name, idx).display(),
+                share = self.share,
+                "deleted an old audit file to stay within the stream's share"
+            );
+        }
+    }
+
+    /// `<stream>.jsonl` -> `.1`, `.1` -> `.2`, ... On an error, recount from the directory
+    /// and return false.
+    fn rotate(&mut self, stream: &str) -> bool {
+        let Some(f) = self.streams.get_mut(stream) else {
+            return false;
+        };
+        f.current = None;
+        let idxs: Vec<u64> = f.rotated.keys().rev().copied().collect();
+        for idx in idxs.into_iter().chain(std::iter::once(0)) {
+            let (from, to) = (self.path(stream, idx), self.path(stream, idx + 1));
+            if let Err(e) = std::fs::rename(&from, &to)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(from = %from.display(), error = %e, "cannot rotate an audit file");
+                self.scan();
+                return false;
+            }
+        }
+        if let Some(f) = self.streams.get_mut(stream) {
+            let size = f.current_size;
+            f.rotated = std::mem::take(&mut f.rotated)
+                .into_iter()
+                .map(|(i, s)| (i + 1, s))
+                .collect();
+            f.rotated.insert(1, size);
+            f.current_size = 0;
+        }
+        true
+    }
+
+    fn open_current(&mut self, stream: &str) -> bool {
+        let path = self.path(stream, 0);
+        if !self.streams.contains_key(stream) {
+            self.streams.insert(stream.to_string(), Files::default());
+        }
+        let Some(f) = self.streams.get_mut(stream) else {
+            return false;
+        };
+        if f.current.is_some() {
+            return true;
+        }
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(file) => {
+                if let Ok(m) = file.metadata() {
+                    f.current_size = m.len();
+                }
+                f.current = Some(file);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open audit log");
+                false
+            }
+        }
+    }
+
+    /// Append whole lines to `stream`, rotating and making room within its share.
+    fn append(&mut self, stream: &str, data: &[u8]) {
+        let stream = if stream == UNAUTHENTICATED || self.tenants.contains(stream) {
+            stream
+        } else {
+            UNAUTHENTICATED
+        };
+        let mut rest = data;
+        while !rest.is_empty() {
+            let cur = self.streams.get(stream).map_or(0, |f| f.current_size);
+            let room = self.file_limit.saturating_sub(cur);
+            // As many whole lines as fit the current file.
+            let mut take = 0usize;
+            for (i, b) in rest.iter().enumerate() {
+                if (i + 1) as u64 > room {
+                    break;
+                }
+                if *b == b'\n' {
+                    take = i + 1;
+                }
+            }
+            if take == 0 {
+                if cur > 0 {
+                    if !self.rotate(stream) {
+                        self.drops.write_failed.inc_by(count_lines(rest));
+                        return;
+                    }
+                    continue;
+                }
+                // One line longer than a whole file: cannot be kept within the share.
+                let len = rest
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(rest.len(), |p| p + 1);
+                self.drops.oversized.inc();
+                rest = &rest[len..];
+                continue;
+            }
+            let piece = &rest[..take];
+            rest = &rest[take..];
+            self.trim(stream, take as u64);
+            if self.group_total(stream) + take as u64 > self.share || !self.open_current(stream) {
+                self.drops.write_failed.inc_by(count_lines(piece));
+                continue;
+            }
+            let Some(f) = self.streams.get_mut(stream) else {
+                continue;
+            };
+            let res = match f.current.as_mut() {
+                Some(file) => file.write_all(piece),
+                None => continue,
+            };
+            match res {
+                Ok(()) => f.current_size += take as u64,
+                Err(e) => {
+                    tracing::warn!(stream, error = %e, "audit write failed");
+                    self.drops.write_failed.inc_by(count_lines(piece));
+                    // Count what did reach the file, and reopen next time.
+                    let size = f.current.as_ref().and_then(|x| x.metadata().ok());
+                    f.current_size = size.map_or(f.current_size + take as u64, |m| m.len());
+                    f.current = None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn limits(file: u64, total: u64) -> AuditLimits {
+        AuditLimits {
+            max_file_bytes: file,
+            max_total_bytes: total,
+            unauthenticated_per_second: 10,
+            unauthenticated_burst: 5,
+        }
+    }
+
+    fn set(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn line(tag: &str, n: usize, len: usize) -> Vec<u8> {
+        let mut l = format!("{{\"t\":\"{tag}\",\"n\":{n},\"pad\":\"");
+        while l.len() < len - 3 {
+            l.push('x');
+        }
+        l.push_str("\"}\n");
+        l.into_bytes()
+    }
+
+    fn dir_total(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    fn lines_of(dir: &Path, stem: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            if parse_name(&name).is_some_and(|(s, _)| s == stem) {
+                let text = std::fs::read_to_string(e.path()).unwrap();
+                out.extend(text.lines().map(str::to_string));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn truncation_is_on_a_char_boundary_and_marked() {
+        let mut rec = AuditRecord {
+            tenant: UNAUTHENTICATED.into(),
+            route: format!("/v1/{}", "é".repeat(4000)),
+            method: "X".repeat(100),
+            ..Default::default()
+        };
+        rec.bound();
+        assert!(rec.route.len() <= MAX_UNAUTHENTICATED_ROUTE && rec.route.len() >= 250);
+        assert!(rec.route_truncated && rec.method_truncated);
+        assert_eq!(rec.method.len(), MAX_METHOD);
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["route_truncated"], true);
+        let mut short = AuditRecord {
+            tenant: "acme".into(),
+            route: "/v1/models".into(),
+            method: "GET".into(),
+            ..Default::default()
+        };
+        short.bound();
+        let json = serde_json::to_value(&short).unwrap();
+        assert!(json.get("route_truncated").is_none(), "{json}");
+        assert_eq!(json["route"], "/v1/models");
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(parse_name("acme.jsonl"), Some(("acme", 0)));
+        assert_eq!(parse_name("acme.jsonl.12"), Some(("acme", 12)));
+        assert_eq!(
+            parse_name("_unauthenticated.jsonl.1"),
+            Some((UNAUTHENTICATED, 1))
+        );
+        for bad in [
+            "acme.jsonl.0",
+            "acme.jsonl.01",
+            "acme.json",
+            "x",
+            ".jsonl",
+            "a b.jsonl",
+        ] {
+            assert_eq!(parse_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn bucket_refills_at_rate_up_to_burst() {
+        let mut b = Bucket::new(10, 5);
+        let t0 = Instant::now();
+        assert_eq!((0..20).filter(|_| b.take(t0)).count(), 5);
+        assert!(!b.take(t0 + Duration::from_millis(50)));
+        assert!(b.take(t0 + Duration::from_millis(110)));
+        let later = t0 + Duration::from_secs(100);
+        assert_eq!((0..20).filter(|_| b.take(later)).count(), 5);
+    }
+
+    #[test]
+    fn one_streams_burst_does_not_drop_anothers_records() {
+        let drops = Drops::default();
+        let mut st = State::new(set(&["a", "b"]), &limits(1 << 20, 1 << 30));
+        let cap = st.stream_cap;
+        let l = line("a", 0, 1000);
+        let now = Instant::now();
+        let mut kept = 0;
+        for _ in 0..(cap / 1000 + 100) {
+            if st.push("a", &l, now, &drops).is_ok() {
+                kept += 1;
+            }
+        }
+        assert!(kept <= cap / 1000 && kept > 0);
+        assert!(drops.buffer_full.get() >= 100);
+        let full = drops.buffer_full.get();
+        for _ in 0..100 {
+            st.push("b", &line("b", 0, 1000), now, &drops).unwrap();
+        }
+        assert_eq!(drops.buffer_full.get(), full);
+        // Unauthenticated: rate limited before buffering; unknown tenants go to its buffer.
+        let ok = (0..50)
+            .filter(|_| st.push(UNAUTHENTICATED, b"{}\n", now, &drops).is_ok())
+            .count();
+        assert_eq!(ok, 5);
+        assert_eq!(drops.rate_limited.get(), 45);
+        st.push("gone", b"{}\n", now, &drops).unwrap();
+        assert_eq!(st.pending[UNAUTHENTICATED].len(), 6 * 3);
+    }
+
+    #[test]
+    fn rotation_keeps_each_stream_within_its_share() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        // 3 streams of 30 000 bytes; files rotate at 10 000.
+        let lim = limits(10_000, 90_000);
+        let mut d = Disk::open(dir.clone(), lim, set(&["a", "b"]), Drops::default());
+        assert_eq!((d.share, d.file_limit), (30_000, 10_000));
+        let b_lines: Vec<u8> = (0..20).flat_map(|n| line("b", n, 200)).collect();
+        d.append("b", &b_lines);
+        for n in 0..2000 {
+            d.append("a", &line("a", n, 300));
+            assert!(dir_total(&dir) <= 90_000);
+            assert!(d.group_total("a") <= 30_000);
+        }
+        assert_eq!(lines_of(&dir, "b").len(), 20, "b's records were deleted");
+        assert!(dir.join("a.jsonl.1").exists() && dir.join("a.jsonl.2").exists());
+        assert!(!dir.join("a.jsonl.3").exists());
+        let a = lines_of(&dir, "a");
+        // The newest records are kept, in order: the last one is in a.jsonl.
+        assert!(a.len() >= 60, "{}", a.len());
+        let cur = std::fs::read_to_string(dir.join("a.jsonl")).unwrap();
+        assert!(
+            cur.trim_end()
+                .lines()
+                .last()
+                .unwrap()
+                .contains("\"n\":1999")
+        );
+        for f in std::fs::read_dir(&dir).unwrap() {
+            assert!(f.unwrap().metadata().unwrap().len() <= 10_000);
+        }
+        // Restart with a smaller cap: existing files are counted and trimmed at once.
+        drop(d);
+        let d = Disk::open(
+            dir.clone(),
+            limits(10_000, 60_000),
+            set(&["a", "b"]),
+            Drops::default(),
+        );
+        assert!(dir_total(&dir) <= 60_000);
+        assert_eq!(lines_of(&dir, "b").len(), 20);
+        drop(d);
+    }
+
+    #[test]
+    fn retired_tenants_files_count_against_the_unauthenticated_share() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let lim = limits(10_000, 90_000);
+        let mut d = Disk::open(dir.clone(), lim, set(&["a", "b"]), Drops::default());
+        let bl: Vec<u8> = (0..40).flat_map(|n| line("b", n, 500)).collect();
+        d.append("b", &bl);
+        assert_eq!(d.group_total("b"), 20_000);
+        // b is removed and c, d added: 4 streams of 22 500; b's 20 000 bytes now count for
+        // _unauthenticated.
+        d.configure(lim, set(&["a", "c", "d"]));
+        assert_eq!(lines_of(&dir, "b").len(), 40);
+        // A late record of b goes to _unauthenticated.jsonl.
+        d.append("b", &line("late-b", 0, 200));
+        assert_eq!(lines_of(&dir, UNAUTHENTICATED).len(), 1);
+        for n in 0..1000 {
+            d.append(UNAUTHENTICATED, &line("u", n, 300));
+            assert!(d.group_total(UNAUTHENTICATED) <= 22_500);
+            assert!(dir_total(&dir) <= 90_000);
+        }
+        // b's files went only as far as needed (its newest file stays), a was never touched.
+        assert_eq!(lines_of(&dir, "b").len(), 20);
+        assert!(!dir.join("b.jsonl.1").exists());
+        let al: Vec<u8> = (0..10).flat_map(|n| line("a", n, 500)).collect();
+        d.append("a", &al);
+        for n in 0..1000 {
+            d.append(UNAUTHENTICATED, &line("u", n, 300));
+        }
+        assert_eq!(lines_of(&dir, "a").len(), 10);
+        assert!(dir_total(&dir) <= 90_000);
+    }
+
+    #[test]
+    fn an_oversized_line_is_dropped_and_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let drops = Drops::default();
+        let mut d = Disk::open(
+            tmp.path().to_path_buf(),
+            limits(1000, 6000),
+            set(&["a"]),
+            drops.clone(),
+        );
+        let mut data = line("a", 0, 100);
+        data.extend(line("a", 1, 5000));
+        data.extend(line("a", 2, 100));
+        d.append("a", &data);
+        assert_eq!(drops.oversized.get(), 1);
+        assert_eq!(lines_of(tmp.path(), "a").len(), 2);
     }
 }

@@ -400,14 +400,56 @@ fn default_drain() -> u64 {
     30_000
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// Directory for per-tenant `<tenant>.jsonl` files; no audit log when absent.
     pub dir: Option<PathBuf>,
     /// Key for the keyed prompt hash (base64 file); a random per-process key when absent.
     pub hash_key_file: Option<PathBuf>,
+    /// A stream's `<stream>.jsonl` rotates to `.1`, `.2`, ... at this size (or at half the
+    /// stream's share of `max_total_bytes`, when that is smaller).
+    #[serde(default = "default_audit_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// All audit files together never exceed this; each stream (every tenant, and
+    /// `_unauthenticated`) gets an equal share and only its own old files are deleted.
+    #[serde(default = "default_audit_max_total_bytes")]
+    pub max_total_bytes: u64,
+    /// Records of refused, unauthenticated requests written per second at most ...
+    #[serde(default = "default_audit_unauth_rate")]
+    pub unauthenticated_per_second: u32,
+    /// ... with bursts up to this many (the rest are counted as dropped).
+    #[serde(default = "default_audit_unauth_burst")]
+    pub unauthenticated_burst: u32,
 }
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            hash_key_file: None,
+            max_file_bytes: default_audit_max_file_bytes(),
+            max_total_bytes: default_audit_max_total_bytes(),
+            unauthenticated_per_second: default_audit_unauth_rate(),
+            unauthenticated_burst: default_audit_unauth_burst(),
+        }
+    }
+}
+fn default_audit_max_file_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_audit_max_total_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_audit_unauth_rate() -> u32 {
+    100
+}
+fn default_audit_unauth_burst() -> u32 {
+    100
+}
+/// The smallest `audit.max_file_bytes`; each stream's share is at least twice this.
+pub const AUDIT_MIN_FILE_BYTES: u64 = 64 * 1024;
+/// `audit.max_total_bytes` is at most this many times `audit.max_file_bytes`.
+pub const AUDIT_MAX_FILES: u64 = 1024;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -733,6 +775,7 @@ impl Config {
                 }
             }
         }
+        self.validate_audit()?;
         if self.agent.kv_report_interval_ms < 100 {
             return Err(invalid("agent.kv_report_interval_ms", "must be >= 100"));
         }
@@ -758,6 +801,59 @@ impl Config {
                     return Err(invalid(f("tenants"), format!("unknown tenant {t:?}")));
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn validate_audit(&self) -> Result<(), ConfigError> {
+        let a = &self.audit;
+        if a.max_file_bytes < AUDIT_MIN_FILE_BYTES {
+            return Err(invalid(
+                "audit.max_file_bytes",
+                format!("must be >= {AUDIT_MIN_FILE_BYTES} (64 KiB)"),
+            ));
+        }
+        if a.max_file_bytes > a.max_total_bytes {
+            return Err(invalid(
+                "audit.max_file_bytes",
+                format!(
+                    "must be <= audit.max_total_bytes ({} > {})",
+                    a.max_file_bytes, a.max_total_bytes
+                ),
+            ));
+        }
+        if a.max_total_bytes / a.max_file_bytes > AUDIT_MAX_FILES {
+            return Err(invalid(
+                "audit.max_total_bytes",
+                format!(
+                    "must be <= {AUDIT_MAX_FILES} x audit.max_file_bytes (raise max_file_bytes)"
+                ),
+            ));
+        }
+        // Every stream (each tenant and `_unauthenticated`) keeps a current and a rotated file.
+        let streams = self.tenants.len() as u64 + 1;
+        let least = streams.saturating_mul(2 * AUDIT_MIN_FILE_BYTES);
+        if a.max_total_bytes < least {
+            return Err(invalid(
+                "audit.max_total_bytes",
+                format!(
+                    "must be >= {least}: {streams} streams ({} tenants and _unauthenticated) \
+                     x 128 KiB each",
+                    self.tenants.len()
+                ),
+            ));
+        }
+        if a.unauthenticated_per_second == 0 || a.unauthenticated_per_second > 100_000 {
+            return Err(invalid(
+                "audit.unauthenticated_per_second",
+                "must be within 1..=100000",
+            ));
+        }
+        if a.unauthenticated_burst == 0 || a.unauthenticated_burst > 100_000 {
+            return Err(invalid(
+                "audit.unauthenticated_burst",
+                "must be within 1..=100000",
+            ));
         }
         Ok(())
     }
@@ -927,6 +1023,41 @@ tenants = ["*"]
         assert_eq!(c.tenants["acme"].isolation, Isolation::Salted);
         let bad = base().replace("8000\"", "8000\"\nflavor = \"tgi\"");
         assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn audit_limits_are_validated() {
+        let with = |extra: &str| base() + "[audit]\n" + extra;
+        let c = Config::from_toml(&with("")).unwrap();
+        assert_eq!(c.audit.max_file_bytes, 64 << 20);
+        assert_eq!(c.audit.max_total_bytes, 512 << 20);
+        assert_eq!(c.audit.unauthenticated_per_second, 100);
+        for (extra, field) in [
+            ("max_file_bytes = 1000", "audit.max_file_bytes"),
+            (
+                "max_file_bytes = 2000000\nmax_total_bytes = 1000000",
+                "audit.max_file_bytes",
+            ),
+            (
+                "max_file_bytes = 65536\nmax_total_bytes = 1000000000",
+                "audit.max_total_bytes",
+            ),
+            // acme and _unauthenticated: 2 x 128 KiB at least.
+            (
+                "max_file_bytes = 65536\nmax_total_bytes = 200000",
+                "audit.max_total_bytes",
+            ),
+            (
+                "unauthenticated_per_second = 0",
+                "audit.unauthenticated_per_second",
+            ),
+            ("unauthenticated_burst = 0", "audit.unauthenticated_burst"),
+        ] {
+            let e = Config::from_toml(&with(extra)).unwrap_err().to_string();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        Config::from_toml(&with("max_file_bytes = 65536\nmax_total_bytes = 262144")).unwrap();
+        assert!(Config::from_toml(&with("max_bytes = 1")).is_err());
     }
 
     #[test]

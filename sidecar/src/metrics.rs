@@ -62,7 +62,8 @@ pub struct Metrics {
     /// 1 when the node agent's tagging API answered last time, 0 when not.
     pub agent_available: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
-    pub audit_dropped: Counter,
+    /// Audit records not written, by reason (`crate::audit::DROP_REASONS`).
+    pub audit_dropped: Family<Reason, Counter>,
     /// Requests answered without a trusted tenant (auth failures, unknown routes).
     pub unattributed_requests: Family<Reason, Counter>,
     /// Prefix-cache flush attempts by result (`ok`, `failed`, `refused`).
@@ -103,7 +104,7 @@ impl Metrics {
             auth_failures: Family::default(),
             agent_available: Gauge::default(),
             config_reloads: Family::default(),
-            audit_dropped: Counter::default(),
+            audit_dropped: Family::default(),
             unattributed_requests: Family::default(),
             cache_flushes: Family::default(),
             cache_flush_duration: latency_histogram(),
@@ -175,7 +176,9 @@ impl Metrics {
         );
         r.register(
             "audit_dropped",
-            "Audit records dropped because the writer fell behind",
+            "Audit records not written, by reason (rate_limited: unauthenticated over \
+             audit.unauthenticated_per_second; buffer_full: the stream's buffer share was full; \
+             oversized; write_failed)",
             m.audit_dropped.clone(),
         );
         r.register(
@@ -240,6 +243,9 @@ impl Metrics {
         );
         for result in ["ok", "failed", "refused"] {
             let _ = m.cache_flushes.get_or_create(&ResultLabel { result });
+        }
+        for reason in crate::audit::DROP_REASONS {
+            let _ = m.audit_dropped.get_or_create(&Reason { reason });
         }
         for reason in crate::signature::AuthError::REASONS {
             let _ = m.auth_failures.get_or_create(&Reason { reason });

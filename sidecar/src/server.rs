@@ -1,7 +1,7 @@
 //! Serving: the proxy listener (HTTP/1.1 and h2c), the admin listener, configuration reload
 //! (SIGHUP or file change) and graceful shutdown.
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLimits, AuditLog};
 use crate::config::{Config, ConfigError};
 use crate::http_util::{ProxyBody, full};
 use crate::limits::SharedClock;
@@ -122,7 +122,13 @@ pub async fn run_with(
     let key = audit_key(&config, &opts)?;
     let (audit, audit_thread) = match &config.audit.dir {
         Some(dir) => {
-            let (a, t) = AuditLog::start(dir.clone(), &key, metrics.audit_dropped.clone())?;
+            let (a, t) = AuditLog::start(
+                dir.clone(),
+                &key,
+                AuditLimits::from(&config.audit),
+                config.tenants.keys().cloned(),
+                metrics.audit_dropped.clone(),
+            )?;
             (a, Some(t))
         }
         None => (AuditLog::disabled(&key), None),
@@ -338,9 +344,22 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
 }
 
 fn try_reload(app: &App, metrics: &Metrics, path: &std::path::Path) {
+    let old_audit = app.runtime().config.audit.clone();
     let res = Config::from_file(path).and_then(|c| app.reload(c));
     match res {
         Ok(()) => {
+            let config = app.runtime().config.clone();
+            // New or removed tenants get (or give up) their own audit stream and share.
+            app.audit.update(
+                AuditLimits::from(&config.audit),
+                config.tenants.keys().cloned(),
+            );
+            let (a, b) = (&old_audit, &config.audit);
+            if a.dir != b.dir || a.hash_key_file != b.hash_key_file {
+                tracing::warn!(
+                    "audit.dir and audit.hash_key_file take effect only after a restart"
+                );
+            }
             metrics
                 .config_reloads
                 .get_or_create(&ResultLabel { result: "ok" })

@@ -1420,4 +1420,3 @@ mod tests {
         assert!(c.expiry.is_empty());
     }
 }
-

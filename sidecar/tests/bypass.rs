@@ -38,7 +38,9 @@ async fn a_request_without_max_tokens_gets_what_was_reserved() {
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let text = resp.into_body().collect().await.unwrap().to_bytes();
-    let chunks = String::from_utf8_lossy(&text).matches("\"content\":\"tok").count();
+    let chunks = String::from_utf8_lossy(&text)
+        .matches("\"content\":\"tok")
+        .count();
     assert_eq!(chunks, 16, "the upstream honoured the reserved limit");
     let fwd = json(&h.sim.sim.requests().last().unwrap().body);
     assert_eq!(fwd["max_tokens"], 16);
@@ -208,7 +210,11 @@ fn unsafe_lossy(b: &[u8]) -> String {
 }
 
 /// Replace the request's body by raw bytes, signed as the gateway would sign them.
-fn resign_with_body(h: &Harness, req: &mut http::Request<http_body_util::Full<bytes::Bytes>>, body: &[u8]) {
+fn resign_with_body(
+    h: &Harness,
+    req: &mut http::Request<http_body_util::Full<bytes::Bytes>>,
+    body: &[u8],
+) {
     let mut headers = http::HeaderMap::new();
     headers.insert(
         bulkhead_sidecar::signature::TENANT_HEADER,
@@ -235,7 +241,12 @@ async fn routes_are_matched_on_the_canonical_path_only() {
         (Method::POST, "/v1/chat%2Fcompletions", 400, "encoded_path"),
         (Method::POST, "/v1/completions/", 400, "non_canonical_path"),
         (Method::POST, "/v1//completions", 400, "non_canonical_path"),
-        (Method::POST, "/v1/load_lora_adapter", 403, "route_forbidden"),
+        (
+            Method::POST,
+            "/v1/load_lora_adapter",
+            403,
+            "route_forbidden",
+        ),
         (Method::POST, "/v1/unknown", 404, "unknown_route"),
         (Method::GET, "/v1/completions", 405, "method_not_allowed"),
     ] {
@@ -246,9 +257,18 @@ async fn routes_are_matched_on_the_canonical_path_only() {
     assert!(h.sim.sim.requests().is_empty(), "nothing was forwarded");
     // /v1/responses is a generating route: a limit is written in, the client's salt removed.
     let (p, _) = h
-        .send_collect(h.signed("acme", Method::POST, "/v1/responses", r#"{"input":"x","cache_salt":"v"}"#))
+        .send_collect(h.signed(
+            "acme",
+            Method::POST,
+            "/v1/responses",
+            r#"{"input":"x","cache_salt":"v"}"#,
+        ))
         .await;
-    assert_eq!(p.status, StatusCode::NOT_FOUND, "the simulator has no /v1/responses");
+    assert_eq!(
+        p.status,
+        StatusCode::NOT_FOUND,
+        "the simulator has no /v1/responses"
+    );
     let fwd = json(&h.sim.sim.requests()[0].body);
     assert_eq!(fwd["max_output_tokens"], 256);
     assert!(fwd.get("cache_salt").is_none());

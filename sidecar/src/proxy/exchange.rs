@@ -302,6 +302,8 @@ impl Exchange {
             client_request_id: self.client_request_id.take(),
             method: self.method.as_str().to_string(),
             route: std::mem::take(&mut self.route),
+            route_truncated: false,
+            method_truncated: false,
             status: status.as_u16(),
             reason: reason.map(str::to_string),
             stream: self.stream,
