@@ -202,7 +202,7 @@ async fn one_tenants_flood_rotates_only_its_own_files_within_the_cap() {
     // Every one of globex's records is still there.
     let globex: Vec<String> = records(&dir, "globex")
         .iter()
-        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .map(|r| r["client_request_id"].as_str().unwrap().to_string())
         .collect();
     let want: Vec<String> = (0..20).map(|i| format!("globex-{i}")).collect();
     assert_eq!(globex, want);
@@ -245,7 +245,7 @@ async fn a_tenant_added_by_reload_gets_its_own_audit_file() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(records(&dir, "initech")[0]["request_id"], "initech-0");
+    assert_eq!(records(&dir, "initech")[0]["client_request_id"], "initech-0");
     assert!(records(&dir, "_unauthenticated").is_empty());
     h.shutdown().await;
 }
