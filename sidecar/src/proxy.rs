@@ -105,6 +105,9 @@ impl Runtime {
             flush_retry: Duration::from_millis(c.flush_retry_ms),
             flush_timeout: Duration::from_millis(c.flush_timeout_ms),
             on_failure: c.on_flush_failure,
+            drain_timeout: Duration::from_millis(c.exclusive_drain_timeout_ms),
+            flush_proves_idle: c.flush_refused_while_busy,
+            max_inflight: self.config.queue.max_inflight,
         }
     }
 }
@@ -985,7 +988,8 @@ fn refused(
     r
 }
 
-/// The gate refused: timed out, or the flush isolation needs was not confirmed.
+/// The gate refused: timed out, the flush isolation needs was not confirmed, or requests it
+/// must not run beside outlived the drain bound.
 fn gate_refused(
     ctx: &Ctx,
     tenant: &str,
@@ -1031,6 +1035,33 @@ fn gate_refused(
             set_request_id(&mut r, &ctx.request_id);
             rec.status = status.as_u16();
             rec.reason = Some("cache_flush_failed".into());
+            rec.latency_ms = ctx.t0.elapsed().as_secs_f64() * 1e3;
+            ctx.app.audit.record(rec);
+            r
+        }
+        GateError::DrainTimeout => {
+            tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, "request refused: requests it must not run beside outlived cache.exclusive_drain_timeout_ms");
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            ctx.app
+                .metrics
+                .requests
+                .get_or_create(&TenantCode {
+                    tenant: tenant.to_string(),
+                    code: status.as_u16(),
+                })
+                .inc();
+            let mut r = json_error(
+                status,
+                "server_error",
+                "exclusive_drain_timeout",
+                "requests that prefix-cache isolation does not let this request run beside \
+                 were still running after cache.exclusive_drain_timeout_ms; it was not forwarded",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+            set_request_id(&mut r, &ctx.request_id);
+            rec.status = status.as_u16();
+            rec.reason = Some("exclusive_drain_timeout".into());
             rec.latency_ms = ctx.t0.elapsed().as_secs_f64() * 1e3;
             ctx.app.audit.record(rec);
             r
