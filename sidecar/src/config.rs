@@ -167,6 +167,18 @@ pub struct CacheConfig {
     pub flush_timeout_ms: u64,
     #[serde(default)]
     pub on_flush_failure: FlushFailure,
+    /// Every wait for running requests the gate imposes ends after this long: an exclusive
+    /// request waiting for other tenants' requests fails (503 `exclusive_drain_timeout`), and
+    /// requests waiting for a closed exclusive window's requests stop waiting (see
+    /// `flush_refused_while_busy`).
+    #[serde(default = "default_drain_timeout_ms")]
+    pub exclusive_drain_timeout_ms: u64,
+    /// The upstream refuses a flush while it runs requests (SGLang answering 400, vLLM 409 or
+    /// `success: false`), so a confirmed flush proves it idle. Only then may the gate, once a
+    /// closed window's requests outlive `exclusive_drain_timeout_ms` (a client that stopped
+    /// reading), flush and let others run; without it they get 503 until those requests end.
+    #[serde(default)]
+    pub flush_refused_while_busy: bool,
 }
 impl Default for CacheConfig {
     fn default() -> Self {
@@ -179,6 +191,8 @@ impl Default for CacheConfig {
             flush_retry_ms: default_flush_retry_ms(),
             flush_timeout_ms: default_flush_timeout_ms(),
             on_flush_failure: FlushFailure::default(),
+            exclusive_drain_timeout_ms: default_drain_timeout_ms(),
+            flush_refused_while_busy: false,
         }
     }
 }
@@ -195,6 +209,9 @@ fn default_flush_retry_ms() -> u64 {
     100
 }
 fn default_flush_timeout_ms() -> u64 {
+    5000
+}
+fn default_drain_timeout_ms() -> u64 {
     5000
 }
 
@@ -764,6 +781,19 @@ impl Config {
         if c.flush_timeout_ms == 0 {
             return Err(invalid("cache.flush_timeout_ms", "must be > 0"));
         }
+        if c.exclusive_drain_timeout_ms == 0 {
+            return Err(invalid("cache.exclusive_drain_timeout_ms", "must be > 0"));
+        }
+        // A request let past the gate reaches the upstream within the connect timeout; the
+        // drain bound must outlast that before a flush may vouch for it.
+        if c.flush_refused_while_busy
+            && c.exclusive_drain_timeout_ms <= self.upstream.connect_timeout_ms
+        {
+            return Err(invalid(
+                "cache.exclusive_drain_timeout_ms",
+                "must be > upstream.connect_timeout_ms when cache.flush_refused_while_busy is set",
+            ));
+        }
         if let Some(m) = &self.model {
             for (k, v) in [
                 ("layers", m.layers),
@@ -1058,6 +1088,34 @@ tenants = ["*"]
         }
         Config::from_toml(&with("max_file_bytes = 65536\nmax_total_bytes = 262144")).unwrap();
         assert!(Config::from_toml(&with("max_bytes = 1")).is_err());
+    }
+
+    #[test]
+    fn drain_timeout_is_validated() {
+        let c = Config::from_toml(&base()).unwrap();
+        assert_eq!(c.cache.exclusive_drain_timeout_ms, 5000);
+        assert!(!c.cache.flush_refused_while_busy);
+        let cache = |extra: &str| format!("{}[cache]\n{extra}\n", base());
+        let e = Config::from_toml(&cache("exclusive_drain_timeout_ms = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cache.exclusive_drain_timeout_ms"), "{e}");
+        // Trusting a flush to vouch for running requests needs a bound past the connect
+        // timeout (2000 ms by default).
+        let e = Config::from_toml(&cache(
+            "flush_refused_while_busy = true\nexclusive_drain_timeout_ms = 2000",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cache.exclusive_drain_timeout_ms") && e.contains("connect_timeout_ms"),
+            "{e}"
+        );
+        let c = Config::from_toml(&cache(
+            "flush_refused_while_busy = true\nexclusive_drain_timeout_ms = 2001",
+        ))
+        .unwrap();
+        assert_eq!(c.cache.exclusive_drain_timeout_ms, 2001);
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //!   generation and the tenant name), so its cache blocks are never shared.
 //! - `exclusive`: the [`CacheGate`] runs such a tenant alone, in windows bounded by time and
 //!   request count, with the upstream's prefix cache flushed (and the flush confirmed) before
-//!   the window opens and before anyone else runs after it.
+//!   the window opens and before anyone else runs after it. Waits for running requests are
+//!   bounded too (`cache.exclusive_drain_timeout_ms`): past the bound the waiter fails rather
+//!   than run beside them.
 //! - `shared`: unchanged, but still passes the gate so it waits while a window is open.
 
 use crate::config::{Flavor, FlushFailure};
 use crate::http_util::BoxError;
-use crate::metrics::{Metrics, ResultLabel};
+use crate::metrics::{KindLabel, Metrics, ResultLabel};
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
@@ -101,6 +103,12 @@ pub struct GateSettings {
     pub flush_retry: Duration,
     pub flush_timeout: Duration,
     pub on_failure: FlushFailure,
+    /// Bound on every wait for running requests (`cache.exclusive_drain_timeout_ms`).
+    pub drain_timeout: Duration,
+    /// `cache.flush_refused_while_busy`: a confirmed flush proves the upstream idle.
+    pub flush_proves_idle: bool,
+    /// `queue.max_inflight`: with fewer passes out than this, none waits in the fair queue.
+    pub max_inflight: usize,
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -109,12 +117,17 @@ pub enum GateError {
     Timeout,
     #[error("the inference server did not confirm the prefix-cache flush: {0}")]
     FlushFailed(String),
+    /// Requests this one must not run alongside were still running after
+    /// `cache.exclusive_drain_timeout_ms` (and no flush proved the upstream idle).
+    #[error("other tenants' requests were still running after cache.exclusive_drain_timeout_ms")]
+    DrainTimeout,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
     /// Non-exclusive tenants run: those that arrived before the oldest waiting exclusive
-    /// request, or before `admit_until` (everyone waiting when an exclusive window closed).
+    /// request, or before `admit_until` (everyone waiting when an exclusive window closed or
+    /// an exclusive request gave up on the drain).
     Shared { admit_until: u64 },
     /// One exclusive tenant's window.
     Exclusive {
@@ -128,16 +141,31 @@ enum Phase {
 struct Waiting {
     tenant: String,
     exclusive: bool,
+    arrived: Instant,
 }
 
 #[derive(Debug)]
 struct State {
     settings: GateSettings,
     phase: Phase,
+    /// When `phase` began.
+    phase_since: Instant,
+    /// When the exclusive window began closing (others wait, the owner's requests drain).
+    closing_since: Option<Instant>,
+    /// The last time a request entered or the settings changed.
+    last_change: Instant,
+    /// Waiters up to this ticket fail: they waited through a flush that was to prove a
+    /// closing window's requests done, and it was not confirmed.
+    refused_upto: u64,
     seq: u64,
     waiting: BTreeMap<u64, Waiting>,
+    /// Passes of the current epoch not dropped yet, per tenant and in all.
     running: HashMap<String, usize>,
     running_total: usize,
+    /// Bumped when a confirmed flush vouched that the running passes are done upstream.
+    epoch: u64,
+    /// Passes of earlier epochs not dropped yet (they still hold fair-queue slots).
+    detached: usize,
     /// Tenants whose requests ran since the last confirmed flush.
     dirty: BTreeSet<String>,
     flushing: bool,
@@ -145,11 +173,43 @@ struct State {
 
 enum Step {
     Enter,
-    Flush,
+    /// Flush first. `vouch`: for a closing window whose requests outlived the drain bound;
+    /// confirmed, it retires them.
+    Flush {
+        vouch: bool,
+    },
     Wait(Option<Instant>),
+    /// Fail with [`GateError::DrainTimeout`]; the `kind` label of the timeout metric.
+    Fail(&'static str),
 }
 
 impl State {
+    fn new(settings: GateSettings, now: Instant) -> Self {
+        Self {
+            settings,
+            phase: Phase::Shared { admit_until: 0 },
+            phase_since: now,
+            closing_since: None,
+            last_change: now,
+            refused_upto: 0,
+            seq: 0,
+            waiting: BTreeMap::new(),
+            running: HashMap::new(),
+            running_total: 0,
+            epoch: 0,
+            detached: 0,
+            dirty: BTreeSet::new(),
+            flushing: false,
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase, now: Instant) {
+        self.phase = phase;
+        self.phase_since = now;
+        self.closing_since = None;
+        self.refused_upto = 0;
+    }
+
     fn window_over(&self, now: Instant) -> bool {
         match &self.phase {
             Phase::Shared { .. } => false,
@@ -173,12 +233,31 @@ impl State {
         }
     }
 
+    /// Whether a confirmed flush may vouch that the running passes are done upstream. It
+    /// may when the upstream refuses to flush while it runs requests, and when no pass can
+    /// still be waiting for a fair-queue slot: fewer passes are out than there are slots, so
+    /// each got its slot on entry, and (the caller checks) the last entry was a drain bound
+    /// ago, longer than the upstream connect timeout, so each request reached the upstream.
+    fn may_vouch(&self) -> bool {
+        self.settings.flush_proves_idle
+            && self.running_total + self.detached < self.settings.max_inflight
+    }
+
+    /// Retire the running passes: a confirmed flush vouched they are done upstream.
+    fn detach(&mut self) {
+        self.epoch += 1;
+        self.detached += self.running_total;
+        self.running.clear();
+        self.running_total = 0;
+    }
+
     /// Advance the phase if it should change; then decide for waiter `ticket`.
     fn step(&mut self, ticket: u64, now: Instant) -> Step {
         let Some(me) = self.waiting.get(&ticket) else {
             return Step::Wait(None);
         };
         let (tenant, exclusive) = (me.tenant.clone(), me.exclusive);
+        let drain = self.settings.drain_timeout;
         // Phase changes happen only when nothing runs.
         let mut wake_at = None;
         match self.phase.clone() {
@@ -187,18 +266,35 @@ impl State {
                     .waiting
                     .iter()
                     .find(|(_, w)| w.exclusive)
-                    .map(|(k, w)| (*k, w.tenant.clone()));
-                if let Some((e, et)) = oldest_excl {
+                    .map(|(k, w)| (*k, w.tenant.clone(), w.arrived));
+                if let Some((e, et, arrived)) = oldest_excl {
                     let older_shared = self
                         .waiting
                         .range(..e.max(admit_until))
                         .any(|(_, w)| !w.exclusive);
                     if self.running_total == 0 && !older_shared {
-                        self.phase = Phase::Exclusive {
-                            tenant: et,
-                            opened: now,
-                            admitted: 0,
-                        };
+                        self.set_phase(
+                            Phase::Exclusive {
+                                tenant: et,
+                                opened: now,
+                                admitted: 0,
+                            },
+                            now,
+                        );
+                    } else if e == ticket {
+                        // Others drain for this request, and newer shared requests wait
+                        // behind it: bounded. Past the bound it fails, and everyone waiting
+                        // behind it goes; a later exclusive request starts a new drain.
+                        let until = arrived.max(self.phase_since) + drain;
+                        if now < until {
+                            wake_at = Some(until);
+                        } else if self.running_total > 0 {
+                            self.phase = Phase::Shared {
+                                admit_until: self.seq + 1,
+                            };
+                            return Step::Fail("exclusive_drain");
+                        }
+                        // (Nothing runs: older shared requests are about to enter.)
                     }
                 }
             }
@@ -212,6 +308,7 @@ impl State {
                 let over = self.window_over(now);
                 if others && (over || !owner_waits) {
                     // Closing: no more of the owner; switch once drained.
+                    let since = *self.closing_since.get_or_insert(now);
                     if self.running_total == 0 {
                         let next = self
                             .waiting
@@ -219,7 +316,7 @@ impl State {
                             .find(|w| w.tenant != owner)
                             .map(|w| (w.tenant.clone(), w.exclusive));
                         if let Some((t, excl)) = next {
-                            self.phase = if excl {
+                            let phase = if excl {
                                 Phase::Exclusive {
                                     tenant: t,
                                     opened: now,
@@ -230,17 +327,40 @@ impl State {
                                     admit_until: self.seq + 1,
                                 }
                             };
+                            self.set_phase(phase, now);
+                        }
+                    } else if tenant != owner {
+                        // The owner's requests drain, bounded: past the bound, only a flush
+                        // that proves them done upstream lets others run beside them (they
+                        // would see the owner's cache blocks otherwise); without one, the
+                        // waiters fail rather than wait on.
+                        let until = since.max(self.last_change) + drain;
+                        if now < until {
+                            wake_at = Some(until);
+                        } else if self.flushing {
+                            return Step::Wait(None);
+                        } else if ticket <= self.refused_upto || !self.may_vouch() {
+                            return Step::Fail("window_drain");
+                        } else {
+                            return Step::Flush { vouch: true };
                         }
                     }
-                } else if over && !others {
-                    // Nobody else wants the server: a new window for the owner.
-                    self.phase = Phase::Exclusive {
-                        tenant: owner,
-                        opened: now,
-                        admitted: 0,
-                    };
-                } else if others {
-                    wake_at = Some(opened + self.settings.window);
+                } else {
+                    self.closing_since = None;
+                    self.refused_upto = 0;
+                    if over && !others {
+                        // Nobody else wants the server: a new window for the owner.
+                        self.set_phase(
+                            Phase::Exclusive {
+                                tenant: owner,
+                                opened: now,
+                                admitted: 0,
+                            },
+                            now,
+                        );
+                    } else if others {
+                        wake_at = Some(opened + self.settings.window);
+                    }
                 }
             }
         }
@@ -264,26 +384,40 @@ impl State {
         }
         if self.needs_flush(&tenant, exclusive) {
             if self.running_total == 0 {
-                return Step::Flush;
+                return Step::Flush { vouch: false };
             }
             return Step::Wait(wake_at);
         }
         Step::Enter
     }
 
-    fn enter(&mut self, ticket: u64) -> String {
+    /// Admit waiter `ticket`; its tenant and the epoch of its pass.
+    fn enter(&mut self, ticket: u64, now: Instant) -> (String, u64) {
         let w = self.waiting.remove(&ticket).expect("waiting");
         *self.running.entry(w.tenant.clone()).or_default() += 1;
         self.running_total += 1;
+        self.last_change = now;
         self.dirty.insert(w.tenant.clone());
         if let Phase::Exclusive { admitted, .. } = &mut self.phase {
             *admitted += 1;
         }
-        w.tenant
+        (w.tenant, self.epoch)
     }
 }
 
 /// The exclusivity lock in front of the fair queue.
+///
+/// Every wait it imposes on running requests is bounded by `drain_timeout`:
+/// - An exclusive request waiting for others' requests to finish (newer shared requests
+///   queue behind it meanwhile) fails with [`GateError::DrainTimeout`] after that long, and
+///   everyone who was waiting behind it is admitted.
+/// - Requests waiting for a closed exclusive window's requests to finish stop waiting after
+///   that long (from the window's close and the last entry). Running beside those requests
+///   would let them see the owner's cache blocks, so they go ahead only if a flush confirms
+///   the upstream idle and that confirmation is trustworthy (see `State::may_vouch`): the
+///   window's requests are then retired (detached). Otherwise they fail with
+///   [`GateError::DrainTimeout`], and so does every newcomer until those requests end:
+///   refused, never mixed.
 pub struct CacheGate {
     state: Mutex<State>,
     notify: Notify,
@@ -295,19 +429,24 @@ pub struct CacheGate {
 pub struct GatePass {
     gate: Arc<CacheGate>,
     tenant: String,
+    epoch: u64,
 }
 
 impl Drop for GatePass {
     fn drop(&mut self) {
         {
             let mut st = self.gate.lock();
-            if let Some(n) = st.running.get_mut(&self.tenant) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    st.running.remove(&self.tenant);
+            if self.epoch != st.epoch {
+                st.detached = st.detached.saturating_sub(1);
+            } else {
+                if let Some(n) = st.running.get_mut(&self.tenant) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        st.running.remove(&self.tenant);
+                    }
                 }
+                st.running_total = st.running_total.saturating_sub(1);
             }
-            st.running_total = st.running_total.saturating_sub(1);
         }
         self.gate.notify.notify_waiters();
     }
@@ -343,16 +482,7 @@ impl CacheGate {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         Arc::new(Self {
-            state: Mutex::new(State {
-                settings,
-                phase: Phase::Shared { admit_until: 0 },
-                seq: 0,
-                waiting: BTreeMap::new(),
-                running: HashMap::new(),
-                running_total: 0,
-                dirty: BTreeSet::new(),
-                flushing: false,
-            }),
+            state: Mutex::new(State::new(settings, Instant::now())),
             notify: Notify::new(),
             client: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(1)
@@ -367,13 +497,26 @@ impl CacheGate {
 
     /// Apply new settings (reload); waiters re-evaluate.
     pub fn update(&self, settings: GateSettings) {
-        self.lock().settings = settings;
+        {
+            let mut st = self.lock();
+            st.settings = settings;
+            // A larger fair queue may let waiting passes through: a drain bound starts over.
+            st.last_change = Instant::now();
+        }
         self.notify.notify_waiters();
     }
 
     /// Requests past the gate and not finished.
     pub fn running(&self) -> usize {
-        self.lock().running_total
+        let st = self.lock();
+        st.running_total + st.detached
+    }
+
+    fn timed_out(&self, kind: &'static str) {
+        self.metrics
+            .cache_gate_timeouts
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     /// Wait (until `deadline`) until `tenant` may run; flush first when isolation needs it.
@@ -392,6 +535,7 @@ impl CacheGate {
                 Waiting {
                     tenant: tenant.to_string(),
                     exclusive,
+                    arrived: Instant::now(),
                 },
             );
             ticket
@@ -404,14 +548,15 @@ impl CacheGate {
             let step = {
                 let mut st = self.lock();
                 let before = st.phase.clone();
-                let step = st.step(ticket, Instant::now());
+                let now = Instant::now();
+                let step = st.step(ticket, now);
                 if st.phase != before {
                     // Someone else may be the one the new phase lets in.
                     self.notify.notify_waiters();
                 }
                 match step {
                     Step::Enter => {
-                        let tenant = st.enter(ticket);
+                        let (tenant, epoch) = st.enter(ticket, now);
                         drop(st);
                         std::mem::forget(guard);
                         // Others may enter along (same phase).
@@ -419,28 +564,60 @@ impl CacheGate {
                         return Ok(GatePass {
                             gate: self.clone(),
                             tenant,
+                            epoch,
                         });
                     }
-                    Step::Flush => {
+                    Step::Fail(kind) => {
+                        drop(st);
+                        // The guard removes this waiter and wakes those behind it.
+                        drop(guard);
+                        self.timed_out(kind);
+                        return Err(GateError::DrainTimeout);
+                    }
+                    Step::Flush { vouch } => {
                         st.flushing = true;
-                        Step::Flush
+                        Step::Flush { vouch }
                     }
                     w => w,
                 }
             };
             match step {
-                Step::Flush => {
+                Step::Flush { vouch } => {
+                    let started = Instant::now();
                     // Cleared however this ends, including the client going away mid-flush.
                     let flushing = Flushing(self);
                     let (ok, why) = self.flush_with_retries(deadline).await;
-                    let policy = {
+                    let (policy, changed) = {
                         let mut st = self.lock();
+                        // A reload meanwhile may have let queued passes through: no vouching.
+                        let changed = st.last_change > started;
                         if ok {
                             st.dirty.clear();
+                            if vouch && !changed {
+                                let n = st.running_total;
+                                st.detach();
+                                tracing::warn!(
+                                    requests = n,
+                                    "an exclusive window's requests outlived cache.exclusive_drain_timeout_ms; \
+                                     the upstream confirmed a flush (idle), so they are retired and others go ahead"
+                                );
+                            }
+                        } else if vouch {
+                            // Those who waited through it fail with it.
+                            st.refused_upto = st.seq;
                         }
-                        st.settings.on_failure
+                        (st.settings.on_failure, changed)
                     };
                     drop(flushing);
+                    if vouch {
+                        if ok || changed {
+                            continue;
+                        }
+                        drop(guard);
+                        tracing::info!(tenant, reason = %why, "no flush proved the upstream idle after an exclusive window's drain bound");
+                        self.timed_out("window_drain");
+                        return Err(GateError::DrainTimeout);
+                    }
                     if !ok {
                         match policy {
                             FlushFailure::Fail => return Err(GateError::FlushFailed(why)),
@@ -450,6 +627,7 @@ impl CacheGate {
                                 let until = (Instant::now() + retry).min(deadline);
                                 tokio::time::sleep_until(until).await;
                                 if Instant::now() >= deadline {
+                                    self.timed_out("queue");
                                     return Err(GateError::Timeout);
                                 }
                             }
@@ -461,10 +639,11 @@ impl CacheGate {
                     if tokio::time::timeout_at(until, notified).await.is_err()
                         && Instant::now() >= deadline
                     {
+                        self.timed_out("queue");
                         return Err(GateError::Timeout);
                     }
                 }
-                Step::Enter => unreachable!("returned above"),
+                Step::Enter | Step::Fail(_) => unreachable!("returned above"),
             }
         }
     }
@@ -538,30 +717,32 @@ impl CacheGate {
 mod tests {
     use super::*;
 
-    fn state(window_ms: u64, max: u32) -> State {
-        State {
-            settings: GateSettings {
-                exclusive: ["a".to_string()].into_iter().collect(),
-                window: Duration::from_millis(window_ms),
-                window_max_requests: max,
-                flavor: Flavor::Vllm,
-                upstream: "http://127.0.0.1:1".parse().unwrap(),
-                flush_attempts: 1,
-                flush_retry: Duration::ZERO,
-                flush_timeout: Duration::from_secs(1),
-                on_failure: FlushFailure::Fail,
-            },
-            phase: Phase::Shared { admit_until: 0 },
-            seq: 0,
-            waiting: BTreeMap::new(),
-            running: HashMap::new(),
-            running_total: 0,
-            dirty: BTreeSet::new(),
-            flushing: false,
+    fn settings(window_ms: u64, max: u32) -> GateSettings {
+        GateSettings {
+            exclusive: ["a".to_string()].into_iter().collect(),
+            window: Duration::from_millis(window_ms),
+            window_max_requests: max,
+            flavor: Flavor::Vllm,
+            upstream: "http://127.0.0.1:1".parse().unwrap(),
+            flush_attempts: 1,
+            flush_retry: Duration::ZERO,
+            flush_timeout: Duration::from_secs(1),
+            on_failure: FlushFailure::Fail,
+            drain_timeout: Duration::from_secs(3600),
+            flush_proves_idle: false,
+            max_inflight: 64,
         }
     }
 
+    fn state(window_ms: u64, max: u32) -> State {
+        State::new(settings(window_ms, max), Instant::now())
+    }
+
     fn arrive(st: &mut State, tenant: &str) -> u64 {
+        arrive_at(st, tenant, Instant::now())
+    }
+
+    fn arrive_at(st: &mut State, tenant: &str, now: Instant) -> u64 {
         st.seq += 1;
         let exclusive = st.settings.exclusive.contains(tenant);
         st.waiting.insert(
@@ -569,6 +750,7 @@ mod tests {
             Waiting {
                 tenant: tenant.into(),
                 exclusive,
+                arrived: now,
             },
         );
         st.seq
@@ -579,16 +761,27 @@ mod tests {
         st.running_total -= 1;
     }
 
-    /// What `ticket` may do now: "enter" (and enters), "flush" (and the flush succeeds) or "wait".
+    /// What `ticket` may do now: "enter" (and enters), "flush" (and the flush succeeds),
+    /// "vouch" (a flush for a stalled drain, and it succeeds), "fail" (gives up: removed,
+    /// as its guard does) or "wait".
     fn try_step(st: &mut State, ticket: u64, now: Instant) -> &'static str {
         match st.step(ticket, now) {
             Step::Enter => {
-                st.enter(ticket);
+                st.enter(ticket, now);
                 "enter"
             }
-            Step::Flush => {
+            Step::Flush { vouch: false } => {
                 st.dirty.clear();
                 "flush"
+            }
+            Step::Flush { vouch: true } => {
+                st.dirty.clear();
+                st.detach();
+                "vouch"
+            }
+            Step::Fail(_) => {
+                st.waiting.remove(&ticket);
+                "fail"
             }
             Step::Wait(_) => "wait",
         }
@@ -657,6 +850,168 @@ mod tests {
         let a5 = arrive(&mut st, "a");
         assert_eq!(try_step(&mut st, a5, t0), "enter");
         assert_eq!(st.running_total, 3);
+    }
+
+    #[test]
+    fn an_exclusive_request_gives_up_on_a_drain_that_does_not_end() {
+        let mut st = state(2000, 100);
+        st.settings.drain_timeout = Duration::from_millis(500);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let b0 = arrive_at(&mut st, "b", t0);
+        assert_eq!(try_step(&mut st, b0, t0), "enter");
+        // a waits for b's request; b's newer request waits behind a.
+        let a1 = arrive_at(&mut st, "a", t0);
+        assert_eq!(try_step(&mut st, a1, t0), "wait");
+        let b1 = arrive_at(&mut st, "b", ms(10));
+        assert_eq!(try_step(&mut st, b1, ms(10)), "wait");
+        assert!(matches!(st.step(a1, ms(10)), Step::Wait(Some(w)) if w == ms(500)));
+        assert_eq!(try_step(&mut st, a1, ms(499)), "wait");
+        // b0 never ends: a fails at the bound, and b1 goes at once.
+        assert_eq!(try_step(&mut st, a1, ms(500)), "fail");
+        assert_eq!(try_step(&mut st, b1, ms(500)), "enter");
+        // A later exclusive request starts a new drain of its own.
+        let a2 = arrive_at(&mut st, "a", ms(600));
+        assert_eq!(try_step(&mut st, a2, ms(1000)), "wait");
+        leave(&mut st, "b");
+        leave(&mut st, "b");
+        assert_eq!(try_step(&mut st, a2, ms(1001)), "flush");
+        assert_eq!(try_step(&mut st, a2, ms(1001)), "enter");
+    }
+
+    #[test]
+    fn a_closed_window_whose_requests_stall_refuses_others_unless_a_flush_vouches() {
+        let mut st = state(100, 100);
+        st.settings.drain_timeout = Duration::from_millis(500);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let a1 = arrive_at(&mut st, "a", t0);
+        assert_eq!(try_step(&mut st, a1, t0), "enter");
+        // b arrives; a has nothing more waiting: the window closes and a's request drains.
+        let b1 = arrive_at(&mut st, "b", ms(10));
+        assert!(matches!(st.step(b1, ms(10)), Step::Wait(Some(w)) if w == ms(510)));
+        assert_eq!(try_step(&mut st, b1, ms(509)), "wait");
+        // It never ends. Without a flush that can prove the upstream idle: refused, and so is
+        // every newcomer while it runs; nobody runs beside it.
+        assert_eq!(try_step(&mut st, b1, ms(510)), "fail");
+        let b2 = arrive_at(&mut st, "b", ms(600));
+        assert_eq!(try_step(&mut st, b2, ms(600)), "fail");
+        // Flushes the upstream refuses while busy, but a's passes fill the fair queue: one of
+        // them may still be on its way to the upstream, so no flush can vouch.
+        st.settings.flush_proves_idle = true;
+        st.settings.max_inflight = 1;
+        let b3 = arrive_at(&mut st, "b", ms(700));
+        assert_eq!(try_step(&mut st, b3, ms(700)), "fail");
+        // With a free slot, a confirmed flush retires a's pass and b runs.
+        st.settings.max_inflight = 2;
+        let b4 = arrive_at(&mut st, "b", ms(800));
+        assert_eq!(try_step(&mut st, b4, ms(800)), "vouch");
+        assert_eq!((st.running_total, st.detached), (0, 1));
+        assert_eq!(try_step(&mut st, b4, ms(800)), "enter");
+        // a's next window drains b only: a's retired pass does not hold it up.
+        let a2 = arrive_at(&mut st, "a", ms(900));
+        assert_eq!(try_step(&mut st, a2, ms(900)), "wait");
+        leave(&mut st, "b");
+        assert_eq!(try_step(&mut st, a2, ms(901)), "flush");
+        assert_eq!(try_step(&mut st, a2, ms(901)), "enter");
+    }
+
+    #[test]
+    fn a_window_drain_bound_runs_from_the_close_and_restarts_on_reload() {
+        let mut st = state(100, 100);
+        st.settings.drain_timeout = Duration::from_millis(500);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let a1 = arrive_at(&mut st, "a", t0);
+        let a2 = arrive_at(&mut st, "a", t0);
+        let b1 = arrive_at(&mut st, "b", t0);
+        assert_eq!(try_step(&mut st, a1, t0), "enter");
+        assert!(matches!(st.step(b1, ms(10)), Step::Wait(Some(w)) if w == ms(100)));
+        // a2 joins the window while it lasts; it closes at 100 ms.
+        assert_eq!(try_step(&mut st, a2, ms(90)), "enter");
+        assert!(matches!(st.step(b1, ms(100)), Step::Wait(Some(w)) if w == ms(600)));
+        // A reload (a larger fair queue may let queued passes through) starts it over.
+        st.last_change = ms(300);
+        assert_eq!(try_step(&mut st, b1, ms(600)), "wait");
+        assert_eq!(try_step(&mut st, b1, ms(800)), "fail");
+    }
+
+    /// A gate whose flushes go to a simulator; `b` is shared, `a` exclusive.
+    async fn sim_gate(
+        drain_ms: u64,
+    ) -> (
+        Arc<CacheGate>,
+        bulkhead_sim::SimHandle,
+        prometheus_client::registry::Registry,
+    ) {
+        let sim = bulkhead_sim::SimHandle::start(bulkhead_sim::SimConfig::default())
+            .await
+            .unwrap();
+        let mut s = settings(50, 100);
+        s.upstream = sim.url().parse().unwrap();
+        s.drain_timeout = Duration::from_millis(drain_ms);
+        s.flush_proves_idle = true;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let gate = CacheGate::new(s, Metrics::register(&mut registry));
+        (gate, sim, registry)
+    }
+
+    fn gate_timeouts(gate: &CacheGate, kind: &'static str) -> u64 {
+        gate.metrics
+            .cache_gate_timeouts
+            .get_or_create(&KindLabel { kind })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_flush_proving_the_upstream_idle_lets_others_past_a_stalled_window() {
+        let (gate, sim, _r) = sim_gate(300).await;
+        let far = Instant::now() + Duration::from_secs(60);
+        // a's request is done upstream but its pass is held (a client that stopped reading).
+        let stalled = gate.enter("a", far).await.unwrap();
+        let t0 = Instant::now();
+        let b = gate.enter("b", far).await.unwrap();
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        assert_eq!(sim.sim.flushes(), (1, 0), "b ran without a confirmed flush");
+        assert_eq!(gate.running(), 2);
+        // a's next window waits for b alone and is flushed again.
+        drop(b);
+        let a = gate.enter("a", far).await.unwrap();
+        assert_eq!(sim.sim.flushes(), (2, 0));
+        drop(stalled);
+        assert_eq!(gate.running(), 1);
+        drop(a);
+        assert_eq!(gate.running(), 0);
+        assert_eq!(gate_timeouts(&gate, "window_drain"), 0);
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_flush_after_the_drain_bound_refuses_everyone_who_waited() {
+        let (gate, sim, _r) = sim_gate(300).await;
+        let far = Instant::now() + Duration::from_secs(60);
+        let stalled = gate.enter("a", far).await.unwrap();
+        sim.sim.refuse_next_flushes(100);
+        let t0 = Instant::now();
+        let (b1, b2) = tokio::join!(gate.enter("b", far), gate.enter("b", far));
+        let took = t0.elapsed();
+        assert_eq!(b1.err(), Some(GateError::DrainTimeout));
+        assert_eq!(b2.err(), Some(GateError::DrainTimeout));
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // One flush call answered for both (the second waited through it).
+        assert_eq!(sim.sim.flushes(), (0, 1));
+        assert_eq!(gate_timeouts(&gate, "window_drain"), 2);
+        // Once a's request ends, others run (after a flush).
+        sim.sim.refuse_next_flushes(0);
+        drop(stalled);
+        let b = gate.enter("b", far).await.unwrap();
+        assert_eq!(sim.sim.flushes(), (1, 1));
+        drop(b);
+        sim.stop().await;
     }
 
     #[tokio::test]

@@ -37,9 +37,17 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
+
+/// The `kind` labels of `bulkhead_cache_gate_timeouts_total`.
+pub const GATE_TIMEOUT_KINDS: [&str; 3] = ["exclusive_drain", "window_drain", "queue"];
 
 type HistFamily = Family<TenantLabel, Histogram, fn() -> Histogram>;
 
@@ -69,6 +77,8 @@ pub struct Metrics {
     /// Prefix-cache flush attempts by result (`ok`, `failed`, `refused`).
     pub cache_flushes: Family<ResultLabel, Counter>,
     pub cache_flush_duration: Histogram,
+    /// Bounded waits at the cache gate that ran out, by kind (see [`GATE_TIMEOUT_KINDS`]).
+    pub cache_gate_timeouts: Family<KindLabel, Counter>,
     /// Requests whose client tried to set `cache_salt` (always replaced or removed).
     pub cache_salt_overrides: Family<TenantLabel, Counter>,
     /// KV-cache tokens held by the tenant's in-flight requests (prompt + generated so far).
@@ -108,6 +118,7 @@ impl Metrics {
             unattributed_requests: Family::default(),
             cache_flushes: Family::default(),
             cache_flush_duration: latency_histogram(),
+            cache_gate_timeouts: Family::default(),
             cache_salt_overrides: Family::default(),
             kv_tokens: Family::default(),
             kv_bytes: Family::default(),
@@ -197,6 +208,13 @@ impl Metrics {
             m.cache_flush_duration.clone(),
         );
         r.register(
+            "cache_gate_timeouts",
+            "Cache-gate waits that ran out: exclusive_drain (an exclusive request's wait for \
+             other tenants' requests), window_drain (a wait for an exclusive window's \
+             requests), queue (the queue timeout)",
+            m.cache_gate_timeouts.clone(),
+        );
+        r.register(
             "cache_salt_overrides",
             "Requests whose client tried to set cache_salt (replaced or removed)",
             m.cache_salt_overrides.clone(),
@@ -246,6 +264,9 @@ impl Metrics {
         }
         for reason in crate::audit::DROP_REASONS {
             let _ = m.audit_dropped.get_or_create(&Reason { reason });
+        }
+        for kind in GATE_TIMEOUT_KINDS {
+            let _ = m.cache_gate_timeouts.get_or_create(&KindLabel { kind });
         }
         for reason in crate::signature::AuthError::REASONS {
             let _ = m.auth_failures.get_or_create(&Reason { reason });

@@ -80,6 +80,9 @@ impl Runtime {
             flush_retry: Duration::from_millis(c.flush_retry_ms),
             flush_timeout: Duration::from_millis(c.flush_timeout_ms),
             on_failure: c.on_flush_failure,
+            drain_timeout: Duration::from_millis(c.exclusive_drain_timeout_ms),
+            flush_proves_idle: c.flush_refused_while_busy,
+            max_inflight: self.config.queue.max_inflight,
         }
     }
 

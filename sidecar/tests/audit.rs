@@ -245,7 +245,10 @@ async fn a_tenant_added_by_reload_gets_its_own_audit_file() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(records(&dir, "initech")[0]["client_request_id"], "initech-0");
+    assert_eq!(
+        records(&dir, "initech")[0]["client_request_id"],
+        "initech-0"
+    );
     assert!(records(&dir, "_unauthenticated").is_empty());
     h.shutdown().await;
 }

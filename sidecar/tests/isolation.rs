@@ -10,9 +10,11 @@
 mod common;
 use base64::Engine;
 use bulkhead_sim::SimConfig;
+use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const PROMPT: &str = "the secret quarterly numbers of acme are eleven";
@@ -37,6 +39,11 @@ async fn start(flavor: &str, tenants: &str, cache: &str) -> Setup {
 }
 
 async fn start_sim(flavor: &str, tenants: &str, cache: &str, sim: SimConfig) -> Setup {
+    start_upstream(&format!("flavor = \"{flavor}\"\n"), tenants, cache, sim).await
+}
+
+/// `upstream`: lines for the `[upstream]` section (the flavor and more).
+async fn start_upstream(upstream: &str, tenants: &str, cache: &str, sim: SimConfig) -> Setup {
     let keys = tempfile::tempdir().unwrap();
     let salt_key = keys.path().join("salt.key");
     std::fs::write(
@@ -44,7 +51,7 @@ async fn start_sim(flavor: &str, tenants: &str, cache: &str, sim: SimConfig) -> 
         base64::engine::general_purpose::STANDARD.encode(b"salt-key-0123456789abcdef-012345"),
     )
     .unwrap();
-    let flavor_line = format!("[upstream]\nflavor = \"{flavor}\"\n");
+    let flavor_line = format!("[upstream]\n{upstream}");
     let cache = format!(
         "\n[cache]\nsalt_key_file = \"{}\"\nsalt_generation = 1\n{cache}\n",
         salt_key.display()
@@ -55,6 +62,29 @@ async fn start_sim(flavor: &str, tenants: &str, cache: &str, sim: SimConfig) -> 
     })
     .await;
     Setup { h, _keys: keys }
+}
+
+/// Send `content` as `tenant`; the response head, body and latency.
+async fn ask_raw(
+    h: &Harness,
+    tenant: &str,
+    content: &str,
+) -> (http::response::Parts, Bytes, Duration) {
+    let t0 = Instant::now();
+    let (p, b) = h
+        .send_collect(h.signed(
+            tenant,
+            Method::POST,
+            "/v1/chat/completions",
+            &chat(content, ""),
+        ))
+        .await;
+    (p, b, t0.elapsed())
+}
+
+/// Generation requests the simulator got from `tenant`.
+fn forwarded(h: &Harness, tenant: &str) -> usize {
+    salts_seen(h, tenant).len()
 }
 
 /// Send `content` as `tenant`; the status, the simulator's cache verdict and the latency.
@@ -376,4 +406,149 @@ async fn bumping_the_salt_generation_changes_the_salt_on_reload() {
     assert!(salts[0].is_some() && salts[1].is_some());
     assert_ne!(salts[0], salts[1]);
     s.h.shutdown().await;
+}
+
+const EXCLUSIVE_ACME: &str = r#"
+[tenants.acme]
+isolation = "exclusive"
+[tenants.globex]
+"#;
+
+/// The harness's queue timeout: the old gate's only bound on these waits.
+const QUEUE_TIMEOUT: Duration = Duration::from_millis(5000);
+const DRAIN: Duration = Duration::from_millis(400);
+
+/// Assert a 503 `exclusive_drain_timeout` that came within the drain bound, long before the
+/// queue timeout.
+fn assert_drain_timeout(p: &http::response::Parts, b: &Bytes, took: Duration, min: Duration) {
+    assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE, "{b:?}");
+    let e = json(b);
+    assert_eq!(e["error"]["code"], "exclusive_drain_timeout", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cache.exclusive_drain_timeout_ms")
+    );
+    assert_eq!(p.headers["retry-after"], "1");
+    assert!(p.headers.contains_key("x-request-id"));
+    assert!(
+        took >= min && took < QUEUE_TIMEOUT / 2,
+        "took {took:?}, bound {min:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_exclusive_request_gives_up_when_shared_requests_do_not_drain() {
+    let s = Arc::new(
+        start(
+            "vllm",
+            EXCLUSIVE_ACME,
+            &format!("exclusive_drain_timeout_ms = {}", DRAIN.as_millis()),
+        )
+        .await,
+    );
+    let h = &s.h;
+    // globex keeps a long stream open (the upstream holds it after its first token).
+    let mut held = h.hold_stream("globex", "a long answer").await;
+    // acme must not run beside it: it waits for the drain, and globex's newer request queues
+    // behind acme meanwhile.
+    let s2 = s.clone();
+    let acme = tokio::spawn(async move {
+        let r = ask_raw(&s2.h, "acme", PROMPT).await;
+        (r, Instant::now())
+    });
+    h.wait_metric("bulkhead_queued_requests{tenant=\"acme\"}", 1.0)
+        .await;
+    let s2 = s.clone();
+    let globex = tokio::spawn(async move {
+        let r = ask(&s2.h, "globex", "later words", "").await;
+        (r, Instant::now())
+    });
+    h.wait_metric("bulkhead_queued_requests{tenant=\"globex\"}", 1.0)
+        .await;
+    // The stream never ends: acme fails at the drain bound, not at the queue timeout.
+    let ((p, b, took), acme_done) = acme.await.unwrap();
+    assert_drain_timeout(&p, &b, took, DRAIN);
+    assert_eq!(forwarded(h, "acme"), 0);
+    // globex's queued request went at once, and newcomers run straight away.
+    let ((st, _, _), globex_done) = globex.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        globex_done.saturating_duration_since(acme_done) < Duration::from_secs(2),
+        "globex waited on after acme gave up"
+    );
+    let (st, _, took) = ask(h, "globex", "more words", "").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(took < DRAIN, "{took:?}");
+    h.wait_metric(
+        "bulkhead_cache_gate_timeouts_total{kind=\"exclusive_drain\"}",
+        1.0,
+    )
+    .await;
+    h.wait_metric("bulkhead_requests_total{tenant=\"acme\",code=\"503\"}", 1.0)
+        .await;
+    assert_eq!(
+        h.metric("bulkhead_cache_gate_timeouts_total{kind=\"window_drain\"}")
+            .await,
+        Some(0.0)
+    );
+    // Once the stream ends, acme tries again and runs alone, on a flushed cache.
+    h.sim.sim.open_gate();
+    while held.frame().await.is_some() {}
+    let (st, v, _) = ask(h, "acme", PROMPT, "").await;
+    assert_eq!((st, v.as_str()), (StatusCode::OK, "miss"));
+    assert_eq!(h.sim.sim.flushes(), (1, 0));
+    let s = Arc::into_inner(s).unwrap();
+    s.h.shutdown().await;
+}
+
+#[tokio::test]
+async fn shared_requests_are_refused_not_held_behind_an_exclusive_window_that_does_not_drain() {
+    // Without `flush_refused_while_busy` no flush is tried; with it, the flush is refused
+    // while the upstream still runs acme's stream (3 attempts): refused either way, never run
+    // beside it.
+    for (trust_flush, refused_flushes) in [(false, 0), (true, 3)] {
+        let cache = format!(
+            "exclusive_window_ms = 200\nexclusive_drain_timeout_ms = {}\n\
+             flush_refused_while_busy = {trust_flush}",
+            DRAIN.as_millis()
+        );
+        let s = start_upstream(
+            "flavor = \"vllm\"\nconnect_timeout_ms = 100\n",
+            EXCLUSIVE_ACME,
+            &cache,
+            sim_config(),
+        )
+        .await;
+        let h = &s.h;
+        let mut held = h.hold_stream("acme", "hold this").await;
+        let started = h.sim.sim.started();
+        // globex waits for acme's stream, at most the drain bound.
+        let (p, b, took) = ask_raw(h, "globex", PROMPT).await;
+        assert_drain_timeout(&p, &b, took, DRAIN);
+        // While the stream runs, newcomers are refused too.
+        let (p, b, took) = ask_raw(h, "globex", "other words").await;
+        assert_drain_timeout(&p, &b, took, Duration::ZERO);
+        assert_eq!(h.sim.sim.started(), started, "globex ran beside acme");
+        assert_eq!(h.sim.sim.flushes().0, 0);
+        let refused = h.sim.sim.flushes().1;
+        assert!(
+            refused >= refused_flushes && refused <= 2 * refused_flushes,
+            "{trust_flush}: {refused}"
+        );
+        h.wait_metric(
+            "bulkhead_cache_gate_timeouts_total{kind=\"window_drain\"}",
+            2.0,
+        )
+        .await;
+        // acme's stream ends: globex runs at once, after a flush, on a cache without acme.
+        h.sim.sim.open_gate();
+        while held.frame().await.is_some() {}
+        let (st, v, took) = ask(h, "globex", PROMPT, "").await;
+        assert_eq!((st, v.as_str()), (StatusCode::OK, "miss"), "{trust_flush}");
+        assert!(took < MISS + DRAIN, "{took:?}");
+        assert_eq!(h.sim.sim.flushes().0, 1);
+        s.h.shutdown().await;
+    }
 }

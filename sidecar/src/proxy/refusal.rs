@@ -146,6 +146,20 @@ impl Refusal {
                 )
                 .with_retry(Duration::from_secs(1))
             }
+            GateError::DrainTimeout => {
+                tracing::warn!(
+                    "request refused: requests it must not run beside outlived \
+                     cache.exclusive_drain_timeout_ms"
+                );
+                Self::server(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "exclusive_drain_timeout",
+                    "requests that prefix-cache isolation does not let this request run beside \
+                     were still running after cache.exclusive_drain_timeout_ms; it was not \
+                     forwarded",
+                )
+                .with_retry(Duration::from_secs(1))
+            }
         }
     }
 
