@@ -208,7 +208,9 @@ async fn one_tenants_flood_rotates_only_its_own_files_within_the_cap() {
     assert_eq!(globex, want);
     // acme kept its newest records, in order, each whole.
     let acme_recs = records(&dir, "acme");
-    assert!(acme_recs.len() >= 60, "{}", acme_recs.len());
+    // At least a rotated file's worth (64 KiB of ~2 KiB records): right after a rotation the
+    // current file is nearly empty.
+    assert!(acme_recs.len() >= 30, "{}", acme_recs.len());
     assert!(acme_recs.iter().all(|r| r["tenant"] == "acme"));
     assert_eq!(
         h.metric("bulkhead_audit_dropped_total{reason=\"buffer_full\"}")
