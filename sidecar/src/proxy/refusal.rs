@@ -21,7 +21,7 @@ pub struct Refusal {
     pub code: &'static str,
     pub message: Cow<'static, str>,
     pub retry_after: Option<Duration>,
-    pub rate: Option<RateInfo>,
+    pub rate: Option<Box<RateInfo>>,
     /// Counted in `bulkhead_rate_limited_total{limit}` when set.
     pub limit: Option<LimitKind>,
     /// Counted in `bulkhead_auth_failures_total{reason}` when set.
@@ -101,7 +101,7 @@ impl Refusal {
             msg,
         )
         .with_retry(rej.retry_after);
-        r.rate = Some(rej.info);
+        r.rate = Some(Box::new(rej.info));
         r.limit = Some(rej.kind);
         r
     }
