@@ -114,7 +114,7 @@ async fn proxy(
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
     let info = inspect_body(ex, route, &tenant, &parts, body)?;
-    admit(ex, &tenant, &rt, &info)?;
+    admit(ex, &tenant, &info)?;
     tag_client(ex, conn, &tenant).await;
     let (permit, gate) = wait_turn(ex, &tenant, &rt).await?;
     let up = upstream_request(ex, &rt, conn, parts, &verified.covered_headers, info.body)?;
@@ -327,12 +327,7 @@ fn inspect_body(
 }
 
 /// Phase: the tenant's limits; a request larger than its whole token budget is refused.
-fn admit(
-    ex: &mut Exchange,
-    tenant: &TenantRuntime,
-    _rt: &Runtime,
-    info: &Inspected,
-) -> Result<(), Refusal> {
+fn admit(ex: &mut Exchange, tenant: &TenantRuntime, info: &Inspected) -> Result<(), Refusal> {
     let estimate = info.prompt_estimate.saturating_add(info.completion_reserve);
     if let Some(tpm) = tenant.limits.numbers().tokens_per_minute
         && estimate > tpm
