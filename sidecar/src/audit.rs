@@ -42,7 +42,7 @@ pub const MAX_METHOD: usize = 32;
 const MAX_SHORT: usize = 128;
 
 /// The reasons of `bulkhead_audit_dropped_total{reason}`.
-pub const DROP_REASONS: [&str; 4] = ["rate_limited", "buffer_full", "oversized", "write_failed"];
+pub use crate::metrics::AUDIT_DROP_REASONS as DROP_REASONS;
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct AuditRecord {

@@ -49,6 +49,10 @@ pub struct ResultLabel {
 /// The `kind` labels of `bulkhead_cache_gate_timeouts_total`.
 pub const GATE_TIMEOUT_KINDS: [&str; 3] = ["exclusive_drain", "window_drain", "queue"];
 
+/// Why an audit record was not written (`bulkhead_audit_dropped_total{reason}`).
+pub const AUDIT_DROP_REASONS: [&str; 4] =
+    ["rate_limited", "buffer_full", "oversized", "write_failed"];
+
 type HistFamily = Family<TenantLabel, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -70,7 +74,7 @@ pub struct Metrics {
     /// 1 when the node agent's tagging API answered last time, 0 when not.
     pub agent_available: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
-    /// Audit records not written, by reason (`crate::audit::DROP_REASONS`).
+    /// Audit records not written, by reason (`AUDIT_DROP_REASONS`).
     pub audit_dropped: Family<Reason, Counter>,
     /// Requests answered without a trusted tenant (auth failures, unknown routes).
     pub unattributed_requests: Family<Reason, Counter>,
@@ -262,7 +266,7 @@ impl Metrics {
         for result in ["ok", "failed", "refused"] {
             let _ = m.cache_flushes.get_or_create(&ResultLabel { result });
         }
-        for reason in crate::audit::DROP_REASONS {
+        for reason in AUDIT_DROP_REASONS {
             let _ = m.audit_dropped.get_or_create(&Reason { reason });
         }
         for kind in GATE_TIMEOUT_KINDS {

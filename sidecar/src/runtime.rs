@@ -220,12 +220,14 @@ impl App {
             || old.config.agent.max_tagged_connections_per_tenant
                 != config.agent.max_tagged_connections_per_tenant
             || old.config.auth.replay_cache_capacity != config.auth.replay_cache_capacity
+            || old.config.agent.socket != config.agent.socket
         {
             tracing::warn!(
                 "runtime.*, http.max_header_bytes, http.header_read_timeout_ms, \
                  http.drain_timeout_ms, http.max_inflight_body_bytes, http.max_connections, \
-                 http.max_concurrent_streams, agent.max_tagged_connections_per_tenant and \
-                 auth.replay_cache_capacity take effect only after a restart"
+                 http.max_concurrent_streams, agent.socket (for tagging), \
+                 agent.max_tagged_connections_per_tenant and auth.replay_cache_capacity take \
+                 effect only after a restart"
             );
         }
         let rt = build_runtime(

@@ -91,20 +91,27 @@ impl Tagger {
             return;
         }
         // Give up the old tenant's slot first (a keep-alive connection changing tenant).
-        *slot = None;
-        {
+        let was_tagged = slot.take().is_some();
+        let at_cap = {
             let mut m = self.tagged.lock().unwrap_or_else(|e| e.into_inner());
             let n = m.entry(tenant.clone()).or_default();
-            if *n >= self.max_per_tenant {
-                drop(m);
-                self.cap_reached
-                    .get_or_create(&TenantLabel {
-                        tenant: tenant.to_string(),
-                    })
-                    .inc();
-                return;
+            let full = *n >= self.max_per_tenant;
+            if !full {
+                *n += 1;
             }
-            *n += 1;
+            full
+        };
+        if at_cap {
+            self.cap_reached
+                .get_or_create(&TenantLabel {
+                    tenant: tenant.to_string(),
+                })
+                .inc();
+            // Never leave the previous tenant's tag on this tenant's bytes.
+            if was_tagged {
+                self.untag(sock).await;
+            }
+            return;
         }
         *slot = Some(TagSlot {
             tenant: tenant.clone(),
@@ -119,6 +126,16 @@ impl Tagger {
 
     /// Tag `sock` with `tenant` (best effort; never fails the request).
     pub async fn tag(&self, sock: BorrowedFd<'_>, tenant: &str) {
+        self.call(sock, Some(tenant)).await;
+    }
+
+    /// Remove `sock`'s tag: its bytes count as untagged from now on.
+    pub async fn untag(&self, sock: BorrowedFd<'_>) {
+        self.call(sock, None).await;
+    }
+
+    /// Tag with `Some(tenant)`, untag with `None`.
+    async fn call(&self, sock: BorrowedFd<'_>, tenant: Option<&str>) {
         let Some(client) = self.client.clone() else {
             return;
         };
@@ -137,8 +154,12 @@ impl Tagger {
                 return;
             }
         };
-        let tenant_owned = tenant.to_string();
-        let res = tokio::task::spawn_blocking(move || client.tag(fd.as_fd(), &tenant_owned)).await;
+        let op = tenant.map(str::to_string);
+        let res = tokio::task::spawn_blocking(move || match op {
+            Some(t) => client.tag(fd.as_fd(), &t),
+            None => client.untag(fd.as_fd()),
+        })
+        .await;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match res {
             Ok(Ok(_)) => {
@@ -151,7 +172,7 @@ impl Tagger {
                 self.gauge.set(1);
             }
             Ok(Err(ClientError::Rejected { code, message })) => {
-                tracing::debug!(tenant = %tenant, code = code.as_str(), %message, "agent refused to tag a socket");
+                tracing::debug!(tenant = tenant.unwrap_or("(untag)"), code = code.as_str(), %message, "agent refused to tag a socket");
             }
             Ok(Err(e)) => {
                 if !matches!(*st, State::Down(_)) {
