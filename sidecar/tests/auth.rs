@@ -160,3 +160,39 @@ async fn replayed_request_is_refused() {
     assert_eq!(h.sim.sim.requests().len(), 1);
     h.shutdown().await;
 }
+
+/// The replay cache is shared fairly per key id: a key that fills its share is refused alone
+/// (old: one key could fill the whole cache and lock every other key out with 503).
+#[tokio::test]
+async fn one_key_filling_the_replay_cache_does_not_lock_out_another() {
+    // Two keys (gw, acme-key): capacity 4 gives each a share of 2.
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        *t = t.replacen("[auth]\n", "[auth]\nreplay_cache_capacity = 4\n", 1);
+    })
+    .await;
+    let path = "/v1/chat/completions";
+    for _ in 0..2 {
+        let (p, _) = h
+            .send_collect(h.signed("acme", Method::POST, path, &body()))
+            .await;
+        assert_eq!(p.status, StatusCode::OK);
+    }
+    let (p, b) = h
+        .send_collect(h.signed("acme", Method::POST, path, &body()))
+        .await;
+    assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE, "{b:?}");
+    assert_eq!(json(&b)["error"]["code"], "replay_cache_full");
+    // The other key still works.
+    let req = h.signed_with(
+        "acme",
+        Method::POST,
+        path,
+        &body(),
+        "acme-key",
+        ACME_KEY,
+        |_| {},
+    );
+    let (p, b) = h.send_collect(req).await;
+    assert_eq!(p.status, StatusCode::OK, "{b:?}");
+    h.shutdown().await;
+}

@@ -237,3 +237,39 @@ tokens_per_minute = 200
     assert_eq!(h.send_collect(send()).await.0.status, StatusCode::OK);
     h.shutdown().await;
 }
+
+/// A reload that changes only a tenant's weight or isolation keeps its buckets: a tenant
+/// cannot refill its limits by getting any unrelated setting changed (old: any change of the
+/// tenant's section built a fresh, full limiter).
+#[tokio::test]
+async fn a_reload_that_changes_only_weight_keeps_the_buckets() {
+    let tenants =
+        "[tenants.acme]\nrequests_per_minute = 2\ntokens_per_minute = 1000\n[tenants.globex]\n";
+    let (h, _clock) = frozen(tenants).await;
+    for _ in 0..2 {
+        let (p, _) = h
+            .send_collect(h.signed(
+                "acme",
+                Method::POST,
+                "/v1/chat/completions",
+                &chat("hi", r#","max_tokens":100"#),
+            ))
+            .await;
+        assert_eq!(p.status, StatusCode::OK);
+    }
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    h.write_config(&text.replacen("[tenants.acme]\n", "[tenants.acme]\nweight = 5\n", 1));
+    h.wait_metric("bulkhead_config_reloads_total{result=\"ok\"}", 1.0)
+        .await;
+    let (p, b) = h
+        .send_collect(h.signed(
+            "acme",
+            Method::POST,
+            "/v1/chat/completions",
+            &chat("hi", ""),
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS, "{b:?}");
+    assert_eq!(json(&b)["error"]["code"], "requests");
+    h.shutdown().await;
+}
