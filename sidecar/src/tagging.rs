@@ -22,22 +22,28 @@ enum State {
     Down(Instant),
 }
 
+/// Client connections tagged now, per tenant.
+type TaggedCounts = Arc<Mutex<HashMap<Arc<str>, usize>>>;
+
 pub struct Tagger {
     client: Option<AgentClient>,
     state: Mutex<State>,
     gauge: Gauge,
     /// Client connections tagged now, per tenant (capped, so that one tenant's many idle
     /// connections cannot push other tenants' tags out of the agent's LRU map).
-    tagged: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    tagged: TaggedCounts,
     max_per_tenant: usize,
     cap_reached: Family<TenantLabel, Counter>,
 }
 
 /// One client connection's tag under the per-tenant cap; the count drops when it is dropped.
+/// A connection left untagged at the cap keeps a slot holding no count, so that it is
+/// counted in `tagging_cap_reached` once, not on every request.
 #[derive(Debug)]
 pub struct TagSlot {
     tenant: Arc<str>,
-    tagged: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    /// The per-tenant counts this slot holds one of; `None` when left untagged.
+    held: Option<TaggedCounts>,
 }
 
 impl TagSlot {
@@ -48,7 +54,10 @@ impl TagSlot {
 
 impl Drop for TagSlot {
     fn drop(&mut self) {
-        let mut m = self.tagged.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tagged) = &self.held else {
+            return;
+        };
+        let mut m = tagged.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = m.get_mut(&self.tenant) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -80,18 +89,25 @@ impl Tagger {
     }
 
     /// Tag an admitted request's client connection with `tenant`, unless it already is.
-    /// Beyond the per-tenant cap the connection stays untagged (counted), and keeps no slot.
+    /// Beyond the per-tenant cap the connection stays untagged, counted once (not on each of
+    /// its requests), and holds no count.
     pub async fn tag_connection(
         &self,
         sock: BorrowedFd<'_>,
         slot: &mut Option<TagSlot>,
         tenant: &Arc<str>,
     ) {
-        if slot.as_ref().is_some_and(|s| s.tenant == *tenant) {
+        if slot
+            .as_ref()
+            .is_some_and(|s| s.tenant == *tenant && s.held.is_some())
+        {
             return;
         }
+        // Left untagged for this tenant before: tagged now if a slot came back, not counted
+        // again if not.
+        let counted = slot.as_ref().is_some_and(|s| s.tenant == *tenant);
         // Give up the old tenant's slot first (a keep-alive connection changing tenant).
-        let was_tagged = slot.take().is_some();
+        let was_tagged = slot.take().is_some_and(|s| s.held.is_some());
         let at_cap = {
             let mut m = self.tagged.lock().unwrap_or_else(|e| e.into_inner());
             let n = m.entry(tenant.clone()).or_default();
@@ -102,11 +118,17 @@ impl Tagger {
             full
         };
         if at_cap {
-            self.cap_reached
-                .get_or_create(&TenantLabel {
-                    tenant: tenant.to_string(),
-                })
-                .inc();
+            if !counted {
+                self.cap_reached
+                    .get_or_create(&TenantLabel {
+                        tenant: tenant.to_string(),
+                    })
+                    .inc();
+            }
+            *slot = Some(TagSlot {
+                tenant: tenant.clone(),
+                held: None,
+            });
             // Never leave the previous tenant's tag on this tenant's bytes.
             if was_tagged {
                 self.untag(sock).await;
@@ -115,7 +137,7 @@ impl Tagger {
         }
         *slot = Some(TagSlot {
             tenant: tenant.clone(),
-            tagged: self.tagged.clone(),
+            held: Some(self.tagged.clone()),
         });
         self.tag(sock, tenant).await;
     }

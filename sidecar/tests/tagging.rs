@@ -232,3 +232,178 @@ async fn kv_reports_to_an_absent_agent_are_counted_and_never_block_requests() {
     assert_eq!(p.status, StatusCode::OK);
     h.shutdown().await;
 }
+
+/// The sidecar with the fake agent at `sock`, `extra_agent` appended to `[agent]`, and idle
+/// keep-alive connections kept open (the test's 300 ms header timeout would close them).
+async fn start_tagging(tenants: &str, sock: &std::path::Path, extra_agent: &str) -> Harness {
+    let sock = sock.display().to_string();
+    let extra_agent = extra_agent.to_string();
+    Harness::start_with(tenants, Default::default(), move |t| {
+        *t = t.replace(
+            "header_read_timeout_ms = 300",
+            "header_read_timeout_ms = 60000",
+        );
+        t.push_str(&format!("\n[agent]\nsocket = \"{sock}\"\n{extra_agent}\n"));
+    })
+    .await
+}
+
+/// The client-socket tags the fake agent saw, as (tenant, client port).
+fn client_tags(log: &Mutex<Vec<Tagged>>, h: &Harness) -> Vec<(String, u16)> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.local_port == h.addr.port())
+        .map(|t| (t.tenant.clone(), t.peer_port))
+        .collect()
+}
+
+#[tokio::test]
+async fn client_tags_are_capped_per_tenant_and_the_slot_comes_back_on_close() {
+    let agent_dir = tempfile::tempdir().unwrap();
+    let sock = agent_dir.path().join("agent.sock");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    fake_agent(&sock, log.clone(), Default::default());
+    let h = start_tagging(
+        DEFAULT_TENANTS,
+        &sock,
+        "max_tagged_connections_per_tenant = 3",
+    )
+    .await;
+    let chat_req =
+        |tenant: &str| h.signed(tenant, Method::POST, "/v1/chat/completions", &chat("x", ""));
+    // Six keep-alive connections of acme, all kept open, one request each: all are served,
+    // the first three are tagged, the other three are left untagged (and counted).
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        let mut c = H1Conn::open(h.addr).await;
+        let (p, _) = c.request(chat_req("acme")).await.unwrap();
+        assert_eq!(p.status, StatusCode::OK);
+        conns.push(c);
+    }
+    h.wait_metric("bulkhead_client_connections", 6.0).await;
+    let first3: Vec<(String, u16)> = conns[..3]
+        .iter()
+        .map(|c| ("acme".to_string(), c.port))
+        .collect();
+    // A second request on an untagged connection leaves it untagged, and counts no more.
+    let (p, _) = conns[3].request(chat_req("acme")).await.unwrap();
+    assert_eq!(p.status, StatusCode::OK);
+    assert_eq!(client_tags(&log, &h), first3);
+    assert_eq!(
+        h.metric("bulkhead_tagging_cap_reached_total{tenant=\"acme\"}")
+            .await,
+        Some(3.0)
+    );
+    // The cap is acme's own: another tenant's connection is still tagged.
+    let mut globex = H1Conn::open(h.addr).await;
+    let (p, _) = globex.request(chat_req("globex")).await.unwrap();
+    assert_eq!(p.status, StatusCode::OK);
+    assert_eq!(
+        client_tags(&log, &h).last(),
+        Some(&("globex".to_string(), globex.port))
+    );
+    // Two tagged acme connections close: their slots come back, and a new acme connection
+    // is tagged again (retried until the sidecar has seen the closes).
+    let mut conns = conns.into_iter();
+    conns.next().unwrap().close().await;
+    conns.next().unwrap().close().await;
+    let _keep: Vec<H1Conn> = conns.collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let tagged_again = loop {
+        let mut c = H1Conn::open(h.addr).await;
+        let (p, _) = c.request(chat_req("acme")).await.unwrap();
+        assert_eq!(p.status, StatusCode::OK);
+        if client_tags(&log, &h).contains(&("acme".to_string(), c.port)) {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no acme connection tagged again after two tagged ones closed: {:?}",
+            client_tags(&log, &h)
+        );
+        c.close().await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    // The agent saw four acme tags in all: the first three and the new one.
+    let acme_tags = client_tags(&log, &h)
+        .iter()
+        .filter(|(t, _)| t == "acme")
+        .count();
+    assert_eq!(acme_tags, 4, "{:?}", client_tags(&log, &h));
+    tagged_again.close().await;
+    globex.close().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_refused_before_admission_leave_the_connection_untagged() {
+    let agent_dir = tempfile::tempdir().unwrap();
+    let sock = agent_dir.path().join("agent.sock");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    fake_agent(&sock, log.clone(), Default::default());
+    let h = start_tagging(
+        "[tenants.acme]\nrequests_per_minute = 1\n[tenants.globex]\n",
+        &sock,
+        "",
+    )
+    .await;
+    let body = chat("x", "");
+    let path = "/v1/chat/completions";
+    // Admitted: tagged.
+    let mut ok = H1Conn::open(h.addr).await;
+    let (p, _) = ok
+        .request(h.signed("acme", Method::POST, path, &body))
+        .await
+        .unwrap();
+    assert_eq!(p.status, StatusCode::OK);
+    // A valid key, refused by the tenant's limits: not tagged.
+    let mut limited = H1Conn::open(h.addr).await;
+    let (p, _) = limited
+        .request(h.signed("acme", Method::POST, path, &body))
+        .await
+        .unwrap();
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
+    // A bad signature (the wrong secret for the key id): not tagged.
+    let mut bad_sig = H1Conn::open(h.addr).await;
+    let (p, _) = bad_sig
+        .request(h.signed_with("globex", Method::POST, path, &body, "gw", ACME_KEY, |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(p.status, StatusCode::UNAUTHORIZED);
+    // Signed headers, but a body other than the one signed: not tagged.
+    let mut tampered = H1Conn::open(h.addr).await;
+    let mut req = h.signed("globex", Method::POST, path, &body);
+    *req.body_mut() = http_body_util::Full::new(bytes::Bytes::from(chat("y", "")));
+    let (p, _) = tampered.request(req).await.unwrap();
+    assert_eq!(p.status, StatusCode::UNAUTHORIZED);
+    // A tenant the key may not speak for: not tagged.
+    let mut mismatch = H1Conn::open(h.addr).await;
+    let (p, _) = mismatch
+        .request(h.signed_with(
+            "globex",
+            Method::POST,
+            path,
+            &body,
+            "acme-key",
+            ACME_KEY,
+            |_| {},
+        ))
+        .await
+        .unwrap();
+    assert_eq!(p.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        client_tags(&log, &h),
+        [("acme".to_string(), ok.port)],
+        "ports: ok {} limited {} bad_sig {} tampered {} mismatch {}",
+        ok.port,
+        limited.port,
+        bad_sig.port,
+        tampered.port,
+        mismatch.port
+    );
+    for c in [ok, limited, bad_sig, tampered, mismatch] {
+        c.close().await;
+    }
+    h.shutdown().await;
+}

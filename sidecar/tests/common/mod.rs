@@ -298,3 +298,52 @@ pub fn json(b: &Bytes) -> serde_json::Value {
     serde_json::from_slice(b)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
 }
+
+/// One HTTP/1.1 keep-alive client connection of its own (not pooled), so a test decides
+/// exactly which requests share a socket and when the socket closes.
+pub struct H1Conn {
+    /// The client side's local port (the sidecar's peer port for this connection).
+    pub port: u16,
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl H1Conn {
+    pub async fn open(addr: SocketAddr) -> H1Conn {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let port = s.local_addr().unwrap().port();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        H1Conn { port, send, task }
+    }
+
+    /// Send `req` (origin-form, with a Host header) and read the whole response.
+    pub async fn request(
+        &mut self,
+        mut req: Request<Full<Bytes>>,
+    ) -> hyper::Result<(http::response::Parts, Bytes)> {
+        if let Some(host) = req.uri().authority().map(|a| a.to_string()) {
+            req.headers_mut()
+                .insert(http::header::HOST, HeaderValue::from_str(&host).unwrap());
+        }
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.to_string());
+        *req.uri_mut() = path.parse().unwrap();
+        self.send.ready().await?;
+        let (p, b) = self.send.send_request(req).await?.into_parts();
+        Ok((p, b.collect().await?.to_bytes()))
+    }
+
+    /// Close the socket (the client side goes away).
+    pub async fn close(self) {
+        drop(self.send);
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
