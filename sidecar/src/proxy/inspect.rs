@@ -365,6 +365,30 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_forwarded_as_the_client_wrote_them() {
+        // Read correctly rounded (serde_json's `float_roundtrip`), a number written in its
+        // shortest form is forwarded in the same form: the upstream reads the client's value,
+        // and the forwarded body is its own serialisation.
+        for x in [
+            "-2.705345999997654e-179",
+            "0.30000000000000004",
+            "1.7976931348623157e+308",
+            "5e-324",
+            "0.7",
+        ] {
+            let b = format!(r#"{{"prompt":"x","temperature":{x}}}"#);
+            let i = inspect(Route::Generate(Api::Completions), b.as_bytes(), P).unwrap();
+            let text = String::from_utf8(i.body.to_vec()).unwrap();
+            assert!(
+                text.ends_with(&format!(r#""temperature":{x}}}"#)),
+                "{x}: {text}"
+            );
+            let again = serde_json::to_vec(&fwd(&i)).unwrap();
+            assert_eq!(again, i.body.to_vec(), "{x}");
+        }
+    }
+
+    #[test]
     fn bodies_the_parser_rejects_are_refused() {
         let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
         let deep = format!(r#"{{"prompt":"x","x":{deep}}}"#);
