@@ -369,6 +369,11 @@ pub struct HttpLimits {
     /// HTTP/2 streams per client connection.
     #[serde(default = "default_max_streams")]
     pub max_concurrent_streams: u32,
+    /// A client connection with no request in progress for this long is closed (HTTP/2:
+    /// GOAWAY). A new connection must start its first request within
+    /// `header_read_timeout_ms`.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
     /// A response the client stops reading for this long is cut (and its upstream request
     /// cancelled), so a stalled client never holds a queue slot or the cache gate.
     #[serde(default = "default_write_idle")]
@@ -385,6 +390,7 @@ impl Default for HttpLimits {
             max_inflight_body_bytes: default_inflight_body_bytes(),
             max_connections: default_max_connections(),
             max_concurrent_streams: default_max_streams(),
+            idle_timeout_ms: default_idle_timeout(),
             response_write_idle_timeout_ms: default_write_idle(),
         }
     }
@@ -400,6 +406,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_streams() -> u32 {
     64
+}
+fn default_idle_timeout() -> u64 {
+    60_000
 }
 fn default_write_idle() -> u64 {
     30_000
@@ -675,8 +684,14 @@ impl Config {
                 "must be >= http.max_body_bytes (or no body of the largest size could be read)",
             ));
         }
-        if self.http.max_connections == 0 {
-            return Err(invalid("http.max_connections", "must be > 0"));
+        if self.http.max_connections == 0 || self.http.max_connections > 1_000_000 {
+            return Err(invalid(
+                "http.max_connections",
+                "must be within 1..=1000000",
+            ));
+        }
+        if self.http.idle_timeout_ms == 0 {
+            return Err(invalid("http.idle_timeout_ms", "must be > 0"));
         }
         if self.http.max_concurrent_streams == 0 || self.http.max_concurrent_streams > 10_000 {
             return Err(invalid(

@@ -183,10 +183,17 @@ pub async fn run_with(
         .timer(TokioTimer::new())
         .max_concurrent_streams(http_limits.max_concurrent_streams)
         .max_header_list_size(http_limits.max_header_bytes as u32);
+    let builder = Arc::new(builder);
+    let timeouts = ConnTimeouts {
+        first_request: Duration::from_millis(http_limits.header_read_timeout_ms),
+        idle: Duration::from_millis(http_limits.idle_timeout_ms),
+    };
     // Connections beyond `http.max_connections` are accepted and closed at once (counted), so
-    // a flood of idle connections cannot exhaust file descriptors or memory.
-    let connections = Arc::new(tokio::sync::Semaphore::new(http_limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // a flood of idle connections cannot exhaust file descriptors or memory; and a connection
+    // that starts no request in time, or stays idle, is closed (see `serve_client`).
+    let max_conns = u32::try_from(http_limits.max_connections).unwrap_or(u32::MAX);
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_conns as usize));
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -215,31 +222,28 @@ pub async fn run_with(
             fd,
             tag: tokio::sync::Mutex::new(None),
         });
-        let app2 = app.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let app = app2.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, std::convert::Infallible>(crate::proxy::handle(app, conn, req).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let fut = graceful.watch(conn);
         let open = app.metrics.client_connections.clone();
         open.inc();
-        tokio::spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-            open.dec();
-            drop(slot);
-        });
+        tokio::spawn(serve_client(
+            builder.clone(),
+            stream,
+            app.clone(),
+            conn,
+            timeouts,
+            drain_rx.clone(),
+            OpenConn {
+                gauge: open,
+                _slot: slot,
+            },
+        ));
     }
     tracing::info!("shutting down: draining in-flight requests");
     drop(listener);
     app.ready.store(false, Ordering::SeqCst);
+    let _ = drain_tx.send(true);
     let drain = Duration::from_millis(http_limits.drain_timeout_ms);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    // Every connection task holds a permit until it ends.
+    if tokio::time::timeout(drain, connections.acquire_many(max_conns))
         .await
         .is_err()
     {
@@ -258,6 +262,154 @@ pub async fn run_with(
         }
     }
     Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct ConnTimeouts {
+    /// A new connection must start its first request within this long.
+    first_request: Duration,
+    /// Closed (gracefully) after this long without a new request and none in progress.
+    idle: Duration,
+}
+
+/// Requests of one connection: how many are being handled, and when the last one started or
+/// ended (milliseconds since the connection was accepted).
+#[derive(Default)]
+struct Activity {
+    active: std::sync::atomic::AtomicUsize,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self, since: tokio::time::Instant) {
+        self.last_ms
+            .store(since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Marks a request of the connection done when dropped.
+struct Done {
+    act: Arc<Activity>,
+    since: tokio::time::Instant,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.act.active.fetch_sub(1, Ordering::Relaxed);
+        self.act.touch(self.since);
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it ends.
+struct Tracked {
+    body: ProxyBody,
+    _done: Done,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = crate::http_util::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Counts the connection open until dropped, and holds its slot under `http.max_connections`.
+struct OpenConn {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Serve one client connection until it ends. A connection that starts no request within
+/// `first_request` (silence, or a partial HTTP/2 preface) or that then stays idle for `idle`
+/// is shut down gracefully (HTTP/2: GOAWAY, in-flight streams finish), so connections cannot
+/// be held open by clients that send nothing; so is every connection when the server drains.
+async fn serve_client(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: tokio::net::TcpStream,
+    app: Arc<App>,
+    conn: Arc<ConnCtx>,
+    timeouts: ConnTimeouts,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    _open: OpenConn,
+) {
+    let since = tokio::time::Instant::now();
+    let activity = Arc::new(Activity::default());
+    let act = activity.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let app = app.clone();
+        let conn = conn.clone();
+        act.active.fetch_add(1, Ordering::Relaxed);
+        act.touch(since);
+        // In progress until its response body is done (or the request is dropped).
+        let done = Done {
+            act: act.clone(),
+            since,
+        };
+        async move {
+            let resp = crate::proxy::handle(app, conn, req).await;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, _done: done }))
+        }
+    });
+    let c = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(c);
+    let mut shutting = false;
+    // A connection shut for idleness gets this long to close before it is dropped (a client
+    // may never answer HTTP/2's shutdown PING); nothing is in progress on it by then.
+    let mut hard_stop: Option<tokio::time::Instant> = None;
+    loop {
+        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+        let wait = if last.is_zero() {
+            timeouts.first_request
+        } else {
+            timeouts.idle
+        };
+        let idle_at = since + last + wait;
+        tokio::select! {
+            r = c.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = drain.wait_for(|d| *d), if !shutting => {
+                c.as_mut().graceful_shutdown();
+                shutting = true;
+            }
+            _ = tokio::time::sleep_until(idle_at), if !shutting => {
+                let now_last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+                if activity.active.load(Ordering::Relaxed) == 0 && now_last == last {
+                    c.as_mut().graceful_shutdown();
+                    shutting = true;
+                    hard_stop = Some(tokio::time::Instant::now() + timeouts.first_request);
+                }
+            }
+            _ = async { tokio::time::sleep_until(hard_stop.unwrap_or(idle_at)).await }, if hard_stop.is_some() => {
+                if activity.active.load(Ordering::Relaxed) == 0 {
+                    return;
+                }
+                hard_stop = None;
+            }
+        }
+    }
 }
 
 async fn serve_admin(

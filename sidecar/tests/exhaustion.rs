@@ -206,3 +206,56 @@ async fn h2_streams_per_connection_are_capped() {
     drop((send, first));
     h.shutdown().await;
 }
+
+/// Read until the sidecar closes the connection; the bytes it sent (panics after 10 s).
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("the connection was never closed (got {} bytes)", out.len()),
+        }
+    }
+}
+
+/// A client holding no key cannot hold connections by sending nothing, half an HTTP/2
+/// preface, or an HTTP/2 handshake and no request: each is closed once it has started no
+/// request within `http.header_read_timeout_ms` (old: held open for ever, which with
+/// `max_connections` would shut every tenant out).
+#[tokio::test]
+async fn connections_that_start_no_request_are_closed() {
+    let h = Harness::start(DEFAULT_TENANTS).await; // header_read_timeout_ms = 300
+    let mut silent = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut h2 = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    h2.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // empty SETTINGS
+    assert!(read_until_closed(&mut silent).await.is_empty());
+    read_until_closed(&mut half).await;
+    // The HTTP/2 connection is told to go away (a GOAWAY frame, type 7) before it closes.
+    let frames = read_until_closed(&mut h2).await;
+    let mut types = Vec::new();
+    let mut i = 0;
+    while i + 9 <= frames.len() {
+        let len = u32::from_be_bytes([0, frames[i], frames[i + 1], frames[i + 2]]) as usize;
+        types.push(frames[i + 3]);
+        i += 9 + len;
+    }
+    assert!(types.contains(&7), "frame types {types:?}");
+    h.wait_metric("bulkhead_client_connections", 0.0).await;
+    // A connection that does send a request is served as before.
+    let (p, _) = h
+        .send_collect(h.signed("acme", Method::GET, "/v1/models", ""))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    h.shutdown().await;
+}
