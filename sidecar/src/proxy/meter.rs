@@ -210,8 +210,12 @@ fn inspect_event(ev: &[u8], strip_usage: bool, ex: &mut Exchange) -> bool {
 }
 
 enum Filter {
-    Sse { buf: BytesMut, strip_usage: bool },
-    Json(UsageScanner),
+    Sse {
+        buf: BytesMut,
+        strip_usage: bool,
+    },
+    /// A buffered body is parsed whole at its end (`None`); a pumped one is scanned.
+    Json(Option<UsageScanner>),
 }
 
 impl Filter {
@@ -221,7 +225,9 @@ impl Filter {
         }
         match self {
             Filter::Json(scan) => {
-                scan.feed(&data);
+                if let Some(scan) = scan {
+                    scan.feed(&data);
+                }
                 Some(data)
             }
             Filter::Sse { buf, strip_usage } => {
@@ -239,10 +245,17 @@ impl Filter {
         }
     }
 
-    fn end(&mut self, ex: &mut Exchange) -> Option<Bytes> {
+    /// The end of the body; `whole` is the body when it was buffered.
+    fn end(&mut self, ex: &mut Exchange, whole: Option<&[u8]>) -> Option<Bytes> {
         let tail = match self {
             Filter::Json(scan) => {
-                ex.meter.usage = scan.usage();
+                ex.meter.usage = match (scan, whole) {
+                    (Some(scan), _) => scan.usage(),
+                    (None, Some(body)) => serde_json::from_slice::<ResponseView>(body)
+                        .ok()
+                        .and_then(|v| v.usage.map(|u| u.usage())),
+                    (None, None) => None,
+                };
                 None
             }
             Filter::Sse { buf, strip_usage } => {
@@ -287,52 +300,57 @@ pub async fn respond(
         };
         return Response::from_parts(parts, pump(ex, body, filter, None, write_idle));
     }
-    let mut filter = Filter::Json(UsageScanner::default());
+    let mut filter = Filter::Json(None);
     let mut buf = BytesMut::new();
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(f) => f,
-            Err(_) => {
-                let r = Refusal::server(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    "the inference server did not finish its answer in time",
-                );
-                let resp = r.response();
-                ex.end = End::Refused(r);
-                return resp;
-            }
-        };
-        match frame {
-            None => break,
-            Some(Err(e)) => {
-                tracing::warn!(request_id = %ex.request_id, error = %e, "upstream response body failed");
-                let r = Refusal::server(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_body_error",
-                    "the inference server's answer broke off",
-                );
-                let resp = r.response();
-                ex.end = End::Refused(r);
-                return resp;
-            }
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data()
-                    && let Some(out) = filter.data(data, &mut ex)
-                {
-                    buf.extend_from_slice(&out);
-                    if buf.len() > BUFFER_UP_TO {
-                        let prefix = buf.freeze();
-                        return Response::from_parts(
-                            parts,
-                            pump(ex, body, filter, Some(prefix), write_idle),
-                        );
+    // Read the whole answer (up to BUFFER_UP_TO) within the response deadline.
+    let read = async {
+        loop {
+            match body.frame().await {
+                None => return Ok(false),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && let Some(out) = filter.data(data, &mut ex)
+                    {
+                        buf.extend_from_slice(&out);
+                        if buf.len() > BUFFER_UP_TO {
+                            return Ok(true);
+                        }
                     }
                 }
             }
         }
+    };
+    let refusal = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(false)) => None,
+        Ok(Ok(true)) => {
+            // Too large to buffer: scanned as it streams, from the start.
+            let mut scan = UsageScanner::default();
+            scan.feed(&buf);
+            filter = Filter::Json(Some(scan));
+            let prefix = buf.freeze();
+            return Response::from_parts(parts, pump(ex, body, filter, Some(prefix), write_idle));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(request_id = %ex.request_id, error = %e, "upstream response body failed");
+            Some(Refusal::server(
+                StatusCode::BAD_GATEWAY,
+                "upstream_body_error",
+                "the inference server's answer broke off",
+            ))
+        }
+        Err(_) => Some(Refusal::server(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "the inference server did not finish its answer in time",
+        )),
+    };
+    if let Some(r) = refusal {
+        let resp = r.response();
+        ex.end = End::Refused(r);
+        return resp;
     }
-    filter.end(&mut ex);
+    filter.end(&mut ex, Some(&buf));
     drop(ex);
     Response::from_parts(parts, full(buf.freeze()))
 }
@@ -408,7 +426,7 @@ fn pump(
             };
             match frame {
                 None => {
-                    if let Some(t) = filter.end(&mut ex) {
+                    if let Some(t) = filter.end(&mut ex, None) {
                         send(&tx, t, write_idle, &mut ex).await;
                     }
                     break;

@@ -243,7 +243,10 @@ async fn read_body(
         return Err(busy());
     }
     let read = async {
-        let mut buf = BytesMut::with_capacity(declared);
+        // The common case, a body in one frame, is kept without a copy.
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
+        let mut len = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| {
                 Refusal::invalid("body_unreadable", "the request body could not be read")
@@ -251,16 +254,26 @@ async fn read_body(
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if buf.len() + data.len() > http.max_body_bytes {
+            if len + data.len() > http.max_body_bytes {
                 return Err(too_large());
             }
-            let beyond = (buf.len() + data.len()).saturating_sub(declared.max(buf.len()));
+            let beyond = (len + data.len()).saturating_sub(declared.max(len));
             if !reserve(beyond, &mut ex.body_bytes) {
                 return Err(busy());
             }
-            buf.extend_from_slice(&data);
+            len += data.len();
+            match first.take() {
+                None if buf.is_empty() => first = Some(data),
+                prev => {
+                    if let Some(p) = prev {
+                        buf.reserve(declared.max(len));
+                        buf.extend_from_slice(&p);
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
         }
-        Ok(buf.freeze())
+        Ok(first.unwrap_or_else(|| buf.freeze()))
     };
     match tokio::time::timeout(Duration::from_millis(http.body_read_timeout_ms), read).await {
         Ok(r) => r,
