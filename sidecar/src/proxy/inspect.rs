@@ -38,19 +38,17 @@ pub struct Policy<'a> {
     pub salt: Option<&'a str>,
 }
 
+/// Whether `v` nests at most `MAX_DEPTH` levels (the parser already stopped at 128, which
+/// bounds this recursion).
 fn depth_ok(v: &Value) -> bool {
-    let mut stack = vec![(v, 1usize)];
-    while let Some((v, d)) = stack.pop() {
-        if d > MAX_DEPTH {
-            return false;
-        }
+    fn within(v: &Value, left: usize) -> bool {
         match v {
-            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
-            Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
-            _ => {}
+            Value::Array(a) => left > 0 && a.iter().all(|x| within(x, left - 1)),
+            Value::Object(o) => left > 0 && o.values().all(|x| within(x, left - 1)),
+            _ => true,
         }
     }
-    true
+    within(v, MAX_DEPTH)
 }
 
 fn bad(field: &str, what: &str) -> Refusal {
@@ -184,9 +182,11 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         Route::Encode => info.prompt_estimate = body.len().div_ceil(4) as u64,
         _ => {}
     }
-    info.body = Bytes::from(serde_json::to_vec(&v).map_err(|e| {
+    let mut out = Vec::with_capacity(body.len() + 64);
+    serde_json::to_writer(&mut out, &v).map_err(|e| {
         Refusal::invalid("invalid_json", format!("cannot re-serialise the body: {e}"))
-    })?);
+    })?;
+    info.body = Bytes::from(out);
     Ok(info)
 }
 
