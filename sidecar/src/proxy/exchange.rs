@@ -285,6 +285,7 @@ impl Exchange {
                 if let End::Refused(r) = &self.end
                     && r.auth
                 {
+                    tracing::info!(request_id = %self.request_id, reason, "request refused: authentication failed");
                     m.auth_failures.get_or_create(&Reason { reason }).inc();
                 }
             }

@@ -101,15 +101,12 @@ async fn proxy(
     let rt = ex.app.runtime();
     let route = classify(req.method(), req.uri().path())?;
     let (parts, body) = req.into_parts();
-    let (pending, tenant) = authenticate(ex, &rt, &parts)?;
+    let (pending, tenant) = authenticate(&rt, &parts)?;
     check_route(route, &tenant)?;
     let body = read_body(ex, &rt, &parts, body).await?;
     let verified = pending
         .finish(&rt.verifier, &body, unix_now())
-        .map_err(|e| {
-            tracing::info!(request_id = %ex.request_id, reason = e.reason(), "request refused: authentication failed");
-            Refusal::auth(&e)
-        })?;
+        .map_err(|e| Refusal::auth(&e))?;
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
@@ -136,28 +133,20 @@ async fn proxy(
 }
 
 /// Phase: verify everything but the body from the headers; look the tenant up once.
-fn authenticate(
-    ex: &mut Exchange,
-    rt: &Runtime,
-    parts: &Parts,
-) -> Result<(PendingAuth, Arc<TenantRuntime>), Refusal> {
+fn authenticate(rt: &Runtime, parts: &Parts) -> Result<(PendingAuth, Arc<TenantRuntime>), Refusal> {
     let view = RequestView {
         method: &parts.method,
         uri: &parts.uri,
         headers: &parts.headers,
     };
-    let refuse = |ex: &Exchange, e: crate::signature::AuthError| {
-        tracing::info!(request_id = %ex.request_id, reason = e.reason(), "request refused: authentication failed");
-        Refusal::auth(&e)
-    };
     let pending = rt
         .verifier
         .verify_head(view, unix_now())
-        .map_err(|e| refuse(ex, e))?;
+        .map_err(|e| Refusal::auth(&e))?;
     let tenant = rt
         .tenant(pending.tenant())
         .cloned()
-        .ok_or_else(|| refuse(ex, crate::signature::AuthError::UnknownTenant))?;
+        .ok_or_else(|| Refusal::auth(&crate::signature::AuthError::UnknownTenant))?;
     Ok((pending, tenant))
 }
 
