@@ -32,6 +32,22 @@ pub struct TenantLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantReason {
+    pub tenant: String,
+    pub reason: &'static str,
+}
+
+/// Authentication failures that happen after the signature verified, so the tenant the request
+/// named is the one a real key signed for (`bulkhead_auth_failures_by_tenant_total`).
+pub const SIGNED_AUTH_FAILURES: [&str; 5] = [
+    "tenant_mismatch",
+    "expired",
+    "replayed",
+    "digest_mismatch",
+    "replay_cache_full",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     pub reason: &'static str,
 }
@@ -71,6 +87,8 @@ pub struct Metrics {
     pub inflight: Family<TenantLabel, Gauge>,
     pub queued: Family<TenantLabel, Gauge>,
     pub auth_failures: Family<Reason, Counter>,
+    /// The signed refusals of `auth_failures` again, by the configured tenant they named.
+    pub auth_failures_by_tenant: Family<TenantReason, Counter>,
     /// 1 when the node agent's tagging API answered last time, 0 when not.
     pub agent_available: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
@@ -116,6 +134,7 @@ impl Metrics {
             inflight: Family::default(),
             queued: Family::default(),
             auth_failures: Family::default(),
+            auth_failures_by_tenant: Family::default(),
             agent_available: Gauge::default(),
             config_reloads: Family::default(),
             audit_dropped: Family::default(),
@@ -178,6 +197,12 @@ impl Metrics {
             "auth_failures",
             "Requests refused by signature verification",
             m.auth_failures.clone(),
+        );
+        r.register(
+            "auth_failures_by_tenant",
+            "Requests refused after their signature verified (replayed, expired, tenant_mismatch, \
+             digest_mismatch, replay_cache_full), by the configured tenant they named",
+            m.auth_failures_by_tenant.clone(),
         );
         r.register(
             "agent_tagging_available",
@@ -302,6 +327,12 @@ impl Metrics {
         let _ = self
             .write_timeouts
             .get_or_create(&TenantLabel { tenant: t() });
+        for reason in SIGNED_AUTH_FAILURES {
+            let _ = self.auth_failures_by_tenant.get_or_create(&TenantReason {
+                tenant: t(),
+                reason,
+            });
+        }
     }
 }
 

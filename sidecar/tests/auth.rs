@@ -156,8 +156,31 @@ async fn replayed_request_is_refused() {
     };
     let (p, _) = h.send_collect(req).await;
     assert_eq!(p.status, StatusCode::OK);
+    let by_tenant = |tenant: &str, reason: &str| {
+        format!("bulkhead_auth_failures_by_tenant_total{{tenant=\"{tenant}\",reason=\"{reason}\"}}")
+    };
+    assert_eq!(h.metric(&by_tenant("acme", "replayed")).await, Some(0.0));
     expect_refused(&h, copy, "replayed").await;
     assert_eq!(h.sim.sim.requests().len(), 1);
+    // The replayed copy's signature verified: the tenant it named is counted (for alerts that
+    // name the tenant), and nothing else is.
+    assert_eq!(h.metric(&by_tenant("acme", "replayed")).await, Some(1.0));
+    // A forged signature names a tenant nobody signed for: not counted per tenant.
+    let mut forged = h.signed("globex", Method::POST, "/v1/chat/completions", &body());
+    let sig = forged.headers()["signature"]
+        .to_str()
+        .unwrap()
+        .replacen(':', ":AAAA", 1);
+    forged
+        .headers_mut()
+        .insert("signature", sig.parse().unwrap());
+    expect_refused(&h, forged, "bad_signature").await;
+    let text = h.metrics().await;
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("bulkhead_auth_failures_by_tenant_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert_eq!(counted, [format!("{} 1", by_tenant("acme", "replayed"))]);
     h.shutdown().await;
 }
 

@@ -434,12 +434,15 @@ async fn prometheus_sees_per_tenant_series_and_alertmanager_delivers_the_securit
     assert_eq!(replay["labels"]["namespace"], "e2e");
     assert_eq!(replay["labels"]["pod"], "sidecar-0");
     assert_eq!(replay["labels"]["team"], "security");
-    // No tenant label: a refused request's tenant is only claimed; the audit log has it.
-    assert!(replay["labels"].get("tenant").is_none(), "{replay}");
+    // The replayed copies carried a valid signature for alpha: the alert names the tenant.
+    assert_eq!(replay["labels"]["tenant"], "alpha");
     let summary = replay["annotations"]["summary"].as_str().unwrap();
     let (n, rest) = summary.split_once(' ').unwrap();
     assert!(n.parse::<u32>().is_ok_and(|n| n >= 6), "{summary}");
-    assert_eq!(rest, "replayed auth failures in 5m at e2e/sidecar-0");
+    assert_eq!(
+        rest,
+        "replayed requests for tenant alpha in 5m at e2e/sidecar-0"
+    );
     assert_eq!(
         replay["annotations"]["runbook_url"],
         "deploy/RUNBOOK.md#bulkheadauthtenantmismatchorreplay"

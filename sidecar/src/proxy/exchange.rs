@@ -7,7 +7,7 @@ use crate::audit::{AuditRecord, UNAUTHENTICATED};
 use crate::isolation::GatePass;
 use crate::kv::KvCharge;
 use crate::limits::Admission;
-use crate::metrics::{Reason, TenantCode, TenantLimit};
+use crate::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
 use crate::runtime::{App, TenantRuntime};
 use crate::wfq::Permit;
 use http::{Method, StatusCode};
@@ -108,6 +108,9 @@ pub struct Exchange {
     pub method: Method,
     pub route: String,
     pub tenant: Option<Arc<TenantRuntime>>,
+    /// A configured tenant a verified signature named, on a request then refused by
+    /// authentication (replayed, expired, ...): counted per tenant, never attributed.
+    pub signed_for: Option<Arc<TenantRuntime>>,
     pub key_id: Option<String>,
     pub stream: bool,
     pub prompt_hash: Option<String>,
@@ -138,6 +141,7 @@ impl Exchange {
             method,
             route,
             tenant: None,
+            signed_for: None,
             key_id: None,
             stream: false,
             prompt_hash: None,
@@ -287,6 +291,14 @@ impl Exchange {
                 {
                     tracing::info!(request_id = %self.request_id, reason, "request refused: authentication failed");
                     m.auth_failures.get_or_create(&Reason { reason }).inc();
+                    if let Some(t) = &self.signed_for {
+                        m.auth_failures_by_tenant
+                            .get_or_create(&TenantReason {
+                                tenant: t.name.to_string(),
+                                reason,
+                            })
+                            .inc();
+                    }
                 }
             }
         }

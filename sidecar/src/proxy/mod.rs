@@ -101,12 +101,15 @@ async fn proxy(
     let rt = ex.app.runtime();
     let route = classify(req.method(), req.uri().path())?;
     let (parts, body) = req.into_parts();
-    let (pending, tenant) = authenticate(&rt, &parts)?;
+    let (pending, tenant) = authenticate(ex, &rt, &parts)?;
     check_route(route, &tenant)?;
     let body = read_body(ex, &rt, &parts, body).await?;
     let verified = pending
         .finish(&rt.verifier, &body, unix_now())
-        .map_err(|e| Refusal::auth(&e))?;
+        .map_err(|e| {
+            ex.signed_for = Some(tenant.clone());
+            Refusal::auth(&e)
+        })?;
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
@@ -133,16 +136,29 @@ async fn proxy(
 }
 
 /// Phase: verify everything but the body from the headers; look the tenant up once.
-fn authenticate(rt: &Runtime, parts: &Parts) -> Result<(PendingAuth, Arc<TenantRuntime>), Refusal> {
+fn authenticate(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    parts: &Parts,
+) -> Result<(PendingAuth, Arc<TenantRuntime>), Refusal> {
     let view = RequestView {
         method: &parts.method,
         uri: &parts.uri,
         headers: &parts.headers,
     };
-    let pending = rt
-        .verifier
-        .verify_head(view, unix_now())
-        .map_err(|e| Refusal::auth(&e))?;
+    let pending = rt.verifier.verify_head(view, unix_now()).map_err(|e| {
+        // These come after the signature verified: the tenant header it covers is what a
+        // real key signed (for tenant_mismatch, a tenant the key may not speak for).
+        if crate::metrics::SIGNED_AUTH_FAILURES.contains(&e.reason()) {
+            ex.signed_for = parts
+                .headers
+                .get(crate::signature::TENANT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|name| rt.tenant(name.trim()))
+                .cloned();
+        }
+        Refusal::auth(&e)
+    })?;
     let tenant = rt
         .tenant(pending.tenant())
         .cloned()
