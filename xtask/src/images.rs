@@ -163,3 +163,31 @@ pub fn install_podman() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The multi-stage Dockerfiles end with the same image config as the images built here.
+    #[test]
+    fn the_dockerfiles_end_like_the_generated_containerfiles() {
+        for image in images() {
+            let short = image.name.trim_start_matches("bulkhead-");
+            let path = root().join(format!("deploy/docker/{short}.Dockerfile"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let (_, last_stage) = text
+                .split_once("FROM scratch\nCOPY --from=builder /out/rootfs/ /\n")
+                .unwrap_or_else(|| panic!("{}: no FROM scratch stage", path.display()));
+            let config: Vec<&str> = last_stage
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .collect();
+            assert_eq!(
+                config,
+                image.config.lines().collect::<Vec<_>>(),
+                "{}",
+                path.display()
+            );
+        }
+    }
+}
