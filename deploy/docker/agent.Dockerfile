@@ -21,16 +21,19 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo xtask setup \
  && cargo build --release --locked -p bulkhead-agent \
- && install -D -m 0755 target/release/bulkhead-agent /out/bulkhead-agent
+ && sh deploy/docker/rootfs.sh target/release/bulkhead-agent bulkhead-agent /out/rootfs
 
-# debian-slim rather than distroless: the NVIDIA container runtime injects libnvidia-ml.so and
-# runs ldconfig in the image, which needs a regular glibc layout. Same Debian release as the
-# builder, so the glibc the binary was linked against is there.
-FROM debian:bookworm-slim
-COPY --from=builder /out/bulkhead-agent /usr/local/bin/bulkhead-agent
+# FROM scratch: the binary, exactly the shared libraries it loads and a passwd/group entry for
+# 65532 (deploy/docker/rootfs.sh), the same layout and config as `cargo xtask images` builds.
+# The NVIDIA container runtime mounts the host's libnvidia-ml.so.1 into the container (in
+# /usr/lib/x86_64-linux-gnu on Debian/Ubuntu hosts, /usr/lib64 on RHEL-family ones); there is
+# no ld.so.cache in the image, so LD_LIBRARY_PATH names where the agent's dlopen looks.
+FROM scratch
+COPY --from=builder /out/rootfs/ /
 # Root is required for bpf(); the DaemonSet drops every capability but BPF, NET_ADMIN, PERFMON.
 # hadolint ignore=DL3002
 USER 0:0
+ENV LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/usr/lib64:/usr/local/nvidia/lib64:/usr/local/nvidia/lib
 EXPOSE 9464
 ENTRYPOINT ["/usr/local/bin/bulkhead-agent"]
 CMD ["run"]

@@ -9,12 +9,13 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p bulkhead-sidecar --bin bulkhead-sidecar \
- && install -D -m 0755 target/release/bulkhead-sidecar /out/bulkhead-sidecar
+ && sh deploy/docker/rootfs.sh target/release/bulkhead-sidecar bulkhead-sidecar /out/rootfs
 
-# distroless cc (glibc, libgcc; no shell) as uid/gid 65532, the uid the agent's
-# tagging.allowed_uids lets tag sockets. Same Debian release as the builder.
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=builder /out/bulkhead-sidecar /usr/local/bin/bulkhead-sidecar
+# FROM scratch: the binary, exactly the shared libraries it loads (glibc, libgcc_s) and a
+# passwd/group entry for uid/gid 65532, the uid the agent's tagging.allowed_uids lets tag
+# sockets (deploy/docker/rootfs.sh): the same layout and config as `cargo xtask images` builds.
+FROM scratch
+COPY --from=builder /out/rootfs/ /
 USER 65532:65532
 EXPOSE 8080 9465
 ENTRYPOINT ["/usr/local/bin/bulkhead-sidecar"]

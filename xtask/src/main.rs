@@ -6,6 +6,8 @@
 //! * `bench ebpf`: loopback throughput with the programs attached vs detached.
 //! * `bench sidecar`: the sidecar against bulkhead-sim directly and through nginx (installed
 //!   with apt-get when missing, as the plain-proxy baseline).
+//! * `images [--profile release|dev] [--no-build]`: the `bulkhead-agent` and `bulkhead-sidecar`
+//!   images, FROM scratch, offline, with podman (installed with apt-get when missing).
 //! * `deploy-check`: yamllint, kubernetes-validate, hadolint, promtool and consistency checks of
 //!   `deploy/` (installs promtool and a Python venv with the validators when missing).
 //!
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod deploy_check;
+mod images;
 mod setup;
 
 fn main() -> Result<()> {
@@ -28,15 +31,17 @@ fn main() -> Result<()> {
         ["bench", "ebpf", rest @ ..] => bench_ebpf(rest),
         ["bench", "sidecar", rest @ ..] => bench_sidecar(rest),
         ["deploy-check"] => deploy_check::run(&root()),
+        ["images", rest @ ..] => images::run_task(rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf | bench sidecar | deploy-check>\n\n\
+                "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf | bench sidecar | deploy-check | images>\n\n\
                  setup       install the nightly rust-src and bpf-linker (cached)\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
                  bench ebpf  loopback TCP throughput, programs attached vs detached\n\
                  bench sidecar  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar\n\
-                 deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)"
+                 deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)\n\
+                 images [--profile release|dev] [--no-build]  build the agent and sidecar images with podman"
             );
             bail!("unknown task {:?}", args);
         }
@@ -120,6 +125,20 @@ fn test() -> Result<()> {
     if std::env::var("CI").as_deref() == Ok("true") {
         eprintln!("CI=true: tests that load eBPF programs fail (never skip) without root or BPF");
     }
+    // The images the smoke tests (tests/tests/images_e2e.rs) run, from the debug binaries
+    // `cargo test` uses anyway: no release build in CI.
+    run(cargo().args([
+        "build",
+        "-p",
+        "bulkhead-agent",
+        "--bin",
+        "bulkhead-agent",
+        "-p",
+        "bulkhead-sidecar",
+        "--bin",
+        "bulkhead-sidecar",
+    ]))?;
+    images::run_task(&["--profile", "dev", "--no-build"])?;
     cargo_test(&["--workspace"])
 }
 
