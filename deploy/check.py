@@ -44,6 +44,7 @@ INVENTORY = {
     "bulkhead_rate_limited_total",
     "bulkhead_inflight_requests",
     "bulkhead_auth_failures_total",
+    "bulkhead_auth_failures_by_tenant_total",
     "bulkhead_cache_flushes_total",
     "bulkhead_cache_salt_overrides_total",
     "bulkhead_kv_cache_tokens",
