@@ -29,22 +29,10 @@ fn reset_peak_rss() {
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
 }
 
-/// The signed head of a POST of `body` to `path` as `tenant` (headers only).
+/// The signed head of a POST of `body` to `path` as `tenant` (headers only: 64 copies of an
+/// 8 MiB body would themselves be the memory this test measures).
 fn signed_head(tenant: &str, path: &str, body: &[u8]) -> http::HeaderMap {
-    use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
-    let mut headers = http::HeaderMap::new();
-    headers.insert(TENANT_HEADER, tenant.parse().unwrap());
-    let uri: http::Uri = path.parse().unwrap();
-    sign_request(
-        &Method::POST,
-        &uri,
-        &mut headers,
-        body,
-        GW_KEY,
-        &SignOptions::new("gw", now()),
-    )
-    .unwrap();
-    headers
+    signed_headers(tenant, &Method::POST, path, body, "gw", GW_KEY, |_| {})
 }
 
 /// Open a connection, send a head declaring an 8 MiB body, then `send` bytes of it; the

@@ -181,17 +181,32 @@ impl Harness {
         key: &[u8],
         tweak: impl FnOnce(&mut SignOptions),
     ) -> Request<Full<Bytes>> {
-        let uri = self.url(path);
-        let mut headers = HeaderMap::new();
-        headers.insert(TENANT_HEADER, HeaderValue::from_str(tenant).unwrap());
-        headers.insert("content-type", HeaderValue::from_static("application/json"));
-        let mut o = SignOptions::new(key_id, now());
-        tweak(&mut o);
-        let path_only: Uri = path.parse().unwrap();
-        sign_request(&method, &path_only, &mut headers, body.as_bytes(), key, &o).unwrap();
-        let mut req = Request::new(Full::new(Bytes::from(body.to_string())));
+        let headers = signed_headers(tenant, &method, path, body.as_bytes(), key_id, key, tweak);
+        self.request_with(method, path, headers, Bytes::from(body.to_string()))
+    }
+
+    /// A gateway-signed request whose body is any bytes (not only valid UTF-8).
+    pub fn signed_bytes(
+        &self,
+        tenant: &str,
+        method: Method,
+        path: &str,
+        body: &[u8],
+    ) -> Request<Full<Bytes>> {
+        let headers = signed_headers(tenant, &method, path, body, "gw", GW_KEY, |_| {});
+        self.request_with(method, path, headers, Bytes::copy_from_slice(body))
+    }
+
+    fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
-        *req.uri_mut() = uri;
+        *req.uri_mut() = self.url(path);
         *req.headers_mut() = headers;
         req
     }
@@ -281,6 +296,27 @@ impl Harness {
             let _ = tx.send(());
         }
     }
+}
+
+/// The headers a gateway sends for `body`: the tenant header, content type and an RFC 9421
+/// signature by `key_id` (`tweak` adjusts the signing options).
+pub fn signed_headers(
+    tenant: &str,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+    key_id: &str,
+    key: &[u8],
+    tweak: impl FnOnce(&mut SignOptions),
+) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(TENANT_HEADER, HeaderValue::from_str(tenant).unwrap());
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let mut o = SignOptions::new(key_id, now());
+    tweak(&mut o);
+    let path_only: Uri = path.parse().unwrap();
+    sign_request(method, &path_only, &mut headers, body, key, &o).unwrap();
+    headers
 }
 
 pub fn metric_in(text: &str, series: &str) -> Option<f64> {
