@@ -10,7 +10,7 @@ use crate::limits::Admission;
 use crate::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
 use crate::runtime::{App, TenantRuntime};
 use crate::wfq::Permit;
-use http::{Method, StatusCode};
+use http::{HeaderValue, Method, StatusCode};
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -94,6 +94,19 @@ pub struct Held {
     pub inflight: Gauge,
 }
 
+impl Held {
+    /// Counts the request in flight (`inflight`) until dropped.
+    pub fn new(permit: Permit, gate: GatePass, kv: KvCharge, inflight: Gauge) -> Self {
+        inflight.inc();
+        Self {
+            permit,
+            gate,
+            kv,
+            inflight,
+        }
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.inflight.dec();
@@ -104,6 +117,8 @@ pub struct Exchange {
     pub app: Arc<App>,
     pub t0: Instant,
     pub request_id: String,
+    /// `request_id` as the `x-request-id` header value (to the client and the upstream).
+    pub request_id_header: HeaderValue,
     pub client_request_id: Option<String>,
     pub method: Method,
     pub route: String,
@@ -133,8 +148,11 @@ impl Exchange {
         route: String,
         client_request_id: Option<String>,
     ) -> Self {
+        let request_id = app.request_id();
         Self {
-            request_id: app.request_id(),
+            request_id_header: HeaderValue::from_str(&request_id)
+                .expect("a request id is hex digits"),
+            request_id,
             app,
             t0: Instant::now(),
             client_request_id,

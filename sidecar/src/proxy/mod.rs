@@ -61,7 +61,7 @@ pub async fn handle(
         req.uri().path().to_string(),
         client_request_id(req.headers()),
     );
-    let request_id = HeaderValue::from_str(&ex.request_id).ok();
+    let request_id = ex.request_id_header.clone();
     let mut resp = match proxy(&mut ex, &conn, req).await {
         Ok(forward) => {
             let Forward {
@@ -79,9 +79,7 @@ pub async fn handle(
             resp
         }
     };
-    if let Some(id) = request_id {
-        resp.headers_mut().insert("x-request-id", id);
-    }
+    resp.headers_mut().insert("x-request-id", request_id);
     resp
 }
 
@@ -123,13 +121,7 @@ async fn proxy(
         tenant.metrics.kv_bytes.clone(),
         rt.kv_bytes_per_token,
     );
-    tenant.metrics.inflight.inc();
-    ex.held = Some(Held {
-        permit,
-        gate,
-        kv,
-        inflight: tenant.metrics.inflight.clone(),
-    });
+    ex.held = Some(Held::new(permit, gate, kv, tenant.metrics.inflight.clone()));
     ex.meter.prompt_estimate = info.prompt_estimate;
     ex.kv_sync();
     forward(ex, &rt, &tenant, up, info.strip_usage_chunk).await
@@ -457,9 +449,7 @@ fn upstream_request(
                 .expect("a digest is a valid header value"),
         );
     }
-    if let Ok(v) = HeaderValue::from_str(&ex.request_id) {
-        h.insert("x-request-id", v);
-    }
+    h.insert("x-request-id", ex.request_id_header.clone());
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", conn.peer.ip()),
         None => conn.peer.ip().to_string(),
