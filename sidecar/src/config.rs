@@ -325,6 +325,16 @@ pub struct QueueConfig {
     pub max_queue_per_tenant: usize,
     #[serde(default = "default_queue_timeout")]
     pub timeout_ms: u64,
+    /// What a tenant's turn costs: `tokens` (Virtual Token Counter, the default) or
+    /// `requests` (one unit per request).
+    #[serde(default)]
+    pub fairness: Fairness,
+    /// Counter units per prompt token (`fairness = "tokens"`).
+    #[serde(default = "default_input_token_cost")]
+    pub input_token_cost: f64,
+    /// Counter units per output token (`fairness = "tokens"`); output usually costs more.
+    #[serde(default = "default_output_token_cost")]
+    pub output_token_cost: f64,
 }
 impl Default for QueueConfig {
     fn default() -> Self {
@@ -332,8 +342,28 @@ impl Default for QueueConfig {
             max_inflight: default_max_inflight(),
             max_queue_per_tenant: default_queue_len(),
             timeout_ms: default_queue_timeout(),
+            fairness: Fairness::default(),
+            input_token_cost: default_input_token_cost(),
+            output_token_cost: default_output_token_cost(),
         }
     }
+}
+
+/// How the fair queue charges a tenant's turns.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fairness {
+    /// Tokens served (prompt and output, weighted): the Virtual Token Counter.
+    #[default]
+    Tokens,
+    /// One unit per request, whatever its size.
+    Requests,
+}
+fn default_input_token_cost() -> f64 {
+    1.0
+}
+fn default_output_token_cost() -> f64 {
+    2.0
 }
 fn default_max_inflight() -> usize {
     64
@@ -528,6 +558,9 @@ pub struct TenantConfig {
     /// Prefix-cache isolation tier: `shared` (default), `salted` or `exclusive`.
     #[serde(default)]
     pub isolation: Isolation,
+    /// KV-cache tokens the tenant's in-flight requests may hold at most (each reserves its
+    /// prompt estimate + `max_tokens` x choices); requests beyond wait in the fair queue.
+    pub max_kv_tokens: Option<u64>,
     /// `/v1/` routes the sidecar does not know: `refuse` (default, 404) or `forward` (opaque,
     /// charged by body size; only for `shared` tenants, since no salt can be set).
     #[serde(default)]
@@ -666,6 +699,20 @@ impl Config {
         if self.queue.timeout_ms == 0 {
             return Err(invalid("queue.timeout_ms", "must be > 0"));
         }
+        for (field, v) in [
+            ("queue.input_token_cost", self.queue.input_token_cost),
+            ("queue.output_token_cost", self.queue.output_token_cost),
+        ] {
+            if !v.is_finite() || !(0.0..=1e6).contains(&v) {
+                return Err(invalid(field, "must be a number within 0..=1000000"));
+            }
+        }
+        if self.queue.input_token_cost == 0.0 && self.queue.output_token_cost == 0.0 {
+            return Err(invalid(
+                "queue.input_token_cost",
+                "input and output token costs cannot both be 0",
+            ));
+        }
         if self.http.max_header_bytes < 1024 {
             return Err(invalid("http.max_header_bytes", "must be >= 1024"));
         }
@@ -746,6 +793,18 @@ impl Config {
             }
             if t.default_max_tokens == 0 {
                 return Err(invalid(f("default_max_tokens"), "must be > 0"));
+            }
+            if let Some(kv) = t.max_kv_tokens
+                && kv <= t.default_max_tokens
+            {
+                return Err(invalid(
+                    f("max_kv_tokens"),
+                    format!(
+                        "must be larger than default_max_tokens ({}): every request reserves its \
+                         prompt plus max_tokens",
+                        t.default_max_tokens
+                    ),
+                ));
             }
             if t.unknown_routes == UnknownRoutes::Forward && t.isolation != Isolation::Shared {
                 return Err(invalid(

@@ -78,6 +78,8 @@ pub enum LimitKind {
     Tokens,
     Concurrency,
     Queue,
+    /// The tenant's KV-cache quota (`max_kv_tokens`).
+    KvTokens,
 }
 
 impl LimitKind {
@@ -87,6 +89,7 @@ impl LimitKind {
             LimitKind::Tokens => "tokens",
             LimitKind::Concurrency => "concurrency",
             LimitKind::Queue => "queue",
+            LimitKind::KvTokens => "kv_tokens",
         }
     }
 }
@@ -417,6 +420,7 @@ mod tests {
             tokens_per_minute: tpm,
             max_concurrent: conc,
             default_max_tokens: 100,
+            max_kv_tokens: None,
             isolation: Default::default(),
             unknown_routes: Default::default(),
         }

@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantCode {
@@ -119,6 +120,12 @@ pub struct Metrics {
     pub inflight_body_bytes: Gauge,
     /// Responses cut because the client stopped reading (`http.response_write_idle_timeout_ms`).
     pub write_timeouts: Family<TenantLabel, Counter>,
+    /// The fair queue's virtual counter per tenant (weighted tokens served).
+    pub queue_counter: Family<TenantLabel, Gauge<f64, AtomicU64>>,
+    /// KV-cache tokens reserved by the tenant's in-flight requests (tenants with a quota).
+    pub kv_reserved: Family<TenantLabel, Gauge>,
+    /// The tenant's `max_kv_tokens` (0: none).
+    pub kv_quota: Family<TenantLabel, Gauge>,
 }
 
 impl Metrics {
@@ -151,6 +158,9 @@ impl Metrics {
             connections_refused: Counter::default(),
             inflight_body_bytes: Gauge::default(),
             write_timeouts: Family::default(),
+            queue_counter: Family::default(),
+            kv_reserved: Family::default(),
+            kv_quota: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
@@ -288,6 +298,24 @@ impl Metrics {
             "Responses cut because the client stopped reading",
             m.write_timeouts.clone(),
         );
+        r.register(
+            "fair_queue_virtual_tokens",
+            "The fair queue's counter of weighted tokens served to the tenant \
+             ((input_token_cost x prompt + output_token_cost x output) / weight; reset to 0 when \
+             the sidecar is idle); the backlogged tenant with the smallest is served next",
+            m.queue_counter.clone(),
+        );
+        r.register(
+            "kv_cache_reserved_tokens",
+            "KV-cache tokens reserved by the tenant's in-flight requests (prompt estimate + \
+             max_tokens x choices; tenants with max_kv_tokens)",
+            m.kv_reserved.clone(),
+        );
+        r.register(
+            "kv_cache_quota_tokens",
+            "The tenant's KV-cache quota, max_kv_tokens (0: none)",
+            m.kv_quota.clone(),
+        );
         for result in ["ok", "failed", "refused"] {
             let _ = m.cache_flushes.get_or_create(&ResultLabel { result });
         }
@@ -309,7 +337,7 @@ impl Metrics {
         for kind in ["prompt", "completion"] {
             let _ = self.tokens.get_or_create(&TenantKind { tenant: t(), kind });
         }
-        for limit in ["requests", "tokens", "concurrency", "queue"] {
+        for limit in ["requests", "tokens", "concurrency", "queue", "kv_tokens"] {
             let _ = self
                 .rate_limited
                 .get_or_create(&TenantLimit { tenant: t(), limit });
@@ -327,6 +355,7 @@ impl Metrics {
         let _ = self
             .write_timeouts
             .get_or_create(&TenantLabel { tenant: t() });
+        let _ = self.sched_gauges(tenant);
         for reason in SIGNED_AUTH_FAILURES {
             let _ = self.auth_failures_by_tenant.get_or_create(&TenantReason {
                 tenant: t(),
@@ -381,6 +410,20 @@ impl Metrics {
             kv_tokens: self.kv_tokens.get_or_create(&l).clone(),
             kv_bytes: self.kv_bytes.get_or_create(&l).clone(),
             write_timeouts: self.write_timeouts.get_or_create(&l).clone(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The fair queue's gauges for one tenant.
+    pub fn sched_gauges(&self, tenant: &str) -> crate::wfq::SchedGauges {
+        let l = TenantLabel {
+            tenant: tenant.to_string(),
+        };
+        crate::wfq::SchedGauges {
+            counter: self.queue_counter.get_or_create(&l).clone(),
+            kv_reserved: self.kv_reserved.get_or_create(&l).clone(),
+            kv_quota: self.kv_quota.get_or_create(&l).clone(),
         }
     }
 }

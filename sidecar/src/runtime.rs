@@ -158,10 +158,13 @@ impl App {
         let replay = Arc::new(Mutex::new(ReplayCache::new(
             config.auth.replay_cache_capacity,
         )));
+        let gauges = metrics.clone();
         let sched = Scheduler::new(
             config.queue.max_inflight,
             config.queue.max_queue_per_tenant,
-            config.tenants.iter().map(|(k, v)| (k.clone(), v.weight)),
+            queue_costs(&config),
+            queue_tenants(&config),
+            move |t| gauges.sched_gauges(t),
         );
         let body_budget = Arc::new(Semaphore::new(config.http.max_inflight_body_bytes));
         let runtime = build_runtime(config, None, &replay, &tagger, &clock, &metrics)?;
@@ -245,10 +248,31 @@ impl App {
         self.sched.update(
             c.queue.max_inflight,
             c.queue.max_queue_per_tenant,
-            c.tenants.iter().map(|(k, v)| (k.clone(), v.weight)),
+            queue_costs(&c),
+            queue_tenants(&c),
         );
         Ok(())
     }
+}
+
+fn queue_costs(c: &Config) -> crate::wfq::Costs {
+    crate::wfq::Costs {
+        fairness: c.queue.fairness,
+        input: c.queue.input_token_cost,
+        output: c.queue.output_token_cost,
+    }
+}
+
+fn queue_tenants(c: &Config) -> impl Iterator<Item = (String, crate::wfq::TenantSettings)> + '_ {
+    c.tenants.iter().map(|(k, v)| {
+        (
+            k.clone(),
+            crate::wfq::TenantSettings {
+                weight: v.weight,
+                max_kv_tokens: v.max_kv_tokens,
+            },
+        )
+    })
 }
 
 fn build_runtime(

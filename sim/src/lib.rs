@@ -218,12 +218,59 @@ impl CacheEvent {
 }
 
 /// Counts a generation request as running while alive.
-struct Running(Arc<Sim>);
+/// One running generation: counted in `running`, and its KV-cache tokens (prompt + generated
+/// so far) held in its tenant's [`TenantKv`] until dropped.
+struct Running {
+    sim: Arc<Sim>,
+    tenant: String,
+    held: u64,
+}
+
+impl Running {
+    fn new(sim: Arc<Sim>, tenant: String, prompt: u64) -> Self {
+        sim.running.fetch_add(1, Ordering::SeqCst);
+        let mut r = Self {
+            sim,
+            tenant,
+            held: 0,
+        };
+        r.hold(prompt, true);
+        r
+    }
+
+    /// `n` more tokens in the KV cache (the prompt, or one generated token).
+    fn hold(&mut self, n: u64, prompt: bool) {
+        let mut kv = self.sim.kv.lock().unwrap_or_else(|e| e.into_inner());
+        let t = kv.entry(self.tenant.clone()).or_default();
+        t.held += n;
+        t.peak = t.peak.max(t.held);
+        if prompt {
+            t.prompt_tokens += n;
+        } else {
+            t.completion_tokens += n;
+        }
+        self.held += n;
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::SeqCst);
+        self.sim.running.fetch_sub(1, Ordering::SeqCst);
+        let mut kv = self.sim.kv.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = kv.get_mut(&self.tenant) {
+            t.held -= self.held;
+        }
     }
+}
+
+/// The simulator's view of one tenant (by the `x-bulkhead-tenant` header the sidecar sends):
+/// KV-cache tokens held by its running generations, their peak, and the tokens served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantKv {
+    pub held: u64,
+    pub peak: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 /// The simulator's shared state.
@@ -240,6 +287,7 @@ pub struct Sim {
     refuse_flushes: AtomicU64,
     flushes_ok: AtomicU64,
     flushes_refused: AtomicU64,
+    kv: Mutex<std::collections::HashMap<String, TenantKv>>,
 }
 
 impl Sim {
@@ -257,7 +305,18 @@ impl Sim {
             refuse_flushes: AtomicU64::new(0),
             flushes_ok: AtomicU64::new(0),
             flushes_refused: AtomicU64::new(0),
+            kv: Mutex::new(Default::default()),
         })
+    }
+
+    /// What this simulator saw of one tenant's KV cache and tokens.
+    pub fn tenant_kv(&self, tenant: &str) -> TenantKv {
+        self.kv
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Every generation request's prefix-cache lookup, in order.
@@ -478,8 +537,12 @@ impl Sim {
                 .filter(|v| v.is_finite() && *v >= 0.0 && *v <= 60_000.0)
                 .map_or(default, |v| Duration::from_secs_f64(v / 1e3))
         };
-        self.running.fetch_add(1, Ordering::SeqCst);
-        let running = Running(self.clone());
+        let tenant = headers
+            .get("x-bulkhead-tenant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut running = Running::new(self.clone(), tenant, r.prompt_tokens);
         let (cache_ev, prefill) = self.prefix_lookup(&r);
         let ttft = ms("x-sim-ttft-ms", self.config.time_to_first_token) + prefill;
         let cache_headers = move |h: &mut HeaderMap| {
@@ -518,6 +581,7 @@ impl Sim {
             } else {
                 serde_json::json!({"index": 0, "text": text, "finish_reason": "length"})
             };
+            running.hold(n, false);
             self.completed.fetch_add(1, Ordering::SeqCst);
             drop(running);
             let mut resp = json(serde_json::json!({
@@ -534,7 +598,7 @@ impl Sim {
         let (tx, body) = ChannelBody::new(16);
         let sim = self.clone();
         tokio::spawn(async move {
-            let _running = running;
+            let mut running = running;
             let object = if chat {
                 "chat.completion.chunk"
             } else {
@@ -567,6 +631,7 @@ impl Sim {
                 } else {
                     serde_json::json!([{"index": 0, "text": text, "finish_reason": null}])
                 };
+                running.hold(1, false);
                 if tx.send(chunk(choice)).await.is_err() {
                     return;
                 }

@@ -182,6 +182,7 @@ impl Exchange {
         };
         if let Some(h) = &mut self.held {
             h.kv.set(prompt + completion);
+            h.permit.progress(prompt, completion);
         }
     }
 
@@ -246,6 +247,10 @@ impl Exchange {
     /// The finish step; runs once, from `Drop`.
     fn finish(&mut self) {
         let usage = self.settle_tokens();
+        if let (Some(u), Some(h)) = (usage, &mut self.held) {
+            // The fair queue's counter ends with what the tenant was really served.
+            h.permit.progress(u.prompt, u.completion);
+        }
         self.held.take();
         self.body_bytes.take();
         let (status, reason): (StatusCode, Option<&'static str>) = match &self.end {

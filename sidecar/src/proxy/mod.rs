@@ -2,7 +2,7 @@
 //!
 //! route -> authenticate (headers only) -> read body (bounded in size, time and memory) ->
 //! verify body digest -> inspect / rewrite -> limits -> tag the client socket -> cache gate ->
-//! fair queue -> forward -> meter the response.
+//! fair queue (by tokens, within the tenant's KV quota) -> forward -> meter the response.
 //!
 //! Each phase returns `Result<_, Refusal>`. Whatever happens (refused, forwarded, upstream
 //! error, client gone) the exchange's one finish step ([`Exchange`]'s `Drop`) settles tokens,
@@ -114,7 +114,11 @@ async fn proxy(
     let info = inspect_body(ex, route, &tenant, &parts, body)?;
     admit(ex, &tenant, &info)?;
     tag_client(ex, conn, &tenant).await;
-    let (permit, gate) = wait_turn(ex, &tenant, &rt).await?;
+    let ask = crate::wfq::Ask {
+        prompt: info.prompt_estimate,
+        completion_reserve: info.completion_reserve,
+    };
+    let (permit, gate) = wait_turn(ex, &tenant, &rt, ask).await?;
     let up = upstream_request(ex, &rt, conn, parts, &verified.covered_headers, info.body)?;
     let kv = KvCharge::new(
         tenant.metrics.kv_tokens.clone(),
@@ -373,6 +377,7 @@ async fn wait_turn(
     ex: &mut Exchange,
     tenant: &TenantRuntime,
     rt: &Runtime,
+    ask: crate::wfq::Ask,
 ) -> Result<(crate::wfq::Permit, crate::isolation::GatePass), Refusal> {
     let deadline = tokio::time::Instant::now() + rt.config.queue_timeout();
     let queued = tenant.metrics.queued.clone();
@@ -390,7 +395,7 @@ async fn wait_turn(
     let (permit, waited) = ex
         .app
         .sched
-        .acquire(&tenant.name, timeout)
+        .acquire(&tenant.name, ask, timeout)
         .await
         .map_err(Refusal::queue)?;
     tenant.metrics.queue_wait.observe(waited.as_secs_f64());

@@ -93,6 +93,7 @@ impl Refusal {
             LimitKind::Tokens => "rate limit reached: tokens per minute",
             LimitKind::Concurrency => "rate limit reached: concurrent requests",
             LimitKind::Queue => "the tenant's fair-share queue is full",
+            LimitKind::KvTokens => "the tenant's KV-cache quota is held by its requests in flight",
         };
         let mut r = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -108,6 +109,28 @@ impl Refusal {
 
     pub fn queue(e: QueueError) -> Self {
         let (status, msg) = match e {
+            QueueError::OverKvQuota { need, quota } => {
+                return Self::invalid(
+                    "request_too_large",
+                    format!(
+                        "this request may hold up to {need} KV-cache tokens (prompt estimate plus \
+                         max_tokens x choices), more than the tenant's quota of {quota} \
+                         (max_kv_tokens); lower max_tokens"
+                    ),
+                );
+            }
+            QueueError::KvQuotaTimeout => {
+                let mut r = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "kv_quota",
+                    "timed out waiting for the tenant's KV-cache quota (max_kv_tokens): its \
+                     requests in flight hold it",
+                )
+                .with_retry(Duration::from_secs(1));
+                r.limit = Some(LimitKind::KvTokens);
+                return r;
+            }
             QueueError::Full => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "the tenant's fair-share queue is full",
