@@ -239,6 +239,8 @@ pub struct Scheduler {
 /// dropping it lets the next waiter in.
 pub struct Permit {
     sched: Option<Arc<Scheduler>>,
+    /// Output and prompt corrections are charged (`fairness = "tokens"`).
+    by_tokens: bool,
     tenant: usize,
     kv: u64,
     /// Input tokens and output tokens charged so far.
@@ -261,15 +263,13 @@ impl Permit {
     /// estimate until `usage` says otherwise): charge the difference to the tenant's counter.
     pub fn progress(&mut self, prompt: u64, output: u64) {
         let Some(s) = &self.sched else { return };
-        if prompt == self.prompt && output == self.output {
+        if !self.by_tokens || (prompt == self.prompt && output == self.output) {
             return;
         }
         let mut st = s.lock();
-        if st.costs.fairness == Fairness::Tokens {
-            let units = (prompt as f64 - self.prompt as f64) * st.costs.input
-                + (output as f64 - self.output as f64) * st.costs.output;
-            st.tenants[self.tenant].add(units);
-        }
+        let units = (prompt as f64 - self.prompt as f64) * st.costs.input
+            + (output as f64 - self.output as f64) * st.costs.output;
+        st.tenants[self.tenant].add(units);
         self.prompt = prompt;
         self.output = output;
     }
@@ -381,8 +381,9 @@ impl Scheduler {
             }
             st.lift(i);
             if st.inflight < st.max_inflight && !st.any_waiting() && st.tenants[i].fits(ask) {
+                let by_tokens = st.costs.fairness == Fairness::Tokens;
                 let (tenant, kv, _) = st.let_in(i, ask);
-                return Ok((self.permit(tenant, kv, ask), Duration::ZERO));
+                return Ok((self.permit(by_tokens, tenant, kv, ask), Duration::ZERO));
             }
             if st.tenants[i].queue.len() >= st.max_queue {
                 return Err(QueueError::Full);
@@ -421,9 +422,10 @@ impl Scheduler {
         }
     }
 
-    fn permit(self: &Arc<Self>, tenant: usize, kv: u64, ask: Ask) -> Permit {
+    fn permit(self: &Arc<Self>, by_tokens: bool, tenant: usize, kv: u64, ask: Ask) -> Permit {
         Permit {
             sched: Some(self.clone()),
+            by_tokens,
             tenant,
             kv,
             prompt: ask.prompt,
@@ -468,7 +470,8 @@ impl Scheduler {
                 .pop_front()
                 .expect("picked a non-empty queue");
             let (tenant, kv, charged) = st.let_in(i, w.ask);
-            let permit = self.permit(tenant, kv, w.ask);
+            let by_tokens = st.costs.fairness == Fairness::Tokens;
+            let permit = self.permit(by_tokens, tenant, kv, w.ask);
             if let Err(mut p) = w.tx.send(permit) {
                 // The waiter is gone: take back what was counted for it (we hold the lock).
                 p.sched = None;

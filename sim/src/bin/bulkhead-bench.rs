@@ -7,6 +7,9 @@
 //! Load is generated here, in Rust, only to 127.0.0.1.
 #![forbid(unsafe_code)]
 
+#[path = "../bench_fairness.rs"]
+mod fairness;
+
 use anyhow::{Context, bail};
 use base64::Engine;
 use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
@@ -53,6 +56,10 @@ struct Args {
     /// Connections per tenant in --cache-tiers.
     #[arg(long, default_value_t = 4)]
     tier_connections: usize,
+    /// Instead: the fair queue by requests vs by tokens on a skewed two-tenant workload
+    /// (Jain's index of served tokens, a light tenant's TTFT, the queue's throughput).
+    #[arg(long)]
+    fairness: bool,
 }
 
 const KEY: &[u8] = b"bench-gateway-secret-0123456789ab";
@@ -697,6 +704,11 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if args.fairness {
+        let r = fairness::run(&args, &bin_dir, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return r;
+    }
     if args.cache_tiers {
         let r = cache_tiers(&args, &bin_dir, &dir);
         let _ = std::fs::remove_dir_all(&dir);
