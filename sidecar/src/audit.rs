@@ -73,6 +73,41 @@ pub struct AuditRecord {
     /// Set (and written) when `method` was cut short; see [`MAX_METHOD`].
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub method_truncated: bool,
+    /// Canaries, keywords and injection markers found (by owner and index, never the text).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leaks: Vec<LeakRecord>,
+}
+
+/// One canary, keyword or injection marker found, as the audit records it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LeakRecord {
+    /// `canary`, `keyword` or `marker`.
+    pub kind: &'static str,
+    /// The tenant the canary or keyword belongs to; the marker's label.
+    pub owner: String,
+    /// The pattern's position in the owner's `canaries` / `keywords` (or in the marker list).
+    pub index: usize,
+    /// `prompt` or `response`.
+    pub r#where: &'static str,
+    /// In the owner's record: the tenant whose traffic carried it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_by: Option<String>,
+}
+
+impl LeakRecord {
+    pub fn new(h: &crate::leaks::Hit, seen_by: Option<&str>) -> Self {
+        Self {
+            kind: match h.kind {
+                crate::leaks::Kind::Canary => "canary",
+                crate::leaks::Kind::Keyword => "keyword",
+                crate::leaks::Kind::Marker => "marker",
+            },
+            owner: h.owner.to_string(),
+            index: h.index,
+            r#where: h.seen.as_str(),
+            seen_by: seen_by.map(str::to_string),
+        }
+    }
 }
 
 /// Cut `s` to at most `max` bytes on a character boundary; true when it was cut.
@@ -298,12 +333,16 @@ impl State {
 /// The recording side; cheap to clone. Records are serialized on the request path into a
 /// per-stream buffer and written by one thread at least every 50 ms, so the request path
 /// never waits on the disk and rarely wakes another thread.
+/// The tenants whose records are sealed, with their keys.
+pub type Seals = Arc<std::collections::HashMap<String, Arc<crate::seal::SealKeys>>>;
+
 #[derive(Clone)]
 pub struct AuditLog {
     shared: Option<Arc<Shared>>,
     _closer: Option<Arc<Closer>>,
     key: hmac::Key,
     drops: Drops,
+    seals: Arc<std::sync::RwLock<Seals>>,
 }
 
 /// Tells the writer to finish when the last `AuditLog` clone goes away.
@@ -328,6 +367,7 @@ impl AuditLog {
             _closer: None,
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             drops: Drops::default(),
+            seals: Default::default(),
         }
     }
 
@@ -370,6 +410,7 @@ impl AuditLog {
                 shared: Some(shared),
                 key: hmac::Key::new(hmac::HMAC_SHA256, key),
                 drops,
+                seals: Default::default(),
             },
             handle,
         ))
@@ -403,6 +444,11 @@ impl AuditLog {
         shared.wake.notify_one();
     }
 
+    /// Seal these tenants' records from now on (configuration load and reload).
+    pub fn set_seals(&self, seals: Seals) {
+        *self.seals.write().unwrap_or_else(|e| e.into_inner()) = seals;
+    }
+
     pub fn prompt_hash(&self, prompt: &[u8]) -> String {
         let tag = hmac::sign(&self.key, prompt);
         let mut out = String::with_capacity(64);
@@ -422,6 +468,19 @@ impl AuditLog {
             Ok(l) => l,
             Err(_) => return,
         };
+        let seal = self
+            .seals
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&rec.tenant)
+            .cloned();
+        if let Some(keys) = seal {
+            // A record that cannot be sealed is never written in the clear.
+            match keys.seal(&rec.tenant, &line) {
+                Some(sealed) => line = sealed,
+                None => return,
+            }
+        }
         line.push(b'\n');
         let now = Instant::now();
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());

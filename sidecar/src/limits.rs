@@ -421,6 +421,9 @@ mod tests {
             max_concurrent: conc,
             default_max_tokens: 100,
             max_kv_tokens: None,
+            canaries: Vec::new(),
+            keywords: Vec::new(),
+            audit_key_file: None,
             isolation: Default::default(),
             unknown_routes: Default::default(),
         }

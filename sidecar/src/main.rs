@@ -1,4 +1,5 @@
-//! bulkhead-sidecar: `run --config FILE` (default), `sign ...`, `check-config FILE`.
+//! bulkhead-sidecar: `run --config FILE` (default), `sign ...`, `check-config FILE`,
+//! `audit read --tenant T --key-file F`.
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, bail};
@@ -35,6 +36,31 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print the example configuration.
     ExampleConfig,
+    /// Read audit records.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print one tenant's audit records as JSON lines, opening sealed ones with its key file;
+    /// exits 1 when a sealed record does not open with that key file.
+    Read(AuditReadArgs),
+}
+
+#[derive(Args)]
+struct AuditReadArgs {
+    /// The tenant whose records to print.
+    #[arg(long)]
+    tenant: String,
+    /// The tenant's audit key file (`<kid> <base64 key>` lines); needed for sealed records.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// The audit directory: reads `<tenant>.jsonl` and its rotations, oldest first.
+    #[arg(long, default_value = "/var/log/bulkhead")]
+    dir: PathBuf,
+    /// Read these files instead of the tenant's files in --dir.
+    files: Vec<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -83,6 +109,7 @@ fn main() -> ExitCode {
         None => serve(cli.run),
         Some(Command::Sign(a)) => sign(a),
         Some(Command::CheckConfig { file }) => check(&file),
+        Some(Command::Audit(AuditCommand::Read(a))) => audit_read(a),
         Some(Command::ExampleConfig) => {
             print!("{}", bulkhead_sidecar::config::EXAMPLE_CONFIG);
             Ok(ExitCode::SUCCESS)
@@ -97,8 +124,94 @@ fn main() -> ExitCode {
     }
 }
 
+/// The tenant's audit files in `dir`, oldest first (`<tenant>.jsonl.N` .. `.1`, then the
+/// current `<tenant>.jsonl`).
+fn audit_files(dir: &std::path::Path, tenant: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let base = format!("{tenant}.jsonl");
+    let mut rotated = Vec::new();
+    let mut current = None;
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == base {
+            current = Some(e.path());
+        } else if let Some(n) = name
+            .strip_prefix(&base)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            rotated.push((n, e.path()));
+        }
+    }
+    rotated.sort_by_key(|r| std::cmp::Reverse(r.0));
+    Ok(rotated.into_iter().map(|(_, p)| p).chain(current).collect())
+}
+
+fn audit_read(a: AuditReadArgs) -> anyhow::Result<ExitCode> {
+    use bulkhead_sidecar::seal::{SealKeys, is_sealed};
+    use std::io::{BufRead, Write};
+    let keys = match &a.key_file {
+        Some(p) => Some(SealKeys::load(p).with_context(|| format!("key file {}", p.display()))?),
+        None => None,
+    };
+    let files = if a.files.is_empty() {
+        audit_files(&a.dir, &a.tenant)?
+    } else {
+        a.files.clone()
+    };
+    let (mut shown, mut unopened) = (0u64, 0u64);
+    let mut out = std::io::stdout().lock();
+    for f in &files {
+        let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+        for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+            let line = line?;
+            if line.is_empty() {
+                continue;
+            }
+            let plain = if is_sealed(&line) {
+                match keys.as_ref().map(|k| k.open(&a.tenant, &line)) {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => {
+                        eprintln!("{}:{}: {e}", f.display(), i + 1);
+                        unopened += 1;
+                        continue;
+                    }
+                    None => {
+                        eprintln!("{}:{}: sealed; give --key-file", f.display(), i + 1);
+                        unopened += 1;
+                        continue;
+                    }
+                }
+            } else {
+                line
+            };
+            let tenant_matches = serde_json::from_slice::<serde_json::Value>(&plain)
+                .ok()
+                .is_some_and(|v| v["tenant"] == a.tenant.as_str());
+            if tenant_matches {
+                out.write_all(&plain)?;
+                out.write_all(b"\n")?;
+                shown += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{shown} records of {} from {} files; {unopened} sealed records did not open",
+        a.tenant,
+        files.len()
+    );
+    Ok(if unopened > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let cfg = match Config::from_file(file).and_then(|c| c.load_keys().map(|_| c)) {
+    let cfg = match Config::from_file(file)
+        .and_then(|c| c.load_keys().map(|_| c))
+        .and_then(|c| c.load_audit_seals().map(|_| c))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bulkhead-sidecar: {}: {e}", file.display());

@@ -58,6 +58,20 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// A canary or keyword of `owner` seen in `seen_by`'s traffic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeakLabel {
+    pub owner: String,
+    pub seen_by: String,
+    pub r#where: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantMarker {
+    pub tenant: String,
+    pub marker: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
@@ -126,6 +140,12 @@ pub struct Metrics {
     pub kv_reserved: Family<TenantLabel, Gauge>,
     /// The tenant's `max_kv_tokens` (0: none).
     pub kv_quota: Family<TenantLabel, Gauge>,
+    /// Another tenant's canary seen in a prompt or a response.
+    pub canary_hits: Family<LeakLabel, Counter>,
+    /// Another tenant's keyword seen in a prompt or a response.
+    pub keyword_hits: Family<LeakLabel, Counter>,
+    /// Injection markers in a tenant's prompts, by marker.
+    pub injection_markers: Family<TenantMarker, Counter>,
 }
 
 impl Metrics {
@@ -161,6 +181,9 @@ impl Metrics {
             queue_counter: Family::default(),
             kv_reserved: Family::default(),
             kv_quota: Family::default(),
+            canary_hits: Family::default(),
+            keyword_hits: Family::default(),
+            injection_markers: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
@@ -315,6 +338,22 @@ impl Metrics {
             "kv_cache_quota_tokens",
             "The tenant's KV-cache quota, max_kv_tokens (0: none)",
             m.kv_quota.clone(),
+        );
+        r.register(
+            "canary_hits",
+            "A canary of tenant `owner` seen in tenant `seen_by`'s prompt or response (a leak \
+             signal: cache, RAG or prompt bleed)",
+            m.canary_hits.clone(),
+        );
+        r.register(
+            "keyword_hits",
+            "A keyword of tenant `owner` seen in tenant `seen_by`'s prompt or response",
+            m.keyword_hits.clone(),
+        );
+        r.register(
+            "injection_markers",
+            "Injection markers (leaks.injection_markers) in a tenant's prompts",
+            m.injection_markers.clone(),
         );
         for result in ["ok", "failed", "refused"] {
             let _ = m.cache_flushes.get_or_create(&ResultLabel { result });

@@ -54,6 +54,10 @@ pub struct Runtime {
     pub upstream: Uri,
     /// KV-cache bytes per token from `[model]`; 0 when not configured.
     pub kv_bytes_per_token: u64,
+    /// Canaries, keywords and injection markers, compiled.
+    pub leaks: Arc<crate::leaks::LeakPatterns>,
+    /// Tenants whose audit records are sealed, with their keys.
+    pub audit_seals: crate::audit::Seals,
 }
 
 impl Runtime {
@@ -168,6 +172,7 @@ impl App {
         );
         let body_budget = Arc::new(Semaphore::new(config.http.max_inflight_body_bytes));
         let runtime = build_runtime(config, None, &replay, &tagger, &clock, &metrics)?;
+        audit.set_seals(runtime.audit_seals.clone());
         let gate = CacheGate::new(runtime.gate_settings(), metrics.clone());
         let (kv_settings, _) = tokio::sync::watch::channel(runtime.kv_settings());
         Ok(Arc::new(App {
@@ -242,6 +247,7 @@ impl App {
             &self.metrics,
         )?;
         let c = rt.config.clone();
+        self.audit.set_seals(rt.audit_seals.clone());
         self.gate.update(rt.gate_settings());
         let _ = self.kv_settings.send(rt.kv_settings());
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
@@ -334,12 +340,16 @@ fn build_runtime(
             )),
         );
     }
+    let leaks = Arc::new(crate::leaks::LeakPatterns::new(&config));
+    let audit_seals = Arc::new(config.load_audit_seals()?);
     Ok(Runtime {
         config: Arc::new(config),
         verifier,
         tenants,
         upstream,
         kv_bytes_per_token,
+        leaks,
+        audit_seals,
     })
 }
 

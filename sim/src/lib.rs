@@ -553,10 +553,37 @@ impl Sim {
             h.insert("x-sim-cached-blocks", HeaderValue::from(cache_ev.cached));
         };
         let itl = ms("x-sim-itl-ms", self.config.inter_token_latency);
-        let n = r
-            .max_tokens
-            .unwrap_or(self.config.completion_tokens)
-            .min(self.config.completion_tokens);
+        // `x-sim-reply` (tests): answer this text, streamed in pieces of
+        // `x-sim-chunk-bytes` bytes (default 4), instead of "tok0 tok1 ...".
+        let reply: Option<Arc<Vec<String>>> = headers
+            .get("x-sim-reply")
+            .and_then(|v| v.to_str().ok())
+            .map(|text| {
+                let size = headers
+                    .get("x-sim-chunk-bytes")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|n| *n > 0)
+                    .unwrap_or(4);
+                let bytes: Vec<char> = text.chars().collect();
+                Arc::new(
+                    bytes
+                        .chunks(size)
+                        .map(|c| c.iter().collect::<String>())
+                        .collect(),
+                )
+            });
+        let n = match &reply {
+            Some(pieces) => pieces.len() as u64,
+            None => r
+                .max_tokens
+                .unwrap_or(self.config.completion_tokens)
+                .min(self.config.completion_tokens),
+        };
+        let piece = move |i: u64| match &reply {
+            Some(p) => p[i as usize].clone(),
+            None => format!("tok{i} "),
+        };
         self.started.fetch_add(1, Ordering::SeqCst);
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -575,7 +602,7 @@ impl Sim {
             if n > 1 && !itl.is_zero() {
                 tokio::time::sleep(itl * (n as u32 - 1)).await;
             }
-            let text: String = (0..n).map(|i| format!("tok{i} ")).collect();
+            let text: String = (0..n).map(&piece).collect();
             let choice = if chat {
                 serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
             } else {
@@ -625,7 +652,7 @@ impl Sim {
                         tokio::time::sleep(itl).await;
                     }
                 }
-                let text = format!("tok{i} ");
+                let text = piece(i);
                 let choice = if chat {
                     serde_json::json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}])
                 } else {

@@ -3,7 +3,7 @@
 //! and the audit record for every outcome: refused, forwarded, upstream error, client gone.
 
 use super::refusal::Refusal;
-use crate::audit::{AuditRecord, UNAUTHENTICATED};
+use crate::audit::{AuditRecord, LeakRecord, UNAUTHENTICATED};
 use crate::isolation::GatePass;
 use crate::kv::KvCharge;
 use crate::limits::Admission;
@@ -137,6 +137,12 @@ pub struct Exchange {
     pub held: Option<Held>,
     /// The request was sent upstream (the upstream may have worked on it).
     pub forwarded: bool,
+    /// Canaries, keywords and markers found in the prompt and the response.
+    pub leaks: Vec<crate::leaks::Hit>,
+    /// The response is scanned for other tenants' canaries and keywords.
+    pub leak_scan: Option<(Arc<crate::leaks::LeakPatterns>, crate::leaks::StreamScan)>,
+    /// The response was cut because it carried another tenant's canary (`on_canary = block`).
+    pub leak_blocked: bool,
     pub meter: Meter,
     pub end: End,
 }
@@ -169,6 +175,9 @@ impl Exchange {
             body_bytes: None,
             held: None,
             forwarded: false,
+            leaks: Vec::new(),
+            leak_scan: None,
+            leak_blocked: false,
             meter: Meter::default(),
             end: End::Pending,
         }
@@ -183,6 +192,73 @@ impl Exchange {
         if let Some(h) = &mut self.held {
             h.kv.set(prompt + completion);
             h.permit.progress(prompt, completion);
+        }
+    }
+
+    /// Scan the next piece of the response for other tenants' canaries and keywords; true
+    /// when it must be withheld and the response cut (a canary, `on_canary = "block"`).
+    pub fn scan_response(&mut self, text: &[u8]) -> bool {
+        let (Some((pats, scan)), Some(t)) = (&mut self.leak_scan, &self.tenant) else {
+            return false;
+        };
+        let before = self.leaks.len();
+        scan.feed(pats, &t.name, text, &mut self.leaks);
+        let block = pats.on_canary == crate::config::OnCanary::Block
+            && self.leaks[before..]
+                .iter()
+                .any(|h| h.kind == crate::leaks::Kind::Canary);
+        self.leak_blocked |= block;
+        block
+    }
+
+    /// Count the leak hits and write them to the owners' audit (never the pattern itself).
+    fn record_leaks(&self, status: u16) {
+        let Some(t) = &self.tenant else { return };
+        let m = &self.app.metrics;
+        for h in &self.leaks {
+            let family = match h.kind {
+                crate::leaks::Kind::Marker => {
+                    m.injection_markers
+                        .get_or_create(&crate::metrics::TenantMarker {
+                            tenant: t.name.to_string(),
+                            marker: h.owner.to_string(),
+                        })
+                        .inc();
+                    continue;
+                }
+                crate::leaks::Kind::Canary => &m.canary_hits,
+                crate::leaks::Kind::Keyword => &m.keyword_hits,
+            };
+            family
+                .get_or_create(&crate::metrics::LeakLabel {
+                    owner: h.owner.to_string(),
+                    seen_by: t.name.to_string(),
+                    r#where: h.seen.as_str(),
+                })
+                .inc();
+            if h.kind == crate::leaks::Kind::Canary {
+                tracing::warn!(owner = %h.owner, seen_by = %t.name, r#where = h.seen.as_str(), request_id = %self.request_id, "another tenant's canary seen");
+            }
+            self.app.audit.record(AuditRecord {
+                ts_unix_ms: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                tenant: h.owner.to_string(),
+                request_id: self.request_id.clone(),
+                method: self.method.as_str().to_string(),
+                route: self.route.clone(),
+                status,
+                reason: Some(
+                    match h.kind {
+                        crate::leaks::Kind::Canary => "canary_seen_by_other_tenant",
+                        _ => "keyword_seen_by_other_tenant",
+                    }
+                    .to_string(),
+                ),
+                stream: self.stream,
+                leaks: vec![LeakRecord::new(h, Some(&t.name))],
+                ..AuditRecord::default()
+            });
         }
     }
 
@@ -262,12 +338,14 @@ impl Exchange {
             End::Answered(s) => (
                 *s,
                 match self.meter.cut {
+                    _ if self.leak_blocked => Some("canary_blocked"),
                     Some(c) => Some(c.reason()),
                     None if !self.meter.ended => Some("client_disconnected"),
                     None => None,
                 },
             ),
         };
+        self.record_leaks(status.as_u16());
         let m = &self.app.metrics;
         let elapsed = self.t0.elapsed();
         match &self.tenant {
@@ -350,6 +428,11 @@ impl Exchange {
             ttft_ms: self.meter.ttft.map(|d| d.as_secs_f64() * 1e3),
             queue_ms: self.queue_wait.map(|d| d.as_secs_f64() * 1e3),
             prompt_hash: self.prompt_hash.take(),
+            leaks: self
+                .leaks
+                .iter()
+                .map(|h| LeakRecord::new(h, None))
+                .collect(),
         });
     }
 }

@@ -209,6 +209,37 @@ fn inspect_event(ev: &[u8], strip_usage: bool, ex: &mut Exchange) -> bool {
     keep
 }
 
+/// Sent in place of the rest of a stream cut for another tenant's canary.
+const CANARY_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the response carried a marker that belongs to another tenant's data and was cut\",\"type\":\"server_error\",\"code\":\"canary_blocked\"}}\n\n";
+
+/// The generated text of one SSE event (chat `delta.content`, completions `text`, Responses
+/// API `delta`), for the leak scan.
+fn event_text(ev: &[u8], out: &mut Vec<u8>) {
+    for line in ev.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) else {
+            continue;
+        };
+        let mut push = |x: Option<&serde_json::Value>| {
+            if let Some(t) = x.and_then(|x| x.as_str()) {
+                out.extend_from_slice(t.as_bytes());
+            }
+        };
+        if let Some(choices) = v.get("choices").and_then(|c| c.as_array()) {
+            for c in choices {
+                push(c.pointer("/delta/content"));
+                push(c.pointer("/delta/reasoning_content"));
+                push(c.get("text"));
+                push(c.pointer("/message/content"));
+            }
+        }
+        push(v.get("delta"));
+    }
+}
+
 enum Filter {
     Sse {
         buf: BytesMut,
@@ -227,14 +258,29 @@ impl Filter {
             Filter::Json(scan) => {
                 if let Some(scan) = scan {
                     scan.feed(&data);
+                    // Pumped: scanned as it goes (a buffered body is scanned whole at its end).
+                    if ex.scan_response(&data) {
+                        return None;
+                    }
                 }
                 Some(data)
             }
             Filter::Sse { buf, strip_usage } => {
                 buf.extend_from_slice(&data);
                 let mut out = BytesMut::new();
+                let mut text = Vec::new();
                 while let Some(end) = event_end(buf) {
                     let ev = buf.split_to(end);
+                    if ex.leak_scan.is_some() {
+                        text.clear();
+                        event_text(&ev, &mut text);
+                        if ex.scan_response(&text) {
+                            // The event that completes another tenant's canary is withheld.
+                            out.extend_from_slice(CANARY_EVENT);
+                            buf.clear();
+                            break;
+                        }
+                    }
                     if inspect_event(&ev, *strip_usage, ex) {
                         out.extend_from_slice(&ev);
                     }
@@ -322,6 +368,21 @@ pub async fn respond(
         }
     };
     let refusal = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(false)) if ex.scan_response(&buf) => {
+            // The answer carried another tenant's canary: it never reaches the client. The
+            // upstream did the work: its usage is settled as answered.
+            filter.end(&mut ex, Some(&buf));
+            ex.end = End::Answered(StatusCode::BAD_GATEWAY);
+            let resp = Refusal::server(
+                StatusCode::BAD_GATEWAY,
+                "canary_blocked",
+                "the inference server's answer carried a marker that belongs to another \
+                 tenant's data and was withheld",
+            )
+            .response();
+            drop(ex);
+            return resp;
+        }
         Ok(Ok(false)) => None,
         Ok(Ok(true)) => {
             // Too large to buffer: scanned as it streams, from the start.
@@ -440,6 +501,14 @@ fn pump(
                     Ok(data) => {
                         if let Some(out) = filter.data(data, &mut ex) {
                             go = send(&tx, out, write_idle, &mut ex).await;
+                        }
+                        if ex.leak_blocked {
+                            // Cut for another tenant's canary: an SSE stream ended with its
+                            // error event; any other body breaks off.
+                            if !matches!(filter, Filter::Sse { .. }) {
+                                ex.meter.cut = Some(Cut::UpstreamError);
+                            }
+                            break;
                         }
                     }
                     Err(trailers) => go = tx.send(Ok(trailers)).await.is_ok(),

@@ -1,7 +1,7 @@
 //! The request path, as phases over one [`Exchange`]:
 //!
 //! route -> authenticate (headers only) -> read body (bounded in size, time and memory) ->
-//! verify body digest -> inspect / rewrite -> limits -> tag the client socket -> cache gate ->
+//! verify body digest -> inspect / rewrite -> scan for leaks -> limits -> tag the client socket -> cache gate ->
 //! fair queue (by tokens, within the tenant's KV quota) -> forward -> meter the response.
 //!
 //! Each phase returns `Result<_, Refusal>`. Whatever happens (refused, forwarded, upstream
@@ -112,6 +112,7 @@ async fn proxy(
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
     let info = inspect_body(ex, route, &tenant, &parts, body)?;
+    scan_prompt(ex, &rt, &tenant, &info)?;
     admit(ex, &tenant, &info)?;
     tag_client(ex, conn, &tenant).await;
     let ask = crate::wfq::Ask {
@@ -338,6 +339,40 @@ fn inspect_body(
         ex.prompt_hash = Some(ex.app.audit.prompt_hash(&info.prompt_hash_input));
     }
     Ok(info)
+}
+
+/// Phase: other tenants' canaries and keywords, and injection markers, in the prompt; a
+/// canary refuses the request under `leaks.on_canary = "block"`. Sets up the response scan.
+fn scan_prompt(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    tenant: &TenantRuntime,
+    info: &Inspected,
+) -> Result<(), Refusal> {
+    let pats = &rt.leaks;
+    pats.scan(
+        &tenant.name,
+        &info.prompt_hash_input,
+        crate::leaks::Where::Prompt,
+        &mut ex.leaks,
+    );
+    if pats.scans_responses() {
+        ex.leak_scan = Some((pats.clone(), crate::leaks::StreamScan::default()));
+    }
+    if pats.on_canary == crate::config::OnCanary::Block
+        && ex
+            .leaks
+            .iter()
+            .any(|h| h.kind == crate::leaks::Kind::Canary)
+    {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "canary_blocked",
+            "the request carries a marker that belongs to another tenant's data",
+        ));
+    }
+    Ok(())
 }
 
 /// Phase: the tenant's limits; a request larger than its whole token budget is refused.
