@@ -48,6 +48,12 @@ INVENTORY = {
     "bulkhead_cache_flushes_total",
     "bulkhead_cache_salt_overrides_total",
     "bulkhead_kv_cache_tokens",
+    "bulkhead_canary_hits_total",
+    "bulkhead_keyword_hits_total",
+    "bulkhead_injection_markers_total",
+    "bulkhead_fair_queue_virtual_tokens",
+    "bulkhead_kv_cache_reserved_tokens",
+    "bulkhead_kv_cache_quota_tokens",
 }
 HISTOGRAMS = {
     "bulkhead_request_duration_seconds",
