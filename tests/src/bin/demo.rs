@@ -15,7 +15,8 @@ const TENANTS: &[(&str, usize, &str)] = &[
     (
         "acme",
         4,
-        "weight = 3\nrequests_per_minute = 60000\ntokens_per_minute = 5000000\nmax_concurrent = 8",
+        "weight = 3\nrequests_per_minute = 60000\ntokens_per_minute = 5000000\nmax_concurrent = 8\n\
+         canaries = [\"CANARY-acme-demo-3f9a\"]",
     ),
     (
         "globex",
@@ -136,7 +137,13 @@ async fn load(stack: &Stack, dur: Duration) -> BTreeMap<&'static str, Vec<Outcom
                 let mut out = Vec::new();
                 let mut i = 0;
                 while Instant::now() < deadline {
-                    let prompt = format!("client {c} question {i}: what does {tenant} own?");
+                    // The noisy tenant's first client also tries, now and then, a marker
+                    // string planted in acme's data (a canary): the sidecar counts it.
+                    let prompt = if tenant == "initech" && c == 0 && i % 10 == 5 {
+                        format!("client {c} question {i}: what is CANARY-acme-demo-3f9a?")
+                    } else {
+                        format!("client {c} question {i}: what does {tenant} own?")
+                    };
                     out.push(stack.chat(tenant, &prompt, 32).await);
                     i += 1;
                 }
@@ -237,6 +244,18 @@ fn print_table(
         })
         .collect();
     println!("\ninitech's refusals by limit: {}", noisy.join(", "));
+    println!(
+        "leak detection: acme's canary seen in initech's prompts {} times, in responses {} \
+         times (bulkhead_canary_hits_total; both tenants' audit logs have each request)",
+        sidecar.get(
+            "bulkhead_canary_hits_total",
+            &[("owner", "acme"), ("seen_by", "initech"), ("where", "prompt")]
+        ),
+        sidecar.get(
+            "bulkhead_canary_hits_total",
+            &[("owner", "acme"), ("seen_by", "initech"), ("where", "response")]
+        ),
+    );
     println!(
         "tokens: prompt + completion as the sidecar charged them; bytes: the agent's kernel \
          counters for the sockets the sidecar tagged (client and upstream sides)\n"
