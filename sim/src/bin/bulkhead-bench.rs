@@ -9,6 +9,8 @@
 
 #[path = "../bench_fairness.rs"]
 mod fairness;
+#[path = "../bench_scan.rs"]
+mod scan;
 
 use anyhow::{Context, bail};
 use base64::Engine;
@@ -60,6 +62,9 @@ struct Args {
     /// (Jain's index of served tokens, a light tenant's TTFT, the queue's throughput).
     #[arg(long)]
     fairness: bool,
+    /// Instead: the cost of leak scanning per KiB, with 10 and 1,000 canaries.
+    #[arg(long)]
+    scan: bool,
 }
 
 const KEY: &[u8] = b"bench-gateway-secret-0123456789ab";
@@ -704,6 +709,9 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if args.scan {
+        return scan::run();
+    }
     if args.fairness {
         let r = fairness::run(&args, &bin_dir, &dir);
         let _ = std::fs::remove_dir_all(&dir);
