@@ -249,11 +249,19 @@ fn print_table(
          times (bulkhead_canary_hits_total; both tenants' audit logs have each request)",
         sidecar.get(
             "bulkhead_canary_hits_total",
-            &[("owner", "acme"), ("seen_by", "initech"), ("where", "prompt")]
+            &[
+                ("owner", "acme"),
+                ("seen_by", "initech"),
+                ("where", "prompt")
+            ]
         ),
         sidecar.get(
             "bulkhead_canary_hits_total",
-            &[("owner", "acme"), ("seen_by", "initech"), ("where", "response")]
+            &[
+                ("owner", "acme"),
+                ("seen_by", "initech"),
+                ("where", "response")
+            ]
         ),
     );
     println!(
