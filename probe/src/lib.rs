@@ -40,8 +40,7 @@ pub async fn push(
 ) -> Result<(), client::HttpError> {
     let mut url = format!("{}/metrics/job/bulkhead_probe", base.trim_end_matches('/'));
     if let Some(i) = instance {
-        url.push_str("/instance/");
-        url.push_str(&percent_encode(i));
+        url.push_str(&grouping_label("instance", i));
     }
     let http = client::Http::new(cfg);
     let status = http.put(&url, report.to_prometheus()).await?;
@@ -51,6 +50,20 @@ pub async fn push(
         Err(client::HttpError::Transport(format!(
             "{url}: the Pushgateway answered {status}"
         )))
+    }
+}
+
+/// `/name/value` of a Pushgateway grouping key: base64url (`name@base64`) where the value holds
+/// a `/` or is empty (the Pushgateway's only way for those), percent-encoded otherwise.
+fn grouping_label(name: &str, value: &str) -> String {
+    use base64::Engine;
+    if value.is_empty() {
+        format!("/{name}@base64/=")
+    } else if value.contains('/') {
+        let v = base64::engine::general_purpose::URL_SAFE.encode(value);
+        format!("/{name}@base64/{v}")
+    } else {
+        format!("/{name}/{}", percent_encode(value))
     }
 }
 
@@ -65,4 +78,21 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grouping_label;
+
+    #[test]
+    fn grouping_labels() {
+        assert_eq!(grouping_label("instance", "vllm-0"), "/instance/vllm-0");
+        assert_eq!(grouping_label("instance", "a b:1"), "/instance/a%20b%3A1");
+        // base64url of "ns/vllm"
+        assert_eq!(
+            grouping_label("instance", "ns/vllm"),
+            "/instance@base64/bnMvdmxsbQ=="
+        );
+        assert_eq!(grouping_label("instance", ""), "/instance@base64/=");
+    }
 }

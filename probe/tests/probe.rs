@@ -115,9 +115,10 @@ async fn the_binary_passes_a_correct_stack_writes_the_textfile_and_pushes() {
     let pushed = gateway.seen();
     assert_eq!(pushed.len(), 1);
     assert_eq!(pushed[0].method, http::Method::PUT);
+    // A `/` in a grouping value: the Pushgateway's base64url form ("vllm/test").
     assert_eq!(
         pushed[0].path,
-        "/metrics/job/bulkhead_probe/instance/vllm%2Ftest"
+        "/metrics/job/bulkhead_probe/instance@base64/dmxsbS90ZXN0"
     );
     assert_eq!(String::from_utf8_lossy(&pushed[0].body), text.as_str());
     s.shutdown().await;
