@@ -3,7 +3,7 @@
 
     check.py manifests           list the Kubernetes manifests: "core PATH" or "crd PATH" lines
     check.py check               kustomizations, CRD shapes, rules vs PrometheusRule, alerts vs
-                                 RUNBOOK.md and tests.yaml, dashboard queries vs the metrics
+                                 RUNBOOK.md and tests*.yaml, dashboard queries vs the metrics
     check.py gen-prometheusrule  rewrite prometheus/prometheusrule.yaml from prometheus/rules.yaml
     check.py dashboard-rules OUT write the dashboard's queries, Grafana variables substituted, as
                                  recording rules to OUT, so `promtool check rules OUT` parses them
@@ -54,6 +54,11 @@ INVENTORY = {
     "bulkhead_fair_queue_virtual_tokens",
     "bulkhead_kv_cache_reserved_tokens",
     "bulkhead_kv_cache_quota_tokens",
+    # bulkhead-probe (Pushgateway or node-exporter textfile)
+    "bulkhead_probe_check",
+    "bulkhead_probe_success",
+    "bulkhead_probe_last_run_timestamp_seconds",
+    "bulkhead_probe_duration_seconds",
 }
 HISTOGRAMS = {
     "bulkhead_request_duration_seconds",
@@ -137,13 +142,16 @@ def check_kustomizations():
                 files.append(p)
             else:
                 problem(f"{rel(d)}/kustomization.yaml: resource {r} does not exist")
-    # Not Kubernetes manifests: Prometheus rule files and the Alertmanager configuration.
-    not_resources = {"kustomization.yaml", "rules.yaml", "tests.yaml", "alertmanager.yaml"}
+    # Not Kubernetes manifests: Prometheus rule files (and their tests*.yaml) and the
+    # Alertmanager configuration.
+    not_resources = {"kustomization.yaml", "rules.yaml", "alertmanager.yaml"}
     for d, dirs, names in os.walk(DEPLOY):
         dirs[:] = [x for x in dirs if not x.startswith(".")]
         for n in names:
             p = os.path.join(d, n)
-            if n.endswith((".yaml", ".yml")) and n not in not_resources and p not in files:
+            if n in not_resources or p in rule_test_files():
+                continue
+            if n.endswith((".yaml", ".yml")) and p not in files:
                 problem(f"{rel(p)}: not listed in any kustomization.yaml")
     return sorted(set(files))
 
@@ -322,6 +330,14 @@ def check_crds(crd_files):
 # ------------------------------------------------------------------------------------ rules
 
 
+def rule_test_files():
+    """The promtool unit test files of rules.yaml: prometheus/tests.yaml and any other
+    prometheus/tests*.yaml (one per area, e.g. tests-probe.yaml)."""
+    d = os.path.join(DEPLOY, "prometheus")
+    return sorted(os.path.join(d, n) for n in os.listdir(d)
+                  if n.startswith("tests") and n.endswith(".yaml"))
+
+
 def rules_groups():
     return load_one(os.path.join(DEPLOY, "prometheus", "rules.yaml"))["groups"]
 
@@ -443,19 +459,20 @@ def check_alerts():
                 if f"**{part}" not in body:
                     problem(f"RUNBOOK.md: section {name} lacks a **{part}** part")
 
-    tests = load_one(os.path.join(DEPLOY, "prometheus", "tests.yaml"))
     firing, silent = set(), set()
-    for t in tests.get("tests", []):
-        for case in t.get("alert_rule_test", []) or []:
-            (firing if case.get("exp_alerts") else silent).add(case["alertname"])
+    for path in rule_test_files():
+        tests = load_one(path)
+        for t in tests.get("tests", []):
+            for case in t.get("alert_rule_test", []) or []:
+                (firing if case.get("exp_alerts") else silent).add(case["alertname"])
     for a in alerts:
         if a["alert"] not in firing:
-            problem(f"tests.yaml: no case where {a['alert']} fires")
+            problem(f"tests*.yaml: no case where {a['alert']} fires")
         if a["alert"] not in silent:
-            problem(f"tests.yaml: no case where {a['alert']} must not fire")
+            problem(f"tests*.yaml: no case where {a['alert']} must not fire")
     known = {a["alert"] for a in alerts}
     for name in (firing | silent) - known:
-        problem(f"tests.yaml: tests an alert that rules.yaml does not define: {name}")
+        problem(f"tests*.yaml: tests an alert that rules.yaml does not define: {name}")
     return len(alerts), len(records)
 
 

@@ -501,3 +501,32 @@ fn the_agent_image_passes_preflight_and_counts_a_tagged_socket_as_the_daemonset_
     }
     drop(container);
 }
+
+/// The sidecar image carries the isolation probe (deploy/probe/cronjob.yaml runs it with
+/// `command: [/usr/local/bin/bulkhead-probe]`, as the image's user).
+#[test]
+fn the_sidecar_image_carries_the_probe() {
+    let image = format!("bulkhead-sidecar:{VERSION}");
+    if !require_image(&image) {
+        return;
+    }
+    let mut args = PODMAN_RUN.to_vec();
+    args.extend([
+        "--rm",
+        "--user",
+        "65532:65532",
+        "--cap-drop",
+        "ALL",
+        "--entrypoint",
+        "/usr/local/bin/bulkhead-probe",
+        &image,
+        "--version",
+    ]);
+    let out = podman(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("bulkhead-probe {VERSION}")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -10,7 +10,8 @@
 //! * `kubernetes-validate --strict` on every built-in Kubernetes manifest named by a
 //!   kustomization; the Prometheus Operator resources (PodMonitor, PrometheusRule) are not in its
 //!   schemas and are listed as skipped there, then shape-checked by `deploy/check.py`;
-//! * `promtool check rules` and `promtool test rules` on `deploy/prometheus/`, and
+//! * `promtool check rules` and `promtool test rules` on `deploy/prometheus/` (every
+//!   `tests*.yaml` there), and
 //!   `promtool check rules` on the dashboard's queries (so each one parses as PromQL);
 //! * `amtool check-config` on `deploy/alertmanager/alertmanager.yaml`, and `amtool config routes
 //!   test` that an alert labelled `team="security"` / `team="platform"` reaches the receiver of
@@ -43,6 +44,10 @@ const ALERT_ROUTES: &[(&str, &str)] = &[
     ),
     (
         "alertname=BulkheadAuthTenantMismatchOrReplay team=security",
+        "security",
+    ),
+    (
+        "alertname=BulkheadIsolationProbeFailed team=security",
         "security",
     ),
     ("alertname=BulkheadMapNearFull team=platform", "platform"),
@@ -140,12 +145,23 @@ pub fn run(root: &Path) -> Result<()> {
             .args(["check", "rules"])
             .arg(prom.join("rules.yaml")),
     );
+    // tests.yaml and every other tests*.yaml (one file per area, e.g. tests-probe.yaml).
+    let mut rule_tests: Vec<PathBuf> = std::fs::read_dir(&prom)
+        .with_context(|| format!("reading {}", prom.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("tests") && n.ends_with(".yaml"))
+        })
+        .collect();
+    rule_tests.sort();
     step(
         &mut failed,
         "promtool test rules",
         Command::new("promtool")
             .args(["test", "rules"])
-            .arg(prom.join("tests.yaml")),
+            .args(&rule_tests),
     );
     let dash_rules = scratch.join("dashboard-rules.yaml");
     if step(

@@ -7,7 +7,8 @@
 //! * `bench sidecar`: the sidecar against bulkhead-sim directly and through nginx (installed
 //!   with apt-get when missing, as the plain-proxy baseline).
 //! * `images [--profile release|dev] [--no-build]`: the `bulkhead-agent` and `bulkhead-sidecar`
-//!   images, FROM scratch, offline, with podman (installed with apt-get when missing).
+//!   images (the latter with `bulkhead-probe` too), FROM scratch, offline, with podman
+//!   (installed with apt-get when missing).
 //! * `deploy-check`: yamllint, kubernetes-validate, hadolint, promtool and consistency checks of
 //!   `deploy/` (installs promtool and a Python venv with the validators when missing).
 //!
@@ -137,6 +138,10 @@ fn test() -> Result<()> {
         "bulkhead-sidecar",
         "--bin",
         "bulkhead-sidecar",
+        "-p",
+        "bulkhead-probe",
+        "--bin",
+        "bulkhead-probe",
     ]))?;
     images::run_task(&["--profile", "dev", "--no-build"])?;
     cargo_test(&["--workspace"])

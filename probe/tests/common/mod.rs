@@ -1,0 +1,354 @@
+//! Test harness: bulkhead-sim (with a prefix cache whose misses are measurably slow) and
+//! bulkhead-sidecar on 127.0.0.1:0 in the test's runtime, two test tenants with their own
+//! keys, and small fake HTTP servers (agent metrics, Pushgateway, a leaky upstream).
+#![allow(dead_code)]
+
+use base64::Engine;
+use bulkhead_sidecar::Config;
+use bulkhead_sim::{SimConfig, SimHandle};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const A_KEY: &[u8] = b"probe-a-secret-0123456789abcdef!";
+pub const B_KEY: &[u8] = b"probe-b-secret-0123456789abcdef!";
+pub const CANARY: &str = "BHCANARY-3f9c1e7a2b";
+
+/// 16-word blocks; a block not in the cache costs 4 ms of prefill, a cached one 0.05 ms: a
+/// 512-word prompt misses in about 128 ms and hits in about 2 ms.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        prefix_block_words: 16,
+        prefill_per_block: Duration::from_millis(4),
+        cached_prefill_per_block: Duration::from_micros(50),
+        ..SimConfig::default()
+    }
+}
+
+/// How the sidecar under test is set up.
+pub struct Setup {
+    /// Both test tenants' isolation tier.
+    pub isolation: &'static str,
+    /// The tenants A's key may assert (a TOML array).
+    pub a_key_tenants: &'static str,
+    /// The upstream: the simulator with this config, or another server.
+    pub upstream: Upstream,
+}
+
+pub enum Upstream {
+    Sim(SimConfig),
+    Url(String),
+}
+
+impl Setup {
+    /// The correct stack: both tenants salted, each key bound to its own tenant.
+    pub fn correct() -> Self {
+        Self {
+            isolation: "salted",
+            a_key_tenants: r#"["probe-a"]"#,
+            upstream: Upstream::Sim(sim_config()),
+        }
+    }
+}
+
+pub struct Stack {
+    pub sim: Option<SimHandle>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), bulkhead_sidecar::SidecarError>>>,
+}
+
+impl Stack {
+    pub async fn start(setup: Setup) -> Stack {
+        let (sim, upstream) = match setup.upstream {
+            Upstream::Sim(c) => {
+                let s = SimHandle::start(c).await.unwrap();
+                let url = s.url();
+                (Some(s), url)
+            }
+            Upstream::Url(u) => (None, u),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        std::fs::write(d.join("a.key"), b64.encode(A_KEY)).unwrap();
+        std::fs::write(d.join("b.key"), b64.encode(B_KEY)).unwrap();
+        std::fs::write(
+            d.join("salt.key"),
+            b64.encode(b"salt-key-0123456789abcdef-012345"),
+        )
+        .unwrap();
+        std::fs::write(d.join("canary"), format!("{CANARY}\n")).unwrap();
+        let text = format!(
+            r#"
+[upstream]
+url = "{upstream}"
+flavor = "vllm"
+[listen]
+addr = "127.0.0.1:0"
+admin_addr = "127.0.0.1:0"
+[auth]
+max_skew_secs = 30
+[queue]
+max_inflight = 64
+max_queue_per_tenant = 64
+timeout_ms = 10000
+[audit]
+dir = "{dir}/audit"
+[cache]
+salt_key_file = "{dir}/salt.key"
+salt_generation = 1
+[tenants.probe-a]
+isolation = "{iso}"
+[tenants.probe-b]
+isolation = "{iso}"
+[[keys]]
+id = "probe-a-key"
+secret_files = ["{dir}/a.key"]
+tenants = {a_tenants}
+[[keys]]
+id = "probe-b-key"
+secret_files = ["{dir}/b.key"]
+tenants = ["probe-b"]
+"#,
+            dir = d.display(),
+            iso = setup.isolation,
+            a_tenants = setup.a_key_tenants,
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = admin_l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(bulkhead_sidecar::run(
+            listener,
+            admin_l,
+            config,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        // Wait until the sidecar serves (poll with a deadline).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get(&format!("http://{admin}/readyz")).await.map(|r| r.0) != Some(StatusCode::OK) {
+            assert!(Instant::now() < deadline, "sidecar never became ready");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Stack {
+            sim,
+            addr,
+            admin,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// The probe's configuration for this stack; `extra` lines go at the top level.
+    pub fn probe_toml(&self, extra: &str) -> String {
+        let d = self.dir.path();
+        format!(
+            r#"
+target = "http://{addr}"
+timeout_secs = 120
+request_timeout_secs = 30
+{extra}
+[tenant_a]
+name = "probe-a"
+key_id = "probe-a-key"
+key_file = "{a}"
+[tenant_b]
+name = "probe-b"
+key_id = "probe-b-key"
+key_file = "{b}"
+"#,
+            addr = self.addr,
+            a = d.join("a.key").display(),
+            b = d.join("b.key").display(),
+        )
+    }
+
+    /// The timing settings the tests use (the sim's misses are slow enough for 512 words).
+    pub fn probe_toml_timed(&self, extra: &str) -> String {
+        format!(
+            "{}[timing]\nsamples = 5\nprompt_words = 512\nhit_ratio = 0.5\n",
+            self.probe_toml(extra)
+        )
+    }
+
+    pub fn canary_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("canary")
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.admin)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+        if let Some(s) = self.sim.take() {
+            s.stop().await;
+        }
+    }
+}
+
+/// A plain GET: status and body.
+pub async fn get(url: &str) -> Option<(StatusCode, String)> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let r = client.get(url.parse().ok()?).await.ok()?;
+    let status = r.status();
+    let b = r.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// A request a [`Fake`] server received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: http::Method,
+    pub path: String,
+    pub body: Bytes,
+}
+
+type Handler = dyn Fn(&Seen, &[Seen]) -> (StatusCode, &'static str, String) + Send + Sync;
+
+/// A tiny HTTP/1 server on 127.0.0.1:0 answering with `handler(request, every request so far)`
+/// -> (status, content type, body).
+pub struct Fake {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fake {
+    pub async fn start(
+        handler: impl Fn(&Seen, &[Seen]) -> (StatusCode, &'static str, String) + Send + Sync + 'static,
+    ) -> Fake {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let handler: Arc<Handler> = Arc::new(handler);
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (seen, handler) = (s.clone(), handler.clone());
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (seen, handler) = (seen.clone(), handler.clone());
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let this = Seen {
+                            method: parts.method,
+                            path: parts.uri.path().to_string(),
+                            body,
+                        };
+                        let (status, ctype, text) = {
+                            let mut all = seen.lock().unwrap();
+                            all.push(this.clone());
+                            handler(&this, &all)
+                        };
+                        let mut r = Response::new(Full::new(Bytes::from(text)));
+                        *r.status_mut() = status;
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(ctype),
+                        );
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Fake { addr, seen, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An agent's metrics page; tenant A's byte counter grows by 1500 per scrape when `grows`.
+pub async fn fake_agent(grows: bool) -> Fake {
+    Fake::start(move |_, all| {
+        let n = if grows { 1500 * all.len() } else { 4096 };
+        let text = format!(
+            "# TYPE bulkhead_network_bytes counter\n\
+             bulkhead_network_bytes_total{{tenant=\"probe-a\",direction=\"egress\"}} {n}\n\
+             bulkhead_network_bytes_total{{tenant=\"probe-b\",direction=\"egress\"}} 7\n\
+             bulkhead_agent_up 1\n"
+        );
+        (StatusCode::OK, "text/plain; version=0.0.4", text)
+    })
+    .await
+}
+
+/// An OpenAI-compatible upstream that leaks: every answer holds the message contents of every
+/// request it has seen (a cross-tenant prompt bleed).
+pub async fn leaky_upstream() -> Fake {
+    Fake::start(|req, all| {
+        if req.path != "/v1/chat/completions" {
+            return (StatusCode::NOT_FOUND, "application/json", r#"{"error":{"message":"no","type":"x","code":"not_found"}}"#.into());
+        }
+        let mut everything = String::new();
+        for r in all {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body)
+                && let Some(c) = v.pointer("/messages/0/content").and_then(|c| c.as_str())
+            {
+                everything.push_str(c);
+                everything.push(' ');
+            }
+        }
+        let stream = serde_json::from_slice::<serde_json::Value>(&req.body)
+            .ok()
+            .and_then(|v| v["stream"].as_bool())
+            .unwrap_or(false);
+        let usage = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15});
+        if stream {
+            let chunk = serde_json::json!({"id": "x", "object": "chat.completion.chunk", "model": "leaky",
+                "choices": [{"index": 0, "delta": {"content": everything}, "finish_reason": null}]});
+            let last = serde_json::json!({"id": "x", "object": "chat.completion.chunk", "model": "leaky",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage});
+            (StatusCode::OK, "text/event-stream", format!("data: {chunk}\n\ndata: {last}\n\ndata: [DONE]\n\n"))
+        } else {
+            let v = serde_json::json!({"id": "x", "object": "chat.completion", "model": "leaky",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": everything}, "finish_reason": "stop"}],
+                "usage": usage});
+            (StatusCode::OK, "application/json", v.to_string())
+        }
+    })
+    .await
+}
