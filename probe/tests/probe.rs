@@ -229,6 +229,33 @@ async fn optional_checks_run_when_given_what_they_need() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_with_the_canary_configured_passes_the_canary_checks() {
+    for mode in ["block", "count"] {
+        let s = Stack::start(Setup {
+            on_canary: Some(mode),
+            ..Setup::correct()
+        })
+        .await;
+        let extra = format!(
+            "canary_file = \"{}\"\nsidecar_metrics_url = \"{}\"",
+            s.canary_file().display(),
+            s.metrics_url(),
+        );
+        let cfg = ProbeConfig::from_toml(&format!(
+            "{}[timing]\nsamples = 1\nprompt_words = 64\n",
+            s.probe_toml(&extra)
+        ))
+        .unwrap();
+        let r = run_probe(&cfg).await;
+        for check in ["canary_not_returned", "canary_prompt_blocked"] {
+            let (o, why) = outcome(&r, check);
+            assert_eq!(o, Outcome::Pass, "{mode}: {check}: {why}\n{}", r.summary());
+        }
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaky_upstream_fails_canary_not_returned() {
     let up = leaky_upstream().await;
     let s = Stack::start(Setup {

@@ -38,6 +38,8 @@ pub struct Setup {
     pub a_key_tenants: &'static str,
     /// The upstream: the simulator with this config, or another server.
     pub upstream: Upstream,
+    /// Configure [`CANARY`] as probe-a's canary with this `leaks.on_canary` (`count`, `block`).
+    pub on_canary: Option<&'static str>,
 }
 
 pub enum Upstream {
@@ -52,6 +54,7 @@ impl Setup {
             isolation: "salted",
             a_key_tenants: r#"["probe-a"]"#,
             upstream: Upstream::Sim(sim_config()),
+            on_canary: None,
         }
     }
 }
@@ -105,8 +108,10 @@ dir = "{dir}/audit"
 [cache]
 salt_key_file = "{dir}/salt.key"
 salt_generation = 1
+{leaks}
 [tenants.probe-a]
 isolation = "{iso}"
+{canaries}
 [tenants.probe-b]
 isolation = "{iso}"
 [[keys]]
@@ -121,6 +126,14 @@ tenants = ["probe-b"]
             dir = d.display(),
             iso = setup.isolation,
             a_tenants = setup.a_key_tenants,
+            leaks = setup
+                .on_canary
+                .map_or(String::new(), |m| format!("[leaks]\non_canary = \"{m}\"")),
+            canaries = if setup.on_canary.is_some() {
+                format!("canaries = [\"{CANARY}\"]")
+            } else {
+                String::new()
+            },
         );
         let config = Config::from_toml(&text).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
