@@ -5,9 +5,9 @@
 //! and the throughput of each queue on the plain benchmark request. Trials are interleaved
 //! (requests, tokens, requests, tokens, ...) and medians reported.
 
+use super::proxy::{Body, Kind, load};
 use super::{
-    Args, KEY, Proc, Target, free_port, load, pct, scrape, tier_request, wait_port,
-    write_sidecar_config,
+    Args, KEY, Proc, free_port, pct, scrape, tier_request, wait_port, write_sidecar_config,
 };
 use anyhow::Context;
 use base64::Engine;
@@ -279,11 +279,20 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             let sc = start_sidecar(bin_dir, &cfg)?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             wait_port(addr, sc.name)?;
+            let plain = Body::chat(0, false);
             let r = rt.block_on(async {
-                load(Target::Sidecar, addr, 4, Duration::from_millis(300), 1000).await?;
-                load(Target::Sidecar, addr, 32, duration, args.max_requests).await
+                load(
+                    Kind::Sidecar,
+                    addr,
+                    &plain,
+                    4,
+                    Duration::from_millis(300),
+                    1000,
+                )
+                .await?;
+                load(Kind::Sidecar, addr, &plain, 32, duration, args.max_requests).await
             })?;
-            let rate = r.ok as f64 / r.elapsed.as_secs_f64();
+            let rate = r.rps;
             println!(
                 "trial {trial} {mode:>8}: {rate:.0} req/s at 32 connections ({} errors)",
                 r.errors

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 const LITELLM_KEY: &str = "sk-bulkhead-bench";
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Kind {
+pub enum Kind {
     Direct,
     Nginx,
     Sidecar,
@@ -53,13 +53,13 @@ impl Kind {
 
 /// A request body and its precomputed `Content-Digest` (the gateway's work, not the proxy's).
 #[derive(Clone)]
-struct Body {
+pub struct Body {
     bytes: Bytes,
     digest: HeaderValue,
 }
 
 impl Body {
-    fn chat(prompt_bytes: usize, stream: bool) -> Self {
+    pub fn chat(prompt_bytes: usize, stream: bool) -> Self {
         let mut content = String::from("Say hello to the benchmark");
         while content.len() + 6 <= prompt_bytes {
             content.push_str(" words");
@@ -71,19 +71,28 @@ impl Body {
             "messages": [{"role": "user", "content": content}]
         });
         let bytes = Bytes::from(v.to_string());
-        let digest = HeaderValue::from_str(&bulkhead_sidecar::digest::content_digest_sha256(&bytes))
-            .expect("digest header");
+        let digest =
+            HeaderValue::from_str(&bulkhead_sidecar::digest::content_digest_sha256(&bytes))
+                .expect("digest header");
         Self { bytes, digest }
     }
 }
 
-fn request(kind: Kind, addr: SocketAddr, body: &Body, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
+fn request(
+    kind: Kind,
+    addr: SocketAddr,
+    body: &Body,
+    extra: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
     let path = "/v1/chat/completions";
     let mut req = Request::new(Full::new(body.bytes.clone()));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = path.parse().expect("static path");
     let h = req.headers_mut();
-    h.insert("host", HeaderValue::from_str(&addr.to_string()).expect("addr"));
+    h.insert(
+        "host",
+        HeaderValue::from_str(&addr.to_string()).expect("addr"),
+    );
     h.insert("content-type", HeaderValue::from_static("application/json"));
     for (k, v) in extra {
         h.insert(
@@ -120,14 +129,14 @@ fn request(kind: Kind, addr: SocketAddr, body: &Body, extra: &[(&str, &str)]) ->
     req
 }
 
-struct Run {
-    ok: u64,
-    errors: u64,
-    rps: f64,
-    latencies: Vec<Duration>,
+pub struct Run {
+    pub ok: u64,
+    pub errors: u64,
+    pub rps: f64,
+    pub latencies: Vec<Duration>,
 }
 
-async fn load(
+pub async fn load(
     kind: Kind,
     addr: SocketAddr,
     body: &Body,
@@ -191,7 +200,12 @@ async fn stream_run(kind: Kind, addr: SocketAddr, n: usize) -> anyhow::Result<St
     let body = Body::chat(0, true);
     let (mut ttft, mut gaps) = (Vec::new(), Vec::new());
     for _ in 0..n {
-        let req = request(kind, addr, &body, &[("x-sim-ttft-ms", "20"), ("x-sim-itl-ms", "5")]);
+        let req = request(
+            kind,
+            addr,
+            &body,
+            &[("x-sim-ttft-ms", "20"), ("x-sim-itl-ms", "5")],
+        );
         let t0 = Instant::now();
         let resp = sender.send_request(req).await?;
         anyhow::ensure!(
@@ -251,7 +265,10 @@ fn litellm_bin(bin_dir: &Path) -> Option<std::path::PathBuf> {
     if p.exists() {
         return Some(p);
     }
-    eprintln!("bulkhead-bench: installing LiteLLM into {} (pip)", venv.display());
+    eprintln!(
+        "bulkhead-bench: installing LiteLLM into {} (pip)",
+        venv.display()
+    );
     let ok = Command::new("python3")
         .args(["-m", "venv"])
         .arg(&venv)
@@ -273,7 +290,14 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     let sim = Proc {
         name: "bulkhead-sim",
         child: Command::new(bin_dir.join("bulkhead-sim"))
-            .args(["--listen", &format!("127.0.0.1:{sim_port}"), "--tokens", "16", "--threads", "1"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{sim_port}"),
+                "--tokens",
+                "16",
+                "--threads",
+                "1",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -324,7 +348,11 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
                 .context("starting nginx")?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             let mut stop = Command::new(&bin);
-            stop.arg("-c").arg(&conf).arg("-p").arg(dir).args(["-s", "stop"]);
+            stop.arg("-c")
+                .arg(&conf)
+                .arg("-p")
+                .arg(dir)
+                .args(["-s", "stop"]);
             let p = Proc {
                 name: "nginx",
                 child,
@@ -333,7 +361,9 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             wait_port(addr, p.name)?;
             if pinned {
                 pin(p.child.id(), 1);
-                if let Ok(c) = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", p.child.id())) {
+                if let Ok(c) =
+                    std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", p.child.id()))
+                {
                     for w in c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()) {
                         pin(w, 1);
                     }
@@ -342,7 +372,9 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             Some((p, addr))
         }
         (false, None) => {
-            eprintln!("nginx not found (Debian: apt-get install nginx-light); skipping the nginx baseline");
+            eprintln!(
+                "nginx not found (Debian: apt-get install nginx-light); skipping the nginx baseline"
+            );
             None
         }
         (true, _) => None,
@@ -355,7 +387,14 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
                 let child = Command::new(&bin)
                     .args(["--model", "openai/bulkhead-sim", "--api_base"])
                     .arg(format!("http://127.0.0.1:{sim_port}/v1"))
-                    .args(["--port", &port.to_string(), "--host", "127.0.0.1", "--num_workers", "1"])
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--host",
+                        "127.0.0.1",
+                        "--num_workers",
+                        "1",
+                    ])
                     .env("LITELLM_MASTER_KEY", LITELLM_KEY)
                     .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
                     .env("OPENAI_API_KEY", "sk-unused")
@@ -404,7 +443,10 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     let duration = Duration::from_secs_f64(args.duration);
     let sizes: [(&str, usize); 2] = [("32k", 32 * 1024), ("256k", 256 * 1024)];
     let small = Body::chat(0, false);
-    let big: Vec<(&str, Body)> = sizes.iter().map(|(n, b)| (*n, Body::chat(*b, false))).collect();
+    let big: Vec<(&str, Body)> = sizes
+        .iter()
+        .map(|(n, b)| (*n, Body::chat(*b, false)))
+        .collect();
     println!(
         "bulkhead-bench: {} trials, {} s per run, {} connections; {}; load average at start {}",
         args.trials,
@@ -429,13 +471,21 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             order.rotate_left(trial % targets.len());
             for (k, a, pid) in &order {
                 let (k, a, pid) = (*k, *a, *pid);
-                let conns = if k == Kind::Litellm { args.connections.min(32) } else { args.connections };
+                let conns = if k == Kind::Litellm {
+                    args.connections.min(32)
+                } else {
+                    args.connections
+                };
                 let (cpu0, _) = proc_stats(pid);
                 let r = load(k, a, &small, conns, duration, args.max_requests).await?;
                 let (cpu1, _) = proc_stats(pid);
                 put(k, "rps", r.rps);
                 put(k, "errors", r.errors as f64);
-                put(k, "cpu_us_per_req", (cpu1 - cpu0) / r.ok.max(1) as f64 * 1e6);
+                put(
+                    k,
+                    "cpu_us_per_req",
+                    (cpu1 - cpu0) / r.ok.max(1) as f64 * 1e6,
+                );
                 put(k, "cpu_s", cpu1 - cpu0);
                 let r1 = load(k, a, &small, 1, duration, args.max_requests).await?;
                 put(k, "p50_us", pct(&r1.latencies, 0.5).as_secs_f64() * 1e6);
@@ -445,27 +495,51 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
                 }
                 let s = stream_run(k, a, args.stream_requests).await?;
                 put(k, "ttft_p50_us", pct(&s.ttft, 0.5).as_secs_f64() * 1e6);
-                let mean_gap = s.gaps.iter().sum::<Duration>().as_secs_f64() / s.gaps.len().max(1) as f64;
+                let mean_gap =
+                    s.gaps.iter().sum::<Duration>().as_secs_f64() / s.gaps.len().max(1) as f64;
                 put(k, "itl_mean_us", mean_gap * 1e6);
-                let clumped = s.gaps.iter().filter(|g| **g < Duration::from_millis(1)).count();
-                put(k, "clumped_share", clumped as f64 / s.gaps.len().max(1) as f64);
+                let clumped = s
+                    .gaps
+                    .iter()
+                    .filter(|g| **g < Duration::from_millis(1))
+                    .count();
+                put(
+                    k,
+                    "clumped_share",
+                    clumped as f64 / s.gaps.len().max(1) as f64,
+                );
                 for (name, body) in &big {
                     let (cpu0, _) = proc_stats(pid);
                     let r = load(k, a, body, conns, duration, args.max_requests).await?;
                     let (cpu1, _) = proc_stats(pid);
                     put(k, &format!("rps_{name}"), r.rps);
                     put(k, &format!("errors_{name}"), r.errors as f64);
-                    put(k, &format!("cpu_us_per_req_{name}"), (cpu1 - cpu0) / r.ok.max(1) as f64 * 1e6);
+                    put(
+                        k,
+                        &format!("cpu_us_per_req_{name}"),
+                        (cpu1 - cpu0) / r.ok.max(1) as f64 * 1e6,
+                    );
                     let r1 = load(k, a, body, 1, duration / 2, args.max_requests).await?;
-                    put(k, &format!("p99_us_{name}"), pct(&r1.latencies, 0.99).as_secs_f64() * 1e6);
+                    put(
+                        k,
+                        &format!("p99_us_{name}"),
+                        pct(&r1.latencies, 0.99).as_secs_f64() * 1e6,
+                    );
                 }
-                eprintln!("trial {trial}: {} done (load average {})", k.name(), load_average());
+                eprintln!(
+                    "trial {trial}: {} done (load average {})",
+                    k.name(),
+                    load_average()
+                );
             }
         }
         anyhow::Ok(())
     })?;
     let (_, rss_kib) = proc_stats(sidecar.child.id());
-    let med = |k: Kind, name: &str| m.get(&(k, name.to_string())).map_or(f64::NAN, |v| median(v.clone()));
+    let med = |k: Kind, name: &str| {
+        m.get(&(k, name.to_string()))
+            .map_or(f64::NAN, |v| median(v.clone()))
+    };
 
     let mut report = serde_json::Map::new();
     report.insert("trials".into(), args.trials.into());
@@ -477,7 +551,10 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         report.insert(format!("{}_{name}", k.name()), median(v.clone()).into());
         report.insert(format!("{}_{name}_trials", k.name()), serde_json::json!(v));
     }
-    report.insert("sidecar_peak_rss_mib".into(), (rss_kib as f64 / 1024.0).into());
+    report.insert(
+        "sidecar_peak_rss_mib".into(),
+        (rss_kib as f64 / 1024.0).into(),
+    );
 
     println!("\nmedians of {} trials:", args.trials);
     for (k, ..) in &targets {
@@ -506,11 +583,19 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         let n = Kind::Nginx;
         let ratio = med(s, "rps") / med(n, "rps");
         report.insert("sidecar_vs_nginx".into(), ratio.into());
-        goals.push((format!("throughput vs nginx {ratio:.2}x"), ">= 1.0x".into(), ratio >= 1.0));
+        goals.push((
+            format!("throughput vs nginx {ratio:.2}x"),
+            ">= 1.0x".into(),
+            ratio >= 1.0,
+        ));
         for size in ["32k", "256k"] {
             let r = med(s, &format!("rps_{size}")) / med(n, &format!("rps_{size}"));
             report.insert(format!("sidecar_vs_nginx_{size}"), r.into());
-            goals.push((format!("{size} prompts: throughput vs nginx {r:.2}x"), ">= 0.9x".into(), r >= 0.9));
+            goals.push((
+                format!("{size} prompts: throughput vs nginx {r:.2}x"),
+                ">= 0.9x".into(),
+                r >= 0.9,
+            ));
         }
         println!(
             "   nginx: added p99 {:.0} us, added TTFT p50 {:.0} us",
@@ -519,23 +604,46 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         );
     }
     let cpu = med(s, "cpu_us_per_req");
-    goals.push((format!("CPU per request {cpu:.1} us"), "<= 25 us".into(), cpu <= 25.0));
+    goals.push((
+        format!("CPU per request {cpu:.1} us"),
+        "<= 25 us".into(),
+        cpu <= 25.0,
+    ));
     let p99 = added(s, "p99_us");
-    goals.push((format!("added p99 at 1 connection {p99:.0} us"), "<= 150 us".into(), p99 <= 150.0));
+    goals.push((
+        format!("added p99 at 1 connection {p99:.0} us"),
+        "<= 150 us".into(),
+        p99 <= 150.0,
+    ));
     let ttft = added(s, "ttft_p50_us");
-    goals.push((format!("added TTFT p50 {ttft:.0} us"), "<= 300 us".into(), ttft <= 300.0));
+    goals.push((
+        format!("added TTFT p50 {ttft:.0} us"),
+        "<= 300 us".into(),
+        ttft <= 300.0,
+    ));
     let clump = med(s, "clumped_share") - med(d, "clumped_share");
     goals.push((
-        format!("chunk clumping (share of gaps < 1 ms, over direct) {:.1} %", clump * 100.0),
+        format!(
+            "chunk clumping (share of gaps < 1 ms, over direct) {:.1} %",
+            clump * 100.0
+        ),
         "none (<= 1 %)".into(),
         clump <= 0.01,
     ));
     let rss = rss_kib as f64 / 1024.0;
-    goals.push((format!("peak RSS {rss:.1} MiB"), "<= 20 MiB".into(), rss <= 20.0));
+    goals.push((
+        format!("peak RSS {rss:.1} MiB"),
+        "<= 20 MiB".into(),
+        rss <= 20.0,
+    ));
     for size in ["32k", "256k"] {
         let a = added(s, &format!("p99_us_{size}"));
         report.insert(format!("sidecar_added_p99_us_{size}"), a.into());
-        goals.push((format!("{size} prompts: added p99 {a:.0} us"), "<= 500 us".into(), a <= 500.0));
+        goals.push((
+            format!("{size} prompts: added p99 {a:.0} us"),
+            "<= 500 us".into(),
+            a <= 500.0,
+        ));
     }
     let c0 = med(s, "cpu_us_per_req");
     let c32 = med(s, "cpu_us_per_req_32k");
@@ -555,23 +663,36 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         let r = per_core(s) / per_core(l);
         report.insert("sidecar_vs_litellm_per_core".into(), r.into());
         goals.push((
-            format!("requests/s per core vs LiteLLM {r:.0}x ({:.0} vs {:.0})", per_core(s), per_core(l)),
+            format!(
+                "requests/s per core vs LiteLLM {r:.0}x ({:.0} vs {:.0})",
+                per_core(s),
+                per_core(l)
+            ),
             ">= 300x".into(),
             r >= 300.0,
         ));
     } else {
-        goals.push(("LiteLLM: not measured (--peers litellm)".into(), ">= 300x".into(), false));
+        goals.push((
+            "LiteLLM: not measured (--peers litellm)".into(),
+            ">= 300x".into(),
+            false,
+        ));
     }
     println!("\nsidecar against the goals (every feature on):");
     for (what, goal, met) in &goals {
-        println!("  [{}] {what} (goal {goal})", if *met { "met" } else { "NOT met" });
+        println!(
+            "  [{}] {what} (goal {goal})",
+            if *met { "met" } else { "NOT met" }
+        );
     }
     report.insert(
         "goals".into(),
-        serde_json::json!(goals
-            .iter()
-            .map(|(w, g, met)| serde_json::json!({"figure": w, "goal": g, "met": met}))
-            .collect::<Vec<_>>()),
+        serde_json::json!(
+            goals
+                .iter()
+                .map(|(w, g, met)| serde_json::json!({"figure": w, "goal": g, "met": met}))
+                .collect::<Vec<_>>()
+        ),
     );
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;

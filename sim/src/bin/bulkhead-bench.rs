@@ -9,6 +9,8 @@
 
 #[path = "../bench_fairness.rs"]
 mod fairness;
+#[path = "../bench_proxy.rs"]
+mod proxy;
 #[path = "../bench_scan.rs"]
 mod scan;
 
@@ -48,6 +50,16 @@ struct Args {
     /// Skip nginx even when installed.
     #[arg(long)]
     no_nginx: bool,
+    /// Trials per target (interleaved); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    trials: usize,
+    /// Do not pin the load generator and the simulator to CPU 0 and the proxy to CPU 1.
+    #[arg(long)]
+    no_pin: bool,
+    /// Peer gateways to measure too: `litellm` (found on PATH or installed into
+    /// target/litellm-venv with pip).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
     /// Write the figures as JSON here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -68,8 +80,6 @@ struct Args {
 }
 
 const KEY: &[u8] = b"bench-gateway-secret-0123456789ab";
-const BODY: &str = r#"{"model":"bulkhead-sim","max_tokens":16,"messages":[{"role":"user","content":"Say hello to the benchmark"}]}"#;
-const STREAM_BODY: &str = r#"{"model":"bulkhead-sim","max_tokens":32,"stream":true,"messages":[{"role":"user","content":"Stream to the benchmark"}]}"#;
 
 struct Proc {
     name: &'static str,
@@ -144,123 +154,10 @@ fn proc_stats(pid: u32) -> (f64, u64) {
     (cpu, rss)
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Target {
-    Direct,
-    Nginx,
-    Sidecar,
-}
-
-impl Target {
-    fn name(self) -> &'static str {
-        match self {
-            Target::Direct => "direct",
-            Target::Nginx => "nginx",
-            Target::Sidecar => "sidecar",
-        }
-    }
-}
-
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
-}
-
-fn make_request(
-    target: Target,
-    addr: SocketAddr,
-    body: &'static str,
-    extra: &[(&str, &str)],
-) -> Request<Full<Bytes>> {
-    let path = "/v1/chat/completions";
-    let mut req = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *req.method_mut() = Method::POST;
-    *req.uri_mut() = path.parse().expect("static path");
-    let h = req.headers_mut();
-    h.insert(
-        "host",
-        HeaderValue::from_str(&addr.to_string()).expect("addr"),
-    );
-    h.insert("content-type", HeaderValue::from_static("application/json"));
-    for (k, v) in extra {
-        h.insert(
-            http::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
-            HeaderValue::from_str(v).expect("header value"),
-        );
-    }
-    if target == Target::Sidecar {
-        h.insert(TENANT_HEADER, HeaderValue::from_static("bench"));
-        let uri: http::Uri = path.parse().expect("static path");
-        sign_request(
-            &Method::POST,
-            &uri,
-            h,
-            body.as_bytes(),
-            KEY,
-            &SignOptions::new("gw", now()),
-        )
-        .expect("signing");
-    }
-    req
-}
-
-struct LoadResult {
-    ok: u64,
-    errors: u64,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-async fn load(
-    target: Target,
-    addr: SocketAddr,
-    conns: usize,
-    duration: Duration,
-    max: u64,
-) -> anyhow::Result<LoadResult> {
-    let issued = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let end = start + duration;
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let issued = issued.clone();
-        let errors = errors.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            while Instant::now() < end && issued.fetch_add(1, Ordering::Relaxed) < max {
-                let req = make_request(target, addr, BODY, &[]);
-                let t0 = Instant::now();
-                let resp = sender.send_request(req).await?;
-                let ok = resp.status().is_success();
-                resp.into_body().collect().await?;
-                if ok {
-                    lat.push(t0.elapsed());
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await??);
-    }
-    let elapsed = start.elapsed();
-    latencies.sort();
-    Ok(LoadResult {
-        ok: latencies.len() as u64,
-        errors: errors.load(Ordering::Relaxed),
-        elapsed,
-        latencies,
-    })
 }
 
 fn pct(v: &[Duration], p: f64) -> Duration {
@@ -269,53 +166,6 @@ fn pct(v: &[Duration], p: f64) -> Duration {
     }
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i.min(v.len() - 1)]
-}
-
-struct StreamResult {
-    ttft: Vec<Duration>,
-    itl: Vec<Duration>,
-}
-
-async fn stream_run(target: Target, addr: SocketAddr, n: usize) -> anyhow::Result<StreamResult> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut ttft = Vec::new();
-    let mut itl = Vec::new();
-    for _ in 0..n {
-        let req = make_request(
-            target,
-            addr,
-            STREAM_BODY,
-            &[("x-sim-ttft-ms", "20"), ("x-sim-itl-ms", "5")],
-        );
-        let t0 = Instant::now();
-        let resp = sender.send_request(req).await?;
-        if !resp.status().is_success() {
-            bail!(
-                "{}: streaming request answered {}",
-                target.name(),
-                resp.status()
-            );
-        }
-        let mut body = resp.into_body();
-        let mut last: Option<Instant> = None;
-        while let Some(f) = body.frame().await {
-            let f = f?;
-            if f.data_ref().is_some_and(|d| !d.is_empty()) {
-                let t = Instant::now();
-                match last {
-                    None => ttft.push(t - t0),
-                    Some(l) => itl.push(t - l),
-                }
-                last = Some(t);
-            }
-        }
-    }
-    ttft.sort();
-    itl.sort();
-    Ok(StreamResult { ttft, itl })
 }
 
 fn write_sidecar_config(dir: &Path, port: u16, admin: u16, sim: u16) -> anyhow::Result<PathBuf> {
@@ -378,6 +228,10 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     keepalive_requests 1000000;
+    # Request bodies up to 8 MiB, kept in memory (as the sidecar does), streamed upstream.
+    client_max_body_size 8m;
+    client_body_buffer_size 1m;
+    proxy_request_buffering off;
     upstream sim {{ server 127.0.0.1:{sim}; keepalive 128; }}
     server {{
         listen 127.0.0.1:{port};
@@ -723,173 +577,7 @@ fn main() -> anyhow::Result<()> {
         return r;
     }
 
-    let sim_port = free_port()?;
-    let sim = Proc {
-        name: "bulkhead-sim",
-        child: Command::new(bin_dir.join("bulkhead-sim"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{sim_port}"),
-                "--tokens",
-                "16",
-                "--threads",
-                "1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
-        stop: None,
-    };
-    let sim_addr: SocketAddr = ([127, 0, 0, 1], sim_port).into();
-    wait_port(sim_addr, sim.name)?;
-
-    let (sc_port, sc_admin) = (free_port()?, free_port()?);
-    let cfg = write_sidecar_config(&dir, sc_port, sc_admin, sim_port)?;
-    let sidecar = Proc {
-        name: "bulkhead-sidecar",
-        child: Command::new(bin_dir.join("bulkhead-sidecar"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sidecar").display()))?,
-        stop: None,
-    };
-    let sc_addr: SocketAddr = ([127, 0, 0, 1], sc_port).into();
-    wait_port(sc_addr, sidecar.name)?;
-
-    let nginx = match (args.no_nginx, which("nginx")) {
-        (false, Some(bin)) => {
-            let port = free_port()?;
-            let conf = write_nginx_config(&dir, port, sim_port)?;
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-p")
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting nginx")?;
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let mut stop = Command::new(&bin);
-            stop.arg("-c")
-                .arg(&conf)
-                .arg("-p")
-                .arg(&dir)
-                .args(["-s", "stop"]);
-            let p = Proc {
-                name: "nginx",
-                child,
-                stop: Some(stop),
-            };
-            wait_port(addr, p.name)?;
-            Some((p, addr))
-        }
-        (false, None) => {
-            eprintln!(
-                "nginx not found (Debian: apt-get install nginx); skipping the nginx baseline"
-            );
-            None
-        }
-        (true, _) => None,
-    };
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let duration = Duration::from_secs_f64(args.duration);
-    let mut targets = vec![(Target::Direct, sim_addr, sim.child.id())];
-    if let Some((p, a)) = &nginx {
-        targets.push((Target::Nginx, *a, p.child.id()));
-    }
-    targets.push((Target::Sidecar, sc_addr, sidecar.child.id()));
-
-    let mut report = serde_json::Map::new();
-    report.insert("connections".into(), args.connections.into());
-    report.insert("duration_s".into(), args.duration.into());
-    println!(
-        "bulkhead-bench: {} s per run, {} connections for throughput",
-        args.duration, args.connections
-    );
-    let mut rps = std::collections::HashMap::new();
-    let mut p1 = std::collections::HashMap::new();
-    rt.block_on(async {
-        // Warm up every path (connections, pools, caches).
-        for (t, a, _) in &targets {
-            load(*t, *a, 4, Duration::from_millis(500), 2000).await?;
-        }
-        for (t, a, pid) in &targets {
-            let (cpu0, _) = proc_stats(*pid);
-            let r = load(*t, *a, args.connections, duration, args.max_requests).await?;
-            let (cpu1, rss) = proc_stats(*pid);
-            let rate = r.ok as f64 / r.elapsed.as_secs_f64();
-            let cpu_us = (cpu1 - cpu0) / r.ok.max(1) as f64 * 1e6;
-            println!(
-                "{:>8}: {:>9.0} req/s at {} conns ({} errors), p50 {:?} p99 {:?}, proxy CPU {:.1} us/req, peak RSS {:.1} MiB",
-                t.name(), rate, args.connections, r.errors, pct(&r.latencies, 0.5), pct(&r.latencies, 0.99), cpu_us, rss as f64 / 1024.0
-            );
-            rps.insert(t.name(), rate);
-            report.insert(format!("{}_rps", t.name()), rate.into());
-            report.insert(format!("{}_errors", t.name()), r.errors.into());
-            if *t != Target::Direct {
-                report.insert(format!("{}_cpu_us_per_req", t.name()), cpu_us.into());
-            }
-        }
-        for (t, a, _) in &targets {
-            let r = load(*t, *a, 1, duration, args.max_requests).await?;
-            let (a50, a99) = (pct(&r.latencies, 0.5), pct(&r.latencies, 0.99));
-            println!("{:>8}: 1 conn p50 {:?} p99 {:?} ({} requests)", t.name(), a50, a99, r.ok);
-            p1.insert(t.name(), (a50, a99));
-        }
-        let mut streams = std::collections::HashMap::new();
-        for (t, a, _) in &targets {
-            let s = stream_run(*t, *a, args.stream_requests).await?;
-            let mean_itl = s.itl.iter().sum::<Duration>() / s.itl.len().max(1) as u32;
-            println!(
-                "{:>8}: stream TTFT p50 {:?} p99 {:?}, inter-token mean {:?} p99 {:?}",
-                t.name(), pct(&s.ttft, 0.5), pct(&s.ttft, 0.99), mean_itl, pct(&s.itl, 0.99)
-            );
-            streams.insert(t.name(), (pct(&s.ttft, 0.5), mean_itl));
-        }
-        let us = |d: f64| d * 1e6;
-        let (d50, d99) = p1["direct"];
-        for name in ["nginx", "sidecar"] {
-            if let Some((x50, x99)) = p1.get(name) {
-                let add50 = us(x50.as_secs_f64() - d50.as_secs_f64());
-                let add99 = us(x99.as_secs_f64() - d99.as_secs_f64());
-                let (tt, it) = streams[name];
-                let (dt, di) = streams["direct"];
-                let add_ttft = us(tt.as_secs_f64() - dt.as_secs_f64());
-                let add_itl = us(it.as_secs_f64() - di.as_secs_f64());
-                println!(
-                    "{name:>8}: added latency p50 {add50:.0} us, p99 {add99:.0} us; added TTFT p50 {add_ttft:.0} us; added inter-token {add_itl:.0} us"
-                );
-                report.insert(format!("{name}_added_p50_us"), add50.into());
-                report.insert(format!("{name}_added_p99_us"), add99.into());
-                report.insert(format!("{name}_added_ttft_p50_us"), add_ttft.into());
-                report.insert(format!("{name}_added_itl_mean_us"), add_itl.into());
-            }
-        }
-        anyhow::Ok(())
-    })?;
-    let (_, rss) = proc_stats(sidecar.child.id());
-    report.insert("sidecar_peak_rss_mib".into(), (rss as f64 / 1024.0).into());
-    println!("sidecar peak RSS: {:.1} MiB", rss as f64 / 1024.0);
-    if let Some(n) = rps.get("nginx") {
-        let ratio = rps["sidecar"] / n;
-        println!("sidecar / nginx throughput: {ratio:.2}x (goal >= 0.5x)");
-        report.insert("sidecar_vs_nginx".into(), ratio.into());
-    }
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
-    }
-    drop(nginx);
-    drop(sidecar);
-    drop(sim);
+    let r = proxy::run(&args, &bin_dir, &dir);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    r
 }
