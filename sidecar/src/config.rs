@@ -1,9 +1,11 @@
 //! The sidecar's TOML configuration: parsing, validation (errors name the field) and key loading.
 
+use crate::scope::{Scope, ScopeConfig};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The example configuration shipped with the crate (used by the demo and `check-config`).
@@ -560,6 +562,9 @@ pub struct KeyConfig {
     pub encoding: String,
     /// Tenants this key may assert; `*` for a gateway key.
     pub tenants: Vec<String>,
+    /// What requests signed with this key may ask for (`[keys.scope]`); everything when absent.
+    #[serde(default)]
+    pub scope: ScopeConfig,
 }
 fn default_encoding() -> String {
     "base64".into()
@@ -571,6 +576,7 @@ pub struct LoadedKey {
     pub id: String,
     pub secrets: Vec<Vec<u8>>,
     pub tenants: TenantBinding,
+    pub scope: Arc<Scope>,
 }
 
 impl std::fmt::Debug for LoadedKey {
@@ -582,6 +588,7 @@ impl std::fmt::Debug for LoadedKey {
                 &format_args!("<{} redacted>", self.secrets.len()),
             )
             .field("tenants", &self.tenants)
+            .field("scope", &self.scope)
             .finish()
     }
 }
@@ -846,6 +853,17 @@ impl Config {
                     return Err(invalid(f("tenants"), format!("unknown tenant {t:?}")));
                 }
             }
+            Scope::from_config(&k.scope)
+                .map_err(|e| invalid(f(&format!("scope.{}", e.field)), e.message))?;
+            // Entries sharing an id are one key: they must not disagree on its scope.
+            if let Some(first) = self.keys[..i].iter().find(|o| o.id == k.id)
+                && first.scope != k.scope
+            {
+                return Err(invalid(
+                    f("scope"),
+                    format!("differs from an earlier entry with id {:?}", k.id),
+                ));
+            }
         }
         Ok(())
     }
@@ -933,10 +951,13 @@ impl Config {
             } else {
                 TenantBinding::Only(k.tenants.iter().cloned().collect())
             };
+            let scope = Scope::from_config(&k.scope)
+                .map_err(|e| invalid(format!("keys[{i}].scope.{}", e.field), e.message))?;
             out.push(LoadedKey {
                 id: k.id.clone(),
                 secrets,
                 tenants,
+                scope: Arc::new(scope),
             });
         }
         Ok(out)

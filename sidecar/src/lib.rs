@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod runtime;
+pub mod scope;
 pub mod server;
 pub mod signature;
 pub mod tagging;

@@ -3,6 +3,7 @@
 
 use crate::config::LoadedKey;
 use crate::digest;
+use crate::scope::Scope;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
@@ -510,6 +511,8 @@ pub struct Verified {
     pub key_id: String,
     /// Lowercase header names covered by the signature.
     pub covered_headers: HashSet<String>,
+    /// What the key may ask for.
+    pub scope: Arc<Scope>,
 }
 
 /// What the head of a request proved; the body is checked by [`PendingAuth::finish`].
@@ -527,6 +530,7 @@ pub struct PendingAuth {
     forget_at: i64,
     /// The signed `Content-Digest` value, when the signature covers it.
     content_digest: Option<String>,
+    scope: Arc<Scope>,
 }
 
 impl PendingAuth {
@@ -536,6 +540,11 @@ impl PendingAuth {
 
     pub fn key_id(&self) -> &str {
         &self.key_id
+    }
+
+    /// What the key that signed the request may ask for.
+    pub fn scope(&self) -> &Arc<Scope> {
+        &self.scope
     }
 
     /// Lowercase header names covered by the signature.
@@ -578,6 +587,7 @@ impl PendingAuth {
             tenant: self.tenant,
             key_id: self.key_id,
             covered_headers: self.covered_headers,
+            scope: self.scope,
         })
     }
 }
@@ -762,6 +772,7 @@ impl Verifier {
             expires: p.expires,
             forget_at,
             content_digest,
+            scope: key.scope.clone(),
         })
     }
 
@@ -988,6 +999,7 @@ mod tests {
             id: "gw".into(),
             secrets: vec![b"0123456789abcdef0123456789abcdef".to_vec()],
             tenants,
+            scope: Default::default(),
         };
         Verifier::new(
             "bulkhead".into(),
@@ -1131,6 +1143,7 @@ mod tests {
                 id: id.to_string(),
                 secrets: vec![format!("secret-of-{id}-0123456789abcdef").into_bytes()],
                 tenants: TenantBinding::Any,
+                scope: Default::default(),
             })
             .collect();
         (

@@ -24,6 +24,7 @@ pub use routes::{Api, ROUTES, Route, classify};
 use crate::http_util::ProxyBody;
 use crate::kv::KvCharge;
 use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
+use crate::scope::Scope;
 use crate::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
 use bytes::{Bytes, BytesMut};
 use exchange::{BodyBytes, End, Exchange, Held};
@@ -100,7 +101,8 @@ async fn proxy(
     let route = classify(req.method(), req.uri().path())?;
     let (parts, body) = req.into_parts();
     let (pending, tenant) = authenticate(ex, &rt, &parts)?;
-    check_route(route, &tenant)?;
+    let scope = pending.scope().clone();
+    check_route(route, parts.uri.path(), &tenant, &scope)?;
     let body = read_body(ex, &rt, &parts, body).await?;
     let verified = pending
         .finish(&rt.verifier, &body, unix_now())
@@ -111,7 +113,7 @@ async fn proxy(
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
-    let info = inspect_body(ex, route, &tenant, &parts, body)?;
+    let info = inspect_body(ex, route, &tenant, &scope, &parts, body)?;
     admit(ex, &tenant, &info)?;
     tag_client(ex, conn, &tenant).await;
     let (permit, gate) = wait_turn(ex, &tenant, &rt).await?;
@@ -158,8 +160,29 @@ fn authenticate(
     Ok((pending, tenant))
 }
 
-/// Phase: the route's policy for this tenant.
-fn check_route(route: Route, tenant: &TenantRuntime) -> Result<(), Refusal> {
+/// Phase: the route's policy for this tenant, and the credential's route scope.
+fn check_route(
+    route: Route,
+    path: &str,
+    tenant: &TenantRuntime,
+    scope: &Scope,
+) -> Result<(), Refusal> {
+    check_route_policy(route, tenant)?;
+    if !scope.routes.allows(path) {
+        return Err(Refusal::denied("route", path));
+    }
+    // An unknown route is forwarded opaque: nothing in its body could be held to the scope.
+    if route == Route::Unknown && scope.limits_body() {
+        return Err(Refusal::permission(format!(
+            "route {} is not inspected, so a credential limited to models, tools or \
+             max_tokens cannot use it",
+            crate::scope::quoted(path)
+        )));
+    }
+    Ok(())
+}
+
+fn check_route_policy(route: Route, tenant: &TenantRuntime) -> Result<(), Refusal> {
     match route {
         Route::Admin => Err(Refusal::new(
             StatusCode::FORBIDDEN,
@@ -291,6 +314,7 @@ fn inspect_body(
     ex: &mut Exchange,
     route: Route,
     tenant: &TenantRuntime,
+    scope: &Scope,
     parts: &Parts,
     body: Bytes,
 ) -> Result<Inspected, Refusal> {
@@ -308,6 +332,7 @@ fn inspect_body(
         let policy = Policy {
             default_max_tokens: tenant.default_max_tokens,
             salt: tenant.salt.as_deref(),
+            scope: Some(scope),
         };
         inspect(route, &body, policy)?
     } else if route == Route::Models {
