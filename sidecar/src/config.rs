@@ -296,6 +296,14 @@ pub struct AuthConfig {
     /// Nonces remembered at most (fail closed with 503 when full of live nonces).
     #[serde(default = "default_replay_capacity")]
     pub replay_cache_capacity: usize,
+    /// Routes that accept an RFC 9421 signature (`*`, paths, or `/v1/.../*` prefixes).
+    #[serde(default = "all_routes")]
+    pub hmac_routes: Vec<String>,
+    /// Forward the client's `Authorization` header to the upstream (off: it is removed).
+    #[serde(default)]
+    pub forward_authorization: bool,
+    /// Tenants from JWTs (`Authorization: Bearer`); off when absent.
+    pub jwt: Option<JwtConfig>,
 }
 impl Default for AuthConfig {
     fn default() -> Self {
@@ -303,8 +311,86 @@ impl Default for AuthConfig {
             label: default_label(),
             max_skew_secs: default_skew(),
             replay_cache_capacity: default_replay_capacity(),
+            hmac_routes: all_routes(),
+            forward_authorization: false,
+            jwt: None,
         }
     }
+}
+fn all_routes() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// `[auth.jwt]`: bearer tokens signed by an identity provider.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Accepted `iss` values (exact match).
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values; a token must name at least one.
+    pub audiences: Vec<String>,
+    /// A JWKS file (reloaded with the configuration: on change and on SIGHUP).
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (`http://` only), fetched at start and every `jwks_refresh_ms`.
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh_ms")]
+    pub jwks_refresh_ms: u64,
+    /// Fetches at most this often (an unknown `kid` asks for an early one; after a failed
+    /// fetch the next is this long after).
+    #[serde(default = "default_jwks_min_refresh_ms")]
+    pub jwks_min_refresh_ms: u64,
+    #[serde(default = "default_jwks_timeout_ms")]
+    pub jwks_timeout_ms: u64,
+    #[serde(default = "default_jwks_max_bytes")]
+    pub jwks_max_bytes: usize,
+    /// Accepted algorithms: any of `RS256`, `ES256`, `EdDSA`.
+    #[serde(default = "default_jwt_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Allowed clock skew for `exp`, `nbf` and `iat`, in seconds.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway_secs: u64,
+    /// Longer tokens are refused.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// The claim naming the tenant: a name, or a dotted path into nested objects.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// A claim naming the token's tier (a key of `tiers`), whose scope the token gets.
+    pub tier_claim: Option<String>,
+    /// The tier of a token without the tier claim; without it such tokens are refused.
+    pub default_tier: Option<String>,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, ScopeConfig>,
+    /// A claim holding a scope object (`models`, `routes`, `tools`, `max_tokens`) that
+    /// narrows the tier's.
+    pub scope_claim: Option<String>,
+    /// Routes that accept a JWT.
+    #[serde(default = "all_routes")]
+    pub routes: Vec<String>,
+}
+fn default_jwks_refresh_ms() -> u64 {
+    300_000
+}
+fn default_jwks_min_refresh_ms() -> u64 {
+    10_000
+}
+fn default_jwks_timeout_ms() -> u64 {
+    2000
+}
+fn default_jwks_max_bytes() -> usize {
+    256 * 1024
+}
+fn default_jwt_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
+}
+fn default_jwt_leeway() -> u64 {
+    30
+}
+fn default_max_token_bytes() -> usize {
+    8192
+}
+fn default_tenant_claim() -> String {
+    "tenant_id".into()
 }
 fn default_label() -> String {
     "bulkhead".into()
@@ -831,8 +917,16 @@ impl Config {
         if self.agent.kv_report_interval_ms < 100 {
             return Err(invalid("agent.kv_report_interval_ms", "must be >= 100"));
         }
-        if self.keys.is_empty() {
-            return Err(invalid("keys", "at least one key is required"));
+        if self.keys.is_empty() && self.auth.jwt.is_none() {
+            return Err(invalid(
+                "keys",
+                "at least one key is required (or configure [auth.jwt])",
+            ));
+        }
+        crate::scope::Routes::parse(&self.auth.hmac_routes)
+            .map_err(|m| invalid("auth.hmac_routes", m))?;
+        if let Some(j) = &self.auth.jwt {
+            self.validate_jwt(j)?;
         }
         for (i, k) in self.keys.iter().enumerate() {
             let f = |x: &str| format!("keys[{i}].{x}");
@@ -866,6 +960,105 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_jwt(&self, j: &JwtConfig) -> Result<(), ConfigError> {
+        let f = |k: &str| format!("auth.jwt.{k}");
+        let strings = |k: &str, list: &[String]| -> Result<(), ConfigError> {
+            if list.is_empty() || list.len() > 64 {
+                return Err(invalid(f(k), "list 1-64 values"));
+            }
+            if list.iter().any(|s| s.is_empty() || s.len() > 1024) {
+                return Err(invalid(f(k), "values must be 1-1024 bytes"));
+            }
+            Ok(())
+        };
+        strings("issuers", &j.issuers)?;
+        strings("audiences", &j.audiences)?;
+        strings("algorithms", &j.algorithms)?;
+        if let Some(a) = j
+            .algorithms
+            .iter()
+            .find(|a| crate::jwt::Alg::parse(a).is_none())
+        {
+            return Err(invalid(
+                f("algorithms"),
+                format!("{a:?} is not one of \"RS256\", \"ES256\", \"EdDSA\""),
+            ));
+        }
+        if j.jwks_file.is_none() && j.jwks_url.is_none() {
+            return Err(invalid(f("jwks_file"), "set jwks_file, jwks_url or both"));
+        }
+        if let Some(u) = &j.jwks_url {
+            let uri: http::Uri = u
+                .parse()
+                .map_err(|e| invalid(f("jwks_url"), format!("not a URL: {e}")))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(invalid(
+                    f("jwks_url"),
+                    "only http:// URLs are supported (no TLS stack): use the IdP's in-cluster \
+                     service address, or a jwks_file kept up to date",
+                ));
+            }
+        }
+        for (k, v, lo, hi) in [
+            ("jwks_refresh_ms", j.jwks_refresh_ms, 1000, 86_400_000),
+            ("jwks_min_refresh_ms", j.jwks_min_refresh_ms, 100, 3_600_000),
+            ("jwks_timeout_ms", j.jwks_timeout_ms, 1, 60_000),
+            ("jwks_max_bytes", j.jwks_max_bytes as u64, 1024, 16 << 20),
+            ("leeway_secs", j.leeway_secs, 0, 3600),
+            ("max_token_bytes", j.max_token_bytes as u64, 256, 65_536),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(invalid(f(k), format!("must be within {lo}..={hi}")));
+            }
+        }
+        for (k, v) in [
+            ("tenant_claim", Some(&j.tenant_claim)),
+            ("tier_claim", j.tier_claim.as_ref()),
+            ("scope_claim", j.scope_claim.as_ref()),
+        ] {
+            if let Some(v) = v
+                && (v.is_empty() || v.len() > 256)
+            {
+                return Err(invalid(f(k), "must be 1-256 bytes"));
+            }
+        }
+        if j.tier_claim.is_none() && (!j.tiers.is_empty() || j.default_tier.is_some()) {
+            return Err(invalid(
+                f("tier_claim"),
+                "required when tiers are configured",
+            ));
+        }
+        if j.tier_claim.is_some() && j.tiers.is_empty() {
+            return Err(invalid(f("tiers"), "list at least one tier for tier_claim"));
+        }
+        if let Some(d) = &j.default_tier
+            && !j.tiers.contains_key(d)
+        {
+            return Err(invalid(
+                f("default_tier"),
+                format!("{d:?} is not in auth.jwt.tiers"),
+            ));
+        }
+        for (name, t) in &j.tiers {
+            Scope::from_config(t)
+                .map_err(|e| invalid(f(&format!("tiers.{name}.{}", e.field)), e.message))?;
+        }
+        crate::scope::Routes::parse(&j.routes).map_err(|m| invalid(f("routes"), m))?;
+        Ok(())
+    }
+
+    /// Read `auth.jwt.jwks_file` (empty without one). Called at start and on reload, so a
+    /// bad JWKS file rejects the reload.
+    pub fn load_jwks_file(&self) -> Result<crate::jwt::KeySet, ConfigError> {
+        let Some(p) = self.auth.jwt.as_ref().and_then(|j| j.jwks_file.as_ref()) else {
+            return Ok(crate::jwt::KeySet::default());
+        };
+        let field = "auth.jwt.jwks_file";
+        let raw = std::fs::read(p)
+            .map_err(|e| invalid(field, format!("cannot read {}: {e}", p.display())))?;
+        crate::jwt::KeySet::parse(&raw).map_err(|m| invalid(field, m))
     }
 
     fn validate_audit(&self) -> Result<(), ConfigError> {

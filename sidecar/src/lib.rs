@@ -11,6 +11,7 @@ pub mod config;
 pub mod digest;
 pub mod http_util;
 pub mod isolation;
+pub mod jwt;
 pub mod kv;
 pub mod limits;
 pub mod metrics;

@@ -119,6 +119,8 @@ pub struct Metrics {
     pub inflight_body_bytes: Gauge,
     /// Responses cut because the client stopped reading (`http.response_write_idle_timeout_ms`).
     pub write_timeouts: Family<TenantLabel, Counter>,
+    /// JWKS URL fetches by result (`ok`, `error`).
+    pub jwks_refreshes: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -151,6 +153,7 @@ impl Metrics {
             connections_refused: Counter::default(),
             inflight_body_bytes: Gauge::default(),
             write_timeouts: Family::default(),
+            jwks_refreshes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
@@ -288,6 +291,14 @@ impl Metrics {
             "Responses cut because the client stopped reading",
             m.write_timeouts.clone(),
         );
+        r.register(
+            "jwks_refreshes",
+            "Fetches of auth.jwt.jwks_url, by result (ok, error: the cached keys are kept)",
+            m.jwks_refreshes.clone(),
+        );
+        for result in ["ok", "error"] {
+            let _ = m.jwks_refreshes.get_or_create(&ResultLabel { result });
+        }
         for result in ["ok", "failed", "refused"] {
             let _ = m.cache_flushes.get_or_create(&ResultLabel { result });
         }

@@ -6,9 +6,11 @@
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError, Isolation, TenantConfig, UnknownRoutes};
 use crate::isolation::{CacheGate, GateSettings, derive_salt};
+use crate::jwt::{JwtVerifier, UrlKeys, UrlSettings};
 use crate::kv::KvSettings;
 use crate::limits::{LimitNumbers, SharedClock, TenantLimits};
 use crate::metrics::{Metrics, TenantMetrics};
+use crate::scope::Routes;
 use crate::signature::{ReplayCache, Verifier};
 use crate::tagging::Tagger;
 use crate::upstream::{UpstreamClient, upstream_client};
@@ -54,6 +56,10 @@ pub struct Runtime {
     pub upstream: Uri,
     /// KV-cache bytes per token from `[model]`; 0 when not configured.
     pub kv_bytes_per_token: u64,
+    /// `[auth.jwt]`, when configured.
+    pub jwt: Option<JwtVerifier>,
+    /// Routes that accept an RFC 9421 signature (`auth.hmac_routes`).
+    pub hmac_routes: Routes,
 }
 
 impl Runtime {
@@ -271,6 +277,42 @@ fn build_runtime(
         config.auth.max_skew_secs,
         replay.clone(),
     );
+    let jwt = match &config.auth.jwt {
+        Some(j) => {
+            let file_keys = config.load_jwks_file()?;
+            let url = match &j.jwks_url {
+                Some(u) => {
+                    let settings = UrlSettings {
+                        url: u.parse().map_err(|_| ConfigError::Invalid {
+                            field: "auth.jwt.jwks_url".into(),
+                            message: "not a URL".into(),
+                        })?,
+                        refresh: Duration::from_millis(j.jwks_refresh_ms),
+                        min_refresh: Duration::from_millis(j.jwks_min_refresh_ms),
+                        timeout: Duration::from_millis(j.jwks_timeout_ms),
+                        max_bytes: j.jwks_max_bytes,
+                    };
+                    // The same URL settings keep the keys fetched so far (and their task).
+                    let kept = prev
+                        .and_then(|p| p.jwt.as_ref())
+                        .and_then(JwtVerifier::url_keys)
+                        .filter(|k| *k.settings() == settings)
+                        .cloned();
+                    Some(kept.unwrap_or_else(|| {
+                        UrlKeys::start(settings, metrics.jwks_refreshes.clone())
+                    }))
+                }
+                None => None,
+            };
+            Some(JwtVerifier::new(j, file_keys, url)?)
+        }
+        None => None,
+    };
+    let hmac_routes =
+        Routes::parse(&config.auth.hmac_routes).map_err(|m| ConfigError::Invalid {
+            field: "auth.hmac_routes".into(),
+            message: m,
+        })?;
     let upstream: Uri = config
         .upstream
         .url
@@ -316,6 +358,8 @@ fn build_runtime(
         tenants,
         upstream,
         kv_bytes_per_token,
+        jwt,
+        hmac_routes,
     })
 }
 

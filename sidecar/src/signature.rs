@@ -42,6 +42,22 @@ pub enum AuthError {
     UnknownTenant,
     #[error("replay cache full, try again later")]
     ReplayCacheFull,
+    #[error("algorithm not allowed: {0}")]
+    AlgNotAllowed(String),
+    #[error("the key named by kid is not of the token's algorithm")]
+    KeyMismatch,
+    #[error("not yet valid: {0}")]
+    NotYetValid(String),
+    #[error("the token's issuer is not accepted")]
+    WrongIssuer,
+    #[error("the token's audience is not accepted")]
+    WrongAudience,
+    #[error("the token has no string claim `{0}`")]
+    ClaimMissing(String),
+    #[error("the token's tier is not configured")]
+    UnknownTier,
+    #[error("{0} credentials are not accepted on this route")]
+    MethodNotAccepted(&'static str),
 }
 
 impl AuthError {
@@ -57,11 +73,19 @@ impl AuthError {
             AuthError::DigestMismatch(_) => "digest_mismatch",
             AuthError::UnknownTenant => "unknown_tenant",
             AuthError::ReplayCacheFull => "replay_cache_full",
+            AuthError::AlgNotAllowed(_) => "alg_not_allowed",
+            AuthError::KeyMismatch => "key_mismatch",
+            AuthError::NotYetValid(_) => "not_yet_valid",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::ClaimMissing(_) => "claim_missing",
+            AuthError::UnknownTier => "unknown_tier",
+            AuthError::MethodNotAccepted(_) => "method_not_accepted",
         }
     }
 
     /// Every reason, for pre-creating metric series.
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 18] = [
         "missing",
         "malformed",
         "bad_signature",
@@ -72,6 +96,14 @@ impl AuthError {
         "digest_mismatch",
         "unknown_tenant",
         "replay_cache_full",
+        "alg_not_allowed",
+        "key_mismatch",
+        "not_yet_valid",
+        "wrong_issuer",
+        "wrong_audience",
+        "claim_missing",
+        "unknown_tier",
+        "method_not_accepted",
     ];
 }
 
