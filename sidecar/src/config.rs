@@ -58,6 +58,9 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantConfig>,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Prices per million tokens, for `bulkhead_cost_total` and the audit log's `cost`.
+    #[serde(default)]
+    pub cost: crate::cost::CostConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -914,6 +917,9 @@ impl Config {
             }
         }
         self.validate_audit()?;
+        self.cost
+            .check(&|t| self.tenants.contains_key(t))
+            .map_err(|(field, message)| invalid(field, message))?;
         if self.agent.kv_report_interval_ms < 100 {
             return Err(invalid("agent.kv_report_interval_ms", "must be >= 100"));
         }

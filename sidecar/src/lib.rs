@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod cost;
 pub mod digest;
 pub mod http_util;
 pub mod isolation;

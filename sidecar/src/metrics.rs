@@ -32,6 +32,13 @@ pub struct TenantLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantModel {
+    pub tenant: String,
+    /// A model named in the price tables, or `other`.
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantReason {
     pub tenant: String,
     pub reason: &'static str,
@@ -121,6 +128,8 @@ pub struct Metrics {
     pub write_timeouts: Family<TenantLabel, Counter>,
     /// JWKS URL fetches by result (`ok`, `error`).
     pub jwks_refreshes: Family<ResultLabel, Counter>,
+    /// What requests cost (`[cost]` prices x usage), by tenant and priced model.
+    pub cost: Family<TenantModel, crate::cost::CostCounter>,
 }
 
 impl Metrics {
@@ -154,6 +163,7 @@ impl Metrics {
             inflight_body_bytes: Gauge::default(),
             write_timeouts: Family::default(),
             jwks_refreshes: Family::default(),
+            cost: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
@@ -295,6 +305,13 @@ impl Metrics {
             "jwks_refreshes",
             "Fetches of auth.jwt.jwks_url, by result (ok, error: the cached keys are kept)",
             m.jwks_refreshes.clone(),
+        );
+        r.register(
+            "cost",
+            "What requests cost in cost.currency: usage x the [cost] price per million input, \
+             cached input and output tokens, by tenant and model (a model the price tables do \
+             not name is \"other\")",
+            m.cost.clone(),
         );
         for result in ["ok", "error"] {
             let _ = m.jwks_refreshes.get_or_create(&ResultLabel { result });

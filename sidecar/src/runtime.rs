@@ -37,6 +37,8 @@ pub struct TenantRuntime {
     pub unknown_routes: UnknownRoutes,
     pub default_max_tokens: u64,
     pub weight: u32,
+    /// The tenant's prices (`[cost]`), with their counters.
+    pub cost: crate::cost::TenantCost,
 }
 
 impl std::fmt::Debug for TenantRuntime {
@@ -396,5 +398,6 @@ fn tenant_runtime(
         unknown_routes: t.unknown_routes,
         default_max_tokens: t.default_max_tokens,
         weight: t.weight,
+        cost: crate::cost::TenantCost::new(&config.cost, name, metrics),
     }
 }

@@ -21,6 +21,8 @@ use tokio::sync::OwnedSemaphorePermit;
 pub struct Usage {
     pub prompt: u64,
     pub completion: u64,
+    /// Prompt tokens served from the prefix cache (part of `prompt`).
+    pub cached: u64,
 }
 
 impl Usage {
@@ -127,6 +129,8 @@ pub struct Exchange {
     /// authentication (replayed, expired, ...): counted per tenant, never attributed.
     pub signed_for: Option<Arc<TenantRuntime>>,
     pub key_id: Option<String>,
+    /// The request body's `model`, for its price.
+    pub model: Option<String>,
     pub stream: bool,
     pub prompt_hash: Option<String>,
     pub queue_wait: Option<Duration>,
@@ -161,6 +165,7 @@ impl Exchange {
             tenant: None,
             signed_for: None,
             key_id: None,
+            model: None,
             stream: false,
             prompt_hash: None,
             queue_wait: None,
@@ -204,6 +209,7 @@ impl Exchange {
             (self.stream && m.chunks > 0).then_some(Usage {
                 prompt: m.prompt_estimate,
                 completion: m.chunks,
+                cached: 0,
             })
         });
         match &self.end {
@@ -265,6 +271,7 @@ impl Exchange {
         };
         let m = &self.app.metrics;
         let elapsed = self.t0.elapsed();
+        let mut cost = None;
         match &self.tenant {
             Some(t) => {
                 let tm = &t.metrics;
@@ -294,6 +301,7 @@ impl Exchange {
                 if let Some(u) = usage {
                     tm.prompt_tokens.inc_by(u.prompt);
                     tm.completion_tokens.inc_by(u.completion);
+                    cost = t.cost.charge(self.model.as_deref(), u);
                 }
                 if self.forwarded {
                     tm.duration.observe(elapsed.as_secs_f64());
@@ -345,6 +353,9 @@ impl Exchange {
             ttft_ms: self.meter.ttft.map(|d| d.as_secs_f64() * 1e3),
             queue_ms: self.queue_wait.map(|d| d.as_secs_f64() * 1e3),
             prompt_hash: self.prompt_hash.take(),
+            model: self.model.take(),
+            cached_tokens: usage.map(|u| u.cached).filter(|c| *c > 0),
+            cost,
         });
     }
 }

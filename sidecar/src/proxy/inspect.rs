@@ -29,6 +29,8 @@ pub struct Inspected {
     pub prompt_hash_input: Vec<u8>,
     /// The client sent a `cache_salt` (removed or replaced).
     pub client_salt: bool,
+    /// The body's `model`, when it is a string.
+    pub model: Option<String>,
 }
 
 /// The tenant's side of inspection.
@@ -154,6 +156,7 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         check_scope(route, obj, scope)?;
     }
     let mut info = Inspected {
+        model: obj.get("model").and_then(Value::as_str).map(str::to_string),
         client_salt: obj.remove("cache_salt").is_some(),
         ..Inspected::default()
     };

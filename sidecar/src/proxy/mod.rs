@@ -382,7 +382,7 @@ fn inspect_body(
     parts: &Parts,
     body: Bytes,
 ) -> Result<Inspected, Refusal> {
-    let info = if route.inspected() {
+    let mut info = if route.inspected() {
         if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING)
             && enc.as_bytes() != b"identity"
         {
@@ -419,6 +419,7 @@ fn inspect_body(
         tenant.metrics.salt_overrides.inc();
     }
     ex.stream = info.stream;
+    ex.model = info.model.take();
     if !info.prompt_hash_input.is_empty() {
         ex.prompt_hash = Some(ex.app.audit.prompt_hash(&info.prompt_hash_input));
     }
