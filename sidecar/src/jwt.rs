@@ -30,6 +30,50 @@ pub const MAX_JWKS_KEYS: usize = 64;
 pub const MAX_JWT_DEPTH: usize = 16;
 /// Bytes of a `kid` at most.
 const MAX_KID: usize = 256;
+/// Verified tokens remembered at most (per configuration generation).
+pub const TOKEN_CACHE_ENTRIES: usize = 4096;
+
+/// A verified token, remembered by the SHA-256 of its exact bytes until it expires, so a
+/// client reusing its token is not charged a signature verification per request.
+struct CachedToken {
+    identity: JwtIdentity,
+    /// `exp` plus the leeway: refused from then on.
+    valid_until: i64,
+    /// The URL keys it was verified with: a refresh (rotation) forgets it.
+    url_keys: Option<Arc<KeySet>>,
+}
+
+#[derive(Default)]
+struct TokenCache {
+    map: HashMap<[u8; 32], CachedToken>,
+}
+
+impl TokenCache {
+    fn get(
+        &self,
+        digest: &[u8; 32],
+        now: i64,
+        url_keys: Option<&Arc<KeySet>>,
+    ) -> Option<&JwtIdentity> {
+        let c = self.map.get(digest)?;
+        let same_keys = match (&c.url_keys, url_keys) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        (same_keys && now < c.valid_until).then_some(&c.identity)
+    }
+
+    fn put(&mut self, digest: [u8; 32], entry: CachedToken, now: i64) {
+        if self.map.len() >= TOKEN_CACHE_ENTRIES {
+            self.map.retain(|_, c| now < c.valid_until);
+            if self.map.len() >= TOKEN_CACHE_ENTRIES {
+                self.map.clear();
+            }
+        }
+        self.map.insert(digest, entry);
+    }
+}
 
 /// The signature algorithms the sidecar verifies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -412,6 +456,13 @@ pub struct JwtVerifier {
     file_keys: Arc<KeySet>,
     url: Option<Arc<UrlKeys>>,
     unlimited: Arc<Scope>,
+    cache: std::sync::Mutex<TokenCache>,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenCache({} tokens)", self.map.len())
+    }
 }
 
 /// A claim by name: the name as a whole first (namespaced claims such as
@@ -495,6 +546,7 @@ impl JwtVerifier {
             file_keys: Arc::new(file_keys),
             url,
             unlimited: Arc::new(Scope::default()),
+            cache: Default::default(),
         })
     }
 
@@ -503,10 +555,47 @@ impl JwtVerifier {
         self.url.as_ref()
     }
 
+    /// [`JwtVerifier::verify_uncached`], remembering a verified token (by the SHA-256 of its
+    /// bytes, at most [`TOKEN_CACHE_ENTRIES`]) until its `exp` plus the leeway, or until the
+    /// URL's keys are refreshed; a configuration reload starts a new cache.
+    pub fn verify(&self, token: &str, now: i64) -> Result<JwtIdentity, AuthError> {
+        if token.len() > self.max_token_bytes {
+            return self.verify_uncached(token, now);
+        }
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let url_keys = self.url.as_ref().map(|u| u.keys());
+        if let Some(id) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(
+            &digest,
+            now,
+            url_keys.as_ref(),
+        ) {
+            return Ok(id.clone());
+        }
+        let (identity, exp) = self.verify_full(token, now)?;
+        let entry = CachedToken {
+            identity: identity.clone(),
+            valid_until: exp.saturating_add(self.leeway),
+            url_keys,
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(digest, entry, now);
+        Ok(identity)
+    }
+
     /// Verify a compact JWS at unix time `now`: size, header, algorithm, key, signature,
     /// then (only for an authentic token) `exp`/`nbf`/`iat`, issuer, audience, the tenant
     /// claim, the tier and the scope claim.
-    pub fn verify(&self, token: &str, now: i64) -> Result<JwtIdentity, AuthError> {
+    pub fn verify_uncached(&self, token: &str, now: i64) -> Result<JwtIdentity, AuthError> {
+        self.verify_full(token, now).map(|(id, _)| id)
+    }
+
+    /// [`JwtVerifier::verify_uncached`], with the token's `exp`.
+    fn verify_full(&self, token: &str, now: i64) -> Result<(JwtIdentity, i64), AuthError> {
         if token.len() > self.max_token_bytes {
             return Err(AuthError::Malformed(format!(
                 "the token is larger than {} bytes",
@@ -630,11 +719,14 @@ impl JwtVerifier {
                 .map_err(|e| AuthError::Malformed(format!("the `{sc}` claim's {}", e)))?;
             scope = Arc::new(scope.intersect(&own));
         }
-        Ok(JwtIdentity {
-            tenant: tenant.to_string(),
-            kid: kid.to_string(),
-            scope,
-        })
+        Ok((
+            JwtIdentity {
+                tenant: tenant.to_string(),
+                kid: kid.to_string(),
+                scope,
+            },
+            exp,
+        ))
     }
 }
 

@@ -658,3 +658,135 @@ fn jwt_config_is_validated() {
     assert_eq!(j.algorithms, ["RS256", "ES256", "EdDSA"]);
     assert!(!c.auth.forward_authorization);
 }
+
+#[test]
+fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
+    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
+    let now = now();
+    let s = sign(json!({"keys": [{"name": "ed", "kty": "OKP", "kid": "ed-1"},
+                             {"name": "ec", "kty": "EC", "kid": "ec-1"}],
+    "tokens": [{"key": "ed", "claims": with(claims("acme"), |c| {
+        c.insert("exp".into(), json!(now + 10));
+    })}]}));
+    let text = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
+        jwt_config(Some(std::path::Path::new("/unused")), None, "")
+    );
+    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
+    let c = cfg.auth.jwt.as_ref().unwrap();
+    let keys = KeySet::parse(s.jwks(&["ed"]).as_bytes()).unwrap();
+    let jwt = JwtVerifier::new(c, keys, None).unwrap();
+    let t = &s.tokens[0];
+    assert_eq!(jwt.verify(t, now).unwrap().tenant, "acme");
+    // Remembered, still within exp + leeway (30 s) ...
+    assert!(jwt.verify(t, now + 39).is_ok());
+    // ... and refused from then on, remembered or not.
+    assert_eq!(jwt.verify(t, now + 40).unwrap_err().reason(), "expired");
+    assert_eq!(
+        jwt.verify_uncached(t, now + 40).unwrap_err().reason(),
+        "expired"
+    );
+    // The key set of a reload (here: without the token's key) starts afresh.
+    let keys = KeySet::parse(s.jwks(&["ec"]).as_bytes()).unwrap();
+    let reloaded = JwtVerifier::new(c, keys, None).unwrap();
+    assert_eq!(reloaded.verify(t, now).unwrap_err().reason(), "unknown_key");
+}
+
+/// Verification cost per request, HMAC signature next to each JWT algorithm (a micro-bench,
+/// not a check): `cargo test --release -p bulkhead-sidecar --test jwt -- --ignored
+/// --nocapture verify_cost`. The HMAC request is the benchmark's (`bulkhead-bench`), each
+/// with its own nonce (verification records it in the replay cache); a JWT is verified whole
+/// (header, key lookup, signature, claims, tier and scope).
+#[test]
+#[ignore = "a micro-bench: run it in a release build"]
+fn verify_cost() {
+    use bulkhead_sidecar::config::{LoadedKey, TenantBinding};
+    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
+    use bulkhead_sidecar::signature::{
+        ReplayCache, RequestView, SignOptions, TENANT_HEADER, Verifier, sign_request,
+    };
+    const BODY: &str = r#"{"model":"bulkhead-sim","max_tokens":16,"messages":[{"role":"user","content":"Say hello to the benchmark"}]}"#;
+    let per_op = |n: usize, f: &mut dyn FnMut(usize)| {
+        for i in 0..n.min(1000) {
+            f(i); // warm up
+        }
+        let t = Instant::now();
+        for i in 0..n {
+            f(i);
+        }
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    // HMAC, as the benchmark signs.
+    let n = 50_000;
+    let key = b"gateway-secret-0123456789abcdef!".to_vec();
+    let verifier = Verifier::new(
+        "bulkhead".into(),
+        vec![LoadedKey {
+            id: "gw".into(),
+            secrets: vec![key.clone()],
+            tenants: TenantBinding::Any,
+            scope: Default::default(),
+        }],
+        30,
+        Arc::new(Mutex::new(ReplayCache::new(2 * n + 2000))),
+    );
+    let method = Method::POST;
+    let uri: http::Uri = CHAT.parse().unwrap();
+    let signed: Vec<http::HeaderMap> = (0..n + 1000)
+        .map(|_| {
+            let mut h = http::HeaderMap::new();
+            h.insert(TENANT_HEADER, "acme".parse().unwrap());
+            h.insert("content-type", "application/json".parse().unwrap());
+            sign_request(
+                &method,
+                &uri,
+                &mut h,
+                BODY.as_bytes(),
+                &key,
+                &SignOptions::new("gw", now()),
+            )
+            .unwrap();
+            h
+        })
+        .collect();
+    let mut next = 0;
+    let hmac = per_op(n, &mut |_| {
+        let view = RequestView {
+            method: &method,
+            uri: &uri,
+            headers: &signed[next],
+        };
+        next += 1;
+        verifier.verify(view, BODY.as_bytes(), now()).unwrap();
+    });
+    println!("verify hmac-sha256 (head + finish, replay recorded): {hmac:.2} us/request");
+    // JWTs as Keycloak issues them.
+    let s = sign(json!({"keys": keys3(), "tokens": [
+        {"key": "rsa", "claims": claims("acme")},
+        {"key": "ec", "claims": claims("acme")},
+        {"key": "ed", "claims": claims("acme")},
+    ]}));
+    let text = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
+        jwt_config(Some(std::path::Path::new("/unused")), None, "")
+    );
+    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
+    let keys = KeySet::parse(s.jwks(&["rsa", "ec", "ed"]).as_bytes()).unwrap();
+    let jwt = JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), keys, None).unwrap();
+    for (alg, token) in ["RS256 (RSA-2048)", "ES256 (P-256)", "EdDSA (Ed25519)"]
+        .iter()
+        .zip(&s.tokens)
+    {
+        let us = per_op(20_000, &mut |_| {
+            jwt.verify_uncached(token, now()).unwrap();
+        });
+        let again = per_op(200_000, &mut |_| {
+            jwt.verify(token, now()).unwrap();
+        });
+        println!(
+            "verify JWT {alg}, {} bytes: {us:.2} us/request; the same token again \
+             (remembered): {again:.2} us/request",
+            token.len()
+        );
+    }
+}
