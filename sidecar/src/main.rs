@@ -98,7 +98,10 @@ fn main() -> ExitCode {
 }
 
 fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let cfg = match Config::from_file(file).and_then(|c| c.load_keys().map(|_| c)) {
+    let cfg = match Config::from_file(file)
+        .and_then(|c| c.load_keys().map(|_| c))
+        .and_then(|c| c.load_jwks_file().map(|_| c))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bulkhead-sidecar: {}: {e}", file.display());
