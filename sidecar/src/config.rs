@@ -60,7 +60,7 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// Prices per million tokens, for `bulkhead_cost_total` and the audit log's `cost`.
     #[serde(default)]
-    pub cost: crate::cost::CostConfig,
+    pub cost: CostConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -383,8 +383,10 @@ fn default_jwks_timeout_ms() -> u64 {
 fn default_jwks_max_bytes() -> usize {
     256 * 1024
 }
+/// The JWT signature algorithms the sidecar verifies.
+pub const JWT_ALGORITHMS: [&str; 3] = ["RS256", "ES256", "EdDSA"];
 fn default_jwt_algorithms() -> Vec<String> {
-    vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
+    JWT_ALGORITHMS.iter().map(|a| a.to_string()).collect()
 }
 fn default_jwt_leeway() -> u64 {
     30
@@ -563,6 +565,136 @@ fn default_audit_unauth_rate() -> u32 {
 fn default_audit_unauth_burst() -> u32 {
     100
 }
+/// The `model` label of a model the price tables do not name.
+pub const OTHER_MODEL: &str = "other";
+/// Models in one price table at most.
+pub const MAX_PRICED_MODELS: usize = 256;
+
+/// Prices per million tokens, in `cost.currency`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Input (prompt) tokens that were not served from the prefix cache.
+    pub input: f64,
+    /// Input tokens served from the prefix cache (`prompt_tokens_details.cached_tokens`);
+    /// `input` when absent.
+    pub cached_input: Option<f64>,
+    /// Output (completion) tokens.
+    pub output: f64,
+}
+
+impl Price {
+    pub(crate) fn check(&self, field: &str) -> Result<(), (String, String)> {
+        for (k, v) in [
+            ("input", Some(self.input)),
+            ("cached_input", self.cached_input),
+            ("output", Some(self.output)),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && (0.0..=1e6).contains(&v))
+            {
+                return Err((format!("{field}.{k}"), "must be within 0..=1000000".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tenant's own prices, over the shared ones.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPrices {
+    #[serde(default)]
+    pub models: BTreeMap<String, Price>,
+    pub default: Option<Price>,
+}
+
+/// `[cost]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CostConfig {
+    /// The unit of `bulkhead_cost_total` and the audit log's `cost` (documentation only).
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    #[serde(default)]
+    pub models: BTreeMap<String, Price>,
+    /// The price of models no table names (counted under `model="other"`).
+    pub default: Option<Price>,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantPrices>,
+}
+
+impl Default for CostConfig {
+    fn default() -> Self {
+        Self {
+            currency: default_currency(),
+            models: BTreeMap::new(),
+            default: None,
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_currency() -> String {
+    "USD".into()
+}
+
+impl CostConfig {
+    /// Check every price; the error is `(field, message)`.
+    pub fn check(&self, tenants: &dyn Fn(&str) -> bool) -> Result<(), (String, String)> {
+        if self.currency.is_empty()
+            || self.currency.len() > 16
+            || !self.currency.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err((
+                "cost.currency".into(),
+                "must be 1-16 letters or digits".into(),
+            ));
+        }
+        let table = |prefix: &str, models: &BTreeMap<String, Price>| {
+            if models.len() > MAX_PRICED_MODELS {
+                return Err((
+                    format!("{prefix}models"),
+                    format!("at most {MAX_PRICED_MODELS} models"),
+                ));
+            }
+            for (m, p) in models {
+                if m.is_empty() || m.len() > 256 || m == OTHER_MODEL {
+                    return Err((
+                        format!("{prefix}models.{m}"),
+                        format!("model names are 1-256 bytes and not {OTHER_MODEL:?}"),
+                    ));
+                }
+                p.check(&format!("{prefix}models.{m}"))?;
+            }
+            Ok(())
+        };
+        table("cost.", &self.models)?;
+        if let Some(p) = &self.default {
+            p.check("cost.default")?;
+        }
+        for (t, tp) in &self.tenants {
+            if !tenants(t) {
+                return Err((format!("cost.tenants.{t}"), format!("unknown tenant {t:?}")));
+            }
+            table(&format!("cost.tenants.{t}."), &tp.models)?;
+            if let Some(p) = &tp.default {
+                p.check(&format!("cost.tenants.{t}.default"))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+            && self.default.is_none()
+            && self
+                .tenants
+                .values()
+                .all(|t| t.models.is_empty() && t.default.is_none())
+    }
+}
+
 /// The smallest `audit.max_file_bytes`; each stream's share is at least twice this.
 pub const AUDIT_MIN_FILE_BYTES: u64 = 64 * 1024;
 /// `audit.max_total_bytes` is at most this many times `audit.max_file_bytes`.
@@ -985,7 +1117,7 @@ impl Config {
         if let Some(a) = j
             .algorithms
             .iter()
-            .find(|a| crate::jwt::Alg::parse(a).is_none())
+            .find(|a| !JWT_ALGORITHMS.contains(&a.as_str()))
         {
             return Err(invalid(
                 f("algorithms"),
@@ -1053,18 +1185,6 @@ impl Config {
         }
         crate::scope::Routes::parse(&j.routes).map_err(|m| invalid(f("routes"), m))?;
         Ok(())
-    }
-
-    /// Read `auth.jwt.jwks_file` (empty without one). Called at start and on reload, so a
-    /// bad JWKS file rejects the reload.
-    pub fn load_jwks_file(&self) -> Result<crate::jwt::KeySet, ConfigError> {
-        let Some(p) = self.auth.jwt.as_ref().and_then(|j| j.jwks_file.as_ref()) else {
-            return Ok(crate::jwt::KeySet::default());
-        };
-        let field = "auth.jwt.jwks_file";
-        let raw = std::fs::read(p)
-            .map_err(|e| invalid(field, format!("cannot read {}: {e}", p.display())))?;
-        crate::jwt::KeySet::parse(&raw).map_err(|m| invalid(field, m))
     }
 
     fn validate_audit(&self) -> Result<(), ConfigError> {

@@ -4,154 +4,33 @@
 //! cost of a request is its settled usage times its price, counted in
 //! `bulkhead_cost_total{tenant,model}` and written in its audit record.
 
+pub use crate::config::{CostConfig, OTHER_MODEL, Price, TenantPrices};
 use crate::metrics::{Metrics, TenantModel};
-use crate::proxy::Usage;
 use prometheus_client::metrics::counter::Counter;
-use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-
-/// The `model` label of a model the price tables do not name.
-pub const OTHER_MODEL: &str = "other";
-/// Models in one price table at most.
-pub const MAX_PRICED_MODELS: usize = 256;
 
 /// A counter of cost in the configured currency.
 pub type CostCounter = Counter<f64, AtomicU64>;
 
-/// Prices per million tokens, in `cost.currency`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Price {
-    /// Input (prompt) tokens that were not served from the prefix cache.
-    pub input: f64,
-    /// Input tokens served from the prefix cache (`prompt_tokens_details.cached_tokens`);
-    /// `input` when absent.
-    pub cached_input: Option<f64>,
-    /// Output (completion) tokens.
-    pub output: f64,
+/// What `t` costs at `price` (per million tokens; cached prompt tokens at `cached_input`,
+/// `input` when it has none).
+pub fn cost_of(price: &Price, t: Tokens) -> f64 {
+    let cached = t.cached.min(t.prompt);
+    let fresh = t.prompt - cached;
+    (fresh as f64 * price.input
+        + cached as f64 * price.cached_input.unwrap_or(price.input)
+        + t.completion as f64 * price.output)
+        / 1e6
 }
 
-impl Price {
-    /// The cost of `u` at this price.
-    pub fn of(&self, u: Usage) -> f64 {
-        let cached = u.cached.min(u.prompt);
-        let fresh = u.prompt - cached;
-        (fresh as f64 * self.input
-            + cached as f64 * self.cached_input.unwrap_or(self.input)
-            + u.completion as f64 * self.output)
-            / 1e6
-    }
-
-    fn check(&self, field: &str) -> Result<(), (String, String)> {
-        for (k, v) in [
-            ("input", Some(self.input)),
-            ("cached_input", self.cached_input),
-            ("output", Some(self.output)),
-        ] {
-            if let Some(v) = v
-                && !(v.is_finite() && (0.0..=1e6).contains(&v))
-            {
-                return Err((format!("{field}.{k}"), "must be within 0..=1000000".into()));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A tenant's own prices, over the shared ones.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TenantPrices {
-    #[serde(default)]
-    pub models: BTreeMap<String, Price>,
-    pub default: Option<Price>,
-}
-
-/// `[cost]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CostConfig {
-    /// The unit of `bulkhead_cost_total` and the audit log's `cost` (documentation only).
-    #[serde(default = "default_currency")]
-    pub currency: String,
-    #[serde(default)]
-    pub models: BTreeMap<String, Price>,
-    /// The price of models no table names (counted under `model="other"`).
-    pub default: Option<Price>,
-    #[serde(default)]
-    pub tenants: BTreeMap<String, TenantPrices>,
-}
-
-impl Default for CostConfig {
-    fn default() -> Self {
-        Self {
-            currency: default_currency(),
-            models: BTreeMap::new(),
-            default: None,
-            tenants: BTreeMap::new(),
-        }
-    }
-}
-
-fn default_currency() -> String {
-    "USD".into()
-}
-
-impl CostConfig {
-    /// Check every price; the error is `(field, message)`.
-    pub fn check(&self, tenants: &dyn Fn(&str) -> bool) -> Result<(), (String, String)> {
-        if self.currency.is_empty()
-            || self.currency.len() > 16
-            || !self.currency.bytes().all(|b| b.is_ascii_alphanumeric())
-        {
-            return Err((
-                "cost.currency".into(),
-                "must be 1-16 letters or digits".into(),
-            ));
-        }
-        let table = |prefix: &str, models: &BTreeMap<String, Price>| {
-            if models.len() > MAX_PRICED_MODELS {
-                return Err((
-                    format!("{prefix}models"),
-                    format!("at most {MAX_PRICED_MODELS} models"),
-                ));
-            }
-            for (m, p) in models {
-                if m.is_empty() || m.len() > 256 || m == OTHER_MODEL {
-                    return Err((
-                        format!("{prefix}models.{m}"),
-                        format!("model names are 1-256 bytes and not {OTHER_MODEL:?}"),
-                    ));
-                }
-                p.check(&format!("{prefix}models.{m}"))?;
-            }
-            Ok(())
-        };
-        table("cost.", &self.models)?;
-        if let Some(p) = &self.default {
-            p.check("cost.default")?;
-        }
-        for (t, tp) in &self.tenants {
-            if !tenants(t) {
-                return Err((format!("cost.tenants.{t}"), format!("unknown tenant {t:?}")));
-            }
-            table(&format!("cost.tenants.{t}."), &tp.models)?;
-            if let Some(p) = &tp.default {
-                p.check(&format!("cost.tenants.{t}.default"))?;
-            }
-        }
-        Ok(())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
-            && self.default.is_none()
-            && self
-                .tenants
-                .values()
-                .all(|t| t.models.is_empty() && t.default.is_none())
-    }
+/// Tokens a request used, as settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    /// Prompt tokens served from the prefix cache (part of `prompt`).
+    pub cached: u64,
+    pub completion: u64,
 }
 
 /// One tenant's resolved prices, each with its counter looked up once.
@@ -209,12 +88,12 @@ impl TenantCost {
         TenantCost { models, other }
     }
 
-    /// Count what `usage` of `model` cost; `None` when no price applies.
-    pub fn charge(&self, model: Option<&str>, usage: Usage) -> Option<f64> {
+    /// Count what `tokens` of `model` cost; `None` when no price applies.
+    pub fn charge(&self, model: Option<&str>, tokens: Tokens) -> Option<f64> {
         let (price, counter) = model
             .and_then(|m| self.models.get(m))
             .or(self.other.as_ref())?;
-        let cost = price.of(usage);
+        let cost = cost_of(price, tokens);
         counter.inc_by(cost);
         Some(cost)
     }
@@ -231,17 +110,17 @@ mod tests {
             cached_input: Some(0.5),
             output: 8.0,
         };
-        let u = Usage {
+        let u = Tokens {
             prompt: 1_000_000,
             completion: 500_000,
             cached: 400_000,
         };
-        assert!((p.of(u) - (0.6 * 2.0 + 0.4 * 0.5 + 0.5 * 8.0)).abs() < 1e-12);
+        assert!((cost_of(&p, u) - (0.6 * 2.0 + 0.4 * 0.5 + 0.5 * 8.0)).abs() < 1e-12);
         let no_cached = Price {
             cached_input: None,
             ..p
         };
-        assert!((no_cached.of(u) - (2.0 + 4.0)).abs() < 1e-12);
+        assert!((cost_of(&no_cached, u) - (2.0 + 4.0)).abs() < 1e-12);
     }
 
     #[test]
@@ -265,7 +144,7 @@ output = 4.0
         .unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
         let m = Metrics::register(&mut reg);
-        let u = Usage {
+        let u = Tokens {
             prompt: 1_000_000,
             completion: 0,
             cached: 0,

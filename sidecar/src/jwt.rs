@@ -6,7 +6,7 @@
 //! for the algorithm of its own type, and header parameters that carry or point at keys
 //! (`jwk`, `jku`, `x5u`, `x5c`) are never used.
 
-use crate::config::{ConfigError, JwtConfig};
+use crate::config::{Config, ConfigError, JwtConfig};
 use crate::metrics::ResultLabel;
 use crate::scope::{Routes, Scope, ScopeConfig};
 use crate::signature::AuthError;
@@ -267,6 +267,20 @@ impl KeySet {
     pub fn kids(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(|k| k.kid.as_str())
     }
+}
+
+/// Read `auth.jwt.jwks_file` (an empty set without one). Called at start, on reload (a bad
+/// JWKS file rejects the reload) and by `check-config`.
+pub fn load_jwks_file(config: &Config) -> Result<KeySet, ConfigError> {
+    let Some(p) = config.auth.jwt.as_ref().and_then(|j| j.jwks_file.as_ref()) else {
+        return Ok(KeySet::default());
+    };
+    let invalid = |message: String| ConfigError::Invalid {
+        field: "auth.jwt.jwks_file".into(),
+        message,
+    };
+    let raw = std::fs::read(p).map_err(|e| invalid(format!("cannot read {}: {e}", p.display())))?;
+    KeySet::parse(&raw).map_err(invalid)
 }
 
 fn depth_ok(v: &Value, left: usize) -> bool {

@@ -281,7 +281,7 @@ fn build_runtime(
     );
     let jwt = match &config.auth.jwt {
         Some(j) => {
-            let file_keys = config.load_jwks_file()?;
+            let file_keys = crate::jwt::load_jwks_file(&config)?;
             let url = match &j.jwks_url {
                 Some(u) => {
                     let settings = UrlSettings {

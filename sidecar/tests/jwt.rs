@@ -130,6 +130,11 @@ async fn expect_refused(h: &Harness, req: Request<Full<Bytes>>, reason: &str, wh
     assert_eq!(h.metric(&series).await, Some(count + 1.0), "{what}");
 }
 
+async fn expect_ok_req(h: &Harness, req: Request<Full<Bytes>>) {
+    let (p, b) = h.send_collect(req).await;
+    assert_eq!(p.status, StatusCode::OK, "{b:?}");
+}
+
 async fn expect_ok(h: &Harness, token: &str, what: &str) {
     let (p, b) = h.send_collect(bearer(h, CHAT, &body(), token)).await;
     assert_eq!(p.status, StatusCode::OK, "{what}: {b:?}");
@@ -196,11 +201,23 @@ async fn each_algorithm_is_accepted_and_authorization_stays_here() {
         1.0,
     )
     .await;
-    // The gateway's signatures still work beside JWTs.
-    let (p, _) = h
-        .send_collect(h.signed("acme", Method::POST, CHAT, &body()))
+    // A JWT client's own tenant header is not believed, nor passed on.
+    let mut req = bearer(&h, CHAT, &body(), &s.tokens[0]);
+    req.headers_mut()
+        .insert("x-bulkhead-tenant", "globex".parse().unwrap());
+    expect_ok_req(&h, req).await;
+    let last = h.sim.sim.requests().pop().unwrap();
+    assert!(!last.headers.contains_key("x-bulkhead-tenant"));
+    h.wait_metric("bulkhead_requests_total{tenant=\"acme\",code=\"200\"}", 4.0)
         .await;
-    assert_eq!(p.status, StatusCode::OK);
+    // The gateway's signatures still work beside JWTs, and a client's Authorization header
+    // on a signed request is not passed on either.
+    let mut req = h.signed("acme", Method::POST, CHAT, &body());
+    req.headers_mut()
+        .insert("authorization", "Bearer sk-client-key".parse().unwrap());
+    expect_ok_req(&h, req).await;
+    let last = h.sim.sim.requests().pop().unwrap();
+    assert!(!last.headers.contains_key("authorization"));
     // Audit records name the key that signed the token.
     let dir = h.shutdown_keep_dir().await;
     let audit = std::fs::read_to_string(dir.path().join("audit/globex.jsonl")).unwrap();

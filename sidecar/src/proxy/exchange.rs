@@ -301,7 +301,14 @@ impl Exchange {
                 if let Some(u) = usage {
                     tm.prompt_tokens.inc_by(u.prompt);
                     tm.completion_tokens.inc_by(u.completion);
-                    cost = t.cost.charge(self.model.as_deref(), u);
+                    cost = t.cost.charge(
+                        self.model.as_deref(),
+                        crate::cost::Tokens {
+                            prompt: u.prompt,
+                            cached: u.cached,
+                            completion: u.completion,
+                        },
+                    );
                 }
                 if self.forwarded {
                     tm.duration.observe(elapsed.as_secs_f64());

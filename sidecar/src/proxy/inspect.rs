@@ -507,4 +507,107 @@ mod tests {
         assert_eq!(text.matches("cache_salt").count(), 1, "{text}");
         assert!(text.contains(r#""cache_salt":"mine""#));
     }
+
+    #[test]
+    fn scopes_hold_models_tools_and_limits_in_every_shape() {
+        let scope = crate::scope::Scope::from_config(&crate::scope::ScopeConfig {
+            models: Some(vec!["m".into()]),
+            routes: None,
+            tools: Some(vec!["ok".into(), "web_search".into()]),
+            max_tokens: Some(50),
+        })
+        .unwrap();
+        let p = Policy {
+            scope: Some(&scope),
+            ..P
+        };
+        let code = |route, body: &str| {
+            inspect(route, body.as_bytes(), p)
+                .map(|_| "ok")
+                .unwrap_or_else(|r| r.code)
+        };
+        let chat = Route::Generate(Api::Chat);
+        let resp = Route::Generate(Api::Responses);
+        for (route, body, want) in [
+            (chat, r#"{"model":"m","messages":[]}"#, "ok"),
+            (chat, r#"{"model":"x","messages":[]}"#, "permission_denied"),
+            (chat, r#"{"model":7,"messages":[]}"#, "invalid_parameter"),
+            (chat, r#"{"messages":[]}"#, "permission_denied"),
+            (Route::Tokenize, r#"{"prompt":"x"}"#, "ok"),
+            (
+                Route::Tokenize,
+                r#"{"model":"x","prompt":"x"}"#,
+                "permission_denied",
+            ),
+            (Route::Encode, r#"{"input":"x"}"#, "permission_denied"),
+            // Responses API tools: `name` at the top, built-in tools by `type`.
+            (
+                resp,
+                r#"{"model":"m","input":"x","tools":[{"type":"function","name":"ok"},{"type":"web_search"}]}"#,
+                "ok",
+            ),
+            (
+                resp,
+                r#"{"model":"m","input":"x","tools":[{"type":"file_search"}]}"#,
+                "permission_denied",
+            ),
+            (
+                resp,
+                r#"{"model":"m","input":"x","tool_choice":{"type":"function","name":"no"}}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"tool_choice":{"type":"allowed_tools","tools":[{"type":"function","function":{"name":"no"}}]}}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"tool_choice":"required","tools":[{"function":{"name":"ok"}}]}"#,
+                "ok",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"tools":[{}]}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"tools":{"a":1}}"#,
+                "invalid_parameter",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"function_call":{"name":"no"}}"#,
+                "permission_denied",
+            ),
+            // The completion limit, as the upstream reads it.
+            (
+                chat,
+                r#"{"model":"m","messages":[],"max_tokens":"50"}"#,
+                "ok",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"max_tokens":51}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"max_completion_tokens":51,"max_tokens":1}"#,
+                "permission_denied",
+            ),
+            (
+                resp,
+                r#"{"model":"m","input":"x","max_output_tokens":1e3}"#,
+                "permission_denied",
+            ),
+        ] {
+            assert_eq!(code(route, body), want, "{body}");
+        }
+        // Without a limit the scope's is written in when it is below the tenant default.
+        let i = inspect(chat, br#"{"model":"m","messages":[]}"#, p).unwrap();
+        assert_eq!(fwd(&i)["max_tokens"], 50);
+        assert_eq!(i.completion_reserve, 50);
+    }
 }
