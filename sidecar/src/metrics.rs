@@ -208,7 +208,7 @@ impl Metrics {
         );
         r.register(
             "auth_failures",
-            "Requests refused by signature verification",
+            "Requests refused by authentication (a signature or a JWT), by reason",
             m.auth_failures.clone(),
         );
         r.register(
