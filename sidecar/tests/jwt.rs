@@ -505,7 +505,7 @@ async fn jwks_url_rotation_and_an_unreachable_idp_keeps_cached_keys() {
     let doc = Arc::new(Mutex::new(s.jwks(&["a"])));
     let (url, server) = idp(doc.clone()).await;
     let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
-        t.push_str(&jwt_config(None, Some(&url), ""))
+        t.push_str(&jwt_config(None, Some(&url), "jwks_max_bytes = 2048"))
     })
     .await;
     let (a, b) = (&s.tokens[0], &s.tokens[1]);
@@ -513,23 +513,34 @@ async fn jwks_url_rotation_and_an_unreachable_idp_keeps_cached_keys() {
     // Rotation: an unknown kid asks for an early refresh (at most one per 100 ms here).
     *doc.lock().unwrap() = s.jwks(&["a", "b"]);
     wait_status(&h, b, StatusCode::OK, "rotated key").await;
-    // The IdP goes away: fetches fail, the cached keys keep working.
-    server.abort();
-    let _ = server.await;
     let errors = "bulkhead_jwks_refreshes_total{result=\"error\"}";
     let unknown_kid = {
         use base64::Engine;
         let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         format!("{}.e30.AA", b.encode(r#"{"alg":"EdDSA","kid":"c"}"#))
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.metric(errors).await.unwrap_or(0.0) < 2.0 {
-        assert!(Instant::now() < deadline, "no failed refresh seen");
-        // An unknown kid asks for a refresh now rather than in a second.
-        let req = bearer(&h, CHAT, &body(), &unknown_kid);
-        expect_refused(&h, req, "unknown_key", "unknown kid").await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Poll until `more` further fetches failed, asking for refreshes with an unknown kid.
+    let failed_fetches = |more: f64| {
+        let (h, unknown_kid) = (&h, &unknown_kid);
+        async move {
+            let want = h.metric(errors).await.unwrap_or(0.0) + more;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while h.metric(errors).await.unwrap_or(0.0) < want {
+                assert!(Instant::now() < deadline, "no failed refresh seen");
+                let req = bearer(h, CHAT, &body(), unknown_kid);
+                expect_refused(h, req, "unknown_key", "unknown kid").await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // An answer over jwks_max_bytes (2 KiB here) is a failed fetch: the keys stay.
+    *doc.lock().unwrap() = format!("{}{}", s.jwks(&["b"]), " ".repeat(4096));
+    failed_fetches(1.0).await;
+    expect_ok(&h, a, "key a after an oversized answer").await;
+    // The IdP goes away: fetches fail, the cached keys keep working.
+    server.abort();
+    let _ = server.await;
+    failed_fetches(2.0).await;
     expect_ok(&h, a, "cached key a").await;
     expect_ok(&h, b, "cached key b").await;
     h.shutdown().await;
