@@ -59,6 +59,8 @@ INVENTORY = {
     "bulkhead_probe_success",
     "bulkhead_probe_last_run_timestamp_seconds",
     "bulkhead_probe_duration_seconds",
+    "bulkhead_cost_total",
+    "bulkhead_jwks_refreshes_total",
 }
 HISTOGRAMS = {
     "bulkhead_request_duration_seconds",

@@ -67,6 +67,15 @@ pub struct AuditRecord {
     pub queue_ms: Option<f64>,
     /// HMAC-SHA256 (hex) of the prompt part of the body under the audit key.
     pub prompt_hash: Option<String>,
+    /// The request body's `model` (cut to 128 bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Prompt tokens the upstream served from its prefix cache, when it said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
+    /// What the request cost in `cost.currency` (usage x the tenant's price for `model`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
     /// Set (and written) when `route` was cut short; see [`MAX_UNAUTHENTICATED_ROUTE`].
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub route_truncated: bool,
@@ -137,6 +146,7 @@ impl AuditRecord {
             &mut self.client_request_id,
             &mut self.reason,
             &mut self.prompt_hash,
+            &mut self.model,
         ]
         .into_iter()
         .flatten()

@@ -1,9 +1,11 @@
 //! The sidecar's TOML configuration: parsing, validation (errors name the field) and key loading.
 
+use crate::scope::{Scope, ScopeConfig};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The example configuration shipped with the crate (used by the demo and `check-config`).
@@ -58,6 +60,9 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantConfig>,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Prices per million tokens, for `bulkhead_cost_total` and the audit log's `cost`.
+    #[serde(default)]
+    pub cost: CostConfig,
 }
 
 /// Leak detection: what to do about canaries, and the injection markers counted.
@@ -383,6 +388,14 @@ pub struct AuthConfig {
     /// Nonces remembered at most (fail closed with 503 when full of live nonces).
     #[serde(default = "default_replay_capacity")]
     pub replay_cache_capacity: usize,
+    /// Routes that accept an RFC 9421 signature (`*`, paths, or `/v1/.../*` prefixes).
+    #[serde(default = "all_routes")]
+    pub hmac_routes: Vec<String>,
+    /// Forward the client's `Authorization` header to the upstream (off: it is removed).
+    #[serde(default)]
+    pub forward_authorization: bool,
+    /// Tenants from JWTs (`Authorization: Bearer`); off when absent.
+    pub jwt: Option<JwtConfig>,
 }
 impl Default for AuthConfig {
     fn default() -> Self {
@@ -390,8 +403,88 @@ impl Default for AuthConfig {
             label: default_label(),
             max_skew_secs: default_skew(),
             replay_cache_capacity: default_replay_capacity(),
+            hmac_routes: all_routes(),
+            forward_authorization: false,
+            jwt: None,
         }
     }
+}
+fn all_routes() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// `[auth.jwt]`: bearer tokens signed by an identity provider.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Accepted `iss` values (exact match).
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values; a token must name at least one.
+    pub audiences: Vec<String>,
+    /// A JWKS file (reloaded with the configuration: on change and on SIGHUP).
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (`http://` only), fetched at start and every `jwks_refresh_ms`.
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh_ms")]
+    pub jwks_refresh_ms: u64,
+    /// Fetches at most this often (an unknown `kid` asks for an early one; after a failed
+    /// fetch the next is this long after).
+    #[serde(default = "default_jwks_min_refresh_ms")]
+    pub jwks_min_refresh_ms: u64,
+    #[serde(default = "default_jwks_timeout_ms")]
+    pub jwks_timeout_ms: u64,
+    #[serde(default = "default_jwks_max_bytes")]
+    pub jwks_max_bytes: usize,
+    /// Accepted algorithms: any of `RS256`, `ES256`, `EdDSA`.
+    #[serde(default = "default_jwt_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Allowed clock skew for `exp`, `nbf` and `iat`, in seconds.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway_secs: u64,
+    /// Longer tokens are refused.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// The claim naming the tenant: a name, or a dotted path into nested objects.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// A claim naming the token's tier (a key of `tiers`), whose scope the token gets.
+    pub tier_claim: Option<String>,
+    /// The tier of a token without the tier claim; without it such tokens are refused.
+    pub default_tier: Option<String>,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, ScopeConfig>,
+    /// A claim holding a scope object (`models`, `routes`, `tools`, `max_tokens`) that
+    /// narrows the tier's.
+    pub scope_claim: Option<String>,
+    /// Routes that accept a JWT.
+    #[serde(default = "all_routes")]
+    pub routes: Vec<String>,
+}
+fn default_jwks_refresh_ms() -> u64 {
+    300_000
+}
+fn default_jwks_min_refresh_ms() -> u64 {
+    10_000
+}
+fn default_jwks_timeout_ms() -> u64 {
+    2000
+}
+fn default_jwks_max_bytes() -> usize {
+    256 * 1024
+}
+/// The JWT signature algorithms the sidecar verifies.
+pub const JWT_ALGORITHMS: [&str; 3] = ["RS256", "ES256", "EdDSA"];
+fn default_jwt_algorithms() -> Vec<String> {
+    JWT_ALGORITHMS.iter().map(|a| a.to_string()).collect()
+}
+fn default_jwt_leeway() -> u64 {
+    30
+}
+fn default_max_token_bytes() -> usize {
+    8192
+}
+fn default_tenant_claim() -> String {
+    "tenant_id".into()
 }
 fn default_label() -> String {
     "bulkhead".into()
@@ -591,6 +684,136 @@ fn default_audit_unauth_rate() -> u32 {
 fn default_audit_unauth_burst() -> u32 {
     100
 }
+/// The `model` label of a model the price tables do not name.
+pub const OTHER_MODEL: &str = "other";
+/// Models in one price table at most.
+pub const MAX_PRICED_MODELS: usize = 256;
+
+/// Prices per million tokens, in `cost.currency`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Input (prompt) tokens that were not served from the prefix cache.
+    pub input: f64,
+    /// Input tokens served from the prefix cache (`prompt_tokens_details.cached_tokens`);
+    /// `input` when absent.
+    pub cached_input: Option<f64>,
+    /// Output (completion) tokens.
+    pub output: f64,
+}
+
+impl Price {
+    pub(crate) fn check(&self, field: &str) -> Result<(), (String, String)> {
+        for (k, v) in [
+            ("input", Some(self.input)),
+            ("cached_input", self.cached_input),
+            ("output", Some(self.output)),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && (0.0..=1e6).contains(&v))
+            {
+                return Err((format!("{field}.{k}"), "must be within 0..=1000000".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tenant's own prices, over the shared ones.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPrices {
+    #[serde(default)]
+    pub models: BTreeMap<String, Price>,
+    pub default: Option<Price>,
+}
+
+/// `[cost]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CostConfig {
+    /// The unit of `bulkhead_cost_total` and the audit log's `cost` (documentation only).
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    #[serde(default)]
+    pub models: BTreeMap<String, Price>,
+    /// The price of models no table names (counted under `model="other"`).
+    pub default: Option<Price>,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantPrices>,
+}
+
+impl Default for CostConfig {
+    fn default() -> Self {
+        Self {
+            currency: default_currency(),
+            models: BTreeMap::new(),
+            default: None,
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_currency() -> String {
+    "USD".into()
+}
+
+impl CostConfig {
+    /// Check every price; the error is `(field, message)`.
+    pub fn check(&self, tenants: &dyn Fn(&str) -> bool) -> Result<(), (String, String)> {
+        if self.currency.is_empty()
+            || self.currency.len() > 16
+            || !self.currency.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err((
+                "cost.currency".into(),
+                "must be 1-16 letters or digits".into(),
+            ));
+        }
+        let table = |prefix: &str, models: &BTreeMap<String, Price>| {
+            if models.len() > MAX_PRICED_MODELS {
+                return Err((
+                    format!("{prefix}models"),
+                    format!("at most {MAX_PRICED_MODELS} models"),
+                ));
+            }
+            for (m, p) in models {
+                if m.is_empty() || m.len() > 256 || m == OTHER_MODEL {
+                    return Err((
+                        format!("{prefix}models.{m}"),
+                        format!("model names are 1-256 bytes and not {OTHER_MODEL:?}"),
+                    ));
+                }
+                p.check(&format!("{prefix}models.{m}"))?;
+            }
+            Ok(())
+        };
+        table("cost.", &self.models)?;
+        if let Some(p) = &self.default {
+            p.check("cost.default")?;
+        }
+        for (t, tp) in &self.tenants {
+            if !tenants(t) {
+                return Err((format!("cost.tenants.{t}"), format!("unknown tenant {t:?}")));
+            }
+            table(&format!("cost.tenants.{t}."), &tp.models)?;
+            if let Some(p) = &tp.default {
+                p.check(&format!("cost.tenants.{t}.default"))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+            && self.default.is_none()
+            && self
+                .tenants
+                .values()
+                .all(|t| t.models.is_empty() && t.default.is_none())
+    }
+}
+
 /// The smallest `audit.max_file_bytes`; each stream's share is at least twice this.
 pub const AUDIT_MIN_FILE_BYTES: u64 = 64 * 1024;
 /// `audit.max_total_bytes` is at most this many times `audit.max_file_bytes`.
@@ -692,6 +915,9 @@ pub struct KeyConfig {
     pub encoding: String,
     /// Tenants this key may assert; `*` for a gateway key.
     pub tenants: Vec<String>,
+    /// What requests signed with this key may ask for (`[keys.scope]`); everything when absent.
+    #[serde(default)]
+    pub scope: ScopeConfig,
 }
 fn default_encoding() -> String {
     "base64".into()
@@ -703,6 +929,7 @@ pub struct LoadedKey {
     pub id: String,
     pub secrets: Vec<Vec<u8>>,
     pub tenants: TenantBinding,
+    pub scope: Arc<Scope>,
 }
 
 impl std::fmt::Debug for LoadedKey {
@@ -714,6 +941,7 @@ impl std::fmt::Debug for LoadedKey {
                 &format_args!("<{} redacted>", self.secrets.len()),
             )
             .field("tenants", &self.tenants)
+            .field("scope", &self.scope)
             .finish()
     }
 }
@@ -1010,11 +1238,22 @@ impl Config {
             }
         }
         self.validate_audit()?;
+        self.cost
+            .check(&|t| self.tenants.contains_key(t))
+            .map_err(|(field, message)| invalid(field, message))?;
         if self.agent.kv_report_interval_ms < 100 {
             return Err(invalid("agent.kv_report_interval_ms", "must be >= 100"));
         }
-        if self.keys.is_empty() {
-            return Err(invalid("keys", "at least one key is required"));
+        if self.keys.is_empty() && self.auth.jwt.is_none() {
+            return Err(invalid(
+                "keys",
+                "at least one key is required (or configure [auth.jwt])",
+            ));
+        }
+        crate::scope::Routes::parse(&self.auth.hmac_routes)
+            .map_err(|m| invalid("auth.hmac_routes", m))?;
+        if let Some(j) = &self.auth.jwt {
+            self.validate_jwt(j)?;
         }
         for (i, k) in self.keys.iter().enumerate() {
             let f = |x: &str| format!("keys[{i}].{x}");
@@ -1035,7 +1274,105 @@ impl Config {
                     return Err(invalid(f("tenants"), format!("unknown tenant {t:?}")));
                 }
             }
+            Scope::from_config(&k.scope)
+                .map_err(|e| invalid(f(&format!("scope.{}", e.field)), e.message))?;
+            // Entries sharing an id are one key: they must not disagree on its scope.
+            if let Some(first) = self.keys[..i].iter().find(|o| o.id == k.id)
+                && first.scope != k.scope
+            {
+                return Err(invalid(
+                    f("scope"),
+                    format!("differs from an earlier entry with id {:?}", k.id),
+                ));
+            }
         }
+        Ok(())
+    }
+
+    fn validate_jwt(&self, j: &JwtConfig) -> Result<(), ConfigError> {
+        let f = |k: &str| format!("auth.jwt.{k}");
+        let strings = |k: &str, list: &[String]| -> Result<(), ConfigError> {
+            if list.is_empty() || list.len() > 64 {
+                return Err(invalid(f(k), "list 1-64 values"));
+            }
+            if list.iter().any(|s| s.is_empty() || s.len() > 1024) {
+                return Err(invalid(f(k), "values must be 1-1024 bytes"));
+            }
+            Ok(())
+        };
+        strings("issuers", &j.issuers)?;
+        strings("audiences", &j.audiences)?;
+        strings("algorithms", &j.algorithms)?;
+        if let Some(a) = j
+            .algorithms
+            .iter()
+            .find(|a| !JWT_ALGORITHMS.contains(&a.as_str()))
+        {
+            return Err(invalid(
+                f("algorithms"),
+                format!("{a:?} is not one of \"RS256\", \"ES256\", \"EdDSA\""),
+            ));
+        }
+        if j.jwks_file.is_none() && j.jwks_url.is_none() {
+            return Err(invalid(f("jwks_file"), "set jwks_file, jwks_url or both"));
+        }
+        if let Some(u) = &j.jwks_url {
+            let uri: http::Uri = u
+                .parse()
+                .map_err(|e| invalid(f("jwks_url"), format!("not a URL: {e}")))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(invalid(
+                    f("jwks_url"),
+                    "only http:// URLs are supported (no TLS stack): use the IdP's in-cluster \
+                     service address, or a jwks_file kept up to date",
+                ));
+            }
+        }
+        for (k, v, lo, hi) in [
+            ("jwks_refresh_ms", j.jwks_refresh_ms, 1000, 86_400_000),
+            ("jwks_min_refresh_ms", j.jwks_min_refresh_ms, 100, 3_600_000),
+            ("jwks_timeout_ms", j.jwks_timeout_ms, 1, 60_000),
+            ("jwks_max_bytes", j.jwks_max_bytes as u64, 1024, 16 << 20),
+            ("leeway_secs", j.leeway_secs, 0, 3600),
+            ("max_token_bytes", j.max_token_bytes as u64, 256, 65_536),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(invalid(f(k), format!("must be within {lo}..={hi}")));
+            }
+        }
+        for (k, v) in [
+            ("tenant_claim", Some(&j.tenant_claim)),
+            ("tier_claim", j.tier_claim.as_ref()),
+            ("scope_claim", j.scope_claim.as_ref()),
+        ] {
+            if let Some(v) = v
+                && (v.is_empty() || v.len() > 256)
+            {
+                return Err(invalid(f(k), "must be 1-256 bytes"));
+            }
+        }
+        if j.tier_claim.is_none() && (!j.tiers.is_empty() || j.default_tier.is_some()) {
+            return Err(invalid(
+                f("tier_claim"),
+                "required when tiers are configured",
+            ));
+        }
+        if j.tier_claim.is_some() && j.tiers.is_empty() {
+            return Err(invalid(f("tiers"), "list at least one tier for tier_claim"));
+        }
+        if let Some(d) = &j.default_tier
+            && !j.tiers.contains_key(d)
+        {
+            return Err(invalid(
+                f("default_tier"),
+                format!("{d:?} is not in auth.jwt.tiers"),
+            ));
+        }
+        for (name, t) in &j.tiers {
+            Scope::from_config(t)
+                .map_err(|e| invalid(f(&format!("tiers.{name}.{}", e.field)), e.message))?;
+        }
+        crate::scope::Routes::parse(&j.routes).map_err(|m| invalid(f("routes"), m))?;
         Ok(())
     }
 
@@ -1122,10 +1459,13 @@ impl Config {
             } else {
                 TenantBinding::Only(k.tenants.iter().cloned().collect())
             };
+            let scope = Scope::from_config(&k.scope)
+                .map_err(|e| invalid(format!("keys[{i}].scope.{}", e.field), e.message))?;
             out.push(LoadedKey {
                 id: k.id.clone(),
                 secrets,
                 tenants,
+                scope: Arc::new(scope),
             });
         }
         Ok(out)

@@ -8,15 +8,18 @@
 
 pub mod audit;
 pub mod config;
+pub mod cost;
 pub mod digest;
 pub mod http_util;
 pub mod isolation;
+pub mod jwt;
 pub mod kv;
 pub mod leaks;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod runtime;
+pub mod scope;
 pub mod seal;
 pub mod server;
 pub mod signature;

@@ -33,6 +33,13 @@ pub struct TenantLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantModel {
+    pub tenant: String,
+    /// A model named in the price tables, or `other`.
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantReason {
     pub tenant: String,
     pub reason: &'static str,
@@ -146,6 +153,10 @@ pub struct Metrics {
     pub keyword_hits: Family<LeakLabel, Counter>,
     /// Injection markers in a tenant's prompts, by marker.
     pub injection_markers: Family<TenantMarker, Counter>,
+    /// JWKS URL fetches by result (`ok`, `error`).
+    pub jwks_refreshes: Family<ResultLabel, Counter>,
+    /// What requests cost (`[cost]` prices x usage), by tenant and priced model.
+    pub cost: Family<TenantModel, crate::cost::CostCounter>,
 }
 
 impl Metrics {
@@ -184,6 +195,8 @@ impl Metrics {
             canary_hits: Family::default(),
             keyword_hits: Family::default(),
             injection_markers: Family::default(),
+            jwks_refreshes: Family::default(),
+            cost: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
@@ -228,7 +241,7 @@ impl Metrics {
         );
         r.register(
             "auth_failures",
-            "Requests refused by signature verification",
+            "Requests refused by authentication (a signature or a JWT), by reason",
             m.auth_failures.clone(),
         );
         r.register(
@@ -355,6 +368,21 @@ impl Metrics {
             "Injection markers (leaks.injection_markers) in a tenant's prompts",
             m.injection_markers.clone(),
         );
+        r.register(
+            "jwks_refreshes",
+            "Fetches of auth.jwt.jwks_url, by result (ok, error: the cached keys are kept)",
+            m.jwks_refreshes.clone(),
+        );
+        r.register(
+            "cost",
+            "What requests cost in cost.currency: usage x the [cost] price per million input, \
+             cached input and output tokens, by tenant and model (a model the price tables do \
+             not name is \"other\")",
+            m.cost.clone(),
+        );
+        for result in ["ok", "error"] {
+            let _ = m.jwks_refreshes.get_or_create(&ResultLabel { result });
+        }
         for result in ["ok", "failed", "refused"] {
             let _ = m.cache_flushes.get_or_create(&ResultLabel { result });
         }

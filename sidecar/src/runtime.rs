@@ -6,9 +6,11 @@
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError, Isolation, TenantConfig, UnknownRoutes};
 use crate::isolation::{CacheGate, GateSettings, derive_salt};
+use crate::jwt::{JwtVerifier, UrlKeys, UrlSettings};
 use crate::kv::KvSettings;
 use crate::limits::{LimitNumbers, SharedClock, TenantLimits};
 use crate::metrics::{Metrics, TenantMetrics};
+use crate::scope::Routes;
 use crate::signature::{ReplayCache, Verifier};
 use crate::tagging::Tagger;
 use crate::upstream::{UpstreamClient, upstream_client};
@@ -35,6 +37,8 @@ pub struct TenantRuntime {
     pub unknown_routes: UnknownRoutes,
     pub default_max_tokens: u64,
     pub weight: u32,
+    /// The tenant's prices (`[cost]`), with their counters.
+    pub cost: crate::cost::TenantCost,
 }
 
 impl std::fmt::Debug for TenantRuntime {
@@ -58,6 +62,10 @@ pub struct Runtime {
     pub leaks: Arc<crate::leaks::LeakPatterns>,
     /// Tenants whose audit records are sealed, with their keys.
     pub audit_seals: crate::audit::Seals,
+    /// `[auth.jwt]`, when configured.
+    pub jwt: Option<JwtVerifier>,
+    /// Routes that accept an RFC 9421 signature (`auth.hmac_routes`).
+    pub hmac_routes: Routes,
 }
 
 impl Runtime {
@@ -301,6 +309,42 @@ fn build_runtime(
         config.auth.max_skew_secs,
         replay.clone(),
     );
+    let jwt = match &config.auth.jwt {
+        Some(j) => {
+            let file_keys = crate::jwt::load_jwks_file(&config)?;
+            let url = match &j.jwks_url {
+                Some(u) => {
+                    let settings = UrlSettings {
+                        url: u.parse().map_err(|_| ConfigError::Invalid {
+                            field: "auth.jwt.jwks_url".into(),
+                            message: "not a URL".into(),
+                        })?,
+                        refresh: Duration::from_millis(j.jwks_refresh_ms),
+                        min_refresh: Duration::from_millis(j.jwks_min_refresh_ms),
+                        timeout: Duration::from_millis(j.jwks_timeout_ms),
+                        max_bytes: j.jwks_max_bytes,
+                    };
+                    // The same URL settings keep the keys fetched so far (and their task).
+                    let kept = prev
+                        .and_then(|p| p.jwt.as_ref())
+                        .and_then(JwtVerifier::url_keys)
+                        .filter(|k| *k.settings() == settings)
+                        .cloned();
+                    Some(kept.unwrap_or_else(|| {
+                        UrlKeys::start(settings, metrics.jwks_refreshes.clone())
+                    }))
+                }
+                None => None,
+            };
+            Some(JwtVerifier::new(j, file_keys, url)?)
+        }
+        None => None,
+    };
+    let hmac_routes =
+        Routes::parse(&config.auth.hmac_routes).map_err(|m| ConfigError::Invalid {
+            field: "auth.hmac_routes".into(),
+            message: m,
+        })?;
     let upstream: Uri = config
         .upstream
         .url
@@ -350,6 +394,8 @@ fn build_runtime(
         kv_bytes_per_token,
         leaks,
         audit_seals,
+        jwt,
+        hmac_routes,
     })
 }
 
@@ -386,5 +432,6 @@ fn tenant_runtime(
         unknown_routes: t.unknown_routes,
         default_max_tokens: t.default_max_tokens,
         weight: t.weight,
+        cost: crate::cost::TenantCost::new(&config.cost, name, metrics),
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::config::LoadedKey;
 use crate::digest;
+use crate::scope::Scope;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
@@ -41,6 +42,22 @@ pub enum AuthError {
     UnknownTenant,
     #[error("replay cache full, try again later")]
     ReplayCacheFull,
+    #[error("algorithm not allowed: {0}")]
+    AlgNotAllowed(String),
+    #[error("the key named by kid is not of the token's algorithm")]
+    KeyMismatch,
+    #[error("not yet valid: {0}")]
+    NotYetValid(String),
+    #[error("the token's issuer is not accepted")]
+    WrongIssuer,
+    #[error("the token's audience is not accepted")]
+    WrongAudience,
+    #[error("the token has no string claim `{0}`")]
+    ClaimMissing(String),
+    #[error("the token's tier is not configured")]
+    UnknownTier,
+    #[error("{0} credentials are not accepted on this route")]
+    MethodNotAccepted(&'static str),
 }
 
 impl AuthError {
@@ -56,11 +73,19 @@ impl AuthError {
             AuthError::DigestMismatch(_) => "digest_mismatch",
             AuthError::UnknownTenant => "unknown_tenant",
             AuthError::ReplayCacheFull => "replay_cache_full",
+            AuthError::AlgNotAllowed(_) => "alg_not_allowed",
+            AuthError::KeyMismatch => "key_mismatch",
+            AuthError::NotYetValid(_) => "not_yet_valid",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::ClaimMissing(_) => "claim_missing",
+            AuthError::UnknownTier => "unknown_tier",
+            AuthError::MethodNotAccepted(_) => "method_not_accepted",
         }
     }
 
     /// Every reason, for pre-creating metric series.
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 18] = [
         "missing",
         "malformed",
         "bad_signature",
@@ -71,6 +96,14 @@ impl AuthError {
         "digest_mismatch",
         "unknown_tenant",
         "replay_cache_full",
+        "alg_not_allowed",
+        "key_mismatch",
+        "not_yet_valid",
+        "wrong_issuer",
+        "wrong_audience",
+        "claim_missing",
+        "unknown_tier",
+        "method_not_accepted",
     ];
 }
 
@@ -510,6 +543,8 @@ pub struct Verified {
     pub key_id: String,
     /// Lowercase header names covered by the signature.
     pub covered_headers: HashSet<String>,
+    /// What the key may ask for.
+    pub scope: Arc<Scope>,
 }
 
 /// What the head of a request proved; the body is checked by [`PendingAuth::finish`].
@@ -527,6 +562,7 @@ pub struct PendingAuth {
     forget_at: i64,
     /// The signed `Content-Digest` value, when the signature covers it.
     content_digest: Option<String>,
+    scope: Arc<Scope>,
 }
 
 impl PendingAuth {
@@ -536,6 +572,11 @@ impl PendingAuth {
 
     pub fn key_id(&self) -> &str {
         &self.key_id
+    }
+
+    /// What the key that signed the request may ask for.
+    pub fn scope(&self) -> &Arc<Scope> {
+        &self.scope
     }
 
     /// Lowercase header names covered by the signature.
@@ -578,6 +619,7 @@ impl PendingAuth {
             tenant: self.tenant,
             key_id: self.key_id,
             covered_headers: self.covered_headers,
+            scope: self.scope,
         })
     }
 }
@@ -762,6 +804,7 @@ impl Verifier {
             expires: p.expires,
             forget_at,
             content_digest,
+            scope: key.scope.clone(),
         })
     }
 
@@ -988,6 +1031,7 @@ mod tests {
             id: "gw".into(),
             secrets: vec![b"0123456789abcdef0123456789abcdef".to_vec()],
             tenants,
+            scope: Default::default(),
         };
         Verifier::new(
             "bulkhead".into(),
@@ -1131,6 +1175,7 @@ mod tests {
                 id: id.to_string(),
                 secrets: vec![format!("secret-of-{id}-0123456789abcdef").into_bytes()],
                 tenants: TenantBinding::Any,
+                scope: Default::default(),
             })
             .collect();
         (

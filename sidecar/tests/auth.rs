@@ -219,3 +219,22 @@ async fn one_key_filling_the_replay_cache_does_not_lock_out_another() {
     assert_eq!(p.status, StatusCode::OK, "{b:?}");
     h.shutdown().await;
 }
+
+/// A client's `Authorization` header (its key for a gateway, a bearer token) is not passed to
+/// the upstream unless `auth.forward_authorization = true` (old: always forwarded).
+#[tokio::test]
+async fn authorization_is_not_forwarded_by_default() {
+    let h = Harness::start(DEFAULT_TENANTS).await;
+    let mut req = h.signed("acme", Method::POST, "/v1/chat/completions", &body());
+    req.headers_mut()
+        .insert("authorization", "Bearer sk-client-secret".parse().unwrap());
+    let (p, _) = h.send_collect(req).await;
+    assert_eq!(p.status, StatusCode::OK);
+    let seen = h.sim.sim.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        !seen[0].headers.contains_key("authorization"),
+        "the client's Authorization reached the upstream"
+    );
+    h.shutdown().await;
+}

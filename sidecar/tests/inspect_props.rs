@@ -53,6 +53,7 @@ impl Tenant {
         Policy {
             default_max_tokens: self.default_max_tokens,
             salt: self.salt.as_deref(),
+            scope: None,
         }
     }
 }
@@ -958,6 +959,7 @@ fn generators_reach_accepted_and_refused_bodies() {
             let p = Policy {
                 default_max_tokens: 16,
                 salt: Some("s"),
+                scope: None,
             };
             match inspect(route, &body, p) {
                 Ok(_) => ok += 1,

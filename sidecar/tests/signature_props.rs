@@ -22,6 +22,7 @@ fn verifier() -> Verifier {
         id: "gw".into(),
         secrets: vec![KEY.to_vec()],
         tenants: TenantBinding::Any,
+        scope: Default::default(),
     };
     Verifier::new(
         LABEL.into(),

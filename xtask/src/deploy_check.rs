@@ -331,7 +331,7 @@ fn ensure_venv(venv: &Path) -> Result<PathBuf> {
 }
 
 /// `apt-get install -y`, with `apt-get update` first only when the install fails.
-fn apt_install(packages: &[&str]) -> Result<()> {
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     let install = || {
         let mut c = Command::new("apt-get");
         c.args(["install", "-y", "--no-install-recommends"])

@@ -144,7 +144,28 @@ fn test() -> Result<()> {
         "bulkhead-probe",
     ]))?;
     images::run_task(&["--profile", "dev", "--no-build"])?;
+    ensure_jwt_signer()?;
     cargo_test(&["--workspace"])
+}
+
+/// The sidecar's JWT tests sign tokens with an independent library: python3 with
+/// pyca/cryptography (Debian `python3-cryptography`), installed here when missing. The tests
+/// themselves fail (never skip) without it.
+fn ensure_jwt_signer() -> Result<()> {
+    let ok = || {
+        Command::new("python3")
+            .args(["-c", "import cryptography"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !ok() {
+        deploy_check::apt_install(&["python3-cryptography"])?;
+        if !ok() {
+            bail!("python3 cannot import cryptography after installing python3-cryptography");
+        }
+    }
+    Ok(())
 }
 
 /// `cargo test`, its output passed through, closing with one line that totals every test

@@ -21,6 +21,8 @@ use tokio::sync::OwnedSemaphorePermit;
 pub struct Usage {
     pub prompt: u64,
     pub completion: u64,
+    /// Prompt tokens served from the prefix cache (part of `prompt`).
+    pub cached: u64,
 }
 
 impl Usage {
@@ -127,6 +129,8 @@ pub struct Exchange {
     /// authentication (replayed, expired, ...): counted per tenant, never attributed.
     pub signed_for: Option<Arc<TenantRuntime>>,
     pub key_id: Option<String>,
+    /// The request body's `model`, for its price.
+    pub model: Option<String>,
     pub stream: bool,
     pub prompt_hash: Option<String>,
     pub queue_wait: Option<Duration>,
@@ -167,6 +171,7 @@ impl Exchange {
             tenant: None,
             signed_for: None,
             key_id: None,
+            model: None,
             stream: false,
             prompt_hash: None,
             queue_wait: None,
@@ -281,6 +286,7 @@ impl Exchange {
             (self.stream && m.chunks > 0).then_some(Usage {
                 prompt: m.prompt_estimate,
                 completion: m.chunks,
+                cached: 0,
             })
         });
         match &self.end {
@@ -348,6 +354,7 @@ impl Exchange {
         self.record_leaks(status.as_u16());
         let m = &self.app.metrics;
         let elapsed = self.t0.elapsed();
+        let mut cost = None;
         match &self.tenant {
             Some(t) => {
                 let tm = &t.metrics;
@@ -377,6 +384,14 @@ impl Exchange {
                 if let Some(u) = usage {
                     tm.prompt_tokens.inc_by(u.prompt);
                     tm.completion_tokens.inc_by(u.completion);
+                    cost = t.cost.charge(
+                        self.model.as_deref(),
+                        crate::cost::Tokens {
+                            prompt: u.prompt,
+                            cached: u.cached,
+                            completion: u.completion,
+                        },
+                    );
                 }
                 if self.forwarded {
                     tm.duration.observe(elapsed.as_secs_f64());
@@ -433,6 +448,9 @@ impl Exchange {
                 .iter()
                 .map(|h| LeakRecord::new(h, None))
                 .collect(),
+            model: self.model.take(),
+            cached_tokens: usage.map(|u| u.cached).filter(|c| *c > 0),
+            cost,
         });
     }
 }

@@ -5,6 +5,7 @@
 
 use super::refusal::Refusal;
 use super::routes::{Api, Route};
+use crate::scope::Scope;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
@@ -28,6 +29,8 @@ pub struct Inspected {
     pub prompt_hash_input: Vec<u8>,
     /// The client sent a `cache_salt` (removed or replaced).
     pub client_salt: bool,
+    /// The body's `model`, when it is a string.
+    pub model: Option<String>,
 }
 
 /// The tenant's side of inspection.
@@ -36,6 +39,8 @@ pub struct Policy<'a> {
     pub default_max_tokens: u64,
     /// The tenant's `cache_salt` (salted tier).
     pub salt: Option<&'a str>,
+    /// What the credential may ask for (models, tools, `max_tokens`); `None` allows all.
+    pub scope: Option<&'a Scope>,
 }
 
 /// Whether `v` nests at most `MAX_DEPTH` levels (the parser already stopped at 128, which
@@ -147,7 +152,11 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
             "the request body must be a JSON object",
         ));
     };
+    if let Some(scope) = policy.scope {
+        check_scope(route, obj, scope)?;
+    }
     let mut info = Inspected {
+        model: obj.get("model").and_then(Value::as_str).map(str::to_string),
         client_salt: obj.remove("cache_salt").is_some(),
         ..Inspected::default()
     };
@@ -188,6 +197,69 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
     })?;
     info.body = Bytes::from(out);
     Ok(info)
+}
+
+/// The name a tool entry (`tools[]`, `functions[]`) or a forcing `tool_choice` /
+/// `function_call` object goes by: `function.name`, else `name`, else (built-in tools of the
+/// Responses API) `type`.
+fn tool_name(v: &Value) -> Option<&str> {
+    v.pointer("/function/name")
+        .or_else(|| v.get("name"))
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+}
+
+/// The credential's scope over the body: the `model` it names and the tools it declares or
+/// forces. `max_tokens` is checked where the completion limit is read.
+fn check_scope(route: Route, obj: &Map<String, Value>, scope: &Scope) -> Result<(), Refusal> {
+    if scope.models.is_some() {
+        match obj.get("model") {
+            Some(Value::String(m)) if scope.allows_model(m) => {}
+            Some(Value::String(m)) => return Err(Refusal::denied("model", m)),
+            // The tokenizer-only routes may leave the model to the server's default.
+            None | Some(Value::Null) if route == Route::Tokenize => {}
+            None | Some(Value::Null) => {
+                return Err(Refusal::permission(
+                    "this credential may use only some models: name one in `model`",
+                ));
+            }
+            Some(_) => return Err(bad("model", "a string")),
+        }
+    }
+    if scope.tools.is_none() {
+        return Ok(());
+    }
+    let named = |v: &Value| -> Result<(), Refusal> {
+        match tool_name(v) {
+            Some(n) if scope.allows_tool(n) => Ok(()),
+            Some(n) => Err(Refusal::denied("tool", n)),
+            None => Err(Refusal::permission(
+                "a tool without a name is outside this credential's scope",
+            )),
+        }
+    };
+    for key in ["tools", "functions"] {
+        match obj.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) => list.iter().try_for_each(named)?,
+            Some(_) => return Err(bad(key, "an array")),
+        }
+    }
+    for key in ["tool_choice", "function_call"] {
+        match obj.get(key) {
+            // "none", "auto", "required": no function named.
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(v @ Value::Object(o)) => {
+                // `{"type": "allowed_tools", "tools": [...]}` names several.
+                match o.get("tools") {
+                    Some(Value::Array(list)) => list.iter().try_for_each(named)?,
+                    _ => named(v)?,
+                }
+            }
+            Some(_) => return Err(bad(key, "a string or an object")),
+        }
+    }
+    Ok(())
 }
 
 /// Streaming, usage and the completion reservation of a generating request.
@@ -237,16 +309,30 @@ fn generation(
         Api::Completions => take_uint(obj, "max_tokens")?,
         Api::Responses => take_uint(obj, "max_output_tokens")?,
     };
+    let cap = policy.scope.and_then(|s| s.max_tokens);
     let max = match max {
-        Some(n) => n,
+        Some(n) => {
+            if let Some(cap) = cap
+                && n > cap
+            {
+                return Err(Refusal::permission(format!(
+                    "a completion limit of {n} tokens is outside this credential's scope \
+                     (at most {cap})"
+                )));
+            }
+            n
+        }
         None => {
             let key = if api == Api::Responses {
                 "max_output_tokens"
             } else {
                 "max_tokens"
             };
-            obj.insert(key.into(), Value::from(policy.default_max_tokens));
-            policy.default_max_tokens
+            let n = cap.map_or(policy.default_max_tokens, |c| {
+                c.min(policy.default_max_tokens)
+            });
+            obj.insert(key.into(), Value::from(n));
+            n
         }
     };
     let mut choices = 1;
@@ -271,6 +357,7 @@ mod tests {
     const P: Policy<'static> = Policy {
         default_max_tokens: 256,
         salt: None,
+        scope: None,
     };
 
     fn fwd(i: &Inspected) -> Value {
@@ -419,5 +506,108 @@ mod tests {
         let text = String::from_utf8(i.body.to_vec()).unwrap();
         assert_eq!(text.matches("cache_salt").count(), 1, "{text}");
         assert!(text.contains(r#""cache_salt":"mine""#));
+    }
+
+    #[test]
+    fn scopes_hold_models_tools_and_limits_in_every_shape() {
+        let scope = crate::scope::Scope::from_config(&crate::scope::ScopeConfig {
+            models: Some(vec!["m".into()]),
+            routes: None,
+            tools: Some(vec!["ok".into(), "web_search".into()]),
+            max_tokens: Some(50),
+        })
+        .unwrap();
+        let p = Policy {
+            scope: Some(&scope),
+            ..P
+        };
+        let code = |route, body: &str| {
+            inspect(route, body.as_bytes(), p)
+                .map(|_| "ok")
+                .unwrap_or_else(|r| r.code)
+        };
+        let chat = Route::Generate(Api::Chat);
+        let resp = Route::Generate(Api::Responses);
+        for (route, body, want) in [
+            (chat, r#"{"model":"m","messages":[]}"#, "ok"),
+            (chat, r#"{"model":"x","messages":[]}"#, "permission_denied"),
+            (chat, r#"{"model":7,"messages":[]}"#, "invalid_parameter"),
+            (chat, r#"{"messages":[]}"#, "permission_denied"),
+            (Route::Tokenize, r#"{"prompt":"x"}"#, "ok"),
+            (
+                Route::Tokenize,
+                r#"{"model":"x","prompt":"x"}"#,
+                "permission_denied",
+            ),
+            (Route::Encode, r#"{"input":"x"}"#, "permission_denied"),
+            // Responses API tools: `name` at the top, built-in tools by `type`.
+            (
+                resp,
+                r#"{"model":"m","input":"x","tools":[{"type":"function","name":"ok"},{"type":"web_search"}]}"#,
+                "ok",
+            ),
+            (
+                resp,
+                r#"{"model":"m","input":"x","tools":[{"type":"file_search"}]}"#,
+                "permission_denied",
+            ),
+            (
+                resp,
+                r#"{"model":"m","input":"x","tool_choice":{"type":"function","name":"no"}}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"tool_choice":{"type":"allowed_tools","tools":[{"type":"function","function":{"name":"no"}}]}}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"tool_choice":"required","tools":[{"function":{"name":"ok"}}]}"#,
+                "ok",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"tools":[{}]}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"tools":{"a":1}}"#,
+                "invalid_parameter",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"function_call":{"name":"no"}}"#,
+                "permission_denied",
+            ),
+            // The completion limit, as the upstream reads it.
+            (
+                chat,
+                r#"{"model":"m","messages":[],"max_tokens":"50"}"#,
+                "ok",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"max_tokens":51}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"model":"m","messages":[],"max_completion_tokens":51,"max_tokens":1}"#,
+                "permission_denied",
+            ),
+            (
+                resp,
+                r#"{"model":"m","input":"x","max_output_tokens":1e3}"#,
+                "permission_denied",
+            ),
+        ] {
+            assert_eq!(code(route, body), want, "{body}");
+        }
+        // Without a limit the scope's is written in when it is below the tenant default.
+        let i = inspect(chat, br#"{"model":"m","messages":[]}"#, p).unwrap();
+        assert_eq!(fwd(&i)["max_tokens"], 50);
+        assert_eq!(i.completion_reserve, 50);
     }
 }

@@ -56,6 +56,15 @@ pub struct UsageView {
     #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    #[serde(default, alias = "input_tokens_details")]
+    prompt_tokens_details: Option<TokenDetails>,
+}
+
+/// `prompt_tokens_details` (Chat, Completions) or `input_tokens_details` (Responses).
+#[derive(serde::Deserialize)]
+struct TokenDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
 }
 
 impl UsageView {
@@ -64,7 +73,17 @@ impl UsageView {
         let completion = self
             .completion_tokens
             .unwrap_or_else(|| self.total_tokens.map_or(0, |t| t.saturating_sub(prompt)));
-        Usage { prompt, completion }
+        let cached = self
+            .prompt_tokens_details
+            .as_ref()
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+            .min(prompt);
+        Usage {
+            prompt,
+            completion,
+            cached,
+        }
     }
 }
 
@@ -550,6 +569,7 @@ mod tests {
         let want = Some(Usage {
             prompt: 5,
             completion: 7,
+            cached: 0,
         });
         assert_eq!(scan(&[doc]), want);
         for cut in 1..doc.len() {
@@ -560,8 +580,24 @@ mod tests {
             scan(&[br#"{"usage":{"input_tokens":3,"output_tokens":4},"output":[]}"#]),
             Some(Usage {
                 prompt: 3,
-                completion: 4
+                completion: 4,
+                cached: 0,
             })
+        );
+        // Cached prompt tokens, as Chat and Responses name them.
+        assert_eq!(
+            scan(&[
+                br#"{"usage":{"prompt_tokens":9,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":8}}}"#
+            ])
+            .map(|u| u.cached),
+            Some(8)
+        );
+        assert_eq!(
+            scan(&[
+                br#"{"usage":{"input_tokens":9,"output_tokens":1,"input_tokens_details":{"cached_tokens":99}}}"#
+            ])
+            .map(|u| u.cached),
+            Some(9)
         );
         assert_eq!(
             scan(&[br#"{"choices":[{"usage":{"prompt_tokens":1}}]}"#]),
@@ -580,7 +616,8 @@ mod tests {
             scan(&pieces),
             Some(Usage {
                 prompt: 40000,
-                completion: 0
+                completion: 0,
+                cached: 0,
             })
         );
     }

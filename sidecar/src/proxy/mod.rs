@@ -24,6 +24,7 @@ pub use routes::{Api, ROUTES, Route, classify};
 use crate::http_util::ProxyBody;
 use crate::kv::KvCharge;
 use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
+use crate::scope::Scope;
 use crate::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
 use bytes::{Bytes, BytesMut};
 use exchange::{BodyBytes, End, Exchange, Held};
@@ -99,19 +100,33 @@ async fn proxy(
     let rt = ex.app.runtime();
     let route = classify(req.method(), req.uri().path())?;
     let (parts, body) = req.into_parts();
-    let (pending, tenant) = authenticate(ex, &rt, &parts)?;
-    check_route(route, &tenant)?;
+    let (credential, tenant) = authenticate(ex, &rt, &parts)?;
+    let scope = credential.scope().clone();
+    check_route(route, parts.uri.path(), &tenant, &scope)?;
     let body = read_body(ex, &rt, &parts, body).await?;
-    let verified = pending
-        .finish(&rt.verifier, &body, unix_now())
-        .map_err(|e| {
-            ex.signed_for = Some(tenant.clone());
-            Refusal::auth(&e)
-        })?;
+    let verified = match credential {
+        Credential::Signed(pending) => {
+            let v = pending
+                .finish(&rt.verifier, &body, unix_now())
+                .map_err(|e| {
+                    ex.signed_for = Some(tenant.clone());
+                    Refusal::auth(&e)
+                })?;
+            Verified {
+                key_id: v.key_id,
+                covered_headers: v.covered_headers,
+            }
+        }
+        // A bearer token covers no body and no header.
+        Credential::Token(id) => Verified {
+            key_id: format!("jwt:{}", id.kid),
+            covered_headers: Default::default(),
+        },
+    };
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
-    let info = inspect_body(ex, route, &tenant, &parts, body)?;
+    let info = inspect_body(ex, route, &tenant, &scope, &parts, body)?;
     scan_prompt(ex, &rt, &tenant, &info)?;
     admit(ex, &tenant, &info)?;
     tag_client(ex, conn, &tenant).await;
@@ -132,12 +147,63 @@ async fn proxy(
     forward(ex, &rt, &tenant, up, info.strip_usage_chunk).await
 }
 
-/// Phase: verify everything but the body from the headers; look the tenant up once.
+/// How a request proved its tenant.
+enum Credential {
+    /// An RFC 9421 signature over the head; the body's digest is checked once read.
+    Signed(PendingAuth),
+    /// A verified JWT.
+    Token(crate::jwt::JwtIdentity),
+}
+
+impl Credential {
+    fn scope(&self) -> &Arc<Scope> {
+        match self {
+            Credential::Signed(p) => p.scope(),
+            Credential::Token(t) => &t.scope,
+        }
+    }
+}
+
+/// What authentication proved, once the body is read.
+struct Verified {
+    key_id: String,
+    /// Lowercase names of the headers the credential covers (kept even if reserved).
+    covered_headers: std::collections::HashSet<String>,
+}
+
+/// Phase: authenticate from the headers alone and look the tenant up once. A request with
+/// `Signature` or `Signature-Input` is verified as signed (the body is checked later); one
+/// with only `Authorization: Bearer` as a JWT, when `[auth.jwt]` is configured. Each method
+/// only on the routes its configuration lists.
 fn authenticate(
     ex: &mut Exchange,
     rt: &Runtime,
     parts: &Parts,
-) -> Result<(PendingAuth, Arc<TenantRuntime>), Refusal> {
+) -> Result<(Credential, Arc<TenantRuntime>), Refusal> {
+    let h = &parts.headers;
+    let signed = h.contains_key("signature") || h.contains_key("signature-input");
+    if !signed && let Some(jwt) = &rt.jwt {
+        let token = crate::jwt::bearer(h).map_err(|e| Refusal::auth(&e))?;
+        if let Some(token) = token {
+            use crate::signature::AuthError;
+            if !jwt.routes.allows(parts.uri.path()) {
+                return Err(Refusal::auth(&AuthError::MethodNotAccepted("JWT")));
+            }
+            let id = jwt
+                .verify(token, unix_now())
+                .map_err(|e| Refusal::auth(&e))?;
+            let tenant = rt
+                .tenant(&id.tenant)
+                .cloned()
+                .ok_or_else(|| Refusal::auth(&AuthError::UnknownTenant))?;
+            return Ok((Credential::Token(id), tenant));
+        }
+    }
+    if signed && !rt.hmac_routes.allows(parts.uri.path()) {
+        return Err(Refusal::auth(
+            &crate::signature::AuthError::MethodNotAccepted("signed"),
+        ));
+    }
     let view = RequestView {
         method: &parts.method,
         uri: &parts.uri,
@@ -160,11 +226,32 @@ fn authenticate(
         .tenant(pending.tenant())
         .cloned()
         .ok_or_else(|| Refusal::auth(&crate::signature::AuthError::UnknownTenant))?;
-    Ok((pending, tenant))
+    Ok((Credential::Signed(pending), tenant))
 }
 
-/// Phase: the route's policy for this tenant.
-fn check_route(route: Route, tenant: &TenantRuntime) -> Result<(), Refusal> {
+/// Phase: the route's policy for this tenant, and the credential's route scope.
+fn check_route(
+    route: Route,
+    path: &str,
+    tenant: &TenantRuntime,
+    scope: &Scope,
+) -> Result<(), Refusal> {
+    check_route_policy(route, tenant)?;
+    if !scope.routes.allows(path) {
+        return Err(Refusal::denied("route", path));
+    }
+    // An unknown route is forwarded opaque: nothing in its body could be held to the scope.
+    if route == Route::Unknown && scope.limits_body() {
+        return Err(Refusal::permission(format!(
+            "route {} is not inspected, so a credential limited to models, tools or \
+             max_tokens cannot use it",
+            crate::scope::quoted(path)
+        )));
+    }
+    Ok(())
+}
+
+fn check_route_policy(route: Route, tenant: &TenantRuntime) -> Result<(), Refusal> {
     match route {
         Route::Admin => Err(Refusal::new(
             StatusCode::FORBIDDEN,
@@ -296,10 +383,11 @@ fn inspect_body(
     ex: &mut Exchange,
     route: Route,
     tenant: &TenantRuntime,
+    scope: &Scope,
     parts: &Parts,
     body: Bytes,
 ) -> Result<Inspected, Refusal> {
-    let info = if route.inspected() {
+    let mut info = if route.inspected() {
         if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING)
             && enc.as_bytes() != b"identity"
         {
@@ -313,6 +401,7 @@ fn inspect_body(
         let policy = Policy {
             default_max_tokens: tenant.default_max_tokens,
             salt: tenant.salt.as_deref(),
+            scope: Some(scope),
         };
         inspect(route, &body, policy)?
     } else if route == Route::Models {
@@ -335,6 +424,7 @@ fn inspect_body(
         tenant.metrics.salt_overrides.inc();
     }
     ex.stream = info.stream;
+    ex.model = info.model.take();
     if !info.prompt_hash_input.is_empty() {
         ex.prompt_hash = Some(ex.app.audit.prompt_hash(&info.prompt_hash_input));
     }
@@ -462,6 +552,10 @@ fn upstream_request(
 ) -> Result<Request<Full<Bytes>>, Refusal> {
     let mut h = parts.headers;
     crate::upstream::strip_hop_by_hop(&mut h);
+    // The client's credential (a bearer token, a gateway API key) stays here unless asked.
+    if !rt.config.auth.forward_authorization {
+        h.remove(header::AUTHORIZATION);
+    }
     let spoofable: Vec<HeaderName> = h
         .keys()
         .filter(|k| k.as_str().starts_with(RESERVED_PREFIX) && !covered.contains(k.as_str()))

@@ -65,6 +65,25 @@ impl Refusal {
         Self::new(status, "server_error", code, message)
     }
 
+    /// 403 `permission_denied`: the credential's scope does not allow this request.
+    pub fn permission(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "permission_denied",
+            message,
+        )
+    }
+
+    /// 403 `permission_denied` naming the refused `what` (a route, model or tool), quoted,
+    /// escaped and cut short.
+    pub fn denied(what: &str, name: &str) -> Self {
+        Self::permission(format!(
+            "{what} {} is outside this credential's scope",
+            crate::scope::quoted(name)
+        ))
+    }
+
     pub fn with_retry(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
         self

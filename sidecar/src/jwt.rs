@@ -1,0 +1,814 @@
+//! Tenants from JWTs issued by an identity provider (Keycloak, Auth0, ...): compact JWS
+//! tokens in `Authorization: Bearer`, verified with `ring` against a JWKS (a file, reloaded
+//! with the configuration, and/or an `http://` URL, fetched in the background, bounded in
+//! size and time, and kept when the IdP is down). RS256, ES256 and EdDSA (Ed25519) only:
+//! `none`, HS* and anything else are refused before a key is looked at, a key is used only
+//! for the algorithm of its own type, and header parameters that carry or point at keys
+//! (`jwk`, `jku`, `x5u`, `x5c`) are never used.
+
+use crate::config::{Config, ConfigError, JwtConfig};
+use crate::metrics::ResultLabel;
+use crate::scope::{Routes, Scope, ScopeConfig};
+use crate::signature::AuthError;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use ring::signature::{
+    ECDSA_P256_SHA256_FIXED, ED25519, RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents,
+    UnparsedPublicKey,
+};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Keys in one JWKS at most.
+pub const MAX_JWKS_KEYS: usize = 64;
+/// Nesting of a token's header or claims at most.
+pub const MAX_JWT_DEPTH: usize = 16;
+/// Bytes of a `kid` at most.
+const MAX_KID: usize = 256;
+/// Verified tokens remembered at most (per configuration generation).
+pub const TOKEN_CACHE_ENTRIES: usize = 4096;
+
+/// A verified token, remembered by the SHA-256 of its exact bytes until it expires, so a
+/// client reusing its token is not charged a signature verification per request.
+struct CachedToken {
+    identity: JwtIdentity,
+    /// `exp` plus the leeway: refused from then on.
+    valid_until: i64,
+    /// The URL keys it was verified with: a refresh (rotation) forgets it.
+    url_keys: Option<Arc<KeySet>>,
+}
+
+#[derive(Default)]
+struct TokenCache {
+    map: HashMap<[u8; 32], CachedToken>,
+}
+
+impl TokenCache {
+    fn get(
+        &self,
+        digest: &[u8; 32],
+        now: i64,
+        url_keys: Option<&Arc<KeySet>>,
+    ) -> Option<&JwtIdentity> {
+        let c = self.map.get(digest)?;
+        let same_keys = match (&c.url_keys, url_keys) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        (same_keys && now < c.valid_until).then_some(&c.identity)
+    }
+
+    fn put(&mut self, digest: [u8; 32], entry: CachedToken, now: i64) {
+        if self.map.len() >= TOKEN_CACHE_ENTRIES {
+            self.map.retain(|_, c| now < c.valid_until);
+            if self.map.len() >= TOKEN_CACHE_ENTRIES {
+                self.map.clear();
+            }
+        }
+        self.map.insert(digest, entry);
+    }
+}
+
+/// The signature algorithms the sidecar verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Alg {
+    Rs256,
+    Es256,
+    EdDsa,
+}
+
+impl Alg {
+    pub const ALL: [Alg; 3] = [Alg::Rs256, Alg::Es256, Alg::EdDsa];
+
+    pub fn parse(s: &str) -> Option<Alg> {
+        match s {
+            "RS256" => Some(Alg::Rs256),
+            "ES256" => Some(Alg::Es256),
+            "EdDSA" => Some(Alg::EdDsa),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Alg::Rs256 => "RS256",
+            Alg::Es256 => "ES256",
+            Alg::EdDsa => "EdDSA",
+        }
+    }
+}
+
+/// A public key, in the form `ring` verifies with.
+#[derive(Clone, PartialEq, Eq)]
+enum KeyMaterial {
+    /// Big-endian modulus and exponent, without leading zeros.
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
+    /// The uncompressed point `04 || x || y`.
+    P256(Vec<u8>),
+    Ed25519(Vec<u8>),
+}
+
+impl KeyMaterial {
+    /// The one algorithm this key verifies.
+    fn alg(&self) -> Alg {
+        match self {
+            KeyMaterial::Rsa { .. } => Alg::Rs256,
+            KeyMaterial::P256(_) => Alg::Es256,
+            KeyMaterial::Ed25519(_) => Alg::EdDsa,
+        }
+    }
+
+    fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        match self {
+            KeyMaterial::Rsa { n, e } => RsaPublicKeyComponents { n, e }
+                .verify(&RSA_PKCS1_2048_8192_SHA256, msg, sig)
+                .is_ok(),
+            KeyMaterial::P256(p) => UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, p)
+                .verify(msg, sig)
+                .is_ok(),
+            KeyMaterial::Ed25519(x) => UnparsedPublicKey::new(&ED25519, x).verify(msg, sig).is_ok(),
+        }
+    }
+}
+
+/// One signing key of a JWKS.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Jwk {
+    pub kid: String,
+    key: KeyMaterial,
+}
+
+impl std::fmt::Debug for Jwk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwk")
+            .field("kid", &self.kid)
+            .field("alg", &self.key.alg())
+            .finish()
+    }
+}
+
+/// The usable signing keys of a JWKS document.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeySet {
+    keys: Vec<Jwk>,
+}
+
+fn b64(v: &Value, field: &str) -> Result<Vec<u8>, String> {
+    let s = v
+        .get(field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("`{field}` missing"))?;
+    URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| format!("`{field}` is not base64url"))
+}
+
+fn strip_zeros(mut v: Vec<u8>) -> Vec<u8> {
+    let lead = v.iter().take_while(|b| **b == 0).count();
+    v.drain(..lead);
+    v
+}
+
+impl KeySet {
+    /// Parse a JWKS (`{"keys": [...]}`). Keys for encryption (`use` other than `sig`), of
+    /// other types or curves, or declaring another `alg`, are left out; a key without a `kid`
+    /// is left out (tokens must name their key); private key material fails the whole set.
+    pub fn parse(bytes: &[u8]) -> Result<KeySet, String> {
+        let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        if !depth_ok(&doc, MAX_JWT_DEPTH) {
+            return Err(format!("nests deeper than {MAX_JWT_DEPTH} levels"));
+        }
+        let list = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or("no `keys` array")?;
+        if list.len() > MAX_JWKS_KEYS {
+            return Err(format!("more than {MAX_JWKS_KEYS} keys"));
+        }
+        let mut keys = Vec::new();
+        for (i, k) in list.iter().enumerate() {
+            let at = |m: String| format!("keys[{i}]: {m}");
+            if ["d", "p", "q", "dp", "dq", "qi", "k"]
+                .iter()
+                .any(|f| k.get(f).is_some())
+            {
+                return Err(at("holds private or symmetric key material".into()));
+            }
+            if k.get("use").is_some_and(|u| u != "sig") {
+                continue;
+            }
+            let Some(kid) = k.get("kid").and_then(Value::as_str) else {
+                continue;
+            };
+            if kid.is_empty() || kid.len() > MAX_KID {
+                continue;
+            }
+            let kty = k.get("kty").and_then(Value::as_str).unwrap_or("");
+            let crv = k.get("crv").and_then(Value::as_str).unwrap_or("");
+            let key = match (kty, crv) {
+                ("RSA", _) => {
+                    let n = strip_zeros(b64(k, "n").map_err(at)?);
+                    let e = strip_zeros(b64(k, "e").map_err(at)?);
+                    if !(256..=1024).contains(&n.len()) || e.is_empty() || e.len() > 8 {
+                        return Err(at("RSA modulus must be 2048-8192 bits".into()));
+                    }
+                    KeyMaterial::Rsa { n, e }
+                }
+                ("EC", "P-256") => {
+                    let (x, y) = (b64(k, "x").map_err(at)?, b64(k, "y").map_err(at)?);
+                    if x.len() != 32 || y.len() != 32 {
+                        return Err(at("P-256 coordinates must be 32 bytes".into()));
+                    }
+                    let mut p = Vec::with_capacity(65);
+                    p.push(4);
+                    p.extend_from_slice(&x);
+                    p.extend_from_slice(&y);
+                    KeyMaterial::P256(p)
+                }
+                ("OKP", "Ed25519") => {
+                    let x = b64(k, "x").map_err(at)?;
+                    if x.len() != 32 {
+                        return Err(at("Ed25519 key must be 32 bytes".into()));
+                    }
+                    KeyMaterial::Ed25519(x)
+                }
+                _ => continue,
+            };
+            if let Some(alg) = k.get("alg")
+                && alg.as_str().and_then(Alg::parse) != Some(key.alg())
+            {
+                continue;
+            }
+            keys.push(Jwk {
+                kid: kid.to_string(),
+                key,
+            });
+        }
+        Ok(KeySet { keys })
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.kid.as_str())
+    }
+}
+
+/// Read `auth.jwt.jwks_file` (an empty set without one). Called at start, on reload (a bad
+/// JWKS file rejects the reload) and by `check-config`.
+pub fn load_jwks_file(config: &Config) -> Result<KeySet, ConfigError> {
+    let Some(p) = config.auth.jwt.as_ref().and_then(|j| j.jwks_file.as_ref()) else {
+        return Ok(KeySet::default());
+    };
+    let invalid = |message: String| ConfigError::Invalid {
+        field: "auth.jwt.jwks_file".into(),
+        message,
+    };
+    let raw = std::fs::read(p).map_err(|e| invalid(format!("cannot read {}: {e}", p.display())))?;
+    KeySet::parse(&raw).map_err(invalid)
+}
+
+fn depth_ok(v: &Value, left: usize) -> bool {
+    match v {
+        Value::Array(a) => left > 0 && a.iter().all(|x| depth_ok(x, left - 1)),
+        Value::Object(o) => left > 0 && o.values().all(|x| depth_ok(x, left - 1)),
+        _ => true,
+    }
+}
+
+/// What a verified token proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtIdentity {
+    /// The tenant claim's value (checked against the configured tenants by the caller).
+    pub tenant: String,
+    /// The key that signed it.
+    pub kid: String,
+    /// The token's scope: its tier's, narrowed by its scope claim.
+    pub scope: Arc<Scope>,
+}
+
+/// The JWKS URL's settings; a reload that keeps them keeps the fetched keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlSettings {
+    pub url: http::Uri,
+    pub refresh: Duration,
+    pub min_refresh: Duration,
+    pub timeout: Duration,
+    pub max_bytes: usize,
+}
+
+/// Keys fetched from a JWKS URL by a background task, which ends once this is dropped.
+pub struct UrlKeys {
+    settings: UrlSettings,
+    keys: RwLock<Arc<KeySet>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for UrlKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UrlKeys")
+            .field("url", &self.settings.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UrlKeys {
+    /// Start fetching (at once, then every `refresh`; after a failure every `min_refresh`).
+    pub fn start(settings: UrlSettings, results: Family<ResultLabel, Counter>) -> Arc<UrlKeys> {
+        let me = Arc::new(UrlKeys {
+            settings: settings.clone(),
+            keys: RwLock::new(Arc::new(KeySet::default())),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        });
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(refresh_loop(
+                    Arc::downgrade(&me),
+                    me.wake.clone(),
+                    settings,
+                    results,
+                ));
+            }
+            Err(_) => tracing::warn!("no async runtime: the JWKS URL is not fetched"),
+        }
+        me
+    }
+
+    pub fn settings(&self) -> &UrlSettings {
+        &self.settings
+    }
+
+    pub fn keys(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Ask for an early refresh (a token named an unknown key: the IdP may have rotated). At
+    /// most one fetch per `min_refresh` happens however often this is called.
+    pub fn nudge(&self) {
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for UrlKeys {
+    fn drop(&mut self) {
+        self.wake.notify_one();
+    }
+}
+
+async fn refresh_loop(
+    me: std::sync::Weak<UrlKeys>,
+    wake: Arc<tokio::sync::Notify>,
+    s: UrlSettings,
+    results: Family<ResultLabel, Counter>,
+) {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, http_body_util::Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    loop {
+        let started = tokio::time::Instant::now();
+        let fetched = fetch(&client, &s).await;
+        let Some(keys) = me.upgrade() else {
+            return;
+        };
+        let next = match fetched {
+            Ok(set) => {
+                results.get_or_create(&ResultLabel { result: "ok" }).inc();
+                tracing::debug!(url = %s.url, keys = set.len(), "JWKS refreshed");
+                *keys.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                started + s.refresh
+            }
+            Err(e) => {
+                results
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
+                tracing::warn!(url = %s.url, error = %e, "JWKS refresh failed; keeping the cached keys");
+                started + s.min_refresh.min(s.refresh)
+            }
+        };
+        drop(keys);
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = wake.notified() => {
+                tokio::time::sleep_until(started + s.min_refresh).await;
+            }
+        }
+        if me.strong_count() == 0 {
+            return;
+        }
+    }
+}
+
+async fn fetch(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+    s: &UrlSettings,
+) -> Result<KeySet, String> {
+    use http_body_util::BodyExt;
+    let get = async {
+        let mut req = http::Request::new(http_body_util::Full::new(Bytes::new()));
+        *req.uri_mut() = s.url.clone();
+        req.headers_mut().insert(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(format!("status {}", resp.status()));
+        }
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > s.max_bytes {
+                    return Err(format!("larger than {} bytes", s.max_bytes));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf)
+    };
+    let bytes = tokio::time::timeout(s.timeout, get)
+        .await
+        .map_err(|_| format!("no answer within {:?}", s.timeout))??;
+    KeySet::parse(&bytes)
+}
+
+/// The JWT verification policy of one configuration.
+#[derive(Debug)]
+pub struct JwtVerifier {
+    issuers: Vec<String>,
+    audiences: Vec<String>,
+    algs: Vec<Alg>,
+    leeway: i64,
+    max_token_bytes: usize,
+    tenant_claim: String,
+    tier_claim: Option<String>,
+    default_tier: Option<String>,
+    tiers: HashMap<String, Arc<Scope>>,
+    scope_claim: Option<String>,
+    /// Routes that accept a JWT.
+    pub routes: Routes,
+    file_keys: Arc<KeySet>,
+    url: Option<Arc<UrlKeys>>,
+    unlimited: Arc<Scope>,
+    cache: std::sync::Mutex<TokenCache>,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenCache({} tokens)", self.map.len())
+    }
+}
+
+/// A claim by name: the name as a whole first (namespaced claims such as
+/// `https://example.com/tenant` have dots), then as a dotted path into nested objects.
+pub fn claim<'a>(claims: &'a Value, name: &str) -> Option<&'a Value> {
+    if let Some(v) = claims.get(name) {
+        return Some(v);
+    }
+    let mut v = claims;
+    for part in name.split('.') {
+        v = v.get(part)?;
+    }
+    Some(v)
+}
+
+fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, AuthError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.is_finite() && f.abs() < 1e15)
+                    .map(|f| f.floor() as i64)
+            })
+            .map(Some)
+            .ok_or_else(|| AuthError::Malformed(format!("`{name}` is not a NumericDate"))),
+    }
+}
+
+fn part(s: &str, what: &str) -> Result<Vec<u8>, AuthError> {
+    URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| AuthError::Malformed(format!("the token's {what} is not base64url")))
+}
+
+fn json_part(bytes: &[u8], what: &str) -> Result<Value, AuthError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|_| AuthError::Malformed(format!("the token's {what} is not JSON")))?;
+    if !v.is_object() {
+        return Err(AuthError::Malformed(format!(
+            "the token's {what} is not an object"
+        )));
+    }
+    if !depth_ok(&v, MAX_JWT_DEPTH) {
+        return Err(AuthError::Malformed(format!(
+            "the token's {what} nests deeper than {MAX_JWT_DEPTH} levels"
+        )));
+    }
+    Ok(v)
+}
+
+impl JwtVerifier {
+    /// Build from `[auth.jwt]`; `file_keys` come from `jwks_file`, `url` carries the fetched
+    /// keys over a reload that kept the URL's settings.
+    pub fn new(
+        c: &JwtConfig,
+        file_keys: KeySet,
+        url: Option<Arc<UrlKeys>>,
+    ) -> Result<JwtVerifier, ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid { field, message };
+        let mut tiers = HashMap::new();
+        for (name, t) in &c.tiers {
+            let s = Scope::from_config(t)
+                .map_err(|e| invalid(format!("auth.jwt.tiers.{name}.{}", e.field), e.message))?;
+            tiers.insert(name.clone(), Arc::new(s));
+        }
+        let routes = Routes::parse(&c.routes).map_err(|m| invalid("auth.jwt.routes".into(), m))?;
+        Ok(JwtVerifier {
+            issuers: c.issuers.clone(),
+            audiences: c.audiences.clone(),
+            algs: c.algorithms.iter().filter_map(|a| Alg::parse(a)).collect(),
+            leeway: c.leeway_secs.min(1 << 30) as i64,
+            max_token_bytes: c.max_token_bytes,
+            tenant_claim: c.tenant_claim.clone(),
+            tier_claim: c.tier_claim.clone(),
+            default_tier: c.default_tier.clone(),
+            tiers,
+            scope_claim: c.scope_claim.clone(),
+            routes,
+            file_keys: Arc::new(file_keys),
+            url,
+            unlimited: Arc::new(Scope::default()),
+            cache: Default::default(),
+        })
+    }
+
+    /// The URL key source, to carry over a reload.
+    pub fn url_keys(&self) -> Option<&Arc<UrlKeys>> {
+        self.url.as_ref()
+    }
+
+    /// [`JwtVerifier::verify_uncached`], remembering a verified token (by the SHA-256 of its
+    /// bytes, at most [`TOKEN_CACHE_ENTRIES`]) until its `exp` plus the leeway, or until the
+    /// URL's keys are refreshed; a configuration reload starts a new cache.
+    pub fn verify(&self, token: &str, now: i64) -> Result<JwtIdentity, AuthError> {
+        if token.len() > self.max_token_bytes {
+            return self.verify_uncached(token, now);
+        }
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let url_keys = self.url.as_ref().map(|u| u.keys());
+        if let Some(id) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(
+            &digest,
+            now,
+            url_keys.as_ref(),
+        ) {
+            return Ok(id.clone());
+        }
+        let (identity, exp) = self.verify_full(token, now)?;
+        let entry = CachedToken {
+            identity: identity.clone(),
+            valid_until: exp.saturating_add(self.leeway),
+            url_keys,
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(digest, entry, now);
+        Ok(identity)
+    }
+
+    /// Verify a compact JWS at unix time `now`: size, header, algorithm, key, signature,
+    /// then (only for an authentic token) `exp`/`nbf`/`iat`, issuer, audience, the tenant
+    /// claim, the tier and the scope claim.
+    pub fn verify_uncached(&self, token: &str, now: i64) -> Result<JwtIdentity, AuthError> {
+        self.verify_full(token, now).map(|(id, _)| id)
+    }
+
+    /// [`JwtVerifier::verify_uncached`], with the token's `exp`.
+    fn verify_full(&self, token: &str, now: i64) -> Result<(JwtIdentity, i64), AuthError> {
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::Malformed(format!(
+                "the token is larger than {} bytes",
+                self.max_token_bytes
+            )));
+        }
+        let mut parts = token.split('.');
+        let (Some(h64), Some(p64), Some(s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed(
+                "the token is not a compact JWS (three dot-separated parts)".into(),
+            ));
+        };
+        let header = json_part(&part(h64, "header")?, "header")?;
+        if header.get("crit").is_some() {
+            return Err(AuthError::Malformed(
+                "critical header parameters are not supported".into(),
+            ));
+        }
+        let alg_name = header
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or_else(|| AuthError::Malformed("the token's header has no `alg`".into()))?;
+        let alg = Alg::parse(alg_name)
+            .filter(|a| self.algs.contains(a))
+            .ok_or_else(|| {
+                AuthError::AlgNotAllowed(format!(
+                    "{} is not accepted",
+                    crate::scope::quoted(alg_name)
+                ))
+            })?;
+        let kid = header
+            .get("kid")
+            .and_then(Value::as_str)
+            .filter(|k| !k.is_empty() && k.len() <= MAX_KID)
+            .ok_or_else(|| AuthError::Malformed("the token's header has no usable `kid`".into()))?;
+        let sig = part(s64, "signature")?;
+        let signed = &token.as_bytes()[..h64.len() + 1 + p64.len()];
+        let url_keys = self.url.as_ref().map(|u| u.keys());
+        let mut named = self
+            .file_keys
+            .keys
+            .iter()
+            .chain(url_keys.iter().flat_map(|k| k.keys.iter()))
+            .filter(|k| k.kid == kid)
+            .peekable();
+        if named.peek().is_none() {
+            if let Some(u) = &self.url {
+                u.nudge();
+            }
+            return Err(AuthError::UnknownKey);
+        }
+        let mut usable = named.filter(|k| k.key.alg() == alg).peekable();
+        if usable.peek().is_none() {
+            return Err(AuthError::KeyMismatch);
+        }
+        if !usable.any(|k| k.key.verify(signed, &sig)) {
+            return Err(AuthError::BadSignature);
+        }
+        // Authentic from here on.
+        let claims = json_part(&part(p64, "claims")?, "claims")?;
+        let leeway = self.leeway;
+        let exp = numeric_date(&claims, "exp")?
+            .ok_or_else(|| AuthError::Malformed("the token has no `exp`".into()))?;
+        if exp.saturating_add(leeway) <= now {
+            return Err(AuthError::Expired("the token's exp has passed".into()));
+        }
+        if let Some(nbf) = numeric_date(&claims, "nbf")?
+            && nbf > now.saturating_add(leeway)
+        {
+            return Err(AuthError::NotYetValid("nbf is in the future".into()));
+        }
+        if let Some(iat) = numeric_date(&claims, "iat")?
+            && iat > now.saturating_add(leeway)
+        {
+            return Err(AuthError::NotYetValid("iat is in the future".into()));
+        }
+        let iss = claims.get("iss").and_then(Value::as_str);
+        if !iss.is_some_and(|i| self.issuers.iter().any(|x| x == i)) {
+            return Err(AuthError::WrongIssuer);
+        }
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => self.audiences.contains(a),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| self.audiences.iter().any(|x| x == a)),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(AuthError::WrongAudience);
+        }
+        let tenant = claim(&claims, &self.tenant_claim)
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| AuthError::ClaimMissing(self.tenant_claim.clone()))?;
+        let mut scope = self.unlimited.clone();
+        if let Some(tc) = &self.tier_claim {
+            let tier = match claim(&claims, tc) {
+                Some(Value::String(t)) => Some(t.as_str()),
+                None | Some(Value::Null) => self.default_tier.as_deref(),
+                Some(_) => None,
+            }
+            .ok_or_else(|| AuthError::ClaimMissing(tc.clone()))?;
+            scope = self
+                .tiers
+                .get(tier)
+                .cloned()
+                .ok_or(AuthError::UnknownTier)?;
+        }
+        if let Some(sc) = &self.scope_claim
+            && let Some(v) = claim(&claims, sc)
+        {
+            let c: ScopeConfig = serde_json::from_value(v.clone()).map_err(|_| {
+                AuthError::Malformed(format!(
+                    "the `{sc}` claim is not a scope (models, routes, tools, max_tokens)"
+                ))
+            })?;
+            let own = Scope::from_config(&c)
+                .map_err(|e| AuthError::Malformed(format!("the `{sc}` claim's {}", e)))?;
+            scope = Arc::new(scope.intersect(&own));
+        }
+        Ok((
+            JwtIdentity {
+                tenant: tenant.to_string(),
+                kid: kid.to_string(),
+                scope,
+            },
+            exp,
+        ))
+    }
+}
+
+/// The bearer token of `Authorization`, when there is exactly one such header.
+pub fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, AuthError> {
+    let mut all = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(v) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(AuthError::Malformed(
+            "Authorization appears more than once".into(),
+        ));
+    }
+    let s = v
+        .to_str()
+        .map_err(|_| AuthError::Malformed("Authorization is not visible ASCII".into()))?;
+    let Some((scheme, token)) = s.trim().split_once(' ') else {
+        return Ok(None);
+    };
+    Ok(scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwks_keeps_only_usable_signing_keys() {
+        let x = URL_SAFE_NO_PAD.encode([7u8; 32]);
+        let n = URL_SAFE_NO_PAD.encode([0xc5u8; 256]);
+        let doc = serde_json::json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": x},
+            {"kty": "RSA", "kid": "rsa", "n": n, "e": "AQAB", "alg": "RS256", "use": "sig"},
+            {"kty": "RSA", "kid": "enc", "n": n, "e": "AQAB", "use": "enc"},
+            {"kty": "RSA", "kid": "ps", "n": n, "e": "AQAB", "alg": "PS256"},
+            {"kty": "EC", "crv": "P-384", "kid": "p384", "x": x, "y": x},
+            {"kty": "OKP", "crv": "Ed25519", "x": x},
+        ]});
+        let set = KeySet::parse(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(set.kids().collect::<Vec<_>>(), ["ed", "rsa"]);
+        let private = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "a", "x": x, "d": x}]});
+        assert!(KeySet::parse(private.to_string().as_bytes()).is_err());
+        let small =
+            serde_json::json!({"keys": [{"kty": "RSA", "kid": "r", "n": "AQAB", "e": "AQAB"}]});
+        assert!(KeySet::parse(small.to_string().as_bytes()).is_err());
+        assert!(KeySet::parse(b"[]").is_err());
+    }
+
+    #[test]
+    fn claims_by_name_or_dotted_path() {
+        let c = serde_json::json!({"https://x.io/tenant": "a", "org": {"tenant": "b"}});
+        assert_eq!(claim(&c, "https://x.io/tenant"), Some(&Value::from("a")));
+        assert_eq!(claim(&c, "org.tenant"), Some(&Value::from("b")));
+        assert_eq!(claim(&c, "org.none"), None);
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(bearer(&h).unwrap(), None);
+        h.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h).unwrap(), Some("abc"));
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h).unwrap(), None);
+        h.append("authorization", "Bearer x".parse().unwrap());
+        assert!(bearer(&h).is_err());
+    }
+}

@@ -1,0 +1,820 @@
+//! Tenants from JWTs over real sockets, with tokens from an independent signer
+//! (`tests/support/jwt_signer.py`, pyca/cryptography): RS256, ES256 and EdDSA accepted; every
+//! attack refused with 401 and its reason, counted, never forwarded; JWKS rotation picked up
+//! without a restart, from a file and from a URL; the IdP going away keeps the cached keys.
+
+mod common;
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const ISS: &str = "https://idp.test/realms/acme";
+
+/// Keys (public JWKs by name) and the tokens the independent signer made.
+struct Signed {
+    jwks: Value,
+    tokens: Vec<String>,
+}
+
+/// Run the signer on `spec`. Missing python3 or `cryptography` fails the test (never skips).
+fn sign(spec: Value) -> Signed {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/jwt_signer.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("the JWT tests need python3 with pyca/cryptography (python3-cryptography): {e}")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the JWT signer failed (the JWT tests need python3 with pyca/cryptography, Debian \
+         package python3-cryptography): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    Signed {
+        jwks: v["jwks"].clone(),
+        tokens: v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect(),
+    }
+}
+
+impl Signed {
+    /// A JWKS document with the named keys.
+    fn jwks(&self, names: &[&str]) -> String {
+        json!({"keys": names.iter().map(|n| self.jwks[*n].clone()).collect::<Vec<_>>()}).to_string()
+    }
+}
+
+/// Claims as Keycloak issues them, the tenant in a nested claim.
+fn claims(tenant: &str) -> Value {
+    let now = now();
+    json!({
+        "iss": ISS, "aud": ["account", "bulkhead"], "sub": "user-1", "azp": "chat-ui",
+        "exp": now + 300, "iat": now - 1, "nbf": now - 1,
+        "org": {"tenant": tenant},
+    })
+}
+
+fn with(mut c: Value, f: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value {
+    f(c.as_object_mut().unwrap());
+    c
+}
+
+/// `[auth.jwt]` reading keys from `jwks` (a file path) and/or `url`, plus `extra` lines.
+fn jwt_config(file: Option<&std::path::Path>, url: Option<&str>, extra: &str) -> String {
+    let mut s = format!(
+        "\n[auth.jwt]\nissuers = [{ISS:?}]\naudiences = [\"bulkhead\"]\n\
+         tenant_claim = \"org.tenant\"\nleeway_secs = 30\n"
+    );
+    if let Some(f) = file {
+        s.push_str(&format!("jwks_file = {:?}\n", f.display().to_string()));
+    }
+    if let Some(u) = url {
+        s.push_str(&format!(
+            "jwks_url = {u:?}\njwks_refresh_ms = 1000\njwks_min_refresh_ms = 100\n"
+        ));
+    }
+    s.push_str(extra);
+    s.push('\n');
+    s
+}
+
+fn bearer(h: &Harness, path: &str, body: &str, token: &str) -> Request<Full<Bytes>> {
+    let mut r = Request::new(Full::new(Bytes::from(body.to_string())));
+    *r.method_mut() = Method::POST;
+    *r.uri_mut() = h.url(path);
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn body() -> String {
+    chat("hello", "")
+}
+
+async fn expect_refused(h: &Harness, req: Request<Full<Bytes>>, reason: &str, what: &str) {
+    let before = h.sim.sim.requests().len();
+    let series = format!("bulkhead_auth_failures_total{{reason=\"{reason}\"}}");
+    let count = h.metric(&series).await.unwrap_or(0.0);
+    let (p, b) = h.send_collect(req).await;
+    assert_eq!(p.status, StatusCode::UNAUTHORIZED, "{what}: {b:?}");
+    let v = json(&b);
+    assert_eq!(v["error"]["code"], reason, "{what}: {v}");
+    assert_eq!(v["error"]["type"], "authentication_error", "{what}");
+    assert_eq!(h.sim.sim.requests().len(), before, "{what}: forwarded");
+    assert_eq!(h.metric(&series).await, Some(count + 1.0), "{what}");
+}
+
+async fn expect_ok_req(h: &Harness, req: Request<Full<Bytes>>) {
+    let (p, b) = h.send_collect(req).await;
+    assert_eq!(p.status, StatusCode::OK, "{b:?}");
+}
+
+async fn expect_ok(h: &Harness, token: &str, what: &str) {
+    let (p, b) = h.send_collect(bearer(h, CHAT, &body(), token)).await;
+    assert_eq!(p.status, StatusCode::OK, "{what}: {b:?}");
+}
+
+/// Poll until `token` is answered with `want` (or panic at the deadline).
+async fn wait_status(h: &Harness, token: &str, want: StatusCode, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (p, b) = h.send_collect(bearer(h, CHAT, &body(), token)).await;
+        if p.status == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {} ({b:?})",
+            p.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn keys3() -> Value {
+    json!([
+        {"name": "rsa", "kty": "RSA", "kid": "rsa-1"},
+        {"name": "ec", "kty": "EC", "kid": "ec-1"},
+        {"name": "ed", "kty": "OKP", "kid": "ed-1"},
+    ])
+}
+
+#[tokio::test]
+async fn each_algorithm_is_accepted_and_authorization_stays_here() {
+    let s = sign(json!({"keys": keys3(), "tokens": [
+        {"key": "rsa", "claims": claims("acme")},
+        {"key": "ec", "claims": claims("acme")},
+        {"key": "ed", "claims": claims("globex")},
+        // Audience as a plain string, times as floats, the tenant as a namespaced claim.
+        {"key": "ed", "claims": with(claims("acme"), |c| {
+            c.insert("aud".into(), "bulkhead".into());
+            c.insert("exp".into(), json!(now() as f64 + 300.5));
+        })},
+    ]}));
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, s.jwks(&["rsa", "ec", "ed"])).unwrap();
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&jwt_config(Some(&jwks), None, ""))
+    })
+    .await;
+    for (i, t) in s.tokens.iter().enumerate() {
+        expect_ok(&h, t, &format!("token {i}")).await;
+    }
+    let seen = h.sim.sim.requests();
+    assert_eq!(seen.len(), 4);
+    assert!(
+        seen.iter()
+            .all(|r| !r.headers.contains_key("authorization")),
+        "the bearer token was forwarded"
+    );
+    h.wait_metric("bulkhead_requests_total{tenant=\"acme\",code=\"200\"}", 3.0)
+        .await;
+    h.wait_metric(
+        "bulkhead_requests_total{tenant=\"globex\",code=\"200\"}",
+        1.0,
+    )
+    .await;
+    // A JWT client's own tenant header is not believed, nor passed on.
+    let mut req = bearer(&h, CHAT, &body(), &s.tokens[0]);
+    req.headers_mut()
+        .insert("x-bulkhead-tenant", "globex".parse().unwrap());
+    expect_ok_req(&h, req).await;
+    let last = h.sim.sim.requests().pop().unwrap();
+    assert!(!last.headers.contains_key("x-bulkhead-tenant"));
+    h.wait_metric("bulkhead_requests_total{tenant=\"acme\",code=\"200\"}", 4.0)
+        .await;
+    // The gateway's signatures still work beside JWTs, and a client's Authorization header
+    // on a signed request is not passed on either.
+    let mut req = h.signed("acme", Method::POST, CHAT, &body());
+    req.headers_mut()
+        .insert("authorization", "Bearer sk-client-key".parse().unwrap());
+    expect_ok_req(&h, req).await;
+    let last = h.sim.sim.requests().pop().unwrap();
+    assert!(!last.headers.contains_key("authorization"));
+    // Audit records name the key that signed the token.
+    let dir = h.shutdown_keep_dir().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit/globex.jsonl")).unwrap();
+    assert!(audit.contains(r#""key_id":"jwt:ed-1""#), "{audit}");
+}
+
+#[tokio::test]
+async fn authorization_is_forwarded_only_when_configured() {
+    let s = sign(
+        json!({"keys": [{"name": "ed", "kty": "OKP", "kid": "ed-1"}],
+        "tokens": [{"key": "ed", "claims": claims("acme")}]}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, s.jwks(&["ed"])).unwrap();
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        *t = t.replacen("[auth]\n", "[auth]\nforward_authorization = true\n", 1);
+        t.push_str(&jwt_config(Some(&jwks), None, ""));
+    })
+    .await;
+    expect_ok(&h, &s.tokens[0], "token").await;
+    let seen = h.sim.sim.requests();
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {}", s.tokens[0])
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_attack_is_refused_and_never_forwarded() {
+    let now = now();
+    let deep = (0..20).fold(json!(1), |v, _| json!([v]));
+    let attacks: Vec<(Value, &str, &str)> = vec![
+        (
+            json!({"key": "rsa", "claims": claims("acme"), "header": {"alg": "none"}, "sign": "none"}),
+            "alg_not_allowed",
+            "alg none",
+        ),
+        (
+            json!({"key": "rsa", "claims": claims("acme"), "header": {"alg": "HS256"},
+            "sign": "hs256-with-public-key"}),
+            "alg_not_allowed",
+            "HS256 keyed with the public key",
+        ),
+        (
+            json!({"key": "rsa", "claims": claims("acme"), "header": {"alg": "PS256"}}),
+            "alg_not_allowed",
+            "PS256",
+        ),
+        (
+            json!({"key": "rsa", "claims": claims("acme"), "header": {"kid": "nope"}}),
+            "unknown_key",
+            "kid not in the JWKS",
+        ),
+        (
+            json!({"key": "rsa", "claims": claims("acme"), "header": {"kid": null}}),
+            "malformed",
+            "no kid",
+        ),
+        (
+            json!({"key": "evil", "claims": claims("acme"), "header": {"kid": "evil-1",
+            "jku": "http://evil.test/jwks", "jwk": {"kty": "OKP", "crv": "Ed25519", "x": "AAAA"}}}),
+            "unknown_key",
+            "attacker key embedded in the header",
+        ),
+        (
+            json!({"key": "evil", "claims": claims("acme"), "header": {"kid": "ed-1"}}),
+            "bad_signature",
+            "attacker key under a known kid",
+        ),
+        (
+            json!({"key": "ec", "claims": claims("acme"), "header": {"alg": "RS256"}}),
+            "key_mismatch",
+            "RS256 naming an EC key",
+        ),
+        (
+            json!({"key": "rsa", "claims": claims("acme"), "header": {"alg": "ES256"}}),
+            "key_mismatch",
+            "ES256 naming an RSA key",
+        ),
+        (
+            json!({"key": "ed", "claims": claims("acme"), "header": {"alg": "ES256", "kid": "ed-1"}}),
+            "key_mismatch",
+            "ES256 naming an Ed25519 key",
+        ),
+        (
+            json!({"key": "rsa", "claims": with(claims("acme"), |c| { c.insert("exp".into(), json!(now - 120)); })}),
+            "expired",
+            "expired",
+        ),
+        (
+            json!({"key": "rsa", "claims": with(claims("acme"), |c| { c.remove("exp"); })}),
+            "malformed",
+            "no exp",
+        ),
+        (
+            json!({"key": "ec", "claims": with(claims("acme"), |c| { c.insert("nbf".into(), json!(now + 300)); })}),
+            "not_yet_valid",
+            "nbf in the future",
+        ),
+        (
+            json!({"key": "ec", "claims": with(claims("acme"), |c| { c.insert("iat".into(), json!(now + 300)); })}),
+            "not_yet_valid",
+            "iat in the future",
+        ),
+        (
+            json!({"key": "ed", "claims": with(claims("acme"), |c| { c.insert("aud".into(), json!(["account"])); })}),
+            "wrong_audience",
+            "wrong audience",
+        ),
+        (
+            json!({"key": "ed", "claims": with(claims("acme"), |c| { c.remove("aud"); })}),
+            "wrong_audience",
+            "no audience",
+        ),
+        (
+            json!({"key": "ed", "claims": with(claims("acme"), |c| { c.insert("iss".into(), json!("https://evil.test")); })}),
+            "wrong_issuer",
+            "wrong issuer",
+        ),
+        (
+            json!({"key": "ed", "claims": claims("initech")}),
+            "unknown_tenant",
+            "unknown tenant",
+        ),
+        (
+            json!({"key": "ed", "claims": with(claims("acme"), |c| { c.remove("org"); })}),
+            "claim_missing",
+            "no tenant claim",
+        ),
+        (
+            json!({"key": "ed", "claims": with(claims("acme"), |c| { c.insert("org".into(), json!({"tenant": 7})); })}),
+            "claim_missing",
+            "tenant claim not a string",
+        ),
+        (
+            json!({"key": "ed", "claims": with(claims("acme"), |c| { c.insert("pad".into(), json!("x".repeat(9000))); })}),
+            "malformed",
+            "token over 8 KiB",
+        ),
+        (
+            json!({"key": "ed", "claims": with(claims("acme"), |c| { c.insert("deep".into(), deep); })}),
+            "malformed",
+            "claims nested too deep",
+        ),
+        (
+            json!({"key": "ed", "claims": claims("acme"), "header": {"crit": ["exp"]}}),
+            "malformed",
+            "crit header",
+        ),
+    ];
+    let mut tokens: Vec<Value> = attacks.iter().map(|(t, _, _)| t.clone()).collect();
+    // Two valid tokens, to tamper with and to use on a route that takes no JWT.
+    tokens.push(json!({"key": "ed", "claims": claims("acme")}));
+    tokens.push(json!({"key": "ed", "claims": claims("globex")}));
+    let mut keys = keys3().as_array().unwrap().clone();
+    keys.push(json!({"name": "evil", "kty": "OKP", "kid": "evil-1"}));
+    let s = sign(json!({"keys": keys, "tokens": tokens}));
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, s.jwks(&["rsa", "ec", "ed"])).unwrap();
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&jwt_config(
+            Some(&jwks),
+            None,
+            "routes = [\"/v1/chat/completions\", \"/v1/models/*\"]",
+        ))
+    })
+    .await;
+    for ((_, reason, what), token) in attacks.iter().zip(&s.tokens) {
+        expect_refused(&h, bearer(&h, CHAT, &body(), token), reason, what).await;
+    }
+    let n = attacks.len();
+    let (acme, globex) = (&s.tokens[n], &s.tokens[n + 1]);
+    // A valid signature over other claims: globex's payload under acme's header and signature.
+    let mut parts: Vec<&str> = acme.split('.').collect();
+    parts[1] = globex.split('.').nth(1).unwrap();
+    expect_refused(
+        &h,
+        bearer(&h, CHAT, &body(), &parts.join(".")),
+        "bad_signature",
+        "spliced",
+    )
+    .await;
+    for junk in ["a.b", "a.b.c.d", "!!.!!.!!", "e30.e30.AA=="] {
+        expect_refused(&h, bearer(&h, CHAT, &body(), junk), "malformed", junk).await;
+    }
+    // A route that does not take JWTs.
+    let req = bearer(&h, "/v1/embeddings", r#"{"model":"m","input":"x"}"#, acme);
+    expect_refused(&h, req, "method_not_accepted", "embeddings").await;
+    // The valid one passes; unconfigured tenants never became labels.
+    expect_ok(&h, acme, "valid").await;
+    let m = h.metrics().await;
+    assert!(!m.contains("initech"));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn jwks_file_rotation_is_picked_up_without_restart() {
+    let s = sign(json!({"keys": [
+            {"name": "old", "kty": "RSA", "kid": "2026-10"},
+            {"name": "new", "kty": "RSA", "kid": "2026-11"}],
+        "tokens": [{"key": "old", "claims": claims("acme")},
+                   {"key": "new", "claims": claims("acme")}]}));
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, s.jwks(&["old"])).unwrap();
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&jwt_config(Some(&jwks), None, ""))
+    })
+    .await;
+    let (old, new) = (&s.tokens[0], &s.tokens[1]);
+    expect_ok(&h, old, "old key").await;
+    expect_refused(
+        &h,
+        bearer(&h, CHAT, &body(), new),
+        "unknown_key",
+        "not yet published",
+    )
+    .await;
+    // The IdP publishes the new key next to the old one (written as a volume update is).
+    let write = |text: String| {
+        let tmp = jwks.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &jwks).unwrap();
+    };
+    write(s.jwks(&["old", "new"]));
+    wait_status(&h, new, StatusCode::OK, "new key after rotation").await;
+    expect_ok(&h, old, "old key still published").await;
+    // ... then retires the old one.
+    write(s.jwks(&["new"]));
+    wait_status(&h, old, StatusCode::UNAUTHORIZED, "old key retired").await;
+    expect_ok(&h, new, "new key").await;
+    // A broken JWKS file is rejected as a reload; the keys in use stay.
+    let reloads = "bulkhead_config_reloads_total{result=\"error\"}";
+    let errors = h.metric(reloads).await.unwrap_or(0.0);
+    write("{\"keys\": 7}".into());
+    h.wait_metric(reloads, errors + 1.0).await;
+    expect_ok(&h, new, "new key after a bad JWKS file").await;
+    h.shutdown().await;
+}
+
+/// A stand-in IdP serving a JWKS document (each answer closes its connection, so stopping the
+/// task makes the IdP unreachable).
+async fn idp(doc: Arc<Mutex<String>>) -> (String, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/realms/acme/protocol/openid-connect/certs",
+        l.local_addr().unwrap()
+    );
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let doc = doc.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = doc.lock().unwrap().clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("connection", "close")
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn jwks_url_rotation_and_an_unreachable_idp_keeps_cached_keys() {
+    let s = sign(json!({"keys": [
+            {"name": "a", "kty": "OKP", "kid": "a"},
+            {"name": "b", "kty": "EC", "kid": "b"}],
+        "tokens": [{"key": "a", "claims": claims("acme")},
+                   {"key": "b", "claims": claims("acme")}]}));
+    let doc = Arc::new(Mutex::new(s.jwks(&["a"])));
+    let (url, server) = idp(doc.clone()).await;
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&jwt_config(None, Some(&url), "jwks_max_bytes = 2048"))
+    })
+    .await;
+    let (a, b) = (&s.tokens[0], &s.tokens[1]);
+    wait_status(&h, a, StatusCode::OK, "first fetch").await;
+    // Rotation: an unknown kid asks for an early refresh (at most one per 100 ms here).
+    *doc.lock().unwrap() = s.jwks(&["a", "b"]);
+    wait_status(&h, b, StatusCode::OK, "rotated key").await;
+    let errors = "bulkhead_jwks_refreshes_total{result=\"error\"}";
+    let unknown_kid = {
+        use base64::Engine;
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("{}.e30.AA", b.encode(r#"{"alg":"EdDSA","kid":"c"}"#))
+    };
+    // Poll until `more` further fetches failed, asking for refreshes with an unknown kid.
+    let failed_fetches = |more: f64| {
+        let (h, unknown_kid) = (&h, &unknown_kid);
+        async move {
+            let want = h.metric(errors).await.unwrap_or(0.0) + more;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while h.metric(errors).await.unwrap_or(0.0) < want {
+                assert!(Instant::now() < deadline, "no failed refresh seen");
+                let req = bearer(h, CHAT, &body(), unknown_kid);
+                expect_refused(h, req, "unknown_key", "unknown kid").await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // An answer over jwks_max_bytes (2 KiB here) is a failed fetch: the keys stay.
+    *doc.lock().unwrap() = format!("{}{}", s.jwks(&["b"]), " ".repeat(4096));
+    failed_fetches(1.0).await;
+    expect_ok(&h, a, "key a after an oversized answer").await;
+    // The IdP goes away: fetches fail, the cached keys keep working.
+    server.abort();
+    let _ = server.await;
+    failed_fetches(2.0).await;
+    expect_ok(&h, a, "cached key a").await;
+    expect_ok(&h, b, "cached key b").await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn tiers_and_scope_claims_limit_a_token() {
+    let scoped = |tier: Option<&str>, scope: Option<Value>| {
+        with(claims("acme"), |c| {
+            if let Some(t) = tier {
+                c.insert("tier".into(), t.into());
+            }
+            if let Some(s) = scope {
+                c.insert("bulkhead".into(), s);
+            }
+        })
+    };
+    let s = sign(
+        json!({"keys": [{"name": "ed", "kty": "OKP", "kid": "ed-1"}], "tokens": [
+            {"key": "ed", "claims": scoped(Some("free"), None)},
+            {"key": "ed", "claims": scoped(Some("pro"), None)},
+            {"key": "ed", "claims": scoped(Some("gold"), None)},
+            {"key": "ed", "claims": scoped(None, None)},
+            {"key": "ed", "claims": scoped(Some("pro"), Some(json!({"models": ["small"]})))},
+            {"key": "ed", "claims": scoped(Some("pro"), Some(json!({"models": "small"})))},
+        ]}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, s.jwks(&["ed"])).unwrap();
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        *t = t.replacen(
+            "[auth]\n",
+            "[auth]\nhmac_routes = [\"/v1/embeddings\"]\n",
+            1,
+        );
+        t.push_str(&jwt_config(
+            Some(&jwks),
+            None,
+            "tier_claim = \"tier\"\nscope_claim = \"bulkhead\"\n\
+             [auth.jwt.tiers.free]\nmodels = [\"small\"]\nmax_tokens = 64\n\
+             [auth.jwt.tiers.pro]\n",
+        ));
+    })
+    .await;
+    let t = &s.tokens;
+    let big = chat("hi", "").replace("\"m\"", "\"big\"");
+    let small = chat("hi", "").replace("\"m\"", "\"small\"");
+    let status = |tok: &str, body: &str| {
+        let req = bearer(&h, CHAT, body, tok);
+        async { h.send_collect(req).await }
+    };
+    let (p, b) = status(&t[0], &big).await;
+    assert_eq!(
+        p.status,
+        StatusCode::FORBIDDEN,
+        "free tier, big model: {b:?}"
+    );
+    assert_eq!(json(&b)["error"]["code"], "permission_denied");
+    assert_eq!(status(&t[0], &small).await.0.status, StatusCode::OK);
+    assert_eq!(
+        status(&t[1], &big).await.0.status,
+        StatusCode::OK,
+        "pro tier"
+    );
+    expect_refused(&h, bearer(&h, CHAT, &big, &t[2]), "unknown_tier", "gold").await;
+    expect_refused(
+        &h,
+        bearer(&h, CHAT, &big, &t[3]),
+        "claim_missing",
+        "no tier",
+    )
+    .await;
+    assert_eq!(
+        status(&t[4], &big).await.0.status,
+        StatusCode::FORBIDDEN,
+        "pro narrowed by the scope claim"
+    );
+    expect_refused(
+        &h,
+        bearer(&h, CHAT, &big, &t[5]),
+        "malformed",
+        "bad scope claim",
+    )
+    .await;
+    // Signatures are accepted on the embeddings route only.
+    let req = h.signed("acme", Method::POST, CHAT, &body());
+    expect_refused(&h, req, "method_not_accepted", "signed chat").await;
+    let req = h.signed(
+        "acme",
+        Method::POST,
+        "/v1/embeddings",
+        r#"{"model":"m","input":"x"}"#,
+    );
+    assert_eq!(h.send_collect(req).await.0.status, StatusCode::OK);
+    h.shutdown().await;
+}
+
+#[test]
+fn jwt_config_is_validated() {
+    let base = |jwt: &str| {
+        format!(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n[auth.jwt]\n\
+             issuers = [\"i\"]\naudiences = [\"a\"]\n{jwt}\n"
+        )
+    };
+    for (jwt, field) in [
+        ("", "auth.jwt.jwks_file"),
+        ("jwks_url = \"https://idp/certs\"", "auth.jwt.jwks_url"),
+        (
+            "jwks_file = \"/j\"\nalgorithms = [\"HS256\"]",
+            "auth.jwt.algorithms",
+        ),
+        (
+            "jwks_file = \"/j\"\nalgorithms = [\"none\"]",
+            "auth.jwt.algorithms",
+        ),
+        (
+            "jwks_file = \"/j\"\nmax_token_bytes = 10",
+            "auth.jwt.max_token_bytes",
+        ),
+        ("jwks_file = \"/j\"\ntier_claim = \"t\"", "auth.jwt.tiers"),
+        (
+            "jwks_file = \"/j\"\ndefault_tier = \"x\"",
+            "auth.jwt.tier_claim",
+        ),
+        ("jwks_file = \"/j\"\nroutes = [\"/v2\"]", "auth.jwt.routes"),
+        (
+            "jwks_file = \"/j\"\ntier_claim = \"t\"\n[auth.jwt.tiers.f]\nmax_tokens = 0",
+            "auth.jwt.tiers.f.max_tokens",
+        ),
+    ] {
+        let e = bulkhead_sidecar::Config::from_toml(&base(jwt))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{jwt}: {e}");
+    }
+    // JWT alone is enough: no [[keys]] needed.
+    let c = bulkhead_sidecar::Config::from_toml(&base("jwks_file = \"/j\"")).unwrap();
+    let j = c.auth.jwt.unwrap();
+    assert_eq!(j.max_token_bytes, 8192);
+    assert_eq!(j.tenant_claim, "tenant_id");
+    assert_eq!(j.algorithms, ["RS256", "ES256", "EdDSA"]);
+    assert!(!c.auth.forward_authorization);
+}
+
+#[test]
+fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
+    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
+    let now = now();
+    let s = sign(json!({"keys": [{"name": "ed", "kty": "OKP", "kid": "ed-1"},
+                             {"name": "ec", "kty": "EC", "kid": "ec-1"}],
+    "tokens": [{"key": "ed", "claims": with(claims("acme"), |c| {
+        c.insert("exp".into(), json!(now + 10));
+    })}]}));
+    let text = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
+        jwt_config(Some(std::path::Path::new("/unused")), None, "")
+    );
+    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
+    let c = cfg.auth.jwt.as_ref().unwrap();
+    let keys = KeySet::parse(s.jwks(&["ed"]).as_bytes()).unwrap();
+    let jwt = JwtVerifier::new(c, keys, None).unwrap();
+    let t = &s.tokens[0];
+    assert_eq!(jwt.verify(t, now).unwrap().tenant, "acme");
+    // Remembered, still within exp + leeway (30 s) ...
+    assert!(jwt.verify(t, now + 39).is_ok());
+    // ... and refused from then on, remembered or not.
+    assert_eq!(jwt.verify(t, now + 40).unwrap_err().reason(), "expired");
+    assert_eq!(
+        jwt.verify_uncached(t, now + 40).unwrap_err().reason(),
+        "expired"
+    );
+    // The key set of a reload (here: without the token's key) starts afresh.
+    let keys = KeySet::parse(s.jwks(&["ec"]).as_bytes()).unwrap();
+    let reloaded = JwtVerifier::new(c, keys, None).unwrap();
+    assert_eq!(reloaded.verify(t, now).unwrap_err().reason(), "unknown_key");
+}
+
+/// Verification cost per request, HMAC signature next to each JWT algorithm (a micro-bench,
+/// not a check): `cargo test --release -p bulkhead-sidecar --test jwt -- --ignored
+/// --nocapture verify_cost`. The HMAC request is the benchmark's (`bulkhead-bench`), each
+/// with its own nonce (verification records it in the replay cache); a JWT is verified whole
+/// (header, key lookup, signature, claims, tier and scope).
+#[test]
+#[ignore = "a micro-bench: run it in a release build"]
+fn verify_cost() {
+    use bulkhead_sidecar::config::{LoadedKey, TenantBinding};
+    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
+    use bulkhead_sidecar::signature::{
+        ReplayCache, RequestView, SignOptions, TENANT_HEADER, Verifier, sign_request,
+    };
+    const BODY: &str = r#"{"model":"bulkhead-sim","max_tokens":16,"messages":[{"role":"user","content":"Say hello to the benchmark"}]}"#;
+    let per_op = |n: usize, f: &mut dyn FnMut(usize)| {
+        for i in 0..n.min(1000) {
+            f(i); // warm up
+        }
+        let t = Instant::now();
+        for i in 0..n {
+            f(i);
+        }
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    // HMAC, as the benchmark signs.
+    let n = 50_000;
+    let key = b"gateway-secret-0123456789abcdef!".to_vec();
+    let verifier = Verifier::new(
+        "bulkhead".into(),
+        vec![LoadedKey {
+            id: "gw".into(),
+            secrets: vec![key.clone()],
+            tenants: TenantBinding::Any,
+            scope: Default::default(),
+        }],
+        30,
+        Arc::new(Mutex::new(ReplayCache::new(2 * n + 2000))),
+    );
+    let method = Method::POST;
+    let uri: http::Uri = CHAT.parse().unwrap();
+    let signed: Vec<http::HeaderMap> = (0..n + 1000)
+        .map(|_| {
+            let mut h = http::HeaderMap::new();
+            h.insert(TENANT_HEADER, "acme".parse().unwrap());
+            h.insert("content-type", "application/json".parse().unwrap());
+            sign_request(
+                &method,
+                &uri,
+                &mut h,
+                BODY.as_bytes(),
+                &key,
+                &SignOptions::new("gw", now()),
+            )
+            .unwrap();
+            h
+        })
+        .collect();
+    let mut next = 0;
+    let hmac = per_op(n, &mut |_| {
+        let view = RequestView {
+            method: &method,
+            uri: &uri,
+            headers: &signed[next],
+        };
+        next += 1;
+        verifier.verify(view, BODY.as_bytes(), now()).unwrap();
+    });
+    println!("verify hmac-sha256 (head + finish, replay recorded): {hmac:.2} us/request");
+    // JWTs as Keycloak issues them.
+    let s = sign(json!({"keys": keys3(), "tokens": [
+        {"key": "rsa", "claims": claims("acme")},
+        {"key": "ec", "claims": claims("acme")},
+        {"key": "ed", "claims": claims("acme")},
+    ]}));
+    let text = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
+        jwt_config(Some(std::path::Path::new("/unused")), None, "")
+    );
+    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
+    let keys = KeySet::parse(s.jwks(&["rsa", "ec", "ed"]).as_bytes()).unwrap();
+    let jwt = JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), keys, None).unwrap();
+    for (alg, token) in ["RS256 (RSA-2048)", "ES256 (P-256)", "EdDSA (Ed25519)"]
+        .iter()
+        .zip(&s.tokens)
+    {
+        let us = per_op(20_000, &mut |_| {
+            jwt.verify_uncached(token, now()).unwrap();
+        });
+        let again = per_op(200_000, &mut |_| {
+            jwt.verify(token, now()).unwrap();
+        });
+        println!(
+            "verify JWT {alg}, {} bytes: {us:.2} us/request; the same token again \
+             (remembered): {again:.2} us/request",
+            token.len()
+        );
+    }
+}
