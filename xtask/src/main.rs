@@ -1,6 +1,7 @@
 //! Developer tasks. `cargo xtask <task>`:
 //!
-//! * `setup`: install what the eBPF build needs (idempotent; instant when done already).
+//! * `setup`: install what the eBPF build needs and `redis-server` (idempotent; instant when
+//!   done already).
 //! * `test`: setup, then fmt, clippy and every test: the command CI runs.
 //! * `demo`: setup, then run the demo (needs root: it loads the eBPF programs).
 //! * `bench ebpf`: loopback throughput with the programs attached vs detached.
@@ -35,7 +36,7 @@ fn main() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf | bench sidecar | deploy-check | images>\n\n\
-                 setup       install the nightly rust-src and bpf-linker (cached)\n\
+                 setup       install the nightly rust-src and bpf-linker (cached), and redis-server\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
                  bench ebpf  loopback TCP throughput, programs attached vs detached\n\
@@ -238,7 +239,7 @@ fn bench_sidecar(rest: &[&str]) -> Result<()> {
         .args(rest))
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
             .map(|d| d.join(name))
