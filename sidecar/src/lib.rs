@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod runtime;
 pub mod server;
+pub mod shared_limits;
 pub mod signature;
 pub mod tagging;
 pub mod upstream;

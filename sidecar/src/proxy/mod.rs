@@ -24,6 +24,7 @@ pub use routes::{Api, ROUTES, Route, classify};
 use crate::http_util::ProxyBody;
 use crate::kv::KvCharge;
 use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
+use crate::shared_limits::Grant;
 use crate::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
 use bytes::{Bytes, BytesMut};
 use exchange::{BodyBytes, End, Exchange, Held};
@@ -102,17 +103,12 @@ async fn proxy(
     let (pending, tenant) = authenticate(ex, &rt, &parts)?;
     check_route(route, &tenant)?;
     let body = read_body(ex, &rt, &parts, body).await?;
-    let verified = pending
-        .finish(&rt.verifier, &body, unix_now())
-        .map_err(|e| {
-            ex.signed_for = Some(tenant.clone());
-            Refusal::auth(&e)
-        })?;
+    let verified = verify_body(ex, &rt, pending, &body, &tenant).await?;
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
     let info = inspect_body(ex, route, &tenant, &parts, body)?;
-    admit(ex, &tenant, &info)?;
+    admit(ex, &tenant, &info).await?;
     tag_client(ex, conn, &tenant).await;
     let (permit, gate) = wait_turn(ex, &tenant, &rt).await?;
     let up = upstream_request(ex, &rt, conn, parts, &verified.covered_headers, info.body)?;
@@ -156,6 +152,38 @@ fn authenticate(
         .cloned()
         .ok_or_else(|| Refusal::auth(&crate::signature::AuthError::UnknownTenant))?;
     Ok((pending, tenant))
+}
+
+/// Phase: the body against the signed digest, then the nonce recorded (in this process, or
+/// in the replay cache shared by the replicas).
+async fn verify_body(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    pending: PendingAuth,
+    body: &Bytes,
+    tenant: &Arc<TenantRuntime>,
+) -> Result<crate::signature::Verified, Refusal> {
+    let Some(shared) = &ex.app.shared else {
+        return pending.finish(&rt.verifier, body, unix_now()).map_err(|e| {
+            ex.signed_for = Some(tenant.clone());
+            Refusal::auth(&e)
+        });
+    };
+    let shared = shared.clone();
+    let (verified, nonce) = pending
+        .finish_unrecorded(&rt.verifier, body, unix_now())
+        .map_err(|e| {
+            ex.signed_for = Some(tenant.clone());
+            Refusal::auth(&e)
+        })?;
+    match shared.record_nonce(&rt.verifier, &nonce).await {
+        Ok(()) => Ok(verified),
+        Err(crate::shared_limits::SharedError::Auth(e)) => {
+            ex.signed_for = Some(tenant.clone());
+            Err(Refusal::auth(&e))
+        }
+        Err(e) => Err(Refusal::shared(e)),
+    }
 }
 
 /// Phase: the route's policy for this tenant.
@@ -337,7 +365,7 @@ fn inspect_body(
 }
 
 /// Phase: the tenant's limits; a request larger than its whole token budget is refused.
-fn admit(ex: &mut Exchange, tenant: &TenantRuntime, info: &Inspected) -> Result<(), Refusal> {
+async fn admit(ex: &mut Exchange, tenant: &TenantRuntime, info: &Inspected) -> Result<(), Refusal> {
     let estimate = info.prompt_estimate.saturating_add(info.completion_reserve);
     if let Some(tpm) = tenant.limits.numbers().tokens_per_minute
         && estimate > tpm
@@ -351,7 +379,10 @@ fn admit(ex: &mut Exchange, tenant: &TenantRuntime, info: &Inspected) -> Result<
             ),
         ));
     }
-    let admission = tenant.limits.admit(estimate).map_err(Refusal::limit)?;
+    let admission = match &tenant.shared {
+        None => Grant::Local(tenant.limits.admit(estimate).map_err(Refusal::limit)?),
+        Some(shared) => shared.admit(estimate).await.map_err(Refusal::shared)?,
+    };
     ex.reserved = Some(estimate);
     ex.admission = Some(admission);
     Ok(())
