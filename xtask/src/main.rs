@@ -6,7 +6,8 @@
 //! * `demo`: setup, then run the demo (needs root: it loads the eBPF programs).
 //! * `bench ebpf`: loopback throughput with the programs attached vs detached.
 //! * `bench sidecar`: the sidecar against bulkhead-sim directly and through nginx (installed
-//!   with apt-get when missing, as the plain-proxy baseline).
+//!   with apt-get when missing, as the plain-proxy baseline). `bench sidecar --limits redis`:
+//!   the limits backends compared (local, Redis strict, Redis leased), interleaved.
 //! * `images [--profile release|dev] [--no-build]`: the `bulkhead-agent` and `bulkhead-sidecar`
 //!   images, FROM scratch, offline, with podman (installed with apt-get when missing).
 //! * `deploy-check`: yamllint, kubernetes-validate, hadolint, promtool and consistency checks of
@@ -40,7 +41,7 @@ fn main() -> Result<()> {
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
                  bench ebpf  loopback TCP throughput, programs attached vs detached\n\
-                 bench sidecar  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar\n\
+                 bench sidecar [--limits redis]  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar (or the limits backends)\n\
                  deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)\n\
                  images [--profile release|dev] [--no-build]  build the agent and sidecar images with podman"
             );
@@ -202,6 +203,10 @@ fn run_with_agent(bin: &str, rest: &[&str]) -> Result<()> {
 }
 
 fn bench_sidecar(rest: &[&str]) -> Result<()> {
+    if rest.contains(&"--limits") {
+        // `--limits redis` runs a redis-server beside the sidecars.
+        setup::redis()?;
+    }
     if which("nginx").is_none() {
         eprintln!("bench sidecar: installing nginx (the plain-proxy baseline)");
         let installed = Command::new("apt-get")

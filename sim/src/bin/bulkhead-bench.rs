@@ -4,6 +4,8 @@
 //!
 //! `cargo xtask bench sidecar` builds release binaries and runs
 //! `target/release/bulkhead-bench --bin-dir target/release`.
+//! `--limits redis` compares the limits backends instead (local, Redis strict, Redis leased),
+//! `--cache-tiers` the prefix-cache isolation tiers.
 //! Load is generated here, in Rust, only to 127.0.0.1.
 #![forbid(unsafe_code)]
 
@@ -53,6 +55,13 @@ struct Args {
     /// Connections per tenant in --cache-tiers.
     #[arg(long, default_value_t = 4)]
     tier_connections: usize,
+    /// Instead: compare the limits backends. `redis` starts a redis-server (no persistence) and
+    /// runs the sidecar with `local`, `redis` strict and `redis` leased limits, interleaved.
+    #[arg(long)]
+    limits: Option<String>,
+    /// Rounds of the interleaved --limits comparison (each runs every backend once).
+    #[arg(long, default_value_t = 3)]
+    limits_rounds: usize,
 }
 
 const KEY: &[u8] = b"bench-gateway-secret-0123456789ab";
@@ -686,6 +695,260 @@ fn cache_tiers(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sidecar config for the --limits comparison: the bench tenant with requests and tokens
+/// per minute (high enough never to refuse), on the given limits backend.
+fn write_limits_config(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    admin: u16,
+    sim: u16,
+    limits: &str,
+) -> anyhow::Result<PathBuf> {
+    let key = dir.join("gw.key");
+    std::fs::write(&key, base64::engine::general_purpose::STANDARD.encode(KEY))?;
+    let cfg = format!(
+        r#"
+[upstream]
+url = "http://127.0.0.1:{sim}"
+pool_max_idle_per_tenant = 64
+[listen]
+addr = "127.0.0.1:{port}"
+admin_addr = "127.0.0.1:{admin}"
+[auth]
+max_skew_secs = 60
+replay_cache_capacity = 2000000
+[queue]
+max_inflight = 256
+max_queue_per_tenant = 1024
+timeout_ms = 30000
+{limits}
+[tenants.bench]
+weight = 2
+requests_per_minute = 100000000
+tokens_per_minute = 100000000000
+[tenants.other]
+weight = 1
+[[keys]]
+id = "gw"
+secret_files = ["{key}"]
+tenants = ["*"]
+"#,
+        key = key.display(),
+    );
+    let p = dir.join(format!("sidecar-{name}.toml"));
+    std::fs::write(&p, cfg)?;
+    Ok(p)
+}
+
+/// Round trips Redis has served so far: the commands a sidecar sends (EVALSHA, EVAL, SCRIPT
+/// LOAD, PING) from INFO commandstats, which also counts the commands scripts run inside.
+fn redis_calls(addr: SocketAddr) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"INFO commandstats\r\nQUIT\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            [
+                "cmdstat_evalsha:",
+                "cmdstat_eval:",
+                "cmdstat_script",
+                "cmdstat_ping:",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum())
+}
+
+/// `--limits redis`: the same sidecar with local limits, Redis strict and Redis leased,
+/// interleaved round by round so that machine load falls on all alike.
+fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    let sim_port = free_port()?;
+    let sim = Proc {
+        name: "bulkhead-sim",
+        child: Command::new(bin_dir.join("bulkhead-sim"))
+            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
+            .args(["--tokens", "16", "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
+        stop: None,
+    };
+    wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
+    let redis_port = free_port()?;
+    let redis_bin =
+        which("redis-server").context("redis-server not found (cargo xtask setup installs it)")?;
+    let redis = Proc {
+        name: "redis-server",
+        child: Command::new(redis_bin)
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?,
+        stop: None,
+    };
+    let redis_addr: SocketAddr = ([127, 0, 0, 1], redis_port).into();
+    wait_port(redis_addr, redis.name)?;
+    let url = format!("redis://127.0.0.1:{redis_port}/");
+    let backends = [
+        ("local", String::new()),
+        (
+            "strict",
+            format!(
+                "[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"{url}\"\nmode = \"strict\""
+            ),
+        ),
+        (
+            "leased",
+            format!(
+                "[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"{url}\"\nmode = \"leased\"\n\
+                 key_prefix = \"leased:\"\nlease_tokens = 100000\nlease_requests = 1000"
+            ),
+        ),
+    ];
+    let mut procs = Vec::new();
+    for (name, limits) in &backends {
+        let (port, admin) = (free_port()?, free_port()?);
+        let cfg = write_limits_config(dir, name, port, admin, sim_port, limits)?;
+        let p = Proc {
+            name: "bulkhead-sidecar",
+            child: Command::new(bin_dir.join("bulkhead-sidecar"))
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting bulkhead-sidecar")?,
+            stop: None,
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_port(addr, p.name)?;
+        procs.push((*name, addr, p));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let duration = Duration::from_secs_f64(args.duration);
+    println!(
+        "bulkhead-bench --limits redis: {} rounds, each backend {} s at {} connections and {} s \
+         at 1 connection per round, interleaved; tenant with requests and tokens per minute",
+        args.limits_rounds, args.duration, args.connections, args.duration
+    );
+    struct Acc {
+        ok: u64,
+        errors: u64,
+        elapsed: Duration,
+        lat1: Vec<Duration>,
+        calls: u64,
+        requests: u64,
+    }
+    let mut acc: Vec<Acc> = backends
+        .iter()
+        .map(|_| Acc {
+            ok: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            lat1: Vec::new(),
+            calls: 0,
+            requests: 0,
+        })
+        .collect();
+    rt.block_on(async {
+        for (_, addr, _) in &procs {
+            load(Target::Sidecar, *addr, 4, Duration::from_millis(500), 2000).await?;
+        }
+        for round in 0..args.limits_rounds {
+            for (i, (name, addr, _)) in procs.iter().enumerate() {
+                let c0 = redis_calls(redis_addr)?;
+                let r = load(
+                    Target::Sidecar,
+                    *addr,
+                    args.connections,
+                    duration,
+                    args.max_requests,
+                )
+                .await?;
+                let r1 = load(Target::Sidecar, *addr, 1, duration, args.max_requests).await?;
+                // Settlements are sent after the response: let the last ones land.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let c1 = redis_calls(redis_addr)?;
+                let a = &mut acc[i];
+                a.ok += r.ok;
+                a.errors += r.errors + r1.errors;
+                a.elapsed += r.elapsed;
+                a.lat1.extend(r1.latencies);
+                a.calls += c1 - c0;
+                a.requests += r.ok + r.errors + r1.ok + r1.errors;
+                eprintln!(
+                    "round {round}: {name:>6} {:.0} req/s",
+                    r.ok as f64 / r.elapsed.as_secs_f64()
+                );
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let mut report = serde_json::Map::new();
+    let base_rps = acc[0].ok as f64 / acc[0].elapsed.as_secs_f64();
+    acc[0].lat1.sort();
+    let base99 = pct(&acc[0].lat1, 0.99);
+    let base50 = pct(&acc[0].lat1, 0.5);
+    for (i, (name, _, _)) in procs.iter().enumerate() {
+        let a = &mut acc[i];
+        a.lat1.sort();
+        let rps = a.ok as f64 / a.elapsed.as_secs_f64();
+        let (p50, p99) = (pct(&a.lat1, 0.5), pct(&a.lat1, 0.99));
+        let rt_per_req = a.calls as f64 / a.requests.max(1) as f64;
+        println!(
+            "{name:>6}: {rps:8.0} req/s at {} conns ({:.2}x local, {} errors); 1 conn p50 {p50:?} \
+             p99 {p99:?} (added vs local: p50 {:+.0} us, p99 {:+.0} us); Redis round trips per \
+             request {rt_per_req:.2}",
+            args.connections,
+            rps / base_rps,
+            a.errors,
+            (p50.as_secs_f64() - base50.as_secs_f64()) * 1e6,
+            (p99.as_secs_f64() - base99.as_secs_f64()) * 1e6,
+        );
+        report.insert(format!("{name}_rps"), rps.into());
+        report.insert(format!("{name}_vs_local"), (rps / base_rps).into());
+        report.insert(format!("{name}_p99_us"), (p99.as_secs_f64() * 1e6).into());
+        report.insert(
+            format!("{name}_added_p99_us"),
+            ((p99.as_secs_f64() - base99.as_secs_f64()) * 1e6).into(),
+        );
+        report.insert(
+            format!("{name}_redis_commands_per_request"),
+            rt_per_req.into(),
+        );
+        report.insert(format!("{name}_errors"), a.errors.into());
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    }
+    drop(procs);
+    drop(redis);
+    drop(sim);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin_dir = match &args.bin_dir {
@@ -701,6 +964,15 @@ fn main() -> anyhow::Result<()> {
         let r = cache_tiers(&args, &bin_dir, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         return r;
+    }
+    match args.limits.as_deref() {
+        None => {}
+        Some("redis") => {
+            let r = limits_backends(&args, &bin_dir, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            return r;
+        }
+        Some(other) => bail!("--limits {other}: only `redis` is compared (against local)"),
     }
 
     let sim_port = free_port()?;
