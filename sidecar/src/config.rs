@@ -1421,6 +1421,33 @@ tenants = ["*"]
         );
     }
 
+    /// The configurations in deploy/'s ConfigMaps parse and validate (the shared-limits one
+    /// on Redis).
+    #[test]
+    fn deploy_example_configs_are_valid() {
+        for (file, backend) in [
+            ("example-vllm/sidecar-configmap.yaml", LimitsBackend::Local),
+            (
+                "example-shared-limits/sidecar-configmap.yaml",
+                LimitsBackend::Redis,
+            ),
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy")
+                .join(file);
+            let yaml = std::fs::read_to_string(&path).unwrap();
+            let toml: String = yaml
+                .lines()
+                .skip_while(|l| l.trim() != "sidecar.toml: |")
+                .skip(1)
+                .take_while(|l| l.is_empty() || l.starts_with("    "))
+                .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+                .collect();
+            let c = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(c.limits.backend, backend, "{file}");
+        }
+    }
+
     #[test]
     fn kv_bytes_per_token() {
         let m = ModelConfig {
