@@ -33,6 +33,10 @@ use std::time::{Duration, Instant};
 
 /// A lease left unused this long goes back to Redis.
 const LEASE_IDLE: Duration = Duration::from_secs(1);
+/// Settlements are gathered this long and sent as one call per tenant.
+const SETTLE_BATCH: Duration = Duration::from_millis(2);
+/// Slots released by one settlement call at most (the script's argument list).
+const SLOTS_PER_CALL: usize = 500;
 
 /// Why a shared decision could not be made.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -90,6 +94,9 @@ pub struct SharedLimits {
     slots: Mutex<HashMap<Arc<str>, HashSet<String>>>,
     /// Tenants with leases (leased mode), for returning idle leases.
     tenants: Mutex<Vec<Weak<SharedTenant>>>,
+    /// Settlements not sent yet, by tenant, and whether a flush is scheduled.
+    pending: Mutex<HashMap<Arc<str>, Pending>>,
+    flush_scheduled: std::sync::atomic::AtomicBool,
     clock: SharedClock,
 }
 
@@ -119,6 +126,8 @@ impl SharedLimits {
             next_slot: AtomicU64::new(0),
             slots: Mutex::new(HashMap::new()),
             tenants: Mutex::new(Vec::new()),
+            pending: Mutex::new(HashMap::new()),
+            flush_scheduled: std::sync::atomic::AtomicBool::new(false),
             clock,
         });
         tokio::spawn(renew_loop(Arc::downgrade(&s)));
@@ -239,8 +248,9 @@ impl SharedLimits {
     }
 
     /// Send a settlement without waiting for it (from a `Drop`): tokens credited (negative:
-    /// charged), requests returned, a slot released. Lost when Redis is down: the slot then
-    /// expires with its lease, and the bucket refills with time.
+    /// charged), requests returned, a slot released. Settlements are gathered for
+    /// [`SETTLE_BATCH`] and sent as one call per tenant, off every request's path. Lost when
+    /// Redis is down: the slot then expires with its lease, and the bucket refills with time.
     fn settle_later(
         self: &Arc<Self>,
         t: &SharedTenant,
@@ -251,28 +261,79 @@ impl SharedLimits {
         if requests == 0 && tokens == 0.0 && slot.is_none() {
             return;
         }
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let e = p.entry(t.name.clone()).or_insert_with(|| Pending {
+                keys: t.keys.clone(),
+                numbers: t.numbers,
+                requests: 0,
+                tokens: 0.0,
+                slots: Vec::new(),
+            });
+            e.numbers = t.numbers;
+            e.requests += requests;
+            e.tokens += tokens;
+            e.slots.extend(slot);
+        }
+        if self.flush_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.flush_scheduled.store(false, Ordering::Release);
             return;
         };
         let s = self.clone();
-        let keys = t.keys.clone();
-        let n = t.numbers;
         rt.spawn(async move {
+            tokio::time::sleep(SETTLE_BATCH).await;
+            s.flush_scheduled.store(false, Ordering::Release);
+            let batch: Vec<Pending> = s
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+                .map(|(_, v)| v)
+                .collect();
             if !s.backend.is_up() {
                 return;
             }
-            let mut inv = scripts::SETTLE.prepare_invoke();
-            inv.key(&keys.rpm)
-                .key(&keys.tpm)
-                .key(&*keys.conc)
-                .arg(n.requests_per_minute.unwrap_or(0))
-                .arg(requests)
-                .arg(n.tokens_per_minute.unwrap_or(0))
-                .arg(format!("{tokens:.3}"))
-                .arg(slot.unwrap_or_default());
-            let _ = s.backend.invoke::<i64>(&inv).await;
+            for p in batch {
+                let mut slots = p.slots.chunks(SLOTS_PER_CALL).peekable();
+                let mut first = true;
+                while first || slots.peek().is_some() {
+                    let chunk = slots.next().unwrap_or(&[]);
+                    let (requests, tokens) = if first {
+                        (p.requests, p.tokens)
+                    } else {
+                        (0, 0.0)
+                    };
+                    first = false;
+                    let mut inv = scripts::SETTLE.prepare_invoke();
+                    inv.key(&p.keys.rpm)
+                        .key(&p.keys.tpm)
+                        .key(&*p.keys.conc)
+                        .arg(p.numbers.requests_per_minute.unwrap_or(0))
+                        .arg(requests)
+                        .arg(p.numbers.tokens_per_minute.unwrap_or(0))
+                        .arg(format!("{tokens:.3}"));
+                    for id in chunk {
+                        inv.arg(id);
+                    }
+                    if s.backend.invoke::<i64>(&inv).await.is_none() {
+                        return;
+                    }
+                }
+            }
         });
     }
+}
+
+/// Settlements of one tenant gathered for one call.
+struct Pending {
+    keys: TenantKeys,
+    numbers: LimitNumbers,
+    requests: u64,
+    tokens: f64,
+    slots: Vec<String>,
 }
 
 /// Tokens and requests a replica holds from Redis (leased mode).

@@ -154,8 +154,9 @@ return {0, 0, req_grant, tok_grant, rem_req, reset_req, rem_tok, reset_tok}
     )
 });
 
-/// Settlement and returns. KEYS: rpm, tpm, conc. ARGV: 1 rpm limit, 2 requests returned,
-/// 3 tpm limit, 4 tokens credited (negative: charged), 5 slot id to release ('' none).
+/// Settlement and returns (of any number of requests at once). KEYS: rpm, tpm, conc. ARGV:
+/// 1 rpm limit, 2 requests returned, 3 tpm limit, 4 tokens credited (negative: charged),
+/// 5.. slot ids to release.
 /// A credit never fills the bucket above its limit; returned requests move the GCRA time back
 /// (never before now).
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
@@ -193,8 +194,8 @@ if tpm > 0 and delta ~= 0 then
     redis.call('PEXPIRE', KEYS[2], math.ceil((tpm - bal) / rate / 1000) + 1000)
   end
 end
-if ARGV[5] ~= '' then
-  redis.call('ZREM', KEYS[3], ARGV[5])
+if #ARGV >= 5 then
+  redis.call('ZREM', KEYS[3], unpack(ARGV, 5))
 end
 return 0
 "#,

@@ -860,6 +860,8 @@ fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()
         lat1: Vec<Duration>,
         calls: u64,
         requests: u64,
+        sidecar_cpu: f64,
+        redis_cpu: f64,
     }
     let mut acc: Vec<Acc> = backends
         .iter()
@@ -870,6 +872,8 @@ fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()
             lat1: Vec::new(),
             calls: 0,
             requests: 0,
+            sidecar_cpu: 0.0,
+            redis_cpu: 0.0,
         })
         .collect();
     rt.block_on(async {
@@ -877,8 +881,9 @@ fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()
             load(Target::Sidecar, *addr, 4, Duration::from_millis(500), 2000).await?;
         }
         for round in 0..args.limits_rounds {
-            for (i, (name, addr, _)) in procs.iter().enumerate() {
+            for (i, (name, addr, p)) in procs.iter().enumerate() {
                 let c0 = redis_calls(redis_addr)?;
+                let (s0, r0) = (proc_stats(p.child.id()).0, proc_stats(redis.child.id()).0);
                 let r = load(
                     Target::Sidecar,
                     *addr,
@@ -891,7 +896,10 @@ fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()
                 // Settlements are sent after the response: let the last ones land.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let c1 = redis_calls(redis_addr)?;
+                let (s1, r1cpu) = (proc_stats(p.child.id()).0, proc_stats(redis.child.id()).0);
                 let a = &mut acc[i];
+                a.sidecar_cpu += s1 - s0;
+                a.redis_cpu += r1cpu - r0;
                 a.ok += r.ok;
                 a.errors += r.errors + r1.errors;
                 a.elapsed += r.elapsed;
@@ -917,10 +925,13 @@ fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()
         let rps = a.ok as f64 / a.elapsed.as_secs_f64();
         let (p50, p99) = (pct(&a.lat1, 0.5), pct(&a.lat1, 0.99));
         let rt_per_req = a.calls as f64 / a.requests.max(1) as f64;
+        let sc_us = a.sidecar_cpu / a.requests.max(1) as f64 * 1e6;
+        let rd_us = a.redis_cpu / a.requests.max(1) as f64 * 1e6;
         println!(
             "{name:>6}: {rps:8.0} req/s at {} conns ({:.2}x local, {} errors); 1 conn p50 {p50:?} \
              p99 {p99:?} (added vs local: p50 {:+.0} us, p99 {:+.0} us); Redis round trips per \
-             request {rt_per_req:.2}",
+             request {rt_per_req:.2}; CPU per request: sidecar {sc_us:.1} us, redis-server \
+             {rd_us:.1} us",
             args.connections,
             rps / base_rps,
             a.errors,
@@ -939,6 +950,8 @@ fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()
             rt_per_req.into(),
         );
         report.insert(format!("{name}_errors"), a.errors.into());
+        report.insert(format!("{name}_sidecar_cpu_us_per_request"), sc_us.into());
+        report.insert(format!("{name}_redis_cpu_us_per_request"), rd_us.into());
     }
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
