@@ -855,3 +855,51 @@ async fn a_tenants_keys_share_one_hash_tag() {
     r.into_body().collect().await.unwrap();
     h.shutdown().await;
 }
+
+/// Redis restarts empty while a replica holds a concurrency slot: the replica's renewal puts
+/// the slot back, so the limit holds again within a third of the lease.
+#[tokio::test]
+async fn live_slots_are_put_back_after_a_redis_restart() {
+    if !redis_available("slots_after_restart") {
+        return;
+    }
+    let mut redis = RedisServer::start().await;
+    let tenants = limits_section(
+        &redis.url(),
+        "concurrency_lease_ms = 900\ncommand_timeout_ms = 100\nconnect_timeout_ms = 200",
+        "[tenants.acme]\nmax_concurrent = 1\n[tenants.globex]\n",
+    );
+    let hs = replicas(2, &tenants).await;
+    let held = hs[0].hold_stream("acme", "long").await;
+    let c = client();
+    let models = || signed_to(hs[1].addr, "acme", Method::GET, "/v1/models", "");
+    let (p, _) = {
+        let r = c.request(models()).await.unwrap();
+        (r.status(), ())
+    };
+    assert_eq!(p, StatusCode::TOO_MANY_REQUESTS);
+    redis.kill();
+    redis.spawn().await;
+    for h in &hs {
+        h.wait_metric("bulkhead_limits_backend_up", 1.0).await;
+    }
+    // Short requests on the other replica (each releases its own slot at once) until the
+    // held stream's slot is back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c.request(models()).await.unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            let b = r.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(json(&b)["error"]["code"], "concurrency");
+            break;
+        }
+        r.into_body().collect().await.unwrap();
+        assert!(Instant::now() < deadline, "the live slot never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hs[0].sim.sim.open_gate();
+    drop(held);
+    for h in hs {
+        h.shutdown().await;
+    }
+}

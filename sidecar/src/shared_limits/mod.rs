@@ -399,6 +399,10 @@ impl SharedTenant {
     pub async fn admit(self: &Arc<Self>, estimate: u64) -> Result<Grant, SharedError> {
         let s = &self.shared;
         let n = self.numbers;
+        if n == LimitNumbers::default() {
+            // No limit to share: nothing to ask.
+            return Ok(self.granted(estimate, false, None, RateInfo::default()));
+        }
         let leased = s.cfg.mode == LimitsMode::Leased;
         if leased
             && n.max_concurrent.is_none()

@@ -202,8 +202,9 @@ return 0
     )
 });
 
-/// Renew a replica's live slots. KEYS: conc. ARGV: 1 lease (ms), 2.. slot ids. Only slots
-/// still present are renewed (`XX`): one that expired stays gone. Returns how many it renewed.
+/// Renew a replica's live slots. KEYS: conc. ARGV: 1 lease (ms), 2.. slot ids. A slot that is
+/// missing is added again (its request still runs: Redis restarted empty, or the slot expired
+/// while Redis was out of reach). Returns how many were added back.
 pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -212,7 +213,7 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
 local n = 0
 for i = 2, #ARGV do
-  n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', now_ms + lease, ARGV[i])
+  n = n + redis.call('ZADD', KEYS[1], now_ms + lease, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], 2 * lease)
 return n
