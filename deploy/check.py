@@ -48,6 +48,8 @@ INVENTORY = {
     "bulkhead_cache_flushes_total",
     "bulkhead_cache_salt_overrides_total",
     "bulkhead_kv_cache_tokens",
+    "bulkhead_limits_backend_up",
+    "bulkhead_limits_degraded_decisions_total",
 }
 HISTOGRAMS = {
     "bulkhead_request_duration_seconds",
