@@ -4,6 +4,8 @@
 //!   done already).
 //! * `test`: setup, then fmt, clippy and every test: the command CI runs.
 //! * `demo`: setup, then run the demo (needs root: it loads the eBPF programs).
+//!   `demo --replicas N`: N sidecar replicas of one model, limits local then shared in Redis
+//!   (each tenant's admitted totals against its limit; no root).
 //! * `bench ebpf`: loopback throughput with the programs attached vs detached.
 //! * `bench sidecar`: the sidecar against bulkhead-sim directly and through nginx (installed
 //!   with apt-get when missing, as the plain-proxy baseline). `bench sidecar --limits redis`:
@@ -40,6 +42,7 @@ fn main() -> Result<()> {
                  setup       install the nightly rust-src and bpf-linker (cached), and redis-server\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
+                 demo --replicas N  N sidecars sharing limits in Redis vs local limits, admitted per tenant\n\
                  bench ebpf  loopback TCP throughput, programs attached vs detached\n\
                  bench sidecar [--limits redis]  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar (or the limits backends)\n\
                  deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)\n\
@@ -181,6 +184,25 @@ fn cargo_test(args: &[&str]) -> Result<()> {
 }
 
 fn demo(rest: &[&str]) -> Result<()> {
+    if let Some(i) = rest.iter().position(|a| *a == "--replicas") {
+        // Sidecar replicas sharing limits through Redis: no agent, no root.
+        let n = rest.get(i + 1).copied().unwrap_or("2");
+        setup::redis()?;
+        run(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "bulkhead-sidecar",
+            "-p",
+            "bulkhead-sim",
+            "--bins",
+        ]))?;
+        let bin_dir = root().join("target/release");
+        return run(Command::new(bin_dir.join("bulkhead-bench"))
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .args(["--replicas-demo", n, "--duration", "5"]));
+    }
     setup::run()?;
     run_with_agent("bulkhead-demo", rest)
 }

@@ -62,6 +62,10 @@ struct Args {
     /// Rounds of the interleaved --limits comparison (each runs every backend once).
     #[arg(long, default_value_t = 3)]
     limits_rounds: usize,
+    /// Instead: a demo of N sidecar replicas of one model, first with local limits, then
+    /// sharing them through a redis-server; prints each tenant's admitted totals.
+    #[arg(long)]
+    replicas_demo: Option<usize>,
 }
 
 const KEY: &[u8] = b"bench-gateway-secret-0123456789ab";
@@ -962,6 +966,211 @@ fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+/// The demo's tenants: (name, requests per minute).
+const DEMO_TENANTS: [(&str, u32); 3] = [("acme", 120), ("globex", 60), ("initech", 30)];
+
+/// Send `tenant` requests over `conns` connections, request i to replica i % n, for
+/// `duration`; returns the requests admitted by each replica.
+async fn demo_load(
+    addrs: Vec<SocketAddr>,
+    tenant: &'static str,
+    conns: usize,
+    duration: Duration,
+) -> anyhow::Result<Vec<u64>> {
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let addrs = addrs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut senders = Vec::new();
+            for a in &addrs {
+                let stream = tokio::net::TcpStream::connect(a).await?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                senders.push(sender);
+            }
+            let mut admitted = vec![0u64; addrs.len()];
+            let mut i = c;
+            while Instant::now() < end {
+                let r = i % addrs.len();
+                i += 1;
+                let mut req = make_request(Target::Direct, addrs[r], BODY, &[]);
+                let h = req.headers_mut();
+                h.insert(TENANT_HEADER, HeaderValue::from_static(tenant));
+                let uri: http::Uri = "/v1/chat/completions".parse().expect("static path");
+                sign_request(
+                    &Method::POST,
+                    &uri,
+                    h,
+                    BODY.as_bytes(),
+                    KEY,
+                    &SignOptions::new("gw", now()),
+                )
+                .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+                let resp = senders[r].send_request(req).await?;
+                let ok = resp.status().is_success();
+                resp.into_body().collect().await?;
+                if ok {
+                    admitted[r] += 1;
+                } else {
+                    // Refused (429): back off a little, as a client would.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            anyhow::Ok(admitted)
+        }));
+    }
+    let mut total = vec![0u64; addrs.len()];
+    for t in tasks {
+        for (i, n) in t.await??.into_iter().enumerate() {
+            total[i] += n;
+        }
+    }
+    Ok(total)
+}
+
+/// `--replicas-demo N`: N replicas of one model behind a round-robin client, with local
+/// limits (each replica enforces the whole limit) and then with limits shared in Redis.
+fn replicas_demo(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        bail!("--replicas-demo needs at least 1 replica");
+    }
+    let sim_port = free_port()?;
+    let sim = Proc {
+        name: "bulkhead-sim",
+        child: Command::new(bin_dir.join("bulkhead-sim"))
+            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
+            .args(["--tokens", "16", "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
+        stop: None,
+    };
+    wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
+    let redis_port = free_port()?;
+    let redis_bin =
+        which("redis-server").context("redis-server not found (cargo xtask setup installs it)")?;
+    let redis = Proc {
+        name: "redis-server",
+        child: Command::new(redis_bin)
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?,
+        stop: None,
+    };
+    wait_port(([127, 0, 0, 1], redis_port).into(), redis.name)?;
+    let tenants: String = DEMO_TENANTS
+        .iter()
+        .map(|(t, rpm)| format!("[tenants.{t}]\nrequests_per_minute = {rpm}\n"))
+        .collect();
+    let duration = Duration::from_secs_f64(args.duration);
+    println!(
+        "bulkhead-bench --replicas-demo {n}: {n} sidecar replicas of one model, each tenant's \
+         clients spread round-robin over them for {} s (GCRA: a burst of the limit, then \
+         limit/60 per second)",
+        args.duration
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for (backend, limits) in [
+        ("local", String::new()),
+        (
+            "redis",
+            format!(
+                "[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"redis://127.0.0.1:{redis_port}/\"\n\
+                 expected_replicas = {n}"
+            ),
+        ),
+    ] {
+        let mut procs = Vec::new();
+        for i in 0..n {
+            let (port, admin) = (free_port()?, free_port()?);
+            let cfg_text = format!(
+                "[upstream]\nurl = \"http://127.0.0.1:{sim_port}\"\n[listen]\naddr = \"127.0.0.1:{port}\"\n\
+                 admin_addr = \"127.0.0.1:{admin}\"\n{limits}\n{tenants}\n[[keys]]\nid = \"gw\"\n\
+                 secret_files = [\"{key}\"]\ntenants = [\"*\"]\n",
+                key = dir.join("gw.key").display(),
+            );
+            std::fs::write(
+                dir.join("gw.key"),
+                base64::engine::general_purpose::STANDARD.encode(KEY),
+            )?;
+            let cfg = dir.join(format!("demo-{backend}-{i}.toml"));
+            std::fs::write(&cfg, cfg_text)?;
+            let p = Proc {
+                name: "bulkhead-sidecar",
+                child: Command::new(bin_dir.join("bulkhead-sidecar"))
+                    .args(["run", "--config"])
+                    .arg(&cfg)
+                    .env("RUST_LOG", "error")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting bulkhead-sidecar")?,
+                stop: None,
+            };
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            wait_port(addr, p.name)?;
+            procs.push((addr, p));
+        }
+        let addrs: Vec<SocketAddr> = procs.iter().map(|(a, _)| *a).collect();
+        let results = rt.block_on(async {
+            let mut handles = Vec::new();
+            for (t, _) in DEMO_TENANTS {
+                handles.push(tokio::spawn(demo_load(addrs.clone(), t, 4, duration)));
+            }
+            let mut out = Vec::new();
+            for h in handles {
+                out.push(h.await??);
+            }
+            anyhow::Ok(out)
+        })?;
+        println!("\nlimits.backend = \"{backend}\":");
+        let per: Vec<String> = (1..=n).map(|i| format!("replica {i}")).collect();
+        println!(
+            "  {:<8} {:>6} {:>9} | {} | {:>8} {:>6}",
+            "tenant",
+            "rpm",
+            "allowed",
+            per.iter()
+                .map(|p| format!("{p:>9}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            "admitted",
+            "ratio"
+        );
+        for ((t, rpm), counts) in DEMO_TENANTS.iter().zip(&results) {
+            let allowed = *rpm as f64 * (1.0 + args.duration / 60.0);
+            let total: u64 = counts.iter().sum();
+            println!(
+                "  {:<8} {:>6} {:>9.0} | {} | {:>8} {:>5.2}x",
+                t,
+                rpm,
+                allowed,
+                counts
+                    .iter()
+                    .map(|c| format!("{c:>9}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                total,
+                total as f64 / allowed
+            );
+        }
+        drop(procs);
+    }
+    drop(redis);
+    drop(sim);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin_dir = match &args.bin_dir {
@@ -975,6 +1184,11 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     if args.cache_tiers {
         let r = cache_tiers(&args, &bin_dir, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return r;
+    }
+    if let Some(n) = args.replicas_demo {
+        let r = replicas_demo(&args, &bin_dir, &dir, n);
         let _ = std::fs::remove_dir_all(&dir);
         return r;
     }
