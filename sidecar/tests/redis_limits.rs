@@ -68,21 +68,40 @@ struct RedisServer {
 
 impl RedisServer {
     async fn start() -> RedisServer {
-        Self::start_with(free_port(), Vec::new()).await
+        Self::start_extra(|_| Vec::new()).await
     }
 
-    async fn start_with(port: u16, extra: Vec<String>) -> RedisServer {
-        let mut s = RedisServer {
-            port,
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            extra,
-        };
-        s.spawn().await;
-        s
+    /// Start with `extra(port)` arguments on a free port.
+    async fn start_extra(extra: impl Fn(u16) -> Vec<String>) -> RedisServer {
+        // A port just found free may be taken again by another test before the server binds
+        // it: then try another.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut s = RedisServer {
+                port,
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+                extra: extra(port),
+            };
+            if s.try_spawn().await {
+                return s;
+            }
+        }
+        panic!("could not start redis-server on a free port");
     }
 
+    /// Start (again) on this server's port.
     async fn spawn(&mut self) {
+        assert!(
+            self.try_spawn().await,
+            "redis-server did not start on port {}",
+            self.port
+        );
+    }
+
+    /// Start the server and wait until it answers; `false` when the process that answers on
+    /// the port is not this one (or it exited).
+    async fn try_spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -93,18 +112,27 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
+        let pid = child.id();
         self.child = Some(child);
         let url = self.url();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return false;
+            }
             if let Ok(c) = redis::Client::open(url.as_str())
                 && let Ok(mut conn) = c.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<()>(&mut conn)
+                && let Ok(info) = redis::cmd("INFO")
+                    .arg("server")
+                    .query_async::<String>(&mut conn)
                     .await
-                    .is_ok()
             {
-                return;
+                if info.contains(&format!("process_id:{pid}\r")) {
+                    return true;
+                }
+                self.kill();
+                return false;
             }
             assert!(Instant::now() < deadline, "redis-server never answered");
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -251,11 +279,15 @@ async fn burst_bound(n_replicas: usize, mode: &str, slack_per_replica: u64) {
         admitted <= bound,
         "admitted {admitted} tokens, bound {bound}"
     );
-    // One replica alone would have admitted 9; all of them together must not admit 9 each.
+    // Not far below the limit either: strict loses at most what one more request would
+    // need; leased at most what sits in the replicas' leases (given back after 1 s idle).
+    let least = match mode {
+        "strict" => 1000 - EST,
+        _ => 1000u64.saturating_sub(n_replicas as u64 * slack_per_replica),
+    };
     assert!(
-        ok.len() >= 1000 / EST as usize - 1,
-        "admitted only {}",
-        ok.len()
+        admitted >= least,
+        "admitted only {admitted} tokens, expected at least {least}"
     );
     assert!(refused.iter().all(|c| c == "tokens"), "{refused:?}");
     for h in &hs {
@@ -385,39 +417,71 @@ async fn a_replay_sent_to_the_other_replica_is_refused() {
         return;
     }
     let redis = RedisServer::start().await;
-    let tenants = limits_section(&redis.url(), "", DEFAULT_TENANTS);
-    let hs = replicas(2, &tenants).await;
-    let body = chat("once", "");
-    let headers = signed_headers(
-        "acme",
-        &Method::POST,
-        "/v1/chat/completions",
-        body.as_bytes(),
-        "gw",
-        GW_KEY,
-        |_| {},
+    // acme has no limits (its nonce takes a call of its own); globex has one (its nonce is
+    // recorded by the admission's script).
+    let tenants = limits_section(
+        &redis.url(),
+        "",
+        "[tenants.acme]\n[tenants.globex]\nrequests_per_minute = 2\n",
     );
-    let to = |addr: SocketAddr| {
-        let mut req = Request::new(Full::new(Bytes::from(body.clone())));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = format!("http://{addr}/v1/chat/completions")
-            .parse()
-            .unwrap();
-        *req.headers_mut() = headers.clone();
-        req
-    };
+    let hs = replicas(2, &tenants).await;
     let c = client();
-    let r = c.request(to(hs[0].addr)).await.unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let r = c.request(to(hs[1].addr)).await.unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let b = r.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(json(&b)["error"]["code"], "replayed");
+    for (tenant, replays) in [("acme", 1.0), ("globex", 1.0)] {
+        let body = chat("once", "");
+        let headers = signed_headers(
+            tenant,
+            &Method::POST,
+            "/v1/chat/completions",
+            body.as_bytes(),
+            "gw",
+            GW_KEY,
+            |_| {},
+        );
+        let to = |addr: SocketAddr| {
+            let mut req = Request::new(Full::new(Bytes::from(body.clone())));
+            *req.method_mut() = Method::POST;
+            *req.uri_mut() = format!("http://{addr}/v1/chat/completions")
+                .parse()
+                .unwrap();
+            *req.headers_mut() = headers.clone();
+            req
+        };
+        let r = c.request(to(hs[0].addr)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{tenant}");
+        let r = c.request(to(hs[1].addr)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{tenant}");
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(json(&b)["error"]["code"], "replayed");
+        assert_eq!(
+            hs[1]
+                .metric(&format!(
+                    "bulkhead_auth_failures_by_tenant_total{{tenant=\"{tenant}\",reason=\"replayed\"}}"
+                ))
+                .await,
+            Some(replays)
+        );
+        // Never attributed to the tenant.
+        assert_eq!(
+            hs[1]
+                .metric(&format!(
+                    "bulkhead_requests_total{{tenant=\"{tenant}\",code=\"401\"}}"
+                ))
+                .await,
+            None
+        );
+    }
     assert_eq!(
         hs[1]
-            .metric("bulkhead_auth_failures_by_tenant_total{tenant=\"acme\",reason=\"replayed\"}")
+            .metric("bulkhead_unattributed_requests_total{reason=\"replayed\"}")
             .await,
-        Some(1.0)
+        Some(2.0)
+    );
+    // The replay used none of globex's 2 requests per minute: one more is admitted, then no more.
+    let send = || signed_to(hs[1].addr, "globex", Method::GET, "/v1/models", "");
+    assert_eq!(c.request(send()).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        c.request(send()).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
     );
     // The nonces live under the key id's own hash tag, with an expiry.
     let mut conn = redis.conn().await;
@@ -695,17 +759,15 @@ async fn limits_hold_on_a_three_master_cluster() {
     }
     let mut nodes = Vec::new();
     for _ in 0..3 {
-        let port = free_port();
         nodes.push(
-            RedisServer::start_with(
-                port,
+            RedisServer::start_extra(|port| {
                 vec![
                     "--cluster-enabled".into(),
                     "yes".into(),
                     "--cluster-config-file".into(),
                     format!("nodes-{port}.conf"),
-                ],
-            )
+                ]
+            })
             .await,
         );
     }

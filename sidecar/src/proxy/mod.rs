@@ -24,7 +24,8 @@ pub use routes::{Api, ROUTES, Route, classify};
 use crate::http_util::ProxyBody;
 use crate::kv::KvCharge;
 use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
-use crate::shared_limits::Grant;
+use crate::shared_limits::{Grant, SharedError};
+use crate::signature::NonceRecord;
 use crate::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
 use bytes::{Bytes, BytesMut};
 use exchange::{BodyBytes, End, Exchange, Held};
@@ -103,12 +104,12 @@ async fn proxy(
     let (pending, tenant) = authenticate(ex, &rt, &parts)?;
     check_route(route, &tenant)?;
     let body = read_body(ex, &rt, &parts, body).await?;
-    let verified = verify_body(ex, &rt, pending, &body, &tenant).await?;
+    let (verified, nonce) = verify_body(ex, &rt, pending, &body, &tenant).await?;
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
     let info = inspect_body(ex, route, &tenant, &parts, body)?;
-    admit(ex, &tenant, &info).await?;
+    admit(ex, &rt, &tenant, &info, nonce).await?;
     tag_client(ex, conn, &tenant).await;
     let (permit, gate) = wait_turn(ex, &tenant, &rt).await?;
     let up = upstream_request(ex, &rt, conn, parts, &verified.covered_headers, info.body)?;
@@ -154,20 +155,24 @@ fn authenticate(
     Ok((pending, tenant))
 }
 
-/// Phase: the body against the signed digest, then the nonce recorded (in this process, or
-/// in the replay cache shared by the replicas).
+/// Phase: the body against the signed digest, then the nonce recorded: in this process, or in
+/// the replay cache shared by the replicas. When the shared limits record it in the admission's
+/// own script (one round trip for both), it is returned to be recorded there.
 async fn verify_body(
     ex: &mut Exchange,
     rt: &Runtime,
     pending: PendingAuth,
     body: &Bytes,
     tenant: &Arc<TenantRuntime>,
-) -> Result<crate::signature::Verified, Refusal> {
+) -> Result<(crate::signature::Verified, Option<NonceRecord>), Refusal> {
     let Some(shared) = &ex.app.shared else {
-        return pending.finish(&rt.verifier, body, unix_now()).map_err(|e| {
-            ex.signed_for = Some(tenant.clone());
-            Refusal::auth(&e)
-        });
+        return match pending.finish(&rt.verifier, body, unix_now()) {
+            Ok(v) => Ok((v, None)),
+            Err(e) => {
+                ex.signed_for = Some(tenant.clone());
+                Err(Refusal::auth(&e))
+            }
+        };
     };
     let shared = shared.clone();
     let (verified, nonce) = pending
@@ -176,9 +181,12 @@ async fn verify_body(
             ex.signed_for = Some(tenant.clone());
             Refusal::auth(&e)
         })?;
+    if tenant.shared.is_some() && shared.records_nonce_at_admission() {
+        return Ok((verified, Some(nonce)));
+    }
     match shared.record_nonce(&rt.verifier, &nonce).await {
-        Ok(()) => Ok(verified),
-        Err(crate::shared_limits::SharedError::Auth(e)) => {
+        Ok(()) => Ok((verified, None)),
+        Err(SharedError::Auth(e)) => {
             ex.signed_for = Some(tenant.clone());
             Err(Refusal::auth(&e))
         }
@@ -365,7 +373,13 @@ fn inspect_body(
 }
 
 /// Phase: the tenant's limits; a request larger than its whole token budget is refused.
-async fn admit(ex: &mut Exchange, tenant: &TenantRuntime, info: &Inspected) -> Result<(), Refusal> {
+async fn admit(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    tenant: &Arc<TenantRuntime>,
+    info: &Inspected,
+    nonce: Option<NonceRecord>,
+) -> Result<(), Refusal> {
     let estimate = info.prompt_estimate.saturating_add(info.completion_reserve);
     if let Some(tpm) = tenant.limits.numbers().tokens_per_minute
         && estimate > tpm
@@ -381,7 +395,23 @@ async fn admit(ex: &mut Exchange, tenant: &TenantRuntime, info: &Inspected) -> R
     }
     let admission = match &tenant.shared {
         None => Grant::Local(tenant.limits.admit(estimate).map_err(Refusal::limit)?),
-        Some(shared) => shared.admit(estimate).await.map_err(Refusal::shared)?,
+        Some(shared) => {
+            let nonce = nonce.as_ref().map(|n| (&rt.verifier, n));
+            match shared.admit(estimate, nonce).await {
+                Ok(g) => g,
+                Err(SharedError::Auth(e)) => {
+                    // The nonce was recorded with the admission: refused as authentication
+                    // (never attributed to the tenant), as in the verify phase.
+                    ex.tenant = None;
+                    ex.key_id = None;
+                    ex.prompt_hash = None;
+                    ex.stream = false;
+                    ex.signed_for = Some(tenant.clone());
+                    return Err(Refusal::auth(&e));
+                }
+                Err(e) => return Err(Refusal::shared(e)),
+            }
+        }
     };
     ex.reserved = Some(estimate);
     ex.admission = Some(admission);

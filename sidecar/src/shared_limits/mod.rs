@@ -149,6 +149,13 @@ impl SharedLimits {
             .await
     }
 
+    /// Whether a verified nonce is best recorded by the admission's own script
+    /// ([`SharedTenant::admit`]) instead of its own call: `strict` mode on one server (in a
+    /// Cluster the nonce's key has another hash tag than the tenant's).
+    pub fn records_nonce_at_admission(&self) -> bool {
+        self.cfg.mode == LimitsMode::Strict && self.cfg.url.is_some()
+    }
+
     /// Whether Redis answered the last command (or probe).
     pub fn is_up(&self) -> bool {
         self.backend.is_up()
@@ -396,9 +403,25 @@ impl SharedTenant {
     /// Admit a request estimated at `estimate` tokens: one round trip to Redis in `strict`
     /// mode; in `leased` mode none while the replica's lease covers it (and no concurrency
     /// limit is set). No lock is held across the call.
-    pub async fn admit(self: &Arc<Self>, estimate: u64) -> Result<Grant, SharedError> {
+    ///
+    /// `nonce`: a verified request's nonce not recorded yet (see
+    /// [`SharedLimits::records_nonce_at_admission`]): recorded first, in the admission's own
+    /// script when it can be, else by its own call; `SharedError::Auth` when replayed.
+    pub async fn admit(
+        self: &Arc<Self>,
+        estimate: u64,
+        nonce: Option<(&Verifier, &NonceRecord)>,
+    ) -> Result<Grant, SharedError> {
         let s = &self.shared;
         let n = self.numbers;
+        let merged = nonce.filter(|_| {
+            s.records_nonce_at_admission() && s.backend.is_up() && n != LimitNumbers::default()
+        });
+        if merged.is_none()
+            && let Some((verifier, record)) = nonce
+        {
+            s.record_nonce(verifier, record).await?;
+        }
         if n == LimitNumbers::default() {
             // No limit to share: nothing to ask.
             return Ok(self.granted(estimate, false, None, RateInfo::default()));
@@ -447,7 +470,17 @@ impl SharedTenant {
             .arg(n.max_concurrent.unwrap_or(0))
             .arg(slot.as_deref().unwrap_or(""))
             .arg(s.cfg.concurrency_lease_ms);
+        if let Some((_, record)) = merged {
+            inv.key(scripts::replay_key(&s.cfg.key_prefix, &record.key_id))
+                .arg(scripts::replay_member(&record.key_id, &record.nonce))
+                .arg(record.forget_at.saturating_mul(1000))
+                .arg(record.key_share);
+        }
         let Some(v) = s.backend.invoke::<Vec<i64>>(&inv).await else {
+            // The backend is down now: the nonce goes where on_backend_failure says.
+            if let Some((verifier, record)) = merged {
+                s.record_nonce(verifier, record).await?;
+            }
             return self.degraded(estimate);
         };
         let Some(a) = self.answer(&v) else {
@@ -458,7 +491,9 @@ impl SharedTenant {
             0 => None,
             1 => Some(LimitKind::Requests),
             2 => Some(LimitKind::Tokens),
-            _ => Some(LimitKind::Concurrency),
+            3 => Some(LimitKind::Concurrency),
+            4 => return Err(SharedError::Auth(AuthError::Replayed)),
+            _ => return Err(SharedError::Auth(AuthError::ReplayCacheFull)),
         };
         if let Some(kind) = kind {
             // Grants to concurrent requests may have refilled the lease meanwhile.

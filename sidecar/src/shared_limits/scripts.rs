@@ -57,10 +57,15 @@ fn short_hash(parts: &[&[u8]]) -> String {
         .collect()
 }
 
-/// Admission. KEYS: rpm, tpm, conc. ARGV:
+/// Admission. KEYS: rpm, tpm, conc, and optionally the key id's nonce set. ARGV:
 /// 1 rpm limit (0: none), 2 requests wanted, 3 requests needed,
 /// 4 tpm limit (0: none), 5 tokens wanted, 6 tokens needed,
-/// 7 max concurrent (0: none), 8 slot id, 9 slot lease (ms).
+/// 7 max concurrent (0: none), 8 slot id, 9 slot lease (ms),
+/// with the nonce set: 10 member, 11 forget at (unix ms), 12 the key id's share.
+///
+/// With a nonce (one server only: its set has another hash tag than the tenant's keys) the
+/// nonce is checked and recorded first, as [`REPLAY`] does: status 4 replayed, 5 the key id's
+/// share full, and no limit touched; otherwise it is recorded whatever the limits decide.
 ///
 /// All or nothing: a refusal changes no key. Requests are GCRA (burst = the limit, one more
 /// every 60/limit s); tokens a bucket of `limit` refilling `limit` per minute that admits when
@@ -74,6 +79,22 @@ pub static ADMIT: LazyLock<Script> = LazyLock::new(|| {
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
+if #KEYS >= 4 then
+  local forget = tonumber(ARGV[11])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
+  if redis.call('ZSCORE', KEYS[4], ARGV[10]) then
+    return {4, 0, 0, 0, -1, -1, -1, -1}
+  end
+  if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[12]) then
+    return {5, 0, 0, 0, -1, -1, -1, -1}
+  end
+  if forget > now_ms then
+    redis.call('ZADD', KEYS[4], forget, ARGV[10])
+    if redis.call('PTTL', KEYS[4]) < forget - now_ms then
+      redis.call('PEXPIRE', KEYS[4], forget - now_ms)
+    end
+  end
+end
 local rpm = tonumber(ARGV[1])
 local req_want = tonumber(ARGV[2])
 local req_need = tonumber(ARGV[3])
