@@ -225,11 +225,12 @@ fn run_with_agent(bin: &str, rest: &[&str]) -> Result<()> {
 }
 
 fn bench_sidecar(rest: &[&str]) -> Result<()> {
-    if rest.contains(&"--limits") {
-        // `--limits redis` runs a redis-server beside the sidecars.
+    let limits = rest.contains(&"--limits");
+    if limits {
+        // `--limits redis` runs a redis-server beside the sidecars (and no nginx).
         setup::redis()?;
     }
-    if which("nginx").is_none() {
+    if !limits && which("nginx").is_none() {
         eprintln!("bench sidecar: installing nginx (the plain-proxy baseline)");
         let installed = Command::new("apt-get")
             .args(["install", "-y", "-q", "nginx-light"])
