@@ -381,6 +381,18 @@ impl std::fmt::Debug for SharedTenant {
     }
 }
 
+/// Releases a slot when dropped armed: an admission whose answer never came (cancelled, or
+/// the call failed) after the script may have taken it.
+struct SlotOnDrop(Option<(Arc<SharedTenant>, String)>);
+
+impl Drop for SlotOnDrop {
+    fn drop(&mut self) {
+        if let Some((t, id)) = self.0.take() {
+            t.shared.settle_later(&t, 0, 0.0, Some(id));
+        }
+    }
+}
+
 /// What the admission script answered.
 struct Answer {
     status: i64,
@@ -476,17 +488,25 @@ impl SharedTenant {
                 .arg(record.forget_at.saturating_mul(1000))
                 .arg(record.key_share);
         }
-        let Some(v) = s.backend.invoke::<Vec<i64>>(&inv).await else {
-            // The backend is down now: the nonce goes where on_backend_failure says.
-            if let Some((verifier, record)) = merged {
-                s.record_nonce(verifier, record).await?;
+        // Should this future be dropped during the call (the client went away), the slot the
+        // script may have taken is released rather than left to its lease.
+        let mut cancelled = SlotOnDrop(slot.as_ref().map(|id| (self.clone(), id.clone())));
+        let answer = s.backend.invoke::<Vec<i64>>(&inv).await;
+        let a = match answer.as_deref().map(|v| self.answer(v)) {
+            Some(Some(a)) => a,
+            failed => {
+                if failed.is_some() {
+                    tracing::warn!(tenant = %self.name, "unexpected answer from the limits script");
+                }
+                // Without Redis's answer: the nonce goes where on_backend_failure says.
+                if let Some((verifier, record)) = merged {
+                    s.record_nonce(verifier, record).await?;
+                }
+                return self.degraded(estimate);
             }
-            return self.degraded(estimate);
         };
-        let Some(a) = self.answer(&v) else {
-            tracing::warn!(tenant = %self.name, "unexpected answer from the limits script");
-            return self.degraded(estimate);
-        };
+        // Answered: the slot is taken (admitted) or was never added (refused).
+        cancelled.0 = None;
         let kind = match a.status {
             0 => None,
             1 => Some(LimitKind::Requests),
