@@ -863,6 +863,27 @@ async fn limits_hold_on_a_three_master_cluster() {
         );
     }
     assert!(found >= 2, "{found}");
+    // One cluster node given as `url` (one server) is refused: the backend stays down and
+    // decisions are local (here: the fallback's limit) instead of half working.
+    let wrong = Harness::start(&limits_section(
+        &nodes[0].url(),
+        "connect_timeout_ms = 300",
+        "[tenants.acme]\nrequests_per_minute = 3\n[tenants.globex]\n",
+    ))
+    .await;
+    let (p, _) = wrong
+        .send_collect(wrong.signed("acme", Method::GET, "/v1/models", ""))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert_eq!(wrong.metric("bulkhead_limits_backend_up").await, Some(0.0));
+    assert_eq!(
+        wrong
+            .metric("bulkhead_limits_degraded_decisions_total{action=\"local\"}")
+            .await,
+        Some(2.0),
+        "the nonce and the admission"
+    );
+    wrong.shutdown().await;
     for h in hs {
         h.shutdown().await;
     }

@@ -33,6 +33,19 @@ impl Conn {
             Conn::Cluster(c) => cmd.query_async::<()>(&mut c.clone()).await,
         }
     }
+
+    /// A `url` (one server) that is in fact a Cluster node: its keys would be redirected to
+    /// other nodes and a script across hash tags refused, so it is never used.
+    async fn single_is_cluster_node(&self) -> bool {
+        let Conn::Single(c) = self else {
+            return false;
+        };
+        redis::cmd("INFO")
+            .arg("cluster")
+            .query_async::<String>(&mut c.clone())
+            .await
+            .is_ok_and(|info| info.contains("cluster_enabled:1"))
+    }
 }
 
 pub(super) struct Backend {
@@ -43,6 +56,8 @@ pub(super) struct Backend {
     conn: RwLock<Option<Conn>>,
     up: AtomicBool,
     probing: AtomicBool,
+    /// The misconfiguration of a Cluster node given as `url` was logged.
+    told_cluster: AtomicBool,
     /// Woken when the backend comes up.
     connected: tokio::sync::Notify,
     metrics: Metrics,
@@ -61,6 +76,7 @@ impl Backend {
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
             probing: AtomicBool::new(true),
+            told_cluster: AtomicBool::new(false),
             connected: tokio::sync::Notify::new(),
             metrics,
         });
@@ -164,10 +180,20 @@ async fn probe(b: std::sync::Weak<Backend>, down_since: Option<Instant>) {
         let attempt = async {
             let c = backend.connect().await?;
             c.ping().await?;
-            Ok::<_, redis::RedisError>(c)
+            let cluster = c.single_is_cluster_node().await;
+            Ok::<_, redis::RedisError>((c, cluster))
         };
         let limit = backend.connect_timeout + backend.command_timeout;
-        if let Ok(Ok(c)) = tokio::time::timeout(limit, attempt).await {
+        let answer = tokio::time::timeout(limit, attempt).await;
+        if let Ok(Ok((_, true))) = &answer
+            && !backend.told_cluster.swap(true, Ordering::AcqRel)
+        {
+            tracing::error!(
+                "limits.redis.url names a Redis Cluster node: list the cluster's nodes in \
+                 limits.redis.urls instead; the limits backend stays down until then"
+            );
+        }
+        if let Ok(Ok((c, false))) = answer {
             *backend.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(c);
             backend.probing.store(false, Ordering::Release);
             backend.up.store(true, Ordering::Release);
