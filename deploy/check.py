@@ -61,6 +61,8 @@ INVENTORY = {
     "bulkhead_probe_duration_seconds",
     "bulkhead_cost_total",
     "bulkhead_jwks_refreshes_total",
+    "bulkhead_limits_backend_up",
+    "bulkhead_limits_degraded_decisions_total",
 }
 HISTOGRAMS = {
     "bulkhead_request_duration_seconds",

@@ -52,6 +52,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Where limits and the replay cache live: this process (default) or Redis.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// The served model's KV-cache geometry; enables `bulkhead_kv_cache_bytes` and KV reports.
     pub model: Option<ModelConfig>,
     #[serde(default)]
@@ -307,6 +310,122 @@ fn default_flush_timeout_ms() -> u64 {
 }
 fn default_drain_timeout_ms() -> u64 {
     5000
+}
+
+/// Where per-tenant limits and the nonce replay cache are kept.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    /// In this process: each replica enforces the whole limit on its own.
+    #[default]
+    Local,
+    /// In Redis (or Valkey), shared by every replica: `[limits.redis]`.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default)]
+    pub backend: LimitsBackend,
+    /// Required when `backend = "redis"`.
+    pub redis: Option<RedisLimitsConfig>,
+}
+
+/// How each admission uses Redis.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsMode {
+    /// Every admission asks Redis (one round trip).
+    #[default]
+    Strict,
+    /// Each replica takes leases of tokens and requests from Redis and spends them locally.
+    Leased,
+}
+
+/// What an admission does while Redis cannot be reached in time.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendFailure {
+    /// Enforce each limit / `expected_replicas` in this process.
+    #[default]
+    Local,
+    /// Refuse with 503 `limits_backend_unavailable`.
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisLimitsConfig {
+    /// One Redis or Valkey server: `redis://host:6379/` (or `redis://user:pass@host/0`).
+    pub url: Option<String>,
+    /// The seed nodes of a Redis Cluster (instead of `url`).
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default = "default_redis_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// A command not answered within this long counts as a backend failure.
+    #[serde(default = "default_redis_command_timeout")]
+    pub command_timeout_ms: u64,
+    /// Prepended to every key: `{prefix}{<tenant>}:rpm` (no braces: the tenant is the hash tag).
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    #[serde(default)]
+    pub mode: LimitsMode,
+    /// `leased`: tokens one lease takes at most (also capped at the limit / `expected_replicas`).
+    #[serde(default = "default_lease_tokens")]
+    pub lease_tokens: u64,
+    /// `leased`: requests one lease takes at most (also capped as above).
+    #[serde(default = "default_lease_requests")]
+    pub lease_requests: u32,
+    /// A concurrency slot expires this long after its last renewal (a live replica renews its
+    /// slots every third of it), so a crashed replica's slots come back within this long.
+    #[serde(default = "default_concurrency_lease")]
+    pub concurrency_lease_ms: u64,
+    #[serde(default)]
+    pub on_backend_failure: BackendFailure,
+    /// Replicas sharing the limits; with `on_backend_failure = "local"` each enforces
+    /// limit / `expected_replicas` while Redis is unreachable.
+    #[serde(default = "default_expected_replicas")]
+    pub expected_replicas: u32,
+}
+impl Default for RedisLimitsConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            urls: Vec::new(),
+            connect_timeout_ms: default_redis_connect_timeout(),
+            command_timeout_ms: default_redis_command_timeout(),
+            key_prefix: default_redis_prefix(),
+            mode: LimitsMode::default(),
+            lease_tokens: default_lease_tokens(),
+            lease_requests: default_lease_requests(),
+            concurrency_lease_ms: default_concurrency_lease(),
+            on_backend_failure: BackendFailure::default(),
+            expected_replicas: default_expected_replicas(),
+        }
+    }
+}
+fn default_redis_connect_timeout() -> u64 {
+    500
+}
+fn default_redis_command_timeout() -> u64 {
+    100
+}
+fn default_redis_prefix() -> String {
+    "bulkhead:".into()
+}
+fn default_lease_tokens() -> u64 {
+    2000
+}
+fn default_lease_requests() -> u32 {
+    10
+}
+fn default_concurrency_lease() -> u64 {
+    15_000
+}
+fn default_expected_replicas() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -1241,6 +1360,7 @@ impl Config {
         self.cost
             .check(&|t| self.tenants.contains_key(t))
             .map_err(|(field, message)| invalid(field, message))?;
+        self.validate_limits()?;
         if self.agent.kv_report_interval_ms < 100 {
             return Err(invalid("agent.kv_report_interval_ms", "must be >= 100"));
         }
@@ -1373,6 +1493,101 @@ impl Config {
                 .map_err(|e| invalid(f(&format!("tiers.{name}.{}", e.field)), e.message))?;
         }
         crate::scope::Routes::parse(&j.routes).map_err(|m| invalid(f("routes"), m))?;
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let Some(r) = &l.redis else {
+            if l.backend == LimitsBackend::Redis {
+                return Err(invalid(
+                    "limits.redis",
+                    "required when limits.backend = \"redis\" (set url or urls)",
+                ));
+            }
+            return Ok(());
+        };
+        match (&r.url, r.urls.is_empty()) {
+            (None, true) => {
+                return Err(invalid(
+                    "limits.redis.url",
+                    "set url (or urls for a cluster)",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    "limits.redis.urls",
+                    "set either url (one server) or urls (a cluster), not both",
+                ));
+            }
+            _ => {}
+        }
+        let check_url = |field: String, u: &str| -> Result<(), ConfigError> {
+            let Some(rest) = u.strip_prefix("redis://") else {
+                return Err(invalid(
+                    field,
+                    "must start with redis:// (TLS, rediss://, is not built in)",
+                ));
+            };
+            if rest.is_empty() || rest.starts_with('/') {
+                return Err(invalid(field, "missing host"));
+            }
+            Ok(())
+        };
+        if let Some(u) = &r.url {
+            check_url("limits.redis.url".into(), u)?;
+        }
+        for (i, u) in r.urls.iter().enumerate() {
+            check_url(format!("limits.redis.urls[{i}]"), u)?;
+        }
+        if r.connect_timeout_ms == 0 || r.connect_timeout_ms > 60_000 {
+            return Err(invalid(
+                "limits.redis.connect_timeout_ms",
+                "must be within 1..=60000",
+            ));
+        }
+        if r.command_timeout_ms == 0 || r.command_timeout_ms > 10_000 {
+            return Err(invalid(
+                "limits.redis.command_timeout_ms",
+                "must be within 1..=10000",
+            ));
+        }
+        if r.key_prefix.len() > 64
+            || r.key_prefix
+                .bytes()
+                .any(|b| b == b'{' || b == b'}' || !b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "limits.redis.key_prefix",
+                "must be at most 64 visible ASCII characters without { or } (the tenant name is \
+                 the keys' hash tag)",
+            ));
+        }
+        if r.lease_tokens == 0 {
+            return Err(invalid("limits.redis.lease_tokens", "must be > 0"));
+        }
+        if r.lease_requests == 0 {
+            return Err(invalid("limits.redis.lease_requests", "must be > 0"));
+        }
+        if r.concurrency_lease_ms < 300 || r.concurrency_lease_ms > 3_600_000 {
+            return Err(invalid(
+                "limits.redis.concurrency_lease_ms",
+                "must be within 300..=3600000",
+            ));
+        }
+        if r.concurrency_lease_ms < 3 * r.command_timeout_ms {
+            return Err(invalid(
+                "limits.redis.concurrency_lease_ms",
+                "must be >= 3 x limits.redis.command_timeout_ms (slots are renewed every third \
+                 of the lease)",
+            ));
+        }
+        if r.expected_replicas == 0 || r.expected_replicas > 10_000 {
+            return Err(invalid(
+                "limits.redis.expected_replicas",
+                "must be within 1..=10000",
+            ));
+        }
         Ok(())
     }
 
@@ -1680,6 +1895,106 @@ tenants = ["*"]
         ))
         .unwrap();
         assert_eq!(c.cache.exclusive_drain_timeout_ms, 2001);
+    }
+
+    #[test]
+    fn limits_backend_is_validated() {
+        let c = Config::from_toml(&base()).unwrap();
+        assert_eq!(c.limits.backend, LimitsBackend::Local);
+        assert!(c.limits.redis.is_none());
+        let with = |extra: &str| format!("{}[limits]\n{extra}\n", base());
+        let redis = |extra: &str| {
+            with(&format!(
+                "backend = \"redis\"\n[limits.redis]\nurl = \"redis://127.0.0.1:6379/\"\n{extra}"
+            ))
+        };
+        let c = Config::from_toml(&redis("")).unwrap();
+        let r = c.limits.redis.unwrap();
+        assert_eq!(r.mode, LimitsMode::Strict);
+        assert_eq!(r.on_backend_failure, BackendFailure::Local);
+        assert_eq!(r.key_prefix, "bulkhead:");
+        assert_eq!((r.command_timeout_ms, r.expected_replicas), (100, 1));
+        for (text, field) in [
+            (with("backend = \"redis\""), "limits.redis"),
+            (
+                with("backend = \"redis\"\n[limits.redis]\n"),
+                "limits.redis.url",
+            ),
+            (redis("urls = [\"redis://a:1\"]"), "limits.redis.urls"),
+            (
+                with("backend = \"redis\"\n[limits.redis]\nurl = \"rediss://h/\""),
+                "limits.redis.url",
+            ),
+            (
+                with("backend = \"redis\"\n[limits.redis]\nurls = [\"redis://a:1\", \"http://b\"]"),
+                "limits.redis.urls[1]",
+            ),
+            (
+                redis("command_timeout_ms = 0"),
+                "limits.redis.command_timeout_ms",
+            ),
+            (
+                redis("connect_timeout_ms = 0"),
+                "limits.redis.connect_timeout_ms",
+            ),
+            (redis("key_prefix = \"a{b}\""), "limits.redis.key_prefix"),
+            (redis("lease_tokens = 0"), "limits.redis.lease_tokens"),
+            (redis("lease_requests = 0"), "limits.redis.lease_requests"),
+            (
+                redis("concurrency_lease_ms = 100"),
+                "limits.redis.concurrency_lease_ms",
+            ),
+            (
+                redis("concurrency_lease_ms = 600\ncommand_timeout_ms = 300"),
+                "limits.redis.concurrency_lease_ms",
+            ),
+            (
+                redis("expected_replicas = 0"),
+                "limits.redis.expected_replicas",
+            ),
+        ] {
+            let e = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{field}`")), "{text}: {e}");
+        }
+        assert!(Config::from_toml(&redis("mode = \"eventual\"")).is_err());
+        assert!(Config::from_toml(&redis("on_backend_failure = \"open\"")).is_err());
+        assert!(Config::from_toml(&redis("bogus = 1")).is_err());
+        let c = Config::from_toml(&redis(
+            "mode = \"leased\"\non_backend_failure = \"deny\"\nexpected_replicas = 3",
+        ))
+        .unwrap();
+        let r = c.limits.redis.unwrap();
+        assert_eq!(
+            (r.mode, r.on_backend_failure, r.expected_replicas),
+            (LimitsMode::Leased, BackendFailure::Deny, 3)
+        );
+    }
+
+    /// The configurations in deploy/'s ConfigMaps parse and validate (the shared-limits one
+    /// on Redis).
+    #[test]
+    fn deploy_example_configs_are_valid() {
+        for (file, backend) in [
+            ("example-vllm/sidecar-configmap.yaml", LimitsBackend::Local),
+            (
+                "example-shared-limits/sidecar-configmap.yaml",
+                LimitsBackend::Redis,
+            ),
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy")
+                .join(file);
+            let yaml = std::fs::read_to_string(&path).unwrap();
+            let toml: String = yaml
+                .lines()
+                .skip_while(|l| l.trim() != "sidecar.toml: |")
+                .skip(1)
+                .take_while(|l| l.is_empty() || l.starts_with("    "))
+                .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+                .collect();
+            let c = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(c.limits.backend, backend, "{file}");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod runtime;
 pub mod scope;
 pub mod seal;
 pub mod server;
+pub mod shared_limits;
 pub mod signature;
 pub mod tagging;
 pub mod upstream;

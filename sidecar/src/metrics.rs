@@ -79,6 +79,12 @@ pub struct TenantMarker {
     pub marker: String,
 }
 
+/// What a limits decision made without its shared backend did (`local`, `deny`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Action {
+    pub action: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
@@ -157,6 +163,12 @@ pub struct Metrics {
     pub jwks_refreshes: Family<ResultLabel, Counter>,
     /// What requests cost (`[cost]` prices x usage), by tenant and priced model.
     pub cost: Family<TenantModel, crate::cost::CostCounter>,
+    /// 1 while the limits backend answers (always 1 for `local`), 0 while it does not.
+    pub limits_backend_up: Gauge,
+    /// Limits and replay decisions made without the shared backend, by action (`local`, `deny`).
+    pub limits_degraded: Family<Action, Counter>,
+    /// Commands to the shared limits backend that failed, by kind (`error`, `timeout`).
+    pub limits_backend_errors: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -197,6 +209,9 @@ impl Metrics {
             injection_markers: Family::default(),
             jwks_refreshes: Family::default(),
             cost: Family::default(),
+            limits_backend_up: Gauge::default(),
+            limits_degraded: Family::default(),
+            limits_backend_errors: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
@@ -382,6 +397,30 @@ impl Metrics {
         );
         for result in ["ok", "error"] {
             let _ = m.jwks_refreshes.get_or_create(&ResultLabel { result });
+        }
+        r.register(
+            "limits_backend_up",
+            "1 while the limits backend (limits.backend) answers, 0 while it does not",
+            m.limits_backend_up.clone(),
+        );
+        r.register(
+            "limits_degraded_decisions",
+            "Limits and replay decisions made without the shared limits backend, by action \
+             (local: limit / expected_replicas in this process; deny: refused with 503)",
+            m.limits_degraded.clone(),
+        );
+        r.register(
+            "limits_backend_errors",
+            "Commands to the shared limits backend that failed (error) or ran past \
+             limits.redis.command_timeout_ms (timeout)",
+            m.limits_backend_errors.clone(),
+        );
+        m.limits_backend_up.set(1);
+        for action in ["local", "deny"] {
+            let _ = m.limits_degraded.get_or_create(&Action { action });
+        }
+        for kind in ["error", "timeout"] {
+            let _ = m.limits_backend_errors.get_or_create(&KindLabel { kind });
         }
         for result in ["ok", "failed", "refused"] {
             let _ = m.cache_flushes.get_or_create(&ResultLabel { result });

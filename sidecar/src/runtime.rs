@@ -11,6 +11,7 @@ use crate::kv::KvSettings;
 use crate::limits::{LimitNumbers, SharedClock, TenantLimits};
 use crate::metrics::{Metrics, TenantMetrics};
 use crate::scope::Routes;
+use crate::shared_limits::{SharedLimits, SharedTenant};
 use crate::signature::{ReplayCache, Verifier};
 use crate::tagging::Tagger;
 use crate::upstream::{UpstreamClient, upstream_client};
@@ -29,6 +30,9 @@ use tokio::sync::Semaphore;
 pub struct TenantRuntime {
     pub name: Arc<str>,
     pub limits: Arc<TenantLimits>,
+    /// The limits shared by all replicas (`limits.backend = "redis"`); `limits` is then unused
+    /// but for its numbers.
+    pub shared: Option<Arc<SharedTenant>>,
     pub client: UpstreamClient,
     pub metrics: Arc<TenantMetrics>,
     /// The `cache_salt` of a `salted` tenant (secret: never log).
@@ -122,6 +126,8 @@ pub struct App {
     kv_settings: tokio::sync::watch::Sender<KvSettings>,
     clock: SharedClock,
     replay: Arc<Mutex<ReplayCache>>,
+    /// The shared limits backend and replay cache (`limits.backend = "redis"`).
+    pub shared: Option<Arc<SharedLimits>>,
     ids: RequestIds,
     pub ready: AtomicBool,
 }
@@ -179,7 +185,23 @@ impl App {
             move |t| gauges.sched_gauges(t),
         );
         let body_budget = Arc::new(Semaphore::new(config.http.max_inflight_body_bytes));
-        let runtime = build_runtime(config, None, &replay, &tagger, &clock, &metrics)?;
+        let shared = match (&config.limits.backend, &config.limits.redis) {
+            (crate::config::LimitsBackend::Redis, Some(r)) => Some(SharedLimits::start(
+                r.clone(),
+                metrics.clone(),
+                clock.clone(),
+            )),
+            _ => None,
+        };
+        let runtime = build_runtime(
+            config,
+            None,
+            &replay,
+            shared.as_ref(),
+            &tagger,
+            &clock,
+            &metrics,
+        )?;
         audit.set_seals(runtime.audit_seals.clone());
         let gate = CacheGate::new(runtime.gate_settings(), metrics.clone());
         let (kv_settings, _) = tokio::sync::watch::channel(runtime.kv_settings());
@@ -194,6 +216,7 @@ impl App {
             kv_settings,
             clock,
             replay,
+            shared,
             ids: RequestIds {
                 keys: Default::default(),
                 seq: AtomicU64::new(0),
@@ -237,19 +260,21 @@ impl App {
                 != config.agent.max_tagged_connections_per_tenant
             || old.config.auth.replay_cache_capacity != config.auth.replay_cache_capacity
             || old.config.agent.socket != config.agent.socket
+            || old.config.limits != config.limits
         {
             tracing::warn!(
                 "runtime.*, http.max_header_bytes, http.header_read_timeout_ms, \
                  http.drain_timeout_ms, http.max_inflight_body_bytes, http.max_connections, \
                  http.max_concurrent_streams, agent.socket (for tagging), \
-                 agent.max_tagged_connections_per_tenant and auth.replay_cache_capacity take \
-                 effect only after a restart"
+                 agent.max_tagged_connections_per_tenant, auth.replay_cache_capacity and \
+                 limits.* (the limits backend) take effect only after a restart"
             );
         }
         let rt = build_runtime(
             config,
             Some(&old),
             &self.replay,
+            self.shared.as_ref(),
             &self.tagger,
             &self.clock,
             &self.metrics,
@@ -293,6 +318,7 @@ fn build_runtime(
     config: Config,
     prev: Option<&Runtime>,
     replay: &Arc<Mutex<ReplayCache>>,
+    shared: Option<&Arc<SharedLimits>>,
     tagger: &Arc<Tagger>,
     clock: &SharedClock,
     metrics: &Metrics,
@@ -378,6 +404,7 @@ fn build_runtime(
                 prev_tenant.map(|p| &**p),
                 same_upstream,
                 &config,
+                shared,
                 tagger,
                 clock,
                 metrics,
@@ -407,6 +434,7 @@ fn tenant_runtime(
     prev: Option<&TenantRuntime>,
     same_upstream: bool,
     config: &Config,
+    shared: Option<&Arc<SharedLimits>>,
     tagger: &Arc<Tagger>,
     clock: &SharedClock,
     metrics: &Metrics,
@@ -418,6 +446,12 @@ fn tenant_runtime(
         Some(p) if *p.limits.numbers() == numbers => p.limits.clone(),
         _ => Arc::new(TenantLimits::new(numbers, clock.clone())),
     };
+    // The shared state lives in Redis; what a replica holds (its lease, its fallback's
+    // buckets) is kept unless the numbers changed.
+    let shared = shared.map(|s| match prev.and_then(|p| p.shared.as_ref()) {
+        Some(p) if *p.numbers() == numbers => p.clone(),
+        _ => s.tenant(name, numbers),
+    });
     let client = match prev {
         Some(p) if same_upstream => p.client.clone(),
         _ => upstream_client(&config.upstream, name, tagger.clone()),
@@ -425,6 +459,7 @@ fn tenant_runtime(
     TenantRuntime {
         name: Arc::from(name),
         limits,
+        shared,
         client,
         metrics: Arc::new(metrics.tenant(name)),
         salt,

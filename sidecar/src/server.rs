@@ -135,6 +135,14 @@ pub async fn run_with(
     };
     let http_limits = config.http.clone();
     let app = App::new(config, metrics.clone(), audit, opts.clock.clone())?;
+    if let Some(shared) = &app.shared
+        && !shared.wait_connected().await
+    {
+        tracing::warn!(
+            "limits backend (Redis) not reachable at start: decisions follow \
+             limits.redis.on_backend_failure until it answers"
+        );
+    }
     let registry = Arc::new(registry);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 

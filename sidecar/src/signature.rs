@@ -590,6 +590,20 @@ impl PendingAuth {
     /// if another request recorded it meanwhile). Nothing is recorded on failure, so a request
     /// whose body was damaged does not burn its nonce.
     pub fn finish(self, verifier: &Verifier, body: &[u8], now: i64) -> Result<Verified, AuthError> {
+        let (verified, nonce) = self.finish_unrecorded(verifier, body, now)?;
+        verifier.record_local(&nonce)?;
+        Ok(verified)
+    }
+
+    /// [`PendingAuth::finish`] without recording the nonce: the caller records the returned
+    /// [`NonceRecord`] (in a replay store shared by replicas, or with
+    /// [`Verifier::record_local`]) before it trusts the request.
+    pub fn finish_unrecorded(
+        self,
+        verifier: &Verifier,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(Verified, NonceRecord), AuthError> {
         // Re-checked because the replay entry of this nonce is dropped at `forget_at`: a copy
         // whose head was checked in time but whose body ended later must not slip through.
         verifier.check_time(self.created, self.expires, now)?;
@@ -604,24 +618,34 @@ impl PendingAuth {
             }
             None => {}
         }
-        verifier
-            .replay
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .check_and_insert(
-                &self.key_id,
-                &self.nonce,
-                self.forget_at,
-                now,
-                verifier.key_share,
-            )?;
-        Ok(Verified {
-            tenant: self.tenant,
-            key_id: self.key_id,
-            covered_headers: self.covered_headers,
-            scope: self.scope,
-        })
+        let record = NonceRecord {
+            key_id: self.key_id.clone(),
+            nonce: self.nonce,
+            forget_at: self.forget_at,
+            now,
+            key_share: verifier.key_share,
+        };
+        Ok((
+            Verified {
+                tenant: self.tenant,
+                key_id: self.key_id,
+                covered_headers: self.covered_headers,
+                scope: self.scope,
+            },
+            record,
+        ))
     }
+}
+
+/// A verified request's nonce, to be remembered until `forget_at` (unix seconds, exclusive);
+/// its key id may hold `key_share` live nonces at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonceRecord {
+    pub key_id: String,
+    pub nonce: String,
+    pub forget_at: i64,
+    pub now: i64,
+    pub key_share: usize,
 }
 
 /// Whether the head announces a body: any `Transfer-Encoding`, or a `Content-Length` other
@@ -687,6 +711,15 @@ impl Verifier {
     /// Live nonces each key id may hold in the replay cache.
     pub fn key_share(&self) -> usize {
         self.key_share
+    }
+
+    /// Record `n` in this process's replay cache (`Replayed` / `ReplayCacheFull` as
+    /// [`ReplayCache::check_and_insert`]).
+    pub fn record_local(&self, n: &NonceRecord) -> Result<(), AuthError> {
+        self.replay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check_and_insert(&n.key_id, &n.nonce, n.forget_at, n.now, n.key_share)
     }
 
     /// A signature is accepted at `now` in `[created - skew, created + skew]` and before

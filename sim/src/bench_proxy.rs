@@ -54,7 +54,7 @@ impl Kind {
 /// A request body and its precomputed `Content-Digest` (the gateway's work, not the proxy's).
 #[derive(Clone)]
 pub struct Body {
-    bytes: Bytes,
+    pub bytes: Bytes,
     digest: HeaderValue,
 }
 
@@ -78,7 +78,7 @@ impl Body {
     }
 }
 
-fn request(
+pub fn request(
     kind: Kind,
     addr: SocketAddr,
     body: &Body,
@@ -133,6 +133,7 @@ pub struct Run {
     pub ok: u64,
     pub errors: u64,
     pub rps: f64,
+    pub elapsed: Duration,
     pub latencies: Vec<Duration>,
 }
 
@@ -183,6 +184,7 @@ pub async fn load(
         ok: latencies.len() as u64,
         errors: errors.load(Ordering::Relaxed),
         rps: latencies.len() as f64 / elapsed.as_secs_f64(),
+        elapsed,
         latencies,
     })
 }

@@ -1,11 +1,15 @@
 //! Developer tasks. `cargo xtask <task>`:
 //!
-//! * `setup`: install what the eBPF build needs (idempotent; instant when done already).
+//! * `setup`: install what the eBPF build needs and `redis-server` (idempotent; instant when
+//!   done already).
 //! * `test`: setup, then fmt, clippy and every test: the command CI runs.
 //! * `demo`: setup, then run the demo (needs root: it loads the eBPF programs).
+//!   `demo --replicas N`: N sidecar replicas of one model, limits local then shared in Redis
+//!   (each tenant's admitted totals against its limit; no root).
 //! * `bench ebpf`: loopback throughput with the programs attached vs detached.
 //! * `bench sidecar`: the sidecar against bulkhead-sim directly and through nginx (installed
-//!   with apt-get when missing, as the plain-proxy baseline).
+//!   with apt-get when missing, as the plain-proxy baseline). `bench sidecar --limits redis`:
+//!   the limits backends compared (local, Redis strict, Redis leased), interleaved.
 //! * `images [--profile release|dev] [--no-build]`: the `bulkhead-agent` and `bulkhead-sidecar`
 //!   images (the latter with `bulkhead-probe` too), FROM scratch, offline, with podman
 //!   (installed with apt-get when missing).
@@ -36,11 +40,12 @@ fn main() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf | bench sidecar | deploy-check | images>\n\n\
-                 setup       install the nightly rust-src and bpf-linker (cached)\n\
+                 setup       install the nightly rust-src and bpf-linker (cached), and redis-server\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
+                 demo --replicas N  N sidecars sharing limits in Redis vs local limits, admitted per tenant\n\
                  bench ebpf  loopback TCP throughput, programs attached vs detached\n\
-                 bench sidecar  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar\n\
+                 bench sidecar [--limits redis]  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar (or the limits backends)\n\
                  deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)\n\
                  images [--profile release|dev] [--no-build]  build the agent and sidecar images with podman"
             );
@@ -205,6 +210,25 @@ fn cargo_test(args: &[&str]) -> Result<()> {
 }
 
 fn demo(rest: &[&str]) -> Result<()> {
+    if let Some(i) = rest.iter().position(|a| *a == "--replicas") {
+        // Sidecar replicas sharing limits through Redis: no agent, no root.
+        let n = rest.get(i + 1).copied().unwrap_or("2");
+        setup::redis()?;
+        run(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "bulkhead-sidecar",
+            "-p",
+            "bulkhead-sim",
+            "--bins",
+        ]))?;
+        let bin_dir = root().join("target/release");
+        return run(Command::new(bin_dir.join("bulkhead-bench"))
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .args(["--replicas-demo", n, "--duration", "5"]));
+    }
     setup::run()?;
     run_with_agent("bulkhead-demo", rest)
 }
@@ -227,7 +251,12 @@ fn run_with_agent(bin: &str, rest: &[&str]) -> Result<()> {
 }
 
 fn bench_sidecar(rest: &[&str]) -> Result<()> {
-    if which("nginx").is_none() {
+    let limits = rest.contains(&"--limits");
+    if limits {
+        // `--limits redis` runs a redis-server beside the sidecars (and no nginx).
+        setup::redis()?;
+    }
+    if !limits && which("nginx").is_none() {
         eprintln!("bench sidecar: installing nginx (the plain-proxy baseline)");
         let installed = Command::new("apt-get")
             .args(["install", "-y", "-q", "nginx-light"])
@@ -264,7 +293,7 @@ fn bench_sidecar(rest: &[&str]) -> Result<()> {
         .args(rest))
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
             .map(|d| d.join(name))

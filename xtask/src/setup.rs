@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: the nightly's rust-src and a bpf-linker built against the nightly's own
 //! libLLVM (Debian's LLVM is older than rustc's), cached under ~/.cache/bulkhead/bpf-linker.
-//! A second run checks a stamp and returns at once.
+//! A second run checks a stamp and returns at once. Also `redis-server` from Debian when
+//! missing (the shared-limits tests start one).
 
 use crate::run as sh;
 use anyhow::{Context, Result, bail};
@@ -45,7 +46,34 @@ pub fn path_with_linker() -> Result<std::ffi::OsString> {
     Ok(std::env::join_paths(dirs)?)
 }
 
+/// `redis-server` (and `redis-cli`) from Debian, for the shared-limits tests
+/// (`sidecar/tests/redis_limits.rs`) and `bench sidecar --limits redis`.
+pub fn redis() -> Result<()> {
+    if crate::which("redis-server").is_some() && crate::which("redis-cli").is_some() {
+        return Ok(());
+    }
+    eprintln!("setup: installing redis-server (the shared-limits tests run a real one)");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "redis-server"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        if !install() {
+            bail!(
+                "could not install redis-server with apt-get (needs root and a Debian-like \
+                 system); install it by hand, the shared-limits tests need it"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run() -> Result<()> {
+    redis()?;
     let sysroot = PathBuf::from(nightly(&["rustc", "--print", "sysroot"])?);
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
         sh(Command::new("rustup").args([

@@ -6,9 +6,9 @@ use super::refusal::Refusal;
 use crate::audit::{AuditRecord, LeakRecord, UNAUTHENTICATED};
 use crate::isolation::GatePass;
 use crate::kv::KvCharge;
-use crate::limits::Admission;
 use crate::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
 use crate::runtime::{App, TenantRuntime};
+use crate::shared_limits::Grant;
 use crate::wfq::Permit;
 use http::{HeaderValue, Method, StatusCode};
 use prometheus_client::metrics::gauge::Gauge;
@@ -136,7 +136,7 @@ pub struct Exchange {
     pub queue_wait: Option<Duration>,
     /// Tokens reserved at admission.
     pub reserved: Option<u64>,
-    pub admission: Option<Admission>,
+    pub admission: Option<Grant>,
     pub body_bytes: Option<BodyBytes>,
     pub held: Option<Held>,
     /// The request was sent upstream (the upstream may have worked on it).

@@ -347,7 +347,7 @@ pub async fn respond(
     ex.body_bytes.take();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(a) = &ex.admission {
-        rate_headers(&mut parts.headers, &a.info);
+        rate_headers(&mut parts.headers, a.info());
     }
     let sse = parts
         .headers

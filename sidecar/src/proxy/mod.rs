@@ -25,6 +25,8 @@ use crate::http_util::ProxyBody;
 use crate::kv::KvCharge;
 use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
 use crate::scope::Scope;
+use crate::shared_limits::{Grant, SharedError};
+use crate::signature::NonceRecord;
 use crate::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
 use bytes::{Bytes, BytesMut};
 use exchange::{BodyBytes, End, Exchange, Held};
@@ -104,31 +106,32 @@ async fn proxy(
     let scope = credential.scope().clone();
     check_route(route, parts.uri.path(), &tenant, &scope)?;
     let body = read_body(ex, &rt, &parts, body).await?;
-    let verified = match credential {
+    let (verified, nonce) = match credential {
         Credential::Signed(pending) => {
-            let v = pending
-                .finish(&rt.verifier, &body, unix_now())
-                .map_err(|e| {
-                    ex.signed_for = Some(tenant.clone());
-                    Refusal::auth(&e)
-                })?;
-            Verified {
-                key_id: v.key_id,
-                covered_headers: v.covered_headers,
-            }
+            let (v, nonce) = verify_body(ex, &rt, pending, &body, &tenant).await?;
+            (
+                Verified {
+                    key_id: v.key_id,
+                    covered_headers: v.covered_headers,
+                },
+                nonce,
+            )
         }
-        // A bearer token covers no body and no header.
-        Credential::Token(id) => Verified {
-            key_id: format!("jwt:{}", id.kid),
-            covered_headers: Default::default(),
-        },
+        // A bearer token covers no body and no header (and has no nonce).
+        Credential::Token(id) => (
+            Verified {
+                key_id: format!("jwt:{}", id.kid),
+                covered_headers: Default::default(),
+            },
+            None,
+        ),
     };
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
     let info = inspect_body(ex, route, &tenant, &scope, &parts, body)?;
     scan_prompt(ex, &rt, &tenant, &info)?;
-    admit(ex, &tenant, &info)?;
+    admit(ex, &rt, &tenant, &info, nonce).await?;
     tag_client(ex, conn, &tenant).await;
     let ask = crate::wfq::Ask {
         prompt: info.prompt_estimate,
@@ -227,6 +230,45 @@ fn authenticate(
         .cloned()
         .ok_or_else(|| Refusal::auth(&crate::signature::AuthError::UnknownTenant))?;
     Ok((Credential::Signed(pending), tenant))
+}
+
+/// Phase: the body against the signed digest, then the nonce recorded: in this process, or in
+/// the replay cache shared by the replicas. When the shared limits record it in the admission's
+/// own script (one round trip for both), it is returned to be recorded there.
+async fn verify_body(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    pending: PendingAuth,
+    body: &Bytes,
+    tenant: &Arc<TenantRuntime>,
+) -> Result<(crate::signature::Verified, Option<NonceRecord>), Refusal> {
+    let Some(shared) = &ex.app.shared else {
+        return match pending.finish(&rt.verifier, body, unix_now()) {
+            Ok(v) => Ok((v, None)),
+            Err(e) => {
+                ex.signed_for = Some(tenant.clone());
+                Err(Refusal::auth(&e))
+            }
+        };
+    };
+    let shared = shared.clone();
+    let (verified, nonce) = pending
+        .finish_unrecorded(&rt.verifier, body, unix_now())
+        .map_err(|e| {
+            ex.signed_for = Some(tenant.clone());
+            Refusal::auth(&e)
+        })?;
+    if tenant.shared.is_some() && shared.records_nonce_at_admission() {
+        return Ok((verified, Some(nonce)));
+    }
+    match shared.record_nonce(&rt.verifier, &nonce).await {
+        Ok(()) => Ok((verified, None)),
+        Err(SharedError::Auth(e)) => {
+            ex.signed_for = Some(tenant.clone());
+            Err(Refusal::auth(&e))
+        }
+        Err(e) => Err(Refusal::shared(e)),
+    }
 }
 
 /// Phase: the route's policy for this tenant, and the credential's route scope.
@@ -466,7 +508,13 @@ fn scan_prompt(
 }
 
 /// Phase: the tenant's limits; a request larger than its whole token budget is refused.
-fn admit(ex: &mut Exchange, tenant: &TenantRuntime, info: &Inspected) -> Result<(), Refusal> {
+async fn admit(
+    ex: &mut Exchange,
+    rt: &Runtime,
+    tenant: &Arc<TenantRuntime>,
+    info: &Inspected,
+    nonce: Option<NonceRecord>,
+) -> Result<(), Refusal> {
     let estimate = info.prompt_estimate.saturating_add(info.completion_reserve);
     if let Some(tpm) = tenant.limits.numbers().tokens_per_minute
         && estimate > tpm
@@ -480,7 +528,26 @@ fn admit(ex: &mut Exchange, tenant: &TenantRuntime, info: &Inspected) -> Result<
             ),
         ));
     }
-    let admission = tenant.limits.admit(estimate).map_err(Refusal::limit)?;
+    let admission = match &tenant.shared {
+        None => Grant::Local(tenant.limits.admit(estimate).map_err(Refusal::limit)?),
+        Some(shared) => {
+            let nonce = nonce.as_ref().map(|n| (&rt.verifier, n));
+            match shared.admit(estimate, nonce).await {
+                Ok(g) => g,
+                Err(SharedError::Auth(e)) => {
+                    // The nonce was recorded with the admission: refused as authentication
+                    // (never attributed to the tenant), as in the verify phase.
+                    ex.tenant = None;
+                    ex.key_id = None;
+                    ex.prompt_hash = None;
+                    ex.stream = false;
+                    ex.signed_for = Some(tenant.clone());
+                    return Err(Refusal::auth(&e));
+                }
+                Err(e) => return Err(Refusal::shared(e)),
+            }
+        }
+    };
     ex.reserved = Some(estimate);
     ex.admission = Some(admission);
     Ok(())

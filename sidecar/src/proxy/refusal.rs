@@ -4,6 +4,7 @@
 use crate::http_util::{ProxyBody, json_error};
 use crate::isolation::GateError;
 use crate::limits::{LimitKind, RateInfo, Rejection, format_reset};
+use crate::shared_limits::SharedError;
 use crate::signature::AuthError;
 use crate::wfq::QueueError;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -124,6 +125,23 @@ impl Refusal {
         r.rate = Some(Box::new(rej.info));
         r.limit = Some(rej.kind);
         r
+    }
+
+    /// What the shared limits decided against: a limit (429), a replayed nonce or a full
+    /// replay share (as [`Refusal::auth`]), or an unreachable backend with
+    /// `on_backend_failure = "deny"` (503 `limits_backend_unavailable`).
+    pub fn shared(e: SharedError) -> Self {
+        match e {
+            SharedError::Limit(rej) => Self::limit(rej),
+            SharedError::Auth(e) => Self::auth(&e),
+            SharedError::Unavailable => Self::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "limits_backend_unavailable",
+                "the shared limits backend is unavailable and limits.redis.on_backend_failure \
+                 is \"deny\"; try again",
+            )
+            .with_retry(Duration::from_secs(1)),
+        }
     }
 
     pub fn queue(e: QueueError) -> Self {

@@ -4,6 +4,8 @@
 //!
 //! `cargo xtask bench sidecar` builds release binaries and runs
 //! `target/release/bulkhead-bench --bin-dir target/release`.
+//! `--limits redis` compares the limits backends instead (local, Redis strict, Redis leased),
+//! `--cache-tiers` the prefix-cache isolation tiers.
 //! Load is generated here, in Rust, only to 127.0.0.1.
 #![forbid(unsafe_code)]
 
@@ -11,6 +13,7 @@
 mod fairness;
 #[path = "../bench_proxy.rs"]
 mod proxy;
+use proxy::{Body, Kind, load, request};
 #[path = "../bench_scan.rs"]
 mod scan;
 
@@ -77,6 +80,17 @@ struct Args {
     /// Instead: the cost of leak scanning per KiB, with 10 and 1,000 canaries.
     #[arg(long)]
     scan: bool,
+    /// Instead: compare the limits backends. `redis` starts a redis-server (no persistence) and
+    /// runs the sidecar with `local`, `redis` strict and `redis` leased limits, interleaved.
+    #[arg(long)]
+    limits: Option<String>,
+    /// Rounds of the interleaved --limits comparison (each runs every backend once).
+    #[arg(long, default_value_t = 3)]
+    limits_rounds: usize,
+    /// Instead: a demo of N sidecar replicas of one model, first with local limits, then
+    /// sharing them through a redis-server; prints each tenant's admitted totals.
+    #[arg(long)]
+    replicas_demo: Option<usize>,
 }
 
 const KEY: &[u8] = b"bench-gateway-secret-0123456789ab";
@@ -552,6 +566,489 @@ fn cache_tiers(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sidecar config for the --limits comparison: the bench tenant with requests and tokens
+/// per minute (high enough never to refuse), on the given limits backend.
+fn write_limits_config(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    admin: u16,
+    sim: u16,
+    limits: &str,
+) -> anyhow::Result<PathBuf> {
+    let key = dir.join("gw.key");
+    std::fs::write(&key, base64::engine::general_purpose::STANDARD.encode(KEY))?;
+    let cfg = format!(
+        r#"
+[upstream]
+url = "http://127.0.0.1:{sim}"
+pool_max_idle_per_tenant = 64
+[listen]
+addr = "127.0.0.1:{port}"
+admin_addr = "127.0.0.1:{admin}"
+[auth]
+max_skew_secs = 60
+replay_cache_capacity = 2000000
+[queue]
+max_inflight = 256
+max_queue_per_tenant = 1024
+timeout_ms = 30000
+{limits}
+[tenants.bench]
+weight = 2
+requests_per_minute = 100000000
+tokens_per_minute = 100000000000
+[tenants.other]
+weight = 1
+[[keys]]
+id = "gw"
+secret_files = ["{key}"]
+tenants = ["*"]
+"#,
+        key = key.display(),
+    );
+    let p = dir.join(format!("sidecar-{name}.toml"));
+    std::fs::write(&p, cfg)?;
+    Ok(p)
+}
+
+/// Round trips Redis has served so far: the commands a sidecar sends (EVALSHA, EVAL, SCRIPT
+/// LOAD, PING) from INFO commandstats, which also counts the commands scripts run inside.
+fn redis_calls(addr: SocketAddr) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"INFO commandstats\r\nQUIT\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            [
+                "cmdstat_evalsha:",
+                "cmdstat_eval:",
+                "cmdstat_script",
+                "cmdstat_ping:",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum())
+}
+
+/// `--limits redis`: the same sidecar with local limits, Redis strict and Redis leased,
+/// interleaved round by round so that machine load falls on all alike.
+fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    let sim_port = free_port()?;
+    let sim = Proc {
+        name: "bulkhead-sim",
+        child: Command::new(bin_dir.join("bulkhead-sim"))
+            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
+            .args(["--tokens", "16", "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
+        stop: None,
+    };
+    wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
+    let redis_port = free_port()?;
+    let redis_bin =
+        which("redis-server").context("redis-server not found (cargo xtask setup installs it)")?;
+    let redis = Proc {
+        name: "redis-server",
+        child: Command::new(redis_bin)
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?,
+        stop: None,
+    };
+    let redis_addr: SocketAddr = ([127, 0, 0, 1], redis_port).into();
+    wait_port(redis_addr, redis.name)?;
+    let url = format!("redis://127.0.0.1:{redis_port}/");
+    let backends = [
+        ("local", String::new()),
+        (
+            "strict",
+            format!(
+                "[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"{url}\"\nmode = \"strict\""
+            ),
+        ),
+        (
+            "leased",
+            format!(
+                "[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"{url}\"\nmode = \"leased\"\n\
+                 key_prefix = \"leased:\"\nlease_tokens = 100000\nlease_requests = 1000"
+            ),
+        ),
+    ];
+    let mut procs = Vec::new();
+    for (name, limits) in &backends {
+        let (port, admin) = (free_port()?, free_port()?);
+        let cfg = write_limits_config(dir, name, port, admin, sim_port, limits)?;
+        let p = Proc {
+            name: "bulkhead-sidecar",
+            child: Command::new(bin_dir.join("bulkhead-sidecar"))
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting bulkhead-sidecar")?,
+            stop: None,
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_port(addr, p.name)?;
+        procs.push((*name, addr, p));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let duration = Duration::from_secs_f64(args.duration);
+    println!(
+        "bulkhead-bench --limits redis: {} rounds, each backend {} s at {} connections and {} s \
+         at 1 connection per round, interleaved; tenant with requests and tokens per minute",
+        args.limits_rounds, args.duration, args.connections, args.duration
+    );
+    struct Acc {
+        ok: u64,
+        errors: u64,
+        elapsed: Duration,
+        lat1: Vec<Duration>,
+        calls: u64,
+        requests: u64,
+        sidecar_cpu: f64,
+        redis_cpu: f64,
+    }
+    let mut acc: Vec<Acc> = backends
+        .iter()
+        .map(|_| Acc {
+            ok: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            lat1: Vec::new(),
+            calls: 0,
+            requests: 0,
+            sidecar_cpu: 0.0,
+            redis_cpu: 0.0,
+        })
+        .collect();
+    let plain = Body::chat(0, false);
+    rt.block_on(async {
+        for (_, addr, _) in &procs {
+            load(
+                Kind::Sidecar,
+                *addr,
+                &plain,
+                4,
+                Duration::from_millis(500),
+                2000,
+            )
+            .await?;
+        }
+        for round in 0..args.limits_rounds {
+            for (i, (name, addr, p)) in procs.iter().enumerate() {
+                let c0 = redis_calls(redis_addr)?;
+                let (s0, r0) = (proc_stats(p.child.id()).0, proc_stats(redis.child.id()).0);
+                let r = load(
+                    Kind::Sidecar,
+                    *addr,
+                    &plain,
+                    args.connections,
+                    duration,
+                    args.max_requests,
+                )
+                .await?;
+                let r1 = load(Kind::Sidecar, *addr, &plain, 1, duration, args.max_requests).await?;
+                // Settlements are sent after the response: let the last ones land.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let c1 = redis_calls(redis_addr)?;
+                let (s1, r1cpu) = (proc_stats(p.child.id()).0, proc_stats(redis.child.id()).0);
+                let a = &mut acc[i];
+                a.sidecar_cpu += s1 - s0;
+                a.redis_cpu += r1cpu - r0;
+                a.ok += r.ok;
+                a.errors += r.errors + r1.errors;
+                a.elapsed += r.elapsed;
+                a.lat1.extend(r1.latencies);
+                a.calls += c1 - c0;
+                a.requests += r.ok + r.errors + r1.ok + r1.errors;
+                eprintln!(
+                    "round {round}: {name:>6} {:.0} req/s",
+                    r.ok as f64 / r.elapsed.as_secs_f64()
+                );
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let mut report = serde_json::Map::new();
+    let base_rps = acc[0].ok as f64 / acc[0].elapsed.as_secs_f64();
+    acc[0].lat1.sort();
+    let base99 = pct(&acc[0].lat1, 0.99);
+    let base50 = pct(&acc[0].lat1, 0.5);
+    for (i, (name, _, _)) in procs.iter().enumerate() {
+        let a = &mut acc[i];
+        a.lat1.sort();
+        let rps = a.ok as f64 / a.elapsed.as_secs_f64();
+        let (p50, p99) = (pct(&a.lat1, 0.5), pct(&a.lat1, 0.99));
+        let rt_per_req = a.calls as f64 / a.requests.max(1) as f64;
+        let sc_us = a.sidecar_cpu / a.requests.max(1) as f64 * 1e6;
+        let rd_us = a.redis_cpu / a.requests.max(1) as f64 * 1e6;
+        println!(
+            "{name:>6}: {rps:8.0} req/s at {} conns ({:.2}x local, {} errors); 1 conn p50 {p50:?} \
+             p99 {p99:?} (added vs local: p50 {:+.0} us, p99 {:+.0} us); Redis round trips per \
+             request {rt_per_req:.2}; CPU per request: sidecar {sc_us:.1} us, redis-server \
+             {rd_us:.1} us",
+            args.connections,
+            rps / base_rps,
+            a.errors,
+            (p50.as_secs_f64() - base50.as_secs_f64()) * 1e6,
+            (p99.as_secs_f64() - base99.as_secs_f64()) * 1e6,
+        );
+        report.insert(format!("{name}_rps"), rps.into());
+        report.insert(format!("{name}_vs_local"), (rps / base_rps).into());
+        report.insert(format!("{name}_p99_us"), (p99.as_secs_f64() * 1e6).into());
+        report.insert(
+            format!("{name}_added_p99_us"),
+            ((p99.as_secs_f64() - base99.as_secs_f64()) * 1e6).into(),
+        );
+        report.insert(
+            format!("{name}_redis_commands_per_request"),
+            rt_per_req.into(),
+        );
+        report.insert(format!("{name}_errors"), a.errors.into());
+        report.insert(format!("{name}_sidecar_cpu_us_per_request"), sc_us.into());
+        report.insert(format!("{name}_redis_cpu_us_per_request"), rd_us.into());
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    }
+    drop(procs);
+    drop(redis);
+    drop(sim);
+    Ok(())
+}
+
+/// The demo's tenants: (name, requests per minute).
+const DEMO_TENANTS: [(&str, u32); 3] = [("acme", 120), ("globex", 60), ("initech", 30)];
+
+/// Send `tenant` requests over `conns` connections, request i to replica i % n, for
+/// `duration`; returns the requests admitted by each replica.
+async fn demo_load(
+    addrs: Vec<SocketAddr>,
+    tenant: &'static str,
+    conns: usize,
+    duration: Duration,
+) -> anyhow::Result<Vec<u64>> {
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let addrs = addrs.clone();
+        let body = Body::chat(0, false);
+        tasks.push(tokio::spawn(async move {
+            let mut senders = Vec::new();
+            for a in &addrs {
+                let stream = tokio::net::TcpStream::connect(a).await?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                senders.push(sender);
+            }
+            let mut admitted = vec![0u64; addrs.len()];
+            let mut i = c;
+            while Instant::now() < end {
+                let r = i % addrs.len();
+                i += 1;
+                let mut req = request(Kind::Direct, addrs[r], &body, &[]);
+                let h = req.headers_mut();
+                h.insert(TENANT_HEADER, HeaderValue::from_static(tenant));
+                let uri: http::Uri = "/v1/chat/completions".parse().expect("static path");
+                sign_request(
+                    &Method::POST,
+                    &uri,
+                    h,
+                    &body.bytes,
+                    KEY,
+                    &SignOptions::new("gw", now()),
+                )
+                .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+                let resp = senders[r].send_request(req).await?;
+                let ok = resp.status().is_success();
+                resp.into_body().collect().await?;
+                if ok {
+                    admitted[r] += 1;
+                } else {
+                    // Refused (429): back off a little, as a client would.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            anyhow::Ok(admitted)
+        }));
+    }
+    let mut total = vec![0u64; addrs.len()];
+    for t in tasks {
+        for (i, n) in t.await??.into_iter().enumerate() {
+            total[i] += n;
+        }
+    }
+    Ok(total)
+}
+
+/// `--replicas-demo N`: N replicas of one model behind a round-robin client, with local
+/// limits (each replica enforces the whole limit) and then with limits shared in Redis.
+fn replicas_demo(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        bail!("--replicas-demo needs at least 1 replica");
+    }
+    let sim_port = free_port()?;
+    let sim = Proc {
+        name: "bulkhead-sim",
+        child: Command::new(bin_dir.join("bulkhead-sim"))
+            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
+            .args(["--tokens", "16", "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
+        stop: None,
+    };
+    wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
+    let redis_port = free_port()?;
+    let redis_bin =
+        which("redis-server").context("redis-server not found (cargo xtask setup installs it)")?;
+    let redis = Proc {
+        name: "redis-server",
+        child: Command::new(redis_bin)
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?,
+        stop: None,
+    };
+    wait_port(([127, 0, 0, 1], redis_port).into(), redis.name)?;
+    let tenants: String = DEMO_TENANTS
+        .iter()
+        .map(|(t, rpm)| format!("[tenants.{t}]\nrequests_per_minute = {rpm}\n"))
+        .collect();
+    let duration = Duration::from_secs_f64(args.duration);
+    println!(
+        "bulkhead-bench --replicas-demo {n}: {n} sidecar replicas of one model, each tenant's \
+         clients spread round-robin over them for {} s (GCRA: a burst of the limit, then \
+         limit/60 per second)",
+        args.duration
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for (backend, limits) in [
+        ("local", String::new()),
+        (
+            "redis",
+            format!(
+                "[limits]\nbackend = \"redis\"\n[limits.redis]\nurl = \"redis://127.0.0.1:{redis_port}/\"\n\
+                 expected_replicas = {n}"
+            ),
+        ),
+    ] {
+        let mut procs = Vec::new();
+        for i in 0..n {
+            let (port, admin) = (free_port()?, free_port()?);
+            let cfg_text = format!(
+                "[upstream]\nurl = \"http://127.0.0.1:{sim_port}\"\n[listen]\naddr = \"127.0.0.1:{port}\"\n\
+                 admin_addr = \"127.0.0.1:{admin}\"\n{limits}\n{tenants}\n[[keys]]\nid = \"gw\"\n\
+                 secret_files = [\"{key}\"]\ntenants = [\"*\"]\n",
+                key = dir.join("gw.key").display(),
+            );
+            std::fs::write(
+                dir.join("gw.key"),
+                base64::engine::general_purpose::STANDARD.encode(KEY),
+            )?;
+            let cfg = dir.join(format!("demo-{backend}-{i}.toml"));
+            std::fs::write(&cfg, cfg_text)?;
+            let p = Proc {
+                name: "bulkhead-sidecar",
+                child: Command::new(bin_dir.join("bulkhead-sidecar"))
+                    .args(["run", "--config"])
+                    .arg(&cfg)
+                    .env("RUST_LOG", "error")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting bulkhead-sidecar")?,
+                stop: None,
+            };
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            wait_port(addr, p.name)?;
+            procs.push((addr, p));
+        }
+        let addrs: Vec<SocketAddr> = procs.iter().map(|(a, _)| *a).collect();
+        let results = rt.block_on(async {
+            let mut handles = Vec::new();
+            for (t, _) in DEMO_TENANTS {
+                handles.push(tokio::spawn(demo_load(addrs.clone(), t, 4, duration)));
+            }
+            let mut out = Vec::new();
+            for h in handles {
+                out.push(h.await??);
+            }
+            anyhow::Ok(out)
+        })?;
+        println!("\nlimits.backend = \"{backend}\":");
+        let per: Vec<String> = (1..=n).map(|i| format!("replica {i}")).collect();
+        println!(
+            "  {:<8} {:>6} {:>9} | {} | {:>8} {:>6}",
+            "tenant",
+            "rpm",
+            "allowed",
+            per.iter()
+                .map(|p| format!("{p:>9}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            "admitted",
+            "ratio"
+        );
+        for ((t, rpm), counts) in DEMO_TENANTS.iter().zip(&results) {
+            let allowed = *rpm as f64 * (1.0 + args.duration / 60.0);
+            let total: u64 = counts.iter().sum();
+            println!(
+                "  {:<8} {:>6} {:>9.0} | {} | {:>8} {:>5.2}x",
+                t,
+                rpm,
+                allowed,
+                counts
+                    .iter()
+                    .map(|c| format!("{c:>9}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                total,
+                total as f64 / allowed
+            );
+        }
+        drop(procs);
+    }
+    drop(redis);
+    drop(sim);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin_dir = match &args.bin_dir {
@@ -575,6 +1072,20 @@ fn main() -> anyhow::Result<()> {
         let r = cache_tiers(&args, &bin_dir, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         return r;
+    }
+    if let Some(n) = args.replicas_demo {
+        let r = replicas_demo(&args, &bin_dir, &dir, n);
+        let _ = std::fs::remove_dir_all(&dir);
+        return r;
+    }
+    match args.limits.as_deref() {
+        None => {}
+        Some("redis") => {
+            let r = limits_backends(&args, &bin_dir, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            return r;
+        }
+        Some(other) => bail!("--limits {other}: only `redis` is compared (against local)"),
     }
 
     let r = proxy::run(&args, &bin_dir, &dir);
