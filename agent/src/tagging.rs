@@ -14,7 +14,7 @@ use nix::sys::socket::{
     UnixCredentials, accept4, bind, getsockopt, listen, recvmsg, send, socket, sockopt,
 };
 use std::io::{self, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -52,9 +52,10 @@ impl TagService {
         &self,
         body: &[u8],
         fds: &[OwnedFd],
+        conn: BorrowedFd<'_>,
         creds: Option<UnixCredentials>,
     ) -> (&'static str, Response) {
-        let (op, result) = self.handle_inner(body, fds, creds);
+        let (op, result) = self.handle_inner(body, fds, conn, creds);
         let response = match result {
             Ok(r) => r,
             Err((code, message)) => {
@@ -74,6 +75,7 @@ impl TagService {
         &self,
         body: &[u8],
         fds: &[OwnedFd],
+        conn: BorrowedFd<'_>,
         creds: Option<UnixCredentials>,
     ) -> (&'static str, Result<Response, (ErrorCode, String)>) {
         let request: Request = match serde_json::from_slice(body) {
@@ -91,13 +93,14 @@ impl TagService {
             }
         };
         let op = request.op();
-        (op, self.execute(&request, fds, creds))
+        (op, self.execute(&request, fds, conn, creds))
     }
 
     fn execute(
         &self,
         request: &Request,
         fds: &[OwnedFd],
+        conn: BorrowedFd<'_>,
         creds: Option<UnixCredentials>,
     ) -> Result<Response, (ErrorCode, String)> {
         let Some(creds) = creds else {
@@ -117,7 +120,12 @@ impl TagService {
             ));
         }
         if let Request::KvReport { tenants } = request {
-            return self.kv_report(creds, tenants);
+            let caller = crate::gpu::ReportCaller { conn, creds };
+            let registry = self.tenants.read().unwrap();
+            let accepted = self
+                .gpu
+                .kv_report(&caller, tenants, &|t| registry.id(t).is_some())?;
+            return Ok(Response::Accepted { accepted });
         }
         let fd = match fds {
             [fd] => fd,
@@ -191,66 +199,6 @@ impl TagService {
                 })
             }
         }
-    }
-}
-
-impl TagService {
-    /// Records a shared server's per-tenant KV bytes, for the pod the caller runs in.
-    fn kv_report(
-        &self,
-        creds: UnixCredentials,
-        tenants: &std::collections::BTreeMap<String, u64>,
-    ) -> Result<Response, (ErrorCode, String)> {
-        let pid = creds.pid() as u32;
-        let matcher = self.gpu.matcher.read().unwrap().clone();
-        let workload = match matcher.classify_pid(pid) {
-            Some(crate::gpu::Role::Shared(key)) => key,
-            Some(crate::gpu::Role::Dedicated(tenant)) => {
-                return Err((
-                    ErrorCode::UnknownWorkload,
-                    format!(
-                        "the caller (pid {pid}) is in a workload dedicated to tenant {tenant:?} (gpu.workloads), not a shared inference server"
-                    ),
-                ));
-            }
-            None => match matcher
-                .cgroup_of(pid)
-                .as_deref()
-                .and_then(crate::gpu::pod_uid_of)
-            {
-                // A sidecar's report declares its pod a shared inference server.
-                Some(uid) => {
-                    let key = self.gpu.matcher.write().unwrap().discover(&uid);
-                    tracing::info!(pod_uid = %uid, pid, "a sidecar reported KV usage: its pod is a shared inference server");
-                    key
-                }
-                None => {
-                    return Err((
-                        ErrorCode::UnknownWorkload,
-                        format!(
-                            "the caller (pid {pid}) is in no Kubernetes pod and in no workload configured as a shared inference server (gpu.workloads with shared = true)"
-                        ),
-                    ));
-                }
-            },
-        };
-        let registry = self.tenants.read().unwrap();
-        if let Some(unknown) = tenants.keys().find(|t| registry.id(t).is_none()) {
-            return Err((
-                ErrorCode::UnknownTenant,
-                format!(
-                    "tenant {unknown:?} is not configured on this agent; the report was not recorded"
-                ),
-            ));
-        }
-        self.gpu
-            .kv
-            .lock()
-            .unwrap()
-            .record(workload, tenants.clone());
-        Ok(Response::Accepted {
-            accepted: tenants.len() as u32,
-        })
     }
 }
 
@@ -362,7 +310,7 @@ async fn serve_connection(conn: OwnedFd, service: Arc<TagService>) -> io::Result
                 .tag_request("invalid", ErrorCode::Malformed.as_str());
             ("invalid", r)
         } else {
-            service.handle(&buf[..len], &fds, creds)
+            service.handle(&buf[..len], &fds, conn.get_ref().as_fd(), creds)
         };
         drop(fds);
         let body = serde_json::to_vec(&response).expect("responses serialize");

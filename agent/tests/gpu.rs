@@ -73,7 +73,10 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
     write_cgroup(&proc_root, 1001, dedicated);
     write_cgroup(&proc_root, 1002, shared);
     write_cgroup(&proc_root, 1003, "/system.slice/unknown.service");
-    // This test process plays the shared server's sidecar: it is in the same pod.
+    // This test process plays the shared server's sidecar: it is in the same pod. The agent
+    // reads a caller's PID from its pidfd in `<proc_root>/self/fdinfo`, so the scripted /proc's
+    // `self` is the real one.
+    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
     let me = std::process::id();
     write_cgroup(&proc_root, me, shared);
     let gpus = paths.dir.join("gpus.json");

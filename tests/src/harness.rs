@@ -102,6 +102,9 @@ pub struct Agent {
     pub startup_log: Vec<String>,
     pub socket: PathBuf,
     log: mpsc::Receiver<String>,
+    /// Signals go to the child's process group (a wrapper such as `unshare --fork` blocks
+    /// SIGTERM itself and waits for the agent it forked, which is in that group).
+    group: bool,
 }
 
 impl Agent {
@@ -127,15 +130,37 @@ impl Agent {
 
     /// SIGHUP: the agent re-reads its config file.
     pub fn hup(&self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap();
+        self.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+        let pid = self.child.id() as i32;
+        let target = if self.group { -pid } else { pid };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(target), sig)
+    }
+
+    /// As [`Agent::start`], with the agent run by `wrapper` (a command and its arguments, the
+    /// agent's command line appended), e.g. `unshare --pid --fork --kill-child=SIGTERM`.
+    pub fn start_wrapped(wrapper: &[&str], agent_bin: &str, paths: &Paths, config: &str) -> Agent {
+        let cfg = paths.dir.join(format!(
+            "agent-{}.toml",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&cfg, config).unwrap();
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(agent_bin);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut agent = Self::spawn_cmd(cmd, paths, &cfg, "info");
+        agent.group = true;
+        agent
     }
 
     fn spawn(agent_bin: &str, paths: &Paths, cfg: &std::path::Path, rust_log: &str) -> Agent {
-        let mut child = Command::new(agent_bin)
+        Self::spawn_cmd(Command::new(agent_bin), paths, cfg, rust_log)
+    }
+
+    fn spawn_cmd(mut cmd: Command, paths: &Paths, cfg: &std::path::Path, rust_log: &str) -> Agent {
+        let mut child = cmd
             .args(["--log-format", "json", "--config"])
             .arg(cfg)
             .env("RUST_LOG", rust_log)
@@ -182,6 +207,7 @@ impl Agent {
                     startup_log: log,
                     socket: paths.socket.clone(),
                     log: rx,
+                    group: false,
                 };
             }
         }
@@ -242,11 +268,7 @@ impl Agent {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        self.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -262,10 +284,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let _ = self.signal(nix::sys::signal::Signal::SIGTERM);
             let _ = self.child.wait();
         }
     }
