@@ -4,9 +4,9 @@
 use crate::datapath::Maps;
 use crate::tenants::TenantRegistry;
 use agent_common::{
-    COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_FLOW_EVENTS_LOST, DIAG_NO_SOCKET,
-    DIAG_RELEASED_TAGS, DIRECTION_EGRESS, DIRECTION_INGRESS, MAP_COOKIE_TAGS, MAP_TENANT_IDS,
-    MODE_ENFORCE, TENANT_IDS_MAX_ENTRIES, TrafficCounters,
+    DIAG_BAD_TAG, DIAG_FLOW_EVENTS_LOST, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, MAP_SOCK_TAGS, MAP_TENANT_IDS, MODE_ENFORCE, TENANT_IDS_MAX_ENTRIES,
+    TrafficCounters,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -96,6 +96,11 @@ struct FlowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: &'static str,
 }
@@ -158,7 +163,34 @@ impl Collector for DatapathCollector {
                 Vec::new()
             }
         };
+        let tag_counts: Vec<(TenantLabels, u64)> = match self.maps.tag_counts() {
+            Ok(c) => c
+                .into_iter()
+                .map(|(id, n)| {
+                    (
+                        TenantLabels {
+                            tenant: tenants.label(id),
+                        },
+                        n,
+                    )
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the tag counts failed");
+                Vec::new()
+            }
+        };
         drop(tenants);
+        let tagged_total: u64 = tag_counts.iter().map(|(_, n)| n).sum();
+        let mut tagged = encoder.encode_descriptor(
+            "bulkhead_tagged_sockets",
+            "Open sockets carrying the tenant's tag (tags set by the agent minus tagged sockets closed)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, n) in &tag_counts {
+            ConstGauge::new(*n as i64).encode(tagged.encode_family(labels)?)?;
+        }
         let mut flow_family = encoder.encode_descriptor(
             "bulkhead_cross_tenant_flows",
             "Cross-tenant flows: a socket of src_tenant (or an untagged socket of a must-tag cgroup, src_tenant=\"untagged\") sending to an endpoint dst_tenant owns; counted once per socket, destination and minute; action=enforce flows were dropped",
@@ -187,26 +219,24 @@ impl Collector for DatapathCollector {
             ConstCounter::new(c.packets).encode(packets.encode_family(labels)?)?;
         }
 
-        let fill = [
-            (
-                MAP_COOKIE_TAGS,
-                self.maps.tagged_sockets(),
-                COOKIE_TAGS_MAX_ENTRIES,
-            ),
-            (MAP_TENANT_IDS, tenant_ids, TENANT_IDS_MAX_ENTRIES - 1),
+        // Socket storage has no capacity: a tag lives on its socket.
+        let entries_of = [
+            (MAP_SOCK_TAGS, tagged_total),
+            (MAP_TENANT_IDS, tenant_ids as u64),
         ];
+        let fill = [(MAP_TENANT_IDS, tenant_ids, TENANT_IDS_MAX_ENTRIES - 1)];
         let mut entries = encoder.encode_descriptor(
             "bulkhead_map_entries",
-            "Entries in the agent's eBPF maps",
+            "Entries in the agent's eBPF maps (BH_SOCK_TAGS: tagged sockets)",
             None,
             MetricType::Gauge,
         )?;
-        for (map, n, _) in fill {
+        for (map, n) in entries_of {
             ConstGauge::new(n as i64).encode(entries.encode_family(&MapLabels { map })?)?;
         }
         let mut capacity = encoder.encode_descriptor(
             "bulkhead_map_capacity",
-            "Maximum entries of the agent's eBPF maps",
+            "Maximum entries of the agent's fixed-size eBPF maps",
             None,
             MetricType::Gauge,
         )?;
@@ -215,7 +245,7 @@ impl Collector for DatapathCollector {
         }
         let mut ratio = encoder.encode_descriptor(
             "bulkhead_map_fill_ratio",
-            "Entries over capacity of the agent's eBPF maps (0-1)",
+            "Entries over capacity of the agent's fixed-size eBPF maps (0-1)",
             None,
             MetricType::Gauge,
         )?;
@@ -227,7 +257,7 @@ impl Collector for DatapathCollector {
         if let Ok(diag) = self.maps.diag() {
             let mut events = encoder.encode_descriptor(
                 "bulkhead_kernel_events",
-                "Events seen by the kernel programs: bad_tag (a tag with an out-of-range tenant id, counted as untagged), no_socket (packets without a socket, counted as untagged), tag_released (tags removed when their socket closed), flow_event_lost (cross-tenant flow events lost to a full ring buffer; the flows are still counted)",
+                "Events seen by the kernel programs: bad_tag (a tag with an out-of-range tenant id, counted as untagged), no_socket (packets without a socket, counted as untagged), tag_released (tagged sockets closed), flow_event_lost (cross-tenant flow events lost to a full ring buffer; the flows are still counted)",
                 None,
                 MetricType::Counter,
             )?;

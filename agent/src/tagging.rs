@@ -173,7 +173,7 @@ impl TagService {
                         format!("tenant {tenant:?} is not configured on this agent"),
                     ));
                 };
-                self.maps.tag(cookie, id).map_err(internal)?;
+                self.maps.tag(fd.as_fd(), id).map_err(internal)?;
                 tracing::debug!(tenant = %tenant, cookie, pid = creds.pid(), "tagged socket");
                 Ok(Response::Ok {
                     tenant: Some(tenant.clone()),
@@ -182,7 +182,7 @@ impl TagService {
                 })
             }
             Request::Untag => {
-                self.maps.untag(cookie).map_err(internal)?;
+                self.maps.untag(fd.as_fd()).map_err(internal)?;
                 Ok(Response::Ok {
                     tenant: None,
                     tenant_id: agent_common::UNTAGGED_TENANT_ID,
@@ -191,7 +191,7 @@ impl TagService {
             }
             Request::KvReport { .. } => unreachable!("answered above"),
             Request::Lookup => {
-                let id = self.maps.lookup_tag(cookie).map_err(internal)?;
+                let id = self.maps.lookup_tag(fd.as_fd()).map_err(internal)?;
                 Ok(Response::Ok {
                     tenant: id.and_then(|id| tenants.name(id).map(str::to_string)),
                     tenant_id: id.unwrap_or(agent_common::UNTAGGED_TENANT_ID),

@@ -521,3 +521,97 @@ pub fn connect_tagged(
     s.connect(&addr.into())?;
     Ok(s.into())
 }
+
+/// Tagged sockets held by a child process: one process may only hold RLIMIT_NOFILE
+/// descriptors (and raising the hard limit takes CAP_SYS_RESOURCE), so tests and benchmarks
+/// that need more tagged sockets spread them over several holders. The child is the calling
+/// binary itself, re-run with `args` (for a test binary: `--exact NAME --nocapture`, NAME
+/// being a test that calls [`hold_tagged_sockets_if_asked`] first); it tags `count` unbound
+/// UDP sockets with `tenant` and keeps them open until dropped.
+pub struct SocketHolder {
+    child: Child,
+}
+
+const HOLDER_ENV: &str = "BULKHEAD_HOLD_TAGGED_SOCKETS";
+
+impl SocketHolder {
+    pub fn spawn(
+        args: &[&str],
+        agent_socket: &std::path::Path,
+        tenant: &str,
+        count: usize,
+    ) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(args)
+            .env(
+                HOLDER_ENV,
+                format!("{count} {tenant} {}", agent_socket.display()),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn a socket holder");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("HOLDING ") => break,
+                Some(Ok(_)) => continue,
+                _ => panic!("the socket holder ended before tagging its sockets"),
+            }
+        }
+        Self { child }
+    }
+}
+
+impl Drop for SocketHolder {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side of [`SocketHolder`]: when this process was started as one, tags its
+/// sockets, says so on stdout, holds them until stdin closes, and exits. Otherwise returns.
+pub fn hold_tagged_sockets_if_asked() {
+    let Ok(spec) = std::env::var(HOLDER_ENV) else {
+        return;
+    };
+    let mut parts = spec.splitn(3, ' ');
+    let count: usize = parts.next().unwrap().parse().unwrap();
+    let tenant = parts.next().unwrap().to_string();
+    let client = agent_common::client::AgentClient::new(parts.next().unwrap());
+    let sockets: Vec<OwnedFdSocket> = (0..count).map(|_| unbound_udp()).collect();
+    std::thread::scope(|scope| {
+        for part in sockets.chunks(count / 2 + 1) {
+            let client = client.clone();
+            let tenant = &tenant;
+            scope.spawn(move || {
+                for s in part {
+                    use std::os::fd::AsFd;
+                    client.tag(s.as_fd(), tenant).expect("tag a held socket");
+                }
+            });
+        }
+    });
+    println!("HOLDING {count}");
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    drop(sockets);
+    std::process::exit(0);
+}
+
+type OwnedFdSocket = std::net::UdpSocket;
+
+/// An AF_INET UDP socket bound to nothing (no port used up).
+pub fn unbound_udp() -> std::net::UdpSocket {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("a UDP socket");
+    std::net::UdpSocket::from(fd)
+}
