@@ -272,6 +272,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let admin_state = Arc::new(admin::AdminState {
         registry,
         ready: false.into(),
+        metrics: metrics.clone(),
     });
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(admin::serve(

@@ -30,6 +30,16 @@ pub struct AgentMetrics {
     up: Gauge,
     flow_events_suppressed: Counter,
     reloads: Family<ResultLabels, Counter>,
+    tagging_connections: Gauge,
+    tagging_refused: Counter,
+    tagging_idle_closed: Counter,
+    accept_errors: Family<AcceptErrorLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptErrorLabels {
+    pub listener: &'static str,
+    pub error: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,7 +70,45 @@ impl AgentMetrics {
             "Configuration reloads (SIGHUP), by result: ok, or invalid (the old config stays)",
             m.reloads.clone(),
         );
+        registry.register(
+            "bulkhead_tagging_connections",
+            "Connections to the tagging socket being served now",
+            m.tagging_connections.clone(),
+        );
+        registry.register(
+            "bulkhead_tagging_connections_refused",
+            "Connections to the tagging socket closed at once because tagging.max_connections were open",
+            m.tagging_refused.clone(),
+        );
+        registry.register(
+            "bulkhead_tagging_connections_idle_closed",
+            "Tagging connections closed after tagging.idle_timeout_ms without a request (or without taking an answer)",
+            m.tagging_idle_closed.clone(),
+        );
+        registry.register(
+            "bulkhead_accept_errors",
+            "Failed accepts, by listener (tagging, admin) and error (EMFILE, ENFILE, ENOBUFS, ENOMEM: backed off; other)",
+            m.accept_errors.clone(),
+        );
         m
+    }
+
+    pub fn tagging_connections(&self, open: usize) {
+        self.tagging_connections.set(open as i64);
+    }
+
+    pub fn tagging_connection_refused(&self) {
+        self.tagging_refused.inc();
+    }
+
+    pub fn tagging_idle_closed(&self) {
+        self.tagging_idle_closed.inc();
+    }
+
+    pub fn accept_error(&self, listener: &'static str, error: &'static str) {
+        self.accept_errors
+            .get_or_create(&AcceptErrorLabels { listener, error })
+            .inc();
     }
 
     pub fn flow_event_suppressed(&self) {

@@ -225,6 +225,48 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
+/// What an accept loop does after `accept` failed. Running out of descriptors or memory
+/// (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) leaves the listener readable, so retrying at once
+/// would spin a core (and log a line per try); it waits 10 ms, doubling up to 1 s, until an
+/// accept succeeds again, and logs once per episode. Other errors (a connection reset before
+/// it was accepted) are retried at once.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    delay: Option<std::time::Duration>,
+}
+
+impl AcceptBackoff {
+    pub fn succeeded(&mut self) {
+        if self.delay.take().is_some() {
+            tracing::info!("accept works again");
+        }
+    }
+
+    /// Waits as the error calls for; returns its label for the accept-error metric.
+    pub async fn failed(&mut self, e: &io::Error, listener: &'static str) -> &'static str {
+        let label = match e.raw_os_error() {
+            Some(libc::EMFILE) => "EMFILE",
+            Some(libc::ENFILE) => "ENFILE",
+            Some(libc::ENOBUFS) => "ENOBUFS",
+            Some(libc::ENOMEM) => "ENOMEM",
+            _ => {
+                tracing::debug!(listener, error = %e, "accept failed");
+                return "other";
+            }
+        };
+        let delay = match self.delay {
+            None => {
+                tracing::warn!(listener, error = %e, "accept failed for want of resources; backing off until it works again");
+                std::time::Duration::from_millis(10)
+            }
+            Some(d) => (d * 2).min(std::time::Duration::from_secs(1)),
+        };
+        self.delay = Some(delay);
+        tokio::time::sleep(delay).await;
+        label
+    }
+}
+
 /// The PID of the process a pidfd refers to, as the procfs mounted at `proc_root` numbers it
 /// (the `Pid:` line of `<proc_root>/self/fdinfo/<fd>`). The kernel prints the PID in the PID
 /// namespace of that procfs instance, not of the reader, so through the host's /proc (which the

@@ -59,7 +59,10 @@ impl TagService {
         let response = match result {
             Ok(r) => r,
             Err((code, message)) => {
-                tracing::info!(op, code = code.as_str(), %message, pid = creds.map(|c| c.pid()), "tagging request refused");
+                // The message can quote the caller's input (serde names an unknown op as
+                // sent): logged escaped (Debug), so no control character or line break of a
+                // caller's reaches the log as such.
+                tracing::info!(op, code = code.as_str(), reason = ?message, pid = creds.map(|c| c.pid()), "tagging request refused");
                 Response::error(code, message)
             }
         };
@@ -71,6 +74,31 @@ impl TagService {
         (op, response)
     }
 
+    /// The caller may use the API at all: checked on every message before its bytes are
+    /// parsed, so a caller outside the allow rule never reaches the JSON parser.
+    fn check_caller(
+        &self,
+        creds: Option<UnixCredentials>,
+    ) -> Result<UnixCredentials, (ErrorCode, String)> {
+        let Some(creds) = creds else {
+            return Err((
+                ErrorCode::NotAllowed,
+                "the caller's credentials could not be read".into(),
+            ));
+        };
+        if !self.allow.read().unwrap().allows(creds.uid(), creds.gid()) {
+            return Err((
+                ErrorCode::NotAllowed,
+                format!(
+                    "uid {} gid {} may not tag sockets (tagging.allowed_uids / allowed_gids)",
+                    creds.uid(),
+                    creds.gid()
+                ),
+            ));
+        }
+        Ok(creds)
+    }
+
     fn handle_inner(
         &self,
         body: &[u8],
@@ -78,6 +106,10 @@ impl TagService {
         conn: BorrowedFd<'_>,
         creds: Option<UnixCredentials>,
     ) -> (&'static str, Result<Response, (ErrorCode, String)>) {
+        let creds = match self.check_caller(creds) {
+            Ok(c) => c,
+            Err(e) => return ("unknown", Err(e)),
+        };
         let request: Request = match serde_json::from_slice(body) {
             Ok(r) => r,
             Err(e) => {
@@ -101,24 +133,8 @@ impl TagService {
         request: &Request,
         fds: &[OwnedFd],
         conn: BorrowedFd<'_>,
-        creds: Option<UnixCredentials>,
+        creds: UnixCredentials,
     ) -> Result<Response, (ErrorCode, String)> {
-        let Some(creds) = creds else {
-            return Err((
-                ErrorCode::NotAllowed,
-                "the caller's credentials could not be read".into(),
-            ));
-        };
-        if !self.allow.read().unwrap().allows(creds.uid(), creds.gid()) {
-            return Err((
-                ErrorCode::NotAllowed,
-                format!(
-                    "uid {} gid {} may not tag sockets (tagging.allowed_uids / allowed_gids)",
-                    creds.uid(),
-                    creds.gid()
-                ),
-            ));
-        }
         if let Request::KvReport { tenants } = request {
             let caller = crate::gpu::ReportCaller { conn, creds };
             let registry = self.tenants.read().unwrap();
@@ -250,6 +266,12 @@ fn seqpacket_connects(path: &Path) -> bool {
 }
 
 /// Accepts connections until `shutdown` resolves.
+///
+/// Against hostile local callers: at most `tagging.max_connections` connections are served at
+/// once (one over the cap is accepted and closed at once, so it fails fast instead of waiting in
+/// the backlog); a connection that sends nothing, or does not take its answer, for
+/// `tagging.idle_timeout_ms` is closed; an `accept` that fails for want of descriptors or
+/// memory backs off (10 ms, doubling to 1 s) instead of spinning on the still-readable listener.
 pub async fn serve(
     listener: OwnedFd,
     service: Arc<TagService>,
@@ -257,6 +279,8 @@ pub async fn serve(
 ) -> io::Result<()> {
     // SAFETY: the OwnedFd stays open, and is the same descriptor, for the AsyncFd's lifetime.
     let listener = unsafe { AsyncFd::register(listener) }.map_err(io::Error::from)?;
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut backoff = crate::sys::AcceptBackoff::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -268,16 +292,31 @@ pub async fn serve(
                         .map_err(io::Error::from)
                 }) {
                     Ok(Ok(raw)) => {
+                        backoff.succeeded();
                         // SAFETY: accept4 returned a new descriptor that nothing else owns.
                         let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+                        let (max, idle) = {
+                            let cfg = service.allow.read().unwrap();
+                            (cfg.max_connections, std::time::Duration::from_millis(cfg.idle_timeout_ms))
+                        };
+                        if open.load(std::sync::atomic::Ordering::Acquire) >= max {
+                            service.metrics.tagging_connection_refused();
+                            drop(conn);
+                            continue;
+                        }
+                        let slot = ConnectionSlot::take(open.clone(), service.metrics.clone());
                         let service = service.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = serve_connection(conn, service).await {
+                            let _slot = slot;
+                            if let Err(e) = serve_connection(conn, service, idle).await {
                                 tracing::debug!(error = %e, "tagging connection ended with an error");
                             }
                         });
                     }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "accept on the tagging socket failed"),
+                    Ok(Err(e)) => {
+                        let label = backoff.failed(&e, "tagging").await;
+                        service.metrics.accept_error("tagging", label);
+                    }
                     Err(_would_block) => continue,
                 }
             }
@@ -285,46 +324,92 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection(conn: OwnedFd, service: Arc<TagService>) -> io::Result<()> {
+/// One served connection, counted in the open-connection count (and gauge) while it lives.
+struct ConnectionSlot {
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    metrics: AgentMetrics,
+}
+
+impl ConnectionSlot {
+    fn take(open: Arc<std::sync::atomic::AtomicUsize>, metrics: AgentMetrics) -> Self {
+        let n = open.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        metrics.tagging_connections(n);
+        Self { open, metrics }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let n = self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
+        self.metrics.tagging_connections(n);
+    }
+}
+
+async fn serve_connection(
+    conn: OwnedFd,
+    service: Arc<TagService>,
+    idle: std::time::Duration,
+) -> io::Result<()> {
     let creds = getsockopt(&conn, sockopt::PeerCredentials).ok();
     // SAFETY: as for the listener above.
     let conn = unsafe { AsyncFd::register(conn) }.map_err(io::Error::from)?;
     let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
+    let idle_out = |service: &TagService| {
+        service.metrics.tagging_idle_closed();
+        Ok(())
+    };
     loop {
-        let mut guard = conn.readable().await?;
-        let received = guard.try_io(|fd| receive(fd.as_raw_fd(), &mut buf));
+        let received = tokio::time::timeout(idle, async {
+            loop {
+                let mut guard = conn.readable().await?;
+                match guard.try_io(|fd| receive(fd.as_raw_fd(), &mut buf)) {
+                    Ok(r) => return r,
+                    Err(_would_block) => continue,
+                }
+            }
+        })
+        .await;
         let (len, truncated, fds) = match received {
             Ok(r) => r?,
-            Err(_would_block) => continue,
+            Err(_elapsed) => return idle_out(&service),
         };
         if len == 0 && !truncated && fds.is_empty() {
             return Ok(()); // orderly close
         }
         let (_, response) = if truncated {
-            let r = Response::error(
-                ErrorCode::Malformed,
-                format!("request longer than {MAX_MESSAGE_LEN} bytes or with too many descriptors"),
-            );
-            service
-                .metrics
-                .tag_request("invalid", ErrorCode::Malformed.as_str());
-            ("invalid", r)
+            // Refused unparsed; the caller's uid is checked first all the same.
+            let (op, code, message) = match service.check_caller(creds) {
+                Err((code, message)) => ("unknown", code, message),
+                Ok(_) => (
+                    "invalid",
+                    ErrorCode::Malformed,
+                    format!(
+                        "request longer than {MAX_MESSAGE_LEN} bytes or with too many descriptors"
+                    ),
+                ),
+            };
+            service.metrics.tag_request(op, code.as_str());
+            (op, Response::error(code, message))
         } else {
             service.handle(&buf[..len], &fds, conn.get_ref().as_fd(), creds)
         };
         drop(fds);
         let body = serde_json::to_vec(&response).expect("responses serialize");
-        loop {
-            let mut guard = conn.writable().await?;
-            match guard.try_io(|fd| {
-                send(fd.as_raw_fd(), &body, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
-            }) {
-                Ok(r) => {
-                    r?;
-                    break;
+        let sent = tokio::time::timeout(idle, async {
+            loop {
+                let mut guard = conn.writable().await?;
+                match guard.try_io(|fd| {
+                    send(fd.as_raw_fd(), &body, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+                }) {
+                    Ok(r) => return r.map(|_| ()),
+                    Err(_would_block) => continue,
                 }
-                Err(_would_block) => continue,
             }
+        })
+        .await;
+        match sent {
+            Ok(r) => r?,
+            Err(_elapsed) => return idle_out(&service),
         }
     }
 }
