@@ -272,7 +272,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    /// Checks the whole configuration; `origin` names it in error messages.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |field: &str, message: String| ConfigError::Invalid {
             origin: origin.to_string(),
             field: field.to_string(),
