@@ -527,7 +527,8 @@ pub fn connect_tagged(
 /// that need more tagged sockets spread them over several holders. The child is the calling
 /// binary itself, re-run with `args` (for a test binary: `--exact NAME --nocapture`, NAME
 /// being a test that calls [`hold_tagged_sockets_if_asked`] first); it tags `count` unbound
-/// UDP sockets with `tenant` and keeps them open until dropped.
+/// UDP sockets with `tenant` (a comma-separated list: round robin) and keeps them open until
+/// dropped.
 pub struct SocketHolder {
     child: Child,
 }
@@ -579,16 +580,23 @@ pub fn hold_tagged_sockets_if_asked() {
     };
     let mut parts = spec.splitn(3, ' ');
     let count: usize = parts.next().unwrap().parse().unwrap();
-    let tenant = parts.next().unwrap().to_string();
+    let tenants: Vec<String> = parts
+        .next()
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect();
     let client = agent_common::client::AgentClient::new(parts.next().unwrap());
     let sockets: Vec<OwnedFdSocket> = (0..count).map(|_| unbound_udp()).collect();
+    let chunk = count / 2 + 1;
     std::thread::scope(|scope| {
-        for part in sockets.chunks(count / 2 + 1) {
+        for (c, part) in sockets.chunks(chunk).enumerate() {
             let client = client.clone();
-            let tenant = &tenant;
+            let tenants = &tenants;
             scope.spawn(move || {
-                for s in part {
+                for (i, s) in part.iter().enumerate() {
                     use std::os::fd::AsFd;
+                    let tenant = &tenants[(c * chunk + i) % tenants.len()];
                     client.tag(s.as_fd(), tenant).expect("tag a held socket");
                 }
             });
