@@ -1,7 +1,9 @@
 //! The tagging API server: one JSON request per SOCK_SEQPACKET message, the socket to act on
-//! attached with SCM_RIGHTS (see `agent_common::proto`). The cookie is read from the received
-//! descriptor itself, so a caller can only tag sockets it holds, and the caller's credentials
-//! (SO_PEERCRED) are checked against the configured allow rule on every request.
+//! attached with SCM_RIGHTS (see `agent_common::proto`). The tag is written through the
+//! received descriptor itself (socket storage is keyed by descriptor), so a caller can only tag
+//! sockets it holds, and the caller's credentials (SO_PEERCRED) are checked against the
+//! configured allow rule on every request, before it is parsed. KV reports are passed on to
+//! the GPU module (`GpuState::kv_report`).
 
 use crate::config::TaggingConfig;
 use crate::datapath::Maps;
@@ -40,7 +42,8 @@ pub struct TagService {
     pub maps: Arc<Maps>,
     pub gpu: Arc<crate::gpu::GpuState>,
     pub tenants: Arc<RwLock<TenantRegistry>>,
-    /// The allow rule (replaced on reload).
+    /// The `[tagging]` settings in force: the allow rule and the connection limits (replaced
+    /// on reload; the socket path and mode are kept, they take a restart).
     pub allow: RwLock<TaggingConfig>,
     pub metrics: AgentMetrics,
 }
