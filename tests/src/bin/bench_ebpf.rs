@@ -53,6 +53,9 @@ fn main() -> anyhow::Result<()> {
     );
     let cgroup = cgroup2_root()?;
     let load_before = loadavg();
+    // Programs of ours already loaded (another agent or test on this machine, or links a
+    // crashed test left pinned) run on every packet of every arm: say so.
+    let foreign_before = foreign_programs();
     let arms = [Arm::Detached, Arm::Empty, Arm::Agent];
     // [arm][workload] -> runs; workload 0: bulk, 1: 1 KiB.
     let mut runs: Vec<[Vec<Run>; 2]> = arms.iter().map(|_| [Vec::new(), Vec::new()]).collect();
@@ -101,16 +104,20 @@ fn main() -> anyhow::Result<()> {
     let mut per_run = Vec::new();
     for chunk in [128 << 10, 1024] {
         let empty = EmptyPrograms::attach(&cgroup)?;
-        let before = prog_stats(EMPTY_NAME);
+        let ids = empty.program_ids();
+        let before = prog_stats(&ids);
         stream(None, secs, chunk);
-        let after = prog_stats(EMPTY_NAME);
+        let after = prog_stats(&ids);
         drop(empty);
         let empty_ns = (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64;
         let agent = Agent::start(agent_bin, &paths, &config);
         let client = agent.client();
-        let before = prog_stats("bulkhead_");
+        // Only this agent's programs (by the ids behind its pinned links): another agent's, or a
+        // crashed test's left attached, would mix into the figures otherwise.
+        let ids = linked_programs(&paths.pin_dir);
+        let before = prog_stats(&ids);
         stream(Some(&client), secs, chunk);
-        let after = prog_stats("bulkhead_");
+        let after = prog_stats(&ids);
         agent.stop();
         let runs = after.0 - before.0;
         let agent_ns = (after.1 - before.1) as f64 / runs.max(1) as f64;
@@ -124,6 +131,10 @@ fn main() -> anyhow::Result<()> {
         secs.as_millis()
     );
     println!("load average before: {load_before}; after: {load_after}\n");
+    println!(
+        "other bulkhead_* programs loaded on the machine: {foreign_before} before, {} after (0 for a clean baseline)\n",
+        foreign_programs()
+    );
     println!(
         "| workload | detached | empty programs | agent | empty / detached | agent / detached | agent / empty | CPU s/GiB detached | empty | agent |"
     );
@@ -187,6 +198,15 @@ struct EmptyPrograms {
 }
 
 impl EmptyPrograms {
+    /// Loaded programs named like the empty ones (no other program has that name).
+    fn program_ids(&self) -> Vec<u32> {
+        aya::programs::loaded_programs()
+            .flatten()
+            .filter(|p| p.name_as_str() == Some(EMPTY_NAME))
+            .map(|p| p.id())
+            .collect()
+    }
+
     fn attach(cgroup: &Path) -> std::io::Result<Self> {
         const BPF_PROG_LOAD: libc::c_long = 5;
         const BPF_LINK_CREATE: libc::c_long = 28;
@@ -353,16 +373,40 @@ fn shutdown(c: TcpStream) {
     let _ = c.shutdown(std::net::Shutdown::Write);
 }
 
-/// (runs, ns) summed over the loaded programs whose names start with `prefix` (names are cut
-/// to 15 bytes).
-fn prog_stats(prefix: &str) -> (u64, u64) {
+/// (runs, ns) summed over the loaded programs with these ids.
+fn prog_stats(ids: &[u32]) -> (u64, u64) {
     let mut runs = 0;
     let mut ns = 0;
     for p in aya::programs::loaded_programs().flatten() {
-        if p.name_as_str().is_some_and(|n| n.starts_with(prefix)) {
+        if ids.contains(&p.id()) {
             runs += p.run_count();
             ns += p.run_time().as_nanos() as u64;
         }
     }
     (runs, ns)
+}
+
+/// Loaded programs named like the agent's (`bulkhead_*`, cut to 15 bytes by the kernel).
+fn foreign_programs() -> usize {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("bulkhead_")))
+        .count()
+}
+
+/// The ids of the programs behind the links an agent pinned in `pin_dir`.
+fn linked_programs(pin_dir: &Path) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+        if !entry.file_name().to_string_lossy().starts_with("link_") {
+            continue;
+        }
+        if let Ok(link) = aya::programs::links::PinnedLink::from_pin(entry.path()) {
+            let link: aya::programs::links::FdLink = link.into();
+            if let Ok(info) = link.info() {
+                ids.push(info.program_id());
+            }
+        }
+    }
+    ids
 }
