@@ -38,6 +38,11 @@ INVENTORY = {
     "bulkhead_gpu_memory_total_bytes",
     "bulkhead_nvml_up",
     "bulkhead_cross_tenant_flows_total",
+    "bulkhead_tagged_sockets",
+    "bulkhead_tagging_connections",
+    "bulkhead_tagging_connections_refused_total",
+    "bulkhead_tagging_connections_idle_closed_total",
+    "bulkhead_accept_errors_total",
     # sidecar
     "bulkhead_requests_total",
     "bulkhead_tokens_total",

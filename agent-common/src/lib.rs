@@ -14,10 +14,17 @@ pub mod client;
 #[cfg(feature = "client")]
 pub mod proto;
 
-/// Socket cookie -> [`SocketTag`]. An LRU hash: written by the agent when a client hands it a
-/// socket, deleted by the `sock_release` program when the socket closes; the LRU eviction is
-/// only a backstop for tags whose release was missed (e.g. written while the hook was detached).
-pub const MAP_COOKIE_TAGS: &str = "BH_COOKIE_TAGS";
+/// Socket -> [`SocketTag`]: socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`). User space
+/// writes it by descriptor (the socket a client hands the agent), the programs read it with
+/// `bpf_sk_storage_get` on the packet's socket. A tag lives and dies with its socket: nothing
+/// can evict it, and nothing has to delete it. Pinned, so tags outlive the agent.
+pub const MAP_SOCK_TAGS: &str = "BH_SOCK_TAGS";
+/// Array of [`MAX_TENANTS`] `u64`, by tenant id: tags the agent has put on sockets minus tags it
+/// took off (untag, re-tag). Written by user space only.
+pub const MAP_TAGS_SET: &str = "BH_TAGS_SET";
+/// Per-CPU array of [`MAX_TENANTS`] `u64`, by tenant id: tagged sockets closed, counted by the
+/// `sock_release` program. Live tags of a tenant = `BH_TAGS_SET` - `BH_TAGS_FREED`.
+pub const MAP_TAGS_FREED: &str = "BH_TAGS_FREED";
 /// Per-CPU array of [`TrafficCounters`], indexed by [`traffic_index`]: bytes and packets per
 /// tenant and direction. An array, not a hash: the lookup is a bounds check and an offset (the
 /// verifier inlines it), no entry ever has to be created, and it can never be full.
@@ -69,7 +76,6 @@ pub const PROG_SOCK_RELEASE: &str = "bulkhead_sock_release";
 pub const PROG_CONNECT4: &str = "bulkhead_connect4";
 pub const PROG_CONNECT6: &str = "bulkhead_connect6";
 
-pub const COOKIE_TAGS_MAX_ENTRIES: u32 = 65_536;
 /// Tenant ids are `0..MAX_TENANTS` (0 is "untagged"), so at most `MAX_TENANTS - 1` named tenants
 /// over the life of the pinned maps.
 pub const MAX_TENANTS: u32 = 1_024;
@@ -211,7 +217,7 @@ pub struct TrafficCounters {
     pub packets: u64,
 }
 
-/// Value of [`MAP_COOKIE_TAGS`].
+/// Value of [`MAP_SOCK_TAGS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketTag {
@@ -488,7 +494,9 @@ mod tests {
     #[test]
     fn map_names_fit_the_kernel_limit() {
         for name in [
-            MAP_COOKIE_TAGS,
+            MAP_SOCK_TAGS,
+            MAP_TAGS_SET,
+            MAP_TAGS_FREED,
             MAP_TRAFFIC,
             MAP_TENANT_IDS,
             MAP_DIAG,

@@ -21,8 +21,9 @@ pub enum Request {
     /// Report the attached socket's tag without changing it.
     Lookup,
     /// A shared inference server's sidecar reports the KV-cache bytes each tenant's in-flight
-    /// requests hold. No socket attached: the agent finds the server's pod from the caller's
-    /// credentials, so a report can only speak for the caller's own pod.
+    /// requests hold. No socket attached: the agent finds the server's pod from the kernel's
+    /// record of the connecting process (`SO_PEERPIDFD`, from any PID namespace), so a report
+    /// can only speak for the caller's own pod.
     KvReport { tenants: BTreeMap<String, u64> },
 }
 

@@ -1,10 +1,13 @@
 //! Kernel side of bulkhead-agent.
 //!
-//! * `bulkhead_ingress` / `bulkhead_egress` (`cgroup_skb`): look up the packet's socket cookie in
-//!   `BH_COOKIE_TAGS` and add the packet to its tenant's per-CPU counters in the `BH_TRAFFIC`
-//!   array; sockets without a tag count under tenant id 0 ("untagged"). They never drop a packet.
-//! * `bulkhead_sock_release` (`cgroup/sock_release`): deletes the tag of a closing socket, so the
-//!   tag map holds live sockets only (the map is also an LRU, as a backstop).
+//! * `bulkhead_ingress` / `bulkhead_egress` (`cgroup_skb`): read the packet's socket's tag from
+//!   `BH_SOCK_TAGS` (socket-local storage: a pointer off the socket, no hash, no key to compute)
+//!   and add the packet to its tenant's per-CPU counters in the `BH_TRAFFIC` array; sockets
+//!   without a tag count under tenant id 0 ("untagged"). They never drop a packet.
+//! * `bulkhead_sock_release` (`cgroup/sock_release`): counts a closing tagged socket in its
+//!   tenant's `BH_TAGS_FREED` slot. The tag itself goes with the socket (the kernel frees a
+//!   socket's storage with the socket); the count is what lets the agent export live tags per
+//!   tenant without walking the sockets.
 //!
 //! * On egress, packets to an endpoint a tenant owns (`BH_ENDPOINTS`) from a socket of another
 //!   tenant, or from an untagged socket of a cgroup that must tag (`BH_MUST_TAG`), are a
@@ -14,7 +17,8 @@
 //!   check at connect(), so that an enforced flow fails at once with EPERM instead of its SYNs
 //!   being dropped until the connect times out.
 //!
-//! Every map but the ring buffers is pinned by name, so counters and tags outlive the agent.
+//! Every map but the ring buffers is pinned by name, so counters and tags outlive the agent (a
+//! socket's storage lives as long as the socket and the map; the pinned map outlives the agent).
 #![no_std]
 #![no_main]
 // `AtomicU64::fetch_add` is not available on the bpf target; the intrinsic lowers to the
@@ -23,29 +27,90 @@
 #![feature(core_intrinsics)]
 
 use agent_common::{
-    AF_INET, AF_INET6, COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_FLOW_EVENTS_LOST,
-    DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIAG_SLOTS, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    ENDPOINTS_MAX_ENTRIES, EndpointKey, EndpointValue, FLOW_EVENTS_BYTES, FLOW_REPORT_INTERVAL_NS,
-    FLOW_SEEN_MAX_ENTRIES, FLOWS_MAX_ENTRIES, FlowEvent, FlowKey, FlowSeenKey, MODE_ENFORCE,
+    AF_INET, AF_INET6, DIAG_BAD_TAG, DIAG_FLOW_EVENTS_LOST, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS,
+    DIAG_SLOTS, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINTS_MAX_ENTRIES, EndpointKey,
+    EndpointValue, FLOW_EVENTS_BYTES, FLOW_REPORT_INTERVAL_NS, FLOW_SEEN_MAX_ENTRIES,
+    FLOWS_MAX_ENTRIES, FlowEvent, FlowKey, FlowSeenKey, MAX_TENANTS, MODE_ENFORCE,
     MUST_TAG_MAX_DEPTH, MUST_TAG_MAX_ENTRIES, SocketTag, TENANT_IDS_MAX_ENTRIES,
     TRAFFIC_MAX_ENTRIES, TenantName, TrafficCounters, UNTAGGED_TENANT_ID, traffic_index,
 };
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, BPF_NOEXIST},
+    bindings::{__sk_buff, BPF_F_NO_PREALLOC, BPF_NOEXIST, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
+    cty::c_void,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_ktime_get_ns, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::{debug, warn};
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+/// A BTF map definition of a `BPF_MAP_TYPE_SK_STORAGE` of [`SocketTag`], pinned by name.
+/// aya-ebpf's own `SkStorage` has no `pinning` member (and its lookup takes only a sock_addr
+/// context), so the definition is written out here: each member's pointee encodes one field the
+/// loader reads from BTF (`type`, `key`, `value`, `max_entries`, `map_flags`, `pinning`), as
+/// libbpf's `__uint`/`__type` do. The kernel requires BTF, an `int` key (a socket descriptor
+/// from user space), no preallocation and `max_entries` 0 for socket storage.
+#[repr(C)]
+pub struct SockTagStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SocketTag,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// 1: `LIBBPF_PIN_BY_NAME`.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the members are placeholders the loader reads from BTF; they are never dereferenced.
+unsafe impl Sync for SockTagStorage {}
+
+impl SockTagStorage {
+    const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    /// The tag of the socket `sk` points to, if it has one. `sk` must be a socket pointer the
+    /// verifier knows as one (`skb->sk` after a null check, `bpf_sock_addr->sk`) or, in a
+    /// `cgroup_sock` program, the context itself; `bpf_sk_storage_get` returns NULL for sockets
+    /// that are not full sockets (request and time-wait sockets).
+    #[inline(always)]
+    fn tenant_of(&self, sk: *mut c_void) -> Option<u32> {
+        let map = core::ptr::from_ref(self).cast_mut().cast::<c_void>();
+        // SAFETY: `map` is this map's definition (the loader patches it into the map's
+        // descriptor); no value and no flags: a lookup that never creates storage.
+        let tag = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), 0) };
+        if tag.is_null() {
+            None
+        } else {
+            // SAFETY: a non-null pointer to this socket's SocketTag, valid for this program run.
+            Some(unsafe { (*tag.cast::<SocketTag>()).tenant_id })
+        }
+    }
+}
+
+#[btf_map]
+static BH_SOCK_TAGS: SockTagStorage = SockTagStorage::new();
+
+/// Tagged sockets closed, per tenant id (user space keeps the tags it set and removed in
+/// `BH_TAGS_SET`; live tags = set - freed).
 #[map]
-static BH_COOKIE_TAGS: LruHashMap<u64, SocketTag> = LruHashMap::pinned(COOKIE_TAGS_MAX_ENTRIES, 0);
+static BH_TAGS_FREED: PerCpuArray<u64> = PerCpuArray::pinned(MAX_TENANTS, 0);
+
+/// Written by user space only; created and pinned with the rest.
+#[map]
+static BH_TAGS_SET: Array<u64> = Array::pinned(MAX_TENANTS, 0);
 
 #[map]
 static BH_TRAFFIC: PerCpuArray<TrafficCounters> = PerCpuArray::pinned(TRAFFIC_MAX_ENTRIES, 0);
@@ -84,15 +149,15 @@ const IPPROTO_UDP: u8 = 17;
 
 #[cgroup_skb]
 pub fn bulkhead_ingress(ctx: SkBuffContext) -> i32 {
-    let (_, tenant_id) = tenant_of(&ctx);
+    let tenant_id = tenant_of(&ctx);
     count(&ctx, tenant_id, DIRECTION_INGRESS);
     ALLOW
 }
 
 #[cgroup_skb]
 pub fn bulkhead_egress(ctx: SkBuffContext) -> i32 {
-    let (cookie, tenant_id) = tenant_of(&ctx);
-    let verdict = check_cross_tenant(&ctx, cookie, tenant_id);
+    let tenant_id = tenant_of(&ctx);
+    let verdict = check_cross_tenant(&ctx, tenant_id);
     // A dropped packet never leaves, so it is not the tenant's traffic; the flow counts it.
     if verdict == ALLOW {
         count(&ctx, tenant_id, DIRECTION_EGRESS);
@@ -136,16 +201,17 @@ fn connect_verdict(ctx: &SockAddrContext, family: u32) -> i32 {
     let Some(owner) = endpoint_owner(&p) else {
         return ALLOW;
     };
-    // SAFETY: the context pointer is the one the kernel passed; the helper only reads it.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let tenant_id = match BH_COOKIE_TAGS.get_ptr(cookie) {
-        // SAFETY: a non-null pointer into the map's value, valid for this program run.
-        Some(tag) => unsafe { (*tag).tenant_id },
-        None => UNTAGGED_TENANT_ID,
-    };
+    // SAFETY: `sk` of a sock_addr context is always set: the verifier types it as a full
+    // socket (the union only pads the pointer to 64 bits).
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let tenant_id = BH_SOCK_TAGS
+        .tenant_of(sk.cast())
+        .unwrap_or(UNTAGGED_TENANT_ID);
     if owner.tenant_id == tenant_id {
         return ALLOW;
     }
+    // SAFETY: the context pointer is the one the kernel passed; the helper only reads it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: connect() runs in the calling task's context; these helpers read its cgroup.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if tenant_id == UNTAGGED_TENANT_ID
@@ -166,31 +232,38 @@ fn connect_verdict(ctx: &SockAddrContext, family: u32) -> i32 {
 
 #[cgroup_sock(sock_release)]
 pub fn bulkhead_sock_release(ctx: SockContext) -> i32 {
+    // A cgroup_sock program passes its context (the closing socket) to bpf_sk_storage_get.
+    let Some(tenant_id) = BH_SOCK_TAGS.tenant_of(ctx.as_ptr()) else {
+        return ALLOW;
+    };
+    if tenant_id < MAX_TENANTS
+        && let Some(freed) = BH_TAGS_FREED.get_ptr_mut(tenant_id)
+    {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for this program run; atomic, as
+        // for the traffic counters.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(freed, 1) };
+    }
+    bump_diag(DIAG_RELEASED_TAGS);
     // SAFETY: the context pointer is the `struct bpf_sock *` the kernel passed to this program;
     // bpf_get_socket_cookie is allowed for cgroup_sock programs and only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if cookie != 0 && BH_COOKIE_TAGS.remove(cookie).is_ok() {
-        bump_diag(DIAG_RELEASED_TAGS);
-        debug!(&ctx, "released the tag of closed socket {}", cookie);
-    }
+    debug!(&ctx, "released the tag of closed socket {}", cookie);
     ALLOW
 }
 
-/// The packet's socket cookie (0 when it has no socket) and the tenant its tag names.
+/// The tenant of the packet's socket (untagged when it has none, or no tag).
 #[inline(always)]
-fn tenant_of(ctx: &SkBuffContext) -> (u64, u32) {
-    // SAFETY: the context pointer is the `struct __sk_buff *` the kernel passed to this program;
-    // bpf_get_socket_cookie only reads it and returns 0 when the packet has no socket.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if cookie == 0 {
+fn tenant_of(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: `skb` is the context the kernel passed; reading its `sk` member is a context
+    // access the verifier rewrites, giving a socket pointer or NULL.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
         bump_diag(DIAG_NO_SOCKET);
-        return (0, UNTAGGED_TENANT_ID);
+        return UNTAGGED_TENANT_ID;
     }
-    match BH_COOKIE_TAGS.get_ptr(cookie) {
-        // SAFETY: a non-null pointer into the map's value, valid for this program run.
-        Some(tag) => (cookie, unsafe { (*tag).tenant_id }),
-        None => (cookie, UNTAGGED_TENANT_ID),
-    }
+    BH_SOCK_TAGS
+        .tenant_of(sk.cast())
+        .unwrap_or(UNTAGGED_TENANT_ID)
 }
 
 #[inline(always)]
@@ -267,7 +340,7 @@ fn parse(ctx: &SkBuffContext) -> Option<Packet> {
 
 /// ALLOW, or DROP for a cross-tenant flow to an endpoint in enforce mode.
 #[inline(always)]
-fn check_cross_tenant(ctx: &SkBuffContext, cookie: u64, tenant_id: u32) -> i32 {
+fn check_cross_tenant(ctx: &SkBuffContext, tenant_id: u32) -> i32 {
     if !endpoints_configured() {
         return ALLOW;
     }
@@ -291,6 +364,9 @@ fn check_cross_tenant(ctx: &SkBuffContext, cookie: u64, tenant_id: u32) -> i32 {
     {
         return ALLOW;
     }
+    // SAFETY: the context pointer is the `struct __sk_buff *` the kernel passed; the helper
+    // only reads it (0 when the packet has no socket).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     report(cookie, cgroup_id, tenant_id, &owner, &p);
     if owner.mode == MODE_ENFORCE {
         DROP

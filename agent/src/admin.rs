@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 pub struct AdminState {
     pub registry: Registry,
     pub ready: AtomicBool,
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 pub async fn serve(
@@ -21,13 +22,18 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut backoff = crate::sys::AcceptBackoff::default();
     loop {
         let (stream, _) = tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.succeeded();
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    let label = backoff.failed(&e, "admin").await;
+                    state.metrics.accept_error("admin", label);
                     continue;
                 }
             },

@@ -166,6 +166,13 @@ pub struct TaggingConfig {
     pub allowed_uids: Vec<u32>,
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
+    /// Connections served at once; one more is accepted and closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection with no request (or whose caller does not take its answer) for this long
+    /// is closed.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for TaggingConfig {
@@ -175,8 +182,17 @@ impl Default for TaggingConfig {
             socket_mode: default_socket_mode(),
             allowed_uids: default_allowed_uids(),
             allowed_gids: Vec::new(),
+            max_connections: default_max_connections(),
+            idle_timeout_ms: default_idle_timeout_ms(),
         }
     }
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+fn default_idle_timeout_ms() -> u64 {
+    10_000
 }
 
 impl TaggingConfig {
@@ -256,7 +272,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    /// Checks the whole configuration; `origin` names it in error messages.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |field: &str, message: String| ConfigError::Invalid {
             origin: origin.to_string(),
             field: field.to_string(),
@@ -305,6 +322,21 @@ impl Config {
             return Err(invalid(
                 "tagging.allowed_uids",
                 "no caller could tag a socket: allow at least one uid or gid".into(),
+            ));
+        }
+        if !(1..=65_536).contains(&self.tagging.max_connections) {
+            return Err(invalid(
+                "tagging.max_connections",
+                format!("{} is not in 1-65536", self.tagging.max_connections),
+            ));
+        }
+        if !(10..=3_600_000).contains(&self.tagging.idle_timeout_ms) {
+            return Err(invalid(
+                "tagging.idle_timeout_ms",
+                format!(
+                    "{} ms is not in 10-3600000 (10 ms to an hour)",
+                    self.tagging.idle_timeout_ms
+                ),
             ));
         }
         let mut seen = HashSet::new();
@@ -452,6 +484,8 @@ mod tests {
         );
         assert!(err("[tagging]\nallowed_uids = []").contains("`tagging.allowed_uids`"));
         assert!(err("[tagging]\nsocket_mode = 4096").contains("`tagging.socket_mode`"));
+        assert!(err("[tagging]\nmax_connections = 0").contains("`tagging.max_connections`"));
+        assert!(err("[tagging]\nidle_timeout_ms = 5").contains("`tagging.idle_timeout_ms`"));
         let long = "x".repeat(65);
         assert!(
             err(&format!("[[tenants]]\nname = \"{long}\"")).contains("`tenants[0].name`: \"xxx")

@@ -7,12 +7,12 @@
 //! are unpinned (detached) or left in place, as `detach_on_shutdown` says.
 
 use agent_common::{
-    DIAG_SLOTS, EndpointKey, EndpointValue, FlowKey, MAP_COOKIE_TAGS, MAP_DIAG, MAP_ENDPOINT_COUNT,
-    MAP_ENDPOINTS, MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MUST_TAG, MAP_TENANT_IDS, MAP_TRAFFIC,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, PROG_SOCK_RELEASE, SocketTag,
-    TenantName, TrafficCounters, traffic_index,
+    DIAG_SLOTS, EndpointKey, EndpointValue, FlowKey, MAP_DIAG, MAP_ENDPOINT_COUNT, MAP_ENDPOINTS,
+    MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MUST_TAG, MAP_SOCK_TAGS, MAP_TAGS_FREED, MAP_TAGS_SET,
+    MAP_TENANT_IDS, MAP_TRAFFIC, MAX_TENANTS, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS,
+    PROG_INGRESS, PROG_SOCK_RELEASE, SocketTag, TenantName, TrafficCounters, traffic_index,
 };
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SkStorage};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
@@ -77,7 +77,8 @@ pub enum DatapathError {
 
 /// Handles on the pinned maps. Each sits behind a mutex: aya's map writes take `&mut`.
 pub struct Maps {
-    cookie_tags: Mutex<HashMap<MapData, u64, SocketTag>>,
+    tags: Mutex<SockTags>,
+    tags_freed: Mutex<PerCpuArray<MapData, u64>>,
     traffic: Mutex<PerCpuArray<MapData, TrafficCounters>>,
     tenant_ids: Mutex<HashMap<MapData, TenantName, u32>>,
     diag: Mutex<PerCpuArray<MapData, u64>>,
@@ -93,38 +94,101 @@ impl std::fmt::Debug for Maps {
     }
 }
 
+/// The socket-tag storage and the per-tenant count of the tags the agent set, under one lock
+/// so that a tag and its count change together.
+struct SockTags {
+    storage: SkStorage<MapData, SocketTag>,
+    set: Array<MapData, u64>,
+}
+
+impl SockTags {
+    fn add(&mut self, tenant_id: u32, delta: i64) -> Result<(), MapError> {
+        if tenant_id >= MAX_TENANTS {
+            return Ok(());
+        }
+        let n = self.set.get(&tenant_id, 0)?;
+        self.set.set(tenant_id, n.wrapping_add_signed(delta), 0)
+    }
+
+    fn get(&self, socket: BorrowedFd<'_>) -> Result<Option<u32>, MapError> {
+        match self.storage.get(&socket, 0) {
+            Ok(tag) => Ok(Some(tag.tenant_id)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A lookup or delete of something that is not there (aya reports some as syscall errors).
+fn not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 impl Maps {
-    /// Tags the socket with `cookie`; an existing tag is replaced.
-    pub fn tag(&self, cookie: u64, tenant_id: u32) -> Result<(), MapError> {
+    /// Tags `socket` (a descriptor of it) with `tenant_id`; an existing tag is replaced.
+    pub fn tag(&self, socket: BorrowedFd<'_>, tenant_id: u32) -> Result<(), MapError> {
+        let mut tags = self.tags.lock().unwrap();
+        let before = tags.get(socket)?;
+        if before == Some(tenant_id) {
+            return Ok(());
+        }
         let tag = SocketTag {
             tenant_id,
             _reserved: 0,
         };
-        self.cookie_tags.lock().unwrap().insert(cookie, tag, 0)
+        tags.storage.insert(&socket, tag, 0)?;
+        if let Some(old) = before {
+            tags.add(old, -1)?;
+        }
+        tags.add(tenant_id, 1)
     }
 
     /// Removes the socket's tag; `false` when it had none.
-    pub fn untag(&self, cookie: u64) -> Result<bool, MapError> {
-        match self.cookie_tags.lock().unwrap().remove(&cookie) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(false)
+    pub fn untag(&self, socket: BorrowedFd<'_>) -> Result<bool, MapError> {
+        let mut tags = self.tags.lock().unwrap();
+        let Some(old) = tags.get(socket)? else {
+            return Ok(false);
+        };
+        match tags.storage.remove(&socket) {
+            Ok(()) => {}
+            Err(e) if not_found(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        tags.add(old, -1)?;
+        Ok(true)
+    }
+
+    pub fn lookup_tag(&self, socket: BorrowedFd<'_>) -> Result<Option<u32>, MapError> {
+        self.tags.lock().unwrap().get(socket)
+    }
+
+    /// Live tagged sockets per tenant id (ids without any left out): tags set minus tagged
+    /// sockets closed. Sockets closed while no program was attached are not counted as closed.
+    pub fn tag_counts(&self) -> Result<Vec<(u32, u64)>, MapError> {
+        let set: Vec<u64> = {
+            let tags = self.tags.lock().unwrap();
+            tags.set.iter().collect::<Result<_, _>>()?
+        };
+        let freed = self.tags_freed.lock().unwrap();
+        let mut out = Vec::new();
+        for (id, set) in set.into_iter().enumerate() {
+            if set == 0 {
+                continue;
             }
-            Err(e) => Err(e),
+            let closed: u64 = freed
+                .get(&(id as u32), 0)?
+                .iter()
+                .fold(0u64, |a, b| a.wrapping_add(*b));
+            let live = (set.wrapping_sub(closed) as i64).max(0) as u64;
+            if live > 0 {
+                out.push((id as u32, live));
+            }
         }
-    }
-
-    pub fn lookup_tag(&self, cookie: u64) -> Result<Option<u32>, MapError> {
-        match self.cookie_tags.lock().unwrap().get(&cookie, 0) {
-            Ok(tag) => Ok(Some(tag.tenant_id)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    pub fn tagged_sockets(&self) -> usize {
-        self.cookie_tags.lock().unwrap().keys().count()
+        Ok(out)
     }
 
     /// Counters of one tenant in one direction, summed over CPUs.
@@ -267,7 +331,11 @@ impl Datapath {
             }
         };
         let maps = std::sync::Arc::new(Maps {
-            cookie_tags: Mutex::new(take_map(&mut ebpf, MAP_COOKIE_TAGS)?),
+            tags: Mutex::new(SockTags {
+                storage: take_map(&mut ebpf, MAP_SOCK_TAGS)?,
+                set: take_map(&mut ebpf, MAP_TAGS_SET)?,
+            }),
+            tags_freed: Mutex::new(take_map(&mut ebpf, MAP_TAGS_FREED)?),
             traffic: Mutex::new(take_map(&mut ebpf, MAP_TRAFFIC)?),
             tenant_ids: Mutex::new(take_map(&mut ebpf, MAP_TENANT_IDS)?),
             diag: Mutex::new(take_map(&mut ebpf, MAP_DIAG)?),

@@ -9,8 +9,12 @@
 //! NVML handle for the life of the process.
 
 use crate::config::{GpuConfig, GpuWorkload};
+use agent_common::proto::ErrorCode;
+use nix::errno::Errno;
+use nix::sys::socket::{UnixCredentials, getsockopt, sockopt};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -194,6 +198,10 @@ impl Matcher {
             })
     }
 
+    pub fn proc_root(&self) -> &std::path::Path {
+        &self.proc_root
+    }
+
     pub fn classify_pid(&self, pid: u32) -> Option<Role> {
         self.classify_cgroup(&self.cgroup_of(pid)?)
     }
@@ -351,6 +359,17 @@ pub fn attribute(
         .collect()
 }
 
+/// The process that sent a KV report, as the kernel names the peer of its tagging connection.
+pub struct ReportCaller<'a> {
+    /// The agent's end of the caller's connection (for `SO_PEERPIDFD`).
+    pub conn: BorrowedFd<'a>,
+    /// `SO_PEERCRED` of the connection.
+    pub creds: UnixCredentials,
+}
+
+/// Why a KV report was refused: the error code and message the caller gets.
+pub type KvRefusal = (ErrorCode, String);
+
 /// The polling thread's shared state.
 pub struct GpuState {
     pub report: RwLock<GpuReport>,
@@ -368,6 +387,119 @@ impl GpuState {
             kv_max_age: Duration::from_secs(config.kv_report_max_age_seconds),
         }
     }
+}
+
+impl GpuState {
+    /// Records a shared server's per-tenant KV bytes for the pod the caller runs in, and
+    /// returns how many tenants were recorded. `is_tenant` says which names are configured; a
+    /// report naming any other is refused whole.
+    ///
+    /// The caller is found from the kernel, never from the report: `SO_PEERPIDFD` gives a
+    /// pidfd of the process that connected, its PID is read in `gpu.proc_root`'s namespace (the
+    /// host's, where the agent has no PID namespace of its own to see it from), and its cgroup
+    /// from `<proc_root>/<pid>/cgroup`. So a report speaks for the caller's own pod only, from
+    /// any PID namespace, without hostPID.
+    pub fn kv_report(
+        &self,
+        caller: &ReportCaller<'_>,
+        tenants: &BTreeMap<String, u64>,
+        is_tenant: &dyn Fn(&str) -> bool,
+    ) -> Result<u32, KvRefusal> {
+        let matcher = self.matcher.read().unwrap().clone();
+        let (pid, cgroup) = caller_cgroup(caller, &matcher)?;
+        let workload = match matcher.classify_cgroup(&cgroup) {
+            Some(Role::Shared(key)) => key,
+            Some(Role::Dedicated(tenant)) => {
+                return Err((
+                    ErrorCode::UnknownWorkload,
+                    format!(
+                        "the caller (pid {pid}) is in a workload dedicated to tenant {tenant:?} (gpu.workloads), not a shared inference server"
+                    ),
+                ));
+            }
+            None => match pod_uid_of(&cgroup) {
+                // A sidecar's report declares its pod a shared inference server.
+                Some(uid) => {
+                    let key = self.matcher.write().unwrap().discover(&uid);
+                    tracing::info!(pod_uid = %uid, pid, "a sidecar reported KV usage: its pod is a shared inference server");
+                    key
+                }
+                None => {
+                    return Err((
+                        ErrorCode::UnknownWorkload,
+                        format!(
+                            "the caller (pid {pid}, cgroup {cgroup:?}) is in no Kubernetes pod and in no workload configured as a shared inference server (gpu.workloads with shared = true)"
+                        ),
+                    ));
+                }
+            },
+        };
+        if let Some(unknown) = tenants.keys().find(|t| !is_tenant(t)) {
+            return Err((
+                ErrorCode::UnknownTenant,
+                format!(
+                    "tenant {unknown:?} is not configured on this agent; the report was not recorded"
+                ),
+            ));
+        }
+        tracing::debug!(workload = %workload, pid, tenants = tenants.len(), "KV report recorded");
+        self.kv.lock().unwrap().record(workload, tenants.clone());
+        Ok(tenants.len() as u32)
+    }
+}
+
+/// The caller's PID (in `proc_root`'s namespace) and cgroup path.
+fn caller_cgroup(caller: &ReportCaller<'_>, matcher: &Matcher) -> Result<(u32, String), KvRefusal> {
+    let proc_root = matcher.proc_root.as_path();
+    let unknown = |m: String| (ErrorCode::UnknownWorkload, m);
+    let internal = |m: String| (ErrorCode::Internal, m);
+    let pidfd = match getsockopt(&caller.conn, sockopt::PeerPidfd) {
+        Ok(fd) => fd,
+        // Linux < 6.5 has no SO_PEERPIDFD: SO_PEERCRED's PID, which the kernel gives in the
+        // agent's own PID namespace (0 when the caller is not in it).
+        Err(Errno::ENOPROTOOPT) => {
+            let pid = caller.creds.pid();
+            if pid <= 0 {
+                return Err(unknown(
+                    "the caller's PID is not visible to the agent: this kernel has no SO_PEERPIDFD (Linux 6.5), and the caller is in a PID namespace the agent cannot see (run the agent with hostPID on such kernels)".into(),
+                ));
+            }
+            let pid = pid as u32;
+            let cgroup = matcher.cgroup_of(pid).ok_or_else(|| {
+                unknown(format!(
+                    "the caller (pid {pid}) has no readable cgroup under {}",
+                    proc_root.display()
+                ))
+            })?;
+            return Ok((pid, cgroup));
+        }
+        Err(Errno::ESRCH) => return Err(unknown("the calling process has exited".into())),
+        Err(e) => return Err(internal(format!("SO_PEERPIDFD on the connection: {e}"))),
+    };
+    let pid_now = || {
+        crate::sys::pidfd_pid(proc_root, pidfd.as_fd())
+            .map_err(|e| internal(format!("reading the caller's PID: {e}")))
+    };
+    let Some(pid) = pid_now()? else {
+        return Err(unknown(format!(
+            "the calling process has exited, or has no PID in the namespace of gpu.proc_root ({}); mount the host's /proc there",
+            proc_root.display()
+        )));
+    };
+    let cgroup = matcher.cgroup_of(pid).ok_or_else(|| {
+        unknown(format!(
+            "the caller (pid {pid}) has no readable cgroup under {}",
+            proc_root.display()
+        ))
+    })?;
+    // A PID is not reused while its process lives: if the pidfd still names a live process
+    // with this PID, the cgroup read above was the caller's.
+    if pid_now()? != Some(pid) {
+        return Err(unknown(
+            "the calling process exited during its report".into(),
+        ));
+    }
+    Ok((pid, cgroup))
 }
 
 fn open(source: &str) -> Result<Box<dyn GpuSource>, String> {

@@ -37,6 +37,8 @@ pub enum AgentError {
     Tagging(#[from] TaggingError),
     #[error(transparent)]
     CrossTenant(#[from] cross_tenant::CrossTenantError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("admin server on {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -73,14 +75,14 @@ pub struct RunningAgent {
     service: Arc<TagService>,
     event_rate: Arc<AtomicU32>,
     metrics: AgentMetrics,
-    gpu: Arc<gpu::GpuState>,
     gpu_poller: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl RunningAgent {
-    /// Applies a new configuration (SIGHUP): tenants, the tagging allow rule, cross-tenant
-    /// endpoints and must-tag cgroups, the event log rate, detach_on_shutdown. Fields that need
-    /// a restart (paths, addresses) are left as they are, with a warning. `new` was validated
+    /// Applies a new configuration (SIGHUP): tenants, the tagging allow rule and connection
+    /// limits, cross-tenant endpoints and must-tag cgroups, the event log rate,
+    /// detach_on_shutdown. Fields that need a restart ([`RESTART_ONLY`]: paths, addresses,
+    /// `gpu.*`) keep their running values, with a warning each. `new` was validated
     /// when parsed; what can still fail here is checked before anything changes, so the agent
     /// runs on with the old configuration when this returns an error.
     pub fn reload(&mut self, new: Config) -> Result<(), AgentError> {
@@ -103,27 +105,14 @@ impl RunningAgent {
     }
 
     fn try_reload(&mut self, new: Config) -> Result<(), AgentError> {
-        let old = &self.config;
-        for (field, changed) in [
-            ("cgroup_path", old.cgroup_path != new.cgroup_path),
-            ("bpffs", old.bpffs != new.bpffs),
-            ("pin_dir", old.pin_dir != new.pin_dir),
-            ("admin_addr", old.admin_addr != new.admin_addr),
-            (
-                "tagging.socket_path",
-                old.tagging.socket_path != new.tagging.socket_path,
-            ),
-            (
-                "tagging.socket_mode",
-                old.tagging.socket_mode != new.tagging.socket_mode,
-            ),
-        ] {
-            if changed {
-                tracing::warn!(
-                    field,
-                    "changing this field takes a restart; keeping the running value"
-                );
-            }
+        let (new, kept) = keep_restart_only(&self.config, new);
+        // The kept fields must still agree with the new ones (gpu.workloads name tenants).
+        new.validate("(reloaded, restart-only fields kept)")?;
+        for field in kept {
+            tracing::warn!(
+                field,
+                "changing this field takes a restart; keeping the running value"
+            );
         }
         let maps = self.datapath.maps();
         // Fallible steps without side effects first.
@@ -133,39 +122,9 @@ impl RunningAgent {
         cross_tenant::apply(&new, &must_tag, &registry, &maps)?;
         *self.tenants.write().unwrap() = registry;
         *self.service.allow.write().unwrap() = new.tagging.clone();
-        {
-            let mut matcher = self.gpu.matcher.write().unwrap();
-            *matcher = gpu::Matcher::new(&new.gpu).with_discovered_from(&matcher);
-        }
-        for (field, changed) in [
-            ("gpu.source", self.config.gpu.source != new.gpu.source),
-            (
-                "gpu.poll_interval_ms",
-                self.config.gpu.poll_interval_ms != new.gpu.poll_interval_ms,
-            ),
-        ] {
-            if changed {
-                tracing::warn!(
-                    field,
-                    "changing this field takes a restart; keeping the running value"
-                );
-            }
-        }
         self.event_rate
             .store(new.cross_tenant.event_log_per_second, Ordering::Relaxed);
-        let keep = Config {
-            cgroup_path: self.config.cgroup_path.clone(),
-            bpffs: self.config.bpffs.clone(),
-            pin_dir: self.config.pin_dir.clone(),
-            admin_addr: self.config.admin_addr,
-            tagging: config::TaggingConfig {
-                socket_path: self.config.tagging.socket_path.clone(),
-                socket_mode: self.config.tagging.socket_mode,
-                ..new.tagging.clone()
-            },
-            ..new
-        };
-        self.config = keep;
+        self.config = new;
         tracing::info!(
             tenants = names.len(),
             endpoints = self.config.cross_tenant.endpoints.len(),
@@ -191,6 +150,55 @@ impl RunningAgent {
         self.datapath.shutdown(detach);
         tracing::info!(detached = detach, "bulkhead-agent stopped");
     }
+}
+
+/// Copies the running value of a field into a new config.
+type KeepField = fn(&mut Config, &Config);
+
+/// The fields a reload cannot change, each with how its running value is kept: paths and
+/// addresses (the maps, links, sockets and listeners are set up from them at start), and every
+/// `gpu.*` field (the poller thread, its source and the workload matcher are set up at start,
+/// and `gpu` in the running config must keep describing them). The one list of them.
+pub const RESTART_ONLY: [(&str, KeepField); 11] = [
+    ("cgroup_path", |n, r| {
+        n.cgroup_path.clone_from(&r.cgroup_path)
+    }),
+    ("bpffs", |n, r| n.bpffs.clone_from(&r.bpffs)),
+    ("pin_dir", |n, r| n.pin_dir.clone_from(&r.pin_dir)),
+    ("admin_addr", |n, r| n.admin_addr = r.admin_addr),
+    ("tagging.socket_path", |n, r| {
+        n.tagging.socket_path.clone_from(&r.tagging.socket_path)
+    }),
+    ("tagging.socket_mode", |n, r| {
+        n.tagging.socket_mode = r.tagging.socket_mode
+    }),
+    ("gpu.source", |n, r| n.gpu.source.clone_from(&r.gpu.source)),
+    ("gpu.poll_interval_ms", |n, r| {
+        n.gpu.poll_interval_ms = r.gpu.poll_interval_ms
+    }),
+    ("gpu.proc_root", |n, r| {
+        n.gpu.proc_root.clone_from(&r.gpu.proc_root)
+    }),
+    ("gpu.kv_report_max_age_seconds", |n, r| {
+        n.gpu.kv_report_max_age_seconds = r.gpu.kv_report_max_age_seconds
+    }),
+    ("gpu.workloads", |n, r| {
+        n.gpu.workloads.clone_from(&r.gpu.workloads)
+    }),
+];
+
+/// `new` with every [`RESTART_ONLY`] field set back to its running value, and the names of
+/// those that `new` had changed.
+pub fn keep_restart_only(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
+    let mut changed = Vec::new();
+    for (field, keep) in RESTART_ONLY {
+        let before = new.clone();
+        keep(&mut new, running);
+        if new != before {
+            changed.push(field);
+        }
+    }
+    (new, changed)
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -272,6 +280,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
     let admin_state = Arc::new(admin::AdminState {
         registry,
         ready: false.into(),
+        metrics: metrics.clone(),
     });
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(admin::serve(
@@ -333,7 +342,6 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
         service,
         event_rate,
         metrics,
-        gpu: gpu_state,
         gpu_poller,
     })
 }
@@ -369,5 +377,45 @@ async fn drain_kernel_logs(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_fields_keep_their_running_values() {
+        let running = Config::builtin();
+        let mut new = running.clone();
+        new.pin_dir = "/sys/fs/bpf/elsewhere".into();
+        new.tagging.socket_mode = 0o600;
+        new.tagging.max_connections = 7;
+        new.gpu.poll_interval_ms = 60_000;
+        new.gpu.workloads.push(config::GpuWorkload {
+            pod_uid: Some("1a2b".into()),
+            cgroup_contains: None,
+            tenant: None,
+            shared: true,
+        });
+        new.cross_tenant.event_log_per_second = 99;
+        let (kept, changed) = keep_restart_only(&running, new);
+        assert_eq!(
+            changed,
+            [
+                "pin_dir",
+                "tagging.socket_mode",
+                "gpu.poll_interval_ms",
+                "gpu.workloads"
+            ]
+        );
+        assert_eq!(kept.pin_dir, running.pin_dir);
+        assert_eq!(kept.tagging.socket_mode, running.tagging.socket_mode);
+        assert_eq!(kept.gpu, running.gpu, "gpu.* is not applied on reload");
+        assert_eq!(kept.tagging.max_connections, 7, "reloadable");
+        assert_eq!(kept.cross_tenant.event_log_per_second, 99, "reloadable");
+        let (same, changed) = keep_restart_only(&running, running.clone());
+        assert!(changed.is_empty());
+        assert_eq!(same, running);
     }
 }

@@ -4,9 +4,9 @@
 use crate::datapath::Maps;
 use crate::tenants::TenantRegistry;
 use agent_common::{
-    COOKIE_TAGS_MAX_ENTRIES, DIAG_BAD_TAG, DIAG_FLOW_EVENTS_LOST, DIAG_NO_SOCKET,
-    DIAG_RELEASED_TAGS, DIRECTION_EGRESS, DIRECTION_INGRESS, MAP_COOKIE_TAGS, MAP_TENANT_IDS,
-    MODE_ENFORCE, TENANT_IDS_MAX_ENTRIES, TrafficCounters,
+    DIAG_BAD_TAG, DIAG_FLOW_EVENTS_LOST, DIAG_NO_SOCKET, DIAG_RELEASED_TAGS, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, MAP_SOCK_TAGS, MAP_TENANT_IDS, MODE_ENFORCE, TENANT_IDS_MAX_ENTRIES,
+    TrafficCounters,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -30,6 +30,16 @@ pub struct AgentMetrics {
     up: Gauge,
     flow_events_suppressed: Counter,
     reloads: Family<ResultLabels, Counter>,
+    tagging_connections: Gauge,
+    tagging_refused: Counter,
+    tagging_idle_closed: Counter,
+    accept_errors: Family<AcceptErrorLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptErrorLabels {
+    pub listener: &'static str,
+    pub error: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,7 +70,45 @@ impl AgentMetrics {
             "Configuration reloads (SIGHUP), by result: ok, or invalid (the old config stays)",
             m.reloads.clone(),
         );
+        registry.register(
+            "bulkhead_tagging_connections",
+            "Connections to the tagging socket being served now",
+            m.tagging_connections.clone(),
+        );
+        registry.register(
+            "bulkhead_tagging_connections_refused",
+            "Connections to the tagging socket closed at once because tagging.max_connections were open",
+            m.tagging_refused.clone(),
+        );
+        registry.register(
+            "bulkhead_tagging_connections_idle_closed",
+            "Tagging connections closed after tagging.idle_timeout_ms without a request (or without taking an answer)",
+            m.tagging_idle_closed.clone(),
+        );
+        registry.register(
+            "bulkhead_accept_errors",
+            "Failed accepts, by listener (tagging, admin) and error (EMFILE, ENFILE, ENOBUFS, ENOMEM: backed off; other)",
+            m.accept_errors.clone(),
+        );
         m
+    }
+
+    pub fn tagging_connections(&self, open: usize) {
+        self.tagging_connections.set(open as i64);
+    }
+
+    pub fn tagging_connection_refused(&self) {
+        self.tagging_refused.inc();
+    }
+
+    pub fn tagging_idle_closed(&self) {
+        self.tagging_idle_closed.inc();
+    }
+
+    pub fn accept_error(&self, listener: &'static str, error: &'static str) {
+        self.accept_errors
+            .get_or_create(&AcceptErrorLabels { listener, error })
+            .inc();
     }
 
     pub fn flow_event_suppressed(&self) {
@@ -93,6 +141,11 @@ struct FlowLabels {
     src_tenant: String,
     dst_tenant: String,
     action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -158,7 +211,34 @@ impl Collector for DatapathCollector {
                 Vec::new()
             }
         };
+        let tag_counts: Vec<(TenantLabels, u64)> = match self.maps.tag_counts() {
+            Ok(c) => c
+                .into_iter()
+                .map(|(id, n)| {
+                    (
+                        TenantLabels {
+                            tenant: tenants.label(id),
+                        },
+                        n,
+                    )
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the tag counts failed");
+                Vec::new()
+            }
+        };
         drop(tenants);
+        let tagged_total: u64 = tag_counts.iter().map(|(_, n)| n).sum();
+        let mut tagged = encoder.encode_descriptor(
+            "bulkhead_tagged_sockets",
+            "Open sockets carrying the tenant's tag (tags set by the agent minus tagged sockets closed)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, n) in &tag_counts {
+            ConstGauge::new(*n as i64).encode(tagged.encode_family(labels)?)?;
+        }
         let mut flow_family = encoder.encode_descriptor(
             "bulkhead_cross_tenant_flows",
             "Cross-tenant flows: a socket of src_tenant (or an untagged socket of a must-tag cgroup, src_tenant=\"untagged\") sending to an endpoint dst_tenant owns; counted once per socket, destination and minute; action=enforce flows were dropped",
@@ -187,26 +267,24 @@ impl Collector for DatapathCollector {
             ConstCounter::new(c.packets).encode(packets.encode_family(labels)?)?;
         }
 
-        let fill = [
-            (
-                MAP_COOKIE_TAGS,
-                self.maps.tagged_sockets(),
-                COOKIE_TAGS_MAX_ENTRIES,
-            ),
-            (MAP_TENANT_IDS, tenant_ids, TENANT_IDS_MAX_ENTRIES - 1),
+        // Socket storage has no capacity: a tag lives on its socket.
+        let entries_of = [
+            (MAP_SOCK_TAGS, tagged_total),
+            (MAP_TENANT_IDS, tenant_ids as u64),
         ];
+        let fill = [(MAP_TENANT_IDS, tenant_ids, TENANT_IDS_MAX_ENTRIES - 1)];
         let mut entries = encoder.encode_descriptor(
             "bulkhead_map_entries",
-            "Entries in the agent's eBPF maps",
+            "Entries in the agent's eBPF maps (BH_SOCK_TAGS: tagged sockets)",
             None,
             MetricType::Gauge,
         )?;
-        for (map, n, _) in fill {
+        for (map, n) in entries_of {
             ConstGauge::new(n as i64).encode(entries.encode_family(&MapLabels { map })?)?;
         }
         let mut capacity = encoder.encode_descriptor(
             "bulkhead_map_capacity",
-            "Maximum entries of the agent's eBPF maps",
+            "Maximum entries of the agent's fixed-size eBPF maps",
             None,
             MetricType::Gauge,
         )?;
@@ -215,7 +293,7 @@ impl Collector for DatapathCollector {
         }
         let mut ratio = encoder.encode_descriptor(
             "bulkhead_map_fill_ratio",
-            "Entries over capacity of the agent's eBPF maps (0-1)",
+            "Entries over capacity of the agent's fixed-size eBPF maps (0-1)",
             None,
             MetricType::Gauge,
         )?;
@@ -227,7 +305,7 @@ impl Collector for DatapathCollector {
         if let Ok(diag) = self.maps.diag() {
             let mut events = encoder.encode_descriptor(
                 "bulkhead_kernel_events",
-                "Events seen by the kernel programs: bad_tag (a tag with an out-of-range tenant id, counted as untagged), no_socket (packets without a socket, counted as untagged), tag_released (tags removed when their socket closed), flow_event_lost (cross-tenant flow events lost to a full ring buffer; the flows are still counted)",
+                "Events seen by the kernel programs: bad_tag (a tag with an out-of-range tenant id, counted as untagged), no_socket (packets without a socket, counted as untagged), tag_released (tagged sockets closed), flow_event_lost (cross-tenant flow events lost to a full ring buffer; the flows are still counted)",
                 None,
                 MetricType::Counter,
             )?;

@@ -225,6 +225,75 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
+/// What an accept loop does after `accept` failed. Running out of descriptors or memory
+/// (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) leaves the listener readable, so retrying at once
+/// would spin a core (and log a line per try); it waits 10 ms, doubling up to 1 s, until an
+/// accept succeeds again, and logs once per episode. Other errors (a connection reset before
+/// it was accepted) are retried at once.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    delay: Option<std::time::Duration>,
+}
+
+impl AcceptBackoff {
+    pub fn succeeded(&mut self) {
+        if self.delay.take().is_some() {
+            tracing::info!("accept works again");
+        }
+    }
+
+    /// Waits as the error calls for; returns its label for the accept-error metric.
+    pub async fn failed(&mut self, e: &io::Error, listener: &'static str) -> &'static str {
+        let label = match e.raw_os_error() {
+            Some(libc::EMFILE) => "EMFILE",
+            Some(libc::ENFILE) => "ENFILE",
+            Some(libc::ENOBUFS) => "ENOBUFS",
+            Some(libc::ENOMEM) => "ENOMEM",
+            _ => {
+                tracing::debug!(listener, error = %e, "accept failed");
+                return "other";
+            }
+        };
+        let delay = match self.delay {
+            None => {
+                tracing::warn!(listener, error = %e, "accept failed for want of resources; backing off until it works again");
+                std::time::Duration::from_millis(10)
+            }
+            Some(d) => (d * 2).min(std::time::Duration::from_secs(1)),
+        };
+        self.delay = Some(delay);
+        tokio::time::sleep(delay).await;
+        label
+    }
+}
+
+/// The PID of the process a pidfd refers to, as the procfs mounted at `proc_root` numbers it
+/// (the `Pid:` line of `<proc_root>/self/fdinfo/<fd>`). The kernel prints the PID in the PID
+/// namespace of that procfs instance, not of the reader, so through the host's /proc (which the
+/// agent mounts at `gpu.proc_root` for NVML's host PIDs anyway) this is the host PID even when
+/// the agent runs in a PID namespace of its own. `None` when the process has exited or has no
+/// PID in that namespace.
+pub fn pidfd_pid(proc_root: &Path, pidfd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    let path = proc_root
+        .join("self/fdinfo")
+        .join(pidfd.as_raw_fd().to_string());
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} has no Pid line: not a pidfd", path.display()),
+            )
+        })?
+        .trim()
+        .parse::<i64>()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(u32::try_from(pid).ok().filter(|&p| p > 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +311,32 @@ mod tests {
             cgroup2_from_mountinfo("24 30 0:22 / /sys rw - sysfs sysfs rw"),
             None
         );
+    }
+
+    #[test]
+    fn a_pidfd_names_its_process_through_the_proc_root() {
+        let me = std::process::id();
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // A pidfd of a child, from pidfd_open (the agent gets its pidfds from SO_PEERPIDFD).
+        // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        assert!(raw >= 0, "pidfd_open: {}", io::Error::last_os_error());
+        // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+        let pidfd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+        let root = Path::new("/proc");
+        assert_eq!(pidfd_pid(root, pidfd.as_fd()).unwrap(), Some(pid));
+        let mut child = child;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(pidfd_pid(root, pidfd.as_fd()).unwrap(), None, "exited");
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(pidfd_pid(root, file.as_fd()).is_err(), "not a pidfd");
+        assert_ne!(me, pid);
     }
 
     #[test]

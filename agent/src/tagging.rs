@@ -1,7 +1,9 @@
 //! The tagging API server: one JSON request per SOCK_SEQPACKET message, the socket to act on
-//! attached with SCM_RIGHTS (see `agent_common::proto`). The cookie is read from the received
-//! descriptor itself, so a caller can only tag sockets it holds, and the caller's credentials
-//! (SO_PEERCRED) are checked against the configured allow rule on every request.
+//! attached with SCM_RIGHTS (see `agent_common::proto`). The tag is written through the
+//! received descriptor itself (socket storage is keyed by descriptor), so a caller can only tag
+//! sockets it holds, and the caller's credentials (SO_PEERCRED) are checked against the
+//! configured allow rule on every request, before it is parsed. KV reports are passed on to
+//! the GPU module (`GpuState::kv_report`).
 
 use crate::config::TaggingConfig;
 use crate::datapath::Maps;
@@ -14,7 +16,7 @@ use nix::sys::socket::{
     UnixCredentials, accept4, bind, getsockopt, listen, recvmsg, send, socket, sockopt,
 };
 use std::io::{self, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -40,7 +42,8 @@ pub struct TagService {
     pub maps: Arc<Maps>,
     pub gpu: Arc<crate::gpu::GpuState>,
     pub tenants: Arc<RwLock<TenantRegistry>>,
-    /// The allow rule (replaced on reload).
+    /// The `[tagging]` settings in force: the allow rule and the connection limits (replaced
+    /// on reload; the socket path and mode are kept, they take a restart).
     pub allow: RwLock<TaggingConfig>,
     pub metrics: AgentMetrics,
 }
@@ -52,13 +55,17 @@ impl TagService {
         &self,
         body: &[u8],
         fds: &[OwnedFd],
+        conn: BorrowedFd<'_>,
         creds: Option<UnixCredentials>,
     ) -> (&'static str, Response) {
-        let (op, result) = self.handle_inner(body, fds, creds);
+        let (op, result) = self.handle_inner(body, fds, conn, creds);
         let response = match result {
             Ok(r) => r,
             Err((code, message)) => {
-                tracing::info!(op, code = code.as_str(), %message, pid = creds.map(|c| c.pid()), "tagging request refused");
+                // The message can quote the caller's input (serde names an unknown op as
+                // sent): logged escaped (Debug), so no control character or line break of a
+                // caller's reaches the log as such.
+                tracing::info!(op, code = code.as_str(), reason = ?message, pid = creds.map(|c| c.pid()), "tagging request refused");
                 Response::error(code, message)
             }
         };
@@ -70,36 +77,12 @@ impl TagService {
         (op, response)
     }
 
-    fn handle_inner(
+    /// The caller may use the API at all: checked on every message before its bytes are
+    /// parsed, so a caller outside the allow rule never reaches the JSON parser.
+    fn check_caller(
         &self,
-        body: &[u8],
-        fds: &[OwnedFd],
         creds: Option<UnixCredentials>,
-    ) -> (&'static str, Result<Response, (ErrorCode, String)>) {
-        let request: Request = match serde_json::from_slice(body) {
-            Ok(r) => r,
-            Err(e) => {
-                return (
-                    "invalid",
-                    Err((
-                        ErrorCode::Malformed,
-                        format!(
-                            "request is not valid JSON of the form {{\"op\":\"tag\",\"tenant\":NAME}}, {{\"op\":\"untag\"}} or {{\"op\":\"lookup\"}}: {e}"
-                        ),
-                    )),
-                );
-            }
-        };
-        let op = request.op();
-        (op, self.execute(&request, fds, creds))
-    }
-
-    fn execute(
-        &self,
-        request: &Request,
-        fds: &[OwnedFd],
-        creds: Option<UnixCredentials>,
-    ) -> Result<Response, (ErrorCode, String)> {
+    ) -> Result<UnixCredentials, (ErrorCode, String)> {
         let Some(creds) = creds else {
             return Err((
                 ErrorCode::NotAllowed,
@@ -116,8 +99,52 @@ impl TagService {
                 ),
             ));
         }
+        Ok(creds)
+    }
+
+    fn handle_inner(
+        &self,
+        body: &[u8],
+        fds: &[OwnedFd],
+        conn: BorrowedFd<'_>,
+        creds: Option<UnixCredentials>,
+    ) -> (&'static str, Result<Response, (ErrorCode, String)>) {
+        let creds = match self.check_caller(creds) {
+            Ok(c) => c,
+            Err(e) => return ("unknown", Err(e)),
+        };
+        let request: Request = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return (
+                    "invalid",
+                    Err((
+                        ErrorCode::Malformed,
+                        format!(
+                            "request is not valid JSON of the form {{\"op\":\"tag\",\"tenant\":NAME}}, {{\"op\":\"untag\"}} or {{\"op\":\"lookup\"}}: {e}"
+                        ),
+                    )),
+                );
+            }
+        };
+        let op = request.op();
+        (op, self.execute(&request, fds, conn, creds))
+    }
+
+    fn execute(
+        &self,
+        request: &Request,
+        fds: &[OwnedFd],
+        conn: BorrowedFd<'_>,
+        creds: UnixCredentials,
+    ) -> Result<Response, (ErrorCode, String)> {
         if let Request::KvReport { tenants } = request {
-            return self.kv_report(creds, tenants);
+            let caller = crate::gpu::ReportCaller { conn, creds };
+            let registry = self.tenants.read().unwrap();
+            let accepted = self
+                .gpu
+                .kv_report(&caller, tenants, &|t| registry.id(t).is_some())?;
+            return Ok(Response::Accepted { accepted });
         }
         let fd = match fds {
             [fd] => fd,
@@ -165,7 +192,7 @@ impl TagService {
                         format!("tenant {tenant:?} is not configured on this agent"),
                     ));
                 };
-                self.maps.tag(cookie, id).map_err(internal)?;
+                self.maps.tag(fd.as_fd(), id).map_err(internal)?;
                 tracing::debug!(tenant = %tenant, cookie, pid = creds.pid(), "tagged socket");
                 Ok(Response::Ok {
                     tenant: Some(tenant.clone()),
@@ -174,7 +201,7 @@ impl TagService {
                 })
             }
             Request::Untag => {
-                self.maps.untag(cookie).map_err(internal)?;
+                self.maps.untag(fd.as_fd()).map_err(internal)?;
                 Ok(Response::Ok {
                     tenant: None,
                     tenant_id: agent_common::UNTAGGED_TENANT_ID,
@@ -183,7 +210,7 @@ impl TagService {
             }
             Request::KvReport { .. } => unreachable!("answered above"),
             Request::Lookup => {
-                let id = self.maps.lookup_tag(cookie).map_err(internal)?;
+                let id = self.maps.lookup_tag(fd.as_fd()).map_err(internal)?;
                 Ok(Response::Ok {
                     tenant: id.and_then(|id| tenants.name(id).map(str::to_string)),
                     tenant_id: id.unwrap_or(agent_common::UNTAGGED_TENANT_ID),
@@ -191,66 +218,6 @@ impl TagService {
                 })
             }
         }
-    }
-}
-
-impl TagService {
-    /// Records a shared server's per-tenant KV bytes, for the pod the caller runs in.
-    fn kv_report(
-        &self,
-        creds: UnixCredentials,
-        tenants: &std::collections::BTreeMap<String, u64>,
-    ) -> Result<Response, (ErrorCode, String)> {
-        let pid = creds.pid() as u32;
-        let matcher = self.gpu.matcher.read().unwrap().clone();
-        let workload = match matcher.classify_pid(pid) {
-            Some(crate::gpu::Role::Shared(key)) => key,
-            Some(crate::gpu::Role::Dedicated(tenant)) => {
-                return Err((
-                    ErrorCode::UnknownWorkload,
-                    format!(
-                        "the caller (pid {pid}) is in a workload dedicated to tenant {tenant:?} (gpu.workloads), not a shared inference server"
-                    ),
-                ));
-            }
-            None => match matcher
-                .cgroup_of(pid)
-                .as_deref()
-                .and_then(crate::gpu::pod_uid_of)
-            {
-                // A sidecar's report declares its pod a shared inference server.
-                Some(uid) => {
-                    let key = self.gpu.matcher.write().unwrap().discover(&uid);
-                    tracing::info!(pod_uid = %uid, pid, "a sidecar reported KV usage: its pod is a shared inference server");
-                    key
-                }
-                None => {
-                    return Err((
-                        ErrorCode::UnknownWorkload,
-                        format!(
-                            "the caller (pid {pid}) is in no Kubernetes pod and in no workload configured as a shared inference server (gpu.workloads with shared = true)"
-                        ),
-                    ));
-                }
-            },
-        };
-        let registry = self.tenants.read().unwrap();
-        if let Some(unknown) = tenants.keys().find(|t| registry.id(t).is_none()) {
-            return Err((
-                ErrorCode::UnknownTenant,
-                format!(
-                    "tenant {unknown:?} is not configured on this agent; the report was not recorded"
-                ),
-            ));
-        }
-        self.gpu
-            .kv
-            .lock()
-            .unwrap()
-            .record(workload, tenants.clone());
-        Ok(Response::Accepted {
-            accepted: tenants.len() as u32,
-        })
     }
 }
 
@@ -302,6 +269,12 @@ fn seqpacket_connects(path: &Path) -> bool {
 }
 
 /// Accepts connections until `shutdown` resolves.
+///
+/// Against hostile local callers: at most `tagging.max_connections` connections are served at
+/// once (one over the cap is accepted and closed at once, so it fails fast instead of waiting in
+/// the backlog); a connection that sends nothing, or does not take its answer, for
+/// `tagging.idle_timeout_ms` is closed; an `accept` that fails for want of descriptors or
+/// memory backs off (10 ms, doubling to 1 s) instead of spinning on the still-readable listener.
 pub async fn serve(
     listener: OwnedFd,
     service: Arc<TagService>,
@@ -309,6 +282,8 @@ pub async fn serve(
 ) -> io::Result<()> {
     // SAFETY: the OwnedFd stays open, and is the same descriptor, for the AsyncFd's lifetime.
     let listener = unsafe { AsyncFd::register(listener) }.map_err(io::Error::from)?;
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut backoff = crate::sys::AcceptBackoff::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -320,16 +295,31 @@ pub async fn serve(
                         .map_err(io::Error::from)
                 }) {
                     Ok(Ok(raw)) => {
+                        backoff.succeeded();
                         // SAFETY: accept4 returned a new descriptor that nothing else owns.
                         let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+                        let (max, idle) = {
+                            let cfg = service.allow.read().unwrap();
+                            (cfg.max_connections, std::time::Duration::from_millis(cfg.idle_timeout_ms))
+                        };
+                        if open.load(std::sync::atomic::Ordering::Acquire) >= max {
+                            service.metrics.tagging_connection_refused();
+                            drop(conn);
+                            continue;
+                        }
+                        let slot = ConnectionSlot::take(open.clone(), service.metrics.clone());
                         let service = service.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = serve_connection(conn, service).await {
+                            let _slot = slot;
+                            if let Err(e) = serve_connection(conn, service, idle).await {
                                 tracing::debug!(error = %e, "tagging connection ended with an error");
                             }
                         });
                     }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "accept on the tagging socket failed"),
+                    Ok(Err(e)) => {
+                        let label = backoff.failed(&e, "tagging").await;
+                        service.metrics.accept_error("tagging", label);
+                    }
                     Err(_would_block) => continue,
                 }
             }
@@ -337,46 +327,92 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection(conn: OwnedFd, service: Arc<TagService>) -> io::Result<()> {
+/// One served connection, counted in the open-connection count (and gauge) while it lives.
+struct ConnectionSlot {
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    metrics: AgentMetrics,
+}
+
+impl ConnectionSlot {
+    fn take(open: Arc<std::sync::atomic::AtomicUsize>, metrics: AgentMetrics) -> Self {
+        let n = open.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        metrics.tagging_connections(n);
+        Self { open, metrics }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let n = self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
+        self.metrics.tagging_connections(n);
+    }
+}
+
+async fn serve_connection(
+    conn: OwnedFd,
+    service: Arc<TagService>,
+    idle: std::time::Duration,
+) -> io::Result<()> {
     let creds = getsockopt(&conn, sockopt::PeerCredentials).ok();
     // SAFETY: as for the listener above.
     let conn = unsafe { AsyncFd::register(conn) }.map_err(io::Error::from)?;
     let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
+    let idle_out = |service: &TagService| {
+        service.metrics.tagging_idle_closed();
+        Ok(())
+    };
     loop {
-        let mut guard = conn.readable().await?;
-        let received = guard.try_io(|fd| receive(fd.as_raw_fd(), &mut buf));
+        let received = tokio::time::timeout(idle, async {
+            loop {
+                let mut guard = conn.readable().await?;
+                match guard.try_io(|fd| receive(fd.as_raw_fd(), &mut buf)) {
+                    Ok(r) => return r,
+                    Err(_would_block) => continue,
+                }
+            }
+        })
+        .await;
         let (len, truncated, fds) = match received {
             Ok(r) => r?,
-            Err(_would_block) => continue,
+            Err(_elapsed) => return idle_out(&service),
         };
         if len == 0 && !truncated && fds.is_empty() {
             return Ok(()); // orderly close
         }
         let (_, response) = if truncated {
-            let r = Response::error(
-                ErrorCode::Malformed,
-                format!("request longer than {MAX_MESSAGE_LEN} bytes or with too many descriptors"),
-            );
-            service
-                .metrics
-                .tag_request("invalid", ErrorCode::Malformed.as_str());
-            ("invalid", r)
+            // Refused unparsed; the caller's uid is checked first all the same.
+            let (op, code, message) = match service.check_caller(creds) {
+                Err((code, message)) => ("unknown", code, message),
+                Ok(_) => (
+                    "invalid",
+                    ErrorCode::Malformed,
+                    format!(
+                        "request longer than {MAX_MESSAGE_LEN} bytes or with too many descriptors"
+                    ),
+                ),
+            };
+            service.metrics.tag_request(op, code.as_str());
+            (op, Response::error(code, message))
         } else {
-            service.handle(&buf[..len], &fds, creds)
+            service.handle(&buf[..len], &fds, conn.get_ref().as_fd(), creds)
         };
         drop(fds);
         let body = serde_json::to_vec(&response).expect("responses serialize");
-        loop {
-            let mut guard = conn.writable().await?;
-            match guard.try_io(|fd| {
-                send(fd.as_raw_fd(), &body, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
-            }) {
-                Ok(r) => {
-                    r?;
-                    break;
+        let sent = tokio::time::timeout(idle, async {
+            loop {
+                let mut guard = conn.writable().await?;
+                match guard.try_io(|fd| {
+                    send(fd.as_raw_fd(), &body, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+                }) {
+                    Ok(r) => return r.map(|_| ()),
+                    Err(_would_block) => continue,
                 }
-                Err(_would_block) => continue,
             }
+        })
+        .await;
+        match sent {
+            Ok(r) => r?,
+            Err(_elapsed) => return idle_out(&service),
         }
     }
 }

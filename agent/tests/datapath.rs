@@ -68,14 +68,17 @@ fn counts_each_tenants_bytes_in_both_directions() {
     }
     assert_eq!(m.get("bulkhead_agent_up", &[]), 1.0);
     assert_eq!(
-        m.get("bulkhead_map_entries", &[("map", "BH_COOKIE_TAGS")]),
+        m.get("bulkhead_map_entries", &[("map", "BH_SOCK_TAGS")]),
         4.0,
         "four tagged sockets"
     );
-    assert_eq!(
-        m.get("bulkhead_map_capacity", &[("map", "BH_COOKIE_TAGS")]),
-        f64::from(agent_common::COOKIE_TAGS_MAX_ENTRIES)
-    );
+    for tenant in ["alpha", "beta"] {
+        assert_eq!(
+            m.get("bulkhead_tagged_sockets", &[("tenant", tenant)]),
+            2.0,
+            "{tenant}'s two sockets"
+        );
+    }
     assert_eq!(
         m.get("bulkhead_kernel_events_total", &[("event", "bad_tag")]),
         0.0
@@ -113,6 +116,10 @@ fn retagging_moves_later_bytes_and_untagging_stops_counting() {
     let sent_as_alpha = bytes_sent(&[&c]);
     let re = client.tag(c.as_fd(), "beta").unwrap();
     assert_eq!(re.tenant.as_deref(), Some("beta"));
+    let counts = agent.metrics();
+    let tagged = |m: &Metrics, t: &str| m.get("bulkhead_tagged_sockets", &[("tenant", t)]);
+    assert_eq!(tagged(&counts, "alpha"), 0.0, "the re-tag moved the count");
+    assert_eq!(tagged(&counts, "beta"), 1.0);
     transfer(&mut c, &mut s, 200_000);
     let after = agent.wait_for("beta egress", |m| m.bytes("beta", "egress") >= 200_000);
     assert_eq!(
@@ -131,6 +138,7 @@ fn retagging_moves_later_bytes_and_untagging_stops_counting() {
     let untagged = client.untag(c.as_fd()).unwrap();
     assert_eq!(untagged.tenant, None);
     assert_eq!(client.lookup(c.as_fd()).unwrap().tenant, None);
+    assert_eq!(tagged(&agent.metrics(), "beta"), 0.0);
     let beta_egress = after.bytes("beta", "egress");
     transfer(&mut c, &mut s, 50_000);
     let last = agent.metrics();
@@ -152,7 +160,7 @@ fn closed_sockets_lose_their_tags() {
     for s in [c1.as_fd(), s1.as_fd(), c2.as_fd(), udp.as_fd()] {
         client.tag(s, "alpha").unwrap();
     }
-    let tags = |m: &Metrics| m.get("bulkhead_map_entries", &[("map", "BH_COOKIE_TAGS")]);
+    let tags = |m: &Metrics| m.get("bulkhead_map_entries", &[("map", "BH_SOCK_TAGS")]);
     assert_eq!(tags(&agent.metrics()), 4.0);
     drop(c1);
     drop(s1);
@@ -189,6 +197,8 @@ fn restart_keeps_counters_and_tags() {
     );
     let tag = agent.client().lookup(c.as_fd()).unwrap();
     assert_eq!(tag.tenant.as_deref(), Some("beta"));
+    // The tag lives on the socket, in the pinned socket-storage map; its count is pinned too.
+    assert_eq!(m.get("bulkhead_tagged_sockets", &[("tenant", "beta")]), 1.0);
     let sent_before = bytes_sent(&[&c]);
     transfer(&mut c, &mut s, 300_000);
     let m = agent.wait_for("beta egress to grow", |m| {
@@ -201,6 +211,10 @@ fn restart_keeps_counters_and_tags() {
         300_000,
         bytes_sent(&[&c]) - sent_before,
     );
+    drop(c);
+    agent.wait_for("the closed socket to leave the count", |m| {
+        m.get("bulkhead_tagged_sockets", &[("tenant", "beta")]) == 0.0
+    });
 }
 
 #[test]
@@ -455,4 +469,69 @@ fn mounts_bpffs_where_there_is_none() {
     assert!(bpffs.join("bulkhead/BH_TRAFFIC").exists());
     agent.stop();
     nix::mount::umount(&bpffs).unwrap();
+}
+
+/// Not a test of its own: the child side of the socket holders below (does nothing unless
+/// started as one).
+#[test]
+fn socket_holder() {
+    hold_tagged_sockets_if_asked();
+}
+
+#[test]
+fn a_tenant_with_many_sockets_cannot_evict_another_tenants_tags() {
+    if !require_bpf() {
+        return;
+    }
+    // More sockets than the 65,536 entries of the LRU hash tags used to live in, held by four
+    // processes (one process may hold fewer descriptors than that).
+    const MANY: usize = 70_000;
+    let paths = Paths::new();
+    let agent = Agent::start(AGENT, &paths, &paths.config(""));
+    let client = agent.client();
+    let (mut c, mut s) = tcp_pair();
+    client.tag(c.as_fd(), "alpha").unwrap();
+
+    let holders: Vec<SocketHolder> = std::thread::scope(|scope| {
+        let spawned: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    SocketHolder::spawn(
+                        &["--exact", "socket_holder", "--nocapture"],
+                        &paths.socket,
+                        "beta",
+                        MANY / 4,
+                    )
+                })
+            })
+            .collect();
+        spawned.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let m = agent.metrics();
+    assert_eq!(
+        m.get("bulkhead_tagged_sockets", &[("tenant", "beta")]),
+        MANY as f64
+    );
+    assert_eq!(
+        m.get("bulkhead_tagged_sockets", &[("tenant", "alpha")]),
+        1.0
+    );
+    assert_eq!(
+        client.lookup(c.as_fd()).unwrap().tenant.as_deref(),
+        Some("alpha"),
+        "alpha's tag was evicted by beta's sockets"
+    );
+    transfer(&mut c, &mut s, 100_000);
+    let m = agent.wait_for("alpha's bytes", |m| m.bytes("alpha", "egress") >= 100_000);
+    assert_payload_accounted(
+        "alpha egress",
+        m.bytes("alpha", "egress"),
+        m.packets("alpha", "egress"),
+        100_000,
+        bytes_sent(&[&c]),
+    );
+    drop(holders);
+    agent.wait_for("beta's closed sockets to leave the count", |m| {
+        m.get("bulkhead_tagged_sockets", &[("tenant", "beta")]) == 0.0
+    });
 }

@@ -73,7 +73,10 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
     write_cgroup(&proc_root, 1001, dedicated);
     write_cgroup(&proc_root, 1002, shared);
     write_cgroup(&proc_root, 1003, "/system.slice/unknown.service");
-    // This test process plays the shared server's sidecar: it is in the same pod.
+    // This test process plays the shared server's sidecar: it is in the same pod. The agent
+    // reads a caller's PID from its pidfd in `<proc_root>/self/fdinfo`, so the scripted /proc's
+    // `self` is the real one.
+    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
     let me = std::process::id();
     write_cgroup(&proc_root, me, shared);
     let gpus = paths.dir.join("gpus.json");
@@ -188,4 +191,91 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
     std::fs::write(&gpus, r#"{"error": "NVML: GPU is lost"}"#).unwrap();
     let m = agent.wait_for("nvml down", |m| m.text.contains("bulkhead_nvml_up 0"));
     assert_eq!(gpu_mem(&m, "alpha", "0"), 0);
+}
+
+#[test]
+fn gpu_settings_need_a_restart_and_are_kept_on_reload() {
+    if !require_bpf(AGENT) {
+        return;
+    }
+    let paths = Paths::new();
+    let proc_root = paths.dir.join("proc");
+    write_cgroup(
+        &proc_root,
+        1001,
+        "/kubepods.slice/kubepods-pod11aa_22bb.slice/cri-containerd-1.scope",
+    );
+    let gpus = paths.dir.join("gpus.json");
+    std::fs::write(
+        &gpus,
+        format!(
+            r#"{{"gpus": [{{"index": 0, "uuid": "GPU-aaaa", "used_bytes": {u}, "total_bytes": {t},
+                "processes": [{{"pid": 1001, "used_bytes": {u}}}]}}]}}"#,
+            u = 10 * GIB,
+            t = 80 * GIB
+        ),
+    )
+    .unwrap();
+    let gpu_section = |tenant: &str, poll_ms: u64| {
+        format!(
+            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = {poll_ms}\nproc_root = {:?}\n\
+             [[gpu.workloads]]\npod_uid = \"11aa-22bb\"\ntenant = \"{tenant}\"\n\n[tagging]",
+            gpus.display(),
+            proc_root
+        )
+    };
+    let cfg = paths.dir.join("reloaded.toml");
+    std::fs::write(
+        &cfg,
+        paths
+            .config("")
+            .replace("[tagging]", &gpu_section("alpha", 50)),
+    )
+    .unwrap();
+    let agent = Agent::start_file(AGENT, &paths, &cfg);
+    agent.wait_for("alpha's pod", |m| gpu_mem(m, "alpha", "0") == 10 * GIB);
+
+    // The pod handed to beta, and a poll a minute: both need a restart.
+    std::fs::write(
+        &cfg,
+        paths
+            .config("")
+            .replace("[tagging]", &gpu_section("beta", 60_000)),
+    )
+    .unwrap();
+    agent.hup();
+    for field in ["gpu.poll_interval_ms", "gpu.workloads"] {
+        agent.wait_for_log(field, |l| {
+            l.contains("changing this field takes a restart") && l.contains(field)
+        });
+    }
+    agent.wait_for_log("the reload", |l| l.contains("configuration reloaded"));
+    // The poller runs on as started (every 50 ms) and attributes as started.
+    let polls = agent.metrics().get("bulkhead_gpu_polls_total", &[]);
+    let m = agent.wait_for("three more polls", |m| {
+        m.get("bulkhead_gpu_polls_total", &[]) >= polls + 3.0
+    });
+    assert_eq!(gpu_mem(&m, "alpha", "0"), 10 * GIB);
+    assert_eq!(
+        gpu_mem(&m, "beta", "0"),
+        0,
+        "a gpu.workloads change was applied"
+    );
+    assert_eq!(
+        m.get("bulkhead_config_reloads_total", &[("result", "ok")]),
+        1.0
+    );
+
+    // Removing a tenant the kept gpu.workloads still name is refused whole.
+    std::fs::write(
+        &cfg,
+        paths
+            .config("")
+            .replace("[[tenants]]\nname = \"alpha\"\n", "")
+            .replace("[tagging]", &gpu_section("beta", 50)),
+    )
+    .unwrap();
+    agent.hup();
+    let line = agent.wait_for_log("the refused reload", |l| l.contains("not reloaded"));
+    assert!(line.contains("gpu.workloads[0].tenant"), "{line}");
 }

@@ -102,6 +102,9 @@ pub struct Agent {
     pub startup_log: Vec<String>,
     pub socket: PathBuf,
     log: mpsc::Receiver<String>,
+    /// Signals go to the child's process group (a wrapper such as `unshare --fork` blocks
+    /// SIGTERM itself and waits for the agent it forked, which is in that group).
+    group: bool,
 }
 
 impl Agent {
@@ -127,15 +130,37 @@ impl Agent {
 
     /// SIGHUP: the agent re-reads its config file.
     pub fn hup(&self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap();
+        self.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+        let pid = self.child.id() as i32;
+        let target = if self.group { -pid } else { pid };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(target), sig)
+    }
+
+    /// As [`Agent::start`], with the agent run by `wrapper` (a command and its arguments, the
+    /// agent's command line appended), e.g. `unshare --pid --fork --kill-child=SIGTERM`.
+    pub fn start_wrapped(wrapper: &[&str], agent_bin: &str, paths: &Paths, config: &str) -> Agent {
+        let cfg = paths.dir.join(format!(
+            "agent-{}.toml",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&cfg, config).unwrap();
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(agent_bin);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut agent = Self::spawn_cmd(cmd, paths, &cfg, "info");
+        agent.group = true;
+        agent
     }
 
     fn spawn(agent_bin: &str, paths: &Paths, cfg: &std::path::Path, rust_log: &str) -> Agent {
-        let mut child = Command::new(agent_bin)
+        Self::spawn_cmd(Command::new(agent_bin), paths, cfg, rust_log)
+    }
+
+    fn spawn_cmd(mut cmd: Command, paths: &Paths, cfg: &std::path::Path, rust_log: &str) -> Agent {
+        let mut child = cmd
             .args(["--log-format", "json", "--config"])
             .arg(cfg)
             .env("RUST_LOG", rust_log)
@@ -182,6 +207,7 @@ impl Agent {
                     startup_log: log,
                     socket: paths.socket.clone(),
                     log: rx,
+                    group: false,
                 };
             }
         }
@@ -242,11 +268,7 @@ impl Agent {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        self.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -262,10 +284,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let _ = self.signal(nix::sys::signal::Signal::SIGTERM);
             let _ = self.child.wait();
         }
     }
@@ -501,4 +520,106 @@ pub fn connect_tagged(
     client.tag(s.as_fd(), tenant).expect("tag the socket");
     s.connect(&addr.into())?;
     Ok(s.into())
+}
+
+/// Tagged sockets held by a child process: one process may only hold RLIMIT_NOFILE
+/// descriptors (and raising the hard limit takes CAP_SYS_RESOURCE), so tests and benchmarks
+/// that need more tagged sockets spread them over several holders. The child is the calling
+/// binary itself, re-run with `args` (for a test binary: `--exact NAME --nocapture`, NAME
+/// being a test that calls [`hold_tagged_sockets_if_asked`] first); it tags `count` unbound
+/// UDP sockets with `tenant` (a comma-separated list: round robin) and keeps them open until
+/// dropped.
+pub struct SocketHolder {
+    child: Child,
+}
+
+const HOLDER_ENV: &str = "BULKHEAD_HOLD_TAGGED_SOCKETS";
+
+impl SocketHolder {
+    pub fn spawn(
+        args: &[&str],
+        agent_socket: &std::path::Path,
+        tenant: &str,
+        count: usize,
+    ) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(args)
+            .env(
+                HOLDER_ENV,
+                format!("{count} {tenant} {}", agent_socket.display()),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn a socket holder");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("HOLDING ") => break,
+                Some(Ok(_)) => continue,
+                _ => panic!("the socket holder ended before tagging its sockets"),
+            }
+        }
+        Self { child }
+    }
+}
+
+impl Drop for SocketHolder {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side of [`SocketHolder`]: when this process was started as one, tags its
+/// sockets, says so on stdout, holds them until stdin closes, and exits. Otherwise returns.
+pub fn hold_tagged_sockets_if_asked() {
+    let Ok(spec) = std::env::var(HOLDER_ENV) else {
+        return;
+    };
+    let mut parts = spec.splitn(3, ' ');
+    let count: usize = parts.next().unwrap().parse().unwrap();
+    let tenants: Vec<String> = parts
+        .next()
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let client = agent_common::client::AgentClient::new(parts.next().unwrap());
+    let sockets: Vec<OwnedFdSocket> = (0..count).map(|_| unbound_udp()).collect();
+    let chunk = count / 2 + 1;
+    std::thread::scope(|scope| {
+        for (c, part) in sockets.chunks(chunk).enumerate() {
+            let client = client.clone();
+            let tenants = &tenants;
+            scope.spawn(move || {
+                for (i, s) in part.iter().enumerate() {
+                    use std::os::fd::AsFd;
+                    let tenant = &tenants[(c * chunk + i) % tenants.len()];
+                    client.tag(s.as_fd(), tenant).expect("tag a held socket");
+                }
+            });
+        }
+    });
+    println!("HOLDING {count}");
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    drop(sockets);
+    std::process::exit(0);
+}
+
+type OwnedFdSocket = std::net::UdpSocket;
+
+/// An AF_INET UDP socket bound to nothing (no port used up).
+pub fn unbound_udp() -> std::net::UdpSocket {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("a UDP socket");
+    std::net::UdpSocket::from(fd)
 }

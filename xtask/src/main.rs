@@ -6,13 +6,18 @@
 //! * `demo`: setup, then run the demo (needs root: it loads the eBPF programs).
 //!   `demo --replicas N`: N sidecar replicas of one model, limits local then shared in Redis
 //!   (each tenant's admitted totals against its limit; no root).
-//! * `bench ebpf`: loopback throughput with the programs attached vs detached.
+//! * `bench ebpf`: loopback throughput detached, with empty programs, and with the agent's.
+//! * `bench agent`: the agent at 1,000 tenants and 50,000 tagged sockets (scrape time, CPU,
+//!   RSS, map fill).
 //! * `bench sidecar`: the sidecar against bulkhead-sim directly and through nginx (installed
 //!   with apt-get when missing, as the plain-proxy baseline). `bench sidecar --limits redis`:
 //!   the limits backends compared (local, Redis strict, Redis leased), interleaved.
 //! * `images [--profile release|dev] [--no-build]`: the `bulkhead-agent` and `bulkhead-sidecar`
 //!   images (the latter with `bulkhead-probe` too), FROM scratch, offline, with podman
 //!   (installed with apt-get when missing).
+//! * `gpu-check`: on a machine with an NVIDIA GPU, two processes in two pod-like cgroups
+//!   allocate known GPU memory (CUDA driver API, loaded at run time) and the agent's
+//!   `bulkhead_gpu_memory_bytes{tenant}` is checked against NVML's per-process figures (5 %).
 //! * `deploy-check`: yamllint, kubernetes-validate, hadolint, promtool and consistency checks of
 //!   `deploy/` (installs promtool and a Python venv with the validators when missing).
 //!
@@ -23,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod deploy_check;
+mod gpu_check;
 mod images;
 mod setup;
 
@@ -34,20 +40,25 @@ fn main() -> Result<()> {
         ["test"] => test(),
         ["demo", rest @ ..] => demo(rest),
         ["bench", "ebpf", rest @ ..] => bench_ebpf(rest),
+        ["bench", "agent", rest @ ..] => bench_agent(rest),
         ["bench", "sidecar", rest @ ..] => bench_sidecar(rest),
         ["deploy-check"] => deploy_check::run(&root()),
         ["images", rest @ ..] => images::run_task(rest),
+        ["gpu-check"] => gpu_check::run(),
+        ["gpu-alloc", bytes] => gpu_check::alloc(bytes),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test | demo [--serve] | bench ebpf | bench sidecar | deploy-check | images>\n\n\
+                "usage: cargo xtask <setup | test | demo [--serve | --replicas N] | bench ebpf | bench agent | bench sidecar | deploy-check | images | gpu-check>\n\n\
                  setup       install the nightly rust-src and bpf-linker (cached), and redis-server\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
                  demo --replicas N  N sidecars sharing limits in Redis vs local limits, admitted per tenant\n\
-                 bench ebpf  loopback TCP throughput, programs attached vs detached\n\
-                 bench sidecar [--limits redis]  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar (or the limits backends)\n\
+                 bench ebpf  loopback TCP throughput: detached, empty programs, the agent's programs\n\
+                 bench agent  the agent at 1,000 tenants and 50,000 tagged sockets: scrape time, CPU, RSS, map fill\n\
+                 bench sidecar [--limits redis | --fairness | --scan | --cache-tiers]  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar (or the limits backends, the fair queue, leak scanning, cache tiers)\n\
                  deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)\n\
-                 images [--profile release|dev] [--no-build]  build the agent and sidecar images with podman"
+                 images [--profile release|dev] [--no-build]  build the agent and sidecar images with podman\n\
+                 gpu-check   on an NVIDIA GPU machine: the agent's per-tenant GPU memory against NVML's per-process figures"
             );
             bail!("unknown task {:?}", args);
         }
@@ -87,7 +98,7 @@ fn render(cmd: &Command) -> String {
     s
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
@@ -304,4 +315,9 @@ pub fn which(name: &str) -> Option<PathBuf> {
 fn bench_ebpf(rest: &[&str]) -> Result<()> {
     setup::run()?;
     run_with_agent("bulkhead-bench-ebpf", rest)
+}
+
+fn bench_agent(rest: &[&str]) -> Result<()> {
+    setup::run()?;
+    run_with_agent("bulkhead-bench-agent", rest)
 }

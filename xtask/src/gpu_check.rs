@@ -1,0 +1,309 @@
+//! `cargo xtask gpu-check`: on a machine with an NVIDIA GPU and driver, checks the agent's GPU
+//! memory attribution against NVML's own per-process figures.
+//!
+//! Builds the agent; starts two processes, each in a cgroup of its own named like a Kubernetes
+//! pod (`pod<uid>`), each allocating a known amount of GPU memory through the CUDA driver API
+//! (`libcuda.so.1`, loaded at run time: no CUDA toolkit is needed to build); runs the agent with
+//! `gpu.source = "nvml"` and the two pods configured as dedicated to tenants `gpu-check-a` and
+//! `gpu-check-b`; and checks that `bulkhead_gpu_memory_bytes{tenant}` matches the memory
+//! `nvidia-smi` (NVML) reports for each process, within 5 %. Needs root (the agent loads its
+//! eBPF programs). Without an NVIDIA GPU it fails at once, saying so.
+
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "127.0.0.1:19465";
+const POD_A: &str = "6a7b8c9d-0000-4000-8000-00000000000a";
+const POD_B: &str = "6a7b8c9d-0000-4000-8000-00000000000b";
+const MIB: u64 = 1 << 20;
+
+pub fn run() -> Result<()> {
+    if !Path::new("/dev/nvidiactl").exists() {
+        bail!(
+            "gpu-check needs an NVIDIA GPU and driver: /dev/nvidiactl is missing on this machine, \
+             so nothing was checked"
+        );
+    }
+    let smi = Command::new("nvidia-smi").arg("-L").output();
+    match smi {
+        Ok(o) if o.status.success() => eprintln!("{}", String::from_utf8_lossy(&o.stdout).trim()),
+        _ => bail!("gpu-check: nvidia-smi -L failed; is the NVIDIA driver loaded?"),
+    }
+    crate::setup::run()?;
+    crate::run(crate::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bulkhead-agent",
+        "--bin",
+        "bulkhead-agent",
+    ]))?;
+    let agent_bin = crate::root().join("target/release/bulkhead-agent");
+    let work = std::env::temp_dir().join(format!("bulkhead-gpu-check-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+
+    let cgroup_root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.controllers").exists())
+        .context("no cgroup-v2 mount")?;
+    let base = cgroup_root.join(format!("bulkhead-gpu-check-{}", std::process::id()));
+    let pods = [
+        (POD_A, "gpu-check-a", 1024 * MIB),
+        (POD_B, "gpu-check-b", 2048 * MIB),
+    ];
+    let mut allocators = Vec::new();
+    for (uid, _, bytes) in pods {
+        let cg = base.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cg)?;
+        allocators.push(Allocator::start(&cg, bytes)?);
+    }
+    let config = format!(
+        "pin_dir = \"/sys/fs/bpf/bulkhead-gpu-check\"\nadmin_addr = \"{ADMIN}\"\n\
+         [gpu]\nsource = \"nvml\"\npoll_interval_ms = 1000\n\
+         [[gpu.workloads]]\npod_uid = \"{POD_A}\"\ntenant = \"gpu-check-a\"\n\
+         [[gpu.workloads]]\npod_uid = \"{POD_B}\"\ntenant = \"gpu-check-b\"\n\
+         [tagging]\nsocket_path = {:?}\n\
+         [[tenants]]\nname = \"gpu-check-a\"\n[[tenants]]\nname = \"gpu-check-b\"\n",
+        work.join("agent.sock")
+    );
+    let cfg = work.join("agent.toml");
+    std::fs::write(&cfg, config)?;
+    let mut agent = KillOnDrop(
+        Command::new(&agent_bin)
+            .arg("--config")
+            .arg(&cfg)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start the agent")?,
+    );
+
+    let result = check(&allocators, &pods);
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+    drop(allocators);
+    for (uid, _, _) in pods {
+        let _ = std::fs::remove_dir(base.join(format!("pod{uid}")));
+    }
+    let _ = std::fs::remove_dir(&base);
+    let _ = std::fs::remove_dir_all("/sys/fs/bpf/bulkhead-gpu-check");
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn check(allocators: &[Allocator], pods: &[(&str, &str, u64); 2]) -> Result<()> {
+    let nvml = nvml_by_pid()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        if let Ok(text) = http_get_metrics()
+            && pods.iter().all(|(_, t, _)| gpu_bytes(&text, t) > 0)
+        {
+            break text;
+        }
+        if Instant::now() > deadline {
+            bail!("the agent exported no GPU memory for the two tenants within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("| tenant | allocated | NVML (nvidia-smi) | agent | agent / NVML |");
+    println!("|---|---|---|---|---|");
+    let mut ok = true;
+    for (a, (_, tenant, bytes)) in allocators.iter().zip(pods) {
+        let want = *nvml
+            .get(&a.pid)
+            .with_context(|| format!("nvidia-smi lists no process {}", a.pid))?;
+        let got = gpu_bytes(&metrics, tenant);
+        let ratio = got as f64 / want as f64;
+        println!(
+            "| {tenant} | {} MiB | {} MiB | {} MiB | {ratio:.3} |",
+            bytes / MIB,
+            want / MIB,
+            got / MIB
+        );
+        ok &= (0.95..=1.05).contains(&ratio);
+    }
+    if !ok {
+        bail!("the agent's figures are more than 5 % off NVML's");
+    }
+    println!("gpu-check: ok");
+    Ok(())
+}
+
+/// NVML's per-process used memory (summed over GPUs), in bytes, from nvidia-smi.
+fn nvml_by_pid() -> Result<BTreeMap<u32, u64>> {
+    let out = Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .context("run nvidia-smi")?;
+    let mut by_pid = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut f = line.split(',').map(str::trim);
+        if let (Some(Ok(pid)), Some(Ok(mib))) = (
+            f.next().map(str::parse::<u32>),
+            f.next().map(str::parse::<u64>),
+        ) {
+            *by_pid.entry(pid).or_default() += mib * MIB;
+        }
+    }
+    Ok(by_pid)
+}
+
+fn gpu_bytes(metrics: &str, tenant: &str) -> u64 {
+    let prefix = "bulkhead_gpu_memory_bytes{";
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(&format!("tenant=\"{tenant}\"")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn http_get_metrics() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(ADMIN)?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A process in a cgroup holding `bytes` of GPU memory until dropped.
+struct Allocator {
+    child: KillOnDrop,
+    pid: u32,
+}
+
+impl Allocator {
+    fn start(cgroup: &Path, bytes: u64) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
+            .arg("sh")
+            .arg(cgroup)
+            .arg(exe)
+            .args(["gpu-alloc", &bytes.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+        if !line.starts_with("READY") {
+            let _ = child.kill();
+            bail!("the GPU allocator in {} failed: {line}", cgroup.display());
+        }
+        Ok(Self {
+            child: KillOnDrop(child),
+            pid,
+        })
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        drop(self.child.0.stdin.take());
+    }
+}
+
+/// `xtask gpu-alloc BYTES`: allocates BYTES of GPU memory on GPU 0 with the CUDA driver API,
+/// says READY, and holds it until stdin closes.
+pub fn alloc(bytes: &str) -> Result<()> {
+    let bytes: u64 = bytes.parse().context("gpu-alloc BYTES")?;
+    let cuda = Cuda::load()?;
+    cuda.alloc(bytes)?;
+    println!("READY");
+    std::io::stdout().flush()?;
+    let mut rest = String::new();
+    let _ = std::io::stdin().read_line(&mut rest);
+    Ok(())
+}
+
+type CuResult = i32;
+
+/// The few CUDA driver entry points the allocator needs, from `libcuda.so.1`.
+struct Cuda {
+    init: unsafe extern "C" fn(u32) -> CuResult,
+    device_get: unsafe extern "C" fn(*mut i32, i32) -> CuResult,
+    ctx_create: unsafe extern "C" fn(*mut *mut std::ffi::c_void, u32, i32) -> CuResult,
+    mem_alloc: unsafe extern "C" fn(*mut u64, usize) -> CuResult,
+}
+
+impl Cuda {
+    fn load() -> Result<Self> {
+        // SAFETY: dlopen with a NUL-terminated name; the handle is kept for the process's life.
+        let lib = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) };
+        if lib.is_null() {
+            bail!("libcuda.so.1 could not be loaded: no NVIDIA driver here");
+        }
+        let sym = |name: &std::ffi::CStr| -> Result<*mut std::ffi::c_void> {
+            // SAFETY: `lib` is a live handle and `name` NUL-terminated.
+            let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+            if p.is_null() {
+                bail!("libcuda.so.1 has no {name:?}");
+            }
+            Ok(p)
+        };
+        // SAFETY: the symbols are the CUDA driver API functions of these signatures
+        // (cuda.h: CUresult is an int, CUdevice an int, CUdeviceptr a 64-bit integer).
+        unsafe {
+            Ok(Self {
+                init: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn(u32) -> CuResult,
+                >(sym(c"cuInit")?),
+                device_get: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn(*mut i32, i32) -> CuResult,
+                >(sym(c"cuDeviceGet")?),
+                ctx_create: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn(*mut *mut std::ffi::c_void, u32, i32) -> CuResult,
+                >(sym(c"cuCtxCreate_v2")?),
+                mem_alloc: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn(*mut u64, usize) -> CuResult,
+                >(sym(c"cuMemAlloc_v2")?),
+            })
+        }
+    }
+
+    fn alloc(&self, bytes: u64) -> Result<()> {
+        let check = |what: &str, r: CuResult| {
+            if r == 0 {
+                Ok(())
+            } else {
+                bail!("{what} failed: CUresult {r}")
+            }
+        };
+        let mut dev = 0i32;
+        let mut ctx = std::ptr::null_mut();
+        let mut ptr = 0u64;
+        // SAFETY: each call gets valid pointers to locals of the types the driver writes.
+        unsafe {
+            check("cuInit", (self.init)(0))?;
+            check("cuDeviceGet", (self.device_get)(&mut dev, 0))?;
+            check("cuCtxCreate", (self.ctx_create)(&mut ctx, 0, dev))?;
+            check("cuMemAlloc", (self.mem_alloc)(&mut ptr, bytes as usize))?;
+        }
+        Ok(())
+    }
+}
