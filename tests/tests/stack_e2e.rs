@@ -82,6 +82,9 @@ async fn the_sidecars_kv_reports_split_the_servers_gpu_memory_in_the_agent() {
         )
         .unwrap();
     }
+    // The agent reads a KV reporter's PID from its pidfd in `<proc_root>/self/fdinfo`: the
+    // scripted /proc's `self` is the real one.
+    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
     let gpus = paths.dir.join("gpus.json");
     std::fs::write(
         &gpus,

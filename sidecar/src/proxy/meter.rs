@@ -253,6 +253,12 @@ fn event_text(ev: &[u8], out: &mut Vec<u8>) {
                 push(c.pointer("/delta/reasoning_content"));
                 push(c.get("text"));
                 push(c.pointer("/message/content"));
+                // Tool calls stream their arguments in pieces too.
+                if let Some(calls) = c.pointer("/delta/tool_calls").and_then(|t| t.as_array()) {
+                    for call in calls {
+                        push(call.pointer("/function/arguments"));
+                    }
+                }
             }
         }
         push(v.get("delta"));
@@ -553,6 +559,21 @@ mod tests {
         assert_eq!(event_end(b"data: a\n\ndata: b"), Some(9));
         assert_eq!(event_end(b"data: a\r\n\r\nx"), Some(11));
         assert_eq!(event_end(b"data: a\n"), None);
+    }
+
+    #[test]
+    fn event_text_takes_content_and_tool_call_arguments() {
+        let mut out = Vec::new();
+        event_text(
+            br#"data: {"choices":[{"delta":{"content":"ab","tool_calls":[{"index":0,"function":{"arguments":"{"q":"cd"}}]}}]}"#,
+            &mut out,
+        );
+        event_text(
+            br#"data: {"type":"response.output_text.delta","delta":"ef"}"#,
+            &mut out,
+        );
+        event_text(b"data: [DONE]", &mut out);
+        assert_eq!(out, br#"ab{"q":"cdef"#);
     }
 
     fn scan(pieces: &[&[u8]]) -> Option<Usage> {
