@@ -565,7 +565,7 @@ mod tests {
     fn event_text_takes_content_and_tool_call_arguments() {
         let mut out = Vec::new();
         event_text(
-            br#"data: {"choices":[{"delta":{"content":"ab","tool_calls":[{"index":0,"function":{"arguments":"{"q":"cd"}}]}}]}"#,
+            br#"data: {"choices":[{"delta":{"content":"ab","tool_calls":[{"index":0,"function":{"arguments":"{\"q\":\"cd"}}]}}]}"#,
             &mut out,
         );
         event_text(
