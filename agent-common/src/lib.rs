@@ -13,6 +13,8 @@ extern crate std;
 pub mod client;
 #[cfg(feature = "client")]
 pub mod proto;
+#[cfg(feature = "client")]
+pub mod skip;
 
 /// Socket -> [`SocketTag`]: socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`). User space
 /// writes it by descriptor (the socket a client hands the agent), the programs read it with

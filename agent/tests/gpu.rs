@@ -1,5 +1,6 @@
 //! GPU memory attribution through the real agent, with a scripted GPU source (a JSON file the
-//! agent re-reads each poll) and a scripted /proc, and without NVML (no driver in CI).
+//! agent re-reads each poll) and a scripted /proc; and the NVML source: on a machine without an
+//! NVIDIA driver (CI) it must say so once and run on, on a GPU node it must report the GPUs.
 
 use agent_common::proto::ErrorCode;
 use bulkhead_tests::harness::*;
@@ -33,12 +34,8 @@ fn write_cgroup(proc_root: &Path, pid: u32, cgroup: &str) {
 }
 
 #[test]
-fn without_nvml_the_agent_runs_on_and_says_so_once() {
+fn the_nvml_source_reports_the_gpus_or_says_once_that_it_cannot() {
     if !require_bpf(AGENT) {
-        return;
-    }
-    if std::path::Path::new("/dev/nvidiactl").exists() {
-        eprintln!("this machine has an NVIDIA driver; the no-NVML case cannot be shown here");
         return;
     }
     let paths = Paths::new();
@@ -47,6 +44,15 @@ fn without_nvml_the_agent_runs_on_and_says_so_once() {
         "[gpu]\nsource = \"nvml\"\npoll_interval_ms = 1000\n\n[tagging]",
     );
     let agent = Agent::start(AGENT, &paths, &config);
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        // A GPU node: the same configuration must find NVML and report every GPU's memory.
+        let m = agent.wait_for("bulkhead_nvml_up 1 and the GPUs' memory", |m| {
+            m.text.contains("bulkhead_nvml_up 1")
+                && m.text.contains("bulkhead_gpu_memory_total_bytes{")
+        });
+        assert!(!m.text.contains("bulkhead_nvml_up 0"), "{}", m.text);
+        return;
+    }
     let line = agent.wait_for_log("the NVML line", |l| {
         l.contains("GPU memory attribution unavailable")
     });
