@@ -7,15 +7,14 @@
 
 use super::proxy::{Body, Kind, load};
 use super::{
-    Args, KEY, Proc, free_port, pct, scrape, tier_request, wait_port, write_sidecar_config,
+    Args, KEY, free_port, pct, scrape, spawn_sidecar, spawn_sim, tier_request, wait_port,
+    write_sidecar_config,
 };
-use anyhow::Context;
 use base64::Engine;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -195,21 +194,6 @@ async fn skewed(addr: SocketAddr, admin: SocketAddr, duration: Duration) -> anyh
     })
 }
 
-fn start_sidecar(bin_dir: &Path, cfg: &Path) -> anyhow::Result<Proc> {
-    Ok(Proc {
-        name: "bulkhead-sidecar",
-        child: Command::new(bin_dir.join("bulkhead-sidecar"))
-            .args(["run", "--config"])
-            .arg(cfg)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting bulkhead-sidecar")?,
-        stop: None,
-    })
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -217,38 +201,38 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     let sim_port = free_port()?;
-    let sim = Proc {
-        name: "bulkhead-sim",
-        child: Command::new(bin_dir.join("bulkhead-sim"))
-            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
-            .args(["--tokens", "16", "--ttft-ms", "5", "--threads", "1"])
-            .args([
-                "--prefix-block-words",
-                "16",
-                "--prefill-ms-per-block",
-                "0.01",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
-        stop: None,
-    };
+    let sim = spawn_sim(
+        bin_dir,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{sim_port}"),
+            "--tokens",
+            "16",
+            "--ttft-ms",
+            "5",
+            "--threads",
+            "1",
+            "--prefix-block-words",
+            "16",
+            "--prefill-ms-per-block",
+            "0.01",
+        ],
+    )?;
     wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
     // The queue's own cost is measured against an instant simulator, so the sidecar's CPU (not
     // the 5 ms time to first token) bounds the throughput.
     let fast_port = free_port()?;
-    let fast = Proc {
-        name: "bulkhead-sim",
-        child: Command::new(bin_dir.join("bulkhead-sim"))
-            .args(["--listen", &format!("127.0.0.1:{fast_port}")])
-            .args(["--tokens", "16", "--threads", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
-        stop: None,
-    };
+    let fast = spawn_sim(
+        bin_dir,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{fast_port}"),
+            "--tokens",
+            "16",
+            "--threads",
+            "1",
+        ],
+    )?;
     wait_port(([127, 0, 0, 1], fast_port).into(), fast.name)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -267,7 +251,7 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         for mode in MODES {
             let (port, admin) = (free_port()?, free_port()?);
             let cfg = write_config(dir, port, admin, sim_port, mode)?;
-            let sc = start_sidecar(bin_dir, &cfg)?;
+            let sc = spawn_sidecar(bin_dir, &cfg)?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             wait_port(addr, sc.name)?;
             let t = rt.block_on(skewed(addr, ([127, 0, 0, 1], admin).into(), duration))?;
@@ -291,7 +275,7 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
                 &format!("timeout_ms = 30000\nfairness = \"{mode}\"\n"),
             );
             std::fs::write(&cfg, text)?;
-            let sc = start_sidecar(bin_dir, &cfg)?;
+            let sc = spawn_sidecar(bin_dir, &cfg)?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             wait_port(addr, sc.name)?;
             let plain = Body::chat(0, false);

@@ -13,8 +13,8 @@
 //! sidecar over the whole run.
 
 use super::{
-    Args, KEY, Proc, free_port, pct, proc_stats, wait_port, which, write_nginx_config,
-    write_sidecar_config,
+    Args, KEY, Proc, free_port, pct, proc_stats, spawn_sidecar, spawn_sim, wait_port, which,
+    write_nginx_config, write_sidecar_config,
 };
 use anyhow::Context;
 use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
@@ -289,23 +289,17 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         pin(std::process::id(), 0);
     }
     let sim_port = free_port()?;
-    let sim = Proc {
-        name: "bulkhead-sim",
-        child: Command::new(bin_dir.join("bulkhead-sim"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{sim_port}"),
-                "--tokens",
-                "16",
-                "--threads",
-                "1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
-        stop: None,
-    };
+    let sim = spawn_sim(
+        bin_dir,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{sim_port}"),
+            "--tokens",
+            "16",
+            "--threads",
+            "1",
+        ],
+    )?;
     let sim_addr: SocketAddr = ([127, 0, 0, 1], sim_port).into();
     wait_port(sim_addr, sim.name)?;
     if pinned {
@@ -317,18 +311,7 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     // One worker thread: the sidecar's figures are per core, like nginx's one worker.
     let text = std::fs::read_to_string(&cfg)?;
     std::fs::write(&cfg, format!("{text}\n[runtime]\nworker_threads = 1\n"))?;
-    let sidecar = Proc {
-        name: "bulkhead-sidecar",
-        child: Command::new(bin_dir.join("bulkhead-sidecar"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sidecar").display()))?,
-        stop: None,
-    };
+    let sidecar = spawn_sidecar(bin_dir, &cfg)?;
     let sc_addr: SocketAddr = ([127, 0, 0, 1], sc_port).into();
     wait_port(sc_addr, sidecar.name)?;
     if pinned {

@@ -120,6 +120,38 @@ impl Drop for Proc {
     }
 }
 
+/// Start `bulkhead-sim` from `bin_dir` with `args`.
+fn spawn_sim(bin_dir: &Path, args: &[&str]) -> anyhow::Result<Proc> {
+    let bin = bin_dir.join("bulkhead-sim");
+    Ok(Proc {
+        name: "bulkhead-sim",
+        child: Command::new(&bin)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?,
+        stop: None,
+    })
+}
+
+/// Start `bulkhead-sidecar` from `bin_dir` on the configuration file `cfg`.
+fn spawn_sidecar(bin_dir: &Path, cfg: &Path) -> anyhow::Result<Proc> {
+    let bin = bin_dir.join("bulkhead-sidecar");
+    Ok(Proc {
+        name: "bulkhead-sidecar",
+        child: Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(cfg)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?,
+        stop: None,
+    })
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -476,19 +508,25 @@ fn reset_sim_cache(sim: SocketAddr) -> anyhow::Result<()> {
 
 fn cache_tiers(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     let sim_port = free_port()?;
-    let sim = Proc {
-        name: "bulkhead-sim",
-        child: Command::new(bin_dir.join("bulkhead-sim"))
-            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
-            .args(["--tokens", "16", "--itl-ms", "2", "--threads", "1"])
-            .args(["--prefix-block-words", "16", "--prefill-ms-per-block", "10"])
-            .args(["--cached-prefill-ms-per-block", "0.5"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
-        stop: None,
-    };
+    let sim = spawn_sim(
+        bin_dir,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{sim_port}"),
+            "--tokens",
+            "16",
+            "--itl-ms",
+            "2",
+            "--threads",
+            "1",
+            "--prefix-block-words",
+            "16",
+            "--prefill-ms-per-block",
+            "10",
+            "--cached-prefill-ms-per-block",
+            "0.5",
+        ],
+    )?;
     let sim_addr: SocketAddr = ([127, 0, 0, 1], sim_port).into();
     wait_port(sim_addr, sim.name)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -507,18 +545,7 @@ fn cache_tiers(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         reset_sim_cache(sim_addr)?;
         let (port, admin) = (free_port()?, free_port()?);
         let cfg = write_tier_config(dir, port, admin, sim_port, tier)?;
-        let sidecar = Proc {
-            name: "bulkhead-sidecar",
-            child: Command::new(bin_dir.join("bulkhead-sidecar"))
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting bulkhead-sidecar")?,
-            stop: None,
-        };
+        let sidecar = spawn_sidecar(bin_dir, &cfg)?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
         wait_port(addr, sidecar.name)?;
@@ -648,17 +675,17 @@ fn redis_calls(addr: SocketAddr) -> anyhow::Result<u64> {
 /// interleaved round by round so that machine load falls on all alike.
 fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     let sim_port = free_port()?;
-    let sim = Proc {
-        name: "bulkhead-sim",
-        child: Command::new(bin_dir.join("bulkhead-sim"))
-            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
-            .args(["--tokens", "16", "--threads", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
-        stop: None,
-    };
+    let sim = spawn_sim(
+        bin_dir,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{sim_port}"),
+            "--tokens",
+            "16",
+            "--threads",
+            "1",
+        ],
+    )?;
     wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
     let redis_port = free_port()?;
     let redis_bin =
@@ -699,18 +726,7 @@ fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()
     for (name, limits) in &backends {
         let (port, admin) = (free_port()?, free_port()?);
         let cfg = write_limits_config(dir, name, port, admin, sim_port, limits)?;
-        let p = Proc {
-            name: "bulkhead-sidecar",
-            child: Command::new(bin_dir.join("bulkhead-sidecar"))
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting bulkhead-sidecar")?,
-            stop: None,
-        };
+        let p = spawn_sidecar(bin_dir, &cfg)?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         wait_port(addr, p.name)?;
         procs.push((*name, addr, p));
@@ -915,17 +931,17 @@ fn replicas_demo(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> anyhow::R
         bail!("--replicas-demo needs at least 1 replica");
     }
     let sim_port = free_port()?;
-    let sim = Proc {
-        name: "bulkhead-sim",
-        child: Command::new(bin_dir.join("bulkhead-sim"))
-            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
-            .args(["--tokens", "16", "--threads", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin_dir.join("bulkhead-sim").display()))?,
-        stop: None,
-    };
+    let sim = spawn_sim(
+        bin_dir,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{sim_port}"),
+            "--tokens",
+            "16",
+            "--threads",
+            "1",
+        ],
+    )?;
     wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
     let redis_port = free_port()?;
     let redis_bin =
@@ -983,18 +999,7 @@ fn replicas_demo(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> anyhow::R
             )?;
             let cfg = dir.join(format!("demo-{backend}-{i}.toml"));
             std::fs::write(&cfg, cfg_text)?;
-            let p = Proc {
-                name: "bulkhead-sidecar",
-                child: Command::new(bin_dir.join("bulkhead-sidecar"))
-                    .args(["run", "--config"])
-                    .arg(&cfg)
-                    .env("RUST_LOG", "error")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("starting bulkhead-sidecar")?,
-                stop: None,
-            };
+            let p = spawn_sidecar(bin_dir, &cfg)?;
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             wait_port(addr, p.name)?;
             procs.push((addr, p));
