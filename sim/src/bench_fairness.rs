@@ -7,10 +7,9 @@
 
 use super::proxy::{Body, Kind, load};
 use super::{
-    Args, KEY, free_port, pct, scrape, spawn_sidecar, spawn_sim, tier_request, wait_port,
-    write_sidecar_config,
+    Args, free_port, pct, scrape, spawn_sidecar, spawn_sim, tier_request, wait_port,
+    write_config_file, write_sidecar_config,
 };
-use base64::Engine;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -30,20 +29,8 @@ fn write_config(
     sim: u16,
     mode: &str,
 ) -> anyhow::Result<PathBuf> {
-    let key = dir.join("gw.key");
-    std::fs::write(&key, base64::engine::general_purpose::STANDARD.encode(KEY))?;
-    let cfg = format!(
-        r#"
-[upstream]
-url = "http://127.0.0.1:{sim}"
-pool_max_idle_per_tenant = 64
-[listen]
-addr = "127.0.0.1:{port}"
-admin_addr = "127.0.0.1:{admin}"
-[auth]
-max_skew_secs = 60
-replay_cache_capacity = 2000000
-[queue]
+    let body = format!(
+        r#"[queue]
 max_inflight = {MAX_INFLIGHT}
 max_queue_per_tenant = 1024
 timeout_ms = 60000
@@ -54,18 +41,10 @@ max_body_bytes = 1048576
 dir = "{audit}"
 [tenants.big]
 [tenants.small]
-[tenants.victim]
-[[keys]]
-id = "gw"
-secret_files = ["{key}"]
-tenants = ["*"]
-"#,
+[tenants.victim]"#,
         audit = dir.join(format!("audit-{mode}")).display(),
-        key = key.display(),
     );
-    let p = dir.join(format!("fair-{mode}.toml"));
-    std::fs::write(&p, cfg)?;
-    Ok(p)
+    write_config_file(dir, &format!("fair-{mode}.toml"), (port, admin, sim), &body)
 }
 
 /// A streamed chat request whose prompt has `bytes` bytes of 4-byte words, unique by `n`.

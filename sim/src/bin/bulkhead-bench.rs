@@ -152,6 +152,36 @@ fn spawn_sidecar(bin_dir: &Path, cfg: &Path) -> anyhow::Result<Proc> {
     })
 }
 
+/// A plain `bulkhead-sim` (16 tokens, one thread) and a `redis-server` without persistence
+/// (files in `dir`), each with its port, both listening.
+fn sim_and_redis(bin_dir: &Path, dir: &Path) -> anyhow::Result<((Proc, u16), (Proc, u16))> {
+    let sim_port = free_port()?;
+    let listen = format!("127.0.0.1:{sim_port}");
+    let sim = spawn_sim(
+        bin_dir,
+        &["--listen", &listen, "--tokens", "16", "--threads", "1"],
+    )?;
+    wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
+    let redis_port = free_port()?;
+    let redis_bin =
+        which("redis-server").context("redis-server not found (cargo xtask setup installs it)")?;
+    let redis = Proc {
+        name: "redis-server",
+        child: Command::new(redis_bin)
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?,
+        stop: None,
+    };
+    wait_port(([127, 0, 0, 1], redis_port).into(), redis.name)?;
+    Ok(((sim, sim_port), (redis, redis_port)))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -214,7 +244,14 @@ fn pct(v: &[Duration], p: f64) -> Duration {
     v[i.min(v.len() - 1)]
 }
 
-fn write_sidecar_config(dir: &Path, port: u16, admin: u16, sim: u16) -> anyhow::Result<PathBuf> {
+/// Write a sidecar configuration to `dir/file`: the common head (upstream `sim`, listeners,
+/// auth, the gateway key, written next to it) around `body` (queue, tenants, anything else).
+fn write_config_file(
+    dir: &Path,
+    file: &str,
+    (port, admin, sim): (u16, u16, u16),
+    body: &str,
+) -> anyhow::Result<PathBuf> {
     let key = dir.join("gw.key");
     std::fs::write(&key, base64::engine::general_purpose::STANDARD.encode(KEY))?;
     let cfg = format!(
@@ -228,33 +265,48 @@ admin_addr = "127.0.0.1:{admin}"
 [auth]
 max_skew_secs = 60
 replay_cache_capacity = 2000000
-[queue]
-max_inflight = 256
-max_queue_per_tenant = 1024
-timeout_ms = 30000
-[audit]
-dir = "{audit}"
-[agent]
-socket = "{dir}/no-agent.sock"
-[tenants.bench]
-weight = 2
-requests_per_minute = 100000000
-tokens_per_minute = 100000000000
-max_concurrent = 1000
-[tenants.other]
-weight = 1
+{body}
 [[keys]]
 id = "gw"
 secret_files = ["{key}"]
 tenants = ["*"]
 "#,
-        audit = dir.join("audit").display(),
-        dir = dir.display(),
         key = key.display(),
     );
-    let p = dir.join("sidecar.toml");
+    let p = dir.join(file);
     std::fs::write(&p, cfg)?;
     Ok(p)
+}
+
+/// The plain benchmark tenants: `bench` with limits it never reaches, and `other`.
+const BENCH_QUEUE_AND_TENANTS: &str = "[queue]
+max_inflight = 256
+max_queue_per_tenant = 1024
+timeout_ms = 30000
+{extra}
+[tenants.bench]
+weight = 2
+requests_per_minute = 100000000
+tokens_per_minute = 100000000000
+{concurrent}
+[tenants.other]
+weight = 1
+";
+
+fn write_sidecar_config(dir: &Path, port: u16, admin: u16, sim: u16) -> anyhow::Result<PathBuf> {
+    let extra = format!(
+        "[audit]\ndir = \"{}\"\n[agent]\nsocket = \"{}/no-agent.sock\"",
+        dir.join("audit").display(),
+        dir.display()
+    );
+    write_config_file(
+        dir,
+        "sidecar.toml",
+        (port, admin, sim),
+        &BENCH_QUEUE_AND_TENANTS
+            .replace("{extra}", &extra)
+            .replace("{concurrent}", "max_concurrent = 1000"),
+    )
 }
 
 fn write_nginx_config(dir: &Path, port: u16, sim: u16) -> anyhow::Result<PathBuf> {
@@ -603,40 +655,15 @@ fn write_limits_config(
     sim: u16,
     limits: &str,
 ) -> anyhow::Result<PathBuf> {
-    let key = dir.join("gw.key");
-    std::fs::write(&key, base64::engine::general_purpose::STANDARD.encode(KEY))?;
-    let cfg = format!(
-        r#"
-[upstream]
-url = "http://127.0.0.1:{sim}"
-pool_max_idle_per_tenant = 64
-[listen]
-addr = "127.0.0.1:{port}"
-admin_addr = "127.0.0.1:{admin}"
-[auth]
-max_skew_secs = 60
-replay_cache_capacity = 2000000
-[queue]
-max_inflight = 256
-max_queue_per_tenant = 1024
-timeout_ms = 30000
-{limits}
-[tenants.bench]
-weight = 2
-requests_per_minute = 100000000
-tokens_per_minute = 100000000000
-[tenants.other]
-weight = 1
-[[keys]]
-id = "gw"
-secret_files = ["{key}"]
-tenants = ["*"]
-"#,
-        key = key.display(),
-    );
-    let p = dir.join(format!("sidecar-{name}.toml"));
-    std::fs::write(&p, cfg)?;
-    Ok(p)
+    write_config_file(
+        dir,
+        &format!("sidecar-{name}.toml"),
+        (port, admin, sim),
+        // No max_concurrent: on Redis it would lease a slot per request in every mode.
+        &BENCH_QUEUE_AND_TENANTS
+            .replace("{extra}", limits)
+            .replace("{concurrent}", ""),
+    )
 }
 
 /// Round trips Redis has served so far: the commands a sidecar sends (EVALSHA, EVAL, SCRIPT
@@ -674,35 +701,7 @@ fn redis_calls(addr: SocketAddr) -> anyhow::Result<u64> {
 /// `--limits redis`: the same sidecar with local limits, Redis strict and Redis leased,
 /// interleaved round by round so that machine load falls on all alike.
 fn limits_backends(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
-    let sim_port = free_port()?;
-    let sim = spawn_sim(
-        bin_dir,
-        &[
-            "--listen",
-            &format!("127.0.0.1:{sim_port}"),
-            "--tokens",
-            "16",
-            "--threads",
-            "1",
-        ],
-    )?;
-    wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
-    let redis_port = free_port()?;
-    let redis_bin =
-        which("redis-server").context("redis-server not found (cargo xtask setup installs it)")?;
-    let redis = Proc {
-        name: "redis-server",
-        child: Command::new(redis_bin)
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting redis-server")?,
-        stop: None,
-    };
+    let ((sim, sim_port), (redis, redis_port)) = sim_and_redis(bin_dir, dir)?;
     let redis_addr: SocketAddr = ([127, 0, 0, 1], redis_port).into();
     wait_port(redis_addr, redis.name)?;
     let url = format!("redis://127.0.0.1:{redis_port}/");
@@ -930,35 +929,7 @@ fn replicas_demo(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> anyhow::R
     if n == 0 {
         bail!("--replicas-demo needs at least 1 replica");
     }
-    let sim_port = free_port()?;
-    let sim = spawn_sim(
-        bin_dir,
-        &[
-            "--listen",
-            &format!("127.0.0.1:{sim_port}"),
-            "--tokens",
-            "16",
-            "--threads",
-            "1",
-        ],
-    )?;
-    wait_port(([127, 0, 0, 1], sim_port).into(), sim.name)?;
-    let redis_port = free_port()?;
-    let redis_bin =
-        which("redis-server").context("redis-server not found (cargo xtask setup installs it)")?;
-    let redis = Proc {
-        name: "redis-server",
-        child: Command::new(redis_bin)
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting redis-server")?,
-        stop: None,
-    };
+    let ((sim, sim_port), (redis, redis_port)) = sim_and_redis(bin_dir, dir)?;
     wait_port(([127, 0, 0, 1], redis_port).into(), redis.name)?;
     let tenants: String = DEMO_TENANTS
         .iter()
