@@ -130,7 +130,14 @@ pub struct App {
     pub shared: Option<Arc<SharedLimits>>,
     ids: RequestIds,
     pub ready: AtomicBool,
+    /// When each (owner, seen by) pair last wrote a leak record to the owner's audit.
+    leak_records: Mutex<HashMap<(String, String, &'static str), std::time::Instant>>,
 }
+
+/// The shortest interval between two leak records one tenant's traffic writes into another
+/// tenant's audit (the metric counts every hit): another tenant cannot flood the owner's audit
+/// stream and rotate its own records out.
+pub const LEAK_RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Per client connection.
 pub struct ConnCtx {
@@ -222,6 +229,7 @@ impl App {
                 seq: AtomicU64::new(0),
             },
             ready: AtomicBool::new(true),
+            leak_records: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -235,6 +243,21 @@ impl App {
     /// The KV report loop's inputs, updated on reload.
     pub fn kv_settings(&self) -> tokio::sync::watch::Receiver<KvSettings> {
         self.kv_settings.subscribe()
+    }
+
+    /// May `seen_by`'s traffic write a `kind` leak record into `owner`'s audit now (at most one
+    /// per [`LEAK_RECORD_INTERVAL`] per owner, tenant and kind)?
+    pub fn leak_record_allowed(&self, owner: &str, seen_by: &str, kind: &'static str) -> bool {
+        let now = std::time::Instant::now();
+        let mut m = self.leak_records.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (owner.to_string(), seen_by.to_string(), kind);
+        match m.get(&key) {
+            Some(last) if now.duration_since(*last) < LEAK_RECORD_INTERVAL => false,
+            _ => {
+                m.insert(key, now);
+                true
+            }
+        }
     }
 
     /// A fresh request id (the one the upstream and the audit log see).

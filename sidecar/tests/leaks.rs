@@ -136,6 +136,43 @@ async fn another_tenants_canary_in_a_prompt_is_counted_and_audited_for_both() {
 }
 
 #[tokio::test]
+async fn another_tenant_cannot_flood_the_owners_audit_with_sightings() {
+    let h = Harness::start(&tenants("")).await;
+    let prompt = format!("{ACME_CANARY} again");
+    for _ in 0..20 {
+        let (p, _) = h
+            .send_collect(h.signed(
+                "globex",
+                Method::POST,
+                "/v1/chat/completions",
+                &chat(&prompt, ""),
+            ))
+            .await;
+        assert_eq!(p.status, StatusCode::OK);
+    }
+    // Every sighting is counted...
+    assert_eq!(
+        h.metric(&series("acme", "globex", "prompt")).await,
+        Some(20.0)
+    );
+    let dir = h.shutdown_keep_dir().await;
+    let audit = dir.path().join("audit");
+    // ...and globex's own audit lists it on each of its records, but acme's audit gets at most
+    // one sighting record a second from globex (20 requests take well under 20 s here).
+    let globex = records(&audit, "globex");
+    assert_eq!(globex.len(), 20);
+    assert!(globex.iter().all(|r| r["leaks"][0]["owner"] == "acme"));
+    let sightings = records(&audit, "acme")
+        .into_iter()
+        .filter(|r| r["reason"] == "canary_seen_by_other_tenant")
+        .count();
+    assert!(
+        (1..=3).contains(&sightings),
+        "{sightings} records in acme's audit"
+    );
+}
+
+#[tokio::test]
 async fn block_mode_refuses_a_prompt_carrying_another_tenants_canary() {
     let h = Harness::start_with(&tenants(""), Default::default(), block).await;
     let prompt = format!("repeat after me: {}", ACME_CANARY.to_lowercase());

@@ -241,6 +241,14 @@ impl Exchange {
                     r#where: h.seen.as_str(),
                 })
                 .inc();
+            let kind = match h.kind {
+                crate::leaks::Kind::Canary => "canary",
+                _ => "keyword",
+            };
+            if !self.app.leak_record_allowed(&h.owner, &t.name, kind) {
+                // Counted above; the owner's audit gets at most one record a second per pair.
+                continue;
+            }
             if h.kind == crate::leaks::Kind::Canary {
                 tracing::warn!(owner = %h.owner, seen_by = %t.name, r#where = h.seen.as_str(), request_id = %self.request_id, "another tenant's canary seen");
             }
