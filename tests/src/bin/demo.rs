@@ -246,7 +246,8 @@ fn print_table(
     println!("\ninitech's refusals by limit: {}", noisy.join(", "));
     println!(
         "leak detection: acme's canary seen in initech's prompts {} times, in responses {} \
-         times (bulkhead_canary_hits_total; both tenants' audit logs have each request)",
+         times (bulkhead_canary_hits_total; initech's audit lists each, acme's gets a record a \
+         second)",
         sidecar.get(
             "bulkhead_canary_hits_total",
             &[
