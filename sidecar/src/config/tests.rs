@@ -1,0 +1,288 @@
+use super::*;
+
+fn base() -> String {
+    r#"
+[upstream]
+url = "http://127.0.0.1:8000"
+[tenants.acme]
+requests_per_minute = 10
+[[keys]]
+id = "gw"
+secret_files = ["/nonexistent"]
+tenants = ["*"]
+"#
+    .to_string()
+}
+
+#[test]
+fn example_config_is_valid() {
+    Config::from_toml(EXAMPLE_CONFIG).unwrap();
+}
+
+#[test]
+fn errors_name_the_field() {
+    let bad = base().replace("requests_per_minute = 10", "requests_per_minute = 0");
+    let e = Config::from_toml(&bad).unwrap_err().to_string();
+    assert!(e.contains("tenants.acme.requests_per_minute"), "{e}");
+    let bad = base().replace("http://127.0.0.1:8000", "ftp://x");
+    let e = Config::from_toml(&bad).unwrap_err().to_string();
+    assert!(e.contains("upstream.url"), "{e}");
+    let bad = base().replace("[\"*\"]", "[\"nobody\"]");
+    let e = Config::from_toml(&bad).unwrap_err().to_string();
+    assert!(e.contains("keys[0].tenants"), "{e}");
+    let bad = base() + "\nbogus = 1\n";
+    assert!(Config::from_toml(&bad).is_err());
+}
+
+#[test]
+fn tenant_names_follow_the_shared_rule() {
+    let named = |name: &str| base().replace("[tenants.acme]", &format!("[tenants.{name:?}]"));
+    // Reserved names (the node agent's metric labels of no tenant), in any letter case.
+    for (name, reserved) in [
+        ("untagged", "untagged"),
+        ("Shared", "shared"),
+        ("UNATTRIBUTED", "unattributed"),
+    ] {
+        let e = Config::from_toml(&named(name)).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "config field `tenants.{name}`: tenant name is reserved: {reserved:?} \
+                 (in any letter case) labels metrics of no single tenant"
+            )
+        );
+    }
+    let e = Config::from_toml(&named("a b")).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "config field `tenants.a b`: tenant name has the character ' ' at position 2; \
+         use letters, digits, '.', '_' and '-'"
+    );
+    let e = Config::from_toml(&named("-a")).unwrap_err().to_string();
+    assert!(
+        e.contains("`tenants.-a`: tenant name starts with '-'"),
+        "{e}"
+    );
+    let e = Config::from_toml(&named(&"x".repeat(65)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tenant name is 65 bytes long; at most 64 are allowed"),
+        "{e}"
+    );
+    Config::from_toml(&named("a.b_c-9")).unwrap();
+}
+
+#[test]
+fn isolation_tiers_need_a_capable_upstream() {
+    let salted = base().replace(
+        "requests_per_minute = 10",
+        "requests_per_minute = 10\nisolation = \"salted\"",
+    );
+    let e = Config::from_toml(&salted).unwrap_err().to_string();
+    assert!(
+        e.contains("tenants.acme.isolation") && e.contains("openai"),
+        "{e}"
+    );
+    let excl = base().replace(
+        "requests_per_minute = 10",
+        "requests_per_minute = 10\nisolation = \"exclusive\"",
+    );
+    let e = Config::from_toml(&excl).unwrap_err().to_string();
+    assert!(e.contains("tenants.acme.isolation"), "{e}");
+    let vllm = |t: &str| t.replace("8000\"", "8000\"\nflavor = \"vllm\"");
+    Config::from_toml(&vllm(&excl)).unwrap();
+    let e = Config::from_toml(&vllm(&salted)).unwrap_err().to_string();
+    assert!(e.contains("cache.salt_key_file"), "{e}");
+    let ok = vllm(&salted) + "[cache]\nsalt_key_file = \"/k\"\n";
+    let c = Config::from_toml(&ok).unwrap();
+    assert_eq!(c.tenants["acme"].isolation, Isolation::Salted);
+    let bad = base().replace("8000\"", "8000\"\nflavor = \"tgi\"");
+    assert!(Config::from_toml(&bad).is_err());
+}
+
+#[test]
+fn audit_limits_are_validated() {
+    let with = |extra: &str| base() + "[audit]\n" + extra;
+    let c = Config::from_toml(&with("")).unwrap();
+    assert_eq!(c.audit.max_file_bytes, 64 << 20);
+    assert_eq!(c.audit.max_total_bytes, 512 << 20);
+    assert_eq!(c.audit.unauthenticated_per_second, 100);
+    for (extra, field) in [
+        ("max_file_bytes = 1000", "audit.max_file_bytes"),
+        (
+            "max_file_bytes = 2000000\nmax_total_bytes = 1000000",
+            "audit.max_file_bytes",
+        ),
+        (
+            "max_file_bytes = 65536\nmax_total_bytes = 1000000000",
+            "audit.max_total_bytes",
+        ),
+        // acme and _unauthenticated: 2 x 128 KiB at least.
+        (
+            "max_file_bytes = 65536\nmax_total_bytes = 200000",
+            "audit.max_total_bytes",
+        ),
+        (
+            "unauthenticated_per_second = 0",
+            "audit.unauthenticated_per_second",
+        ),
+        ("unauthenticated_burst = 0", "audit.unauthenticated_burst"),
+    ] {
+        let e = Config::from_toml(&with(extra)).unwrap_err().to_string();
+        assert!(e.contains(field), "{extra}: {e}");
+    }
+    Config::from_toml(&with("max_file_bytes = 65536\nmax_total_bytes = 262144")).unwrap();
+    assert!(Config::from_toml(&with("max_bytes = 1")).is_err());
+}
+
+#[test]
+fn drain_timeout_is_validated() {
+    let c = Config::from_toml(&base()).unwrap();
+    assert_eq!(c.cache.exclusive_drain_timeout_ms, 5000);
+    assert!(!c.cache.flush_refused_while_busy);
+    let cache = |extra: &str| format!("{}[cache]\n{extra}\n", base());
+    let e = Config::from_toml(&cache("exclusive_drain_timeout_ms = 0"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cache.exclusive_drain_timeout_ms"), "{e}");
+    // Trusting a flush to vouch for running requests needs a bound past the connect
+    // timeout (2000 ms by default).
+    let e = Config::from_toml(&cache(
+        "flush_refused_while_busy = true\nexclusive_drain_timeout_ms = 2000",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("cache.exclusive_drain_timeout_ms") && e.contains("connect_timeout_ms"),
+        "{e}"
+    );
+    let c = Config::from_toml(&cache(
+        "flush_refused_while_busy = true\nexclusive_drain_timeout_ms = 2001",
+    ))
+    .unwrap();
+    assert_eq!(c.cache.exclusive_drain_timeout_ms, 2001);
+}
+
+#[test]
+fn limits_backend_is_validated() {
+    let c = Config::from_toml(&base()).unwrap();
+    assert_eq!(c.limits.backend, LimitsBackend::Local);
+    assert!(c.limits.redis.is_none());
+    let with = |extra: &str| format!("{}[limits]\n{extra}\n", base());
+    let redis = |extra: &str| {
+        with(&format!(
+            "backend = \"redis\"\n[limits.redis]\nurl = \"redis://127.0.0.1:6379/\"\n{extra}"
+        ))
+    };
+    let c = Config::from_toml(&redis("")).unwrap();
+    let r = c.limits.redis.unwrap();
+    assert_eq!(r.mode, LimitsMode::Strict);
+    assert_eq!(r.on_backend_failure, BackendFailure::Local);
+    assert_eq!(r.key_prefix, "bulkhead:");
+    assert_eq!((r.command_timeout_ms, r.expected_replicas), (100, 1));
+    for (text, field) in [
+        (with("backend = \"redis\""), "limits.redis"),
+        (
+            with("backend = \"redis\"\n[limits.redis]\n"),
+            "limits.redis.url",
+        ),
+        (redis("urls = [\"redis://a:1\"]"), "limits.redis.urls"),
+        (
+            with("backend = \"redis\"\n[limits.redis]\nurl = \"rediss://h/\""),
+            "limits.redis.url",
+        ),
+        (
+            with("backend = \"redis\"\n[limits.redis]\nurls = [\"redis://a:1\", \"http://b\"]"),
+            "limits.redis.urls[1]",
+        ),
+        (
+            redis("command_timeout_ms = 0"),
+            "limits.redis.command_timeout_ms",
+        ),
+        (
+            redis("connect_timeout_ms = 0"),
+            "limits.redis.connect_timeout_ms",
+        ),
+        (redis("key_prefix = \"a{b}\""), "limits.redis.key_prefix"),
+        (redis("lease_tokens = 0"), "limits.redis.lease_tokens"),
+        (redis("lease_requests = 0"), "limits.redis.lease_requests"),
+        (
+            redis("concurrency_lease_ms = 100"),
+            "limits.redis.concurrency_lease_ms",
+        ),
+        (
+            redis("concurrency_lease_ms = 600\ncommand_timeout_ms = 300"),
+            "limits.redis.concurrency_lease_ms",
+        ),
+        (
+            redis("expected_replicas = 0"),
+            "limits.redis.expected_replicas",
+        ),
+    ] {
+        let e = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{field}`")), "{text}: {e}");
+    }
+    assert!(Config::from_toml(&redis("mode = \"eventual\"")).is_err());
+    assert!(Config::from_toml(&redis("on_backend_failure = \"open\"")).is_err());
+    assert!(Config::from_toml(&redis("bogus = 1")).is_err());
+    let c = Config::from_toml(&redis(
+        "mode = \"leased\"\non_backend_failure = \"deny\"\nexpected_replicas = 3",
+    ))
+    .unwrap();
+    let r = c.limits.redis.unwrap();
+    assert_eq!(
+        (r.mode, r.on_backend_failure, r.expected_replicas),
+        (LimitsMode::Leased, BackendFailure::Deny, 3)
+    );
+}
+
+/// The configurations in deploy/'s ConfigMaps parse and validate (the shared-limits one
+/// on Redis).
+#[test]
+fn deploy_example_configs_are_valid() {
+    for (file, backend) in [
+        ("example-vllm/sidecar-configmap.yaml", LimitsBackend::Local),
+        (
+            "example-shared-limits/sidecar-configmap.yaml",
+            LimitsBackend::Redis,
+        ),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(file);
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let toml: String = yaml
+            .lines()
+            .skip_while(|l| l.trim() != "sidecar.toml: |")
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let c = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(c.limits.backend, backend, "{file}");
+    }
+}
+
+#[test]
+fn kv_bytes_per_token() {
+    let m = ModelConfig {
+        layers: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        dtype: Dtype::Bf16,
+    };
+    assert_eq!(m.kv_bytes_per_token(), 131_072);
+    let m = ModelConfig {
+        dtype: Dtype::Fp8,
+        ..m
+    };
+    assert_eq!(m.kv_bytes_per_token(), 65_536);
+}
+
+#[test]
+fn missing_key_file_is_reported() {
+    let cfg = Config::from_toml(&base()).unwrap();
+    let e = cfg.load_keys().unwrap_err().to_string();
+    assert!(e.contains("keys[0].secret_files[0]"), "{e}");
+}
