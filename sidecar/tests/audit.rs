@@ -254,3 +254,50 @@ async fn a_tenant_added_by_reload_gets_its_own_audit_file() {
     assert!(records(&dir, "_unauthenticated").is_empty());
     h.shutdown().await;
 }
+
+/// The audit's prompt hash, computed here from the key and the documented input (each prompt
+/// field present, as `name=<its JSON, keys sorted>\n`): an operator holding the key can find the
+/// records of a known prompt, and nobody else can.
+#[tokio::test]
+async fn the_prompt_hash_is_the_documented_hmac_of_the_prompt() {
+    use base64::Engine;
+    let keys = tempfile::tempdir().unwrap();
+    let key = b"audit-hash-key-0123456789abcdef!";
+    let key_file = keys.path().join("hash.key");
+    std::fs::write(
+        &key_file,
+        base64::engine::general_purpose::STANDARD.encode(key),
+    )
+    .unwrap();
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        *t = t.replace(
+            "[audit]\n",
+            &format!("[audit]\nhash_key_file = \"{}\"\n", key_file.display()),
+        );
+    })
+    .await;
+    for tenant in ["acme", "globex"] {
+        let (p, _) = h
+            .send_collect(h.signed(
+                tenant,
+                Method::POST,
+                "/v1/chat/completions",
+                &chat("hello", ""),
+            ))
+            .await;
+        assert_eq!(p.status, StatusCode::OK);
+    }
+    let dir = h.shutdown_keep_dir().await;
+    let audit = dir.path().join("audit");
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+        br#"messages=[{"content":"hello","role":"user"}]
+"#,
+    );
+    let want: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    for tenant in ["acme", "globex"] {
+        let recs = records(&audit, tenant);
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert_eq!(recs[0]["prompt_hash"], want.as_str(), "{tenant}");
+    }
+}
