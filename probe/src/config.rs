@@ -5,20 +5,9 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Why a configuration was refused. `Invalid` names the field (as written in the TOML file).
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config is not valid TOML: {0}")]
-    Parse(String),
-    #[error("config field `{field}`: {message}")]
-    Invalid { field: String, message: String },
-}
+/// Why a configuration was refused (the sidecar's error type: `Invalid` names the field as
+/// written in the TOML file).
+pub use bulkhead_sidecar::config::ConfigError;
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {

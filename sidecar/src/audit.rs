@@ -106,11 +106,7 @@ pub struct LeakRecord {
 impl LeakRecord {
     pub fn new(h: &crate::leaks::Hit, seen_by: Option<&str>) -> Self {
         Self {
-            kind: match h.kind {
-                crate::leaks::Kind::Canary => "canary",
-                crate::leaks::Kind::Keyword => "keyword",
-                crate::leaks::Kind::Marker => "marker",
-            },
+            kind: h.kind.as_str(),
             owner: h.owner.to_string(),
             index: h.index,
             r#where: h.seen.as_str(),

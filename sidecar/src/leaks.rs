@@ -21,6 +21,16 @@ pub enum Kind {
     Marker,
 }
 
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Canary => "canary",
+            Kind::Keyword => "keyword",
+            Kind::Marker => "marker",
+        }
+    }
+}
+
 /// Where a pattern was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Where {

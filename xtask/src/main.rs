@@ -148,24 +148,9 @@ fn test() -> Result<()> {
             "CI is set: tests that cannot run here (no root or BPF, a missing tool) fail, never skip"
         );
     }
-    // The images the smoke tests (tests/tests/images_e2e.rs) run, from the debug binaries
+    // The images the smoke tests (tests/tests/images_e2e.rs) run, built from the debug binaries
     // `cargo test` uses anyway: no release build in CI.
-    run(cargo().args([
-        "build",
-        "-p",
-        "bulkhead-agent",
-        "--bin",
-        "bulkhead-agent",
-        "-p",
-        "bulkhead-sidecar",
-        "--bin",
-        "bulkhead-sidecar",
-        "-p",
-        "bulkhead-probe",
-        "--bin",
-        "bulkhead-probe",
-    ]))?;
-    images::run_task(&["--profile", "dev", "--no-build"])?;
+    images::run_task(&["--profile", "dev"])?;
     ensure_jwt_signer()?;
     cargo_test(&["--workspace"])
 }

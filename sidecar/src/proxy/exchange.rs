@@ -241,11 +241,10 @@ impl Exchange {
                     r#where: h.seen.as_str(),
                 })
                 .inc();
-            let kind = match h.kind {
-                crate::leaks::Kind::Canary => "canary",
-                _ => "keyword",
-            };
-            if !self.app.leak_record_allowed(&h.owner, &t.name, kind) {
+            if !self
+                .app
+                .leak_record_allowed(&h.owner, &t.name, h.kind.as_str())
+            {
                 // Counted above; the owner's audit gets at most one record a second per pair.
                 continue;
             }
@@ -261,13 +260,7 @@ impl Exchange {
                 method: self.method.as_str().to_string(),
                 route: self.route.clone(),
                 status,
-                reason: Some(
-                    match h.kind {
-                        crate::leaks::Kind::Canary => "canary_seen_by_other_tenant",
-                        _ => "keyword_seen_by_other_tenant",
-                    }
-                    .to_string(),
-                ),
+                reason: Some(format!("{}_seen_by_other_tenant", h.kind.as_str())),
                 stream: self.stream,
                 leaks: vec![LeakRecord::new(h, Some(&t.name))],
                 ..AuditRecord::default()
