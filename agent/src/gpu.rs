@@ -511,6 +511,49 @@ fn open(source: &str) -> Result<Box<dyn GpuSource>, String> {
     }
 }
 
+/// One process of a one-shot GPU status: what NVML says and how the agent classifies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessStatus {
+    pub gpu: u32,
+    pub pid: u32,
+    pub used_bytes: Option<u64>,
+    /// The process's cgroup path under `gpu.proc_root`, when it could be read.
+    pub cgroup: Option<String>,
+    pub role: Option<Role>,
+}
+
+/// `bulkhead-agent gpu-status`: one poll of the configured source, attributed as the running
+/// agent would (without KV reports, which only a running agent receives), plus each process's
+/// cgroup and role, so an SRE can see why memory lands where it does. Needs no eBPF.
+pub fn one_shot(config: &GpuConfig) -> Result<(Vec<GpuUsage>, Vec<ProcessStatus>), String> {
+    if config.source == "off" {
+        return Err("gpu.source is \"off\": GPU memory attribution is disabled".into());
+    }
+    let mut src = open(&config.source)?;
+    let mut gpus = src.snapshot()?;
+    for g in &mut gpus {
+        sanitize(g);
+    }
+    let matcher = Matcher::new(config);
+    let processes = gpus
+        .iter()
+        .flat_map(|g| {
+            g.processes.iter().map(|p| {
+                let cgroup = matcher.cgroup_of(p.pid);
+                ProcessStatus {
+                    gpu: g.index,
+                    pid: p.pid,
+                    used_bytes: p.used_bytes,
+                    role: cgroup.as_deref().and_then(|c| matcher.classify_cgroup(c)),
+                    cgroup,
+                }
+            })
+        })
+        .collect();
+    let usage = attribute(&gpus, &|pid| matcher.classify_pid(pid), &HashMap::new());
+    Ok((usage, processes))
+}
+
 /// Polls the source every `interval` on its own thread (NVML calls block) until `stop`
 /// has a message or is dropped. Without NVML the agent runs on: one log line, nvml_up 0, and
 /// a quiet retry each interval.

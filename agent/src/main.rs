@@ -43,6 +43,14 @@ enum Command {
         #[arg(long)]
         remove_maps: bool,
     },
+    /// Poll the configured GPU source once and print each GPU's memory by tenant and each
+    /// process's cgroup and workload, as the running agent would attribute them (without the
+    /// sidecars' KV reports). Loads no eBPF; exit 69 when the source cannot be read.
+    GpuStatus {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,8 +110,71 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::GpuStatus { json } => gpu_status(&config, json),
         Command::Run => run(config, cli.config),
     }
+}
+
+fn gpu_status(config: &Config, json: bool) -> ExitCode {
+    use bulkhead_agent::gpu::Role;
+    let (usage, processes) = match bulkhead_agent::gpu::one_shot(&config.gpu) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bulkhead-agent: gpu-status: {e}");
+            return ExitCode::from(69);
+        }
+    };
+    let role = |r: &Option<Role>| match r {
+        Some(Role::Dedicated(t)) => format!("tenant {t}"),
+        Some(Role::Shared(w)) => format!("shared server {w}"),
+        None => "unattributed".to_string(),
+    };
+    if json {
+        let gpus: Vec<_> = usage
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "gpu": g.gpu, "uuid": g.uuid, "total_bytes": g.total_bytes,
+                    "used_bytes": g.used_bytes, "memory": g.memory,
+                })
+            })
+            .collect();
+        let procs: Vec<_> = processes
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "gpu": p.gpu, "pid": p.pid, "used_bytes": p.used_bytes,
+                    "cgroup": p.cgroup, "workload": role(&p.role),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "gpus": gpus, "processes": procs }));
+        return ExitCode::SUCCESS;
+    }
+    const MIB: u64 = 1 << 20;
+    for g in &usage {
+        println!(
+            "GPU {} ({}): {} of {} MiB used",
+            g.gpu,
+            g.uuid,
+            g.used_bytes / MIB,
+            g.total_bytes / MIB
+        );
+        for (tenant, bytes) in &g.memory {
+            println!("  {tenant:<32} {:>10} MiB", bytes / MIB);
+        }
+    }
+    for p in &processes {
+        println!(
+            "pid {} on GPU {}: {} MiB, {} (cgroup {})",
+            p.pid,
+            p.gpu,
+            p.used_bytes.map_or("?".to_string(), |b| (b / MIB).to_string()),
+            role(&p.role),
+            p.cgroup.as_deref().unwrap_or("unreadable").trim()
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn run(config: Config, path: Option<PathBuf>) -> ExitCode {

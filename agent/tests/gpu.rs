@@ -285,3 +285,77 @@ fn gpu_settings_need_a_restart_and_are_kept_on_reload() {
     let line = agent.wait_for_log("the refused reload", |l| l.contains("not reloaded"));
     assert!(line.contains("gpu.workloads[0].tenant"), "{line}");
 }
+
+/// `bulkhead-agent gpu-status` reads the configured source once and explains the attribution
+/// per process, without eBPF (so it runs on any node, root or not).
+#[test]
+fn gpu_status_prints_the_attribution_and_each_processes_workload() {
+    let dir = std::env::temp_dir().join(format!("bulkhead-gpu-status-{}", std::process::id()));
+    let proc_root = dir.join("proc");
+    write_cgroup(
+        &proc_root,
+        2001,
+        "/kubepods.slice/kubepods-pod11aa_22bb.slice/cri-containerd-1.scope",
+    );
+    write_cgroup(&proc_root, 2002, "/system.slice/other.service");
+    let gpus = dir.join("gpus.json");
+    std::fs::write(
+        &gpus,
+        format!(
+            r#"{{"gpus": [{{"index": 0, "uuid": "GPU-cccc", "used_bytes": {}, "total_bytes": {},
+                "processes": [{{"pid": 2001, "used_bytes": {}}}, {{"pid": 2002, "used_bytes": {}}},
+                              {{"pid": 2003, "used_bytes": null}}]}}]}}"#,
+            13 * GIB,
+            80 * GIB,
+            8 * GIB,
+            4 * GIB
+        ),
+    )
+    .unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gpu]\nsource = \"file:{}\"\nproc_root = {:?}\n\
+             [[gpu.workloads]]\npod_uid = \"11aa-22bb\"\ntenant = \"alpha\"\n\
+             [[tenants]]\nname = \"alpha\"\n",
+            gpus.display(),
+            proc_root
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(AGENT)
+        .args(["--config", cfg.to_str().unwrap(), "gpu-status", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let memory = &v["gpus"][0]["memory"];
+    assert_eq!(memory["alpha"], 8 * GIB, "{v}");
+    // The unknown process and the memory no process accounts for (the driver).
+    assert_eq!(memory["unattributed"], 5 * GIB, "{v}");
+    let procs = v["processes"].as_array().unwrap();
+    let workload = |pid: u64| {
+        procs.iter().find(|p| p["pid"] == pid).unwrap()["workload"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(workload(2001), "tenant alpha");
+    assert_eq!(workload(2002), "unattributed");
+    assert_eq!(workload(2003), "unattributed", "no cgroup file for 2003");
+
+    // The source cannot be read: a clear error naming it, exit 69.
+    std::fs::remove_file(&gpus).unwrap();
+    let out = std::process::Command::new(AGENT)
+        .args(["--config", cfg.to_str().unwrap(), "gpu-status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("gpu-status") && stderr.contains("gpus.json"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -21,7 +21,7 @@ const POD_A: &str = "6a7b8c9d-0000-4000-8000-00000000000a";
 const POD_B: &str = "6a7b8c9d-0000-4000-8000-00000000000b";
 const MIB: u64 = 1 << 20;
 
-pub fn run() -> Result<()> {
+pub fn run(bin_dir: Option<&Path>) -> Result<()> {
     if !Path::new("/dev/nvidiactl").exists() {
         bail!(
             "gpu-check needs an NVIDIA GPU and driver: /dev/nvidiactl is missing on this machine, \
@@ -33,16 +33,22 @@ pub fn run() -> Result<()> {
         Ok(o) if o.status.success() => eprintln!("{}", String::from_utf8_lossy(&o.stdout).trim()),
         _ => bail!("gpu-check: nvidia-smi -L failed; is the NVIDIA driver loaded?"),
     }
-    crate::setup::run()?;
-    crate::run(crate::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "bulkhead-agent",
-        "--bin",
-        "bulkhead-agent",
-    ]))?;
-    let agent_bin = crate::root().join("target/release/bulkhead-agent");
+    // With --bin-dir, a machine without the toolchain runs binaries built elsewhere.
+    let agent_bin = match bin_dir {
+        Some(dir) => dir.join("bulkhead-agent"),
+        None => {
+            crate::setup::run()?;
+            crate::run(crate::cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "bulkhead-agent",
+                "--bin",
+                "bulkhead-agent",
+            ]))?;
+            crate::root().join("target/release/bulkhead-agent")
+        }
+    };
     let work = std::env::temp_dir().join(format!("bulkhead-gpu-check-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
 
@@ -59,7 +65,8 @@ pub fn run() -> Result<()> {
     let mut allocators = Vec::new();
     for (uid, _, bytes) in pods {
         let cg = base.join(format!("pod{uid}"));
-        std::fs::create_dir_all(&cg)?;
+        std::fs::create_dir_all(&cg)
+            .with_context(|| format!("create the pod-like cgroup {}", cg.display()))?;
         allocators.push(Allocator::start(&cg, bytes)?);
     }
     let config = format!(
@@ -73,18 +80,24 @@ pub fn run() -> Result<()> {
     );
     let cfg = work.join("agent.toml");
     std::fs::write(&cfg, config)?;
-    let mut agent = KillOnDrop(
-        Command::new(&agent_bin)
-            .arg("--config")
-            .arg(&cfg)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("start the agent")?,
-    );
 
-    let result = check(&allocators, &pods);
-    let _ = agent.0.kill();
-    let _ = agent.0.wait();
+    // 1. One poll through NVML, attributed as the agent does, without eBPF.
+    let status = check_gpu_status(&agent_bin, &cfg, &allocators, &pods);
+    // 2. The running agent's metrics (needs root and BPF).
+    let result = status.and_then(|()| {
+        let mut agent = KillOnDrop(
+            Command::new(&agent_bin)
+                .arg("--config")
+                .arg(&cfg)
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("start the agent")?,
+        );
+        let r = check(&allocators, &pods);
+        let _ = agent.0.kill();
+        let _ = agent.0.wait();
+        r
+    });
     drop(allocators);
     for (uid, _, _) in pods {
         let _ = std::fs::remove_dir(base.join(format!("pod{uid}")));
@@ -93,6 +106,67 @@ pub fn run() -> Result<()> {
     let _ = std::fs::remove_dir_all("/sys/fs/bpf/bulkhead-gpu-check");
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// `bulkhead-agent gpu-status --json` against nvidia-smi: each allocator's process is found in
+/// its pod's cgroup, classified as its tenant, and its tenant's memory matches NVML's figure.
+fn check_gpu_status(
+    agent_bin: &Path,
+    cfg: &Path,
+    allocators: &[Allocator],
+    pods: &[(&str, &str, u64); 2],
+) -> Result<()> {
+    let out = Command::new(agent_bin)
+        .arg("--config")
+        .arg(cfg)
+        .args(["gpu-status", "--json"])
+        .output()
+        .context("run bulkhead-agent gpu-status")?;
+    if !out.status.success() {
+        bail!(
+            "bulkhead-agent gpu-status failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("gpu-status: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text).context("gpu-status JSON")?;
+    let nvml = nvml_by_pid()?;
+    println!("| tenant | allocated | NVML (nvidia-smi) | gpu-status | ratio | workload of the pid |");
+    println!("|---|---|---|---|---|---|");
+    let mut ok = true;
+    for (a, (_, tenant, bytes)) in allocators.iter().zip(pods) {
+        let want = *nvml
+            .get(&a.pid)
+            .with_context(|| format!("nvidia-smi lists no process {}", a.pid))?;
+        let got: u64 = v["gpus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g["memory"][*tenant].as_u64())
+            .sum();
+        let workload = v["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["pid"] == a.pid)
+            .and_then(|p| p["workload"].as_str())
+            .unwrap_or("not listed")
+            .to_string();
+        let ratio = got as f64 / want as f64;
+        println!(
+            "| {tenant} | {} MiB | {} MiB | {} MiB | {ratio:.3} | {workload} |",
+            bytes / MIB,
+            want / MIB,
+            got / MIB
+        );
+        ok &= (0.95..=1.05).contains(&ratio) && workload == format!("tenant {tenant}");
+    }
+    if !ok {
+        bail!("gpu-status: the attribution is off NVML's per-process figures");
+    }
+    println!("gpu-check: gpu-status ok");
+    Ok(())
 }
 
 fn check(allocators: &[Allocator], pods: &[(&str, &str, u64); 2]) -> Result<()> {

@@ -44,11 +44,12 @@ fn main() -> Result<()> {
         ["bench", "sidecar", rest @ ..] => bench_sidecar(rest),
         ["deploy-check"] => deploy_check::run(&root()),
         ["images", rest @ ..] => images::run_task(rest),
-        ["gpu-check"] => gpu_check::run(),
+        ["gpu-check"] => gpu_check::run(None),
+        ["gpu-check", "--bin-dir", dir] => gpu_check::run(Some(std::path::Path::new(dir))),
         ["gpu-alloc", bytes] => gpu_check::alloc(bytes),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test | demo [--serve | --replicas N] | bench ebpf | bench agent | bench sidecar | deploy-check | images | gpu-check>\n\n\
+                "usage: cargo xtask <setup | test | demo [--serve | --replicas N] | bench ebpf | bench agent | bench sidecar | deploy-check | images | gpu-check [--bin-dir DIR]>\n\n\
                  setup       install the nightly rust-src and bpf-linker (cached), and redis-server\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
