@@ -148,7 +148,10 @@ fn gpu_status(config: &Config, json: bool) -> ExitCode {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "gpus": gpus, "processes": procs }));
+        println!(
+            "{}",
+            serde_json::json!({ "gpus": gpus, "processes": procs })
+        );
         return ExitCode::SUCCESS;
     }
     const MIB: u64 = 1 << 20;
@@ -169,7 +172,8 @@ fn gpu_status(config: &Config, json: bool) -> ExitCode {
             "pid {} on GPU {}: {} MiB, {} (cgroup {})",
             p.pid,
             p.gpu,
-            p.used_bytes.map_or("?".to_string(), |b| (b / MIB).to_string()),
+            p.used_bytes
+                .map_or("?".to_string(), |b| (b / MIB).to_string()),
             role(&p.role),
             p.cgroup.as_deref().unwrap_or("unreadable").trim()
         );

@@ -132,7 +132,9 @@ fn check_gpu_status(
     println!("gpu-status: {text}");
     let v: serde_json::Value = serde_json::from_str(&text).context("gpu-status JSON")?;
     let nvml = nvml_by_pid()?;
-    println!("| tenant | allocated | NVML (nvidia-smi) | gpu-status | ratio | workload of the pid |");
+    println!(
+        "| tenant | allocated | NVML (nvidia-smi) | gpu-status | ratio | workload of the pid |"
+    );
     println!("|---|---|---|---|---|---|");
     let mut ok = true;
     for (a, (_, tenant, bytes)) in allocators.iter().zip(pods) {

@@ -18,6 +18,8 @@
 //! * `gpu-check`: on a machine with an NVIDIA GPU, two processes in two pod-like cgroups
 //!   allocate known GPU memory (CUDA driver API, loaded at run time) and the agent's
 //!   `bulkhead_gpu_memory_bytes{tenant}` is checked against NVML's per-process figures (5 %).
+//! * `mutants [--fast | FILE ...]`: cargo-mutants over the security and accounting core (see
+//!   TESTING.md); fails when a file scores under 90 % or a survivor is not argued equivalent.
 //! * `deploy-check`: yamllint, kubernetes-validate, hadolint, promtool and consistency checks of
 //!   `deploy/` (installs promtool and a Python venv with the validators when missing).
 //!
@@ -30,6 +32,7 @@ use std::process::Command;
 mod deploy_check;
 mod gpu_check;
 mod images;
+mod mutants;
 mod setup;
 
 fn main() -> Result<()> {
@@ -46,10 +49,11 @@ fn main() -> Result<()> {
         ["images", rest @ ..] => images::run_task(rest),
         ["gpu-check"] => gpu_check::run(None),
         ["gpu-check", "--bin-dir", dir] => gpu_check::run(Some(std::path::Path::new(dir))),
+        ["mutants", rest @ ..] => mutants::run(rest),
         ["gpu-alloc", bytes] => gpu_check::alloc(bytes),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test | demo [--serve | --replicas N] | bench ebpf | bench agent | bench sidecar | deploy-check | images | gpu-check [--bin-dir DIR]>\n\n\
+                "usage: cargo xtask <setup | test | demo [--serve | --replicas N] | bench ebpf | bench agent | bench sidecar | deploy-check | images | gpu-check [--bin-dir DIR] | mutants [--fast | FILE ...]>\n\n\
                  setup       install the nightly rust-src and bpf-linker (cached), and redis-server\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
@@ -59,7 +63,8 @@ fn main() -> Result<()> {
                  bench sidecar [--limits redis | --fairness | --scan | --cache-tiers]  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar (or the limits backends, the fair queue, leak scanning, cache tiers)\n\
                  deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)\n\
                  images [--profile release|dev] [--no-build]  build the agent and sidecar images with podman\n\
-                 gpu-check   on an NVIDIA GPU machine: the agent's per-tenant GPU memory against NVML's per-process figures"
+                 gpu-check   on an NVIDIA GPU machine: the agent's per-tenant GPU memory against NVML's per-process figures\n\
+                 mutants [--fast | FILE ...]  cargo-mutants over the security core; fails under 90 % a file or on an unargued survivor (TESTING.md)"
             );
             bail!("unknown task {:?}", args);
         }
@@ -90,7 +95,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn render(cmd: &Command) -> String {
+pub fn render(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');

@@ -1,0 +1,236 @@
+//! `cargo xtask mutants [--fast] [FILE ...]`: mutation testing of the security and accounting
+//! core with cargo-mutants (installed when missing).
+//!
+//! Each mutant is judged by the unit tests of its crate (`.cargo/mutants.toml`). The run fails
+//! when a file's score (caught / viable) is under 90 %, or when a mutant survives that
+//! TESTING.md does not list as equivalent (with its reason): a new survivor is either killed by
+//! a new test or argued there. `--fast` runs the small files only, for a quick check.
+
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The files whose mutants must be caught (issue 16): identity, digest, limits, isolation, the
+/// body inspection and route matching of the request path, the agent's tagging and tenants.
+pub const CORE: &[&str] = &[
+    "sidecar/src/signature.rs",
+    "sidecar/src/digest.rs",
+    "sidecar/src/proxy/routes.rs",
+    "sidecar/src/limits.rs",
+    "sidecar/src/proxy/inspect.rs",
+    "sidecar/src/isolation.rs",
+    "agent/src/tagging.rs",
+    "agent/src/tenants.rs",
+];
+const FAST: &[&str] = &["sidecar/src/digest.rs", "sidecar/src/proxy/routes.rs"];
+const GOAL: f64 = 0.90;
+const CARGO_MUTANTS_VERSION: &str = "27.1.0";
+
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct FileScore {
+    pub caught: usize,
+    pub timeout: usize,
+    pub missed: Vec<String>,
+    pub unviable: usize,
+}
+
+impl FileScore {
+    pub fn viable(&self) -> usize {
+        self.caught + self.timeout + self.missed.len()
+    }
+
+    /// Caught (a timeout is a hang the tests detect) over viable; 1.0 with nothing viable.
+    pub fn score(&self) -> f64 {
+        match self.viable() {
+            0 => 1.0,
+            v => (self.caught + self.timeout) as f64 / v as f64,
+        }
+    }
+}
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let files: Vec<&str> = match args {
+        [] => CORE.to_vec(),
+        ["--fast"] => FAST.to_vec(),
+        files if files.iter().all(|f| !f.starts_with('-')) => files.to_vec(),
+        _ => bail!("usage: cargo xtask mutants [--fast | FILE ...]"),
+    };
+    ensure_cargo_mutants()?;
+    // The agent's build script builds the eBPF programs.
+    crate::setup::run()?;
+    let root = crate::root();
+    let out = root.join("target/mutants-out");
+    let mut cmd = crate::cargo();
+    cmd.arg("mutants")
+        .arg("--output")
+        .arg(&out)
+        .args(["--jobs", "1"])
+        // A target of its own that outlives the run's copy of the tree: the dependencies
+        // build once, not once a run.
+        .env("CARGO_TARGET_DIR", root.join("target/mutants"))
+        .env("PATH", crate::setup::path_with_linker()?);
+    for f in &files {
+        cmd.args(["--file", f]);
+    }
+    eprintln!("+ {}", crate::render(&cmd));
+    // cargo-mutants exits non-zero when a mutant survives: the verdict is ours, below.
+    let status = cmd
+        .current_dir(&root)
+        .status()
+        .context("run cargo mutants")?;
+    if !out.join("mutants.out/caught.txt").exists() {
+        bail!("cargo mutants produced no results ({status}): see its output above");
+    }
+    let scores = read_outcomes(&out.join("mutants.out"))?;
+    let equivalent = std::fs::read_to_string(root.join("TESTING.md")).unwrap_or_default();
+    let (table, failures) = verdict(&files, &scores, &equivalent);
+    println!("{table}");
+    if !failures.is_empty() {
+        bail!("mutation testing:\n  {}", failures.join("\n  "));
+    }
+    println!("mutants: every file at >= {:.0} %", GOAL * 100.0);
+    Ok(())
+}
+
+fn ensure_cargo_mutants() -> Result<()> {
+    let have = crate::cargo()
+        .args(["mutants", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        crate::run(crate::cargo().args([
+            "install",
+            "--locked",
+            "cargo-mutants",
+            "--version",
+            CARGO_MUTANTS_VERSION,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Per file, from cargo-mutants' `caught.txt`, `timeout.txt`, `missed.txt` and `unviable.txt`
+/// (one mutant a line: `path:line:col: description`).
+pub fn read_outcomes(dir: &Path) -> Result<BTreeMap<String, FileScore>> {
+    let mut scores: BTreeMap<String, FileScore> = BTreeMap::new();
+    for kind in ["caught", "timeout", "missed", "unviable"] {
+        let path = dir.join(format!("{kind}.txt"));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (file, what) = split_mutant(line)
+                .with_context(|| format!("{}: unexpected line {line:?}", path.display()))?;
+            let s = scores.entry(file.to_string()).or_default();
+            match kind {
+                "caught" => s.caught += 1,
+                "timeout" => s.timeout += 1,
+                "missed" => s.missed.push(what.to_string()),
+                _ => s.unviable += 1,
+            }
+        }
+    }
+    Ok(scores)
+}
+
+/// `sidecar/src/x.rs:12:5: replace a with b` -> (`sidecar/src/x.rs`, `replace a with b`):
+/// the position is dropped so TESTING.md's list survives edits that move lines.
+pub fn split_mutant(line: &str) -> Option<(&str, &str)> {
+    let (file, rest) = line.split_once(':')?;
+    let (_line, rest) = rest.split_once(':')?;
+    let (_col, what) = rest.split_once(':')?;
+    Some((file, what.trim()))
+}
+
+/// The markdown table and the failures: a file under the goal, or a survivor that TESTING.md
+/// does not list as `file: description`.
+pub fn verdict(
+    files: &[&str],
+    scores: &BTreeMap<String, FileScore>,
+    testing_md: &str,
+) -> (String, Vec<String>) {
+    let mut table = String::from(
+        "| file | mutants | unviable | viable | caught | timeouts | missed | score |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut failures = Vec::new();
+    for f in files {
+        let empty = FileScore::default();
+        let s = scores.get(*f).unwrap_or(&empty);
+        table.push_str(&format!(
+            "| `{f}` | {} | {} | {} | {} | {} | {} | {:.1} % |\n",
+            s.viable() + s.unviable,
+            s.unviable,
+            s.viable(),
+            s.caught,
+            s.timeout,
+            s.missed.len(),
+            s.score() * 100.0
+        ));
+        if s.score() < GOAL {
+            failures.push(format!(
+                "{f}: {:.1} % of {} viable mutants caught (goal {:.0} %)",
+                s.score() * 100.0,
+                s.viable(),
+                GOAL * 100.0
+            ));
+        }
+        for m in &s.missed {
+            if !testing_md.contains(&format!("`{f}: {m}`")) {
+                failures.push(format!(
+                    "{f}: `{m}` survived and TESTING.md does not argue it is equivalent"
+                ));
+            }
+        }
+    }
+    (table, failures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_dropped_and_descriptions_kept() {
+        assert_eq!(
+            split_mutant("sidecar/src/digest.rs:41:9: replace == with != in verify"),
+            Some(("sidecar/src/digest.rs", "replace == with != in verify"))
+        );
+        assert_eq!(split_mutant("no positions here"), None);
+    }
+
+    #[test]
+    fn a_file_under_the_goal_or_an_unargued_survivor_fails() {
+        let mut scores = BTreeMap::new();
+        scores.insert(
+            "a.rs".to_string(),
+            FileScore {
+                caught: 9,
+                timeout: 0,
+                missed: vec!["replace f -> bool with true".into()],
+                unviable: 3,
+            },
+        );
+        scores.insert(
+            "b.rs".to_string(),
+            FileScore {
+                caught: 8,
+                timeout: 0,
+                missed: vec!["x".into(), "y".into()],
+                unviable: 0,
+            },
+        );
+        let md = "- `a.rs: replace f -> bool with true`: f is only ever true here\n";
+        let (table, failures) = verdict(&["a.rs", "b.rs"], &scores, md);
+        assert!(
+            table.contains("| `a.rs` | 13 | 3 | 10 | 9 | 0 | 1 | 90.0 % |"),
+            "{table}"
+        );
+        assert_eq!(failures.len(), 3, "{failures:?}");
+        assert!(failures[0].starts_with("b.rs: 80.0 %"), "{failures:?}");
+        assert!(failures[1].contains("`x` survived"), "{failures:?}");
+        // a.rs: exactly the goal, its one survivor argued.
+        assert!(
+            !failures.iter().any(|f| f.starts_with("a.rs")),
+            "{failures:?}"
+        );
+    }
+}
