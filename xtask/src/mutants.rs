@@ -12,15 +12,30 @@ use std::path::Path;
 
 /// The files whose mutants must be caught (issue 16): identity, digest, limits, isolation, the
 /// body inspection and route matching of the request path, the agent's tagging and tenants.
-pub const CORE: &[&str] = &[
-    "sidecar/src/signature.rs",
-    "sidecar/src/digest.rs",
-    "sidecar/src/proxy/routes.rs",
-    "sidecar/src/limits.rs",
-    "sidecar/src/proxy/inspect.rs",
-    "sidecar/src/isolation.rs",
-    "agent/src/tagging.rs",
-    "agent/src/tenants.rs",
+/// Each group is one cargo-mutants run, with the tests that judge its mutants: the sidecar's
+/// core is pure logic, judged by its unit tests; the agent's tagging server and tenant registry
+/// act on kernel maps, judged by the tests that load the real programs (root and BPF).
+pub const CORE: &[(&[&str], &[&str])] = &[
+    (
+        &[
+            "sidecar/src/signature.rs",
+            "sidecar/src/digest.rs",
+            "sidecar/src/proxy/routes.rs",
+            "sidecar/src/limits.rs",
+            "sidecar/src/proxy/inspect.rs",
+            "sidecar/src/isolation.rs",
+        ],
+        &["--lib"],
+    ),
+    (
+        &["agent/src/tagging.rs", "agent/src/tenants.rs"],
+        &[
+            "--lib",
+            "--test=tagging_socket",
+            "--test=datapath",
+            "--test=kv_namespaces",
+        ],
+    ),
 ];
 const FAST: &[&str] = &["sidecar/src/digest.rs", "sidecar/src/proxy/routes.rs"];
 const GOAL: f64 = 0.90;
@@ -50,38 +65,51 @@ impl FileScore {
 
 pub fn run(args: &[&str]) -> Result<()> {
     let files: Vec<&str> = match args {
-        [] => CORE.to_vec(),
+        [] => CORE.iter().flat_map(|(f, _)| f.iter().copied()).collect(),
         ["--fast"] => FAST.to_vec(),
         files if files.iter().all(|f| !f.starts_with('-')) => files.to_vec(),
         _ => bail!("usage: cargo xtask mutants [--fast | FILE ...]"),
     };
+    let mut groups: Vec<(Vec<&str>, &[&str])> = Vec::new();
+    for f in &files {
+        let Some((_, tests)) = CORE.iter().find(|(fs, _)| fs.contains(f)) else {
+            bail!("{f} is not in the mutation-tested core (xtask/src/mutants.rs CORE)");
+        };
+        match groups.iter_mut().find(|(_, t)| t == tests) {
+            Some((fs, _)) => fs.push(f),
+            None => groups.push((vec![f], tests)),
+        }
+    }
     ensure_cargo_mutants()?;
     // The agent's build script builds the eBPF programs.
     crate::setup::run()?;
     let root = crate::root();
-    let out = root.join("target/mutants-out");
-    let mut cmd = crate::cargo();
-    cmd.arg("mutants")
-        .arg("--output")
-        .arg(&out)
-        .args(["--jobs", "1"])
-        // A target of its own that outlives the run's copy of the tree: the dependencies
-        // build once, not once a run.
-        .env("CARGO_TARGET_DIR", root.join("target/mutants"))
-        .env("PATH", crate::setup::path_with_linker()?);
-    for f in &files {
-        cmd.args(["--file", f]);
+    let mut scores = BTreeMap::new();
+    for (i, (group, tests)) in groups.iter().enumerate() {
+        let out = root.join(format!("target/mutants-out/{i}"));
+        let mut cmd = crate::cargo();
+        cmd.arg("mutants")
+            .arg("--output")
+            .arg(&out)
+            .args(["--jobs", "1"])
+            // A target of its own that outlives the run's copy of the tree: the dependencies
+            // build once, not once a run.
+            .env("CARGO_TARGET_DIR", root.join("target/mutants"))
+            .env("PATH", crate::setup::path_with_linker()?);
+        for t in *tests {
+            cmd.arg(format!("--cargo-arg={t}"));
+        }
+        for f in group {
+            cmd.args(["--file", f]);
+        }
+        eprintln!("+ {}", crate::render(&cmd));
+        // cargo-mutants exits non-zero when a mutant survives: the verdict is ours, below.
+        let status = cmd.current_dir(&root).status().context("run cargo mutants")?;
+        if !out.join("mutants.out/caught.txt").exists() {
+            bail!("cargo mutants produced no results ({status}): see its output above");
+        }
+        scores.extend(read_outcomes(&out.join("mutants.out"))?);
     }
-    eprintln!("+ {}", crate::render(&cmd));
-    // cargo-mutants exits non-zero when a mutant survives: the verdict is ours, below.
-    let status = cmd
-        .current_dir(&root)
-        .status()
-        .context("run cargo mutants")?;
-    if !out.join("mutants.out/caught.txt").exists() {
-        bail!("cargo mutants produced no results ({status}): see its output above");
-    }
-    let scores = read_outcomes(&out.join("mutants.out"))?;
     let equivalent = std::fs::read_to_string(root.join("TESTING.md")).unwrap_or_default();
     let (table, failures) = verdict(&files, &scores, &equivalent);
     println!("{table}");
