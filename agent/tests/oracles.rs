@@ -12,28 +12,32 @@
 //!   header + payload.
 //! * IPv4 header: 20 bytes (a socket without `IP_OPTIONS` sends none); IPv6: 40, plus an
 //!   8-byte hop-by-hop jumbo option on a TCP buffer of more than 65,535 bytes of payload,
-//!   which loopback builds for IPv6 (BIG TCP: seen here as +8 bytes on such buffers at egress
-//!   and the buffer arriving in pieces at the receiver). UDP header: 8. TCP header: 20 to 60 bytes; with timestamps negotiated
-//!   (`tcpi_options & TCPI_OPT_TIMESTAMPS`, Linux's default) every segment carries the 12-byte
-//!   option block, so at least 32.
+//!   which loopback builds (BIG TCP: seen here as +8 bytes on such buffers at egress, and the
+//!   buffer arriving in pieces at the receiver). UDP header: 8. TCP header: 20 to 60 bytes;
+//!   with timestamps negotiated (`tcpi_options & TCPI_OPT_TIMESTAMPS`, Linux's default) every
+//!   segment carries the 12-byte option block, so at least 32, and exactly 32 when no SACK
+//!   blocks are sent (no loss, no reordering: no retransmission and no out-of-order packet).
 //! * `tcpi_segs_out` grows by `tcp_skb_pcount(skb)` for every buffer TCP transmits (data,
 //!   pure ACKs, window updates, FIN, retransmissions) and `tcpi_segs_in` by
 //!   `max(1, gso_segs)` for every buffer that reaches the socket; `tcpi_bytes_sent` counts
 //!   payload put on the wire, retransmissions included; `tcpi_bytes_received` counts payload
 //!   received in order (duplicates not).
 //! * A buffer (what the hooks see, and count as one packet) carries one segment or, with GSO,
-//!   several, and its headers once. Loopback builds such buffers even at its default MSS (a
-//!   connection's MSS starts at half the peer's first window, and a buffer sized then is cut
-//!   in two once the MSS is larger). A buffer holds at most 512 KiB of payload (loopback's TSO
-//!   limit), and a buffer without payload (ACK, window update) is always one segment
-//!   (`tcpi_data_segs_out`/`_in` count the segments with payload). So, over a window in which
-//!   the connection starts and ends quiet, the packets P charged for a socket lie in
-//!   `[segments without payload + ceil(payload / 512 KiB), segments]`, and
-//!   its bytes in `[payload + P * min_header, payload incl. retransmissions + P * max_header]`.
-//!   Dropping the IP header (20 bytes a packet) falls below the lower bound; counting a packet
-//!   twice passes the segment count and the upper bound.
-//! * With a small MSS (`TCP_MAXSEG`) TCP hands the IP layer GSO buffers of many segments, which
-//!   loopback delivers whole: such a buffer is one counted packet with its headers once.
+//!   several, and its headers once. Loopback builds such buffers even at its default MSS (seen
+//!   here over IPv4 and IPv6: fewer buffers than segments, and buffers of more than 64 KiB),
+//!   and may hand the receiver a large one in pieces. A buffer holds at most 512 KiB of
+//!   payload (loopback's TSO limit), and a buffer without payload (ACK, window update) is
+//!   always one segment (`tcpi_data_segs_out`/`_in` count the segments with payload). So, over
+//!   a window in which the connection starts and ends quiet, the packets P charged for a
+//!   socket lie in `[segments without payload + ceil(payload / 512 KiB), segments]`, and its
+//!   bytes in `[payload + P * min_header, payload incl. retransmissions + P * max_header]`,
+//!   `max_header` being `min_header` (+ 8 over IPv6) when no SACK blocks can have been sent:
+//!   over IPv4, then, exactly payload + 52 bytes a packet. Dropping the IP header (20 bytes a
+//!   packet) falls below the lower bound; counting a packet twice exceeds the segment count
+//!   and the upper bound.
+//! * With a small MSS (`TCP_MAXSEG`) TCP hands the IP layer GSO buffers of many segments: each
+//!   is one counted packet with its headers once, as the sender's hook and the receiver's see
+//!   it, while the kernel counts its segments.
 
 use bulkhead_tests::harness::*;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -149,15 +153,6 @@ fn quiet_snapshot(agent: &Agent, sockets: &[&TcpStream]) -> (Metrics, Vec<Kernel
     }
 }
 
-/// Moves a megabyte each way before the measured window. A fresh connection's MSS starts at
-/// half the peer's first window (about 32 KiB on loopback) and the first buffers, sized for
-/// it, can carry two segments once the MSS grows; after this the MSS is the full 65,483 (IPv4)
-/// and every buffer is one segment.
-fn warm_up(c: &mut TcpStream, s: &mut TcpStream) {
-    transfer(c, s, 1 << 20);
-    transfer(s, c, 1 << 20);
-}
-
 /// A connected loopback TCP pair on `ip` (127.0.0.1 or ::1): (client, server side).
 fn tcp_pair_on(ip: &str) -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind((ip, 0)).unwrap();
@@ -174,8 +169,7 @@ struct Ip {
     /// buffer of more than 65,535 bytes of payload ("BIG TCP"), removed again on receipt.
     extension: u64,
     /// Largest payload of one buffer: loopback's TSO limit (`ip -d link show lo`:
-    /// `tso_max_size 524280`; 512 KiB as a round bound). Buffers of more than 64 KiB were seen
-    /// here over IPv4 too.
+    /// `tso_max_size 524280`; 512 KiB as a round bound).
     max_buffer_payload: u64,
 }
 
@@ -287,7 +281,6 @@ fn one_connection(ip: &str, client_tenant: Option<&str>, server_tenant: Option<&
             );
         }
     }
-    warm_up(&mut c, &mut s);
     let (m0, k0) = quiet_snapshot(&agent, &[&c, &s]);
     transfer(&mut c, &mut s, UP);
     transfer(&mut s, &mut c, DOWN);
