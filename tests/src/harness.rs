@@ -487,13 +487,20 @@ pub fn bytes_sent(sockets: &[&TcpStream]) -> u64 {
 /// much per counted packet.
 pub const MAX_HEADER_BYTES: u64 = 80;
 
-/// Asserts `payload <= bytes <= sent + packets * MAX_HEADER_BYTES`, where `sent` is the payload
-/// actually put on the wire (retransmissions included) by the sockets whose packets are counted.
+/// Smallest IPv4 + TCP header of one packet (20 + 20 bytes): every counted packet carries at
+/// least this much besides its payload, since the hooks count from the IP header on.
+pub const MIN_HEADER_BYTES: u64 = 40;
+
+/// Asserts `payload + packets * MIN_HEADER_BYTES <= bytes <= sent + packets * MAX_HEADER_BYTES`,
+/// where `sent` is the payload actually put on the wire (retransmissions included) by the
+/// sockets whose packets are counted. `agent/tests/oracles.rs` has tighter bounds, from each
+/// socket's TCP_INFO.
 pub fn assert_payload_accounted(what: &str, bytes: u64, packets: u64, payload: u64, sent: u64) {
     assert!(packets > 0, "{what}: no packets counted");
     assert!(
-        bytes >= payload,
-        "{what}: {bytes} bytes counted for {payload} bytes of payload"
+        bytes >= payload + packets * MIN_HEADER_BYTES,
+        "{what}: {bytes} bytes counted for {payload} bytes of payload in {packets} packets: less \
+         than {MIN_HEADER_BYTES} bytes of IP and TCP headers per packet"
     );
     assert!(
         bytes <= sent + packets * MAX_HEADER_BYTES,
