@@ -26,7 +26,7 @@ pub fn verify(value: &str, body: &[u8]) -> Result<(), DigestError> {
     let dict = sfv::Parser::new(value)
         .parse_dictionary()
         .map_err(|_| DigestError::Malformed)?;
-    let mut known = 0;
+    let mut any_known = false;
     for (k, entry) in &dict {
         let alg = match k.as_str() {
             "sha-256" => &digest::SHA256,
@@ -40,12 +40,12 @@ pub fn verify(value: &str, body: &[u8]) -> Result<(), DigestError> {
             .bare_item
             .as_byte_sequence()
             .ok_or(DigestError::Malformed)?;
-        known += 1;
+        any_known = true;
         if digest::digest(alg, body).as_ref() != expected {
             return Err(DigestError::Mismatch);
         }
     }
-    if known == 0 {
+    if !any_known {
         return Err(DigestError::NoKnownAlgorithm);
     }
     Ok(())

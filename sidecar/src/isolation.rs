@@ -1082,5 +1082,18 @@ mod tests {
             judge_flush(Flavor::Sglang, ok, b"Cache flushed.\n"),
             FlushOutcome::Ok
         );
+        // Each refusal phrase on its own is a refusal, whatever else the body says.
+        for body in [
+            &b"Cache NOT FLUSHED: the scheduler is busy"[..],
+            b"There are pending requests; try again later",
+            br#"{"success":"maybe"}"#,
+        ] {
+            assert_eq!(
+                judge_flush(Flavor::Sglang, ok, body).label(),
+                "refused",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }

@@ -34,6 +34,7 @@ pub const CORE: &[(&[&str], &[&str])] = &[
             "--test=tagging_socket",
             "--test=datapath",
             "--test=kv_namespaces",
+            "--test=registry_and_socket",
         ],
     ),
 ];
