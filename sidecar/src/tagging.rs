@@ -7,7 +7,7 @@ use agent_common::client::{AgentClient, ClientError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,9 @@ pub struct Tagger {
     tagged: TaggedCounts,
     max_per_tenant: usize,
     cap_reached: Family<TenantLabel, Counter>,
+    /// The (agent error code, tenant) refusals already logged as warnings: each once per
+    /// process (tenants are configured names, so this stays small).
+    refusals_logged: Mutex<HashSet<(&'static str, String)>>,
 }
 
 /// One client connection's tag under the per-tenant cap; the count drops when it is dropped.
@@ -85,6 +88,7 @@ impl Tagger {
             tagged: Arc::default(),
             max_per_tenant,
             cap_reached,
+            refusals_logged: Mutex::default(),
         }
     }
 
@@ -200,7 +204,18 @@ impl Tagger {
                 true
             }
             Ok(Err(ClientError::Rejected { code, message })) => {
-                tracing::debug!(tenant = tenant.unwrap_or("(untag)"), code = code.as_str(), %message, "agent refused to tag a socket");
+                drop(st);
+                let who = tenant.unwrap_or("(untag)");
+                let first = self
+                    .refusals_logged
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((code.as_str(), who.to_string()));
+                if first {
+                    tracing::warn!(tenant = who, code = code.as_str(), %message, "the node agent refused to tag a socket: it stays untagged (its bytes count as untagged); the request is served; logged once per code and tenant");
+                } else {
+                    tracing::debug!(tenant = who, code = code.as_str(), %message, "agent refused to tag a socket");
+                }
                 false
             }
             Ok(Err(e)) => {

@@ -39,10 +39,7 @@ fn documented_salt(key: &[u8], generation: u64, tenant: &str) -> String {
     let mut msg = b"bulkhead cache_salt v1\0".to_vec();
     msg.extend_from_slice(&generation.to_be_bytes());
     msg.extend_from_slice(tenant.as_bytes());
-    let tag = ring::hmac::sign(
-        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
-        &msg,
-    );
+    let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), &msg);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
 }
 
@@ -125,7 +122,8 @@ async fn post(h: &Harness, tenant: &str, path: &str, body: &str) -> (StatusCode,
 
 #[tokio::test]
 async fn the_salt_is_the_documented_hmac_of_generation_and_tenant() {
-    let tenants = "[tenants.acme]\nisolation = \"salted\"\n[tenants.globex]\nisolation = \"salted\"\n";
+    let tenants =
+        "[tenants.acme]\nisolation = \"salted\"\n[tenants.globex]\nisolation = \"salted\"\n";
     let (h, _keys) = start(tenants, "", SimConfig::default(), |_| {}).await;
     let embed = r#"{"model":"m","input":"some words","cache_salt":"client"}"#;
     let tokenize = r#"{"model":"m","prompt":"some words","cache_salt":"client"}"#;
@@ -133,7 +131,10 @@ async fn the_salt_is_the_documented_hmac_of_generation_and_tenant() {
         let want = documented_salt(SALT_KEY, 1, tenant);
         for (path, body) in [
             ("/v1/chat/completions", chat("x", "")),
-            ("/v1/completions", r#"{"model":"m","prompt":"x"}"#.to_string()),
+            (
+                "/v1/completions",
+                r#"{"model":"m","prompt":"x"}"#.to_string(),
+            ),
             ("/v1/embeddings", embed.to_string()),
         ] {
             let (st, b) = post(&h, tenant, path, &body).await;
@@ -159,7 +160,8 @@ async fn the_salt_is_the_documented_hmac_of_generation_and_tenant() {
 
 #[tokio::test]
 async fn exclusive_tenants_requests_carry_no_salt_not_even_the_clients() {
-    let tenants = "[tenants.acme]\nisolation = \"exclusive\"\n[tenants.globex]\nisolation = \"salted\"\n";
+    let tenants =
+        "[tenants.acme]\nisolation = \"exclusive\"\n[tenants.globex]\nisolation = \"salted\"\n";
     let (h, _keys) = start(tenants, "", SimConfig::default(), |_| {}).await;
     let with_salt = chat("x", r#","cache_salt":"acme-chosen-salt""#);
     let (st, _) = post(&h, "acme", "/v1/chat/completions", &with_salt).await;
@@ -169,10 +171,7 @@ async fn exclusive_tenants_requests_carry_no_salt_not_even_the_clients() {
     assert_eq!(st, StatusCode::OK);
     let (st, _) = post(&h, "acme", "/v1/chat/completions", &chat("y", "")).await;
     assert_eq!(st, StatusCode::OK);
-    assert_eq!(
-        salts_seen(&h, "/v1/chat/completions", "acme"),
-        [None, None]
-    );
+    assert_eq!(salts_seen(&h, "/v1/chat/completions", "acme"), [None, None]);
     assert_eq!(salts_seen(&h, "/v1/embeddings", "acme"), [None]);
     for r in h.sim.sim.requests() {
         assert!(
@@ -195,43 +194,56 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// GET `path` on `addr`: the status, or None when nothing answers.
-async fn get_status(client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>, addr: std::net::SocketAddr, path: &str) -> Option<StatusCode> {
-    let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
-    client.get(uri).await.ok().map(|r| r.status())
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+/// The `bulkhead-sidecar` binary, run on a config file, its stdout and stderr captured.
+struct Bin {
+    child: tokio::process::Child,
+    out: tokio::task::JoinHandle<Vec<u8>>,
+    err: tokio::task::JoinHandle<Vec<u8>>,
+    addr: std::net::SocketAddr,
+    client: HttpClient,
 }
 
-/// The binary, logging everything (`RUST_LOG=trace`, plain and JSON), serves salted
-/// requests (with and without a client salt, refused ones, a reload to a new generation):
-/// neither salt appears anywhere in what it writes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_salt_never_reaches_the_log() {
-    use tokio::io::AsyncReadExt;
-    const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-sidecar");
-    let sim = bulkhead_sim::SimHandle::start(SimConfig::default())
-        .await
-        .unwrap();
-    for json_log in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let b64 = base64::engine::general_purpose::STANDARD;
-        std::fs::write(dir.path().join("gw.key"), b64.encode(GW_KEY)).unwrap();
-        std::fs::write(dir.path().join("acme.key"), b64.encode(ACME_KEY)).unwrap();
-        let tenants = "[tenants.acme]\nisolation = \"salted\"\n[tenants.globex]\nisolation = \"salted\"\n";
-        let (port, admin_port) = (free_port(), free_port());
-        let text = config_text(&sim.url(), dir.path(), tenants)
-            .replace(
-                "addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"",
-                &format!("addr = \"127.0.0.1:{port}\"\nadmin_addr = \"127.0.0.1:{admin_port}\""),
-            )
-            .replacen("[upstream]\n", "[upstream]\nflavor = \"vllm\"\n", 1)
-            + &cache_section(dir.path(), 1, "");
-        let config = dir.path().join("sidecar.toml");
-        std::fs::write(&config, &text).unwrap();
+/// A config for the binary: the harness's, on free ports, upstream `upstream` (vLLM flavour),
+/// keys in `dir`, plus `extra`.
+fn bin_config(upstream: &str, dir: &std::path::Path, tenants: &str, extra: &str) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    std::fs::write(dir.join("gw.key"), b64.encode(GW_KEY)).unwrap();
+    std::fs::write(dir.join("acme.key"), b64.encode(ACME_KEY)).unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    config_text(upstream, dir, tenants)
+        .replace(
+            "addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"",
+            &format!("addr = \"127.0.0.1:{port}\"\nadmin_addr = \"127.0.0.1:{admin_port}\""),
+        )
+        .replacen("[upstream]\n", "[upstream]\nflavor = \"vllm\"\n", 1)
+        + extra
+}
+
+impl Bin {
+    /// Start the binary on `config` (from [`bin_config`]) with `RUST_LOG=rust_log`, and wait
+    /// until it is ready.
+    async fn start(config: &std::path::Path, rust_log: &str, json_log: bool) -> Bin {
+        use tokio::io::AsyncReadExt;
+        const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-sidecar");
+        let text = std::fs::read_to_string(config).unwrap();
+        let port_of = |key: &str| -> std::net::SocketAddr {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{key} = ")))
+                .unwrap();
+            line.split('"').nth(1).unwrap().parse().unwrap()
+        };
+        let (addr, admin) = (port_of("addr"), port_of("admin_addr"));
         let mut cmd = tokio::process::Command::new(BIN);
         cmd.arg("run")
             .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "trace")
+            .arg(config)
+            .env("RUST_LOG", rust_log)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
@@ -251,53 +263,106 @@ async fn the_salt_never_reaches_the_log() {
             let _ = stderr.read_to_end(&mut b).await;
             b
         });
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        let client = hyper_util::client::legacy::Client::builder(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .build_http::<Full<Bytes>>();
+        let client: HttpClient =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let ready: http::Uri = format!("http://{admin}/readyz").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while get_status(&client, admin, "/readyz").await != Some(StatusCode::OK) {
+        loop {
+            if let Ok(r) = client.get(ready.clone()).await
+                && r.status() == StatusCode::OK
+            {
+                break;
+            }
             assert!(Instant::now() < deadline, "the sidecar never became ready");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let send = |tenant: &str, path: &str, body: &str| {
-            let headers = signed_headers(
-                tenant,
-                &Method::POST,
-                path,
-                body.as_bytes(),
-                "gw",
-                GW_KEY,
-                |_| {},
-            );
-            let mut req = http::Request::new(Full::new(Bytes::from(body.to_string())));
-            *req.method_mut() = Method::POST;
-            *req.uri_mut() = format!("http://{addr}{path}").parse().unwrap();
-            *req.headers_mut() = headers;
-            let client = client.clone();
-            async move {
-                let r = client.request(req).await.unwrap();
-                let status = r.status();
-                let _ = r.into_body().collect().await;
-                status
-            }
-        };
+        Bin {
+            child,
+            out,
+            err,
+            addr,
+            client,
+        }
+    }
+
+    /// A gateway-signed POST; the status (the body is read and dropped).
+    async fn send(&self, tenant: &str, path: &str, body: &str) -> StatusCode {
+        let headers = signed_headers(
+            tenant,
+            &Method::POST,
+            path,
+            body.as_bytes(),
+            "gw",
+            GW_KEY,
+            |_| {},
+        );
+        let mut req = http::Request::new(Full::new(Bytes::from(body.to_string())));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = format!("http://{}{path}", self.addr).parse().unwrap();
+        *req.headers_mut() = headers;
+        let r = self.client.request(req).await.unwrap();
+        let status = r.status();
+        let _ = r.into_body().collect().await;
+        status
+    }
+
+    /// SIGTERM, a clean exit, and everything it wrote (stdout, then stderr).
+    async fn stop(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("the sidecar stops on SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{status}");
+        let log = [self.out.await.unwrap(), self.err.await.unwrap()].concat();
+        String::from_utf8_lossy(&log).into_owned()
+    }
+}
+
+/// The binary, logging everything (`RUST_LOG=trace`, plain and JSON), serves salted
+/// requests (with and without a client salt, refused ones, a reload to a new generation):
+/// neither salt appears anywhere in what it writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_salt_never_reaches_the_log() {
+    let sim = bulkhead_sim::SimHandle::start(SimConfig::default())
+        .await
+        .unwrap();
+    for json_log in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let tenants =
+            "[tenants.acme]\nisolation = \"salted\"\n[tenants.globex]\nisolation = \"salted\"\n";
+        let text = bin_config(
+            &sim.url(),
+            dir.path(),
+            tenants,
+            &cache_section(dir.path(), 1, ""),
+        );
+        let config = dir.path().join("sidecar.toml");
+        std::fs::write(&config, &text).unwrap();
+        let bin = Bin::start(&config, "trace", json_log).await;
         let before = sim.sim.requests().len();
         let salt1 = documented_salt(SALT_KEY, 1, "acme");
         let salt2 = documented_salt(SALT_KEY, 2, "acme");
         let path = "/v1/chat/completions";
-        assert_eq!(send("acme", path, &chat("x", "")).await, StatusCode::OK);
+        assert_eq!(bin.send("acme", path, &chat("x", "")).await, StatusCode::OK);
         // The client sends the real salt (had it leaked) and a salt of its own.
         let theirs = format!(r#","cache_salt":"{salt1}""#);
-        assert_eq!(send("acme", path, &chat("x", &theirs)).await, StatusCode::OK);
         assert_eq!(
-            send("acme", path, &chat("x", r#","stream":true"#)).await,
+            bin.send("acme", path, &chat("x", &theirs)).await,
             StatusCode::OK
         );
         assert_eq!(
-            send("acme", path, "{not json").await,
+            bin.send("acme", path, &chat("x", r#","stream":true"#))
+                .await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            bin.send("acme", path, "{not json").await,
             StatusCode::BAD_REQUEST
         );
         // A new generation through a reload: the new salt is not logged either.
@@ -308,7 +373,7 @@ async fn the_salt_never_reaches_the_log() {
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            assert_eq!(send("acme", path, &chat("y", "")).await, StatusCode::OK);
+            assert_eq!(bin.send("acme", path, &chat("y", "")).await, StatusCode::OK);
             let last = sim.sim.requests().last().cloned().unwrap();
             if json(&last.body)["cache_salt"] == salt2.as_str() {
                 break;
@@ -323,26 +388,20 @@ async fn the_salt_never_reaches_the_log() {
             .map(|r| json(&r.body)["cache_salt"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(seen[..3], [salt1.clone(), salt1.clone(), salt1.clone()]);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .expect("the sidecar stops on SIGTERM")
-            .unwrap();
-        assert!(status.success(), "{status}");
-        let log = [out.await.unwrap(), err.await.unwrap()].concat();
-        let log = String::from_utf8_lossy(&log);
+        let log = bin.stop().await;
         // The capture works: the trace-level log is there, the reload included.
         assert!(log.contains("bulkhead-sidecar listening"), "{log}");
+        assert!(log.contains("configuration reloaded"), "{log}");
         assert!(log.lines().count() > 10, "{log}");
-        let key_b64 = b64.encode(SALT_KEY);
+        let key_b64 = base64::engine::general_purpose::STANDARD.encode(SALT_KEY);
         for secret in [&salt1, &salt2, &key_b64] {
+            let leaks: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(secret.as_str()))
+                .collect();
             assert!(
-                !log.contains(secret.as_str()),
-                "json {json_log}: a salt or the salt key is in the log:\n{log}"
+                leaks.is_empty(),
+                "json {json_log}: a salt or the salt key is in the log: {leaks:#?}"
             );
         }
     }
@@ -443,7 +502,11 @@ fn fake_agent(path: &std::path::Path, refuse: &'static [&'static str]) -> CallLo
 
 /// The calls on the client connection whose client port is `port` (sidecar side: local port
 /// `h.addr`, peer port `port`), as (op, tenant, accepted).
-fn client_calls(log: &CallLog, h: &Harness, port: u16) -> Vec<(&'static str, Option<String>, bool)> {
+fn client_calls(
+    log: &CallLog,
+    h: &Harness,
+    port: u16,
+) -> Vec<(&'static str, Option<String>, bool)> {
     log.lock()
         .unwrap()
         .iter()
@@ -552,7 +615,10 @@ async fn hold_retries_the_flush_until_the_queue_timeout_and_never_forwards() {
     );
     let (ok, refused) = h.sim.sim.flushes();
     assert_eq!(ok, 0);
-    assert!(refused > 2 * 2, "kept retrying past flush_attempts: {refused}");
+    assert!(
+        refused > 2 * 2,
+        "kept retrying past flush_attempts: {refused}"
+    );
     assert_eq!(
         upstream_log(&h)
             .iter()
@@ -561,11 +627,8 @@ async fn hold_retries_the_flush_until_the_queue_timeout_and_never_forwards() {
         0,
         "forwarded without the flush"
     );
-    h.wait_metric(
-        "bulkhead_cache_gate_timeouts_total{kind=\"queue\"}",
-        1.0,
-    )
-    .await;
+    h.wait_metric("bulkhead_cache_gate_timeouts_total{kind=\"queue\"}", 1.0)
+        .await;
     h.wait_metric("bulkhead_requests_total{tenant=\"acme\",code=\"503\"}", 1.0)
         .await;
     // The server flushes again: acme runs.
@@ -600,9 +663,10 @@ async fn acme_or_queued(
     h: &Arc<Harness>,
 ) -> Result<StatusCode, tokio::task::JoinHandle<(StatusCode, Bytes)>> {
     let h2 = h.clone();
-    let mut task = tokio::spawn(async move {
-        post(&h2, "acme", "/v1/chat/completions", &chat("mine", "")).await
-    });
+    let mut task =
+        tokio::spawn(
+            async move { post(&h2, "acme", "/v1/chat/completions", &chat("mine", "")).await },
+        );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(r) = tokio::time::timeout(Duration::from_millis(10), &mut task).await {
@@ -807,4 +871,44 @@ async fn a_refused_retag_leaves_the_connection_untagged_not_under_the_previous_t
     assert_eq!(refused_upstream, 1);
     c.close().await;
     h.shutdown().await;
+}
+
+/// A tag the agent refuses is visible at the default log level: one warning per code and
+/// tenant, naming both (not one per request); the requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_the_agent_refuses_is_logged_once_per_code_and_tenant() {
+    let sim = bulkhead_sim::SimHandle::start(SimConfig::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let calls = fake_agent(&sock, &["globex"]);
+    let text = bin_config(
+        &sim.url(),
+        dir.path(),
+        DEFAULT_TENANTS,
+        &format!("\n[agent]\nsocket = \"{}\"\n", sock.display()),
+    );
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(&config, &text).unwrap();
+    let bin = Bin::start(&config, "info", true).await;
+    for tenant in ["acme", "globex", "globex", "acme", "globex"] {
+        let st = bin
+            .send(tenant, "/v1/chat/completions", &chat("x", ""))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{tenant}");
+    }
+    let log = bin.stop().await;
+    let refused = calls.lock().unwrap().iter().filter(|c| !c.accepted).count();
+    assert!(refused >= 2, "the agent refused {refused} tags");
+    let warnings: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.contains("the node agent refused to tag a socket"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert_eq!(warnings[0]["level"], "WARN");
+    assert_eq!(warnings[0]["fields"]["code"], "unknown_tenant");
+    assert_eq!(warnings[0]["fields"]["tenant"], "globex");
+    sim.stop().await;
 }

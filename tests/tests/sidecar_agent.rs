@@ -1,0 +1,295 @@
+//! The sidecar's tagging against the real agent (root, eBPF; under CI=true fails without):
+//! the tag each of the sidecar's own sockets carries is asked of the agent itself (`lookup`
+//! on the socket, which lives in this process), after every request, on one kept-alive
+//! HTTP/1.1 connection and one HTTP/2 connection:
+//!
+//! - a tenant's request tags the client connection and its upstream connection with it;
+//! - the next request of another tenant on the same connection re-tags it;
+//! - a tenant the agent does not know (`unknown_tenant`) is served (tagging never refuses a
+//!   request) on an untagged connection, never under the previous tenant;
+//! - a sidecar the agent does not allow (`not_allowed`) serves every request, and the agent
+//!   counts none of its bytes under a tenant.
+
+use bulkhead_tests::harness::*;
+use bulkhead_tests::stack::{GATEWAY_KEY, GATEWAY_KEY_ID, Stack, TempDir};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// A chat completion for `tenant`, signed by the stack's gateway key, to `addr`.
+fn signed_chat(addr: SocketAddr, tenant: &str) -> Request<Full<Bytes>> {
+    let body = format!(
+        r#"{{"model":"sim","max_tokens":8,"messages":[{{"role":"user","content":"hello from {tenant}"}}]}}"#
+    );
+    let path: http::Uri = "/v1/chat/completions".parse().unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        bulkhead_sidecar::signature::TENANT_HEADER,
+        HeaderValue::from_str(tenant).unwrap(),
+    );
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert("host", HeaderValue::from_str(&addr.to_string()).unwrap());
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    bulkhead_sidecar::signature::sign_request(
+        &Method::POST,
+        &path,
+        &mut headers,
+        body.as_bytes(),
+        GATEWAY_KEY,
+        &bulkhead_sidecar::signature::SignOptions::new(GATEWAY_KEY_ID, created),
+    )
+    .unwrap();
+    let mut req = Request::new(Full::new(Bytes::from(body)));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = format!("http://{addr}/v1/chat/completions")
+        .parse()
+        .unwrap();
+    *req.headers_mut() = headers;
+    req
+}
+
+/// One client connection of its own, HTTP/1.1 or HTTP/2: its port and a sender.
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+async fn connect(addr: SocketAddr, h2: bool) -> (u16, Conn) {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    let io = hyper_util::rt::TokioIo::new(s);
+    let conn = if h2 {
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        Conn::H2(send)
+    } else {
+        let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        Conn::H1(send)
+    };
+    (port, conn)
+}
+
+impl Conn {
+    async fn chat(&mut self, addr: SocketAddr, tenant: &str) -> StatusCode {
+        let mut req = signed_chat(addr, tenant);
+        let resp = match self {
+            Conn::H1(s) => {
+                *req.uri_mut() = "/v1/chat/completions".parse().unwrap();
+                s.ready().await.unwrap();
+                s.send_request(req).await.unwrap()
+            }
+            Conn::H2(s) => {
+                req.headers_mut().remove("host");
+                s.ready().await.unwrap();
+                let r = s.send_request(req).await.unwrap();
+                assert_eq!(r.version(), http::Version::HTTP_2);
+                r
+            }
+        };
+        let status = resp.status();
+        resp.into_body().collect().await.unwrap();
+        status
+    }
+}
+
+/// The (local, peer) ports of a connected TCP socket.
+fn ports(fd: BorrowedFd<'_>) -> Option<(u16, u16)> {
+    let s = socket2::SockRef::from(&fd);
+    let local = s.local_addr().ok()?.as_socket()?;
+    let peer = s.peer_addr().ok()?.as_socket()?;
+    Some((local.port(), peer.port()))
+}
+
+/// A duplicate of this process's TCP socket with these local and peer ports (the sidecar
+/// runs in this process: its sockets are ours to ask the agent about).
+fn own_socket(local_port: u16, peer_port: u16) -> OwnedFd {
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_socket =
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: `fd` was an open socket a moment ago; it is only asked its addresses and
+        // duplicated here. Had it been closed (and reused) meanwhile, the calls fail or the
+        // duplicate's ports are checked again below.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        if ports(borrowed) != Some((local_port, peer_port)) {
+            continue;
+        }
+        let Ok(dup) = nix::unistd::dup(borrowed) else {
+            continue;
+        };
+        if ports(dup.as_fd()) == Some((local_port, peer_port)) {
+            return dup;
+        }
+    }
+    panic!("no socket of this process from port {local_port} to port {peer_port}");
+}
+
+/// The tenant the agent has on the socket from `local_port` to `peer_port`.
+fn tag_of(agent: &Agent, local_port: u16, peer_port: u16) -> Option<String> {
+    let sock = own_socket(local_port, peer_port);
+    agent
+        .client()
+        .lookup(sock.as_fd())
+        .expect("the agent answers a lookup")
+        .tenant
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sidecar_tags_and_retags_and_never_leaves_a_refused_tenant_under_another() {
+    let agent_bin = workspace_bin("bulkhead-agent");
+    if !require_bpf(&agent_bin) {
+        return;
+    }
+    let paths = Paths::new();
+    // The agent knows alpha and beta; the sidecar also serves gamma.
+    let agent = Agent::start(&agent_bin, &paths, &paths.config(""));
+    let dir = TempDir::new("sidecar-agent");
+    let stack = Stack::start(
+        bulkhead_sim::SimConfig::default(),
+        "[tenants.alpha]\n[tenants.beta]\n[tenants.gamma]\n",
+        "",
+        Some(&paths.socket),
+        &dir.0,
+    )
+    .await;
+    let sidecar_port = stack.addr.port();
+    let sim_port = stack.sim.addr.port();
+    let tag_requests = |result: &str| {
+        agent.metrics().get(
+            "bulkhead_tag_requests_total",
+            &[("op", "tag"), ("result", result)],
+        )
+    };
+    for h2 in [false, true] {
+        let (port, mut conn) = connect(stack.addr, h2).await;
+        let before = stack.sim.sim.requests().len();
+        for (tenant, want) in [
+            ("alpha", Some("alpha")),
+            ("beta", Some("beta")),
+            ("alpha", Some("alpha")),
+            // The agent refuses gamma: the connection is untagged, not left as alpha's.
+            ("gamma", None),
+            ("gamma", None),
+            ("beta", Some("beta")),
+        ] {
+            assert_eq!(
+                conn.chat(stack.addr, tenant).await,
+                StatusCode::OK,
+                "{tenant}"
+            );
+            assert_eq!(
+                tag_of(&agent, sidecar_port, port).as_deref(),
+                want,
+                "h2 {h2}: the client connection after {tenant}'s request"
+            );
+        }
+        // Each request went upstream on a connection tagged with its tenant (gamma's: none).
+        for r in &stack.sim.sim.requests()[before..] {
+            let tenant = r.headers["x-bulkhead-tenant"].to_str().unwrap();
+            let want = (tenant != "gamma").then_some(tenant);
+            assert_eq!(
+                tag_of(&agent, r.peer.unwrap().port(), sim_port).as_deref(),
+                want,
+                "h2 {h2}: {tenant}'s upstream connection"
+            );
+        }
+        drop(conn);
+    }
+    // Refused: gamma on each client connection once (its slot is kept, so not on every
+    // request), and each of gamma's upstream connections once.
+    let gamma_upstream: std::collections::BTreeSet<u16> = stack
+        .sim
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.headers["x-bulkhead-tenant"] == "gamma")
+        .map(|r| r.peer.unwrap().port())
+        .collect();
+    assert_eq!(
+        tag_requests("unknown_tenant"),
+        (2 + gamma_upstream.len()) as f64
+    );
+    assert!(tag_requests("ok") >= 8.0);
+    let (_, text) = stack.get_admin("/metrics").await.unwrap();
+    assert!(
+        text.contains("bulkhead_agent_tagging_available 1"),
+        "{text}"
+    );
+    stack.stop().await;
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_the_agent_does_not_allow_serves_and_its_bytes_count_as_untagged() {
+    let agent_bin = workspace_bin("bulkhead-agent");
+    if !require_bpf(&agent_bin) {
+        return;
+    }
+    let paths = Paths::new();
+    // Only uid 65534 may tag: this process (the sidecar) may not.
+    let config = paths
+        .config("")
+        .replace("[tagging]\n", "[tagging]\nallowed_uids = [65534]\n");
+    let agent = Agent::start(&agent_bin, &paths, &config);
+    let dir = TempDir::new("sidecar-agent-denied");
+    let stack = Stack::start(
+        bulkhead_sim::SimConfig::default(),
+        "[tenants.alpha]\n[tenants.beta]\n",
+        "",
+        Some(&paths.socket),
+        &dir.0,
+    )
+    .await;
+    let (_, mut conn) = connect(stack.addr, false).await;
+    for tenant in ["alpha", "beta", "alpha"] {
+        assert_eq!(
+            conn.chat(stack.addr, tenant).await,
+            StatusCode::OK,
+            "{tenant}"
+        );
+    }
+    drop(conn);
+    let m = agent.wait_for("untagged bytes of the sidecar's requests", |m| {
+        m.bytes("untagged", "egress") > 3 * 200
+    });
+    let refused = m.get(
+        "bulkhead_tag_requests_total",
+        &[("op", "unknown"), ("result", "not_allowed")],
+    );
+    // Three on the client connection (alpha, beta, alpha again), one or more per upstream pool.
+    assert!(refused >= 5.0, "{}", m.text);
+    assert_eq!(
+        m.get(
+            "bulkhead_tag_requests_total",
+            &[("op", "tag"), ("result", "ok")]
+        ),
+        0.0
+    );
+    for tenant in ["alpha", "beta"] {
+        for dir in ["ingress", "egress"] {
+            assert_eq!(m.bytes(tenant, dir), 0, "{tenant} {dir}: {}", m.text);
+        }
+    }
+    // The sidecar never had a tag accepted: tagging shows as unavailable.
+    let (_, text) = stack.get_admin("/metrics").await.unwrap();
+    assert!(
+        text.contains("bulkhead_agent_tagging_available 0"),
+        "{text}"
+    );
+    stack.stop().await;
+    agent.stop();
+}
