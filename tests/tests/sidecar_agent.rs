@@ -8,7 +8,9 @@
 //! - a tenant the agent does not know (`unknown_tenant`) is served (tagging never refuses a
 //!   request) on an untagged connection, never under the previous tenant;
 //! - a sidecar the agent does not allow (`not_allowed`) serves every request, and the agent
-//!   counts none of its bytes under a tenant.
+//!   counts none of its bytes under a tenant;
+//! - each payload byte counts under the tag its socket had when it passed (a request under the
+//!   connection's tag before it, its response and upstream traffic under its tenant).
 
 use bulkhead_tests::harness::*;
 use bulkhead_tests::stack::{GATEWAY_KEY, GATEWAY_KEY_ID, Stack, TempDir};
@@ -290,6 +292,114 @@ async fn a_sidecar_the_agent_does_not_allow_serves_and_its_bytes_count_as_untagg
         text.contains("bulkhead_agent_tagging_available 0"),
         "{text}"
     );
+    stack.stop().await;
+    agent.stop();
+}
+
+/// Payload bytes one socket sent and received so far (`TCP_INFO`; sent includes
+/// retransmissions).
+fn io(s: &std::net::TcpStream) -> (u64, u64) {
+    let i = tcp_info(s);
+    (i.tcpi_bytes_sent, i.tcpi_bytes_received)
+}
+
+/// Both ends of a connection in this process, as seen from `near` (local port) to `far`.
+fn ends(near: u16, far: u16) -> (std::net::TcpStream, std::net::TcpStream) {
+    (
+        std::net::TcpStream::from(own_socket(near, far)),
+        std::net::TcpStream::from(own_socket(far, near)),
+    )
+}
+
+/// Byte attribution, exactly: every payload byte on the sidecar's sockets is counted under
+/// the tag the socket had when the byte passed. A request is read before the sidecar
+/// authenticates it and tags the connection, so on one kept-alive connection carrying alpha
+/// then beta, alpha's request counts as untagged (the connection is new) and beta's request
+/// under alpha (the connection's tag when it arrived); each response under its own tenant;
+/// each upstream connection wholly under its pool's tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_byte_counts_under_the_tag_its_socket_had_when_it_passed() {
+    let agent_bin = workspace_bin("bulkhead-agent");
+    if !require_bpf(&agent_bin) {
+        return;
+    }
+    let paths = Paths::new();
+    let agent = Agent::start(&agent_bin, &paths, &paths.config(""));
+    let dir = TempDir::new("sidecar-agent-bytes");
+    let stack = Stack::start(
+        bulkhead_sim::SimConfig::default(),
+        "[tenants.alpha]\n[tenants.beta]\n",
+        "",
+        Some(&paths.socket),
+        &dir.0,
+    )
+    .await;
+    let (sidecar_port, sim_port) = (stack.addr.port(), stack.sim.addr.port());
+    let (port, mut conn) = connect(stack.addr, false).await;
+    assert_eq!(conn.chat(stack.addr, "alpha").await, StatusCode::OK);
+    let (near, far) = ends(sidecar_port, port);
+    let (after_alpha, client_after_alpha) = (io(&near), io(&far));
+    assert_eq!(conn.chat(stack.addr, "beta").await, StatusCode::OK);
+    let (after_beta, client_after_beta) = (io(&near), io(&far));
+    // (payload, bytes put on the wire by the sender) per tenant and direction.
+    let mut want = std::collections::BTreeMap::<(&str, &str), (u64, u64)>::new();
+    let mut add = |tenant, dir, payload: u64, sent: u64| {
+        let e = want.entry((tenant, dir)).or_default();
+        e.0 += payload;
+        e.1 += sent;
+    };
+    // The client connection: alpha's response; beta's request (still tagged alpha); beta's
+    // response. (alpha's request: untagged.)
+    add("alpha", "egress", client_after_alpha.1, after_alpha.0);
+    add(
+        "alpha",
+        "ingress",
+        after_beta.1 - after_alpha.1,
+        client_after_beta.0 - client_after_alpha.0,
+    );
+    add(
+        "beta",
+        "egress",
+        client_after_beta.1 - client_after_alpha.1,
+        after_beta.0 - after_alpha.0,
+    );
+    // The upstream connections, whole.
+    let upstream: std::collections::BTreeSet<(u16, String)> = stack
+        .sim
+        .sim
+        .requests()
+        .iter()
+        .map(|r| {
+            let t = r.headers["x-bulkhead-tenant"].to_str().unwrap().to_string();
+            (r.peer.unwrap().port(), t)
+        })
+        .collect();
+    assert_eq!(upstream.len(), 2, "{upstream:?}");
+    let tenants: Vec<&'static str> = upstream
+        .iter()
+        .map(|(_, t)| if t == "alpha" { "alpha" } else { "beta" })
+        .collect();
+    for ((up_port, _), tenant) in upstream.iter().zip(tenants) {
+        let (sidecar_end, sim_end) = ends(*up_port, sim_port);
+        let (s, r) = (io(&sidecar_end), io(&sim_end));
+        add(tenant, "egress", r.1, s.0);
+        add(tenant, "ingress", s.1, r.0);
+    }
+    let m = agent.wait_for("every payload byte of alpha and beta", |m| {
+        want.iter()
+            .all(|((t, d), (payload, _))| m.bytes(t, d) >= *payload)
+    });
+    for ((tenant, d), (payload, sent)) in &want {
+        assert!(*payload > 100, "{tenant} {d}: {payload}");
+        assert_payload_accounted(
+            &format!("{tenant} {d}"),
+            m.bytes(tenant, d),
+            m.packets(tenant, d),
+            *payload,
+            *sent,
+        );
+    }
+    drop(conn);
     stack.stop().await;
     agent.stop();
 }
