@@ -10,7 +10,11 @@
 //! - an exclusive window closes at `exclusive_window_max_requests` and at
 //!   `exclusive_window_ms` while another tenant waits;
 //! - an HTTP/2 connection is re-tagged on each tenant change; a re-tag the agent refuses
-//!   leaves the connection untagged, never under the previous tenant.
+//!   leaves the connection untagged, never under the previous tenant, and is logged as a
+//!   warning once per code and tenant;
+//! - a full replay-cache share is 503 `replay_cache_full`, nothing forwarded, counted.
+//!
+//! The same tagging against the real agent: `tests/tests/sidecar_agent.rs` (root).
 
 mod common;
 use agent_common::proto::Request as AgentRequest;
@@ -911,4 +915,51 @@ async fn a_tag_the_agent_refuses_is_logged_once_per_code_and_tenant() {
     assert_eq!(warnings[0]["fields"]["code"], "unknown_tenant");
     assert_eq!(warnings[0]["fields"]["tenant"], "globex");
     sim.stop().await;
+}
+
+/// A key whose replay-cache share is full is refused with 503 `replay_cache_full` (type
+/// `authentication_error`), before anything is forwarded, counted as an auth failure of that
+/// reason (and of the tenant the verified signature named); another key goes on.
+#[tokio::test]
+async fn a_full_replay_cache_share_is_503_and_forwards_nothing() {
+    // Two keys (gw, acme-key) and capacity 2: one live nonce each.
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        *t = t.replacen("[auth]\n", "[auth]\nreplay_cache_capacity = 2\n", 1);
+    })
+    .await;
+    let path = "/v1/chat/completions";
+    let (st, _) = post(&h, "globex", path, &chat("first", "")).await;
+    assert_eq!(st, StatusCode::OK);
+    let (p, b) = h
+        .send_collect(h.signed("globex", Method::POST, path, &chat("second", "")))
+        .await;
+    assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE, "{b:?}");
+    let e = json(&b);
+    assert_eq!(e["error"]["code"], "replay_cache_full", "{e}");
+    assert_eq!(e["error"]["type"], "authentication_error", "{e}");
+    assert_eq!(h.sim.sim.requests().len(), 1, "forwarded with a full cache");
+    h.wait_metric(
+        "bulkhead_auth_failures_total{reason=\"replay_cache_full\"}",
+        1.0,
+    )
+    .await;
+    h.wait_metric(
+        "bulkhead_auth_failures_by_tenant_total{tenant=\"globex\",reason=\"replay_cache_full\"}",
+        1.0,
+    )
+    .await;
+    // The other key's share is its own.
+    let req = h.signed_with(
+        "acme",
+        Method::POST,
+        path,
+        &chat("third", ""),
+        "acme-key",
+        ACME_KEY,
+        |_| {},
+    );
+    let (p, _) = h.send_collect(req).await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert_eq!(h.sim.sim.requests().len(), 2);
+    h.shutdown().await;
 }
