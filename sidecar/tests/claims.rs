@@ -278,6 +278,9 @@ impl Bin {
             {
                 break;
             }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the sidecar exited before it was ready: {status}");
+            }
             assert!(Instant::now() < deadline, "the sidecar never became ready");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
