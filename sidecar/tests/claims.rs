@@ -209,6 +209,7 @@ struct Bin {
     out: tokio::task::JoinHandle<Vec<u8>>,
     err: tokio::task::JoinHandle<Vec<u8>>,
     addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
     client: HttpClient,
 }
 
@@ -289,6 +290,7 @@ impl Bin {
             out,
             err,
             addr,
+            admin,
             client,
         }
     }
@@ -314,6 +316,14 @@ impl Bin {
         status
     }
 
+    /// The admin port's `/metrics` text.
+    async fn metrics(&self) -> String {
+        let uri: http::Uri = format!("http://{}/metrics", self.admin).parse().unwrap();
+        let r = self.client.get(uri).await.unwrap();
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
     /// SIGTERM, a clean exit, and everything it wrote (stdout, then stderr).
     async fn stop(mut self) -> String {
         nix::sys::signal::kill(
@@ -333,7 +343,7 @@ impl Bin {
 
 /// The binary, logging everything (`RUST_LOG=trace`, plain and JSON), serves salted
 /// requests (with and without a client salt, refused ones, a reload to a new generation):
-/// neither salt appears anywhere in what it writes.
+/// neither salt appears anywhere in what it writes: its log, its audit files, its metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_salt_never_reaches_the_log() {
     let sim = bulkhead_sim::SimHandle::start(SimConfig::default())
@@ -395,21 +405,30 @@ async fn the_salt_never_reaches_the_log() {
             .map(|r| json(&r.body)["cache_salt"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(seen[..3], [salt1.clone(), salt1.clone(), salt1.clone()]);
+        let metrics = bin.metrics().await;
+        assert!(metrics.contains("bulkhead_requests_total"), "{metrics}");
         let log = bin.stop().await;
+        let mut audit = String::new();
+        for e in std::fs::read_dir(dir.path().join("audit")).unwrap() {
+            audit.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap());
+        }
+        assert!(audit.contains("\"tenant\":\"acme\""), "{audit}");
         // The capture works: the trace-level log is there, the reload included.
         assert!(log.contains("bulkhead-sidecar listening"), "{log}");
         assert!(log.contains("configuration reloaded"), "{log}");
         assert!(log.lines().count() > 10, "{log}");
         let key_b64 = base64::engine::general_purpose::STANDARD.encode(SALT_KEY);
         for secret in [&salt1, &salt2, &key_b64] {
-            let leaks: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains(secret.as_str()))
-                .collect();
-            assert!(
-                leaks.is_empty(),
-                "json {json_log}: a salt or the salt key is in the log: {leaks:#?}"
-            );
+            for (what, text) in [("log", &log), ("audit", &audit), ("metrics", &metrics)] {
+                let leaks: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.contains(secret.as_str()))
+                    .collect();
+                assert!(
+                    leaks.is_empty(),
+                    "json {json_log}: a salt or the salt key is in the {what}: {leaks:#?}"
+                );
+            }
         }
     }
     sim.stop().await;
