@@ -7,7 +7,7 @@ use agent_common::client::{AgentClient, ClientError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,9 @@ pub struct Tagger {
     tagged: TaggedCounts,
     max_per_tenant: usize,
     cap_reached: Family<TenantLabel, Counter>,
+    /// The (agent error code, tenant) refusals already logged as warnings: each once per
+    /// process (tenants are configured names, so this stays small).
+    refusals_logged: Mutex<HashSet<(&'static str, String)>>,
 }
 
 /// One client connection's tag under the per-tenant cap; the count drops when it is dropped.
@@ -85,6 +88,7 @@ impl Tagger {
             tagged: Arc::default(),
             max_per_tenant,
             cap_reached,
+            refusals_logged: Mutex::default(),
         }
     }
 
@@ -139,16 +143,21 @@ impl Tagger {
             tenant: tenant.clone(),
             held: Some(self.tagged.clone()),
         });
-        self.tag(sock, tenant).await;
+        // A re-tag the agent did not accept (it does not know the tenant, or no longer allows
+        // this process) would leave the previous tenant's tag on this tenant's bytes: untag.
+        if !self.tag(sock, tenant).await && was_tagged {
+            self.untag(sock).await;
+        }
     }
 
     pub fn enabled(&self) -> bool {
         self.client.is_some()
     }
 
-    /// Tag `sock` with `tenant` (best effort; never fails the request).
-    pub async fn tag(&self, sock: BorrowedFd<'_>, tenant: &str) {
-        self.call(sock, Some(tenant)).await;
+    /// Tag `sock` with `tenant` (best effort; never fails the request). True when the agent
+    /// accepted the tag.
+    pub async fn tag(&self, sock: BorrowedFd<'_>, tenant: &str) -> bool {
+        self.call(sock, Some(tenant)).await
     }
 
     /// Remove `sock`'s tag: its bytes count as untagged from now on.
@@ -156,24 +165,24 @@ impl Tagger {
         self.call(sock, None).await;
     }
 
-    /// Tag with `Some(tenant)`, untag with `None`.
-    async fn call(&self, sock: BorrowedFd<'_>, tenant: Option<&str>) {
+    /// Tag with `Some(tenant)`, untag with `None`; true when the agent accepted.
+    async fn call(&self, sock: BorrowedFd<'_>, tenant: Option<&str>) -> bool {
         let Some(client) = self.client.clone() else {
-            return;
+            return false;
         };
         {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let State::Down(since) = *st
                 && since.elapsed() < RETRY_AFTER
             {
-                return;
+                return false;
             }
         }
         let fd = match sock.try_clone_to_owned() {
             Ok(fd) => fd,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot duplicate socket for tagging");
-                return;
+                return false;
             }
         };
         let op = tenant.map(str::to_string);
@@ -192,9 +201,22 @@ impl Tagger {
                 }
                 *st = State::Up;
                 self.gauge.set(1);
+                true
             }
             Ok(Err(ClientError::Rejected { code, message })) => {
-                tracing::debug!(tenant = tenant.unwrap_or("(untag)"), code = code.as_str(), %message, "agent refused to tag a socket");
+                drop(st);
+                let who = tenant.unwrap_or("(untag)");
+                let first = self
+                    .refusals_logged
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((code.as_str(), who.to_string()));
+                if first {
+                    tracing::warn!(tenant = who, code = code.as_str(), %message, "the node agent refused to tag a socket: it stays untagged (its bytes count as untagged); the request is served; logged once per code and tenant");
+                } else {
+                    tracing::debug!(tenant = who, code = code.as_str(), %message, "agent refused to tag a socket");
+                }
+                false
             }
             Ok(Err(e)) => {
                 if !matches!(*st, State::Down(_)) {
@@ -202,8 +224,12 @@ impl Tagger {
                 }
                 *st = State::Down(Instant::now());
                 self.gauge.set(0);
+                false
             }
-            Err(e) => tracing::debug!(error = %e, "tagging task failed"),
+            Err(e) => {
+                tracing::debug!(error = %e, "tagging task failed");
+                false
+            }
         }
     }
 }

@@ -228,8 +228,10 @@ async fn slow_headers_are_cut_off() {
         .expect("connection closed by the server");
     // header_read_timeout_ms = 300 in the test config.
     assert!(t0.elapsed() >= Duration::from_millis(250));
+    // Closed without an answer, as the README says (no 408: the head never arrived).
     let text = String::from_utf8_lossy(&buf);
-    assert!(text.is_empty() || text.contains("408"), "{text}");
+    assert!(text.is_empty(), "{text}");
+    assert!(h.sim.sim.requests().is_empty());
     h.shutdown().await;
 }
 
@@ -244,8 +246,12 @@ async fn oversized_headers_are_refused() {
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
         .await
         .expect("connection closed by the server");
+    // 431 Request Header Fields Too Large, then the connection is closed.
     let text = String::from_utf8_lossy(&buf);
-    assert!(text.is_empty() || text.contains("431"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{text}"
+    );
     assert!(h.sim.sim.requests().is_empty());
     h.shutdown().await;
 }
