@@ -372,11 +372,10 @@ impl State {
                         None => true,
                     }
             }
+            // The owner's requests enter while its window lasts: the step above renewed a
+            // window that was over with nobody else waiting, so an over window is closing.
             Phase::Exclusive { tenant: owner, .. } => {
-                let others = self.waiting.values().any(|w| &w.tenant != owner);
-                let owner_waits = self.waiting.values().any(|w| &w.tenant == owner);
-                let closing = others && (self.window_over(now) || !owner_waits);
-                exclusive && &tenant == owner && !closing
+                exclusive && &tenant == owner && !self.window_over(now)
             }
         };
         if !allowed || self.flushing {
@@ -914,6 +913,83 @@ mod tests {
         leave(&mut st, "b");
         assert_eq!(try_step(&mut st, a2, ms(901)), "flush");
         assert_eq!(try_step(&mut st, a2, ms(901)), "enter");
+    }
+
+    #[test]
+    fn a_flush_vouches_only_while_the_passes_out_leave_a_fair_queue_slot_free() {
+        let mut st = state(100, 100);
+        st.settings.flush_proves_idle = true;
+        st.settings.max_inflight = 2;
+        st.running_total = 1;
+        st.detached = 1;
+        assert!(!st.may_vouch(), "a running and a retired pass fill both slots");
+        st.detached = 0;
+        assert!(st.may_vouch());
+        st.settings.flush_proves_idle = false;
+        assert!(!st.may_vouch(), "an upstream whose flush proves nothing");
+    }
+
+    #[test]
+    fn an_exclusive_request_past_its_drain_bound_waits_on_while_nothing_runs() {
+        let mut st = state(100, 100);
+        st.settings.drain_timeout = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let b1 = arrive_at(&mut st, "b", t0);
+        let a1 = arrive_at(&mut st, "a", t0);
+        // Nothing runs and the older b is about to enter: there is no drain to give up on.
+        assert_eq!(try_step(&mut st, a1, ms(200)), "wait");
+        assert_eq!(try_step(&mut st, b1, ms(200)), "enter");
+    }
+
+    #[test]
+    fn after_a_failed_drain_the_shared_requests_waiting_behind_it_go_first() {
+        let mut st = state(100, 100);
+        st.settings.drain_timeout = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let b1 = arrive_at(&mut st, "b", t0);
+        assert_eq!(try_step(&mut st, b1, t0), "enter");
+        // b never ends; a waits for the drain, then another a, then c (shared) behind them.
+        let a1 = arrive_at(&mut st, "a", ms(10));
+        let _a2 = arrive_at(&mut st, "a", ms(20));
+        let c1 = arrive_at(&mut st, "c", ms(30));
+        assert_eq!(try_step(&mut st, c1, ms(30)), "wait", "behind the exclusive");
+        assert_eq!(try_step(&mut st, a1, ms(200)), "fail");
+        // Everyone who waited behind the failed request goes, the newest included, before
+        // the next exclusive request starts a drain of its own.
+        assert_eq!(try_step(&mut st, c1, ms(200)), "enter");
+    }
+
+    #[test]
+    fn a_window_is_renewed_only_once_over() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut st = state(2000, 100);
+        let a1 = arrive_at(&mut st, "a", t0);
+        assert_eq!(try_step(&mut st, a1, t0), "enter");
+        // More of a while its window lasts: the same window, not a new one.
+        let a2 = arrive_at(&mut st, "a", ms(1000));
+        assert_eq!(try_step(&mut st, a2, ms(1000)), "enter");
+        // b comes once the window (from 0 ms) is over: a's next request waits.
+        let _b1 = arrive_at(&mut st, "b", ms(2500));
+        let a3 = arrive_at(&mut st, "a", ms(2500));
+        assert_eq!(try_step(&mut st, a3, ms(2500)), "wait");
+    }
+
+    #[test]
+    fn an_over_window_nobody_else_wants_is_renewed_from_then() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut st = state(2000, 100);
+        let a1 = arrive_at(&mut st, "a", t0);
+        assert_eq!(try_step(&mut st, a1, t0), "enter");
+        let a2 = arrive_at(&mut st, "a", ms(2500));
+        assert_eq!(try_step(&mut st, a2, ms(2500)), "enter");
+        // The new window runs from 2500 ms: at 3000 ms a's request still enters before b.
+        let _b1 = arrive_at(&mut st, "b", ms(3000));
+        let a3 = arrive_at(&mut st, "a", ms(3000));
+        assert_eq!(try_step(&mut st, a3, ms(3000)), "enter");
     }
 
     #[test]
