@@ -93,6 +93,9 @@ pub fn run(args: &[&str]) -> Result<()> {
             .arg("--output")
             .arg(&out)
             .args(["--jobs", "1"])
+            // The test timeout is 3x the baseline's (.cargo/mutants.toml), at least 8 s
+            // (cargo-mutants' own floor, 20 s, makes every hanging mutant cost 20 s).
+            .args(["--minimum-test-timeout", "8"])
             // A target of its own that outlives the run's copy of the tree: the dependencies
             // build once, not once a run.
             .env("CARGO_TARGET_DIR", root.join("target/mutants"))
