@@ -417,24 +417,39 @@ async fn serve_connection(
     }
 }
 
-/// One recvmsg: the bytes, whether the data or the descriptors were cut, and the descriptors.
+/// The most descriptors one message may carry (a request attaches one socket).
+const MAX_FDS: usize = 4;
+/// The kernel's own limit on descriptors in one message (`SCM_MAX_FD`): the control buffer
+/// holds that many, so no descriptor a caller sends is cut off unseen (and left open in this
+/// process): each one arrives here, is owned, and is closed when the message is refused.
+const SCM_MAX_FD: usize = 253;
+
+/// One recvmsg: the bytes, whether the message is over the limits (data cut, or more than
+/// [`MAX_FDS`] descriptors), and the descriptors.
 fn receive(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool, Vec<OwnedFd>)> {
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
         .map_err(io::Error::from)?;
     let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for r in raw {
-                // SAFETY: SCM_RIGHTS installed these descriptors in this process for us alone.
-                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+    // With the buffer above the control data is never cut, so this only fails if the kernel
+    // changes its limit: then the message is refused like any other over the limits.
+    let cut = msg.cmsgs().map_or(true, |cmsgs| {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for r in raw {
+                    // SAFETY: SCM_RIGHTS installed these descriptors in this process for us alone.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                }
             }
         }
-    }
-    let truncated = msg
-        .flags
-        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
-        || msg.bytes > MAX_MESSAGE_LEN;
+        false
+    });
+    let truncated = cut
+        || msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+        || msg.bytes > MAX_MESSAGE_LEN
+        || fds.len() > MAX_FDS;
     Ok((msg.bytes, truncated, fds))
 }

@@ -283,3 +283,84 @@ fn what_callers_send_is_logged_escaped() {
         }
     }
 }
+
+/// A message whose descriptors the kernel had to cut (more than the agent takes) is refused
+/// whole: none of the sockets that did arrive is tagged.
+#[test]
+fn a_message_with_too_many_descriptors_is_refused_and_tags_nothing() {
+    use nix::sys::socket::{ControlMessage, MsgFlags, recv, sendmsg};
+    if !require_bpf(AGENT) {
+        return;
+    }
+    let paths = Paths::new();
+    let agent = Agent::start(AGENT, &paths, &paths.config(""));
+    let pairs: Vec<_> = (0..6).map(|_| tcp_pair()).collect();
+    let fds: Vec<i32> = pairs.iter().map(|(c, _)| c.as_raw_fd()).collect();
+    let conn = raw_connection(&paths.socket);
+    let body = br#"{"op":"tag","tenant":"alpha"}"#;
+    sendmsg::<UnixAddr>(
+        conn.as_raw_fd(),
+        &[std::io::IoSlice::new(body)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
+    assert_eq!(v["error"]["code"], "malformed", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too many descriptors"),
+        "{v}"
+    );
+    let client = agent.client();
+    for (c, _) in &pairs {
+        assert_eq!(client.lookup(c.as_fd()).unwrap().tenant, None);
+    }
+    let m = agent.metrics();
+    assert_eq!(
+        m.get(
+            "bulkhead_tag_requests_total",
+            &[("op", "invalid"), ("result", "malformed")]
+        ),
+        1.0,
+        "{}",
+        m.text
+    );
+    // The agent closes every descriptor such a message brought: a caller cannot run it out
+    // of descriptors by sending many (the kernel's most, 253, a message).
+    drop(conn);
+    let open = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+            .unwrap()
+            .count()
+    };
+    let before = open();
+    let fds: Vec<i32> = vec![pairs[0].0.as_raw_fd(); 253];
+    for _ in 0..20 {
+        let conn = raw_connection(&paths.socket);
+        sendmsg::<UnixAddr>(
+            conn.as_raw_fd(),
+            &[std::io::IoSlice::new(body)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .unwrap();
+        let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+        assert!(n > 0, "the agent closed without an answer");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open() > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent holds {} descriptors, {before} before: it kept what callers sent",
+            open()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

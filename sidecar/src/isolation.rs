@@ -922,7 +922,10 @@ mod tests {
         st.settings.max_inflight = 2;
         st.running_total = 1;
         st.detached = 1;
-        assert!(!st.may_vouch(), "a running and a retired pass fill both slots");
+        assert!(
+            !st.may_vouch(),
+            "a running and a retired pass fill both slots"
+        );
         st.detached = 0;
         assert!(st.may_vouch());
         st.settings.flush_proves_idle = false;
@@ -954,7 +957,11 @@ mod tests {
         let a1 = arrive_at(&mut st, "a", ms(10));
         let _a2 = arrive_at(&mut st, "a", ms(20));
         let c1 = arrive_at(&mut st, "c", ms(30));
-        assert_eq!(try_step(&mut st, c1, ms(30)), "wait", "behind the exclusive");
+        assert_eq!(
+            try_step(&mut st, c1, ms(30)),
+            "wait",
+            "behind the exclusive"
+        );
         assert_eq!(try_step(&mut st, a1, ms(200)), "fail");
         // Everyone who waited behind the failed request goes, the newest included, before
         // the next exclusive request starts a drain of its own.

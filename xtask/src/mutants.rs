@@ -108,7 +108,10 @@ pub fn run(args: &[&str]) -> Result<()> {
         }
         eprintln!("+ {}", crate::render(&cmd));
         // cargo-mutants exits non-zero when a mutant survives: the verdict is ours, below.
-        let status = cmd.current_dir(&root).status().context("run cargo mutants")?;
+        let status = cmd
+            .current_dir(&root)
+            .status()
+            .context("run cargo mutants")?;
         if !out.join("mutants.out/caught.txt").exists() {
             bail!("cargo mutants produced no results ({status}): see its output above");
         }
