@@ -7,6 +7,10 @@
     check.py gen-prometheusrule  rewrite prometheus/prometheusrule.yaml from prometheus/rules.yaml
     check.py dashboard-rules OUT write the dashboard's queries, Grafana variables substituted, as
                                  recording rules to OUT, so `promtool check rules OUT` parses them
+    check.py only-named-alerts OUT
+                                 write to OUT a promtool test file that replays every scenario of
+                                 the tests*.yaml files and expects every alert the scenario does
+                                 not name to stay silent at every evaluation, start to end
 
 Needs PyYAML and jsonschema (both come with kubernetes-validate). Prints one line per problem
 and exits 1 when there is any.
@@ -485,6 +489,141 @@ def check_alerts():
     return len(alerts), len(records)
 
 
+# ----------------------------------------------------------- alerts a scenario does not name
+#
+# promtool's exp_alerts for alert X compares only X's alerts: a scenario written for one alert
+# says nothing about the others, and an alert with `for:` that a scenario triggers by mistake
+# shows only once its `for:` has elapsed. So (1) every scenario that expects an alert to fire
+# at T must keep its series going until at least T + the longest `for:` of any alert
+# (check_scenario_lengths), and (2) `only-named-alerts` replays each scenario and expects every
+# alert the scenario does not name in its alert_rule_test to be silent at every evaluation
+# from 0 to the scenario's last sample.
+
+_DURATION_RE = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def duration_s(text):
+    """A Prometheus duration ("5m", "1h30m") in seconds."""
+    text = str(text).strip()
+    if text == "0":
+        return 0
+    parts = _DURATION_RE.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Prometheus duration: {text!r}")
+    return sum(int(n) * _UNIT_S[u] for n, u in parts)
+
+
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_EXPANDING_RE = re.compile(rf"^({_NUM})([-+])({_NUM})x(\d+)$")
+_REPEAT_RE = re.compile(rf"^({_NUM})x(\d+)$")
+_BLANKS_RE = re.compile(r"^_x(\d+)$")
+_SINGLE_RE = re.compile(rf"^(?:{_NUM}|stale|Inf|\+Inf|-Inf|NaN)$")
+
+
+def last_sample_index(values):
+    """Index (in steps of the scenario's interval) of the last sample that promtool's expanding
+    notation ('1x4 0x10', '_ _ 1', '0+2x30', '_x5 1x20') gives, or None when there is none."""
+    i, last = 0, None
+    for tok in str(values).split():
+        if tok == "_":
+            i += 1
+        elif m := _BLANKS_RE.match(tok):
+            i += int(m.group(1))
+        elif m := _EXPANDING_RE.match(tok) or _REPEAT_RE.match(tok):
+            n = int(m.groups()[-1]) + 1
+            i += n
+            last = i - 1
+        elif _SINGLE_RE.match(tok):
+            i += 1
+            last = i - 1
+        else:
+            raise ValueError(f"cannot read series values {values!r} (token {tok!r})")
+    return last
+
+
+def alert_fors():
+    """{alert name: its `for:` in seconds} for every alert in rules.yaml."""
+    return {r["alert"]: duration_s(r.get("for", "0"))
+            for g in rules_groups() for r in g["rules"] if "alert" in r}
+
+
+def scenarios():
+    """(file, index, top-level evaluation_interval in s, test group) for every test group with
+    input series, in every tests*.yaml."""
+    for path in rule_test_files():
+        doc = load_one(path)
+        interval = duration_s(doc.get("evaluation_interval", "1m"))
+        for i, t in enumerate(doc.get("tests", []) or []):
+            if t.get("input_series"):
+                yield path, i, interval, t
+
+
+def scenario_end_s(t):
+    """Seconds from 0 to the last sample of the scenario's series that ends first: until
+    then every series of the scenario is present."""
+    step = duration_s(t.get("interval", "1m"))
+    ends = [last_sample_index(s["values"]) for s in t["input_series"]]
+    return min((e for e in ends if e is not None), default=0) * step
+
+
+def fmt_s(seconds):
+    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
+
+
+def check_scenario_lengths():
+    fors = alert_fors()
+    longest = max(fors.values(), default=0)
+    for path, i, _, t in scenarios():
+        end = scenario_end_s(t)
+        for case in t.get("alert_rule_test", []) or []:
+            if not case.get("exp_alerts"):
+                continue
+            at = duration_s(case["eval_time"])
+            if end < at + longest:
+                problem(f"{rel(path)}: test {i} (expects {case['alertname']} at {case['eval_time']}): its series "
+                        f"end at {fmt_s(end)}, before {fmt_s(at + longest)} (the longest for: of any alert, "
+                        f"{fmt_s(longest)}, after the firing check), so an alert with a long for: that this "
+                        f"scenario triggers by mistake could not be seen to fire")
+
+
+def only_named_alerts(out):
+    """Writes the promtool test file described above to OUT."""
+    fors = alert_fors()
+    groups, cases, intervals = [], 0, set()
+    for path, i, interval, t in scenarios():
+        intervals.add(interval)
+        named = {c["alertname"] for c in t.get("alert_rule_test", []) or []}
+        others = [a for a in fors if a not in named]
+        end = scenario_end_s(t)
+        checks = [{"eval_time": fmt_s(at), "alertname": a, "exp_alerts": []}
+                  for at in range(0, end + 1, interval) for a in others]
+        cases += len(checks)
+        if checks:
+            groups.append((f"{rel(path)}, test {i}",
+                           {"interval": t.get("interval", "1m"),
+                            "input_series": t["input_series"],
+                            "alert_rule_test": checks}))
+        for c in t.get("alert_rule_test", []) or []:
+            if c["alertname"] not in fors:
+                problem(f"{rel(path)}: test {i} names {c['alertname']}, which rules.yaml does not define")
+    if len(intervals) > 1:
+        problem("tests*.yaml: the files differ in evaluation_interval; only-named-alerts writes one file")
+    head = {"rule_files": [os.path.join(DEPLOY, "prometheus", "rules.yaml")],
+            "evaluation_interval": fmt_s(min(intervals, default=60))}
+    with open(out, "w", encoding="utf-8") as f:
+        f.write("# GENERATED by `python3 deploy/check.py only-named-alerts`: each scenario of "
+                "deploy/prometheus/tests*.yaml,\n# every alert it does not name expected silent at "
+                "every evaluation.\n")
+        yaml.safe_dump(head, f, sort_keys=False, width=1000)
+        f.write("tests:\n")
+        for where, g in groups:
+            f.write(f"# {where}\n")
+            yaml.safe_dump([g], f, sort_keys=False, width=1000)
+    print(f"wrote {len(groups)} scenarios, {cases} checks that an alert the scenario does not name stays "
+          f"silent, to {out}")
+
+
 # -------------------------------------------------------------------------------- dashboard
 
 
@@ -568,6 +707,8 @@ def main(argv):
         return 0
     elif cmd == "dashboard-rules" and len(argv) == 3:
         dashboard_rules(argv[2])
+    elif cmd == "only-named-alerts" and len(argv) == 3:
+        only_named_alerts(argv[2])
     elif cmd == "gen-prometheusrule":
         gen_prometheusrule()
     elif cmd == "check":
@@ -575,6 +716,7 @@ def main(argv):
         crds = check_crds([p for k, p in ms if k == "crd"])
         check_prometheusrule()
         n_alerts, n_records = check_alerts()
+        check_scenario_lengths()
         n_panels = check_dashboard()
         print(f"check.py: {len(ms)} manifest files in kustomizations, {crds} custom resources shape-checked, "
               f"{n_alerts} alerts and {n_records} recording rules, {n_panels} dashboard panels; "

@@ -12,7 +12,9 @@
 //! - an HTTP/2 connection is re-tagged on each tenant change; a re-tag the agent refuses
 //!   leaves the connection untagged, never under the previous tenant, and is logged as a
 //!   warning once per code and tenant;
-//! - a full replay-cache share is 503 `replay_cache_full`, nothing forwarded, counted.
+//! - a full replay-cache share is 503 `replay_cache_full`, nothing forwarded, counted;
+//! - a salted tenant's requests dirty the cache for an exclusive tenant: a flush comes between
+//!   them, and none between two requests of the same exclusive tenant.
 //!
 //! The same tagging against the real agent: `tests/tests/sidecar_agent.rs` (root).
 
@@ -988,5 +990,49 @@ async fn a_full_replay_cache_share_is_503_and_forwards_nothing() {
     let (p, _) = h.send_collect(req).await;
     assert_eq!(p.status, StatusCode::OK);
     assert_eq!(h.sim.sim.requests().len(), 2);
+    h.shutdown().await;
+}
+
+/// README (isolation): "any other tenant that ran (salted ones too) makes the cache dirty for
+/// an exclusive tenant". Salts keep the salted tenant's blocks apart from the exclusive
+/// tenant's unsalted ones, but the gate does not rely on them for an exclusive tenant: the
+/// upstream sees a flush between every salted request and the exclusive request after it, and
+/// none between two requests of the same exclusive tenant with nothing in between.
+#[tokio::test]
+async fn a_salted_tenant_dirties_the_cache_for_an_exclusive_tenant() {
+    let tenants = "[tenants.acme]\nisolation = \"exclusive\"\n\
+                   [tenants.globex]\nisolation = \"salted\"\n";
+    let (h, _keys) = start(tenants, "", SimConfig::default(), |_| {}).await;
+    let chat_path = "/v1/chat/completions";
+    for tenant in ["globex", "acme", "acme", "globex", "acme"] {
+        let (st, b) = post(&h, tenant, chat_path, &chat(PROMPT, "")).await;
+        assert_eq!(st, StatusCode::OK, "{tenant}: {b:?}");
+    }
+    let flush = pair("/reset_prefix_cache", "");
+    assert_eq!(
+        upstream_log(&h),
+        [
+            pair(chat_path, "globex"),
+            // The salted tenant ran: flush before the exclusive one.
+            flush.clone(),
+            pair(chat_path, "acme"),
+            // The same exclusive tenant again, nobody in between: no flush.
+            pair(chat_path, "acme"),
+            // Out of the exclusive tenant's window (its blocks must not reach globex) ...
+            flush.clone(),
+            pair(chat_path, "globex"),
+            // ... and the salted tenant ran again: flush before the exclusive one again.
+            flush,
+            pair(chat_path, "acme"),
+        ]
+    );
+    assert_eq!(h.sim.sim.flushes(), (3, 0));
+    // globex was salted indeed (each request with its salt), acme not.
+    let globex_salt = documented_salt(SALT_KEY, 1, "globex");
+    assert_eq!(
+        salts_seen(&h, chat_path, "globex"),
+        vec![Some(globex_salt.clone()), Some(globex_salt)]
+    );
+    assert_eq!(salts_seen(&h, chat_path, "acme"), vec![None; 3]);
     h.shutdown().await;
 }

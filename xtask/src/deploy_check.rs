@@ -11,14 +11,18 @@
 //!   kustomization; the Prometheus Operator resources (PodMonitor, PrometheusRule) are not in its
 //!   schemas and are listed as skipped there, then shape-checked by `deploy/check.py`;
 //! * `promtool check rules` and `promtool test rules` on `deploy/prometheus/` (every
-//!   `tests*.yaml` there), and
+//!   `tests*.yaml` there); then `promtool test rules` on a file `deploy/check.py
+//!   only-named-alerts` writes to `target/deploy-check/`: every scenario of those files
+//!   replayed, with every alert the scenario does not name expected silent at every evaluation
+//!   (promtool's `exp_alerts` for one alert checks that alert only); and
 //!   `promtool check rules` on the dashboard's queries (so each one parses as PromQL);
 //! * `amtool check-config` on `deploy/alertmanager/alertmanager.yaml`, and `amtool config routes
 //!   test` that an alert labelled `team="security"` / `team="platform"` reaches the receiver of
 //!   that name;
 //! * `deploy/check.py check`: kustomization resources exist, CRD shapes, PrometheusRule equal to
 //!   rules.yaml, every alert with labels, annotations, a RUNBOOK.md section and a firing and a
-//!   non-firing test, every dashboard query on a known metric.
+//!   non-firing test, every scenario that expects an alert to fire at T with series until at
+//!   least T + the longest `for:` of any alert, every dashboard query on a known metric.
 //!
 //! Every step runs even when an earlier one failed; the closing line counts what passed and
 //! the function fails when anything did not. Needs root on a Debian-like machine only when
@@ -163,6 +167,28 @@ pub fn run(root: &Path) -> Result<()> {
             .args(["test", "rules"])
             .args(&rule_tests),
     );
+    // exp_alerts for one alert says nothing about the others: replay every scenario of those
+    // files and expect each alert the scenario does not name silent at every evaluation (a
+    // generated file under target/, never committed).
+    let only_named = scratch.join("only-named-alerts-tests.yaml");
+    if step(
+        &mut failed,
+        "alerts a scenario does not name",
+        Command::new(&python)
+            .arg(deploy.join("check.py"))
+            .arg("only-named-alerts")
+            .arg(&only_named),
+    )
+    .is_some()
+    {
+        step(
+            &mut failed,
+            "promtool test rules (alerts a scenario does not name stay silent)",
+            Command::new("promtool")
+                .args(["test", "rules"])
+                .arg(&only_named),
+        );
+    }
     let dash_rules = scratch.join("dashboard-rules.yaml");
     if step(
         &mut failed,
