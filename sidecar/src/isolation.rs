@@ -166,7 +166,8 @@ struct State {
     epoch: u64,
     /// Passes of earlier epochs not dropped yet (they still hold fair-queue slots).
     detached: usize,
-    /// Tenants whose requests ran since the last confirmed flush.
+    /// Tenants whose requests ran since the last confirmed flush; [`UNKNOWN_CACHE`] until the
+    /// first one.
     dirty: BTreeSet<String>,
     flushing: bool,
 }
@@ -183,6 +184,9 @@ enum Step {
     Fail(&'static str),
 }
 
+/// The dirty mark of a cache whose contents are unknown (at start); no tenant has this name.
+const UNKNOWN_CACHE: &str = "";
+
 impl State {
     fn new(settings: GateSettings, now: Instant) -> Self {
         Self {
@@ -198,7 +202,10 @@ impl State {
             running_total: 0,
             epoch: 0,
             detached: 0,
-            dirty: BTreeSet::new(),
+            // What the upstream cached before this sidecar started (an earlier process,
+            // another replica, a request sent around it) is unknown: dirty, so the first
+            // exclusive request flushes.
+            dirty: BTreeSet::from([UNKNOWN_CACHE.to_string()]),
             flushing: false,
         }
     }
@@ -733,8 +740,26 @@ mod tests {
         }
     }
 
+    /// A gate's state with a cache known to be clean (most tests start there).
     fn state(window_ms: u64, max: u32) -> State {
-        State::new(settings(window_ms, max), Instant::now())
+        let mut st = State::new(settings(window_ms, max), Instant::now());
+        st.dirty.clear();
+        st
+    }
+
+    #[test]
+    fn the_cache_is_dirty_until_the_first_flush_after_start() {
+        // What the upstream cached before the sidecar started is unknown: the first exclusive
+        // request flushes; shared tenants need no flush for it.
+        let mut st = State::new(settings(100, 100), Instant::now());
+        let now = Instant::now();
+        let b1 = arrive_at(&mut st, "b", now);
+        assert_eq!(try_step(&mut st, b1, now), "enter");
+        leave(&mut st, "b");
+        let mut st = State::new(settings(100, 100), Instant::now());
+        let a1 = arrive_at(&mut st, "a", now);
+        assert_eq!(try_step(&mut st, a1, now), "flush");
+        assert_eq!(try_step(&mut st, a1, now), "enter");
     }
 
     fn arrive(st: &mut State, tenant: &str) -> u64 {
@@ -1036,6 +1061,8 @@ mod tests {
         s.flush_proves_idle = true;
         let mut registry = prometheus_client::registry::Registry::default();
         let gate = CacheGate::new(s, Metrics::register(&mut registry));
+        // A cache known to be clean: the flush counts below are the tests' own.
+        gate.lock().dirty.clear();
         (gate, sim, registry)
     }
 
