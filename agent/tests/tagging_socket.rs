@@ -76,7 +76,12 @@ fn connections_over_the_cap_are_closed_at_once() {
         return;
     }
     let paths = Paths::new();
-    let agent = Agent::start(AGENT, &paths, &with_tagging(&paths, "max_connections = 3"));
+    // Idle connections stay open for the test's length: the counts below are the test's own.
+    let agent = Agent::start(
+        AGENT,
+        &paths,
+        &with_tagging(&paths, "max_connections = 3\nidle_timeout_ms = 600000"),
+    );
     let mut held: Vec<OwnedFd> = (0..3).map(|_| raw_connection(&paths.socket)).collect();
     agent.wait_for("three open connections", |m| {
         m.get("bulkhead_tagging_connections", &[]) == 3.0
@@ -99,6 +104,10 @@ fn connections_over_the_cap_are_closed_at_once() {
         m.get("bulkhead_tagging_connections", &[]) == 2.0
     });
     assert_eq!(client.lookup(c.as_fd()).unwrap().tenant, None);
+    held.clear();
+    agent.wait_for("every connection closed", |m| {
+        m.get("bulkhead_tagging_connections", &[]) == 0.0
+    });
 }
 
 #[test]
