@@ -88,6 +88,7 @@ pub fn run(args: &[&str]) -> Result<()> {
     let mut scores = BTreeMap::new();
     for (i, (group, tests)) in groups.iter().enumerate() {
         let out = root.join(format!("target/mutants-out/{i}"));
+        std::fs::create_dir_all(&out)?;
         let mut cmd = crate::cargo();
         cmd.arg("mutants")
             .arg("--output")
