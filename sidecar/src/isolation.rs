@@ -1094,6 +1094,10 @@ mod tests {
         assert_eq!(sim.sim.flushes(), (2, 0));
         drop(stalled);
         assert_eq!(gate.running(), 1);
+        // The retired pass ending is not the new window's pass ending: b still may not run
+        // beside a's request.
+        let soon = Instant::now() + Duration::from_millis(150);
+        assert_eq!(gate.enter("b", soon).await.err(), Some(GateError::Timeout));
         drop(a);
         assert_eq!(gate.running(), 0);
         assert_eq!(gate_timeouts(&gate, "window_drain"), 0);
@@ -1145,6 +1149,133 @@ mod tests {
         assert!(waiter.await.unwrap_err().is_cancelled());
         let st = gate.lock();
         assert!(!st.flushing && st.waiting.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_makes_a_tenant_exclusive_takes_effect() {
+        let (gate, sim, _r) = sim_gate(300).await;
+        let far = Instant::now() + Duration::from_secs(60);
+        drop(gate.enter("c", far).await.unwrap());
+        let mut s = gate.lock().settings.clone();
+        s.exclusive.insert("b".into());
+        gate.update(s);
+        drop(gate.enter("b", far).await.unwrap());
+        assert_eq!(sim.sim.flushes(), (1, 0), "b, exclusive now, ran after c unflushed");
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn hold_retries_the_flush_each_flush_retry_until_the_deadline() {
+        let (gate, sim, _r) = sim_gate(300).await;
+        let mut s = gate.lock().settings.clone();
+        s.on_failure = FlushFailure::Hold;
+        s.flush_retry = Duration::from_millis(100);
+        gate.update(s);
+        drop(gate.enter("b", Instant::now() + Duration::from_secs(60)).await.unwrap());
+        sim.sim.refuse_next_flushes(1000);
+        let t0 = Instant::now();
+        let r = gate.enter("a", t0 + Duration::from_secs(1)).await;
+        let took = t0.elapsed();
+        assert_eq!(r.err(), Some(GateError::Timeout));
+        assert!(took >= Duration::from_secs(1), "gave up early: {took:?}");
+        // One attempt each 100 ms (fewer on a loaded machine, never a busy loop).
+        let (confirmed, refused) = sim.sim.flushes();
+        assert_eq!(confirmed, 0);
+        assert!((3..=11).contains(&refused), "{refused} flush calls in 1 s");
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn flush_retries_wait_flush_retry_between_attempts() {
+        let (gate, sim, _r) = sim_gate(300).await;
+        let mut s = gate.lock().settings.clone();
+        s.flush_attempts = 3;
+        s.flush_retry = Duration::from_millis(150);
+        gate.update(s);
+        let far = Instant::now() + Duration::from_secs(60);
+        drop(gate.enter("b", far).await.unwrap());
+        sim.sim.refuse_next_flushes(2);
+        let t0 = Instant::now();
+        drop(gate.enter("a", far).await.unwrap());
+        let took = t0.elapsed();
+        assert_eq!(sim.sim.flushes(), (1, 2));
+        assert!(took >= Duration::from_millis(300), "two waits of 150 ms: {took:?}");
+        sim.stop().await;
+    }
+
+    /// An upstream whose flush answers wait for the test: each flush call is announced on the
+    /// first channel, then answered 200 once the second gets a message.
+    async fn held_flush_upstream() -> (
+        String,
+        tokio::sync::mpsc::Receiver<()>,
+        tokio::sync::mpsc::Sender<()>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (started_tx, started_rx) = tokio::sync::mpsc::channel(8);
+        let (release_tx, release_rx) = tokio::sync::mpsc::channel::<()>(8);
+        let release_rx = Arc::new(tokio::sync::Mutex::new(release_rx));
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (started_tx, release_rx) = (started_tx.clone(), release_rx.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 1024];
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let _ = started_tx.send(()).await;
+                            release_rx.lock().await.recv().await;
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if conn.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (url, started_rx, release_tx)
+    }
+
+    #[tokio::test]
+    async fn a_flush_during_which_the_settings_changed_vouches_for_nothing() {
+        let (url, mut started, release) = held_flush_upstream().await;
+        let mut s = settings(50, 100);
+        s.upstream = url.parse().unwrap();
+        s.drain_timeout = Duration::from_millis(300);
+        s.flush_proves_idle = true;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let gate = CacheGate::new(s.clone(), Metrics::register(&mut registry));
+        gate.lock().dirty.clear();
+        let far = Instant::now() + Duration::from_secs(60);
+        let stalled = gate.enter("a", far).await.unwrap();
+        let g = gate.clone();
+        let b = tokio::spawn(async move { g.enter("b", far).await.map(|_| ()) });
+        // Past the drain bound b asks for a flush to vouch that a's request is done; a reload
+        // comes while it is on its way (a larger fair queue may have let a pass through).
+        let wait = Duration::from_secs(10);
+        tokio::time::timeout(wait, started.recv()).await.unwrap();
+        gate.update(s);
+        release.send(()).await.unwrap();
+        // That flush retires nothing: b waits a new drain bound and asks again.
+        tokio::time::timeout(wait, started.recv())
+            .await
+            .expect("a second flush: the first one, though confirmed, vouched for nothing");
+        {
+            let st = gate.lock();
+            assert_eq!((st.running_total, st.detached), (1, 0));
+        }
+        release.send(()).await.unwrap();
+        tokio::time::timeout(wait, b).await.unwrap().unwrap().unwrap();
+        assert_eq!(gate.lock().detached, 1, "the second flush retired a's pass");
+        drop(stalled);
+        assert_eq!(gate.running(), 0);
     }
 
     #[test]
