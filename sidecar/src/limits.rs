@@ -217,7 +217,8 @@ impl Drop for ConcurrencyGuard {
     }
 }
 
-/// An admitted request: the tokens reserved for it and its concurrency slot.
+/// An admitted request: the tokens reserved for it and its concurrency slot. Dropped without
+/// an outcome (the client went away), its reservation stays charged.
 #[derive(Debug)]
 pub struct Admission {
     pub reserved: u64,
@@ -250,13 +251,6 @@ impl Admission {
                 .unwrap_or_else(|e| e.into_inner())
                 .credit(delta, now);
         }
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        // Dropped without an outcome (client went away): the reservation stays charged.
-        self.settle(None);
     }
 }
 
@@ -497,7 +491,97 @@ mod tests {
     }
 
     #[test]
+    fn rate_headers_say_what_is_left_and_when_it_is_back() {
+        let (_c, l) = setup(tenant(Some(2), Some(1000), Some(5)));
+        let a = l.admit(600).unwrap();
+        let want = RateInfo {
+            limit_requests: Some(2),
+            remaining_requests: Some(1),
+            // One of two requests used: back in half a minute.
+            reset_requests: Some(Duration::from_secs(30)),
+            limit_tokens: Some(1000),
+            remaining_tokens: Some(400),
+            // 600 of 1000 tokens used, 1000 a minute: back in 36 s.
+            reset_tokens: Some(Duration::from_secs(36)),
+        };
+        assert_eq!(a.info, want);
+        assert_eq!(
+            *l.numbers(),
+            LimitNumbers {
+                requests_per_minute: Some(2),
+                tokens_per_minute: Some(1000),
+                max_concurrent: Some(5)
+            }
+        );
+        // Refused by the request rate: the token figures come along.
+        l.admit(1).unwrap().refund();
+        let r = l.admit(1).unwrap_err();
+        assert_eq!(r.kind, LimitKind::Requests);
+        assert_eq!(
+            (r.info.limit_tokens, r.info.remaining_tokens, r.info.reset_tokens),
+            (Some(1000), Some(400), Some(Duration::from_secs(36)))
+        );
+    }
+
+    #[test]
+    fn a_concurrency_refusal_carries_the_rate_figures() {
+        let (_c, l) = setup(tenant(Some(10), Some(1000), Some(1)));
+        let _a = l.admit(250).unwrap();
+        let r = l.admit(1).unwrap_err();
+        assert_eq!(r.kind, LimitKind::Concurrency);
+        assert_eq!(
+            r.info,
+            RateInfo {
+                limit_requests: Some(10),
+                remaining_requests: None,
+                reset_requests: None,
+                limit_tokens: Some(1000),
+                remaining_tokens: Some(750),
+                reset_tokens: Some(Duration::from_secs(15)),
+            }
+        );
+    }
+
+    #[test]
+    fn limit_names_are_the_metric_labels() {
+        let names: Vec<_> = [
+            LimitKind::Requests,
+            LimitKind::Tokens,
+            LimitKind::Concurrency,
+            LimitKind::Queue,
+            LimitKind::KvTokens,
+        ]
+        .map(LimitKind::as_str)
+        .into();
+        assert_eq!(
+            names,
+            ["requests", "tokens", "concurrency", "queue", "kv_tokens"]
+        );
+    }
+
+    #[test]
+    fn the_system_clock_moves_and_debug_output_names_the_numbers() {
+        let clock = SharedClock::system();
+        let t0 = governor::clock::Clock::now(&clock);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while governor::clock::Clock::now(&clock) == t0 {
+            assert!(Instant::now() < deadline, "the system clock stands still");
+            std::hint::spin_loop();
+        }
+        assert_eq!(format!("{clock:?}"), "SharedClock");
+        let (_c, l) = setup(tenant(Some(7), None, None));
+        let dbg = format!("{l:?}");
+        assert!(
+            dbg.starts_with("TenantLimits") && dbg.contains("requests_per_minute: Some(7)"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
     fn reset_format() {
+        assert_eq!(format_reset(Duration::from_millis(999)), "999ms");
+        assert_eq!(format_reset(Duration::from_secs(59)), "59s");
+        assert_eq!(format_reset(Duration::from_secs(60)), "1m0s");
         assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_secs(1)), "1s");
