@@ -1203,6 +1203,31 @@ mod tests {
         sim.stop().await;
     }
 
+    #[tokio::test]
+    async fn the_first_flush_goes_at_once_and_no_retry_outlives_the_deadline() {
+        let (gate, sim, _r) = sim_gate(300).await;
+        let far = Instant::now() + Duration::from_secs(60);
+        drop(gate.enter("b", far).await.unwrap());
+        // A retry interval longer than the time left: the first attempt still goes.
+        let mut s = gate.lock().settings.clone();
+        s.flush_attempts = 3;
+        s.flush_retry = Duration::from_secs(10);
+        gate.update(s.clone());
+        drop(gate.enter("a", Instant::now() + Duration::from_secs(1)).await.unwrap());
+        assert_eq!(sim.sim.flushes(), (1, 0));
+        // Refused throughout: a retry goes only while it can end before the deadline (at
+        // 500 ms, not at 1000 ms).
+        drop(gate.enter("b", far).await.unwrap());
+        s.flush_retry = Duration::from_millis(500);
+        gate.update(s);
+        sim.sim.refuse_next_flushes(100);
+        let r = gate.enter("a", Instant::now() + Duration::from_millis(800)).await;
+        assert!(matches!(r, Err(GateError::FlushFailed(_))), "{:?}", r.err());
+        // (b's entry after a's window was flushed: the second confirmed one.)
+        assert_eq!(sim.sim.flushes(), (2, 2));
+        sim.stop().await;
+    }
+
     /// An upstream whose flush answers wait for the test: each flush call is announced on the
     /// first channel, then answered 200 once the second gets a message.
     async fn held_flush_upstream() -> (
