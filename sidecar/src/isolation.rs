@@ -1235,6 +1235,16 @@ mod tests {
         tokio::sync::mpsc::Receiver<()>,
         tokio::sync::mpsc::Sender<()>,
     ) {
+        held_flush_upstream_answering(String::new()).await
+    }
+
+    async fn held_flush_upstream_answering(
+        body: String,
+    ) -> (
+        String,
+        tokio::sync::mpsc::Receiver<()>,
+        tokio::sync::mpsc::Sender<()>,
+    ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1244,6 +1254,10 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
                 let (started_tx, release_rx) = (started_tx.clone(), release_rx.clone());
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -1256,8 +1270,7 @@ mod tests {
                             buf.drain(..end + 4);
                             let _ = started_tx.send(()).await;
                             release_rx.lock().await.recv().await;
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-                            if conn.write_all(ok).await.is_err() {
+                            if conn.write_all(answer.as_bytes()).await.is_err() {
                                 return;
                             }
                         }
@@ -1266,6 +1279,22 @@ mod tests {
             }
         });
         (url, started_rx, release_tx)
+    }
+
+    #[tokio::test]
+    async fn a_long_confirmation_is_read_whole() {
+        // vLLM's answer is short, but nothing says it must be: a 2 KiB JSON confirmation.
+        let detail = "x".repeat(2048);
+        let (url, _started, release) =
+            held_flush_upstream_answering(format!(r#"{{"success":true,"detail":"{detail}"}}"#))
+                .await;
+        let mut s = settings(50, 100);
+        s.upstream = url.parse().unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let gate = CacheGate::new(s, Metrics::register(&mut registry));
+        release.send(()).await.unwrap();
+        let pass = gate.enter("a", Instant::now() + Duration::from_secs(10)).await;
+        assert!(pass.is_ok(), "{:?}", pass.err());
     }
 
     #[tokio::test]
