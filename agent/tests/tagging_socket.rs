@@ -373,3 +373,52 @@ fn a_message_with_too_many_descriptors_is_refused_and_tags_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The limits of one message are exact: 4096 bytes and 4 descriptors are handled (and
+/// answered on their merits), one more of either is refused unread.
+#[test]
+fn a_message_at_the_limits_is_handled_and_one_past_them_is_refused() {
+    use nix::sys::socket::{ControlMessage, MsgFlags, recv, sendmsg};
+    if !require_bpf(AGENT) {
+        return;
+    }
+    let paths = Paths::new();
+    let agent = Agent::start(AGENT, &paths, &paths.config(""));
+    let (c, _s) = tcp_pair();
+    let call = |body: &[u8], fds: &[i32]| -> serde_json::Value {
+        let conn = raw_connection(&paths.socket);
+        let cmsgs = [ControlMessage::ScmRights(fds)];
+        sendmsg::<UnixAddr>(
+            conn.as_raw_fd(),
+            &[std::io::IoSlice::new(body)],
+            if fds.is_empty() { &[] } else { &cmsgs },
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+        serde_json::from_slice(&buf[..n]).unwrap()
+    };
+    let padded = |len: usize| {
+        let mut body = br#"{"op":"tag","tenant":"alpha"}"#.to_vec();
+        body.resize(len, b' ');
+        body
+    };
+    let max = agent_common::proto::MAX_MESSAGE_LEN;
+    let one = [c.as_raw_fd()];
+    let v = call(&padded(max), &one);
+    assert!(v.get("error").is_none(), "{max} bytes: {v}");
+    assert_eq!(
+        agent.client().lookup(c.as_fd()).unwrap().tenant.as_deref(),
+        Some("alpha")
+    );
+    let v = call(&padded(max + 1), &one);
+    assert_eq!(v["error"]["code"], "malformed", "{} bytes: {v}", max + 1);
+    let four = [c.as_raw_fd(); 4];
+    let v = call(&padded(100), &four);
+    assert_eq!(v["error"]["code"], "missing_socket", "4 descriptors: {v}");
+    let five = [c.as_raw_fd(); 5];
+    let v = call(&padded(100), &five);
+    assert_eq!(v["error"]["code"], "malformed", "5 descriptors: {v}");
+}
