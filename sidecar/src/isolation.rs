@@ -1160,7 +1160,11 @@ mod tests {
         s.exclusive.insert("b".into());
         gate.update(s);
         drop(gate.enter("b", far).await.unwrap());
-        assert_eq!(sim.sim.flushes(), (1, 0), "b, exclusive now, ran after c unflushed");
+        assert_eq!(
+            sim.sim.flushes(),
+            (1, 0),
+            "b, exclusive now, ran after c unflushed"
+        );
         sim.stop().await;
     }
 
@@ -1171,7 +1175,11 @@ mod tests {
         s.on_failure = FlushFailure::Hold;
         s.flush_retry = Duration::from_millis(100);
         gate.update(s);
-        drop(gate.enter("b", Instant::now() + Duration::from_secs(60)).await.unwrap());
+        drop(
+            gate.enter("b", Instant::now() + Duration::from_secs(60))
+                .await
+                .unwrap(),
+        );
         sim.sim.refuse_next_flushes(1000);
         let t0 = Instant::now();
         let r = gate.enter("a", t0 + Duration::from_secs(1)).await;
@@ -1199,7 +1207,10 @@ mod tests {
         drop(gate.enter("a", far).await.unwrap());
         let took = t0.elapsed();
         assert_eq!(sim.sim.flushes(), (1, 2));
-        assert!(took >= Duration::from_millis(300), "two waits of 150 ms: {took:?}");
+        assert!(
+            took >= Duration::from_millis(300),
+            "two waits of 150 ms: {took:?}"
+        );
         sim.stop().await;
     }
 
@@ -1213,7 +1224,11 @@ mod tests {
         s.flush_attempts = 3;
         s.flush_retry = Duration::from_secs(10);
         gate.update(s.clone());
-        drop(gate.enter("a", Instant::now() + Duration::from_secs(1)).await.unwrap());
+        drop(
+            gate.enter("a", Instant::now() + Duration::from_secs(1))
+                .await
+                .unwrap(),
+        );
         assert_eq!(sim.sim.flushes(), (1, 0));
         // Refused throughout: a retry goes only while it can end before the deadline (at
         // 500 ms, not at 1000 ms).
@@ -1221,7 +1236,9 @@ mod tests {
         s.flush_retry = Duration::from_millis(500);
         gate.update(s);
         sim.sim.refuse_next_flushes(100);
-        let r = gate.enter("a", Instant::now() + Duration::from_millis(800)).await;
+        let r = gate
+            .enter("a", Instant::now() + Duration::from_millis(800))
+            .await;
         assert!(matches!(r, Err(GateError::FlushFailed(_))), "{:?}", r.err());
         // (b's entry after a's window was flushed: the second confirmed one.)
         assert_eq!(sim.sim.flushes(), (2, 2));
@@ -1293,7 +1310,9 @@ mod tests {
         let mut registry = prometheus_client::registry::Registry::default();
         let gate = CacheGate::new(s, Metrics::register(&mut registry));
         release.send(()).await.unwrap();
-        let pass = gate.enter("a", Instant::now() + Duration::from_secs(10)).await;
+        let pass = gate
+            .enter("a", Instant::now() + Duration::from_secs(10))
+            .await;
         assert!(pass.is_ok(), "{:?}", pass.err());
     }
 
@@ -1326,7 +1345,11 @@ mod tests {
             assert_eq!((st.running_total, st.detached), (1, 0));
         }
         release.send(()).await.unwrap();
-        tokio::time::timeout(wait, b).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(wait, b)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(gate.lock().detached, 1, "the second flush retired a's pass");
         drop(stalled);
         assert_eq!(gate.running(), 0);

@@ -518,7 +518,11 @@ mod tests {
         let r = l.admit(1).unwrap_err();
         assert_eq!(r.kind, LimitKind::Requests);
         assert_eq!(
-            (r.info.limit_tokens, r.info.remaining_tokens, r.info.reset_tokens),
+            (
+                r.info.limit_tokens,
+                r.info.remaining_tokens,
+                r.info.reset_tokens
+            ),
             (Some(1000), Some(400), Some(Duration::from_secs(36)))
         );
     }

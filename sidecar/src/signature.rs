@@ -278,8 +278,9 @@ impl SigParams {
                 "nonce" => p.nonce = Some(string()?),
                 "keyid" => p.keyid = Some(string()?),
                 "alg" => p.alg = Some(string()?),
-                "tag" => p.tag = Some(string()?),
-                _ => {} // unknown parameters are covered by the signature and otherwise ignored
+                // `tag` (application-specific), like unknown parameters, is covered by the
+                // signature and otherwise ignored.
+                _ => {}
             }
         }
         Ok(p)
@@ -1169,6 +1170,107 @@ mod tests {
             headers: &h,
         };
         assert_eq!(v.verify(view, b"", 1000).unwrap().tenant, "acme");
+    }
+
+    /// A GET for tenant acme signed by hand over `components` with `params` after them, as
+    /// another implementation would send it.
+    fn hand_signed(components: &[&str], params: &str) -> (Method, Uri, HeaderMap) {
+        let m = Method::GET;
+        let u: Uri = "/v1/models".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, HeaderValue::from_static("acme"));
+        let quoted: Vec<String> = components.iter().map(|c| format!("\"{c}\"")).collect();
+        let list = format!("({}){params}", quoted.join(" "));
+        let mut base = String::new();
+        for c in components {
+            let v = match *c {
+                "@method" => "GET",
+                "@path" => "/v1/models",
+                TENANT_HEADER => "acme",
+                _ => "?",
+            };
+            base.push_str(&format!("\"{c}\": {v}\n"));
+        }
+        base.push_str(&format!("\"@signature-params\": {list}"));
+        let sig = STANDARD.encode(hmac_sign(b"0123456789abcdef0123456789abcdef", &base));
+        h.insert(
+            "signature-input",
+            HeaderValue::from_str(&format!("bulkhead={list}")).unwrap(),
+        );
+        h.insert(
+            "signature",
+            HeaderValue::from_str(&format!("bulkhead=:{sig}:")).unwrap(),
+        );
+        (m, u, h)
+    }
+
+    #[test]
+    fn expires_alg_and_derived_components_are_enforced() {
+        let v = verifier(TenantBinding::Any);
+        let check = |components: &[&str], params: &str, now: i64| {
+            let (m, u, h) = hand_signed(components, params);
+            let view = RequestView {
+                method: &m,
+                uri: &u,
+                headers: &h,
+            };
+            v.verify(view, b"", now).map(|ok| ok.tenant)
+        };
+        let std = ["@method", "@path", TENANT_HEADER];
+        // A validly signed request past its own `expires` is refused; before it, accepted.
+        assert_eq!(
+            check(
+                &std,
+                r#";created=1000;expires=1005;keyid="gw";nonce="e1""#,
+                1005
+            ),
+            Err(AuthError::Expired("expires has passed".into()))
+        );
+        assert_eq!(
+            check(
+                &std,
+                r#";created=1000;expires=1005;keyid="gw";nonce="e2""#,
+                1004
+            ),
+            Ok("acme".into())
+        );
+        // An `alg` other than HMAC-SHA256 is refused, though the HMAC is right.
+        assert_eq!(
+            check(
+                &std,
+                r#";created=1000;keyid="gw";nonce="a1";alg="rsa-pss-sha512""#,
+                1000
+            ),
+            Err(AuthError::Malformed("alg must be hmac-sha256".into()))
+        );
+        // A derived component this verifier does not compute is named as such.
+        let mut more = std.to_vec();
+        more.push("@status");
+        assert_eq!(
+            check(&more, r#";created=1000;keyid="gw";nonce="s1""#, 1000),
+            Err(AuthError::Malformed(
+                "unsupported derived component @status".into()
+            ))
+        );
+        // A `tag` is covered and otherwise ignored.
+        assert_eq!(
+            check(
+                &std,
+                r#";created=1000;keyid="gw";nonce="t1";tag="app""#,
+                1000
+            ),
+            Ok("acme".into())
+        );
+    }
+
+    #[test]
+    fn the_replay_caches_debug_output_gives_its_size_not_its_nonces() {
+        let mut cache = ReplayCache::new(16);
+        cache
+            .check_and_insert("gw", "secret-nonce", 2000, 1000, 16)
+            .unwrap();
+        let dbg = format!("{cache:?}");
+        assert_eq!(dbg, "ReplayCache { capacity: 16, len: 1, key_ids: 1 }");
     }
 
     #[test]
