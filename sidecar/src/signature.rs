@@ -1266,9 +1266,11 @@ mod tests {
     #[test]
     fn the_replay_caches_debug_output_gives_its_size_not_its_nonces() {
         let mut cache = ReplayCache::new(16);
+        assert!(cache.is_empty());
         cache
             .check_and_insert("gw", "secret-nonce", 2000, 1000, 16)
             .unwrap();
+        assert!(!cache.is_empty());
         let dbg = format!("{cache:?}");
         assert_eq!(dbg, "ReplayCache { capacity: 16, len: 1, key_ids: 1 }");
     }
