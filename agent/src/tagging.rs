@@ -445,11 +445,8 @@ fn receive(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool, Vec<OwnedFd>)>
         }
         false
     });
-    let truncated = cut
-        || msg
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
-        || msg.bytes > MAX_MESSAGE_LEN
-        || fds.len() > MAX_FDS;
+    // `buf` is one byte longer than the limit, so a message cut to fit it (MSG_TRUNC) is
+    // over the limit too; control data is never cut (the buffer above), else `cut`.
+    let truncated = cut || msg.bytes > MAX_MESSAGE_LEN || fds.len() > MAX_FDS;
     Ok((msg.bytes, truncated, fds))
 }
