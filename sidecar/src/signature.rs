@@ -1264,6 +1264,26 @@ mod tests {
     }
 
     #[test]
+    fn a_key_ids_share_counts_its_live_nonces_as_some_expire() {
+        let mut cache = ReplayCache::new(16);
+        cache.check_and_insert("gw", "n1", 10, 0, 2).unwrap();
+        cache.check_and_insert("gw", "n2", 20, 0, 2).unwrap();
+        // n1 expires; n2 still counts: one more fits the share of 2, not two.
+        cache.check_and_insert("gw", "n3", 30, 15, 2).unwrap();
+        assert_eq!(
+            cache.check_and_insert("gw", "n4", 30, 15, 2),
+            Err(AuthError::ReplayCacheFull)
+        );
+        // All expired: the key id holds nothing.
+        cache.check_and_insert("gw", "n5", 40, 35, 2).unwrap();
+        cache.check_and_insert("gw", "n6", 40, 35, 2).unwrap();
+        assert_eq!(
+            format!("{cache:?}"),
+            "ReplayCache { capacity: 16, len: 2, key_ids: 1 }"
+        );
+    }
+
+    #[test]
     fn the_replay_caches_debug_output_gives_its_size_not_its_nonces() {
         let mut cache = ReplayCache::new(16);
         assert!(cache.is_empty());
