@@ -1284,6 +1284,56 @@ mod tests {
     }
 
     #[test]
+    fn nonces_are_1_to_256_characters_and_fresh_ones_are_random() {
+        let v = verifier(TenantBinding::Any);
+        let check = |nonce: &str| {
+            let (m, u, h) = signed(b"", "acme", 1000, nonce);
+            let view = RequestView {
+                method: &m,
+                uri: &u,
+                headers: &h,
+            };
+            v.verify_head(view, 1000).map(|p| p.tenant().to_string())
+        };
+        let too = Err(AuthError::Malformed(
+            "nonce must be 1-256 characters".into(),
+        ));
+        assert_eq!(check(""), too);
+        assert_eq!(check(&"n".repeat(257)), too);
+        assert_eq!(check(&"n".repeat(256)), Ok("acme".into()));
+        assert_eq!(check("n"), Ok("acme".into()));
+        // 16 random bytes, base64url: 22 characters, never the same twice.
+        let (a, b) = (random_nonce(), random_nonce());
+        assert_eq!((a.len(), b.len()), (22, 22));
+        assert_ne!(a, b);
+        assert!(URL_SAFE_NO_PAD.decode(&a).is_ok(), "{a}");
+    }
+
+    #[test]
+    fn a_verified_head_carries_the_signing_keys_scope() {
+        let scope = Scope {
+            models: Some(["m1".to_string()].into()),
+            max_tokens: Some(64),
+            ..Scope::default()
+        };
+        let mut v = verifier(TenantBinding::Any);
+        let key = LoadedKey {
+            id: "gw".into(),
+            secrets: vec![b"0123456789abcdef0123456789abcdef".to_vec()],
+            tenants: TenantBinding::Any,
+            scope: Arc::new(scope.clone()),
+        };
+        v.keys.insert("gw".into(), key);
+        let (m, u, h) = signed(b"", "acme", 1000, "sc");
+        let view = RequestView {
+            method: &m,
+            uri: &u,
+            headers: &h,
+        };
+        assert_eq!(**v.verify_head(view, 1000).unwrap().scope(), scope);
+    }
+
+    #[test]
     fn the_replay_caches_debug_output_gives_its_size_not_its_nonces() {
         let mut cache = ReplayCache::new(16);
         assert!(cache.is_empty());
