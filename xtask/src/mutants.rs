@@ -86,8 +86,10 @@ pub fn run(args: &[&str]) -> Result<()> {
     crate::setup::run()?;
     let root = crate::root();
     let mut scores = BTreeMap::new();
-    for (i, (group, tests)) in groups.iter().enumerate() {
-        let out = root.join(format!("target/mutants-out/{i}"));
+    for (group, tests) in &groups {
+        // Named by crate, so runs of the two groups (in two shells) do not meet.
+        let krate = group[0].split('/').next().unwrap_or("core");
+        let out = root.join(format!("target/mutants-out/{krate}"));
         std::fs::create_dir_all(&out)?;
         let mut cmd = crate::cargo();
         cmd.arg("mutants")
@@ -99,7 +101,7 @@ pub fn run(args: &[&str]) -> Result<()> {
             .args(["--minimum-test-timeout", "8"])
             // A target of its own that outlives the run's copy of the tree: the dependencies
             // build once, not once a run.
-            .env("CARGO_TARGET_DIR", root.join("target/mutants"))
+            .env("CARGO_TARGET_DIR", root.join(format!("target/mutants/{krate}")))
             .env("PATH", crate::setup::path_with_linker()?);
         for t in *tests {
             cmd.arg(format!("--cargo-arg={t}"));
