@@ -1334,6 +1334,35 @@ mod tests {
     }
 
     #[test]
+    fn a_signer_covers_each_extra_component_once() {
+        let m = Method::GET;
+        let u: Uri = "http://api.example/v1/models".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, HeaderValue::from_static("acme"));
+        let mut o = SignOptions::new("gw", 1000);
+        o.nonce = Some("x1".into());
+        o.extra_components = vec!["@authority".into(), "@method".into()];
+        sign_request(&m, &u, &mut h, b"", b"0123456789abcdef0123456789abcdef", &o).unwrap();
+        let input = h["signature-input"].to_str().unwrap();
+        assert!(
+            input.starts_with(r#"bulkhead=("@method" "@path" "x-bulkhead-tenant" "@authority");"#),
+            "{input}"
+        );
+        let view = RequestView {
+            method: &m,
+            uri: &u,
+            headers: &h,
+        };
+        assert_eq!(
+            verifier(TenantBinding::Any)
+                .verify(view, b"", 1000)
+                .unwrap()
+                .tenant,
+            "acme"
+        );
+    }
+
+    #[test]
     fn the_replay_caches_debug_output_gives_its_size_not_its_nonces() {
         let mut cache = ReplayCache::new(16);
         assert!(cache.is_empty());

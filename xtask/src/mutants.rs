@@ -101,7 +101,10 @@ pub fn run(args: &[&str]) -> Result<()> {
             .args(["--minimum-test-timeout", "8"])
             // A target of its own that outlives the run's copy of the tree: the dependencies
             // build once, not once a run.
-            .env("CARGO_TARGET_DIR", root.join(format!("target/mutants/{krate}")))
+            .env(
+                "CARGO_TARGET_DIR",
+                root.join(format!("target/mutants/{krate}")),
+            )
             .env("PATH", crate::setup::path_with_linker()?);
         for t in *tests {
             cmd.arg(format!("--cargo-arg={t}"));

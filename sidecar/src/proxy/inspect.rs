@@ -365,6 +365,63 @@ mod tests {
     }
 
     #[test]
+    fn lax_fields_read_what_pydantic_reads_and_nothing_else() {
+        use serde_json::json;
+        let uint = |v: Value| lax_uint(&v, "f").map_err(|_| ());
+        assert_eq!(uint(json!(null)), Ok(None));
+        assert_eq!(uint(json!(true)), Ok(Some(1)));
+        assert_eq!(uint(json!(false)), Ok(Some(0)));
+        assert_eq!(uint(json!(7)), Ok(Some(7)));
+        assert_eq!(uint(json!(1e5)), Ok(Some(100_000)));
+        assert_eq!(uint(json!(" 12 ")), Ok(Some(12)));
+        assert_eq!(uint(json!("3.0")), Ok(Some(3)));
+        assert_eq!(uint(json!(8.0e15)), Ok(Some(8_000_000_000_000_000)));
+        // Past 9e15 a float no longer holds every whole number: refused, not rounded.
+        for bad in [
+            json!(9.0e15),
+            json!(1.5),
+            json!(-1),
+            json!("x"),
+            json!([1]),
+            json!({}),
+        ] {
+            assert_eq!(uint(bad.clone()), Err(()), "{bad}");
+        }
+        let boolean = |v: Value| lax_bool(&v, "f").map_err(|_| ());
+        assert_eq!(boolean(json!(null)), Ok(None));
+        assert_eq!(boolean(json!(true)), Ok(Some(true)));
+        assert_eq!(boolean(json!(0)), Ok(Some(false)));
+        assert_eq!(boolean(json!(1)), Ok(Some(true)));
+        for t in ["true", "1", "yes", "on", "t", "y", " TRUE "] {
+            assert_eq!(boolean(json!(t)), Ok(Some(true)), "{t}");
+        }
+        for f in ["false", "0", "no", "off", "f", "n", "No"] {
+            assert_eq!(boolean(json!(f)), Ok(Some(false)), "{f}");
+        }
+        for bad in [json!(2), json!(0.5), json!("maybe"), json!([]), json!({})] {
+            assert_eq!(boolean(bad.clone()), Err(()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nesting_is_allowed_to_max_depth_and_no_deeper() {
+        let nest = |levels: usize| {
+            let mut v = Value::Null;
+            for _ in 0..levels {
+                v = Value::Array(vec![v]);
+            }
+            v
+        };
+        assert!(depth_ok(&nest(MAX_DEPTH)));
+        assert!(!depth_ok(&nest(MAX_DEPTH + 1)));
+        let mut obj = Map::new();
+        obj.insert("x".into(), nest(MAX_DEPTH - 1));
+        assert!(depth_ok(&Value::Object(obj.clone())));
+        obj.insert("x".into(), nest(MAX_DEPTH));
+        assert!(!depth_ok(&Value::Object(obj)));
+    }
+
+    #[test]
     fn strips_salt_asks_for_usage_and_writes_the_limit() {
         let b = br#"{"model":"m","cache_salt":"victim","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hello there"}]}"#;
         let i = inspect(Route::Generate(Api::Chat), b, P).unwrap();
