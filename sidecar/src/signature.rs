@@ -1363,6 +1363,37 @@ mod tests {
     }
 
     #[test]
+    fn reasons_are_the_documented_metric_labels() {
+        let s = String::new;
+        let all = [
+            (AuthError::Missing(s()), "missing"),
+            (AuthError::Malformed(s()), "malformed"),
+            (AuthError::BadSignature, "bad_signature"),
+            (AuthError::Expired(s()), "expired"),
+            (AuthError::Replayed, "replayed"),
+            (AuthError::UnknownKey, "unknown_key"),
+            (AuthError::TenantMismatch, "tenant_mismatch"),
+            (AuthError::DigestMismatch(s()), "digest_mismatch"),
+            (AuthError::UnknownTenant, "unknown_tenant"),
+            (AuthError::ReplayCacheFull, "replay_cache_full"),
+            (AuthError::AlgNotAllowed(s()), "alg_not_allowed"),
+            (AuthError::KeyMismatch, "key_mismatch"),
+            (AuthError::NotYetValid(s()), "not_yet_valid"),
+            (AuthError::WrongIssuer, "wrong_issuer"),
+            (AuthError::WrongAudience, "wrong_audience"),
+            (AuthError::ClaimMissing(s()), "claim_missing"),
+            (AuthError::UnknownTier, "unknown_tier"),
+            (AuthError::MethodNotAccepted("jwt"), "method_not_accepted"),
+        ];
+        for (e, reason) in &all {
+            assert_eq!(e.reason(), *reason, "{e:?}");
+        }
+        // The metric series made up front are exactly these.
+        let listed: Vec<&str> = all.iter().map(|(_, r)| *r).collect();
+        assert_eq!(AuthError::REASONS.to_vec(), listed);
+    }
+
+    #[test]
     fn the_replay_caches_debug_output_gives_its_size_not_its_nonces() {
         let mut cache = ReplayCache::new(16);
         assert!(cache.is_empty());
