@@ -404,6 +404,19 @@ mod tests {
     }
 
     #[test]
+    fn the_prompt_estimate_counts_every_prompt_field_and_each_message() {
+        let body = br#"{"model":"m","messages":[
+            {"role":"user","content":[{"type":"text","text":"abcdef"}]},
+            {"role":"assistant","content":"ok"}],
+            "prompt":"xy","suffix":7,"instructions":null}"#;
+        let i = inspect(Route::Generate(Api::Chat), body, P).unwrap();
+        // Text bytes: "user" "text" "abcdef" "assistant" "ok" = 25, 16 a message = 32,
+        // "xy" = 2, a number = 2: 61 bytes, a token per 4 started.
+        assert_eq!(i.prompt_estimate, 16);
+        assert_eq!(i.model.as_deref(), Some("m"));
+    }
+
+    #[test]
     fn nesting_is_allowed_to_max_depth_and_no_deeper() {
         let nest = |levels: usize| {
             let mut v = Value::Null;
