@@ -633,6 +633,11 @@ mod tests {
             ),
             (
                 chat,
+                r#"{"model":"m","messages":[],"tool_choice":{"type":"allowed_tools","tools":[{"type":"function","function":{"name":"ok"}}]}}"#,
+                "ok",
+            ),
+            (
+                chat,
                 r#"{"model":"m","messages":[],"tool_choice":"required","tools":[{"function":{"name":"ok"}}]}"#,
                 "ok",
             ),
