@@ -417,6 +417,40 @@ mod tests {
     }
 
     #[test]
+    fn stream_usage_choices_and_a_zero_limit_are_read_as_the_upstream_reads_them() {
+        let chat = |b: &str| inspect(Route::Generate(Api::Chat), b.as_bytes(), P);
+        // Not streamed: no stream options added, no usage chunk to strip.
+        let i = chat(r#"{"messages":[]}"#).unwrap();
+        assert!(!i.strip_usage_chunk);
+        assert!(fwd(&i).get("stream_options").is_none(), "{}", fwd(&i));
+        // The Responses API streams its usage anyway and has no stream_options.
+        let i = inspect(
+            Route::Generate(Api::Responses),
+            br#"{"input":"x","stream":true}"#,
+            P,
+        )
+        .unwrap();
+        assert!(i.stream && !i.strip_usage_chunk);
+        assert!(fwd(&i).get("stream_options").is_none(), "{}", fwd(&i));
+        // `max_completion_tokens: 0` is "not set" to vLLM: removed, `max_tokens` rules.
+        let i = chat(r#"{"messages":[],"max_completion_tokens":0,"max_tokens":5}"#).unwrap();
+        let v = fwd(&i);
+        assert!(v.get("max_completion_tokens").is_none(), "{v}");
+        assert_eq!(
+            (v["max_tokens"].as_u64(), i.completion_reserve),
+            (Some(5), 5)
+        );
+        // Choices: up to MAX_CHOICES, each reserving the completion limit.
+        let i = chat(&format!(
+            r#"{{"messages":[],"max_tokens":2,"n":{MAX_CHOICES}}}"#
+        ))
+        .unwrap();
+        assert_eq!(i.completion_reserve, 2 * MAX_CHOICES);
+        let over = format!(r#"{{"messages":[],"n":{}}}"#, MAX_CHOICES + 1);
+        assert_eq!(chat(&over).unwrap_err().code, "invalid_parameter");
+    }
+
+    #[test]
     fn nesting_is_allowed_to_max_depth_and_no_deeper() {
         let nest = |levels: usize| {
             let mut v = Value::Null;

@@ -121,6 +121,27 @@ mod tests {
     }
 
     #[test]
+    fn bodies_are_inspected_on_the_model_routes_and_salted_where_the_cache_is_used() {
+        let routes = [
+            Route::Generate(Api::Chat),
+            Route::Generate(Api::Completions),
+            Route::Generate(Api::Responses),
+            Route::Encode,
+            Route::Tokenize,
+            Route::Models,
+            Route::Admin,
+            Route::Unknown,
+        ];
+        let inspected: Vec<bool> = routes.iter().map(|r| r.inspected()).collect();
+        let salted: Vec<bool> = routes.iter().map(|r| r.salted()).collect();
+        assert_eq!(
+            inspected,
+            [true, true, true, true, true, false, false, false]
+        );
+        assert_eq!(salted, [true, true, true, true, false, false, false, false]);
+    }
+
+    #[test]
     fn canonical_paths_match_exactly() {
         assert_eq!(
             classify(&Method::POST, "/v1/chat/completions").unwrap(),
