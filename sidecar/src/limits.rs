@@ -528,6 +528,20 @@ mod tests {
     }
 
     #[test]
+    fn the_request_reset_is_the_time_the_used_requests_take_to_come_back() {
+        let (_c, l) = setup(tenant(Some(4), None, None));
+        let resets: Vec<_> = (0..3)
+            .map(|_| l.admit(1).unwrap().info.reset_requests.unwrap())
+            .collect();
+        // 4 a minute: each used request is back after 15 s.
+        assert_eq!(
+            resets,
+            [15, 30, 45].map(Duration::from_secs),
+            "after 1, 2 and 3 requests"
+        );
+    }
+
+    #[test]
     fn a_concurrency_refusal_carries_the_rate_figures() {
         let (_c, l) = setup(tenant(Some(10), Some(1000), Some(1)));
         let _a = l.admit(250).unwrap();
