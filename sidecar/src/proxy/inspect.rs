@@ -461,6 +461,16 @@ mod tests {
         };
         assert!(depth_ok(&nest(MAX_DEPTH)));
         assert!(!depth_ok(&nest(MAX_DEPTH + 1)));
+        // An empty object is a level too, innermost as anywhere.
+        let around_object = |arrays: usize| {
+            let mut v = Value::Object(Map::new());
+            for _ in 0..arrays {
+                v = Value::Array(vec![v]);
+            }
+            v
+        };
+        assert!(depth_ok(&around_object(MAX_DEPTH - 1)));
+        assert!(!depth_ok(&around_object(MAX_DEPTH)));
         let mut obj = Map::new();
         obj.insert("x".into(), nest(MAX_DEPTH - 1));
         assert!(depth_ok(&Value::Object(obj.clone())));
