@@ -25,6 +25,26 @@ fn raw_connection(path: &Path) -> OwnedFd {
     fd
 }
 
+/// One message to the tagging socket with `fds` attached, on a connection of its own; the
+/// agent's answer (it must answer).
+fn send_with_fds(path: &Path, body: &[u8], fds: &[i32]) -> serde_json::Value {
+    use nix::sys::socket::{ControlMessage, MsgFlags, recv, sendmsg};
+    let conn = raw_connection(path);
+    let cmsgs = [ControlMessage::ScmRights(fds)];
+    sendmsg::<UnixAddr>(
+        conn.as_raw_fd(),
+        &[std::io::IoSlice::new(body)],
+        if fds.is_empty() { &[] } else { &cmsgs },
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    assert!(n > 0, "the agent closed the connection without an answer");
+    serde_json::from_slice(&buf[..n]).unwrap()
+}
+
 fn with_tagging(paths: &Paths, fields: &str) -> String {
     paths
         .config("")
@@ -297,7 +317,6 @@ fn what_callers_send_is_logged_escaped() {
 /// whole: none of the sockets that did arrive is tagged.
 #[test]
 fn a_message_with_too_many_descriptors_is_refused_and_tags_nothing() {
-    use nix::sys::socket::{ControlMessage, MsgFlags, recv, sendmsg};
     if !require_bpf(AGENT) {
         return;
     }
@@ -305,19 +324,8 @@ fn a_message_with_too_many_descriptors_is_refused_and_tags_nothing() {
     let agent = Agent::start(AGENT, &paths, &paths.config(""));
     let pairs: Vec<_> = (0..6).map(|_| tcp_pair()).collect();
     let fds: Vec<i32> = pairs.iter().map(|(c, _)| c.as_raw_fd()).collect();
-    let conn = raw_connection(&paths.socket);
     let body = br#"{"op":"tag","tenant":"alpha"}"#;
-    sendmsg::<UnixAddr>(
-        conn.as_raw_fd(),
-        &[std::io::IoSlice::new(body)],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
+    let v = send_with_fds(&paths.socket, body, &fds);
     assert_eq!(v["error"]["code"], "malformed", "{v}");
     assert!(
         v["error"]["message"]
@@ -342,7 +350,6 @@ fn a_message_with_too_many_descriptors_is_refused_and_tags_nothing() {
     );
     // The agent closes every descriptor such a message brought: a caller cannot run it out
     // of descriptors by sending many (the kernel's most, 253, a message).
-    drop(conn);
     let open = || {
         std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
             .unwrap()
@@ -351,17 +358,8 @@ fn a_message_with_too_many_descriptors_is_refused_and_tags_nothing() {
     let before = open();
     let fds: Vec<i32> = vec![pairs[0].0.as_raw_fd(); 253];
     for _ in 0..20 {
-        let conn = raw_connection(&paths.socket);
-        sendmsg::<UnixAddr>(
-            conn.as_raw_fd(),
-            &[std::io::IoSlice::new(body)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-        .unwrap();
-        let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
-        assert!(n > 0, "the agent closed without an answer");
+        let v = send_with_fds(&paths.socket, body, &fds);
+        assert_eq!(v["error"]["code"], "malformed", "{v}");
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while open() > before {
@@ -378,28 +376,13 @@ fn a_message_with_too_many_descriptors_is_refused_and_tags_nothing() {
 /// answered on their merits), one more of either is refused unread.
 #[test]
 fn a_message_at_the_limits_is_handled_and_one_past_them_is_refused() {
-    use nix::sys::socket::{ControlMessage, MsgFlags, recv, sendmsg};
     if !require_bpf(AGENT) {
         return;
     }
     let paths = Paths::new();
     let agent = Agent::start(AGENT, &paths, &paths.config(""));
     let (c, _s) = tcp_pair();
-    let call = |body: &[u8], fds: &[i32]| -> serde_json::Value {
-        let conn = raw_connection(&paths.socket);
-        let cmsgs = [ControlMessage::ScmRights(fds)];
-        sendmsg::<UnixAddr>(
-            conn.as_raw_fd(),
-            &[std::io::IoSlice::new(body)],
-            if fds.is_empty() { &[] } else { &cmsgs },
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-        .unwrap();
-        let mut buf = vec![0u8; 8192];
-        let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
-        serde_json::from_slice(&buf[..n]).unwrap()
-    };
+    let call = |body: &[u8], fds: &[i32]| send_with_fds(&paths.socket, body, fds);
     let padded = |len: usize| {
         let mut body = br#"{"op":"tag","tenant":"alpha"}"#.to_vec();
         body.resize(len, b' ');
