@@ -104,6 +104,21 @@ pub fn render(cmd: &Command) -> String {
     s
 }
 
+/// Release builds of the sidecar and the simulator's binaries (bulkhead-bench starts
+/// bulkhead-sim and bulkhead-sidecar from the directory it is in); that directory.
+fn build_bench_bins() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bulkhead-sidecar",
+        "-p",
+        "bulkhead-sim",
+        "--bins",
+    ]))?;
+    Ok(root().join("target/release"))
+}
+
 pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
@@ -246,16 +261,7 @@ fn demo(rest: &[&str]) -> Result<()> {
         // Sidecar replicas sharing limits through Redis: no agent, no root.
         let n = rest.get(i + 1).copied().unwrap_or("2");
         setup::redis()?;
-        run(cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "bulkhead-sidecar",
-            "-p",
-            "bulkhead-sim",
-            "--bins",
-        ]))?;
-        let bin_dir = root().join("target/release");
+        let bin_dir = build_bench_bins()?;
         return run(Command::new(bin_dir.join("bulkhead-bench"))
             .arg("--bin-dir")
             .arg(&bin_dir)
@@ -308,17 +314,7 @@ fn bench_sidecar(rest: &[&str]) -> Result<()> {
             eprintln!("bench sidecar: nginx could not be installed; the nginx baseline is skipped");
         }
     }
-    // bulkhead-bench starts bulkhead-sim and bulkhead-sidecar from the directory it is in.
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "bulkhead-sidecar",
-        "-p",
-        "bulkhead-sim",
-        "--bins",
-    ]))?;
-    let bin_dir = root().join("target/release");
+    let bin_dir = build_bench_bins()?;
     run(Command::new(bin_dir.join("bulkhead-bench"))
         .arg("--bin-dir")
         .arg(&bin_dir)
