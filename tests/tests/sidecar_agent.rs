@@ -154,6 +154,21 @@ fn tag_of(agent: &Agent, local_port: u16, peer_port: u16) -> Option<String> {
         .tenant
 }
 
+/// The real agent (configured with `agent_config`) and a sidecar in front of a simulator
+/// (`sim`), serving `tenants` and tagging through that agent's socket.
+async fn sidecar_with_agent(
+    agent_bin: &str,
+    paths: &Paths,
+    agent_config: &str,
+    sim: bulkhead_sim::SimConfig,
+    tenants: &str,
+    dir: &TempDir,
+) -> (Agent, Stack) {
+    let agent = Agent::start(agent_bin, paths, agent_config);
+    let stack = Stack::start(sim, tenants, "", Some(&paths.socket), &dir.0).await;
+    (agent, stack)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sidecar_tags_and_retags_and_never_leaves_a_refused_tenant_under_another() {
     let agent_bin = workspace_bin("bulkhead-agent");
@@ -162,14 +177,14 @@ async fn the_sidecar_tags_and_retags_and_never_leaves_a_refused_tenant_under_ano
     }
     let paths = Paths::new();
     // The agent knows alpha and beta; the sidecar also serves gamma.
-    let agent = Agent::start(&agent_bin, &paths, &paths.config(""));
     let dir = TempDir::new("sidecar-agent");
-    let stack = Stack::start(
+    let (agent, stack) = sidecar_with_agent(
+        &agent_bin,
+        &paths,
+        &paths.config(""),
         bulkhead_sim::SimConfig::default(),
         "[tenants.alpha]\n[tenants.beta]\n[tenants.gamma]\n",
-        "",
-        Some(&paths.socket),
-        &dir.0,
+        &dir,
     )
     .await;
     let sidecar_port = stack.addr.port();
@@ -250,14 +265,14 @@ async fn a_sidecar_the_agent_does_not_allow_serves_and_its_bytes_count_as_untagg
     let config = paths
         .config("")
         .replace("[tagging]\n", "[tagging]\nallowed_uids = [65534]\n");
-    let agent = Agent::start(&agent_bin, &paths, &config);
     let dir = TempDir::new("sidecar-agent-denied");
-    let stack = Stack::start(
+    let (agent, stack) = sidecar_with_agent(
+        &agent_bin,
+        &paths,
+        &config,
         bulkhead_sim::SimConfig::default(),
         "[tenants.alpha]\n[tenants.beta]\n",
-        "",
-        Some(&paths.socket),
-        &dir.0,
+        &dir,
     )
     .await;
     let (_, mut conn) = connect(stack.addr, false).await;
@@ -328,14 +343,14 @@ async fn each_byte_counts_under_the_tag_its_socket_had_when_it_passed() {
         return;
     }
     let paths = Paths::new();
-    let agent = Agent::start(&agent_bin, &paths, &paths.config(""));
     let dir = TempDir::new("sidecar-agent-bytes");
-    let stack = Stack::start(
+    let (agent, stack) = sidecar_with_agent(
+        &agent_bin,
+        &paths,
+        &paths.config(""),
         bulkhead_sim::SimConfig::default(),
         "[tenants.alpha]\n[tenants.beta]\n",
-        "",
-        Some(&paths.socket),
-        &dir.0,
+        &dir,
     )
     .await;
     let (sidecar_port, sim_port) = (stack.addr.port(), stack.sim.addr.port());
@@ -418,17 +433,18 @@ async fn concurrent_h2_streams_of_two_tenants_count_under_the_latest_tenant() {
         return;
     }
     let paths = Paths::new();
-    let agent = Agent::start(&agent_bin, &paths, &paths.config(""));
     let dir = TempDir::new("sidecar-agent-h2-mixed");
-    let stack = Stack::start(
-        bulkhead_sim::SimConfig {
-            completion_tokens: 64,
-            ..Default::default()
-        },
+    let sim = bulkhead_sim::SimConfig {
+        completion_tokens: 64,
+        ..Default::default()
+    };
+    let (agent, stack) = sidecar_with_agent(
+        &agent_bin,
+        &paths,
+        &paths.config(""),
+        sim,
         "[tenants.alpha]\n[tenants.beta]\n",
-        "",
-        Some(&paths.socket),
-        &dir.0,
+        &dir,
     )
     .await;
     let sidecar_port = stack.addr.port();
