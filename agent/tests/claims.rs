@@ -4,7 +4,7 @@
 //! them, otherwise it is skipped.
 
 use bulkhead_tests::harness::*;
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -25,15 +25,6 @@ fn endpoint(tenant: &str, address: &str, port: Option<u16>, mode: &str) -> Strin
     format!(
         "[[cross_tenant.endpoints]]\ntenant = \"{tenant}\"\naddress = \"{address}\"\n{port}mode = \"{mode}\"\n"
     )
-}
-
-/// Sends a few bytes on `stream` and reads them on the connection `listener` accepts.
-fn exchange(listener: &TcpListener, mut stream: TcpStream) {
-    let (mut peer, _) = listener.accept().unwrap();
-    stream.write_all(b"ping").unwrap();
-    let mut buf = [0u8; 4];
-    peer.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping");
 }
 
 #[test]

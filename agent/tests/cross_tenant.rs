@@ -3,7 +3,7 @@
 //! tenant's endpoint is untouched. Needs root; under CI=true fails without.
 
 use bulkhead_tests::harness::*;
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsFd;
 
@@ -22,15 +22,6 @@ fn endpoint(tenant: &str, addr: SocketAddr, mode: &str) -> String {
         addr.ip(),
         addr.port()
     )
-}
-
-/// Sends and receives a little on an accepted connection, proving the flow works.
-fn exchange(listener: &TcpListener, mut stream: std::net::TcpStream) {
-    let (mut peer, _) = listener.accept().unwrap();
-    stream.write_all(b"ping").unwrap();
-    let mut buf = [0u8; 4];
-    peer.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping");
 }
 
 #[test]

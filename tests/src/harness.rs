@@ -627,3 +627,13 @@ pub fn unbound_udp() -> std::net::UdpSocket {
     .expect("a UDP socket");
     std::net::UdpSocket::from(fd)
 }
+
+/// Sends a few bytes on `stream` and reads them on the connection `listener` accepts: proof
+/// that the flow works.
+pub fn exchange(listener: &TcpListener, mut stream: TcpStream) {
+    let (mut peer, _) = listener.accept().unwrap();
+    stream.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    peer.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+}
