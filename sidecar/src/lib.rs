@@ -18,6 +18,7 @@ pub mod leaks;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod responses;
 pub mod runtime;
 pub mod scope;
 pub mod seal;

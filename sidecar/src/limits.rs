@@ -420,6 +420,10 @@ mod tests {
             audit_key_file: None,
             isolation: Default::default(),
             unknown_routes: Default::default(),
+            extra_fields: Vec::new(),
+            priority: 0,
+            trusted_engine_fields: Vec::new(),
+            store_responses: false,
         }
     }
 

@@ -41,6 +41,11 @@ pub struct TenantRuntime {
     pub unknown_routes: UnknownRoutes,
     pub default_max_tokens: u64,
     pub weight: u32,
+    /// `extra_fields`, `priority`, `trusted_engine_fields`, `store_responses`.
+    pub extra_fields: Vec<String>,
+    pub priority: i64,
+    pub trusted_engine_fields: Vec<String>,
+    pub store_responses: bool,
     /// The tenant's prices (`[cost]`), with their counters.
     pub cost: crate::cost::TenantCost,
 }
@@ -129,6 +134,8 @@ pub struct App {
     /// The shared limits backend and replay cache (`limits.backend = "redis"`).
     pub shared: Option<Arc<SharedLimits>>,
     ids: RequestIds,
+    /// Which tenant each stored Responses API answer belongs to.
+    pub responses: crate::responses::ResponseOwners,
     pub ready: AtomicBool,
     /// When each (owner, seen by) pair last wrote a leak record to the owner's audit.
     leak_records: Mutex<HashMap<(String, String, &'static str), std::time::Instant>>,
@@ -228,6 +235,7 @@ impl App {
                 keys: Default::default(),
                 seq: AtomicU64::new(0),
             },
+            responses: Default::default(),
             ready: AtomicBool::new(true),
             leak_records: Mutex::new(HashMap::new()),
         }))
@@ -490,6 +498,10 @@ fn tenant_runtime(
         unknown_routes: t.unknown_routes,
         default_max_tokens: t.default_max_tokens,
         weight: t.weight,
+        extra_fields: t.extra_fields.clone(),
+        priority: t.priority,
+        trusted_engine_fields: t.trusted_engine_fields.clone(),
+        store_responses: t.store_responses,
         cost: crate::cost::TenantCost::new(&config.cost, name, metrics),
     }
 }

@@ -173,6 +173,18 @@ pub struct UpstreamConfig {
     /// What the upstream supports: `openai` (no `cache_salt`, no flush), `vllm` or `sglang`.
     #[serde(default)]
     pub flavor: Flavor,
+    /// Request headers that routers and engines behind the sidecar read as the tenant's
+    /// identity: overwritten with the verified tenant, never taken from the client.
+    #[serde(default = "default_identity_headers")]
+    pub identity_headers: Vec<String>,
+}
+
+/// The Gateway API Inference Extension's fairness id, and the common `x-tenant-id`.
+pub fn default_identity_headers() -> Vec<String> {
+    vec![
+        "x-gateway-inference-fairness-id".into(),
+        "x-tenant-id".into(),
+    ]
 }
 
 /// The inference server's kind, for prefix-cache isolation.
@@ -456,6 +468,14 @@ pub struct ModelConfig {
     pub kv_heads: u32,
     pub head_dim: u32,
     pub dtype: Dtype,
+    /// Prompt tokens charged for each image, audio or video part of a prompt (its worst case:
+    /// never the length of its URL or data).
+    #[serde(default = "default_media_part_tokens")]
+    pub media_part_tokens: u64,
+}
+
+fn default_media_part_tokens() -> u64 {
+    crate::proxy::DEFAULT_MEDIA_TOKENS
 }
 
 impl ModelConfig {
@@ -1008,6 +1028,22 @@ pub struct TenantConfig {
     /// charged by body size; only for `shared` tenants, since no salt can be set).
     #[serde(default)]
     pub unknown_routes: UnknownRoutes,
+    /// Body fields outside the route's schema this tenant may send: forwarded, and counted
+    /// and scanned as prompt text.
+    #[serde(default)]
+    pub extra_fields: Vec<String>,
+    /// The engine priority written into this tenant's requests (vLLM's priority scheduler:
+    /// lower runs first); a client's own `priority` is refused.
+    #[serde(default)]
+    pub priority: i64,
+    /// Engine-control fields this tenant may send as written (`kv_transfer_params` for a
+    /// disaggregated deployment's own router, ...).
+    #[serde(default)]
+    pub trusted_engine_fields: Vec<String>,
+    /// Whether this tenant's Responses API answers may be stored on the inference server (a
+    /// store all tenants share); `store` is written `false` otherwise.
+    #[serde(default)]
+    pub store_responses: bool,
 }
 
 /// What happens to a `/v1/` route outside the sidecar's route table.

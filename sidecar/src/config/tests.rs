@@ -271,6 +271,7 @@ fn kv_bytes_per_token() {
         kv_heads: 8,
         head_dim: 128,
         dtype: Dtype::Bf16,
+        media_part_tokens: 4096,
     };
     assert_eq!(m.kv_bytes_per_token(), 131_072);
     let m = ModelConfig {

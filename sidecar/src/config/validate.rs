@@ -28,6 +28,20 @@ impl Config {
         if self.upstream.response_timeout_ms == 0 {
             return Err(invalid("upstream.response_timeout_ms", "must be > 0"));
         }
+        for h in &self.upstream.identity_headers {
+            let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                invalid(
+                    "upstream.identity_headers",
+                    format!("{h:?} is not a header name"),
+                )
+            })?;
+            if name.as_str() != h.as_str() || crate::upstream::is_hop_by_hop(&name) {
+                return Err(invalid(
+                    "upstream.identity_headers",
+                    format!("{h:?} must be a lowercase end-to-end header name"),
+                ));
+            }
+        }
         if self.auth.label.is_empty()
             || !self
                 .auth
@@ -191,6 +205,7 @@ impl Config {
                     }
                 }
             }
+            check_body_fields(&f, t, self.upstream.flavor)?;
             if t.unknown_routes == UnknownRoutes::Forward && t.isolation != Isolation::Shared {
                 return Err(invalid(
                     f("unknown_routes"),
@@ -551,4 +566,51 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A tenant's body-field settings: extra fields outside the schema (never an engine field),
+/// trusted engine fields (only those the schema lists as such), and a priority only where the
+/// upstream reads one.
+fn check_body_fields(
+    f: &dyn Fn(&str) -> String,
+    t: &super::TenantConfig,
+    flavor: Flavor,
+) -> Result<(), ConfigError> {
+    use crate::proxy::schema::{Body, Class, Engine};
+    let class_anywhere = |name: &str| Body::ALL.iter().find_map(|b| b.class(name));
+    if t.extra_fields.len() > 256 {
+        return Err(invalid(f("extra_fields"), "at most 256"));
+    }
+    for x in &t.extra_fields {
+        if x.is_empty() || x.len() > 256 {
+            return Err(invalid(f("extra_fields"), "entries must be 1-256 bytes"));
+        }
+        if let Some(Class::Engine(_)) = class_anywhere(x) {
+            return Err(invalid(
+                f("extra_fields"),
+                format!(
+                    "{x:?} is an engine-control field: list it in trusted_engine_fields if the \
+                     tenant may steer the engine"
+                ),
+            ));
+        }
+    }
+    for x in &t.trusted_engine_fields {
+        if class_anywhere(x) != Some(Class::Engine(Engine::Trusted)) {
+            return Err(invalid(
+                f("trusted_engine_fields"),
+                format!(
+                    "{x:?} is not an engine field a tenant can be trusted with (see the field \
+                     classes in sidecar/README.md)"
+                ),
+            ));
+        }
+    }
+    if t.priority != 0 && flavor == Flavor::Openai {
+        return Err(invalid(
+            f("priority"),
+            "needs upstream.flavor = \"vllm\" or \"sglang\" (an engine that reads `priority`)",
+        ));
+    }
+    Ok(())
 }

@@ -1,18 +1,25 @@
-//! Body inspection for the routes that run the model. Only a body the sidecar fully parsed is
-//! forwarded, and it is forwarded as the sidecar serialises it: whatever the client wrote
-//! (duplicate keys, a BOM, NaN, trailing bytes, numbers as strings), the upstream reads exactly
-//! the values the sidecar reserved tokens for and set the salt in.
+//! Body inspection for the routes that run the model. Bodies are closed by default: every
+//! top-level field is looked up in the route's [`schema`](super::schema) and handled by its
+//! class (a field in no class is refused as `unknown_field`), and only a body the sidecar fully
+//! parsed is forwarded, as the sidecar serialises it: whatever the client wrote (duplicate
+//! keys, a BOM, NaN, trailing bytes, numbers as strings), the upstream reads exactly the values
+//! the sidecar reserved tokens for and set the salt, request id and priority in.
 
 use super::refusal::Refusal;
 use super::routes::{Api, Route};
-use crate::scope::Scope;
+use super::schema::{Body, Class, Engine};
+use crate::config::Flavor;
+use crate::scope::{Scope, quoted};
 use bytes::Bytes;
+use http::StatusCode;
 use serde_json::{Map, Value};
 
 /// Nesting beyond this is refused (tool schemas nest, but not this deep).
 pub const MAX_DEPTH: usize = 64;
-/// Choices (`n`, `best_of`) per request at most.
+/// Sequences (choices x prompts: `n`, `best_of`, a list `prompt`) per request at most.
 pub const MAX_CHOICES: u64 = 128;
+/// Prompt tokens charged for one image, audio or video part when the policy names none.
+pub const DEFAULT_MEDIA_TOKENS: u64 = 4096;
 
 /// What inspection learned, and the body to forward.
 #[derive(Debug, Default)]
@@ -23,14 +30,24 @@ pub struct Inspected {
     /// The sidecar asked for stream usage; the extra usage chunk is removed on the way back.
     pub strip_usage_chunk: bool,
     pub prompt_estimate: u64,
-    /// Completion tokens the upstream may generate: `max_tokens` (as forwarded) x choices.
+    /// Completion tokens the upstream may generate: the completion limit (as forwarded) x
+    /// choices x prompts.
     pub completion_reserve: u64,
+    /// Prompts in the request (a list `prompt` on `/v1/completions`; 1 otherwise).
+    pub prompts: u64,
     /// The prompt fields, for the audit log's keyed hash.
     pub prompt_hash_input: Vec<u8>,
+    /// Every prompt-bearing string as the model reads it, concatenated in order: what the
+    /// leak scan reads.
+    pub prompt_text: Vec<u8>,
     /// The client sent a `cache_salt` (removed or replaced).
     pub client_salt: bool,
     /// The body's `model`, when it is a string.
     pub model: Option<String>,
+    /// `previous_response_id`: forwarded only when this sidecar handed the id to the tenant.
+    pub previous_response_id: Option<String>,
+    /// The id the upstream will store this response under (Responses API with `store`).
+    pub stored_response_id: Option<String>,
 }
 
 /// The tenant's side of inspection.
@@ -41,6 +58,39 @@ pub struct Policy<'a> {
     pub salt: Option<&'a str>,
     /// What the credential may ask for (models, tools, `max_tokens`); `None` allows all.
     pub scope: Option<&'a Scope>,
+    /// The sidecar's id of this request: the engine's request id on every route.
+    pub request_id: &'a str,
+    /// Which engine fields the upstream reads (`request_id` or `rid`, `priority`).
+    pub flavor: Flavor,
+    /// `tenants.<name>.priority`, written on the routes that take one.
+    pub priority: i64,
+    /// `tenants.<name>.trusted_engine_fields`.
+    pub trusted: &'a [String],
+    /// `tenants.<name>.extra_fields`: fields outside the schema, forwarded as prompt text.
+    pub extra_fields: &'a [String],
+    /// `tenants.<name>.store_responses`.
+    pub store_responses: bool,
+    /// Prompt tokens charged for each image, audio or video part.
+    pub media_tokens: u64,
+}
+
+impl Policy<'static> {
+    /// No salt, no scope, no engine settings: the defaults of a tenant with this
+    /// completion default.
+    pub const fn open(default_max_tokens: u64) -> Self {
+        Policy {
+            default_max_tokens,
+            salt: None,
+            scope: None,
+            request_id: "req",
+            flavor: Flavor::Vllm,
+            priority: 0,
+            trusted: &[],
+            extra_fields: &[],
+            store_responses: false,
+            media_tokens: DEFAULT_MEDIA_TOKENS,
+        }
+    }
 }
 
 /// Whether `v` nests at most `MAX_DEPTH` levels (the parser already stopped at 128, which
@@ -122,18 +172,91 @@ fn take_bool(obj: &mut Map<String, Value>, key: &str) -> Result<Option<bool>, Re
     Ok(b)
 }
 
-fn text_len(v: &Value) -> usize {
-    match v {
-        Value::String(s) => s.len(),
-        Value::Array(a) => a.iter().map(text_len).sum(),
-        Value::Object(o) => o.values().map(text_len).sum(),
-        Value::Number(_) => 2,
-        _ => 0,
+/// Content-part types that carry an image, audio, video or file rather than text (chat,
+/// Responses, vLLM's and SGLang's extensions).
+const MEDIA_TYPES: &[&str] = &[
+    "audio",
+    "audio_url",
+    "file",
+    "image",
+    "image_embeds",
+    "image_pil",
+    "image_url",
+    "input_audio",
+    "input_file",
+    "input_image",
+    "input_video",
+    "video",
+    "video_url",
+];
+
+/// The keys of a media part that hold the media itself (a URL, base64 data, a file id): never
+/// counted as text, since the model does not read them as text.
+const MEDIA_PAYLOAD: &[&str] = &[
+    "audio_url",
+    "data",
+    "file",
+    "file_data",
+    "file_id",
+    "file_url",
+    "image",
+    "image_embeds",
+    "image_url",
+    "input_audio",
+    "url",
+    "video_url",
+];
+
+/// What the prompt-bearing fields hold.
+#[derive(Debug, Default)]
+struct Tally {
+    text_bytes: usize,
+    /// Numbers: token ids (counted as one token each), or numbers the template renders.
+    numbers: u64,
+    media: u64,
+}
+
+impl Tally {
+    /// A prompt-bearing value: every string (and object key, which a template renders for
+    /// tool schemas) counted and copied into `text`; a media part charged as one part, its
+    /// payload neither counted nor copied.
+    fn add(&mut self, v: &Value, text: &mut Vec<u8>) {
+        match v {
+            Value::String(s) => {
+                self.text_bytes += s.len();
+                text.extend_from_slice(s.as_bytes());
+            }
+            Value::Number(_) => self.numbers += 1,
+            Value::Bool(_) | Value::Null => {}
+            Value::Array(a) => a.iter().for_each(|x| self.add(x, text)),
+            Value::Object(o) => {
+                let media = o
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| MEDIA_TYPES.contains(&t));
+                if media {
+                    self.media += 1;
+                }
+                for (k, x) in o {
+                    if media && MEDIA_PAYLOAD.contains(&k.as_str()) {
+                        continue;
+                    }
+                    self.text_bytes += k.len();
+                    self.add(x, text);
+                }
+            }
+        }
     }
 }
 
 /// Parse, check and rewrite the body of an inspected route.
 pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspected, Refusal> {
+    let Some(schema) = route.body() else {
+        return Err(Refusal::invalid(
+            "invalid_parameter",
+            "this route takes no inspected body",
+        ));
+    };
     let mut v: Value = serde_json::from_slice(body).map_err(|e| {
         Refusal::invalid(
             "invalid_json",
@@ -152,44 +275,59 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
             "the request body must be a JSON object",
         ));
     };
-    if let Some(scope) = policy.scope {
-        check_scope(route, obj, scope)?;
-    }
     let mut info = Inspected {
         model: obj.get("model").and_then(Value::as_str).map(str::to_string),
-        client_salt: obj.remove("cache_salt").is_some(),
+        prompts: 1,
         ..Inspected::default()
     };
+    let mut prompt_fields: Vec<String> = Vec::new();
+    let mut owned: Vec<(String, Engine)> = Vec::new();
+    for key in obj.keys() {
+        match class_of(schema, key, policy)? {
+            Class::Prompt | Class::Tools => prompt_fields.push(key.clone()),
+            Class::Engine(e) => owned.push((key.clone(), e)),
+            Class::Scope | Class::Size | Class::Stream | Class::Pass => {}
+        }
+    }
+    if let Some(scope) = policy.scope {
+        check_scope(route, schema, obj, scope)?;
+    }
+    engine_fields(schema, obj, &owned, policy, &mut info)?;
     if let Some(salt) = policy.salt
         && route.salted()
     {
         obj.insert("cache_salt".into(), Value::String(salt.into()));
     }
+    let mut tally = Tally::default();
     let mut hash_input = Vec::new();
-    let mut prompt_bytes = 0usize;
-    for k in ["messages", "prompt", "input", "suffix", "instructions"] {
-        if let Some(x) = obj.get(k) {
-            prompt_bytes += text_len(x);
-            if k == "messages"
-                && let Some(a) = x.as_array()
-            {
-                prompt_bytes += 16 * a.len();
-            }
-            hash_input.extend_from_slice(k.as_bytes());
-            hash_input.push(b'=');
-            let _ = serde_json::to_writer(&mut hash_input, x);
-            hash_input.push(b'\n');
+    let mut text = Vec::new();
+    let mut messages = 0u64;
+    for k in &prompt_fields {
+        let Some(x) = obj.get(k) else { continue };
+        tally.add(x, &mut text);
+        if k == "messages"
+            && let Some(a) = x.as_array()
+        {
+            messages += a.len() as u64;
         }
+        hash_input.extend_from_slice(k.as_bytes());
+        hash_input.push(b'=');
+        let _ = serde_json::to_writer(&mut hash_input, x);
+        hash_input.push(b'\n');
     }
     info.prompt_hash_input = hash_input;
-    match route {
-        Route::Generate(api) => {
-            info.prompt_estimate = prompt_bytes.div_ceil(4) as u64;
-            generation(api, obj, policy, &mut info)?;
+    info.prompt_text = text;
+    // Bytes of text a token per 4 started, each number a token (token-id prompts), each
+    // message 4 tokens of template, each media part the configured worst case.
+    info.prompt_estimate = (tally.text_bytes.div_ceil(4) as u64)
+        .saturating_add(tally.numbers)
+        .saturating_add(messages.saturating_mul(4))
+        .saturating_add(tally.media.saturating_mul(policy.media_tokens));
+    if let Route::Generate(api) = route {
+        if api == Api::Completions {
+            info.prompts = prompt_count(obj.get("prompt"));
         }
-        // Scoring and embedding inputs have many shapes: reserve by size (an upper bound).
-        Route::Encode => info.prompt_estimate = body.len().div_ceil(4) as u64,
-        _ => {}
+        generation(api, obj, policy, &mut info)?;
     }
     let mut out = Vec::with_capacity(body.len() + 64);
     serde_json::to_writer(&mut out, &v).map_err(|e| {
@@ -199,25 +337,182 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
     Ok(info)
 }
 
-/// The name a tool entry (`tools[]`, `functions[]`) or a forcing `tool_choice` /
-/// `function_call` object goes by: `function.name`, else `name`, else (built-in tools of the
-/// Responses API) `type`.
-fn tool_name(v: &Value) -> Option<&str> {
-    v.pointer("/function/name")
-        .or_else(|| v.get("name"))
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
+/// The class of a top-level field: the schema's, a tenant's opted-in extra field as prompt
+/// text, or refused.
+fn class_of(schema: Body, key: &str, policy: Policy<'_>) -> Result<Class, Refusal> {
+    if let Some(c) = schema.class(key) {
+        return Ok(c);
+    }
+    if policy.extra_fields.iter().any(|f| f == key) {
+        return Ok(Class::Prompt);
+    }
+    Err(Refusal::invalid(
+        "unknown_field",
+        format!(
+            "field {} is not one the sidecar forwards on this route (the operator can allow \
+             it with tenants.<name>.extra_fields)",
+            quoted(key)
+        ),
+    ))
+}
+
+/// How many prompts a completions `prompt` holds: a list of strings or of token-id lists is
+/// one prompt an entry; a string or one token-id list is one prompt.
+fn prompt_count(p: Option<&Value>) -> u64 {
+    match p {
+        Some(Value::Array(a)) if a.iter().any(|x| x.is_string() || x.is_array()) => {
+            (a.len() as u64).max(1)
+        }
+        _ => 1,
+    }
+}
+
+/// The engine-control fields: the sidecar's values written, the client's refused or replaced.
+fn engine_fields(
+    schema: Body,
+    obj: &mut Map<String, Value>,
+    owned: &[(String, Engine)],
+    policy: Policy<'_>,
+    info: &mut Inspected,
+) -> Result<(), Refusal> {
+    let mut store = None;
+    for (key, e) in owned {
+        match e {
+            Engine::Salt => info.client_salt |= obj.remove(key).is_some(),
+            Engine::RequestId => {
+                obj.remove(key);
+            }
+            Engine::Priority => {
+                if !obj.get(key).is_some_and(Value::is_null) {
+                    return Err(Refusal::invalid(
+                        "owned_field",
+                        format!(
+                            "`{key}` is set by the sidecar from the tenant's configuration \
+                             (tenants.<name>.priority); remove it from the request"
+                        ),
+                    ));
+                }
+                obj.remove(key);
+            }
+            Engine::Trusted => {
+                if !policy.trusted.iter().any(|f| f == key) {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "permission_error",
+                        "engine_field",
+                        format!(
+                            "field {} steers the inference server for every tenant; only a \
+                             tenant with it in trusted_engine_fields may send it",
+                            quoted(key)
+                        ),
+                    ));
+                }
+            }
+            Engine::PreviousResponse => match obj.get(key) {
+                Some(Value::String(id)) => info.previous_response_id = Some(id.clone()),
+                Some(Value::Null) | None => {
+                    obj.remove(key);
+                }
+                Some(_) => return Err(bad(key, "a string")),
+            },
+            Engine::Store => store = lax_bool(&obj[key.as_str()], key)?,
+        }
+    }
+    let id = policy.request_id;
+    match policy.flavor {
+        Flavor::Vllm if schema.has("request_id") => {
+            // vLLM's Responses API stores a response under its request id.
+            let rid = if schema == Body::Responses {
+                format!("resp_{id}")
+            } else {
+                id.to_string()
+            };
+            obj.insert("request_id".into(), Value::String(rid));
+        }
+        Flavor::Sglang if schema.has("rid") => {
+            obj.insert("rid".into(), Value::String(id.to_string()));
+        }
+        _ => {}
+    }
+    if policy.flavor != Flavor::Openai && schema.has("priority") {
+        obj.insert("priority".into(), Value::from(policy.priority));
+    }
+    if schema.has("store") && schema == Body::Responses {
+        // The upstream stores by default: only a tenant allowed to store may leave it so.
+        if store == Some(true) && !policy.store_responses {
+            return Err(Refusal::permission(
+                "this tenant may not store responses on the inference server \
+                 (tenants.<name>.store_responses)",
+            ));
+        }
+        let stores = policy.store_responses && store != Some(false);
+        obj.insert("store".into(), Value::Bool(stores));
+        if stores {
+            info.stored_response_id = obj
+                .get("request_id")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+        }
+    }
+    Ok(())
+}
+
+/// The name a tool goes by for the credential's scope, as each API names things: in the
+/// chat API a `function` tool by `function.name` (legacy `functions` entries by `name`), in
+/// the Responses API a `function` tool by its top-level `name`; any other type (built-in
+/// tools: `code_interpreter`, `mcp`, `web_search_preview`, ...) by its type. An entry that
+/// carries the other API's spelling too is refused, so no reader can take another name.
+fn tool_name<'v>(api: Body, v: &'v Value, legacy: bool) -> Result<&'v str, Refusal> {
+    let Some(o) = v.as_object() else {
+        return Err(Refusal::permission(
+            "a tool that is not an object is outside this credential's scope",
+        ));
+    };
+    let unnamed =
+        || Refusal::permission("a tool without a name is outside this credential's scope");
+    let both = || {
+        Refusal::permission(
+            "a tool that carries both `name` and `function.name` is outside this \
+             credential's scope",
+        )
+    };
+    if o.contains_key("name") && o.contains_key("function") {
+        return Err(both());
+    }
+    if legacy {
+        return o.get("name").and_then(Value::as_str).ok_or_else(unnamed);
+    }
+    let ty = match o.get("type") {
+        None if api != Body::Responses => "function",
+        Some(Value::String(t)) => t.as_str(),
+        _ => return Err(unnamed()),
+    };
+    if ty != "function" {
+        return Ok(ty);
+    }
+    if api == Body::Responses {
+        o.get("name").and_then(Value::as_str).ok_or_else(unnamed)
+    } else {
+        v.pointer("/function/name")
+            .and_then(Value::as_str)
+            .ok_or_else(unnamed)
+    }
 }
 
 /// The credential's scope over the body: the `model` it names and the tools it declares or
 /// forces. `max_tokens` is checked where the completion limit is read.
-fn check_scope(route: Route, obj: &Map<String, Value>, scope: &Scope) -> Result<(), Refusal> {
+fn check_scope(
+    route: Route,
+    schema: Body,
+    obj: &Map<String, Value>,
+    scope: &Scope,
+) -> Result<(), Refusal> {
     if scope.models.is_some() {
         match obj.get("model") {
             Some(Value::String(m)) if scope.allows_model(m) => {}
             Some(Value::String(m)) => return Err(Refusal::denied("model", m)),
             // The tokenizer-only routes may leave the model to the server's default.
-            None | Some(Value::Null) if route == Route::Tokenize => {}
+            None | Some(Value::Null) if matches!(route, Route::Tokenize(_)) => {}
             None | Some(Value::Null) => {
                 return Err(Refusal::permission(
                     "this credential may use only some models: name one in `model`",
@@ -229,34 +524,99 @@ fn check_scope(route: Route, obj: &Map<String, Value>, scope: &Scope) -> Result<
     if scope.tools.is_none() {
         return Ok(());
     }
-    let named = |v: &Value| -> Result<(), Refusal> {
-        match tool_name(v) {
-            Some(n) if scope.allows_tool(n) => Ok(()),
-            Some(n) => Err(Refusal::denied("tool", n)),
-            None => Err(Refusal::permission(
-                "a tool without a name is outside this credential's scope",
-            )),
+    let named = |v: &Value, legacy: bool| -> Result<(), Refusal> {
+        let n = tool_name(schema, v, legacy)?;
+        if scope.allows_tool(n) {
+            Ok(())
+        } else {
+            Err(Refusal::denied("tool", n))
         }
     };
-    for key in ["tools", "functions"] {
+    for (key, legacy) in [("tools", false), ("functions", true)] {
         match obj.get(key) {
             None | Some(Value::Null) => {}
-            Some(Value::Array(list)) => list.iter().try_for_each(named)?,
+            Some(Value::Array(list)) => list.iter().try_for_each(|t| named(t, legacy))?,
             Some(_) => return Err(bad(key, "an array")),
         }
     }
-    for key in ["tool_choice", "function_call"] {
+    // vLLM and SGLang also take tools declared on a (system or developer) message, and a
+    // `tool_reference` content part names one.
+    if let Some(Value::Array(msgs)) = obj.get("messages") {
+        for m in msgs {
+            match m.get("tools") {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(list)) => list.iter().try_for_each(|t| named(t, false))?,
+                Some(_) => return Err(bad("messages[].tools", "an array")),
+            }
+            if let Some(Value::Array(parts)) = m.get("content") {
+                for p in parts {
+                    if p.get("type").and_then(Value::as_str) == Some("tool_reference") {
+                        match p.get("name").and_then(Value::as_str) {
+                            Some(n) if scope.allows_tool(n) => {}
+                            Some(n) => return Err(Refusal::denied("tool", n)),
+                            None => {
+                                return Err(Refusal::permission(
+                                    "a tool reference without a name is outside this \
+                                     credential's scope",
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (key, legacy) in [("tool_choice", false), ("function_call", true)] {
         match obj.get(key) {
             // "none", "auto", "required": no function named.
             None | Some(Value::Null) | Some(Value::String(_)) => {}
             Some(v @ Value::Object(o)) => {
-                // `{"type": "allowed_tools", "tools": [...]}` names several.
-                match o.get("tools") {
-                    Some(Value::Array(list)) => list.iter().try_for_each(named)?,
-                    _ => named(v)?,
+                if o.get("type").and_then(Value::as_str) == Some("allowed_tools") {
+                    // Chat: `{"allowed_tools": {"tools": [...]}}`; Responses: `{"tools": [...]}`.
+                    let list = o
+                        .get("allowed_tools")
+                        .and_then(|a| a.get("tools"))
+                        .or_else(|| o.get("tools"));
+                    match list {
+                        Some(Value::Array(list)) => {
+                            list.iter().try_for_each(|t| named(t, false))?
+                        }
+                        _ => return Err(bad(key, "an allowed_tools choice with a tools list")),
+                    }
+                } else {
+                    named(v, legacy)?
                 }
             }
             Some(_) => return Err(bad(key, "a string or an object")),
+        }
+    }
+    // Template arguments reach the rendered prompt: tools, documents or a template passed
+    // there would go around the tool scope.
+    if obj.contains_key("chat_template") {
+        return Err(Refusal::permission(
+            "a chat template override is outside a tool-scoped credential's scope",
+        ));
+    }
+    if let Some(kw) = obj.get("chat_template_kwargs") {
+        match kw {
+            Value::Null => {}
+            Value::Object(o) => {
+                for k in [
+                    "tools",
+                    "functions",
+                    "documents",
+                    "chat_template",
+                    "template",
+                ] {
+                    if o.contains_key(k) {
+                        return Err(Refusal::permission(format!(
+                            "`chat_template_kwargs.{k}` is outside a tool-scoped credential's \
+                             scope"
+                        )));
+                    }
+                }
+            }
+            _ => return Err(bad("chat_template_kwargs", "an object")),
         }
     }
     Ok(())
@@ -346,7 +706,18 @@ fn generation(
             }
         }
     }
-    info.completion_reserve = max.saturating_mul(choices);
+    let sequences = choices.saturating_mul(info.prompts);
+    if sequences > MAX_CHOICES {
+        return Err(Refusal::invalid(
+            "request_too_large",
+            format!(
+                "{} prompts x {choices} choices is {sequences} sequences, more than the \
+                 {MAX_CHOICES} a request may generate",
+                info.prompts
+            ),
+        ));
+    }
+    info.completion_reserve = max.saturating_mul(sequences);
     Ok(())
 }
 
@@ -354,11 +725,7 @@ fn generation(
 mod tests {
     use super::*;
 
-    const P: Policy<'static> = Policy {
-        default_max_tokens: 256,
-        salt: None,
-        scope: None,
-    };
+    const P: Policy<'static> = Policy::open(256);
 
     fn fwd(i: &Inspected) -> Value {
         serde_json::from_slice(&i.body).unwrap()
@@ -408,12 +775,26 @@ mod tests {
         let body = br#"{"model":"m","messages":[
             {"role":"user","content":[{"type":"text","text":"abcdef"}]},
             {"role":"assistant","content":"ok"}],
-            "prompt":"xy","suffix":7,"instructions":null}"#;
+            "tools":[{"type":"function","function":{"name":"f","description":"dddd"}}],
+            "documents":[{"t":"xy"}]}"#;
         let i = inspect(Route::Generate(Api::Chat), body, P).unwrap();
-        // Text bytes: "user" "text" "abcdef" "assistant" "ok" = 25, 16 a message = 32,
-        // "xy" = 2, a number = 2: 61 bytes, a token per 4 started.
-        assert_eq!(i.prompt_estimate, 16);
+        // Keys and strings: the messages 33 + 22 bytes, the tool 40, the document 3: 98
+        // bytes, a token per 4 started (25), and 4 tokens a message (8).
+        assert_eq!(i.prompt_estimate, 33);
         assert_eq!(i.model.as_deref(), Some("m"));
+        // Everything the model reads is in the scanned text, the tool description included.
+        let text = String::from_utf8(i.prompt_text.clone()).unwrap();
+        for part in ["abcdef", "ok", "dddd", "xy"] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        // Completions: the prompt and the suffix.
+        let i = inspect(
+            Route::Generate(Api::Completions),
+            br#"{"prompt":"xy","suffix":"abcdefgh"}"#,
+            P,
+        )
+        .unwrap();
+        assert_eq!(i.prompt_estimate, 3);
     }
 
     #[test]
@@ -497,7 +878,12 @@ mod tests {
         let i = inspect(Route::Generate(Api::Responses), br#"{"input":"x"}"#, P).unwrap();
         assert_eq!(fwd(&i)["max_output_tokens"], 256);
         // Embeddings reserve no completion.
-        let i = inspect(Route::Encode, br#"{"input":"abcd abcd"}"#, P).unwrap();
+        let i = inspect(
+            Route::Encode(Body::Embeddings),
+            br#"{"input":"abcd abcd"}"#,
+            P,
+        )
+        .unwrap();
         assert_eq!(i.completion_reserve, 0);
         assert!(i.prompt_estimate > 0);
     }
@@ -512,10 +898,18 @@ mod tests {
         let i = inspect(Route::Generate(Api::Completions), b, p).unwrap();
         assert_eq!(fwd(&i)["cache_salt"], "s3cret");
         assert!(i.client_salt);
-        let i = inspect(Route::Encode, br#"{"input":"x"}"#, p).unwrap();
+        let i = inspect(Route::Encode(Body::Embeddings), br#"{"input":"x"}"#, p).unwrap();
         assert_eq!(fwd(&i)["cache_salt"], "s3cret");
-        let i = inspect(Route::Tokenize, br#"{"prompt":"x","cache_salt":"c"}"#, p).unwrap();
+        // The tokenizer takes no salt: not a field of its request, so a client's is refused.
+        let i = inspect(Route::Tokenize(Body::Tokenize), br#"{"prompt":"x"}"#, p).unwrap();
         assert!(fwd(&i).get("cache_salt").is_none());
+        let e = inspect(
+            Route::Tokenize(Body::Tokenize),
+            br#"{"prompt":"x","cache_salt":"c"}"#,
+            p,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "unknown_field");
     }
 
     #[test]
@@ -647,13 +1041,17 @@ mod tests {
             (chat, r#"{"model":"x","messages":[]}"#, "permission_denied"),
             (chat, r#"{"model":7,"messages":[]}"#, "invalid_parameter"),
             (chat, r#"{"messages":[]}"#, "permission_denied"),
-            (Route::Tokenize, r#"{"prompt":"x"}"#, "ok"),
+            (Route::Tokenize(Body::Tokenize), r#"{"prompt":"x"}"#, "ok"),
             (
-                Route::Tokenize,
+                Route::Tokenize(Body::Tokenize),
                 r#"{"model":"x","prompt":"x"}"#,
                 "permission_denied",
             ),
-            (Route::Encode, r#"{"input":"x"}"#, "permission_denied"),
+            (
+                Route::Encode(Body::Embeddings),
+                r#"{"input":"x"}"#,
+                "permission_denied",
+            ),
             // Responses API tools: `name` at the top, built-in tools by `type`.
             (
                 resp,
@@ -728,5 +1126,344 @@ mod tests {
         let i = inspect(chat, br#"{"model":"m","messages":[]}"#, p).unwrap();
         assert_eq!(fwd(&i)["max_tokens"], 50);
         assert_eq!(i.completion_reserve, 50);
+    }
+
+    fn code(route: Route, body: &str, p: Policy<'_>) -> &'static str {
+        inspect(route, body.as_bytes(), p)
+            .map(|_| "ok")
+            .unwrap_or_else(|r| r.code)
+    }
+
+    #[test]
+    fn a_field_outside_the_schema_is_refused_by_name_unless_the_tenant_opts_it_in() {
+        let chat = Route::Generate(Api::Chat);
+        let e = inspect(chat, br#"{"messages":[],"x_secret":"v"}"#, P).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (400, "unknown_field"));
+        assert!(e.message.contains("\"x_secret\""), "{}", e.message);
+        // The name is escaped and cut short.
+        let long = format!(r#"{{"messages":[],"{}\n":1}}"#, "k".repeat(300));
+        let e = inspect(chat, long.as_bytes(), P).unwrap_err();
+        assert!(e.message.contains("...") && e.message.contains("kkk"));
+        assert!(e.message.len() < 300, "{}", e.message);
+        // A field of another route is unknown here too.
+        assert_eq!(
+            code(chat, r#"{"messages":[],"max_output_tokens":5}"#, P),
+            "unknown_field"
+        );
+        assert_eq!(
+            code(Route::Generate(Api::Responses), r#"{"input":"x","n":4}"#, P),
+            "unknown_field"
+        );
+        // Opted in: forwarded, counted and scanned as prompt text.
+        let extra = ["x_secret".to_string()];
+        let p = Policy {
+            extra_fields: &extra,
+            ..P
+        };
+        let i = inspect(chat, br#"{"messages":[],"x_secret":"abcdefgh"}"#, p).unwrap();
+        assert_eq!(fwd(&i)["x_secret"], "abcdefgh");
+        assert!(i.prompt_estimate >= 2);
+        assert!(String::from_utf8_lossy(&i.prompt_text).contains("abcdefgh"));
+    }
+
+    #[test]
+    fn every_prompt_and_every_choice_is_reserved() {
+        let comp = Route::Generate(Api::Completions);
+        // 80 prompts x 16 tokens: the red team's list prompt.
+        let prompts: Vec<String> = (0..80).map(|i| format!("\"p{i}\"")).collect();
+        let body = format!(r#"{{"prompt":[{}],"max_tokens":16}}"#, prompts.join(","));
+        let i = inspect(comp, body.as_bytes(), P).unwrap();
+        assert_eq!((i.prompts, i.completion_reserve), (80, 1280));
+        // Token-id prompts: one list is one prompt, each id a token.
+        let i = inspect(
+            comp,
+            br#"{"prompt":[1,2,3,4,5,6,7,8],"max_tokens":4,"n":2}"#,
+            P,
+        )
+        .unwrap();
+        assert_eq!(
+            (i.prompts, i.prompt_estimate, i.completion_reserve),
+            (1, 8, 8)
+        );
+        let i = inspect(
+            comp,
+            br#"{"prompt":[[1,2],[3,4,5]],"max_tokens":4,"n":3}"#,
+            P,
+        )
+        .unwrap();
+        assert_eq!(
+            (i.prompts, i.prompt_estimate, i.completion_reserve),
+            (2, 5, 24)
+        );
+        // Choices x prompts beyond MAX_CHOICES: too large.
+        let body = format!(r#"{{"prompt":[{}],"n":2}}"#, prompts.join(","));
+        let e = inspect(comp, body.as_bytes(), P).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (400, "request_too_large"));
+        let body = format!(r#"{{"prompt":[{}],"best_of":2}}"#, prompts[..64].join(","));
+        assert_eq!(code(comp, &body, P), "ok");
+    }
+
+    #[test]
+    fn media_parts_cost_the_configured_worst_case_never_their_url_length() {
+        let p = Policy {
+            media_tokens: 1000,
+            ..P
+        };
+        let url = format!("data:image/png;base64,{}", "A".repeat(40_000));
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"{url}"}}}},{{"type":"text","text":"what"}}]}}]}}"#
+        );
+        let i = inspect(Route::Generate(Api::Chat), body.as_bytes(), p).unwrap();
+        assert!(
+            (1000..1100).contains(&i.prompt_estimate),
+            "{}",
+            i.prompt_estimate
+        );
+        assert!(!String::from_utf8_lossy(&i.prompt_text).contains("AAAA"));
+        // A text field on a media part is still read.
+        let body = r#"{"input":[{"role":"user","content":[{"type":"input_image","image_url":"http://x/y.png","detail":"zzzzzzzz"}]}]}"#;
+        let i = inspect(Route::Generate(Api::Responses), body.as_bytes(), p).unwrap();
+        assert!(String::from_utf8_lossy(&i.prompt_text).contains("zzzzzzzz"));
+        assert!(!String::from_utf8_lossy(&i.prompt_text).contains("http://x"));
+    }
+
+    #[test]
+    fn engine_fields_are_the_sidecars() {
+        let chat = Route::Generate(Api::Chat);
+        let resp = Route::Generate(Api::Responses);
+        let p = Policy {
+            request_id: "sidecar-id",
+            priority: 5,
+            ..P
+        };
+        // The client's request ids are replaced (vLLM: `request_id`; SGLang: `rid`).
+        let i = inspect(
+            chat,
+            br#"{"messages":[],"request_id":"victim","rid":"v2"}"#,
+            p,
+        )
+        .unwrap();
+        let v = fwd(&i);
+        assert_eq!(v["request_id"], "sidecar-id");
+        assert!(v.get("rid").is_none(), "{v}");
+        assert_eq!(v["priority"], 5);
+        let sg = Policy {
+            flavor: Flavor::Sglang,
+            ..p
+        };
+        let v = fwd(&inspect(chat, br#"{"messages":[],"request_id":"victim"}"#, sg).unwrap());
+        assert_eq!(
+            (v.get("request_id"), &v["rid"]),
+            (None, &Value::from("sidecar-id"))
+        );
+        // An OpenAI-compatible upstream gets neither, nor a priority.
+        let oa = Policy {
+            flavor: Flavor::Openai,
+            ..p
+        };
+        let v = fwd(&inspect(chat, br#"{"messages":[],"rid":"x"}"#, oa).unwrap());
+        assert!(
+            v.get("rid").is_none() && v.get("request_id").is_none() && v.get("priority").is_none()
+        );
+        // The Responses API stores under its request id: the sidecar's, `resp_`-prefixed.
+        let v = fwd(&inspect(resp, br#"{"input":"x","request_id":"resp_victim"}"#, p).unwrap());
+        assert_eq!(v["request_id"], "resp_sidecar-id");
+        // A client priority is refused; so is an engine field the tenant is not trusted with.
+        assert_eq!(
+            code(chat, r#"{"messages":[],"priority":-100}"#, p),
+            "owned_field"
+        );
+        assert_eq!(code(chat, r#"{"messages":[],"priority":null}"#, p), "ok");
+        let kv = r#"{"messages":[],"kv_transfer_params":{"remote_host":"10.0.0.9"}}"#;
+        let e = inspect(chat, kv.as_bytes(), p).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (403, "engine_field"));
+        let trusted = ["kv_transfer_params".to_string()];
+        let t = Policy {
+            trusted: &trusted,
+            ..p
+        };
+        let v = fwd(&inspect(chat, kv.as_bytes(), t).unwrap());
+        assert_eq!(v["kv_transfer_params"]["remote_host"], "10.0.0.9");
+        for f in [
+            r#""chat_template":"{{ x }}""#,
+            r#""lora_path":"/x""#,
+            r#""custom_logit_processor":"x""#,
+            r#""return_cached_tokens_details":true"#,
+            r#""extra_key":"other""#,
+            r#""bootstrap_host":"h""#,
+        ] {
+            assert_eq!(
+                code(chat, &format!(r#"{{"messages":[],{f}}}"#), p),
+                "engine_field",
+                "{f}"
+            );
+        }
+    }
+
+    #[test]
+    fn responses_are_stored_only_for_tenants_allowed_to() {
+        let resp = Route::Generate(Api::Responses);
+        let p = Policy {
+            request_id: "rq",
+            ..P
+        };
+        // Not allowed: written false (the upstream stores by default), a client `true` refused.
+        let i = inspect(resp, br#"{"input":"x"}"#, p).unwrap();
+        assert_eq!(fwd(&i)["store"], false);
+        assert_eq!(i.stored_response_id, None);
+        let e = inspect(resp, br#"{"input":"x","store":true}"#, p).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (403, "permission_denied"));
+        // Allowed: stored unless the client says not to, under the sidecar's id.
+        let s = Policy {
+            store_responses: true,
+            ..p
+        };
+        let i = inspect(resp, br#"{"input":"x"}"#, s).unwrap();
+        assert_eq!(fwd(&i)["store"], true);
+        assert_eq!(i.stored_response_id.as_deref(), Some("resp_rq"));
+        let i = inspect(resp, br#"{"input":"x","store":"false"}"#, s).unwrap();
+        assert_eq!(
+            (fwd(&i)["store"].clone(), i.stored_response_id),
+            (Value::Bool(false), None)
+        );
+        // A previous response id is handed to the caller to check.
+        let i = inspect(resp, br#"{"input":"x","previous_response_id":"resp_9"}"#, p).unwrap();
+        assert_eq!(i.previous_response_id.as_deref(), Some("resp_9"));
+        assert_eq!(
+            code(resp, r#"{"input":"x","previous_response_id":7}"#, p),
+            "invalid_parameter"
+        );
+    }
+
+    #[test]
+    fn tools_are_named_as_each_api_names_them() {
+        let scope = crate::scope::Scope::from_config(&crate::scope::ScopeConfig {
+            tools: Some(vec!["lookup".into(), "web_search_preview".into()]),
+            ..Default::default()
+        })
+        .unwrap();
+        let p = Policy {
+            scope: Some(&scope),
+            ..P
+        };
+        let chat = Route::Generate(Api::Chat);
+        let resp = Route::Generate(Api::Responses);
+        for (route, body, want) in [
+            // Responses: a built-in tool is its type, whatever `name` it carries.
+            (
+                resp,
+                r#"{"input":"x","tools":[{"type":"code_interpreter","name":"lookup"}]}"#,
+                "permission_denied",
+            ),
+            (
+                resp,
+                r#"{"input":"x","tools":[{"type":"mcp","server_url":"http://evil","name":"lookup","server_label":"lookup"}]}"#,
+                "permission_denied",
+            ),
+            (
+                resp,
+                r#"{"input":"x","tools":[{"type":"web_search_preview"}]}"#,
+                "ok",
+            ),
+            (
+                resp,
+                r#"{"input":"x","tools":[{"type":"function","name":"lookup"}]}"#,
+                "ok",
+            ),
+            // A function named at the top and in `function.name`: refused in either API.
+            (
+                resp,
+                r#"{"input":"x","tools":[{"type":"function","name":"exec_shell","function":{"name":"lookup"}}]}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"tools":[{"type":"function","name":"exec_shell","function":{"name":"lookup"}}]}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"tools":[{"type":"function","function":{"name":"lookup"}}]}"#,
+                "ok",
+            ),
+            (
+                resp,
+                r#"{"input":"x","tools":[{"name":"lookup"}]}"#,
+                "permission_denied",
+            ),
+            // Forcing: the same names.
+            (
+                resp,
+                r#"{"input":"x","tool_choice":{"type":"code_interpreter"}}"#,
+                "permission_denied",
+            ),
+            (
+                resp,
+                r#"{"input":"x","tool_choice":{"type":"allowed_tools","mode":"auto","tools":[{"type":"mcp","name":"lookup"}]}}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"tool_choice":{"type":"allowed_tools","allowed_tools":{"mode":"auto","tools":[{"type":"function","function":{"name":"exec"}}]}}}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"tool_choice":{"type":"allowed_tools","allowed_tools":{"mode":"auto","tools":[{"type":"function","function":{"name":"lookup"}}]}}}"#,
+                "ok",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"tool_choice":{"type":"function","name":"exec","function":{"name":"lookup"}}}"#,
+                "permission_denied",
+            ),
+            // Tools declared on a message, or referenced in a content part.
+            (
+                chat,
+                r#"{"messages":[{"role":"system","content":"s","tools":[{"type":"function","function":{"name":"exec"}}]}]}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"messages":[{"role":"user","content":[{"type":"tool_reference","name":"exec"}]}]}"#,
+                "permission_denied",
+            ),
+            // Template arguments that carry tools, documents or a template.
+            (
+                chat,
+                r#"{"messages":[],"chat_template_kwargs":{"tools":[{"function":{"name":"exec"}}]}}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"chat_template_kwargs":{"documents":[]}}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"chat_template_kwargs":{"enable_thinking":false}}"#,
+                "ok",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"functions":[{"name":"exec"}]}"#,
+                "permission_denied",
+            ),
+            (
+                chat,
+                r#"{"messages":[],"functions":[{"name":"lookup","function":{"name":"lookup"}}]}"#,
+                "permission_denied",
+            ),
+        ] {
+            assert_eq!(code(route, body, p), want, "{body}");
+        }
+        // Without a tool scope, the same template arguments pass (and are counted).
+        let i = inspect(
+            chat,
+            br#"{"messages":[],"chat_template_kwargs":{"documents":[{"text":"abcdefgh"}]}}"#,
+            P,
+        )
+        .unwrap();
+        assert!(String::from_utf8_lossy(&i.prompt_text).contains("abcdefgh"));
     }
 }

@@ -14,9 +14,10 @@ mod inspect;
 mod meter;
 mod refusal;
 mod routes;
+pub mod schema;
 
 pub use exchange::Usage;
-pub use inspect::{Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect};
+pub use inspect::{DEFAULT_MEDIA_TOKENS, Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect};
 pub use meter::UsageScanner;
 pub use refusal::Refusal;
 pub use routes::{Api, ROUTES, Route, classify};
@@ -129,8 +130,9 @@ async fn proxy(
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
-    let info = inspect_body(ex, route, &tenant, &scope, &parts, body)?;
+    let info = inspect_body(ex, &rt, route, &tenant, &scope, &parts, body)?;
     scan_prompt(ex, &rt, &tenant, &info)?;
+    stored_responses(ex, &tenant, &info).await?;
     admit(ex, &rt, &tenant, &info, nonce).await?;
     tag_client(ex, conn, &tenant).await;
     let ask = crate::wfq::Ask {
@@ -423,6 +425,7 @@ async fn read_body(
 /// Phase: parse and rewrite what the route needs; the rest is forwarded as it came.
 fn inspect_body(
     ex: &mut Exchange,
+    rt: &Runtime,
     route: Route,
     tenant: &TenantRuntime,
     scope: &Scope,
@@ -444,6 +447,17 @@ fn inspect_body(
             default_max_tokens: tenant.default_max_tokens,
             salt: tenant.salt.as_deref(),
             scope: Some(scope),
+            request_id: &ex.request_id,
+            flavor: rt.config.upstream.flavor,
+            priority: tenant.priority,
+            trusted: &tenant.trusted_engine_fields,
+            extra_fields: &tenant.extra_fields,
+            store_responses: tenant.store_responses,
+            media_tokens: rt
+                .config
+                .model
+                .as_ref()
+                .map_or(DEFAULT_MEDIA_TOKENS, |m| m.media_part_tokens),
         };
         inspect(route, &body, policy)?
     } else if route == Route::Models {
@@ -473,6 +487,50 @@ fn inspect_body(
     Ok(info)
 }
 
+/// How long a stored response's owner is remembered in Redis.
+const STORED_RESPONSE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Phase: a `previous_response_id` must be one this sidecar handed to the same tenant (asked of
+/// Redis when this replica does not know it); the id of a response the upstream will store is
+/// remembered as the tenant's.
+async fn stored_responses(
+    ex: &Exchange,
+    tenant: &TenantRuntime,
+    info: &Inspected,
+) -> Result<(), Refusal> {
+    use crate::responses::Owner;
+    let shared = ex.app.shared.as_ref().filter(|_| tenant.shared.is_some());
+    if let Some(id) = &info.previous_response_id {
+        let owned = match ex.app.responses.owner(id, &tenant.name) {
+            Owner::Tenant => true,
+            Owner::Other => false,
+            Owner::Unknown => match shared {
+                Some(s) => s.owns_response(&tenant.name, id).await == Some(true),
+                None => false,
+            },
+        };
+        if !owned {
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "previous_response_not_found",
+                format!(
+                    "previous_response_id {} is not a response this tenant stored",
+                    crate::scope::quoted(id)
+                ),
+            ));
+        }
+    }
+    if let Some(id) = &info.stored_response_id {
+        ex.app.responses.record(id, &tenant.name);
+        if let Some(s) = shared {
+            s.record_response(&tenant.name, id, STORED_RESPONSE_TTL)
+                .await;
+        }
+    }
+    Ok(())
+}
+
 /// Phase: other tenants' canaries and keywords, and injection markers, in the prompt; a
 /// canary refuses the request under `leaks.on_canary = "block"`. Sets up the response scan.
 fn scan_prompt(
@@ -484,7 +542,7 @@ fn scan_prompt(
     let pats = &rt.leaks;
     pats.scan(
         &tenant.name,
-        &info.prompt_hash_input,
+        &info.prompt_text,
         crate::leaks::Where::Prompt,
         &mut ex.leaks,
     );
@@ -651,6 +709,20 @@ fn upstream_request(
         );
     }
     h.insert("x-request-id", ex.request_id_header.clone());
+    // Identity headers that routers and engines behind the sidecar read: the verified tenant,
+    // never the client's.
+    let tenant = ex
+        .tenant
+        .as_ref()
+        .and_then(|t| HeaderValue::from_str(&t.name).ok());
+    for name in &rt.config.upstream.identity_headers {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            h.remove(&n);
+            if let Some(v) = &tenant {
+                h.insert(n, v.clone());
+            }
+        }
+    }
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", conn.peer.ip()),
         None => conn.peer.ip().to_string(),

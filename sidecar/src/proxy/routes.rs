@@ -4,6 +4,7 @@
 //! which route a request is for.
 
 use super::refusal::Refusal;
+use super::schema::Body;
 use http::{Method, StatusCode};
 
 /// The OpenAI-compatible APIs that run the model to generate tokens.
@@ -14,6 +15,17 @@ pub enum Api {
     Responses,
 }
 
+impl Api {
+    /// The request model of the API's body.
+    pub fn body(self) -> Body {
+        match self {
+            Api::Chat => Body::Chat,
+            Api::Completions => Body::Completions,
+            Api::Responses => Body::Responses,
+        }
+    }
+}
+
 /// What the sidecar does with a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -22,9 +34,9 @@ pub enum Route {
     Generate(Api),
     /// Runs the model over the input only (embeddings, pooling, scoring): JSON inspected and
     /// re-serialised, the tier's salt, the prompt estimate reserved.
-    Encode,
+    Encode(Body),
     /// Uses the tokenizer only: JSON inspected and re-serialised (no client salt), no tokens.
-    Tokenize,
+    Tokenize(Body),
     /// Lists models: `GET`, no body, no tokens.
     Models,
     /// Changes the server for everyone (LoRA adapters): never forwarded.
@@ -38,13 +50,13 @@ pub const ROUTES: &[(&str, Route)] = &[
     ("/v1/chat/completions", Route::Generate(Api::Chat)),
     ("/v1/completions", Route::Generate(Api::Completions)),
     ("/v1/responses", Route::Generate(Api::Responses)),
-    ("/v1/embeddings", Route::Encode),
-    ("/v1/score", Route::Encode),
-    ("/v1/rerank", Route::Encode),
-    ("/v1/classify", Route::Encode),
-    ("/v1/pooling", Route::Encode),
-    ("/v1/tokenize", Route::Tokenize),
-    ("/v1/detokenize", Route::Tokenize),
+    ("/v1/embeddings", Route::Encode(Body::Embeddings)),
+    ("/v1/score", Route::Encode(Body::Score)),
+    ("/v1/rerank", Route::Encode(Body::Rerank)),
+    ("/v1/classify", Route::Encode(Body::Classify)),
+    ("/v1/pooling", Route::Encode(Body::Pooling)),
+    ("/v1/tokenize", Route::Tokenize(Body::Tokenize)),
+    ("/v1/detokenize", Route::Tokenize(Body::Detokenize)),
     ("/v1/models", Route::Models),
     ("/v1/load_lora_adapter", Route::Admin),
     ("/v1/unload_lora_adapter", Route::Admin),
@@ -53,12 +65,21 @@ pub const ROUTES: &[(&str, Route)] = &[
 impl Route {
     /// Whether the body is parsed, checked and forwarded as the sidecar re-serialised it.
     pub fn inspected(self) -> bool {
-        matches!(self, Route::Generate(_) | Route::Encode | Route::Tokenize)
+        self.body().is_some()
+    }
+
+    /// The request model of an inspected route's body.
+    pub fn body(self) -> Option<Body> {
+        match self {
+            Route::Generate(api) => Some(api.body()),
+            Route::Encode(b) | Route::Tokenize(b) => Some(b),
+            Route::Models | Route::Admin | Route::Unknown => None,
+        }
     }
 
     /// Whether the tenant's `cache_salt` is set on this route.
     pub fn salted(self) -> bool {
-        matches!(self, Route::Generate(_) | Route::Encode)
+        matches!(self, Route::Generate(_) | Route::Encode(_))
     }
 }
 
@@ -95,7 +116,7 @@ pub fn classify(method: &Method, path: &str) -> Result<Route, Refusal> {
         .or_else(|| path.starts_with("/v1/models/").then_some(Route::Models))
         .unwrap_or(Route::Unknown);
     let allowed = match route {
-        Route::Generate(_) | Route::Encode | Route::Tokenize => *method == Method::POST,
+        Route::Generate(_) | Route::Encode(_) | Route::Tokenize(_) => *method == Method::POST,
         Route::Models => *method == Method::GET,
         Route::Admin | Route::Unknown => true,
     };
@@ -126,8 +147,8 @@ mod tests {
             Route::Generate(Api::Chat),
             Route::Generate(Api::Completions),
             Route::Generate(Api::Responses),
-            Route::Encode,
-            Route::Tokenize,
+            Route::Encode(Body::Embeddings),
+            Route::Tokenize(Body::Tokenize),
             Route::Models,
             Route::Admin,
             Route::Unknown,

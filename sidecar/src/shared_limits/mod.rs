@@ -215,6 +215,28 @@ impl SharedLimits {
         }
     }
 
+    /// Remember in Redis that `tenant` was handed the stored response `id`, for `ttl`. Best
+    /// effort: the replica remembers it too, and an id nobody remembers is refused.
+    pub async fn record_response(&self, tenant: &str, id: &str, ttl: Duration) -> bool {
+        if !self.backend.is_up() {
+            return false;
+        }
+        let mut inv = scripts::RESPONSE_RECORD.prepare_invoke();
+        inv.key(scripts::response_key(&self.cfg.key_prefix, tenant, id))
+            .arg(ttl.as_millis() as u64);
+        self.backend.invoke::<i64>(&inv).await == Some(1)
+    }
+
+    /// Whether Redis remembers `id` as `tenant`'s; `None` while Redis cannot answer.
+    pub async fn owns_response(&self, tenant: &str, id: &str) -> Option<bool> {
+        if !self.backend.is_up() {
+            return None;
+        }
+        let mut inv = scripts::RESPONSE_OWNED.prepare_invoke();
+        inv.key(scripts::response_key(&self.cfg.key_prefix, tenant, id));
+        self.backend.invoke::<i64>(&inv).await.map(|n| n == 1)
+    }
+
     /// Count a decision made without Redis; what `on_backend_failure` says to do.
     fn degraded(&self) -> BackendFailure {
         let action = self.cfg.on_backend_failure;

@@ -270,6 +270,30 @@ return 0
     )
 });
 
+/// A stored response's key: `{prefix}{<tenant>}:resp:<id hash>` (in the tenant's hash tag).
+pub fn response_key(prefix: &str, tenant: &str, id: &str) -> String {
+    format!("{prefix}{{{tenant}}}:resp:{}", short_hash(&[id.as_bytes()]))
+}
+
+/// Remember a stored response. KEYS: its key. ARGV: 1 time to live (ms).
+pub static RESPONSE_RECORD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('SET', KEYS[1], '1', 'PX', tonumber(ARGV[1]))
+return 1
+"#,
+    )
+});
+
+/// Whether a stored response is the tenant's. KEYS: its key. Returns 1 or 0.
+pub static RESPONSE_OWNED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+return redis.call('EXISTS', KEYS[1])
+"#,
+    )
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;
