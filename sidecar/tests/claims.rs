@@ -151,9 +151,12 @@ async fn the_salt_is_the_documented_hmac_of_generation_and_tenant() {
                 "{tenant} {path}"
             );
         }
-        // The tokenizer routes never carry a salt (the client's is removed; the simulator
-        // has no such route and answers 404, after recording what it got).
-        post(&h, tenant, "/v1/tokenize", tokenize).await;
+        // The tokenizer routes never carry a salt: theirs is no field of the tokenizer's
+        // request, so a client's is refused, and none is set (the simulator has no such route
+        // and answers 404, after recording what it got).
+        let (st, b) = post(&h, tenant, "/v1/tokenize", tokenize).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{b:?}");
+        post(&h, tenant, "/v1/tokenize", r#"{"model":"m","prompt":"some words"}"#).await;
         assert_eq!(salts_seen(&h, "/v1/tokenize", tenant), [None]);
     }
     // A different generation or key gives a different salt (the formula's inputs matter).

@@ -177,13 +177,14 @@ async fn kv_cache_bytes_are_tracked_and_reported_while_a_stream_runs() {
     .await;
     // 2 (K, V) x 2 layers x 1 head x 4 dims x 2 bytes = 32 bytes per token.
     let mut body = h.hold_stream("acme", "hello world").await;
-    // The prompt estimate (31 bytes of messages -> 8 tokens) plus the first generated token.
-    h.wait_metric("bulkhead_kv_cache_tokens{tenant=\"acme\"}", 9.0)
+    // The prompt estimate (26 bytes of message keys and strings -> 7 tokens, and 4 for the
+    // message) plus the first generated token.
+    h.wait_metric("bulkhead_kv_cache_tokens{tenant=\"acme\"}", 12.0)
         .await;
-    h.wait_metric("bulkhead_kv_cache_bytes{tenant=\"acme\"}", 288.0)
+    h.wait_metric("bulkhead_kv_cache_bytes{tenant=\"acme\"}", 384.0)
         .await;
-    wait_report(&kv, "acme = 288", |r| {
-        r.get("acme") == Some(&288) && r.get("globex").copied().unwrap_or(0) == 0
+    wait_report(&kv, "acme = 384", |r| {
+        r.get("acme") == Some(&384) && r.get("globex").copied().unwrap_or(0) == 0
     })
     .await;
     // The stream ends: nothing held any more.
