@@ -59,7 +59,9 @@
 //! vLLM's block hashes, with `cache_salt` folded into the first block; the longest cached
 //! prefix of full blocks costs `cached_prefill_per_block` each, the rest `prefill_per_block`
 //! each (added to the time to first token). Each response says `x-sim-prefix-cache: hit`
-//! (every full block cached), `partial` or `miss`, and `x-sim-cached-blocks: N`.
+//! (every full block cached), `partial` or `miss`, and `x-sim-cached-blocks: N`. A list prompt
+//! is looked up prompt by prompt (one [`CacheEvent`] each); the headers and the prefill time
+//! add them up. Token-id prompts are cached by id.
 //! `POST /reset_prefix_cache` (vLLM: `{"success": false}` while requests run, or a 503 with
 //! `reset_busy_status = 503`; `{"success": true}` when idle) and `POST /flush_cache` (SGLang:
 //! 400 "Cache not flushed because there are pending requests" while busy) empty it.

@@ -407,3 +407,41 @@ async fn bad_fields_are_refused_naming_them() {
     assert_eq!(sim.sim.tenant_kv("e").prompt_tokens, 5);
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn a_list_prompt_is_looked_up_in_the_prefix_cache_prompt_by_prompt() {
+    let sim = SimHandle::start(SimConfig {
+        prefix_block_words: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let url = format!("{}/v1/completions", sim.url());
+    // The second prompt finds the first one's blocks.
+    let r = client
+        .request(post(&url, r#"{"prompt":["a b c d","a b c d"]}"#))
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-sim-prefix-cache"], "partial");
+    assert_eq!(r.headers()["x-sim-cached-blocks"], "2");
+    let evs = sim.sim.cache_events();
+    let seen: Vec<(usize, usize)> = evs.iter().map(|e| (e.blocks, e.cached)).collect();
+    assert_eq!(seen, [(2, 0), (2, 2)]);
+    // Token ids are cached by id: the same ids hit, words of the same digits do not.
+    client
+        .request(post(&url, r#"{"prompt":[1,2,3,4]}"#))
+        .await
+        .unwrap();
+    let r = client
+        .request(post(&url, r#"{"prompt":[[1,2,3,4]]}"#))
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-sim-prefix-cache"], "hit");
+    let r = client
+        .request(post(&url, r#"{"prompt":"1 2 3 4"}"#))
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-sim-prefix-cache"], "miss");
+    sim.stop().await;
+}
