@@ -1,7 +1,53 @@
 //! bulkhead-sim: a simulated OpenAI-compatible inference server for tests, the demo and
 //! benchmarks; none of it is part of the production sidecar. Streaming and non-streaming
-//! chat/completions, embeddings and models, with configurable time to first token,
-//! inter-token latency and length; returns `usage`.
+//! chat/completions, completions and the Responses API (`/v1/responses`), embeddings and
+//! models, with configurable time to first token, inter-token latency and length; returns
+//! `usage`.
+//!
+//! # What it serves and counts, as vLLM does
+//!
+//! A token is a whitespace-separated word; a token id is one token; each prompt costs at
+//! least 1. [`SimRequest::parse`] reads, per route:
+//! - `/v1/completions`: `prompt` as a string, a list of strings, a list of token ids (one
+//!   prompt) or a list of token-id lists: one prompt per list entry except for the token-id
+//!   list. `suffix` counts in every prompt. `max_tokens` only (vLLM's completions ignore
+//!   `max_completion_tokens`). `n` choices per prompt, numbered `prompt_index * n + j` (as
+//!   vLLM numbers them); `best_of` generates `max(n, best_of)` sequences per prompt and
+//!   returns `n`, and `usage` counts only the returned ones (vLLM's V0 did); a request whose
+//!   `best_of` differs from `n` is answered in one JSON piece even when it asks to stream
+//!   (vLLM does not stream it).
+//! - `/v1/chat/completions`: each message is 4 tokens plus the words of every string in it but
+//!   `role` and `type` (content and all its parts, `name`, `tool_calls` names and arguments,
+//!   `tool_call_id`, ...). The chat template also renders `tools`, `functions`, `documents`
+//!   and `chat_template_kwargs`: each entry costs the words of its JSON text indented as
+//!   templates write it (`tojson(indent=4)`, here serde's pretty printer), ahead of the
+//!   messages (and in the prefix cache's words). `max_completion_tokens`, else `max_tokens`;
+//!   `n` choices.
+//! - `/v1/responses`: `instructions` (a system message), `input` (a string: a user message;
+//!   or a list of items, each counted as a message) and `tools`; `max_output_tokens`; one
+//!   choice. The response's id is the body's `request_id` when present (vLLM returns it as
+//!   the id), else `resp_<n>`. Non-streamed: `{"object":"response","output":[{"type":
+//!   "message",...,"content":[{"type":"output_text","text":...}]}],"usage":{"input_tokens",
+//!   "output_tokens","total_tokens"}}`; streamed: named SSE events (`event:` + `data:`, each
+//!   with a `sequence_number`) `response.created`, one `response.output_text.delta` per token
+//!   and `response.completed` carrying the whole response and its usage; no `[DONE]`.
+//! - `/v1/embeddings`: `input` in the same shapes as `prompt`; one vector per input.
+//!
+//! Integers are read as pydantic's lax mode reads them (`2`, `2.0`, `"2"`). A field of the
+//! wrong shape (`prompt: 7`, an empty prompt list, `n: 0`, `best_of < n`, a negative
+//! `max_tokens`, ...) is a 400 whose `error.code` names the field.
+//!
+//! Every sequence generates `min(limit, completion_tokens)` tokens (or the `x-sim-reply` text's
+//! pieces). `usage.prompt_tokens` is every prompt once; `completion_tokens` every returned
+//! choice. Streamed with several choices, each token step sends one chunk per choice (in
+//! index order), then one finish chunk per choice; a single choice streams as it always did.
+//!
+//! Per tenant (the sidecar's `x-bulkhead-tenant`), [`Sim::tenant_kv`] gives what was served,
+//! counted by the simulator: prompt tokens (every prompt once, embeddings included), completion
+//! tokens (every generated sequence, `best_of` extras included), choices started, and the
+//! KV-cache tokens held (`held`, and its `peak`): while a generation runs it holds each prompt
+//! once per sequence generated for it (vLLM runs a sequence per choice; this is the worst case,
+//! with no prefix sharing between them) plus every token generated so far.
 //!
 //! Binaries: `bulkhead-sim` (the simulator on its own) and `bulkhead-bench` (the sidecar
 //! benchmark, run by `cargo xtask bench sidecar`).
@@ -13,7 +59,9 @@
 //! vLLM's block hashes, with `cache_salt` folded into the first block; the longest cached
 //! prefix of full blocks costs `cached_prefill_per_block` each, the rest `prefill_per_block`
 //! each (added to the time to first token). Each response says `x-sim-prefix-cache: hit`
-//! (every full block cached), `partial` or `miss`, and `x-sim-cached-blocks: N`.
+//! (every full block cached), `partial` or `miss`, and `x-sim-cached-blocks: N`. A list prompt
+//! is looked up prompt by prompt (one [`CacheEvent`] each); the headers and the prefill time
+//! add them up. Token-id prompts are cached by id.
 //! `POST /reset_prefix_cache` (vLLM: `{"success": false}` while requests run, or a 503 with
 //! `reset_busy_status = 503`; `{"success": true}` when idle) and `POST /flush_cache` (SGLang:
 //! 400 "Cache not flushed because there are pending requests" while busy) empty it.
@@ -88,90 +136,310 @@ pub struct RecordedRequest {
     pub body: Bytes,
 }
 
+/// Which API a request is for: it decides which fields count and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `/v1/chat/completions`
+    Chat,
+    /// `/v1/completions`
+    Completions,
+    /// `/v1/responses`
+    Responses,
+    /// `/v1/embeddings`
+    Embeddings,
+}
+
+/// One prompt of a request: its tokens and its words (for the prefix cache).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prompt {
+    pub tokens: u64,
+    pub words: Vec<String>,
+}
+
 /// The parsed request fields the simulator uses.
 #[derive(Debug, Clone, Default)]
 pub struct SimRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub max_tokens: Option<u64>,
+    /// Prompt tokens of all prompts together (`usage.prompt_tokens`).
     pub prompt_tokens: u64,
+    /// Each prompt: one, unless `prompt` (completions) or `input` (embeddings) is a list of
+    /// prompts.
+    pub prompts: Vec<Prompt>,
+    /// Choices returned per prompt (`n`, default 1).
+    pub n: u64,
+    /// Sequences generated per prompt: `max(n, best_of)` on completions, else `n`.
+    pub sequences: u64,
     pub cache_salt: Option<String>,
-    /// The prompt's words (message contents and `prompt`), for the prefix cache.
-    pub prompt_words: Vec<String>,
+    /// The body's `request_id` (a vLLM extension).
+    pub request_id: Option<String>,
+}
+
+/// A field the simulator cannot use, as a 400 names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadField {
+    pub param: &'static str,
+    pub message: String,
+}
+
+impl BadField {
+    fn new(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param,
+            message: format!("{param}: {}", message.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for BadField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The words of every string in `v` (a number or boolean is one word), keys `role` and
+/// `type` left out: a message or content part as a chat template renders it.
+fn leaf_words(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(s) => out.extend(s.split_whitespace().map(str::to_string)),
+        serde_json::Value::Number(n) => out.push(n.to_string()),
+        serde_json::Value::Bool(b) => out.push(b.to_string()),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| leaf_words(x, out)),
+        serde_json::Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| *k != "role" && *k != "type")
+            .for_each(|(_, x)| leaf_words(x, out)),
+        serde_json::Value::Null => {}
+    }
+}
+
+/// The words of `v`'s JSON text, indented as templates render tools (`tojson(indent=4)`).
+fn json_words(v: &serde_json::Value, out: &mut Vec<String>) {
+    let text = serde_json::to_string_pretty(v).unwrap_or_default();
+    out.extend(text.split_whitespace().map(str::to_string));
+}
+
+/// A chat message (or Responses input item): 4 tokens of template, plus the words of its
+/// strings (content and its parts, `name`, `tool_calls`, `tool_call_id`, ...).
+fn message(m: &serde_json::Value, tokens: &mut u64, words: &mut Vec<String>) {
+    let role = m.get("role").and_then(|r| r.as_str()).unwrap_or("user");
+    words.push(format!("<{role}>"));
+    let before = words.len();
+    leaf_words(m, words);
+    *tokens += 4 + (words.len() - before) as u64;
+}
+
+/// An unsigned integer as pydantic reads one in lax mode (vLLM): a JSON integer, a float
+/// with no fraction, or a string holding one. `None` when absent or null.
+fn lax_uint(v: &serde_json::Value, param: &'static str) -> Result<Option<u64>, BadField> {
+    let bad = || BadField::new(param, format!("must be a non-negative integer, got {v}"));
+    match v {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(u), _) => Ok(Some(u)),
+            (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f < 9.0e15 => Ok(Some(f as u64)),
+            _ => Err(bad()),
+        },
+        serde_json::Value::String(s) => s.trim().parse::<u64>().map(Some).map_err(|_| bad()),
+        _ => Err(bad()),
+    }
+}
+
+/// `prompt` (completions) or `input` (embeddings): a string, a list of strings, a list of
+/// token ids (one prompt, each id one token) or a list of token-id lists.
+fn prompt_list(v: &serde_json::Value, param: &'static str) -> Result<Vec<Prompt>, BadField> {
+    let text = |s: &str| Prompt {
+        tokens: s.split_whitespace().count() as u64,
+        words: s.split_whitespace().map(str::to_string).collect(),
+    };
+    let ids = |a: &[serde_json::Value]| -> Option<Prompt> {
+        let ids: Option<Vec<u64>> = a.iter().map(|x| x.as_u64()).collect();
+        let ids = ids?;
+        Some(Prompt {
+            tokens: ids.len() as u64,
+            words: ids.iter().map(|i| format!("#{i}")).collect(),
+        })
+    };
+    let shape =
+        "must be a string, a list of strings, a list of token ids or a list of token-id lists";
+    match v {
+        serde_json::Value::Null => Ok(vec![Prompt::default()]),
+        serde_json::Value::String(s) => Ok(vec![text(s)]),
+        serde_json::Value::Array(a) if a.is_empty() => {
+            Err(BadField::new(param, "is an empty list (no prompt)"))
+        }
+        serde_json::Value::Array(a) if a.iter().all(|x| x.is_string()) => Ok(a
+            .iter()
+            .map(|x| text(x.as_str().unwrap_or_default()))
+            .collect()),
+        serde_json::Value::Array(a) if a.iter().all(|x| x.is_number()) => ids(a)
+            .map(|p| vec![p])
+            .ok_or_else(|| BadField::new(param, "token ids must be non-negative integers")),
+        serde_json::Value::Array(a) if a.iter().all(|x| x.is_array()) => a
+            .iter()
+            .map(|x| {
+                let inner = x.as_array().map(Vec::as_slice).unwrap_or_default();
+                if inner.is_empty() {
+                    return Err(BadField::new(param, "holds an empty token-id list"));
+                }
+                ids(inner)
+                    .ok_or_else(|| BadField::new(param, "token ids must be non-negative integers"))
+            })
+            .collect(),
+        _ => Err(BadField::new(param, shape)),
+    }
 }
 
 impl SimRequest {
-    pub fn parse(v: &serde_json::Value) -> Self {
-        let text_tokens = |v: &serde_json::Value| -> u64 {
-            match v {
-                serde_json::Value::String(s) => s.split_whitespace().count() as u64,
-                serde_json::Value::Array(a) => a
-                    .iter()
-                    .map(|x| match x {
-                        serde_json::Value::String(s) => s.split_whitespace().count() as u64,
-                        serde_json::Value::Object(o) => o
-                            .get("text")
-                            .and_then(|t| t.as_str())
-                            .map_or(0, |s| s.split_whitespace().count() as u64),
-                        _ => 1,
-                    })
-                    .sum(),
-                _ => 0,
-            }
-        };
-        let mut words = Vec::new();
-        fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
-            match v {
-                serde_json::Value::String(s) => {
-                    out.extend(s.split_whitespace().map(str::to_string))
-                }
-                serde_json::Value::Array(a) => a.iter().for_each(|x| collect(x, out)),
-                serde_json::Value::Object(o) => {
-                    if let Some(t) = o.get("text") {
-                        collect(t, out)
+    /// Read a request body for `api`; a field of the wrong shape is an error naming it.
+    ///
+    /// Prompt tokens are whitespace-separated words (a token id is one token); each prompt
+    /// counts at least 1.
+    pub fn parse(api: Api, v: &serde_json::Value) -> Result<Self, BadField> {
+        let null = serde_json::Value::Null;
+        let field = |k: &str| v.get(k).unwrap_or(&null);
+        let prompts = match api {
+            Api::Completions => {
+                let mut ps = prompt_list(field("prompt"), "prompt")?;
+                if let Some(s) = field("suffix").as_str() {
+                    for p in &mut ps {
+                        p.tokens += s.split_whitespace().count() as u64;
+                        p.words.extend(s.split_whitespace().map(str::to_string));
                     }
                 }
-                _ => {}
+                ps
             }
-        }
-        let mut prompt_tokens = 0;
-        if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
-            for m in msgs {
-                prompt_tokens += 4 + m.get("content").map_or(0, text_tokens);
-                if let Some(role) = m.get("role").and_then(|r| r.as_str()) {
-                    words.push(format!("<{role}>"));
+            Api::Embeddings => prompt_list(field("input"), "input")?,
+            Api::Chat | Api::Responses => {
+                let mut tokens = 0;
+                let mut words = Vec::new();
+                // The chat template renders the tool definitions (and, on chat, documents and
+                // `chat_template_kwargs`) into the prompt, as JSON.
+                let mut rendered: Vec<&'static str> = vec!["tools", "functions"];
+                if api == Api::Chat {
+                    rendered.extend(["documents", "chat_template_kwargs"]);
                 }
-                if let Some(c) = m.get("content") {
-                    collect(c, &mut words);
+                for k in rendered {
+                    let before = words.len();
+                    match field(k) {
+                        serde_json::Value::Null => {}
+                        serde_json::Value::Array(a) => {
+                            a.iter().for_each(|e| json_words(e, &mut words))
+                        }
+                        other => json_words(other, &mut words),
+                    }
+                    tokens += (words.len() - before) as u64;
+                }
+                if api == Api::Chat {
+                    match field("messages") {
+                        serde_json::Value::Null => {}
+                        serde_json::Value::Array(ms) => {
+                            ms.iter().for_each(|m| message(m, &mut tokens, &mut words))
+                        }
+                        _ => return Err(BadField::new("messages", "must be a list of messages")),
+                    }
+                } else {
+                    match field("instructions") {
+                        serde_json::Value::Null => {}
+                        serde_json::Value::String(s) => message(
+                            &serde_json::json!({"role": "system", "content": s}),
+                            &mut tokens,
+                            &mut words,
+                        ),
+                        _ => return Err(BadField::new("instructions", "must be a string")),
+                    }
+                    match field("input") {
+                        serde_json::Value::Null => {}
+                        serde_json::Value::String(s) => message(
+                            &serde_json::json!({"role": "user", "content": s}),
+                            &mut tokens,
+                            &mut words,
+                        ),
+                        serde_json::Value::Array(items) => items
+                            .iter()
+                            .for_each(|m| message(m, &mut tokens, &mut words)),
+                        _ => {
+                            return Err(BadField::new(
+                                "input",
+                                "must be a string or a list of input items",
+                            ));
+                        }
+                    }
+                }
+                vec![Prompt { tokens, words }]
+            }
+        };
+        let prompts: Vec<Prompt> = prompts
+            .into_iter()
+            .map(|p| Prompt {
+                tokens: p.tokens.max(1),
+                ..p
+            })
+            .collect();
+        let (n, sequences) = match api {
+            Api::Chat | Api::Completions => {
+                let n = lax_uint(field("n"), "n")?.unwrap_or(1);
+                if n == 0 {
+                    return Err(BadField::new("n", "must be at least 1"));
+                }
+                let best_of = match api {
+                    Api::Completions => lax_uint(field("best_of"), "best_of")?,
+                    _ => None,
+                };
+                match best_of {
+                    Some(b) if b < n => {
+                        return Err(BadField::new(
+                            "best_of",
+                            format!("must be greater than or equal to n ({n}), got {b}"),
+                        ));
+                    }
+                    Some(b) => (n, b),
+                    None => (n, n),
                 }
             }
-        }
-        if let Some(p) = v.get("prompt") {
-            collect(p, &mut words);
-        }
-        if let Some(p) = v.get("prompt") {
-            prompt_tokens += text_tokens(p);
-        }
-        if let Some(p) = v.get("input") {
-            prompt_tokens += text_tokens(p);
-        }
-        Self {
-            stream: v.get("stream").and_then(|s| s.as_bool()).unwrap_or(false),
+            Api::Responses | Api::Embeddings => (1, 1),
+        };
+        let max_tokens = match api {
+            // vLLM: `max_completion_tokens or max_tokens`.
+            Api::Chat => match lax_uint(field("max_completion_tokens"), "max_completion_tokens")? {
+                Some(m) => Some(m),
+                None => lax_uint(field("max_tokens"), "max_tokens")?,
+            },
+            Api::Completions => lax_uint(field("max_tokens"), "max_tokens")?,
+            Api::Responses => lax_uint(field("max_output_tokens"), "max_output_tokens")?,
+            Api::Embeddings => None,
+        };
+        let stream = field("stream").as_bool().unwrap_or(false)
+            && api != Api::Embeddings
+            // vLLM answers a completion whose best_of differs from n in one piece, stream or not.
+            && sequences == n;
+        Ok(Self {
+            stream,
             include_usage: v
                 .pointer("/stream_options/include_usage")
                 .and_then(|s| s.as_bool())
                 .unwrap_or(false),
-            max_tokens: v
-                .get("max_tokens")
-                .or_else(|| v.get("max_completion_tokens"))
-                .and_then(|m| m.as_u64()),
-            prompt_tokens: prompt_tokens.max(1),
-            cache_salt: v
-                .get("cache_salt")
-                .and_then(|s| s.as_str())
-                .map(str::to_string),
-            prompt_words: words,
-        }
+            max_tokens,
+            prompt_tokens: prompts.iter().map(|p| p.tokens).sum(),
+            prompts,
+            n,
+            sequences,
+            cache_salt: field("cache_salt").as_str().map(str::to_string),
+            request_id: field("request_id").as_str().map(str::to_string),
+        })
+    }
+
+    /// Choices returned: `n` per prompt.
+    pub fn choices(&self) -> u64 {
+        self.prompts.len() as u64 * self.n
+    }
+
+    /// KV-cache tokens the prompts hold while the request runs: each prompt once per
+    /// sequence generated for it (vLLM runs a sequence per choice; the worst case, no prefix
+    /// sharing between them).
+    pub fn held_prompt_tokens(&self) -> u64 {
+        self.prompts.iter().map(|p| p.tokens).sum::<u64>() * self.sequences
     }
 }
 
@@ -217,9 +485,9 @@ impl CacheEvent {
     }
 }
 
-/// Counts a generation request as running while alive.
-/// One running generation: counted in `running`, and its KV-cache tokens (prompt + generated
-/// so far) held in its tenant's [`TenantKv`] until dropped.
+/// One running generation: counted in `running`, and its KV-cache tokens (every prompt once
+/// per sequence, plus the tokens generated so far) held in its tenant's [`TenantKv`] until
+/// dropped.
 struct Running {
     sim: Arc<Sim>,
     tenant: String,
@@ -227,28 +495,26 @@ struct Running {
 }
 
 impl Running {
-    fn new(sim: Arc<Sim>, tenant: String, prompt: u64) -> Self {
+    fn new(sim: Arc<Sim>, tenant: String, r: &SimRequest) -> Self {
         sim.running.fetch_add(1, Ordering::SeqCst);
-        let mut r = Self {
-            sim,
-            tenant,
-            held: 0,
-        };
-        r.hold(prompt, true);
-        r
+        let held = r.held_prompt_tokens();
+        let mut kv = sim.kv.lock().unwrap_or_else(|e| e.into_inner());
+        let t = kv.entry(tenant.clone()).or_default();
+        t.held += held;
+        t.peak = t.peak.max(t.held);
+        t.prompt_tokens += r.prompt_tokens;
+        t.choices_served += r.choices();
+        drop(kv);
+        Self { sim, tenant, held }
     }
 
-    /// `n` more tokens in the KV cache (the prompt, or one generated token).
-    fn hold(&mut self, n: u64, prompt: bool) {
+    /// `n` more generated tokens in the KV cache.
+    fn generated(&mut self, n: u64) {
         let mut kv = self.sim.kv.lock().unwrap_or_else(|e| e.into_inner());
         let t = kv.entry(self.tenant.clone()).or_default();
         t.held += n;
         t.peak = t.peak.max(t.held);
-        if prompt {
-            t.prompt_tokens += n;
-        } else {
-            t.completion_tokens += n;
-        }
+        t.completion_tokens += n;
         self.held += n;
     }
 }
@@ -264,13 +530,21 @@ impl Drop for Running {
 }
 
 /// The simulator's view of one tenant (by the `x-bulkhead-tenant` header the sidecar sends):
-/// KV-cache tokens held by its running generations, their peak, and the tokens served.
+/// what it served, counted by the simulator itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TenantKv {
+    /// KV-cache tokens its running generations hold now: each prompt once per sequence
+    /// generated for it (`n`, or `best_of` when larger), plus every token generated so far.
     pub held: u64,
+    /// The most `held` ever was.
     pub peak: u64,
+    /// Prompt tokens served: every prompt once (as `usage.prompt_tokens`); embeddings too.
     pub prompt_tokens: u64,
+    /// Tokens generated, over every sequence (`best_of` sequences that are not returned
+    /// included, although `usage` leaves them out, as vLLM's does).
     pub completion_tokens: u64,
+    /// Choices started (`n` per prompt).
+    pub choices_served: u64,
 }
 
 /// The simulator's shared state.
@@ -350,14 +624,27 @@ impl Sim {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Look up and insert the prompt's blocks; the prefill time they cost.
+    /// Look up and insert each prompt's blocks (one [`CacheEvent`] each); all prompts
+    /// together, and the prefill time they cost.
     fn prefix_lookup(&self, r: &SimRequest) -> (CacheEvent, Duration) {
+        let mut total = CacheEvent {
+            salt: r.cache_salt.clone(),
+            blocks: 0,
+            cached: 0,
+        };
+        let mut prefill = Duration::ZERO;
+        for p in &r.prompts {
+            let (ev, time) = self.prefix_lookup_one(r.cache_salt.as_deref(), &p.words);
+            total.blocks += ev.blocks;
+            total.cached += ev.cached;
+            prefill += time;
+        }
+        (total, prefill)
+    }
+
+    fn prefix_lookup_one(&self, salt: Option<&str>, words: &[String]) -> (CacheEvent, Duration) {
         let c = &self.config;
-        let hashes = block_hashes(
-            r.cache_salt.as_deref(),
-            &r.prompt_words,
-            c.prefix_block_words,
-        );
+        let hashes = block_hashes(salt, words, c.prefix_block_words);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let cached = if c.prefix_cache {
             hashes.iter().take_while(|h| cache.contains(h)).count()
@@ -372,7 +659,7 @@ impl Sim {
         }
         drop(cache);
         let ev = CacheEvent {
-            salt: r.cache_salt.clone(),
+            salt: salt.map(str::to_string),
             blocks: hashes.len(),
             cached,
         };
@@ -494,18 +781,35 @@ impl Sim {
             (Method::POST, "/reset_prefix_cache") => self.flush(false),
             (Method::POST, "/flush_cache") => self.flush(true),
             (Method::POST, "/v1/chat/completions") => {
-                self.generate(&parts.headers, &body, true).await
+                self.generate(&parts.headers, &body, Api::Chat).await
             }
-            (Method::POST, "/v1/completions") => self.generate(&parts.headers, &body, false).await,
+            (Method::POST, "/v1/completions") => {
+                self.generate(&parts.headers, &body, Api::Completions).await
+            }
+            (Method::POST, "/v1/responses") => {
+                self.generate(&parts.headers, &body, Api::Responses).await
+            }
             (Method::POST, "/v1/embeddings") => {
                 let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
                     return bad_json();
                 };
-                let r = SimRequest::parse(&v);
+                let r = match SimRequest::parse(Api::Embeddings, &v) {
+                    Ok(r) => r,
+                    Err(e) => return bad_field(&e),
+                };
+                self.kv
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(tenant(&parts.headers))
+                    .or_default()
+                    .prompt_tokens += r.prompt_tokens;
+                let data: Vec<serde_json::Value> = (0..r.prompts.len())
+                    .map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4]}))
+                    .collect();
                 json(serde_json::json!({
                     "object": "list",
                     "model": self.config.model,
-                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
+                    "data": data,
                     "usage": {"prompt_tokens": r.prompt_tokens, "total_tokens": r.prompt_tokens}
                 }))
             }
@@ -522,12 +826,15 @@ impl Sim {
         self: Arc<Self>,
         headers: &HeaderMap,
         body: &[u8],
-        chat: bool,
+        api: Api,
     ) -> Response<ProxyBody> {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
             return bad_json();
         };
-        let r = SimRequest::parse(&v);
+        let r = match SimRequest::parse(api, &v) {
+            Ok(r) => r,
+            Err(e) => return bad_field(&e),
+        };
         // Per-request timing overrides (benchmarks): `x-sim-ttft-ms`, `x-sim-itl-ms`.
         let ms = |name: &str, default: Duration| {
             headers
@@ -537,12 +844,7 @@ impl Sim {
                 .filter(|v| v.is_finite() && *v >= 0.0 && *v <= 60_000.0)
                 .map_or(default, |v| Duration::from_secs_f64(v / 1e3))
         };
-        let tenant = headers
-            .get("x-bulkhead-tenant")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let mut running = Running::new(self.clone(), tenant, r.prompt_tokens);
+        let mut running = Running::new(self.clone(), tenant(headers), &r);
         let (cache_ev, prefill) = self.prefix_lookup(&r);
         let ttft = ms("x-sim-ttft-ms", self.config.time_to_first_token) + prefill;
         let cache_headers = move |h: &mut HeaderMap| {
@@ -573,6 +875,7 @@ impl Sim {
                         .collect(),
                 )
             });
+        // Tokens each sequence generates.
         let n = match &reply {
             Some(pieces) => pieces.len() as u64,
             None => r
@@ -584,16 +887,35 @@ impl Sim {
             Some(p) => p[i as usize].clone(),
             None => format!("tok{i} "),
         };
+        // Choices returned (`n` per prompt, numbered prompt_index * n + j), and sequences
+        // generated (more with best_of).
+        let choices = r.choices();
+        let sequences = r.prompts.len() as u64 * r.sequences;
         self.started.fetch_add(1, Ordering::SeqCst);
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let id = format!("cmpl-{}", self.started());
-        let usage = serde_json::json!({
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": n,
-            "total_tokens": r.prompt_tokens + n
-        });
+        let id = match api {
+            // vLLM: the request's `request_id` is the response's id.
+            Api::Responses => r
+                .request_id
+                .clone()
+                .unwrap_or_else(|| format!("resp_{}", self.started())),
+            _ => format!("cmpl-{}", self.started()),
+        };
+        let completion = n * choices;
+        let usage = match api {
+            Api::Responses => serde_json::json!({
+                "input_tokens": r.prompt_tokens,
+                "output_tokens": completion,
+                "total_tokens": r.prompt_tokens + completion
+            }),
+            _ => serde_json::json!({
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": r.prompt_tokens + completion
+            }),
+        };
         let model = self.config.model.clone();
         if !r.stream {
             if !ttft.is_zero() {
@@ -603,22 +925,34 @@ impl Sim {
                 tokio::time::sleep(itl * (n as u32 - 1)).await;
             }
             let text: String = (0..n).map(&piece).collect();
-            let choice = if chat {
-                serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
-            } else {
-                serde_json::json!({"index": 0, "text": text, "finish_reason": "length"})
-            };
-            running.hold(n, false);
+            running.generated(n * sequences);
             self.completed.fetch_add(1, Ordering::SeqCst);
             drop(running);
-            let mut resp = json(serde_json::json!({
-                "id": id,
-                "object": if chat { "chat.completion" } else { "text_completion" },
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "usage": usage
-            }));
+            let body = match api {
+                Api::Responses => {
+                    response_object(&id, created, &model, "completed", Some(&text), usage)
+                }
+                _ => {
+                    let choices: Vec<serde_json::Value> = (0..choices)
+                        .map(|i| {
+                            if api == Api::Chat {
+                                serde_json::json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+                            } else {
+                                serde_json::json!({"index": i, "text": text, "finish_reason": "length"})
+                            }
+                        })
+                        .collect();
+                    serde_json::json!({
+                        "id": id,
+                        "object": if api == Api::Chat { "chat.completion" } else { "text_completion" },
+                        "created": created,
+                        "model": model,
+                        "choices": choices,
+                        "usage": usage
+                    })
+                }
+            };
+            let mut resp = json(body);
             cache_headers(resp.headers_mut());
             return resp;
         }
@@ -626,6 +960,7 @@ impl Sim {
         let sim = self.clone();
         tokio::spawn(async move {
             let mut running = running;
+            let chat = api == Api::Chat;
             let object = if chat {
                 "chat.completion.chunk"
             } else {
@@ -637,6 +972,25 @@ impl Sim {
                 });
                 Bytes::from(format!("data: {c}\n\n"))
             };
+            // Responses: named events, numbered.
+            let mut seq = 0u64;
+            let mut event = |v: serde_json::Value| {
+                let mut v = v;
+                v["sequence_number"] = seq.into();
+                seq += 1;
+                let kind = v["type"].as_str().unwrap_or_default().to_string();
+                Bytes::from(format!("event: {kind}\ndata: {v}\n\n"))
+            };
+            let msg_id = format!("msg_{id}");
+            if api == Api::Responses {
+                let created_ev = event(serde_json::json!({
+                    "type": "response.created",
+                    "response": response_object(&id, created, &model, "in_progress", None, serde_json::Value::Null)
+                }));
+                if tx.send(created_ev).await.is_err() {
+                    return;
+                }
+            }
             if !ttft.is_zero() {
                 tokio::time::sleep(ttft).await;
             }
@@ -653,23 +1007,45 @@ impl Sim {
                     }
                 }
                 let text = piece(i);
-                let choice = if chat {
-                    serde_json::json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}])
-                } else {
-                    serde_json::json!([{"index": 0, "text": text, "finish_reason": null}])
-                };
-                running.hold(1, false);
-                if tx.send(chunk(choice)).await.is_err() {
-                    return;
+                running.generated(sequences);
+                for c in 0..choices {
+                    let bytes = match api {
+                        Api::Responses => event(serde_json::json!({
+                            "type": "response.output_text.delta", "item_id": msg_id,
+                            "output_index": 0, "content_index": 0, "delta": text
+                        })),
+                        Api::Chat => chunk(
+                            serde_json::json!([{"index": c, "delta": {"content": text}, "finish_reason": null}]),
+                        ),
+                        _ => chunk(
+                            serde_json::json!([{"index": c, "text": text, "finish_reason": null}]),
+                        ),
+                    };
+                    if tx.send(bytes).await.is_err() {
+                        return;
+                    }
                 }
             }
-            let last = if chat {
-                serde_json::json!([{"index": 0, "delta": {}, "finish_reason": "length"}])
-            } else {
-                serde_json::json!([{"index": 0, "text": "", "finish_reason": "length"}])
-            };
-            if tx.send(chunk(last)).await.is_err() {
+            if api == Api::Responses {
+                let text: String = (0..n).map(&piece).collect();
+                let done = event(serde_json::json!({
+                    "type": "response.completed",
+                    "response": response_object(&id, created, &model, "completed", Some(&text), usage)
+                }));
+                if tx.send(done).await.is_ok() {
+                    sim.completed.fetch_add(1, Ordering::SeqCst);
+                }
                 return;
+            }
+            for c in 0..choices {
+                let last = if chat {
+                    serde_json::json!([{"index": c, "delta": {}, "finish_reason": "length"}])
+                } else {
+                    serde_json::json!([{"index": c, "text": "", "finish_reason": "length"}])
+                };
+                if tx.send(chunk(last)).await.is_err() {
+                    return;
+                }
             }
             if r.include_usage {
                 let c = serde_json::json!({
@@ -704,6 +1080,54 @@ impl Sim {
         cache_headers(resp.headers_mut());
         resp
     }
+}
+
+/// The tenant the sidecar names in `x-bulkhead-tenant` ("" when none).
+fn tenant(headers: &HeaderMap) -> String {
+    headers
+        .get("x-bulkhead-tenant")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A Responses API response object; `text` None for one with no output yet.
+fn response_object(
+    id: &str,
+    created: u64,
+    model: &str,
+    status: &str,
+    text: Option<&str>,
+    usage: serde_json::Value,
+) -> serde_json::Value {
+    let output: Vec<serde_json::Value> = text
+        .map(|t| {
+            serde_json::json!({
+                "type": "message", "id": format!("msg_{id}"), "role": "assistant",
+                "status": status,
+                "content": [{"type": "output_text", "text": t, "annotations": []}]
+            })
+        })
+        .into_iter()
+        .collect();
+    serde_json::json!({
+        "id": id,
+        "object": "response",
+        "created_at": created,
+        "model": model,
+        "status": status,
+        "output": output,
+        "usage": usage
+    })
+}
+
+fn bad_field(e: &BadField) -> Response<ProxyBody> {
+    json_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        e.param,
+        &e.message,
+    )
 }
 
 fn json(v: serde_json::Value) -> Response<ProxyBody> {
@@ -817,5 +1241,181 @@ impl Body for ChannelBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(api: Api, v: serde_json::Value) -> SimRequest {
+        SimRequest::parse(api, &v).unwrap()
+    }
+
+    fn tokens(r: &SimRequest) -> Vec<u64> {
+        r.prompts.iter().map(|p| p.tokens).collect()
+    }
+
+    #[test]
+    fn every_prompt_shape_counts_its_tokens() {
+        let c = |prompt| parse(Api::Completions, json!({ "prompt": prompt }));
+        let r = c(json!("one two three"));
+        assert_eq!((tokens(&r), r.prompt_tokens), (vec![3], 3));
+        let r = c(json!(["a b", "c d e"]));
+        assert_eq!((tokens(&r), r.prompt_tokens), (vec![2, 3], 5));
+        // Token ids: each id one token, whatever the words would say.
+        let r = c(json!([101, 7, 7, 9000, 3]));
+        assert_eq!((tokens(&r), r.prompt_tokens), (vec![5], 5));
+        let r = c(json!([[1, 2], [3, 4, 5, 6], [7]]));
+        assert_eq!((tokens(&r), r.prompt_tokens), (vec![2, 4, 1], 7));
+        // An empty prompt still costs a token; the suffix is part of every prompt.
+        assert_eq!(tokens(&c(json!(""))), vec![1]);
+        let r = parse(
+            Api::Completions,
+            json!({"prompt": ["a", "b c"], "suffix": "x y z"}),
+        );
+        assert_eq!(tokens(&r), vec![4, 5]);
+        // Embeddings take the same shapes in `input`.
+        let r = parse(Api::Embeddings, json!({"input": [[1, 2, 3], [4]]}));
+        assert_eq!(tokens(&r), vec![3, 1]);
+        // Token-id prompts are cached by id.
+        let a = c(json!([1, 2, 3]));
+        assert_eq!(a.prompts[0].words, ["#1", "#2", "#3"]);
+    }
+
+    #[test]
+    fn bad_fields_are_errors_naming_the_field() {
+        for (api, body, param) in [
+            (Api::Completions, json!({"prompt": 5}), "prompt"),
+            (Api::Completions, json!({"prompt": []}), "prompt"),
+            (Api::Completions, json!({"prompt": [1, "a"]}), "prompt"),
+            (Api::Completions, json!({"prompt": [[]]}), "prompt"),
+            (Api::Completions, json!({"prompt": [-1]}), "prompt"),
+            (Api::Completions, json!({"prompt": [[1], 2]}), "prompt"),
+            (Api::Embeddings, json!({"input": {"a": 1}}), "input"),
+            (Api::Completions, json!({"prompt": "x", "n": 0}), "n"),
+            (Api::Chat, json!({"n": -2}), "n"),
+            (Api::Chat, json!({"n": "two"}), "n"),
+            (Api::Chat, json!({"max_tokens": 1.5}), "max_tokens"),
+            (
+                Api::Completions,
+                json!({"prompt": "x", "n": 3, "best_of": 2}),
+                "best_of",
+            ),
+            (Api::Chat, json!({"messages": "hi"}), "messages"),
+            (Api::Responses, json!({"input": 3}), "input"),
+            (
+                Api::Responses,
+                json!({"instructions": ["x"]}),
+                "instructions",
+            ),
+        ] {
+            let e = SimRequest::parse(api, &body).unwrap_err();
+            assert_eq!(e.param, param, "{body}");
+            assert!(e.message.starts_with(&format!("{param}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn choices_and_sequences_follow_n_and_best_of() {
+        let r = parse(Api::Completions, json!({"prompt": ["a", "b", "c"], "n": 2}));
+        assert_eq!((r.n, r.sequences, r.choices()), (2, 2, 6));
+        assert_eq!(r.held_prompt_tokens(), 3 * 2);
+        // best_of: more sequences generated (and held) than choices returned; a stream is
+        // answered in one piece, as vLLM does.
+        let r = parse(
+            Api::Completions,
+            json!({"prompt": "a b", "n": 2, "best_of": 5, "stream": true}),
+        );
+        assert_eq!((r.n, r.sequences, r.choices()), (2, 5, 2));
+        assert_eq!(r.held_prompt_tokens(), 2 * 5);
+        assert!(!r.stream);
+        // pydantic's lax integers, as vLLM reads them.
+        let r = parse(Api::Chat, json!({"n": "3", "max_tokens": 4.0}));
+        assert_eq!((r.n, r.max_tokens), (3, Some(4)));
+        // best_of is a completions field only; the Responses API has no n.
+        let r = parse(Api::Chat, json!({"n": 2, "best_of": 9}));
+        assert_eq!(r.sequences, 2);
+        let r = parse(Api::Responses, json!({"input": "x", "n": 4}));
+        assert_eq!(r.choices(), 1);
+    }
+
+    #[test]
+    fn each_api_reads_its_own_limit_field() {
+        let both = json!({"prompt": "x", "input": "x", "max_tokens": 7, "max_completion_tokens": 3, "max_output_tokens": 5});
+        // vLLM's chat: max_completion_tokens, else max_tokens.
+        assert_eq!(parse(Api::Chat, both.clone()).max_tokens, Some(3));
+        assert_eq!(
+            parse(Api::Chat, json!({"max_tokens": 7})).max_tokens,
+            Some(7)
+        );
+        // Completions know only max_tokens.
+        assert_eq!(parse(Api::Completions, both.clone()).max_tokens, Some(7));
+        assert_eq!(
+            parse(Api::Completions, json!({"max_completion_tokens": 3})).max_tokens,
+            None
+        );
+        assert_eq!(parse(Api::Responses, both).max_tokens, Some(5));
+        assert_eq!(
+            parse(Api::Chat, json!({"max_completion_tokens": "12"})).max_tokens,
+            Some(12)
+        );
+    }
+
+    #[test]
+    fn chat_counts_every_string_a_template_renders() {
+        let msgs = json!([
+            {"role": "user", "name": "bob", "content": [{"type": "text", "text": "hi there"}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny and warm"}
+        ]);
+        let base = parse(Api::Chat, json!({ "messages": msgs }));
+        // 4 + bob hi there; 4 + c1 f {"city": "Paris"}; 4 + c1 sunny and warm.
+        assert_eq!(base.prompt_tokens, 7 + 8 + 8);
+        // A tool is rendered as its indented JSON: 18 words for this one
+        // ({ / "function": { / "description": "get the weather", / "name": "f", /
+        // "parameters": { / "type": "object" / } / }, / "type": "function" / }).
+        let tool = json!({"type": "function", "function": {"name": "f",
+            "description": "get the weather", "parameters": {"type": "object"}}});
+        let r = parse(Api::Chat, json!({"messages": msgs, "tools": [tool, tool]}));
+        assert_eq!(r.prompt_tokens, base.prompt_tokens + 2 * 18);
+        let r = parse(Api::Chat, json!({"messages": msgs, "functions": [tool]}));
+        assert_eq!(r.prompt_tokens, base.prompt_tokens + 18);
+        // { "text": "a b", "title": "t" } is 7 words; { "enable_thinking": false } 4.
+        let r = parse(
+            Api::Chat,
+            json!({"messages": msgs, "documents": [{"title": "t", "text": "a b"}],
+                   "chat_template_kwargs": {"enable_thinking": false}}),
+        );
+        assert_eq!(r.prompt_tokens, base.prompt_tokens + 7 + 4);
+        // The tools' words come first in the prompt (the prefix cache sees them).
+        let r = parse(Api::Chat, json!({"messages": msgs, "tools": [tool]}));
+        assert_eq!(r.prompts[0].words[0], "{");
+        assert_eq!(r.prompts.len(), 1);
+    }
+
+    #[test]
+    fn responses_count_instructions_input_and_tools() {
+        let r = parse(
+            Api::Responses,
+            json!({"instructions": "be brief", "input": "hello world"}),
+        );
+        assert_eq!(r.prompt_tokens, (4 + 2) + (4 + 2));
+        let r = parse(
+            Api::Responses,
+            json!({"input": [
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a b c"}]},
+                {"type": "function_call_output", "call_id": "c1", "output": "done now"}
+            ]}),
+        );
+        assert_eq!(r.prompt_tokens, (4 + 3) + (4 + 3));
+        let tool = json!({"type": "function", "name": "f"});
+        // { / "name": "f", / "type": "function" / }
+        let with = parse(Api::Responses, json!({"input": "x", "tools": [tool]}));
+        assert_eq!(with.prompt_tokens, (4 + 1) + 6);
+        let r = parse(Api::Responses, json!({"input": "x", "request_id": "abc"}));
+        assert_eq!(r.request_id.as_deref(), Some("abc"));
     }
 }
