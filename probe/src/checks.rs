@@ -3,6 +3,7 @@
 use crate::client::{Answer, CHAT_PATH, Http, HttpError, Prepared, metric_sum};
 use crate::config::{ProbeConfig, TenantCreds};
 use crate::report::{CheckResult, Report};
+use crate::sse;
 use bytes::Bytes;
 use http::Method;
 use std::time::{Duration, Instant, SystemTime};
@@ -25,6 +26,80 @@ pub const CHECKS: [&str; 10] = [
 pub const AGENT_BYTES_METRIC: &str = "bulkhead_network_bytes_total";
 /// The sidecar's canary counter.
 pub const CANARY_METRIC: &str = "bulkhead_canary_hits_total";
+/// The sidecar's per-tenant request counter (every finished request, by status code).
+pub const REQUESTS_METRIC: &str = "bulkhead_requests_total";
+
+/// What the sidecar's metrics said before `canary_not_returned`.
+struct SidecarCounts {
+    /// Tenant B's finished requests.
+    b_requests: f64,
+    /// Canaries of any tenant seen in any tenant's response.
+    response_hits: f64,
+    /// A's canaries seen in B's responses.
+    pair_hits: f64,
+}
+
+/// What a client of one answer sees of the canary.
+struct ClientView {
+    /// Where the canary was (`streamed: choice 0, delta.content`).
+    found: Vec<String>,
+    /// The sidecar cut or withheld it (`canary_blocked`).
+    canary_blocked: bool,
+    /// Events of a stream.
+    events: usize,
+}
+
+impl ClientView {
+    /// A streamed answer's SSE events reassembled per choice and field (a body that is one
+    /// JSON document, an error, is read as a whole answer); a whole answer's every string
+    /// value. The raw bytes are searched too, for what no decoding shows.
+    fn of(ans: &Answer, stream: bool, canary: &str) -> Self {
+        let how = if stream { "streamed" } else { "not streamed" };
+        let (mut found, mut canary_blocked, mut events) = (Vec::new(), false, 0);
+        let json = serde_json::from_slice::<serde_json::Value>(&ans.body).ok();
+        match json {
+            Some(v) => {
+                found = sse::find_in_value(&v, canary);
+                canary_blocked =
+                    v.pointer("/error/code").and_then(|c| c.as_str()) == Some("canary_blocked");
+            }
+            None if stream => {
+                let t = sse::Transcript::from_sse(&ans.body);
+                found = t.find(canary);
+                canary_blocked = t.canary_blocked;
+                events = t.events;
+            }
+            None => {}
+        }
+        let mut found: Vec<String> = found.into_iter().map(|l| format!("{how}: {l}")).collect();
+        if found.is_empty() && sse::contains(&String::from_utf8_lossy(&ans.body), canary) {
+            found.push(format!("{how}: the raw body"));
+        }
+        Self {
+            found,
+            canary_blocked: canary_blocked || ans.code.as_deref() == Some("canary_blocked"),
+            events,
+        }
+    }
+}
+
+/// `text` with every occurrence of `secret` (ASCII case-insensitively) replaced by `<canary>`.
+fn mask(text: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        return text.to_string();
+    }
+    // ASCII lowercasing keeps every byte offset (and char boundary) in place.
+    let (hay, needle) = (text.to_ascii_lowercase(), secret.to_ascii_lowercase());
+    let mut out = String::new();
+    let mut at = 0;
+    while let Some(i) = hay[at..].find(&needle) {
+        out.push_str(&text[at..at + i]);
+        out.push_str("<canary>");
+        at += i + needle.len();
+    }
+    out.push_str(&text[at..]);
+    out
+}
 
 /// Why an optional check does not run with this configuration.
 fn skip_reason(cfg: &ProbeConfig, check: &str) -> Option<&'static str> {
@@ -466,10 +541,29 @@ impl<'a> Ctx<'a> {
         CheckResult::pass(NAME, format!("no faster than a miss ({figures})"))
     }
 
-    /// A plants its canary in a prompt; B sends the same prefix without it; B's response must
-    /// not hold the canary.
+    /// A plants its canary in a prompt; B sends the same prefix without it, once streamed and
+    /// once not; neither response may hold the canary as a client reads it (the stream's
+    /// events decoded and reassembled per choice and field, the answer's every string value).
+    /// With the sidecar's metrics, its own count of canaries in responses must not rise either.
     async fn canary_not_returned(&mut self, canary: &str) -> CheckResult {
+        let r = self.canary_not_returned_unmasked(canary).await;
+        // The canary never appears in a result, whatever a server echoed into a location.
+        CheckResult {
+            reason: mask(&r.reason, canary),
+            ..r
+        }
+    }
+
+    async fn canary_not_returned_unmasked(&mut self, canary: &str) -> CheckResult {
         const NAME: &str = "canary_not_returned";
+        let (a, b) = (self.a().name.clone(), self.b().name.clone());
+        let before = match &self.cfg.sidecar_metrics_url {
+            Some(url) => match self.sidecar_counts(url).await {
+                Ok(c) => Some(c),
+                Err(e) => return CheckResult::fail(NAME, e),
+            },
+            None => None,
+        };
         let prefix = self.words.prompt(48);
         let plant = format!(
             "{prefix} The secret code word is {canary}. Remember it and repeat the secret code word."
@@ -486,49 +580,139 @@ impl<'a> Ctx<'a> {
             Err(e) => return CheckResult::fail(NAME, format!("inconclusive: planting: {e}")),
         }
         let ask = format!("{prefix} The secret code word is");
-        let ans = match self.send_chat(self.b(), &ask, max, true, None).await {
-            Ok(a) => a,
-            Err(e) => return CheckResult::fail(NAME, format!("tenant {}: {e}", self.b().name)),
+        let mut answers = Vec::new();
+        for stream in [true, false] {
+            match self.send_chat(self.b(), &ask, max, stream, None).await {
+                Ok(ans) => answers.push(ans),
+                Err(e) => return CheckResult::fail(NAME, format!("tenant {b}: {e}")),
+            }
+        }
+        let (streamed, whole) = (&answers[0], &answers[1]);
+        let s = ClientView::of(streamed, true, canary);
+        let w = ClientView::of(whole, false, canary);
+        let rise = match (&self.cfg.sidecar_metrics_url, &before) {
+            (Some(url), Some(before)) => Some(self.sidecar_rise(url, before, 2).await),
+            _ => None,
         };
-        let body = String::from_utf8_lossy(&ans.body);
-        if body.contains(canary) {
+        let counted = match rise {
+            Some(Ok((all, pair))) if all > 0.0 => Some(format!(
+                "{CANARY_METRIC}{{where=\"response\"}} +{all} during the check ({a} seen by {b}: +{pair})"
+            )),
+            _ => None,
+        };
+        let found: Vec<String> = s.found.iter().chain(&w.found).cloned().collect();
+        if !found.is_empty() {
+            let mut why = format!(
+                "tenant {a}'s canary came back in tenant {b}'s response ({})",
+                found.join("; ")
+            );
+            if let Some(c) = &counted {
+                why.push_str(&format!("; the sidecar counted it too: {c}"));
+            }
+            return CheckResult::fail(NAME, why);
+        }
+        if s.canary_blocked || w.canary_blocked {
+            let mut why = format!(
+                "the inference server produced tenant {a}'s canary for tenant {b}; the sidecar cut the response (canary_blocked, {})",
+                match (s.canary_blocked, w.canary_blocked) {
+                    (true, true) => "streamed and not",
+                    (true, false) => "streamed",
+                    _ => "not streamed",
+                }
+            );
+            if let Some(c) = &counted {
+                why.push_str(&format!("; {c}"));
+            }
+            return CheckResult::fail(NAME, why);
+        }
+        // What the client saw is reported above even when the sidecar's count is unknown.
+        if let Some(Err(e)) = rise {
+            return CheckResult::fail(NAME, e);
+        }
+        if let Some(c) = counted {
             return CheckResult::fail(
                 NAME,
                 format!(
-                    "tenant {}'s canary came back in tenant {}'s response",
-                    self.a().name,
-                    self.b().name
+                    "the sidecar counted another tenant's canary in a response: {c}, while tenant {b}'s responses held none as a client reads them (the sidecar may have cut it, or a tenant's response outside the probe carried one)"
                 ),
             );
         }
-        if body.contains("canary_blocked") {
-            return CheckResult::fail(
-                NAME,
-                format!(
-                    "the inference server produced tenant {}'s canary for tenant {}; the sidecar cut the response (canary_blocked)",
-                    self.a().name,
-                    self.b().name
-                ),
-            );
+        for ans in [streamed, whole] {
+            if !ans.status.is_success() {
+                return CheckResult::fail(
+                    NAME,
+                    format!(
+                        "inconclusive: tenant {b}'s request answered {}",
+                        ans.describe()
+                    ),
+                );
+            }
         }
-        if !ans.status.is_success() {
-            return CheckResult::fail(
-                NAME,
-                format!(
-                    "inconclusive: tenant {}'s request answered {}",
+        let mut why = format!(
+            "tenant {b}'s responses hold no trace of the canary (streamed: {} events, {} bytes, reassembled per choice and field; not streamed: {} bytes)",
+            s.events,
+            streamed.body.len(),
+            whole.body.len()
+        );
+        if rise.is_some() {
+            why.push_str(&format!(
+                "; the sidecar counted none ({CANARY_METRIC}{{where=\"response\"}} +0)"
+            ));
+        }
+        CheckResult::pass(NAME, why)
+    }
+
+    /// The sidecar's counts that `canary_not_returned` compares; an error text when its
+    /// metrics cannot be read.
+    async fn sidecar_counts(&self, url: &str) -> Result<SidecarCounts, String> {
+        let text = self
+            .http
+            .scrape(url)
+            .await
+            .map_err(|e| format!("cannot scrape the sidecar: {e}"))?;
+        let (a, b) = (self.a().name.as_str(), self.b().name.as_str());
+        Ok(SidecarCounts {
+            b_requests: metric_sum(&text, REQUESTS_METRIC, &[("tenant", b)]).unwrap_or(0.0),
+            response_hits: metric_sum(&text, CANARY_METRIC, &[("where", "response")])
+                .unwrap_or(0.0),
+            pair_hits: metric_sum(
+                &text,
+                CANARY_METRIC,
+                &[("owner", a), ("seen_by", b), ("where", "response")],
+            )
+            .unwrap_or(0.0),
+        })
+    }
+
+    /// The rise of the sidecar's canary counts in responses since `before` (all, and A's seen
+    /// by B), read once the sidecar has finished B's `sent` requests (it counts a response's
+    /// hits before it counts the request in `bulkhead_requests_total`).
+    async fn sidecar_rise(
+        &self,
+        url: &str,
+        before: &SidecarCounts,
+        sent: u32,
+    ) -> Result<(f64, f64), String> {
+        let wait = Duration::from_secs(5).min(self.cfg.request_timeout);
+        let deadline = Instant::now() + wait;
+        loop {
+            let now = self.sidecar_counts(url).await?;
+            if now.b_requests >= before.b_requests + f64::from(sent) {
+                return Ok((
+                    now.response_hits - before.response_hits,
+                    now.pair_hits - before.pair_hits,
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "inconclusive: the sidecar at {url} did not count tenant {}'s {sent} requests in {REQUESTS_METRIC} within {} s (+{}): is it the replica the probe reaches?",
                     self.b().name,
-                    ans.describe()
-                ),
-            );
+                    wait.as_secs(),
+                    now.b_requests - before.b_requests
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        CheckResult::pass(
-            NAME,
-            format!(
-                "tenant {}'s response ({} bytes) holds no trace of the canary",
-                self.b().name,
-                ans.body.len()
-            ),
-        )
     }
 
     /// B's prompt holding A's canary is refused (403 canary_blocked) or, with the sidecar's
@@ -722,6 +906,19 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a.split(' ').next(), b.split(' ').next());
         assert_eq!(a.split(' ').count(), 100);
+    }
+
+    #[test]
+    fn the_canary_is_masked_whatever_its_case() {
+        assert_eq!(
+            mask(
+                "at x BHCANARY-1, bhcanary-1y and \u{e9}BHCanary-1",
+                "BHCANARY-1"
+            ),
+            "at x <canary>, <canary>y and \u{e9}<canary>"
+        );
+        assert_eq!(mask("nothing", "BHCANARY-1"), "nothing");
+        assert_eq!(mask("nothing", ""), "nothing");
     }
 
     #[test]

@@ -49,7 +49,9 @@ pub struct RawConfig {
     pub tenant_b: Option<RawTenant>,
     /// A file holding a canary of tenant A (one line); enables the canary checks.
     pub canary_file: Option<PathBuf>,
-    /// The sidecar's metrics (`http://host:9465/metrics`).
+    /// The sidecar's metrics (`http://host:9465/metrics`): `canary_prompt_blocked` looks for
+    /// its count of the canary in B's prompt, `canary_not_returned` fails when its count of
+    /// canaries in responses rises during the check.
     pub sidecar_metrics_url: Option<String>,
     /// The node agent's metrics on the sidecar's node (`http://host:9464/metrics`).
     pub agent_metrics_url: Option<String>,

@@ -12,7 +12,10 @@
 //! - `cross_tenant_cache`: B sending A's fresh prompt is no faster than B's miss on another
 //!   fresh prompt, with A's own repeat as the control (it must hit);
 //! - `canary_not_returned`, `canary_prompt_blocked` (with a canary of A): A's planted canary
-//!   never comes back to B; B's prompt holding it is refused (403 `canary_blocked`) or counted;
+//!   never comes back to B, streamed or not, as a client reads the answer (SSE events decoded
+//!   and reassembled per choice and field by [`sse`]) nor, with the sidecar's metrics, in the
+//!   sidecar's own count of canaries in responses; B's prompt holding it is refused (403
+//!   `canary_blocked`) or counted;
 //! - `tagged_bytes` (with the agent's metrics URL): the agent's byte counter of A grows.
 //!
 //! Timing checks compare medians over `timing.samples` fresh prompts: a time to first token
@@ -25,6 +28,7 @@ pub mod checks;
 pub mod client;
 pub mod config;
 pub mod report;
+pub mod sse;
 
 pub use checks::{CHECKS, run_probe};
 pub use config::{ConfigError, ProbeConfig, RawConfig};

@@ -48,7 +48,8 @@ struct Args {
     /// A file holding a canary of tenant A (`canary_file`): enables the canary checks.
     #[arg(long)]
     canary_file: Option<PathBuf>,
-    /// The sidecar's metrics URL (`sidecar_metrics_url`).
+    /// The sidecar's metrics URL (`sidecar_metrics_url`): canary_prompt_blocked looks for its
+    /// count there, canary_not_returned cross-checks its count of canaries in responses.
     #[arg(long)]
     sidecar_metrics_url: Option<String>,
     /// The node agent's metrics URL on the sidecar's node (`agent_metrics_url`).

@@ -251,35 +251,170 @@ async fn a_sidecar_with_the_canary_configured_passes_the_canary_checks() {
             let (o, why) = outcome(&r, check);
             assert_eq!(o, Outcome::Pass, "{mode}: {check}: {why}\n{}", r.summary());
         }
+        // The metrics cross-check ran: the sidecar saw no canary in B's responses.
+        let why = outcome(&r, "canary_not_returned").1;
+        assert!(
+            why.contains(
+                "the sidecar counted none (bulkhead_canary_hits_total{where=\"response\"} +0)"
+            ),
+            "{mode}: {why}"
+        );
         s.shutdown().await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leaky_upstream_fails_canary_not_returned() {
-    let up = leaky_upstream().await;
+/// A stack whose upstream answers as `leak` says, the sidecar knowing probe-a's canary with
+/// `on_canary` (or not at all), and the probe's result with the canary file and `extra`.
+async fn run_against(
+    leak: Leak,
+    on_canary: Option<&'static str>,
+    extra: &str,
+) -> (bulkhead_probe::Report, Stack, Fake) {
+    let up = leaky_upstream(leak).await;
     let s = Stack::start(Setup {
         upstream: Upstream::Url(up.url()),
+        on_canary,
         ..Setup::correct()
     })
     .await;
-    let extra = format!("canary_file = \"{}\"", s.canary_file().display());
+    let extra = format!(
+        "canary_file = \"{}\"\n{}",
+        s.canary_file().display(),
+        extra.replace("{metrics}", &s.metrics_url())
+    );
     let cfg = ProbeConfig::from_toml(&format!(
         "{}[timing]\nsamples = 1\nprompt_words = 64\n",
         s.probe_toml(&extra)
     ))
     .unwrap();
     let r = run_probe(&cfg).await;
+    // The canary never appears in the probe's results.
+    assert!(!r.summary().contains(CANARY) && !r.to_prometheus().contains(CANARY));
+    (r, s, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaky_upstream_fails_canary_not_returned() {
+    // The leak streams 3 characters per event in one of two interleaved choices: the probe
+    // finds it in the text a client reassembles for that choice, and names where.
+    for (leak, choice) in [(Leak::InChoice0, 0), (Leak::InChoice1, 1)] {
+        let (r, s, up) = run_against(leak, None, "").await;
+        let (o, why) = outcome(&r, "canary_not_returned");
+        assert_eq!(o, Outcome::Fail, "{leak:?}: {}", r.summary());
+        assert!(
+            why.contains("canary came back in tenant probe-b's response"),
+            "{why}"
+        );
+        assert!(
+            why.contains(&format!("streamed: choice {choice}, delta.content")),
+            "{why}"
+        );
+        assert!(
+            why.contains(&format!("not streamed: choice {choice}, message.content")),
+            "{why}"
+        );
+        // Only the leaking choice is named.
+        assert!(!why.contains(&format!("choice {}", 1 - choice)), "{why}");
+        // B did ask streamed (where the raw bytes never hold the canary whole) and not.
+        let asked: Vec<bool> = up
+            .seen()
+            .iter()
+            .filter_map(|x| serde_json::from_slice::<serde_json::Value>(&x.body).ok())
+            .filter(|v| v.to_string().contains("The secret code word is\""))
+            .map(|v| v["stream"].as_bool().unwrap_or(false))
+            .collect();
+        assert_eq!(asked, vec![true, false], "{leak:?}");
+        if leak == Leak::InChoice0 {
+            // The upstream has no prefix cache: the timing checks say so rather than pass.
+            let (o, why) = outcome(&r, "cross_tenant_cache");
+            assert_eq!(o, Outcome::Fail);
+            assert!(why.starts_with("inconclusive"), "{why}");
+        }
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_halves_in_two_choices_pass_canary_not_returned() {
+    // Choice 0 ends with the canary's first half and choice 1 starts with its second half:
+    // the events' contents in arrival order spell it, no client's text holds it.
+    let (r, s, _up) = run_against(Leak::Halves, None, "").await;
+    let (o, why) = outcome(&r, "canary_not_returned");
+    assert_eq!(o, Outcome::Pass, "{}", r.summary());
+    assert!(why.contains("hold no trace of the canary"), "{why}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecars_count_of_a_leak_is_cross_checked() {
+    // One choice leaking 3 characters per event: the sidecar (count mode) counts it in B's
+    // two responses, and the probe reports both views.
+    let metrics = "sidecar_metrics_url = \"{metrics}\"";
+    let (r, s, _up) = run_against(Leak::OneChoice, Some("count"), metrics).await;
+    let (o, why) = outcome(&r, "canary_not_returned");
+    assert_eq!(o, Outcome::Fail, "{}", r.summary());
+    assert!(why.contains("streamed: choice 0, delta.content"), "{why}");
+    assert!(
+        why.contains(
+            "the sidecar counted it too: bulkhead_canary_hits_total{where=\"response\"} +2 during the check (probe-a seen by probe-b: +2)"
+        ),
+        "{why}"
+    );
+    s.shutdown().await;
+
+    // Block mode: the sidecar cuts the stream before the event that completes the canary and
+    // withholds the whole answer; the probe says so, with the sidecar's count.
+    let (r, s, _up) = run_against(Leak::OneChoice, Some("block"), metrics).await;
     let (o, why) = outcome(&r, "canary_not_returned");
     assert_eq!(o, Outcome::Fail, "{}", r.summary());
     assert!(
-        why.contains("canary came back in tenant probe-b's response"),
+        why.contains("the sidecar cut the response (canary_blocked, streamed and not)"),
         "{why}"
     );
-    // The upstream has no prefix cache: the timing checks say so rather than pass.
-    let (o, why) = outcome(&r, "cross_tenant_cache");
-    assert_eq!(o, Outcome::Fail);
-    assert!(why.starts_with("inconclusive"), "{why}");
+    assert!(why.contains("+2 during the check"), "{why}");
+    s.shutdown().await;
+
+    // A clean stack whose sidecar counts a canary in a response during the check (here: a
+    // metrics page where acme's canary reaches globex): the client saw nothing, the check
+    // still fails.
+    let s = Stack::start(Setup::correct()).await;
+    let base = format!(
+        "{}[timing]\nsamples = 1\nprompt_words = 64\n",
+        s.probe_toml(&format!("canary_file = \"{}\"", s.canary_file().display()))
+    );
+    let mut cfg = ProbeConfig::from_toml(&base).unwrap();
+    let seen = fake_sidecar_metrics(true, true).await;
+    cfg.sidecar_metrics_url = Some(format!("{}/metrics", seen.url()));
+    let r = run_probe(&cfg).await;
+    let (o, why) = outcome(&r, "canary_not_returned");
+    assert_eq!(o, Outcome::Fail, "{}", r.summary());
+    assert!(
+        why.contains("the sidecar counted another tenant's canary in a response: bulkhead_canary_hits_total{where=\"response\"} +1 during the check (probe-a seen by probe-b: +0), while tenant probe-b's responses held none"),
+        "{why}"
+    );
+    // The same page without the hit: pass, saying the sidecar counted none.
+    let quiet = fake_sidecar_metrics(true, false).await;
+    cfg.sidecar_metrics_url = Some(format!("{}/metrics", quiet.url()));
+    let r = run_probe(&cfg).await;
+    let (o, why) = outcome(&r, "canary_not_returned");
+    assert_eq!(o, Outcome::Pass, "{}", r.summary());
+    assert!(why.contains("the sidecar counted none"), "{why}");
+    // A sidecar that never counts B's requests (another replica): the cross-check cannot
+    // conclude and says why, instead of passing.
+    let other = fake_sidecar_metrics(false, false).await;
+    cfg.sidecar_metrics_url = Some(format!("{}/metrics", other.url()));
+    cfg.request_timeout = Duration::from_secs(2);
+    let r = run_probe(&cfg).await;
+    let (o, why) = outcome(&r, "canary_not_returned");
+    assert_eq!(o, Outcome::Fail, "{}", r.summary());
+    assert!(
+        why.contains("did not count tenant probe-b's 2 requests in bulkhead_requests_total"),
+        "{why}"
+    );
+    assert!(
+        why.contains("is it the replica the probe reaches?"),
+        "{why}"
+    );
     s.shutdown().await;
 }
 

@@ -329,10 +329,63 @@ pub async fn fake_agent(grows: bool) -> Fake {
     .await
 }
 
-/// An OpenAI-compatible upstream that leaks: every answer holds the message contents of every
-/// request it has seen (a cross-tenant prompt bleed).
-pub async fn leaky_upstream() -> Fake {
-    Fake::start(|req, all| {
+/// How [`leaky_upstream`] answers. Streams go 3 characters per event, as a real model
+/// streams a few characters per token: the canary is never whole in the raw bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leak {
+    /// Two choices whose events alternate: choice 0 repeats every prompt the upstream has
+    /// seen (a cross-tenant prompt bleed), choice 1 is filler.
+    InChoice0,
+    /// The same with the prompts in choice 1 and the filler in choice 0.
+    InChoice1,
+    /// One choice repeating every prompt.
+    OneChoice,
+    /// No leak: choice 0 ends with the first half of [`CANARY`] and choice 1 starts with the
+    /// second, all of choice 0's events first, so the events' contents in arrival order spell
+    /// the canary while no client's text holds it.
+    Halves,
+}
+
+/// Filler text of `n` characters.
+fn filler(n: usize) -> String {
+    "nothing of interest in this choice, just words. "
+        .chars()
+        .cycle()
+        .take(n)
+        .collect()
+}
+
+/// The chunks of a stream of `texts` (one per choice), 3 characters per event: choices
+/// alternate when `interleave`, else each choice's events come in turn.
+fn sse_chunks(texts: &[String], interleave: bool) -> Vec<(usize, String)> {
+    let pieces: Vec<Vec<String>> = texts
+        .iter()
+        .map(|t| {
+            let c: Vec<char> = t.chars().collect();
+            c.chunks(3).map(|p| p.iter().collect()).collect()
+        })
+        .collect();
+    let mut out = Vec::new();
+    if interleave {
+        let n = pieces.iter().map(Vec::len).max().unwrap_or(0);
+        for i in 0..n {
+            for (choice, p) in pieces.iter().enumerate() {
+                if let Some(x) = p.get(i) {
+                    out.push((choice, x.clone()));
+                }
+            }
+        }
+    } else {
+        for (choice, p) in pieces.iter().enumerate() {
+            out.extend(p.iter().map(|x| (choice, x.clone())));
+        }
+    }
+    out
+}
+
+/// An OpenAI-compatible upstream answering as `leak` says (streamed or not, as asked).
+pub async fn leaky_upstream(leak: Leak) -> Fake {
+    Fake::start(move |req, all| {
         if req.path != "/v1/chat/completions" {
             return (StatusCode::NOT_FOUND, "application/json", r#"{"error":{"message":"no","type":"x","code":"not_found"}}"#.into());
         }
@@ -345,23 +398,67 @@ pub async fn leaky_upstream() -> Fake {
                 everything.push(' ');
             }
         }
+        let n = everything.chars().count();
+        let texts = match leak {
+            Leak::InChoice0 => vec![everything, filler(n)],
+            Leak::InChoice1 => vec![filler(n), everything],
+            Leak::OneChoice => vec![everything],
+            Leak::Halves => {
+                let (h1, h2) = CANARY.split_at(CANARY.len() / 2);
+                vec![format!("{} {h1}", filler(40)), format!("{h2} {}", filler(40))]
+            }
+        };
         let stream = serde_json::from_slice::<serde_json::Value>(&req.body)
             .ok()
             .and_then(|v| v["stream"].as_bool())
             .unwrap_or(false);
         let usage = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15});
         if stream {
-            let chunk = serde_json::json!({"id": "x", "object": "chat.completion.chunk", "model": "leaky",
-                "choices": [{"index": 0, "delta": {"content": everything}, "finish_reason": null}]});
+            let mut body = String::new();
+            for (choice, piece) in sse_chunks(&texts, leak != Leak::Halves) {
+                let chunk = serde_json::json!({"id": "x", "object": "chat.completion.chunk", "model": "leaky",
+                    "choices": [{"index": choice, "delta": {"content": piece}, "finish_reason": null}]});
+                body.push_str(&format!("data: {chunk}\n\n"));
+            }
+            let ends: Vec<_> = (0..texts.len())
+                .map(|i| serde_json::json!({"index": i, "delta": {}, "finish_reason": "stop"}))
+                .collect();
             let last = serde_json::json!({"id": "x", "object": "chat.completion.chunk", "model": "leaky",
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage});
-            (StatusCode::OK, "text/event-stream", format!("data: {chunk}\n\ndata: {last}\n\ndata: [DONE]\n\n"))
+                "choices": ends, "usage": usage});
+            body.push_str(&format!("data: {last}\n\ndata: [DONE]\n\n"));
+            // The streamed canary is never whole in the bytes: only reassembly finds it.
+            assert!(!body.contains(CANARY), "the test upstream must split the canary");
+            (StatusCode::OK, "text/event-stream", body)
         } else {
+            let choices: Vec<_> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| serde_json::json!({"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}))
+                .collect();
             let v = serde_json::json!({"id": "x", "object": "chat.completion", "model": "leaky",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": everything}, "finish_reason": "stop"}],
-                "usage": usage});
+                "choices": choices, "usage": usage});
             (StatusCode::OK, "application/json", v.to_string())
         }
+    })
+    .await
+}
+
+/// A sidecar metrics page for the canary cross-check: tenant B's request counter grows by 10
+/// per scrape when `counts_b`; a canary of tenant acme seen by tenant globex in a response is
+/// counted once from the second scrape on when `hit`.
+pub async fn fake_sidecar_metrics(counts_b: bool, hit: bool) -> Fake {
+    Fake::start(move |_, all| {
+        let n = all.len();
+        let requests = if counts_b { 10 * n } else { 3 };
+        let hits = usize::from(hit && n > 1);
+        let text = format!(
+            "# TYPE bulkhead_requests counter\n\
+             bulkhead_requests_total{{tenant=\"probe-b\",code=\"200\"}} {requests}\n\
+             # TYPE bulkhead_canary_hits counter\n\
+             bulkhead_canary_hits_total{{owner=\"acme\",seen_by=\"globex\",where=\"response\"}} {hits}\n\
+             bulkhead_canary_hits_total{{owner=\"probe-a\",seen_by=\"probe-b\",where=\"prompt\"}} 5\n"
+        );
+        (StatusCode::OK, "text/plain; version=0.0.4", text)
     })
     .await
 }
