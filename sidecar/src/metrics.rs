@@ -359,7 +359,7 @@ impl Metrics {
         r.register(
             "kv_cache_reserved_tokens",
             "KV-cache tokens reserved by the tenant's in-flight requests (prompt estimate + \
-             max_tokens x choices; tenants with max_kv_tokens)",
+             max_tokens x choices x prompts; tenants with max_kv_tokens)",
             m.kv_reserved.clone(),
         );
         r.register(

@@ -156,7 +156,13 @@ async fn the_salt_is_the_documented_hmac_of_generation_and_tenant() {
         // and answers 404, after recording what it got).
         let (st, b) = post(&h, tenant, "/v1/tokenize", tokenize).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{b:?}");
-        post(&h, tenant, "/v1/tokenize", r#"{"model":"m","prompt":"some words"}"#).await;
+        post(
+            &h,
+            tenant,
+            "/v1/tokenize",
+            r#"{"model":"m","prompt":"some words"}"#,
+        )
+        .await;
         assert_eq!(salts_seen(&h, "/v1/tokenize", tenant), [None]);
     }
     // A different generation or key gives a different salt (the formula's inputs matter).

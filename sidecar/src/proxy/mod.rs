@@ -581,7 +581,7 @@ async fn admit(
             "request_too_large",
             format!(
                 "this request may use up to {estimate} tokens (prompt estimate plus max_tokens \
-                 x choices), more than the tenant's limit of {tpm} tokens per minute; lower \
+                 x choices x prompts), more than the tenant's limit of {tpm} tokens per minute; lower \
                  max_tokens"
             ),
         ));

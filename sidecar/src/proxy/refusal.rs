@@ -151,7 +151,7 @@ impl Refusal {
                     "request_too_large",
                     format!(
                         "this request may hold up to {need} KV-cache tokens (prompt estimate plus \
-                         max_tokens x choices), more than the tenant's quota of {quota} \
+                         max_tokens x choices x prompts), more than the tenant's quota of {quota} \
                          (max_kv_tokens); lower max_tokens"
                     ),
                 );
