@@ -281,3 +281,62 @@ async fn identity_headers_carry_the_verified_tenant() {
     }
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_canary_anywhere_the_model_reads_is_caught() {
+    const CANARY: &str = "CANARY-acme-7f3a9c5e";
+    let tenants = format!("[tenants.acme]\ncanaries = [\"{CANARY}\"]\n[tenants.globex]\n");
+    let h = Harness::start_with(&tenants, Default::default(), |t| {
+        t.push_str("\n[leaks]\non_canary = \"block\"\n")
+    })
+    .await;
+    // The canary in a tool description, a document, template arguments, a content part split
+    // in two (the model reads the parts as one text), and a Responses instruction.
+    let split = r#"[{"type":"text","text":"CANARY-acme"},{"type":"text","text":"-7f3a9c5e"}]"#;
+    let tries = [
+        (
+            "/v1/chat/completions",
+            chat(
+                "hi",
+                &format!(
+                    r#","tools":[{{"type":"function","function":{{"name":"f","description":"uses {CANARY}"}}}}]"#
+                ),
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            chat("hi", &format!(r#","documents":[{{"text":"{CANARY}"}}]"#)),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                "hi",
+                &format!(r#","chat_template_kwargs":{{"ctx":"{CANARY}"}}"#),
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":{split}}}]}}"#),
+        ),
+        (
+            "/v1/responses",
+            format!(r#"{{"model":"m","input":"x","instructions":"{CANARY}"}}"#),
+        ),
+    ];
+    for (i, (path, body)) in tries.iter().enumerate() {
+        let (st, v) = post(&h, "globex", path, body).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{body}: {v}");
+        assert_eq!(v["error"]["code"], "canary_blocked", "{body}");
+        let hits = h
+            .metric(
+                "bulkhead_canary_hits_total{owner=\"acme\",seen_by=\"globex\",where=\"prompt\"}",
+            )
+            .await;
+        assert_eq!(hits, Some((i + 1) as f64), "{body}");
+    }
+    assert!(received(&h, "/v1/chat/completions", "globex").is_empty());
+    // The owner's own traffic is no leak.
+    let (st, _) = post(&h, "acme", tries[0].0, &tries[0].1).await;
+    assert_eq!(st, StatusCode::OK);
+    h.shutdown().await;
+}

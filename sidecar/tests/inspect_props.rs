@@ -397,7 +397,10 @@ fn prompt_strings(v: &Value, out: &mut Vec<String>) {
             {
                 return;
             }
-            o.values().for_each(|x| prompt_strings(x, out));
+            // A part's `type` names the part; it is no text the model reads.
+            o.iter()
+                .filter(|(k, v)| !(k.as_str() == "type" && v.is_string()))
+                .for_each(|(_, x)| prompt_strings(x, out));
         }
         _ => {}
     }

@@ -242,6 +242,14 @@ impl Tally {
                         continue;
                     }
                     self.text_bytes += k.len();
+                    // A part's `type` is no text the model reads: left out of the scanned
+                    // text, so consecutive text parts read as the one text they render to.
+                    if k == "type"
+                        && let Value::String(t) = x
+                    {
+                        self.text_bytes += t.len();
+                        continue;
+                    }
                     self.add(x, text);
                 }
             }
