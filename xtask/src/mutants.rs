@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The files whose mutants must be caught (issue 16): identity, digest, limits, isolation, the
-/// body inspection and route matching of the request path, the agent's tagging and tenants.
+/// The files whose mutants must be caught: identity (signatures, JWTs, scopes), digest, limits
+/// (local and shared), isolation, the body schema, inspection and route matching of the
+/// request path, the agent's tagging and tenants.
 /// Each group is one cargo-mutants run, with the tests that judge its mutants: the sidecar's
 /// core is pure logic, judged by its unit tests; the agent's tagging server and tenant registry
 /// act on kernel maps, judged by the tests that load the real programs (root and BPF).
@@ -23,9 +24,22 @@ pub const CORE: &[(&[&str], &[&str])] = &[
             "sidecar/src/proxy/routes.rs",
             "sidecar/src/limits.rs",
             "sidecar/src/proxy/inspect.rs",
+            "sidecar/src/proxy/schema.rs",
+            "sidecar/src/scope.rs",
             "sidecar/src/isolation.rs",
         ],
         &["--lib"],
+    ),
+    // JWT verification, judged with the tests that sign with an independent library.
+    (&["sidecar/src/jwt.rs"], &["--lib", "--test=jwt"]),
+    // The shared limits and replay cache, judged with the tests that run a real Redis.
+    (
+        &[
+            "sidecar/src/shared_limits/mod.rs",
+            "sidecar/src/shared_limits/conn.rs",
+            "sidecar/src/shared_limits/scripts.rs",
+        ],
+        &["--lib", "--test=redis_limits"],
     ),
     (
         &["agent/src/tagging.rs", "agent/src/tenants.rs"],
@@ -87,8 +101,16 @@ pub fn run(args: &[&str]) -> Result<()> {
     let root = crate::root();
     let mut scores = BTreeMap::new();
     for (group, tests) in &groups {
-        // Named by crate, so runs of the two groups (in two shells) do not meet.
-        let krate = group[0].split('/').next().unwrap_or("core");
+        // Named by crate and test set, so runs of two groups (in two shells) do not meet.
+        let krate = format!(
+            "{}{}",
+            group[0].split('/').next().unwrap_or("core"),
+            tests
+                .iter()
+                .filter_map(|t| t.strip_prefix("--test="))
+                .map(|t| format!("-{t}"))
+                .collect::<String>()
+        );
         let out = root.join(format!("target/mutants-out/{krate}"));
         std::fs::create_dir_all(&out)?;
         let mut cmd = crate::cargo();
