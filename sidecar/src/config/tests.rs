@@ -287,3 +287,55 @@ fn missing_key_file_is_reported() {
     let e = cfg.load_keys().unwrap_err().to_string();
     assert!(e.contains("keys[0].secret_files[0]"), "{e}");
 }
+
+#[test]
+fn body_field_settings_are_validated() {
+    let tenant = |extra: &str| {
+        base().replace(
+            "requests_per_minute = 10",
+            &format!("requests_per_minute = 10\n{extra}"),
+        )
+    };
+    let vllm = |t: String| t.replace("8000\"", "8000\"\nflavor = \"vllm\"");
+    let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+    // Extra fields: never an engine field.
+    let c = Config::from_toml(&tenant("extra_fields = [\"x_trace\"]")).unwrap();
+    assert_eq!(c.tenants["acme"].extra_fields, ["x_trace"]);
+    let e = err(&tenant("extra_fields = [\"kv_transfer_params\"]"));
+    assert!(
+        e.contains("tenants.acme.extra_fields") && e.contains("trusted_engine_fields"),
+        "{e}"
+    );
+    assert!(err(&tenant("extra_fields = [\"\"]")).contains("tenants.acme.extra_fields"));
+    // Trusted engine fields: only those the schema classes as such.
+    Config::from_toml(&tenant(
+        "trusted_engine_fields = [\"kv_transfer_params\", \"lora_path\"]",
+    ))
+    .unwrap();
+    for f in ["priority", "request_id", "temperature", "nonsense"] {
+        let e = err(&tenant(&format!("trusted_engine_fields = [\"{f}\"]")));
+        assert!(e.contains("tenants.acme.trusted_engine_fields"), "{f}: {e}");
+    }
+    // A priority needs an engine that reads one.
+    assert!(err(&tenant("priority = 2")).contains("tenants.acme.priority"));
+    let c = Config::from_toml(&vllm(tenant("priority = -2\nstore_responses = true"))).unwrap();
+    assert_eq!(
+        (
+            c.tenants["acme"].priority,
+            c.tenants["acme"].store_responses
+        ),
+        (-2, true)
+    );
+    // Identity headers: lowercase, end-to-end header names; the defaults when absent.
+    assert_eq!(
+        Config::from_toml(&base())
+            .unwrap()
+            .upstream
+            .identity_headers,
+        ["x-gateway-inference-fairness-id", "x-tenant-id"]
+    );
+    for bad in ["\"X-Tenant\"", "\"bad header\"", "\"connection\""] {
+        let t = base().replace("8000\"", &format!("8000\"\nidentity_headers = [{bad}]"));
+        assert!(err(&t).contains("upstream.identity_headers"), "{bad}");
+    }
+}
