@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod responses;
 pub mod runtime;
+pub mod schema;
 pub mod scope;
 pub mod seal;
 pub mod server;

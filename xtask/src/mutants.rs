@@ -24,7 +24,7 @@ pub const CORE: &[(&[&str], &[&str])] = &[
             "sidecar/src/proxy/routes.rs",
             "sidecar/src/limits.rs",
             "sidecar/src/proxy/inspect.rs",
-            "sidecar/src/proxy/schema.rs",
+            "sidecar/src/schema.rs",
             "sidecar/src/scope.rs",
             "sidecar/src/isolation.rs",
         ],

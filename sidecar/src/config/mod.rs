@@ -475,7 +475,7 @@ pub struct ModelConfig {
 }
 
 fn default_media_part_tokens() -> u64 {
-    crate::proxy::DEFAULT_MEDIA_TOKENS
+    crate::schema::DEFAULT_MEDIA_TOKENS
 }
 
 impl ModelConfig {

@@ -576,7 +576,7 @@ fn check_body_fields(
     t: &super::TenantConfig,
     flavor: Flavor,
 ) -> Result<(), ConfigError> {
-    use crate::proxy::schema::{Body, Class, Engine};
+    use crate::schema::{Body, Class, Engine};
     let class_anywhere = |name: &str| Body::ALL.iter().find_map(|b| b.class(name));
     if t.extra_fields.len() > 256 {
         return Err(invalid(f("extra_fields"), "at most 256"));

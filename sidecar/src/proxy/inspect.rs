@@ -1,5 +1,5 @@
 //! Body inspection for the routes that run the model. Bodies are closed by default: every
-//! top-level field is looked up in the route's [`schema`](super::schema) and handled by its
+//! top-level field is looked up in the route's [`schema`](crate::schema) and handled by its
 //! class (a field in no class is refused as `unknown_field`), and only a body the sidecar fully
 //! parsed is forwarded, as the sidecar serialises it: whatever the client wrote (duplicate
 //! keys, a BOM, NaN, trailing bytes, numbers as strings), the upstream reads exactly the values
@@ -7,8 +7,8 @@
 
 use super::refusal::Refusal;
 use super::routes::{Api, Route};
-use super::schema::{Body, Class, Engine};
 use crate::config::Flavor;
+use crate::schema::{Body, Class, Engine};
 use crate::scope::{Scope, quoted};
 use bytes::Bytes;
 use http::StatusCode;
@@ -18,8 +18,7 @@ use serde_json::{Map, Value};
 pub const MAX_DEPTH: usize = 64;
 /// Sequences (choices x prompts: `n`, `best_of`, a list `prompt`) per request at most.
 pub const MAX_CHOICES: u64 = 128;
-/// Prompt tokens charged for one image, audio or video part when the policy names none.
-pub const DEFAULT_MEDIA_TOKENS: u64 = 4096;
+pub use crate::schema::DEFAULT_MEDIA_TOKENS;
 
 /// What inspection learned, and the body to forward.
 #[derive(Debug, Default)]

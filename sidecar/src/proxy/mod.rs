@@ -14,7 +14,6 @@ mod inspect;
 mod meter;
 mod refusal;
 mod routes;
-pub mod schema;
 
 pub use exchange::Usage;
 pub use inspect::{DEFAULT_MEDIA_TOKENS, Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect};

@@ -8,6 +8,9 @@
 //! (listed in `sidecar/tests/data/upstream_fields.txt`) has a class here, and that
 //! sidecar/README.md's table lists the same classes.
 
+/// Prompt tokens charged for one image, audio, video or file part when `[model]` names none.
+pub const DEFAULT_MEDIA_TOKENS: u64 = 4096;
+
 /// The upstream versions the tables were read from.
 pub const PINNED: &[(&str, &str)] = &[
     ("vllm", "002032ee2b18e1f7bd924ec47b62504ba3866063"),
