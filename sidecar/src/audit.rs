@@ -19,12 +19,13 @@
 //! only after `_unauthenticated`'s own rotated files, when that share needs the room.
 
 use crate::metrics::Reason;
+use crate::seal::{Chain, Scratch, hex};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use ring::hmac;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -275,13 +276,35 @@ struct State {
     /// Bumped by `update`, so the writer knows to recompute the shares.
     generation: u64,
     /// Unwritten lines per stream.
-    pending: HashMap<String, Vec<u8>>,
+    pending: HashMap<String, Pending>,
     pending_bytes: usize,
     /// How much one stream may hold unwritten.
     stream_cap: usize,
     bucket: Bucket,
     wake_now: bool,
     closed: bool,
+}
+
+/// A stream's unwritten lines, and which of them the writer is to seal.
+#[derive(Default)]
+struct Pending {
+    data: Vec<u8>,
+    /// In order: each a record of a sealed tenant (its bytes in `data`, newline included).
+    sealed: Vec<SealMark>,
+}
+
+struct SealMark {
+    start: usize,
+    end: usize,
+    seal: Arc<Sealer>,
+}
+
+/// A sealed tenant's keys with its name (the associated data). The writer seals (off the
+/// request path), so that each record's place in its chain is the order it reaches the file,
+/// and a record dropped before it is written leaves no gap.
+struct Sealer {
+    tenant: String,
+    keys: Arc<crate::seal::SealKeys>,
 }
 
 impl State {
@@ -304,7 +327,14 @@ impl State {
 
     /// Buffer one serialized record: `Ok(true)` when the writer should be woken now, `Err`
     /// when the record was dropped (and counted).
-    fn push(&mut self, tenant: &str, line: &[u8], now: Instant, drops: &Drops) -> Result<bool, ()> {
+    fn push(
+        &mut self,
+        tenant: &str,
+        line: &[u8],
+        seal: Option<Arc<Sealer>>,
+        now: Instant,
+        drops: &Drops,
+    ) -> Result<bool, ()> {
         let stream = if tenant == UNAUTHENTICATED {
             if !self.bucket.take(now) {
                 drops.rate_limited.inc();
@@ -321,12 +351,20 @@ impl State {
             Some(b) => b,
             None => self.pending.entry(stream.to_string()).or_default(),
         };
-        if buf.len() + line.len() > cap {
+        if buf.data.len() + line.len() > cap {
             drops.buffer_full.inc();
             return Err(());
         }
-        buf.extend_from_slice(line);
-        let half_full = buf.len() >= cap / 2;
+        let start = buf.data.len();
+        buf.data.extend_from_slice(line);
+        if let Some(seal) = seal {
+            buf.sealed.push(SealMark {
+                start,
+                end: buf.data.len(),
+                seal,
+            });
+        }
+        let half_full = buf.data.len() >= cap / 2;
         self.pending_bytes += line.len();
         if !self.wake_now && (half_full || self.pending_bytes >= WAKE_AT) {
             self.wake_now = true;
@@ -336,19 +374,20 @@ impl State {
     }
 }
 
-/// The recording side; cheap to clone. Records are serialized on the request path into a
-/// per-stream buffer and written by one thread at least every 50 ms, so the request path
-/// never waits on the disk and rarely wakes another thread.
 /// The tenants whose records are sealed, with their keys.
 pub type Seals = Arc<std::collections::HashMap<String, Arc<crate::seal::SealKeys>>>;
 
+/// The recording side; cheap to clone. Records are serialized on the request path into a
+/// per-stream buffer and written by one thread at least every 50 ms, so the request path
+/// never waits on the disk and rarely wakes another thread. A sealed tenant's records are
+/// sealed and chained by that thread as they are written (see [`crate::seal`]).
 #[derive(Clone)]
 pub struct AuditLog {
     shared: Option<Arc<Shared>>,
     _closer: Option<Arc<Closer>>,
     key: hmac::Key,
     drops: Drops,
-    seals: Arc<std::sync::RwLock<Seals>>,
+    seals: Arc<std::sync::RwLock<HashMap<String, Arc<Sealer>>>>,
 }
 
 /// Tells the writer to finish when the last `AuditLog` clone goes away.
@@ -452,6 +491,16 @@ impl AuditLog {
 
     /// Seal these tenants' records from now on (configuration load and reload).
     pub fn set_seals(&self, seals: Seals) {
+        let seals = seals
+            .iter()
+            .map(|(tenant, keys)| {
+                let s = Sealer {
+                    tenant: tenant.clone(),
+                    keys: keys.clone(),
+                };
+                (tenant.clone(), Arc::new(s))
+            })
+            .collect();
         *self.seals.write().unwrap_or_else(|e| e.into_inner()) = seals;
     }
 
@@ -474,23 +523,18 @@ impl AuditLog {
             Ok(l) => l,
             Err(_) => return,
         };
+        // Sealed (and chained) by the writer; a record that cannot be sealed is never written
+        // in the clear.
         let seal = self
             .seals
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&rec.tenant)
             .cloned();
-        if let Some(keys) = seal {
-            // A record that cannot be sealed is never written in the clear.
-            match keys.seal(&rec.tenant, &line) {
-                Some(sealed) => line = sealed,
-                None => return,
-            }
-        }
         line.push(b'\n');
         let now = Instant::now();
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        let wake = st.push(&rec.tenant, &line, now, &self.drops);
+        let wake = st.push(&rec.tenant, &line, seal, now, &self.drops);
         drop(st);
         if wake == Ok(true) {
             shared.wake.notify_one();
@@ -513,10 +557,10 @@ fn writer(mut disk: Disk, shared: Arc<Shared>) {
                 generation = st.generation;
                 (st.limits, st.tenants.clone())
             });
-            let batch: Vec<(String, Vec<u8>)> = st
+            let batch: Vec<(String, Pending)> = st
                 .pending
                 .iter_mut()
-                .filter(|(_, b)| !b.is_empty())
+                .filter(|(_, b)| !b.data.is_empty())
                 .map(|(k, b)| (k.clone(), std::mem::take(b)))
                 .collect();
             (batch, update, st.closed)
@@ -524,10 +568,11 @@ fn writer(mut disk: Disk, shared: Arc<Shared>) {
         if let Some((limits, tenants)) = update {
             disk.configure(limits, (*tenants).clone());
         }
-        for (stream, data) in batch {
-            disk.append(&stream, &data);
+        for (stream, pending) in batch {
+            disk.write_batch(&stream, &pending);
         }
         if closed {
+            disk.log_stream_ends();
             return;
         }
     }
@@ -560,6 +605,11 @@ struct Disk {
     /// Every stream with files here: configured, `_unauthenticated`, and retired ones.
     streams: HashMap<String, Files>,
     drops: Drops,
+    /// Per file stream, each sealed tenant's chain (normally one: the tenant's own file).
+    chains: HashMap<String, Vec<(String, Chain)>>,
+    /// Reused by sealing: the lines being written, and the sealer's buffers.
+    piece: Vec<u8>,
+    scratch: Scratch,
 }
 
 /// `<stem>.jsonl` -> (stem, 0); `<stem>.jsonl.<n>` -> (stem, n). Other names are not ours.
@@ -603,6 +653,9 @@ impl Disk {
             file_limit: 0,
             streams: HashMap::new(),
             drops,
+            chains: HashMap::new(),
+            piece: Vec::new(),
+            scratch: Scratch::default(),
         };
         d.scan();
         d.configure(limits, tenants);
@@ -808,12 +861,26 @@ impl Disk {
         }
         match std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
         {
-            Ok(file) => {
+            Ok(mut file) => {
                 if let Ok(m) = file.metadata() {
                     f.current_size = m.len();
+                }
+                // A line cut short (the last writer stopped mid-write) is ended here, so that
+                // the next record does not run into it.
+                let mut last = [b'\n'];
+                if f.current_size > 0
+                    && file.seek(SeekFrom::End(-1)).is_ok()
+                    && file.read_exact(&mut last).is_ok()
+                    && last[0] != b'\n'
+                {
+                    tracing::warn!(path = %path.display(), "the audit file ends in a line cut short: ending it");
+                    if file.write_all(b"\n").is_ok() {
+                        f.current_size += 1;
+                    }
                 }
                 f.current = Some(file);
                 true
@@ -825,13 +892,43 @@ impl Disk {
         }
     }
 
-    /// Append whole lines to `stream`, rotating and making room within its share.
-    fn append(&mut self, stream: &str, data: &[u8]) {
-        let stream = if stream == UNAUTHENTICATED || self.tenants.contains(stream) {
+    /// The stream a record of `stream` is written to: a configured tenant's own, else
+    /// `_unauthenticated`.
+    fn route<'s>(&self, stream: &'s str) -> &'s str {
+        if stream == UNAUTHENTICATED || self.tenants.contains(stream) {
             stream
         } else {
             UNAUTHENTICATED
-        };
+        }
+    }
+
+    /// One stream's buffered lines: plain runs as they are, sealed records sealed in order.
+    fn write_batch(&mut self, stream: &str, p: &Pending) {
+        let mut pos = 0;
+        let mut marks = p.sealed.iter().peekable();
+        while let Some(m) = marks.next() {
+            let mut end = m.end;
+            while let Some(n) = marks.peek()
+                && n.start == end
+                && Arc::ptr_eq(&n.seal, &m.seal)
+            {
+                end = n.end;
+                marks.next();
+            }
+            if pos < m.start {
+                self.append(stream, &p.data[pos..m.start]);
+            }
+            self.append_sealed(stream, &m.seal, &p.data[m.start..end]);
+            pos = end;
+        }
+        if pos < p.data.len() {
+            self.append(stream, &p.data[pos..]);
+        }
+    }
+
+    /// Append whole lines to `stream`, rotating and making room within its share.
+    fn append(&mut self, stream: &str, data: &[u8]) {
+        let stream = self.route(stream);
         let mut rest = data;
         while !rest.is_empty() {
             let cur = self.streams.get(stream).map_or(0, |f| f.current_size);
@@ -865,28 +962,193 @@ impl Disk {
             }
             let piece = &rest[..take];
             rest = &rest[take..];
-            self.trim(stream, take as u64);
-            if self.group_total(stream) + take as u64 > self.share || !self.open_current(stream) {
-                self.drops.write_failed.inc_by(count_lines(piece));
+            self.write_piece(stream, piece);
+        }
+    }
+
+    /// Seal `data`'s lines (records of `seal.tenant`) into their chain and append them to
+    /// `stream` as [`Disk::append`] does. A record counts in the chain only once written: a
+    /// piece that does not reach the file is sealed again (same `seq`s) with the next one.
+    fn append_sealed(&mut self, stream: &str, seal: &Sealer, data: &[u8]) {
+        let stream = self.route(stream);
+        let mut lines = data
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .peekable();
+        let Some(mut chain) = self.chain(stream, seal) else {
+            tracing::warn!(tenant = %seal.tenant, "cannot start an audit chain: records dropped");
+            self.drops.write_failed.inc_by(lines.count() as u64);
+            return;
+        };
+        let mut piece = std::mem::take(&mut self.piece);
+        while lines.peek().is_some() {
+            piece.clear();
+            let cur = self.streams.get(stream).map_or(0, |f| f.current_size);
+            let room = self.file_limit.saturating_sub(cur);
+            let checkpoint = chain;
+            let mut n = 0u64;
+            while let Some(l) = lines.peek() {
+                let (len, saved) = (piece.len(), chain);
+                if !seal.keys.seal_chained(
+                    &seal.tenant,
+                    &mut chain,
+                    l,
+                    &mut piece,
+                    &mut self.scratch,
+                ) {
+                    // Never written in the clear.
+                    tracing::warn!(tenant = %seal.tenant, "cannot seal an audit record: dropped");
+                    self.drops.write_failed.inc();
+                    lines.next();
+                    continue;
+                }
+                piece.push(b'\n');
+                if piece.len() as u64 > room {
+                    piece.truncate(len);
+                    chain = saved;
+                    break;
+                }
+                lines.next();
+                n += 1;
+            }
+            if n == 0 {
+                if lines.peek().is_none() {
+                    break;
+                }
+                if cur > 0 {
+                    if !self.rotate(stream) {
+                        self.drops.write_failed.inc_by(lines.count() as u64);
+                        break;
+                    }
+                    continue;
+                }
+                self.drops.oversized.inc();
+                lines.next();
                 continue;
             }
-            let Some(f) = self.streams.get_mut(stream) else {
+            if !self.write_piece(stream, &piece) {
+                chain = checkpoint;
+            }
+        }
+        self.piece = piece;
+        if let Some(v) = self.chains.get_mut(stream)
+            && let Some(c) = v.iter_mut().find(|(t, _)| *t == seal.tenant)
+        {
+            c.1 = chain;
+        }
+    }
+
+    /// `seal.tenant`'s chain in `stream`: on first use a new stream, named after the last
+    /// record already in the file when that is one of the tenant's that opens.
+    fn chain(&mut self, stream: &str, seal: &Sealer) -> Option<Chain> {
+        if let Some(v) = self.chains.get(stream)
+            && let Some((_, c)) = v.iter().find(|(t, _)| *t == seal.tenant)
+        {
+            return Some(*c);
+        }
+        let last = self.last_line(stream);
+        let after = last
+            .as_deref()
+            .and_then(|l| seal.keys.link_of(&seal.tenant, l));
+        if last.is_some() && after.is_none() {
+            tracing::warn!(
+                tenant = %seal.tenant,
+                file = stream,
+                "the last audit record is not a chained record of this tenant that opens: the new audit stream names no predecessor"
+            );
+        }
+        let chain = Chain::new(after)?;
+        tracing::info!(
+            tenant = %seal.tenant,
+            file = stream,
+            stream = %hex(&chain.stream()),
+            after_stream = after.map(|a| hex(&a.stream)),
+            after_seq = after.map(|a| a.seq),
+            "audit stream started"
+        );
+        self.chains
+            .entry(stream.to_string())
+            .or_default()
+            .push((seal.tenant.clone(), chain));
+        Some(chain)
+    }
+
+    /// The last whole line of `stream`'s newest file that has one (a line cut short at the
+    /// end is not one).
+    fn last_line(&self, stream: &str) -> Option<Vec<u8>> {
+        /// Read at most this much of a file's end: far more than a record.
+        const TAIL: u64 = 64 * 1024;
+        let f = self.streams.get(stream)?;
+        let newest_first = std::iter::once((0, f.current_size))
+            .chain(f.rotated.iter().map(|(i, s)| (*i, *s)))
+            .filter(|(_, size)| *size > 0);
+        for (idx, _) in newest_first {
+            let Ok(mut file) = std::fs::File::open(self.path(stream, idx)) else {
                 continue;
             };
-            let res = match f.current.as_mut() {
-                Some(file) => file.write_all(piece),
-                None => continue,
+            let len = file.metadata().map_or(0, |m| m.len());
+            let from = len.saturating_sub(TAIL);
+            let mut buf = Vec::new();
+            if file.seek(SeekFrom::Start(from)).is_err() || file.read_to_end(&mut buf).is_err() {
+                continue;
+            }
+            let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+                continue;
             };
-            match res {
-                Ok(()) => f.current_size += take as u64,
-                Err(e) => {
-                    tracing::warn!(stream, error = %e, "audit write failed");
-                    self.drops.write_failed.inc_by(count_lines(piece));
-                    // Count what did reach the file, and reopen next time.
-                    let size = f.current.as_ref().and_then(|x| x.metadata().ok());
-                    f.current_size = size.map_or(f.current_size + take as u64, |m| m.len());
-                    f.current = None;
-                }
+            let body = &buf[..end];
+            match body.iter().rposition(|b| *b == b'\n') {
+                Some(p) => return Some(body[p + 1..].to_vec()),
+                None if from == 0 => return Some(body.to_vec()),
+                None => continue,
+            }
+        }
+        None
+    }
+
+    /// Log where each audit stream ended (an anchor outside the files: a reader can compare).
+    fn log_stream_ends(&self) {
+        for (file, v) in &self.chains {
+            for (tenant, c) in v {
+                tracing::info!(
+                    tenant = %tenant,
+                    file = %file,
+                    stream = %hex(&c.stream()),
+                    last_seq = c.last().map(|l| l.seq),
+                    "audit stream ended"
+                );
+            }
+        }
+    }
+
+    /// Write whole lines to `stream`'s current file after making room; true when all of
+    /// them reached it.
+    fn write_piece(&mut self, stream: &str, piece: &[u8]) -> bool {
+        let take = piece.len() as u64;
+        self.trim(stream, take);
+        if self.group_total(stream) + take > self.share || !self.open_current(stream) {
+            self.drops.write_failed.inc_by(count_lines(piece));
+            return false;
+        }
+        let Some(f) = self.streams.get_mut(stream) else {
+            return false;
+        };
+        let res = match f.current.as_mut() {
+            Some(file) => file.write_all(piece),
+            None => return false,
+        };
+        match res {
+            Ok(()) => {
+                f.current_size += take;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(stream, error = %e, "audit write failed");
+                self.drops.write_failed.inc_by(count_lines(piece));
+                // Count what did reach the file, and reopen next time.
+                let size = f.current.as_ref().and_then(|x| x.metadata().ok());
+                f.current_size = size.map_or(f.current_size + take, |m| m.len());
+                f.current = None;
+                false
             }
         }
     }
@@ -1005,7 +1267,7 @@ mod tests {
         let now = Instant::now();
         let mut kept = 0;
         for _ in 0..(cap / 1000 + 100) {
-            if st.push("a", &l, now, &drops).is_ok() {
+            if st.push("a", &l, None, now, &drops).is_ok() {
                 kept += 1;
             }
         }
@@ -1013,17 +1275,18 @@ mod tests {
         assert!(drops.buffer_full.get() >= 100);
         let full = drops.buffer_full.get();
         for _ in 0..100 {
-            st.push("b", &line("b", 0, 1000), now, &drops).unwrap();
+            st.push("b", &line("b", 0, 1000), None, now, &drops)
+                .unwrap();
         }
         assert_eq!(drops.buffer_full.get(), full);
         // Unauthenticated: rate limited before buffering; unknown tenants go to its buffer.
         let ok = (0..50)
-            .filter(|_| st.push(UNAUTHENTICATED, b"{}\n", now, &drops).is_ok())
+            .filter(|_| st.push(UNAUTHENTICATED, b"{}\n", None, now, &drops).is_ok())
             .count();
         assert_eq!(ok, 5);
         assert_eq!(drops.rate_limited.get(), 45);
-        st.push("gone", b"{}\n", now, &drops).unwrap();
-        assert_eq!(st.pending[UNAUTHENTICATED].len(), 6 * 3);
+        st.push("gone", b"{}\n", None, now, &drops).unwrap();
+        assert_eq!(st.pending[UNAUTHENTICATED].data.len(), 6 * 3);
     }
 
     #[test]
@@ -1102,6 +1365,57 @@ mod tests {
         }
         assert_eq!(lines_of(&dir, "a").len(), 10);
         assert!(dir_total(&dir) <= 90_000);
+    }
+
+    /// Sealing happens as records reach the file: a record dropped (too large for a file)
+    /// takes no `seq`, so the chain read back has no gap, across rotations.
+    #[test]
+    fn a_dropped_sealed_record_leaves_no_gap_in_the_chain() {
+        use crate::seal::{SealKeys, Verifier};
+        let tmp = tempfile::tempdir().unwrap();
+        let drops = Drops::default();
+        let mut d = Disk::open(
+            tmp.path().to_path_buf(),
+            limits(1500, 1 << 20),
+            set(&["a"]),
+            drops.clone(),
+        );
+        let keys = SealKeys::parse("k1 AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n").unwrap();
+        let seal = Sealer {
+            tenant: "a".into(),
+            keys: Arc::new(keys),
+        };
+        let mut data = Vec::new();
+        for n in 0..12 {
+            // The fifth is larger than a file once sealed.
+            data.extend(line("a", n, if n == 4 { 1400 } else { 200 }));
+        }
+        d.append_sealed("a", &seal, &data);
+        assert_eq!(drops.oversized.get(), 1);
+        assert!(tmp.path().join("a.jsonl.2").exists(), "no rotation");
+        let mut v = Verifier::new(&seal.keys, "a");
+        let mut shown = Vec::new();
+        for idx in (0..=20).rev() {
+            let path = d.path("a", idx);
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            v.file(&path.display().to_string());
+            for (i, l) in text.lines().enumerate() {
+                shown.extend(v.line(i + 1, l.as_bytes(), true));
+            }
+        }
+        v.finish();
+        let notes = v.take_notes();
+        assert_eq!(v.problems(), 0, "{notes:?}");
+        assert_eq!(shown.len(), 11);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.text.contains("the last record read is stream")
+                    && n.text.contains("seq 10:")),
+            "{notes:?}"
+        );
     }
 
     #[test]

@@ -43,8 +43,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Print one tenant's audit records as JSON lines, opening sealed ones with its key file;
-    /// exits 1 when a sealed record does not open with that key file.
+    /// Print one tenant's audit records as JSON lines, opening sealed ones with its key file
+    /// and checking their chain (plain lines, gaps, duplicates, reordering, torn lines); exits
+    /// 1 on any problem, each named on stderr.
     Read(AuditReadArgs),
 }
 
@@ -148,56 +149,137 @@ fn audit_files(dir: &std::path::Path, tenant: &str) -> anyhow::Result<Vec<PathBu
 }
 
 fn audit_read(a: AuditReadArgs) -> anyhow::Result<ExitCode> {
-    use bulkhead_sidecar::seal::{SealKeys, is_sealed};
-    use std::io::{BufRead, Write};
-    let keys = match &a.key_file {
-        Some(p) => Some(SealKeys::load(p).with_context(|| format!("key file {}", p.display()))?),
-        None => None,
-    };
+    use bulkhead_sidecar::seal::SealKeys;
     let files = if a.files.is_empty() {
         audit_files(&a.dir, &a.tenant)?
     } else {
         a.files.clone()
     };
-    let (mut shown, mut unopened) = (0u64, 0u64);
-    let mut out = std::io::stdout().lock();
-    for f in &files {
+    match &a.key_file {
+        Some(p) => {
+            let keys = SealKeys::load(p).with_context(|| format!("key file {}", p.display()))?;
+            audit_verify(&a.tenant, &keys, &files)
+        }
+        None => audit_plain(&a.tenant, &files),
+    }
+}
+
+/// Each line of `files` in order, without its newline, and whether it had one.
+fn for_each_line(
+    files: &[PathBuf],
+    mut each: impl FnMut(&std::path::Path, usize, &[u8], bool) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let mut buf = Vec::new();
+    for f in files {
         let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
-        for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
-            let line = line?;
-            if line.is_empty() {
-                continue;
+        let mut r = std::io::BufReader::new(file);
+        let mut n = 0;
+        loop {
+            buf.clear();
+            if r.read_until(b'\n', &mut buf)
+                .with_context(|| format!("reading {}", f.display()))?
+                == 0
+            {
+                break;
             }
-            let plain = if is_sealed(&line) {
-                match keys.as_ref().map(|k| k.open(&a.tenant, &line)) {
-                    Some(Ok(p)) => p,
-                    Some(Err(e)) => {
-                        eprintln!("{}:{}: {e}", f.display(), i + 1);
-                        unopened += 1;
-                        continue;
-                    }
-                    None => {
-                        eprintln!("{}:{}: sealed; give --key-file", f.display(), i + 1);
-                        unopened += 1;
-                        continue;
-                    }
-                }
-            } else {
-                line
-            };
-            let tenant_matches = serde_json::from_slice::<serde_json::Value>(&plain)
-                .ok()
-                .is_some_and(|v| v["tenant"] == a.tenant.as_str());
-            if tenant_matches {
-                out.write_all(&plain)?;
-                out.write_all(b"\n")?;
-                shown += 1;
+            n += 1;
+            let terminated = buf.last() == Some(&b'\n');
+            if terminated {
+                buf.pop();
             }
+            each(f, n, &buf, terminated)?;
         }
     }
+    Ok(())
+}
+
+/// With the tenant's keys: print the records that open, each once, and check their chain
+/// (bulkhead_sidecar::seal::Verifier); exit 1 on any problem.
+fn audit_verify(
+    tenant: &str,
+    keys: &bulkhead_sidecar::seal::SealKeys,
+    files: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    use bulkhead_sidecar::seal::{Note, Verifier};
+    use std::io::Write;
+    fn report(notes: Vec<Note>) {
+        for n in notes {
+            let at = if n.at.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", n.at)
+            };
+            let kind = if n.problem { "" } else { "note: " };
+            eprintln!("{at}{kind}{}", n.text);
+        }
+    }
+    let mut v = Verifier::new(keys, tenant);
+    let mut out = std::io::stdout().lock();
+    let mut shown = 0u64;
+    let mut file = PathBuf::new();
+    for_each_line(files, |f, n, line, terminated| {
+        if f != file {
+            file = f.to_path_buf();
+            v.file(&f.display().to_string());
+        }
+        if let Some(plain) = v.line(n, line, terminated) {
+            out.write_all(&plain)?;
+            out.write_all(b"\n")?;
+            shown += 1;
+        }
+        report(v.take_notes());
+        Ok(())
+    })?;
+    v.finish();
+    report(v.take_notes());
+    out.flush()?;
+    let problems = v.problems();
     eprintln!(
-        "{shown} records of {} from {} files; {unopened} sealed records did not open",
-        a.tenant,
+        "{shown} records of {tenant} from {} files; {} sealed records did not open; {}",
+        files.len(),
+        v.unopened(),
+        if problems == 0 {
+            "chain: ok".to_string()
+        } else {
+            format!("chain: {problems} problems (tampering or damage)")
+        }
+    );
+    Ok(if problems > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Without keys: print the plain records of `tenant`; a sealed line is an error (give
+/// --key-file).
+fn audit_plain(tenant: &str, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    use bulkhead_sidecar::seal::is_sealed;
+    use std::io::Write;
+    let (mut shown, mut unopened) = (0u64, 0u64);
+    let mut out = std::io::stdout().lock();
+    for_each_line(files, |f, n, line, _| {
+        if line.is_empty() {
+            return Ok(());
+        }
+        if is_sealed(line) {
+            eprintln!("{}:{n}: sealed; give --key-file", f.display());
+            unopened += 1;
+            return Ok(());
+        }
+        let tenant_matches = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .is_some_and(|v| v["tenant"] == tenant);
+        if tenant_matches {
+            out.write_all(line)?;
+            out.write_all(b"\n")?;
+            shown += 1;
+        }
+        Ok(())
+    })?;
+    eprintln!(
+        "{shown} records of {tenant} from {} files; {unopened} sealed records did not open",
         files.len()
     );
     Ok(if unopened > 0 {

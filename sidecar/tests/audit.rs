@@ -1,6 +1,9 @@
 //! The audit log under floods, over real sockets: a client holding no key cannot fill the audit
 //! disk (records cut short, rate limited, drops counted), and one tenant's flood rotates only
 //! its own files (another tenant's records stay; the directory stays within its cap).
+//! And the sealed audit's chain: each way of altering a sealed tenant's files (a plain line, a
+//! duplicate, a deletion, a swap, a torn line, across rotations and restarts) is named by
+//! `bulkhead-sidecar audit read` with exit 1; clean files and restarts exit 0.
 
 mod common;
 use common::*;
@@ -299,5 +302,404 @@ async fn the_prompt_hash_is_the_documented_hmac_of_the_prompt() {
         let recs = records(&audit, tenant);
         assert_eq!(recs.len(), 1, "{recs:?}");
         assert_eq!(recs[0]["prompt_hash"], want.as_str(), "{tenant}");
+    }
+}
+
+// ---- The sealed audit's chain, read back with `bulkhead-sidecar audit read` ----
+//
+// Records are written by the real writer (`AuditLog`, sealing on its thread, rotating small
+// files), each run of it a stream; the files are then altered as an attacker (or a crash)
+// would, and the CLI must name what was done, with exit 1 (0 for clean files and restarts).
+
+use bulkhead_sidecar::audit::{AuditLimits, AuditLog, AuditRecord};
+use bulkhead_sidecar::seal::SealKeys;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const ACME_AUDIT_KEY: &str = "acme-1 AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n";
+
+/// The audit directory and acme's key file.
+struct Sealed {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    key: PathBuf,
+}
+
+impl Sealed {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("audit");
+        let key = tmp.path().join("acme.audit.key");
+        std::fs::write(&key, ACME_AUDIT_KEY).unwrap();
+        Self {
+            _tmp: tmp,
+            dir,
+            key,
+        }
+    }
+
+    /// One run of the writer (a stream): records `from..from + n` of acme, sealed, in files
+    /// that rotate at `file_bytes`; returns when they are on disk.
+    fn run(&self, from: usize, n: usize, file_bytes: u64) {
+        let limits = AuditLimits {
+            max_file_bytes: file_bytes,
+            max_total_bytes: 1 << 30,
+            unauthenticated_per_second: 10,
+            unauthenticated_burst: 10,
+        };
+        let (log, writer) = AuditLog::start(
+            self.dir.clone(),
+            b"hash-key",
+            limits,
+            ["acme"],
+            Default::default(),
+        )
+        .unwrap();
+        let keys = Arc::new(SealKeys::parse(ACME_AUDIT_KEY).unwrap());
+        log.set_seals(Arc::new([("acme".to_string(), keys)].into()));
+        for i in from..from + n {
+            log.record(AuditRecord {
+                tenant: "acme".into(),
+                request_id: format!("r{i}"),
+                method: "POST".into(),
+                route: "/v1/chat/completions".into(),
+                status: 200,
+                ..Default::default()
+            });
+        }
+        // The last clone gone, the writer writes what is left and ends.
+        drop(log);
+        writer.join().unwrap();
+    }
+
+    /// acme's files, oldest first (`.N` .. `.1`, then `acme.jsonl`).
+    fn files(&self) -> Vec<PathBuf> {
+        let mut rotated: Vec<(u64, PathBuf)> = files(&self.dir)
+            .into_iter()
+            .filter_map(|(n, _)| {
+                let idx = n.strip_prefix("acme.jsonl.")?.parse().ok()?;
+                Some((idx, self.dir.join(n)))
+            })
+            .collect();
+        rotated.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        let mut out: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+        out.push(self.dir.join("acme.jsonl"));
+        out
+    }
+
+    /// `audit read --tenant acme --key-file K --dir D`: exit code, request ids shown, stderr.
+    fn read(&self) -> (i32, Vec<String>, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-sidecar"))
+            .args(["audit", "read", "--tenant", "acme", "--key-file"])
+            .arg(&self.key)
+            .arg("--dir")
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        let ids = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["request_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        (
+            out.status.code().unwrap(),
+            ids,
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+}
+
+fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("r{i}")).collect()
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(
+        path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+}
+
+/// A clean sealed audit: 30 records over several rotated files (about 3 a file).
+fn clean() -> Sealed {
+    let s = Sealed::new();
+    s.run(0, 30, 2000);
+    assert!(s.files().len() >= 5, "{:?}", s.files());
+    s
+}
+
+#[test]
+fn a_clean_chain_across_rotations_reads_back_whole() {
+    let s = clean();
+    let raw = std::fs::read_to_string(s.dir.join("acme.jsonl")).unwrap();
+    assert!(
+        raw.lines()
+            .all(|l| l.starts_with(r#"{"sealed":"aes-256-gcm","v":2,"kid":"acme-1","stream":""#)),
+        "{raw}"
+    );
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(shown, ids(0..30));
+    assert!(err.contains("chain: ok"), "{err}");
+    assert!(
+        err.contains("records deleted after it cannot be detected"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_plain_line_appended_is_named_and_not_shown() {
+    let s = clean();
+    let cur = s.dir.join("acme.jsonl");
+    let mut lines = lines_of(&cur);
+    lines.push(r#"{"tenant":"acme","request_id":"forged","status":200}"#.into());
+    write_lines(&cur, &lines);
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("acme.jsonl:") && err.contains("plain record"),
+        "{err}"
+    );
+    assert_eq!(shown, ids(0..30), "the forged record is not shown");
+}
+
+#[test]
+fn a_duplicated_line_is_named_and_shown_once() {
+    let s = clean();
+    let f = &s.files()[1];
+    let mut lines = lines_of(f);
+    lines.push(lines[0].clone());
+    write_lines(f, &lines);
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("duplicate: stream"), "{err}");
+    assert_eq!(shown, ids(0..30));
+}
+
+#[test]
+fn a_deleted_line_is_a_gap() {
+    let s = clean();
+    let f = &s.files()[2];
+    let mut lines = lines_of(f);
+    let gone = lines.remove(1);
+    write_lines(f, &lines);
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("gap: stream") && err.contains("missing"),
+        "{err}"
+    );
+    assert_eq!(shown.len(), 29);
+    let seq = serde_json::from_str::<serde_json::Value>(&gone).unwrap()["seq"].clone();
+    assert!(err.contains(&format!("seq {seq} missing")), "{seq}: {err}");
+}
+
+#[test]
+fn two_lines_swapped_are_out_of_order() {
+    let s = clean();
+    let f = &s.files()[1];
+    let mut lines = lines_of(f);
+    lines.swap(0, 1);
+    write_lines(f, &lines);
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("out of order: stream"), "{err}");
+    assert_eq!(shown.len(), 30);
+}
+
+#[test]
+fn a_truncated_last_line_is_a_torn_tail() {
+    let s = clean();
+    let cur = s.dir.join("acme.jsonl");
+    let text = std::fs::read_to_string(&cur).unwrap();
+    std::fs::write(&cur, &text[..text.len() - 40]).unwrap();
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("torn tail"), "{err}");
+    assert_eq!(shown, ids(0..29));
+}
+
+#[test]
+fn a_file_cut_short_before_a_rotation_is_a_gap_where_the_next_file_goes_on() {
+    let s = clean();
+    let files = s.files();
+    let rotated = &files[files.len() - 2];
+    // Its last record half gone; the next record is in the next file.
+    let text = std::fs::read_to_string(rotated).unwrap();
+    std::fs::write(rotated, &text[..text.len() - 100]).unwrap();
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("torn tail") && err.contains("gap: stream"),
+        "{err}"
+    );
+    assert_eq!(shown.len(), 29);
+    // The same with the whole line gone: a gap at the next file's first record.
+    let s = clean();
+    let files = s.files();
+    let rotated = &files[files.len() - 2];
+    let mut lines = lines_of(rotated);
+    lines.pop();
+    write_lines(rotated, &lines);
+    let (code, _, err) = s.read();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("acme.jsonl:1: gap: stream"), "{err}");
+}
+
+#[test]
+fn a_restart_is_two_linked_streams_and_not_a_problem() {
+    let s = Sealed::new();
+    s.run(0, 5, 2000);
+    s.run(5, 5, 2000);
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(shown, ids(0..10));
+    assert!(err.contains("ended after seq 4; a new stream"), "{err}");
+    assert!(err.contains("chain: ok"), "{err}");
+}
+
+#[test]
+fn a_write_cut_short_by_a_crash_then_a_restart_is_explained() {
+    let s = Sealed::new();
+    s.run(0, 5, 1 << 20);
+    // Killed mid-write: half a record at the end, no newline.
+    let cur = s.dir.join("acme.jsonl");
+    let last = lines_of(&cur).pop().unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&cur).unwrap();
+    std::io::Write::write_all(&mut f, &last.as_bytes()[..last.len() / 2]).unwrap();
+    drop(f);
+    let (code, _, err) = s.read();
+    assert_eq!(code, 1, "before the restart, a torn tail: {err}");
+    assert!(err.contains("torn tail"), "{err}");
+    // The next run ends the torn line and names the last whole record.
+    s.run(5, 3, 1 << 20);
+    let (code, shown, err) = s.read();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(shown, ids(0..8));
+    assert!(
+        err.contains("torn write") && err.contains("ended after seq 4"),
+        "{err}"
+    );
+}
+
+#[test]
+fn records_deleted_at_the_end_of_a_stream_are_found_by_the_next_stream() {
+    let s = Sealed::new();
+    s.run(0, 6, 1 << 20);
+    let cur = s.dir.join("acme.jsonl");
+    let (code, _, err) = s.read();
+    assert_eq!(code, 0, "{err}");
+    // Cut the last two: alone, that cannot be proven (the read just ends earlier) ...
+    let mut lines = lines_of(&cur);
+    lines.truncate(4);
+    write_lines(&cur, &lines);
+    let (code, shown, err) = s.read();
+    assert_eq!((code, shown), (0, ids(0..4)), "{err}");
+    assert!(
+        err.contains("seq 3: records deleted after it cannot be detected"),
+        "{err}"
+    );
+    // ... but the next stream's first record names seq 5 as the last one written before it.
+    let s = Sealed::new();
+    s.run(0, 6, 1 << 20);
+    s.run(6, 2, 1 << 20);
+    let cur = s.dir.join("acme.jsonl");
+    let mut lines = lines_of(&cur);
+    lines.drain(4..6);
+    write_lines(&cur, &lines);
+    let (code, _, err) = s.read();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("records deleted") && err.contains("seq 4..=5 missing"),
+        "{err}"
+    );
+}
+
+/// A small deterministic generator (xorshift), so that a failure names its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Random runs of the writer (random lengths, restarts and file sizes), then one random fault
+/// at a random place across the files: `audit read` always exits 1. (Deleting the very first
+/// or the very last record is left out: nothing in the files can prove those.)
+#[test]
+fn a_random_fault_in_random_files_is_always_found() {
+    for seed in 1..=24u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let s = Sealed::new();
+        let file_bytes = [1500, 3000, 1 << 20][rng.below(3)];
+        let mut n = 0;
+        for _ in 0..1 + rng.below(3) {
+            let k = 1 + rng.below(12);
+            s.run(n, k, file_bytes);
+            n += k;
+        }
+        let (code, shown, err) = s.read();
+        assert_eq!((code, shown.len()), (0, n), "seed {seed}: {err}");
+        // Every line, with the file it is in.
+        let files = s.files();
+        let mut all: Vec<(usize, String)> = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            all.extend(lines_of(f).into_iter().map(|l| (i, l)));
+        }
+        let total = all.len();
+        let mut torn = false;
+        let fault = rng.below(5);
+        match fault {
+            0 => {
+                let at = rng.below(total + 1);
+                let file = all.get(at).map_or(files.len() - 1, |(f, _)| *f);
+                let plain = r#"{"tenant":"acme","request_id":"forged"}"#.to_string();
+                all.insert(at, (file, plain));
+            }
+            1 => {
+                let (from, at) = (rng.below(total), rng.below(total + 1));
+                let file = all.get(at).map_or(files.len() - 1, |(f, _)| *f);
+                let line = all[from].1.clone();
+                all.insert(at, (file, line));
+            }
+            2 if total >= 3 => {
+                all.remove(1 + rng.below(total - 2));
+            }
+            3 if total >= 2 => {
+                let at = rng.below(total - 1);
+                let (a, b) = (all[at].1.clone(), all[at + 1].1.clone());
+                (all[at].1, all[at + 1].1) = (b, a);
+            }
+            _ => torn = true,
+        }
+        for (i, f) in files.iter().enumerate() {
+            let mut text: String = all
+                .iter()
+                .filter(|(file, _)| *file == i)
+                .map(|(_, l)| format!("{l}\n"))
+                .collect();
+            if torn && i + 1 == files.len() {
+                text.truncate(text.len().saturating_sub(30));
+            }
+            std::fs::write(f, text).unwrap();
+        }
+        let (code, _, err) = s.read();
+        assert_eq!(code, 1, "seed {seed}, fault {fault}: not found: {err}");
     }
 }
