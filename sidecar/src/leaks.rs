@@ -256,28 +256,19 @@ pub struct ResponseScan {
 impl ResponseScan {
     /// Scan one whole SSE event (its `data:` lines joined as a client joins them).
     pub fn event(&mut self, pats: &LeakPatterns, tenant: &str, ev: &[u8], out: &mut Vec<Hit>) {
-        if pats.ac.is_none() {
-            return;
-        }
-        let mut data: Vec<u8> = Vec::new();
-        let mut lines = 0usize;
+        let mut lines: Vec<&[u8]> = Vec::new();
         for line in ev.split(|b| *b == b'\n') {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             match line.strip_prefix(b"data:") {
-                Some(d) => {
-                    if lines > 0 {
-                        data.push(b'\n');
-                    }
-                    lines += 1;
-                    data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
-                }
+                Some(d) => lines.push(d.strip_prefix(b" ").unwrap_or(d)),
                 None if !line.is_empty() => self.feed_at(pats, tenant, 0, ":sse", line, out),
                 None => {}
             }
         }
-        if lines == 0 {
+        if lines.is_empty() {
             return;
         }
+        let data = lines.join(&b'\n');
         match serde_json::from_slice::<serde_json::Value>(&data) {
             Ok(v) => self.walk_event(pats, tenant, &v, out),
             Err(_) => self.feed_at(pats, tenant, 0, ":data", &data, out),
@@ -286,9 +277,6 @@ impl ResponseScan {
 
     /// Scan the next piece of a body that is not an event stream, from its first byte.
     pub fn body(&mut self, pats: &LeakPatterns, tenant: &str, data: &[u8], out: &mut Vec<Hit>) {
-        if pats.ac.is_none() {
-            return;
-        }
         self.raw.feed(pats, tenant, data, out);
         let Self {
             strings,
@@ -481,8 +469,8 @@ impl JsonStrings {
                         continue;
                     }
                     Some(d) => {
-                        let c = v * 16 + d;
-                        self.out.push(if c < 0x80 { c as u8 } else { 0xFF });
+                        let c = char::from_u32(v * 16 + d).filter(char::is_ascii);
+                        self.out.push(c.map_or(0xFF, |c| c as u8));
                         self.hex = None;
                         continue;
                     }
@@ -518,10 +506,9 @@ impl JsonStrings {
                 _ => self.out.push(b),
             }
         }
-        if !self.out.is_empty() {
-            emit(Some(&self.out));
-            self.out.clear();
-        }
+        // What the piece brought of an open string is scanned now, before the piece is sent.
+        emit(Some(&self.out));
+        self.out.clear();
     }
 }
 
@@ -882,12 +869,27 @@ tenants = ["*"]
         let mut j = JsonStrings::default();
         let mut got = Vec::new();
         j.decode(
-            br#"{"k":"a\u00411\u00e9\u0zb","l":"\"\\"} x "y"#,
+            br#"{"k":"a\u00411\u00e9\u0zb","l":"\"\\\/\n\t\r\b\f\q"} x "y"#,
             |t| match t {
                 Some(t) => got.extend_from_slice(t),
                 None => got.push(b'|'),
             },
         );
-        assert_eq!(got, b"k|aA1\xff\xffzb|l|\"\\|y");
+        assert_eq!(got, b"k|aA1\xff\xffzb|l|\"\\/\n\t\r\x08\x0cq|y");
+        // An open string's text is scanned as its piece arrives.
+        let mut r = ResponseScan::default();
+        let mut out = Vec::new();
+        r.body(
+            &p,
+            "globex",
+            format!(r#"{{"a":"xx {C}"#).as_bytes(),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        // Blank lines alone are no event and make no scanner.
+        let mut r = ResponseScan::default();
+        r.event(&p, "globex", b"\n\n", &mut out);
+        r.event(&p, "globex", b"data: {}\n\n", &mut out);
+        assert_eq!(r.fields, 0);
     }
 }

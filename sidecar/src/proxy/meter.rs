@@ -54,6 +54,17 @@ struct InnerResponse {
     model: Option<serde_json::Value>,
 }
 
+impl ResponseView {
+    /// The model the answer names: its `model`, or the Responses API's `response.model`.
+    fn served_model(&self) -> Option<String> {
+        model_name(
+            self.model
+                .as_ref()
+                .or(self.response.as_ref().and_then(|r| r.model.as_ref())),
+        )
+    }
+}
+
 /// A served model name as kept: a string, cut to [`MAX_MODEL`] bytes.
 fn model_name(v: Option<&serde_json::Value>) -> Option<String> {
     let mut m = v?.as_str()?.to_string();
@@ -265,11 +276,7 @@ fn inspect_event(ev: &[u8], strip_usage: bool, ex: &mut Exchange) -> bool {
             continue;
         };
         if ex.meter.served_model.is_none() {
-            ex.meter.served_model = model_name(
-                v.model
-                    .as_ref()
-                    .or(v.response.as_ref().and_then(|r| r.model.as_ref())),
-            );
+            ex.meter.served_model = v.served_model();
         }
         let usage = v
             .usage
@@ -344,7 +351,7 @@ impl Filter {
                 (ex.meter.usage, ex.meter.served_model) = match (scan, whole) {
                     (Some(scan), _) => (scan.usage(), scan.model()),
                     (None, Some(body)) => match serde_json::from_slice::<ResponseView>(body) {
-                        Ok(v) => (v.usage.map(|u| u.usage()), model_name(v.model.as_ref())),
+                        Ok(v) => (v.usage.as_ref().map(|u| u.usage()), v.served_model()),
                         Err(_) => (None, None),
                     },
                     (None, None) => (None, None),
@@ -634,6 +641,37 @@ mod tests {
             http::HeaderValue::from_bytes(b"\xffgzip").unwrap(),
         );
         assert!(encoded(&h));
+    }
+
+    #[test]
+    fn an_answer_names_its_model_at_the_top_or_in_its_response() {
+        let served = |doc: &str| {
+            serde_json::from_str::<ResponseView>(doc)
+                .unwrap()
+                .served_model()
+        };
+        assert_eq!(
+            served(r#"{"model":"c","choices":[]}"#).as_deref(),
+            Some("c")
+        );
+        assert_eq!(
+            served(r#"{"type":"response.created","response":{"model":"r","usage":null}}"#)
+                .as_deref(),
+            Some("r")
+        );
+        assert_eq!(
+            served(r#"{"model":"top","response":{"model":"inner"}}"#).as_deref(),
+            Some("top")
+        );
+        assert_eq!(served(r#"{"model":7,"choices":[]}"#), None);
+        assert_eq!(served(r#"{"choices":[{"model":"x"}]}"#), None);
+        let long = format!(r#"{{"model":"{}"}}"#, "é".repeat(MAX_MODEL));
+        let m = served(&long).unwrap();
+        assert!(
+            m.len() <= MAX_MODEL && m.len() > MAX_MODEL - 2,
+            "{}",
+            m.len()
+        );
     }
 
     fn model(pieces: &[&[u8]]) -> Option<String> {
