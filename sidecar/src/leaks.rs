@@ -177,6 +177,9 @@ impl LeakPatterns {
     }
 }
 
+/// The memory a [`StreamScan`] keeps between pieces, at most (patterns are at most 256 bytes).
+pub const MAX_KEPT: usize = 1024;
+
 /// A response scanned as it streams: patterns split across pieces are found.
 #[derive(Debug, Default)]
 pub struct StreamScan {
@@ -205,6 +208,10 @@ impl StreamScan {
         let keep = pats.longest.saturating_sub(1).min(self.buf.len());
         let cut = self.buf.len() - keep;
         self.buf.drain(..cut);
+        if self.buf.capacity() > MAX_KEPT {
+            // A large piece's room is let go: only the tail stays between pieces.
+            self.buf = self.buf.clone();
+        }
     }
 }
 
@@ -585,6 +592,22 @@ tenants = ["*"]
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_scanner_keeps_little_memory_between_pieces() {
+        let p = pats("");
+        let mut out = Vec::new();
+        let mut s = StreamScan::default();
+        s.feed(&p, "globex", &[b'x'; MAX_KEPT], &mut out);
+        assert_eq!(s.buf.capacity(), MAX_KEPT, "room up to the bound is kept");
+        let mut s = StreamScan::default();
+        let mut big = vec![b'x'; 1 << 20];
+        big.extend_from_slice(&b"CANARY-acme-7f3a9c"[..5]);
+        s.feed(&p, "globex", &big, &mut out);
+        assert!(s.buf.capacity() < MAX_KEPT, "{}", s.buf.capacity());
+        s.feed(&p, "globex", &b"CANARY-acme-7f3a9c"[5..], &mut out);
+        assert_eq!(kinds(&out), [(Kind::Canary, "acme", Where::Response)]);
     }
 
     #[test]
