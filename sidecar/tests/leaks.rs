@@ -819,6 +819,29 @@ mod props {
         (format!("data: {v}\n\n"), path)
     }
 
+    /// One Chat event carrying several (choice, field kind < 6, text) pieces.
+    fn bundle(pieces: &[(u64, usize, &str)]) -> String {
+        let mut choices: std::collections::BTreeMap<u64, serde_json::Value> = Default::default();
+        for (c, f, t) in pieces {
+            let ch = choices
+                .entry(*c)
+                .or_insert_with(|| serde_json::json!({"index": c, "delta": {}}));
+            match f {
+                0..=3 => {
+                    let name = ["content", "reasoning", "reasoning_content", "refusal"][*f];
+                    ch["delta"][name] = serde_json::json!(t);
+                }
+                4 => {
+                    ch["delta"]["tool_calls"] =
+                        serde_json::json!([{"index": 2, "function": {"arguments": t}}])
+                }
+                _ => ch["logprobs"] = serde_json::json!({"content": [{"token": t}]}),
+            }
+        }
+        let choices: Vec<_> = choices.into_values().collect();
+        format!("data: {}\n\n", serde_json::json!({"choices": choices}))
+    }
+
     /// One (choice, field) stream: filler, maybe the canary in pieces, filler.
     fn stream() -> impl Strategy<Value = (u64, usize, bool, Vec<String>)> {
         let filler = "[a-z ]{0,12}";
@@ -853,7 +876,7 @@ mod props {
         #[test]
         fn a_canary_is_found_once_per_choice_and_field_it_was_placed_in(
             streams in proptest::collection::vec(stream(), 1..6),
-            order in proptest::collection::vec(any::<u16>(), 0..200),
+            order in proptest::collection::vec(any::<u32>(), 0..200),
         ) {
             let pats = patterns();
             // One stream per (choice, field): the first of each pair wins.
@@ -868,9 +891,18 @@ mod props {
                 if open.is_empty() {
                     break;
                 }
-                let i = open[o.next().unwrap_or(0) as usize % open.len()];
+                let pick = o.next().unwrap_or(0) as usize;
+                let i = open[pick % open.len()];
+                // Sometimes the next piece of a second Chat stream rides in the same event.
+                let j = open[(pick >> 8) % open.len()];
                 let (c, f, _, pieces) = &streams[i];
-                evs.push(event(*f, *c, &pieces[next[i]]).0);
+                if pick & 0x80 != 0 && i != j && *f < 6 && streams[j].1 < 6 {
+                    let (c2, f2, _, pieces2) = &streams[j];
+                    evs.push(bundle(&[(*c, *f, &pieces[next[i]]), (*c2, *f2, &pieces2[next[j]])]));
+                    next[j] += 1;
+                } else {
+                    evs.push(event(*f, *c, &pieces[next[i]]).0);
+                }
                 next[i] += 1;
             }
             let mut want: Vec<(u64, String)> = streams
