@@ -177,10 +177,11 @@ impl UsageScanner {
                     if self.depth == 1 && self.expect_key {
                         self.key = Some(Vec::new());
                         self.expect_key = false;
-                    } else if self.depth == 1 && self.model_next {
+                    } else if self.model_next {
+                        // The value of the top-level "model" key (after a key, the next
+                        // string is its value unless an object or array came first).
                         self.model_capture = Some(Vec::new());
                     }
-                    self.model_next = false;
                 }
                 b'{' | b'[' => {
                     if self.depth == 1 && self.usage_next && b == b'{' {
@@ -204,13 +205,9 @@ impl UsageScanner {
                 b',' if self.depth == 1 => {
                     self.expect_key = true;
                     self.usage_next = false;
-                    self.model_next = false;
                 }
                 b':' | b' ' | b'\t' | b'\r' | b'\n' => {}
-                _ => {
-                    self.usage_next = false;
-                    self.model_next = false;
-                }
+                _ => self.usage_next = false,
             }
         }
     }
