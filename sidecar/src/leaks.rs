@@ -4,7 +4,8 @@
 //! cost per byte stays flat as patterns are added.
 //!
 //! Prompts are scanned whole (the parsed prompt fields); responses as they stream, across chunk
-//! and event boundaries ([`StreamScan`] keeps the last `longest pattern - 1` bytes). A canary or
+//! and event boundaries ([`StreamScan`] keeps the last `longest pattern - 1` bytes), every
+//! string a client can read with one scanner per (choice, field path) ([`ResponseScan`]). A canary or
 //! keyword of tenant A seen in tenant B's prompt or response is a hit (`owner` A, `seen_by` B);
 //! in A's own traffic it is not. Patterns are matched ASCII-case-insensitively and are
 //! printable ASCII without `"` or `\`, so their JSON encoding is themselves.
