@@ -74,9 +74,17 @@ pub struct AuditRecord {
     /// Prompt tokens the upstream served from its prefix cache, when it said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u64>,
-    /// What the request cost in `cost.currency` (usage x the tenant's price for `model`).
+    /// The model the answer named (the one that served it, cut to 128 bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<String>,
+    /// What the request cost in `cost.currency` (usage x the tenant's price for
+    /// `price_model`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost: Option<f64>,
+    /// The price used: the served model's, else the request's `model`'s (a model of the
+    /// price tables), else `other` (`[cost.default]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_model: Option<String>,
     /// Set (and written) when `route` was cut short; see [`MAX_UNAUTHENTICATED_ROUTE`].
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub route_truncated: bool,
@@ -144,6 +152,8 @@ impl AuditRecord {
             &mut self.reason,
             &mut self.prompt_hash,
             &mut self.model,
+            &mut self.served_model,
+            &mut self.price_model,
         ]
         .into_iter()
         .flatten()

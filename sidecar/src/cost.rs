@@ -1,8 +1,10 @@
 //! What each request cost: prices per million input, cached input and output tokens per
 //! model (`[cost.models.<model>]`), overridden per tenant (`[cost.tenants.<tenant>.models.<model>]`),
-//! with an optional price for every other model (`[cost.default]`, labelled `other`). The
-//! cost of a request is its settled usage times its price, counted in
-//! `bulkhead_cost_total{tenant,model}` and written in its audit record.
+//! with an optional price for every other model (`[cost.default]`, labelled `other`). A
+//! request is priced by the model that served it (the answer's `model`), then the request's
+//! `model`, then the default. The cost of a request is its settled usage times its price,
+//! counted in `bulkhead_cost_total{tenant,model}` and written in its audit record; an answer
+//! no price applies to is counted in `bulkhead_cost_unpriced_total{tenant}`.
 
 pub use crate::config::{CostConfig, OTHER_MODEL, Price, TenantPrices};
 use crate::metrics::{Metrics, TenantModel};
@@ -88,15 +90,42 @@ impl TenantCost {
         TenantCost { models, other }
     }
 
-    /// Count what `tokens` of `model` cost; `None` when no price applies.
-    pub fn charge(&self, model: Option<&str>, tokens: Tokens) -> Option<f64> {
-        let (price, counter) = model
-            .and_then(|m| self.models.get(m))
-            .or(self.other.as_ref())?;
+    /// Some price is configured for this tenant (a model's or the default).
+    pub fn is_priced(&self) -> bool {
+        !self.models.is_empty() || self.other.is_some()
+    }
+
+    /// Count what `tokens` cost at the price of the model that `served` them, else the one
+    /// `requested`, else the default; the cost and the price's name (a model, or `other`),
+    /// `None` when no price applies.
+    pub fn charge(
+        &self,
+        served: Option<&str>,
+        requested: Option<&str>,
+        tokens: Tokens,
+    ) -> Option<Charged> {
+        let named = |m: Option<&str>| {
+            m.and_then(|m| self.models.get_key_value(m))
+                .map(|(k, v)| (k.as_str(), v))
+        };
+        let (name, (price, counter)) = named(served)
+            .or_else(|| named(requested))
+            .or_else(|| self.other.as_ref().map(|o| (OTHER_MODEL, o)))?;
         let cost = cost_of(price, tokens);
         counter.inc_by(cost);
-        Some(cost)
+        Some(Charged {
+            cost,
+            price_model: name.to_string(),
+        })
     }
+}
+
+/// What a request was charged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charged {
+    pub cost: f64,
+    /// The price used: a model of the price tables, or `other` (`[cost.default]`).
+    pub price_model: String,
 }
 
 #[cfg(test)]
@@ -150,19 +179,35 @@ output = 4.0
             cached: 0,
         };
         let t = TenantCost::new(&c, "t", &m);
-        assert_eq!(t.charge(Some("a"), u), Some(3.0));
-        assert_eq!(t.charge(Some("b"), u), Some(4.0));
-        assert_eq!(t.charge(Some("zzz"), u), Some(10.0));
+        let cost = |tc: &TenantCost, served: Option<&str>, requested: Option<&str>| {
+            tc.charge(served, requested, u)
+                .map(|c| (c.cost, c.price_model))
+        };
+        assert_eq!(cost(&t, None, Some("a")), Some((3.0, "a".into())));
+        assert_eq!(cost(&t, None, Some("b")), Some((4.0, "b".into())));
+        assert_eq!(cost(&t, None, Some("zzz")), Some((10.0, "other".into())));
+        // The served model's price first, then the request's, then the default.
+        assert_eq!(cost(&t, Some("a"), None), Some((3.0, "a".into())));
+        assert_eq!(cost(&t, Some("b"), Some("a")), Some((4.0, "b".into())));
+        assert_eq!(cost(&t, Some("zzz"), Some("a")), Some((3.0, "a".into())));
+        assert_eq!(cost(&t, Some("zzz"), None), Some((10.0, "other".into())));
         let s = TenantCost::new(&c, "s", &m);
-        assert_eq!(s.charge(Some("a"), u), Some(1.0));
-        assert_eq!(s.charge(None, u), Some(10.0));
+        assert_eq!(cost(&s, None, Some("a")), Some((1.0, "a".into())));
+        assert_eq!(cost(&s, None, None), Some((10.0, "other".into())));
+        assert!(t.is_priced() && s.is_priced());
         let text = crate::metrics::encode(&reg);
         assert!(
-            text.contains(r#"bulkhead_cost_total{tenant="t",model="other"} 10.0"#),
+            text.contains(r#"bulkhead_cost_total{tenant="t",model="other"} 20.0"#),
             "{text}"
         );
         assert!(!text.contains("zzz"));
         let empty = TenantCost::new(&CostConfig::default(), "t", &m);
-        assert_eq!(empty.charge(Some("a"), u), None);
+        assert_eq!(empty.charge(Some("a"), Some("a"), u), None);
+        assert!(!empty.is_priced());
+        // Only a model's price, no default: another model is unpriced.
+        let only: CostConfig = toml::from_str("[models.a]\ninput = 1.0\noutput = 1.0\n").unwrap();
+        let only = TenantCost::new(&only, "t", &m);
+        assert!(only.is_priced());
+        assert_eq!(only.charge(Some("b"), None, u), None);
     }
 }

@@ -163,6 +163,8 @@ pub struct Metrics {
     pub jwks_refreshes: Family<ResultLabel, Counter>,
     /// What requests cost (`[cost]` prices x usage), by tenant and priced model.
     pub cost: Family<TenantModel, crate::cost::CostCounter>,
+    /// Answers with usage that no `[cost]` price applied to (tenants with prices).
+    pub cost_unpriced: Family<TenantLabel, Counter>,
     /// 1 while the limits backend answers (always 1 for `local`), 0 while it does not.
     pub limits_backend_up: Gauge,
     /// Limits and replay decisions made without the shared backend, by action (`local`, `deny`).
@@ -209,6 +211,7 @@ impl Metrics {
             injection_markers: Family::default(),
             jwks_refreshes: Family::default(),
             cost: Family::default(),
+            cost_unpriced: Family::default(),
             limits_backend_up: Gauge::default(),
             limits_degraded: Family::default(),
             limits_backend_errors: Family::default(),
@@ -395,6 +398,12 @@ impl Metrics {
              not name is \"other\")",
             m.cost.clone(),
         );
+        r.register(
+            "cost_unpriced",
+            "Answers with usage that no [cost] price applied to (neither the served model, nor \
+             the request's model, nor a default; tenants with some price only)",
+            m.cost_unpriced.clone(),
+        );
         for result in ["ok", "error"] {
             let _ = m.jwks_refreshes.get_or_create(&ResultLabel { result });
         }
@@ -461,6 +470,9 @@ impl Metrics {
         let _ = self
             .write_timeouts
             .get_or_create(&TenantLabel { tenant: t() });
+        let _ = self
+            .cost_unpriced
+            .get_or_create(&TenantLabel { tenant: t() });
         let _ = self.sched_gauges(tenant);
         for reason in SIGNED_AUTH_FAILURES {
             let _ = self.auth_failures_by_tenant.get_or_create(&TenantReason {
@@ -486,6 +498,7 @@ pub struct TenantMetrics {
     pub kv_tokens: Gauge,
     pub kv_bytes: Gauge,
     pub write_timeouts: Counter,
+    pub cost_unpriced: Counter,
 }
 
 impl Metrics {
@@ -516,6 +529,7 @@ impl Metrics {
             kv_tokens: self.kv_tokens.get_or_create(&l).clone(),
             kv_bytes: self.kv_bytes.get_or_create(&l).clone(),
             write_timeouts: self.write_timeouts.get_or_create(&l).clone(),
+            cost_unpriced: self.cost_unpriced.get_or_create(&l).clone(),
         }
     }
 }

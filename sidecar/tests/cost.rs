@@ -156,3 +156,128 @@ fn bad_prices_name_the_field() {
     }
     assert!(bulkhead_sidecar::Config::from_toml(&base("[cost.models.m]\ninput = 1.0")).is_err());
 }
+
+/// Every audit record of `tenant` in `dir`.
+fn audit(dir: &std::path::Path, tenant: &str) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("audit").join(format!("{tenant}.jsonl")))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn cost_is_priced_by_the_model_that_served_the_answer() {
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| t.push_str(PRICES)).await;
+    let no_model = |extra: &str| {
+        format!(r#"{{"messages":[{{"role":"user","content":"no model named"}}]{extra}}}"#)
+    };
+    // (body, the model the answer names, the price wanted)
+    let cases = [
+        // No `model`: the default model served it; priced as that model, not as `other`.
+        (no_model(""), Some("m"), "m"),
+        (no_model(r#","stream":true"#), Some("m"), "m"),
+        // An alias the tables do not name: the request's model's price.
+        (chat("alias", ""), Some("m-2026-01"), "m"),
+        (chat("alias", r#","stream":true"#), Some("m-2026-01"), "m"),
+        // Asked for another model, served by a priced one.
+        (
+            chat("other", "").replace("\"m\"", "\"zzz\""),
+            Some("m"),
+            "m",
+        ),
+        // Neither priced: the default.
+        (no_model(""), None, "other"),
+    ];
+    for (body, served, _) in &cases {
+        let mut req = h.signed("acme", Method::POST, "/v1/chat/completions", body);
+        if let Some(s) = served {
+            req.headers_mut()
+                .insert("x-sim-served-model", s.parse().unwrap());
+        }
+        let (p, _) = h.send_collect(req).await;
+        assert_eq!(p.status, StatusCode::OK, "{body}");
+    }
+    let metrics = h.metrics().await;
+    let dir = h.shutdown_keep_dir().await;
+    let recs = audit(dir.path(), "acme");
+    assert_eq!(recs.len(), cases.len());
+    let mut want_m = 0.0;
+    for (r, (body, served, label)) in recs.iter().zip(&cases) {
+        assert_eq!(r["price_model"], *label, "{body}: {r}");
+        assert_eq!(
+            r["served_model"],
+            served.unwrap_or("bulkhead-sim"),
+            "{body}: {r}"
+        );
+        let (pi, po) = price("acme", label);
+        let (p, c) = (
+            r["prompt_tokens"].as_u64().unwrap(),
+            r["completion_tokens"].as_u64().unwrap(),
+        );
+        let cost = (p as f64 * pi + c as f64 * po) / 1e6;
+        assert!(close(r["cost"].as_f64().unwrap(), cost), "{r}: want {cost}");
+        if *label == "m" {
+            want_m += cost;
+        }
+    }
+    let got = metric_in(&metrics, "bulkhead_cost_total{tenant=\"acme\",model=\"m\"}").unwrap();
+    assert!(close(got, want_m), "{got} != {want_m}");
+    assert_eq!(
+        metric_in(&metrics, "bulkhead_cost_unpriced_total{tenant=\"acme\"}"),
+        Some(0.0)
+    );
+    // Served-model names never become labels.
+    assert!(!metrics.contains("m-2026-01"));
+}
+
+#[tokio::test]
+async fn an_answer_no_price_applies_to_is_counted_as_unpriced() {
+    let only_m = "[cost]\n[cost.models.m]\ninput = 1.0\noutput = 1.0\n";
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| t.push_str(only_m)).await;
+    for model in ["zzz", "m", "zzz"] {
+        let body = chat("hi", "").replace("\"m\"", &format!("\"{model}\""));
+        let (p, _) = h
+            .send_collect(h.signed("globex", Method::POST, "/v1/chat/completions", &body))
+            .await;
+        assert_eq!(p.status, StatusCode::OK);
+    }
+    assert_eq!(
+        h.metric("bulkhead_cost_unpriced_total{tenant=\"globex\"}")
+            .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        h.metric("bulkhead_cost_unpriced_total{tenant=\"acme\"}")
+            .await,
+        Some(0.0)
+    );
+    let dir = h.shutdown_keep_dir().await;
+    let recs = audit(dir.path(), "globex");
+    let priced: Vec<Option<&str>> = recs.iter().map(|r| r["price_model"].as_str()).collect();
+    assert_eq!(priced, [None, Some("m"), None]);
+    assert!(recs[0]["cost"].is_null() && recs[1]["cost"].as_f64().unwrap() > 0.0);
+    // Without any price, answers are not "unpriced": nothing is priced at all.
+    let h = Harness::start(DEFAULT_TENANTS).await;
+    let (p, _) = h
+        .send_collect(h.signed(
+            "acme",
+            Method::POST,
+            "/v1/chat/completions",
+            &chat("hi", ""),
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert!(
+        h.metric("bulkhead_tokens_total{tenant=\"acme\",kind=\"prompt\"}")
+            .await
+            .is_some_and(|t| t > 0.0),
+        "the answer was settled with usage"
+    );
+    assert_eq!(
+        h.metric("bulkhead_cost_unpriced_total{tenant=\"acme\"}")
+            .await,
+        Some(0.0)
+    );
+    h.shutdown().await;
+}

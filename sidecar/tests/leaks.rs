@@ -410,3 +410,523 @@ async fn sealed_audit_opens_only_with_the_tenants_own_key() {
     let (ok, out, _) = audit_read(&audit, "globex", &globex_key);
     assert!(ok && out.lines().count() == 1, "{out}");
 }
+
+/// A chat request whose simulated answer follows `script` (`[choice, field, text]` pieces,
+/// see `bulkhead_sim::OutputOptions`), with more `x-sim-*` headers.
+fn scripted(
+    h: &Harness,
+    tenant: &str,
+    script: &[(u64, &str, String)],
+    stream: bool,
+    headers: &[(&'static str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let extra = if stream { r#","stream":true"# } else { "" };
+    let mut req = h.signed(
+        tenant,
+        Method::POST,
+        "/v1/chat/completions",
+        &chat("hello", extra),
+    );
+    let script = serde_json::to_string(script).unwrap();
+    req.headers_mut()
+        .insert("x-sim-script", script.parse().unwrap());
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    req
+}
+
+/// Every string of every choice of every SSE event the client got, joined per (choice index,
+/// path inside the choice), as a client reassembles them.
+fn reassembled(body: &str) -> std::collections::BTreeMap<(u64, String), String> {
+    fn walk(
+        v: &serde_json::Value,
+        path: String,
+        c: u64,
+        out: &mut std::collections::BTreeMap<(u64, String), String>,
+    ) {
+        match v {
+            serde_json::Value::String(s) => out.entry((c, path)).or_default().push_str(s),
+            serde_json::Value::Array(a) => {
+                a.iter().for_each(|x| walk(x, format!("{path}[]"), c, out))
+            }
+            serde_json::Value::Object(o) => {
+                for (k, x) in o {
+                    walk(x, format!("{path}.{k}"), c, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Default::default();
+    for line in body.lines() {
+        if let Some(d) = line.strip_prefix("data: ")
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(d)
+        {
+            for c in v["choices"].as_array().into_iter().flatten() {
+                walk(c, String::new(), c["index"].as_u64().unwrap(), &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// The sim's fields and where a client finds them in a streamed choice.
+const FIELDS: [(&str, &str); 6] = [
+    ("content", ".delta.content"),
+    ("reasoning", ".delta.reasoning"),
+    ("reasoning_content", ".delta.reasoning_content"),
+    ("refusal", ".delta.refusal"),
+    ("tool_arguments", ".delta.tool_calls[].function.arguments"),
+    ("logprobs", ".logprobs.content[].token"),
+];
+
+/// Choice 1 carries `ACME_CANARY` in `field`, in 3-byte pieces, each after a piece of choice
+/// 0's content; then more text in both.
+fn interleaved(field: &str) -> Vec<(u64, &str, String)> {
+    let mut s = Vec::new();
+    for (i, piece) in ACME_CANARY.as_bytes().chunks(3).enumerate() {
+        s.push((0, "content", format!("f{i} ")));
+        s.push((1, field, String::from_utf8(piece.to_vec()).unwrap()));
+    }
+    s.push((1, field, " and the tail".into()));
+    s.push((0, "content", "the end".into()));
+    s
+}
+
+#[tokio::test]
+async fn a_canary_in_any_field_of_any_interleaved_choice_is_cut_before_it_completes() {
+    let h = Harness::start_with(&tenants(""), Default::default(), block).await;
+    let last = ACME_CANARY.len() - ACME_CANARY.len() % 3;
+    let last = if last == ACME_CANARY.len() {
+        last - 3
+    } else {
+        last
+    };
+    for (n, (field, path)) in FIELDS.iter().enumerate() {
+        let r = h
+            .send(scripted(&h, "globex", &interleaved(field), true, &[]))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            text.contains("\"code\":\"canary_blocked\""),
+            "{field}: {text}"
+        );
+        assert!(!text.contains("[DONE]"), "{field}: {text}");
+        let got = reassembled(&text);
+        // Everything before the completing event arrived; it and the rest did not.
+        assert_eq!(
+            got.get(&(1, path.to_string())).map(String::as_str),
+            Some(&ACME_CANARY[..last]),
+            "{field}: {got:?}"
+        );
+        assert!(
+            got.values()
+                .all(|t| !t.contains(ACME_CANARY) && !t.contains("the end")),
+            "{field}: {got:?}"
+        );
+        assert_eq!(
+            h.metric(&series("acme", "globex", "response")).await,
+            Some(n as f64 + 1.0),
+            "{field}"
+        );
+        // The owner's own stream is delivered whole and is no hit.
+        let r = h
+            .send(scripted(&h, "acme", &interleaved(field), true, &[]))
+            .await;
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let got = reassembled(&String::from_utf8_lossy(&body));
+        assert!(
+            got[&(1, path.to_string())].starts_with(ACME_CANARY),
+            "{field}: {got:?}"
+        );
+    }
+    // The same answers, not streamed: withheld whole.
+    for (field, _) in FIELDS {
+        let (p, b) = h
+            .send_collect(scripted(&h, "globex", &interleaved(field), false, &[]))
+            .await;
+        assert_eq!(p.status, StatusCode::BAD_GATEWAY, "{field}");
+        assert_eq!(json(&b)["error"]["code"], "canary_blocked");
+    }
+    // Written with \u escapes, as a JSON encoder may write any character.
+    let script = [(0, "content", format!("see {ACME_CANARY} here"))];
+    let (p, b) = h
+        .send_collect(scripted(
+            &h,
+            "globex",
+            &script,
+            false,
+            &[("x-sim-escape", "unicode")],
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_GATEWAY);
+    assert!(!String::from_utf8_lossy(&b).contains("\\u0043\\u0041"));
+    let (p, b) = h
+        .send_collect(scripted(
+            &h,
+            "acme",
+            &script,
+            false,
+            &[("x-sim-escape", "unicode")],
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert_eq!(
+        json(&b)["choices"][0]["message"]["content"],
+        format!("see {ACME_CANARY} here"),
+        "the escaped answer decodes to the canary"
+    );
+    let total = 2.0 * FIELDS.len() as f64 + 1.0;
+    assert_eq!(
+        h.metric(&series("acme", "globex", "response")).await,
+        Some(total)
+    );
+    assert_eq!(h.metric(&series("acme", "acme", "response")).await, None);
+    let dir = h.shutdown_keep_dir().await;
+    let globex = records(&dir.path().join("audit"), "globex");
+    assert_eq!(globex.len(), total as usize);
+    for r in &globex {
+        assert_eq!(r["reason"], "canary_blocked", "{r}");
+        assert_eq!(r["leaks"][0]["where"], "response", "{r}");
+        assert_eq!(r["leaks"][0]["owner"], "acme", "{r}");
+    }
+    let acme = records(&dir.path().join("audit"), "acme");
+    assert!(
+        acme.iter()
+            .any(|r| r["reason"] == "canary_seen_by_other_tenant"
+                && r["leaks"][0]["seen_by"] == "globex")
+    );
+}
+
+#[tokio::test]
+async fn count_mode_counts_a_canary_in_an_interleaved_choice_once_and_delivers_it() {
+    let h = Harness::start(&tenants("")).await;
+    for (field, path) in FIELDS {
+        let r = h
+            .send(scripted(&h, "globex", &interleaved(field), true, &[]))
+            .await;
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("[DONE]"), "{text}");
+        assert!(reassembled(&text)[&(1, path.to_string())].starts_with(ACME_CANARY));
+    }
+    assert_eq!(
+        h.metric(&series("acme", "globex", "response")).await,
+        Some(FIELDS.len() as f64)
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_answer_over_a_mebibyte_is_scanned_from_its_first_byte_to_its_last() {
+    let pad = "1100000";
+    // Count mode: delivered whole, the canary counted (in the prefix, and past the first MiB).
+    let h = Harness::start(&tenants("")).await;
+    let script = [(0, "content", format!("see {ACME_CANARY}"))];
+    let (p, b) = h
+        .send_collect(scripted(
+            &h,
+            "globex",
+            &script,
+            false,
+            &[("x-sim-pad-bytes", pad)],
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert!(b.len() > 1_100_000);
+    assert_eq!(json(&b)["choices"][0]["message"]["content"], script[0].2);
+    assert_eq!(
+        h.metric(&series("acme", "globex", "response")).await,
+        Some(1.0)
+    );
+    let late = [(0, "content", "nothing here".to_string())];
+    // (3 MB: past the frames that fill the buffer.)
+    let headers = [
+        ("x-sim-pad-bytes", "3000000"),
+        ("x-sim-served-model", ACME_CANARY),
+    ];
+    let (p, b) = h
+        .send_collect(scripted(&h, "globex", &late, false, &headers))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    let at = String::from_utf8_lossy(&b).find(ACME_CANARY).unwrap();
+    assert!(at > 1 << 20, "the canary is past the first MiB ({at})");
+    assert_eq!(
+        h.metric(&series("acme", "globex", "response")).await,
+        Some(2.0)
+    );
+    h.shutdown().await;
+    // Block mode: in the buffered prefix (\u-escaped), nothing is sent.
+    let h = Harness::start_with(&tenants(""), Default::default(), block).await;
+    let (p, b) = h
+        .send_collect(scripted(
+            &h,
+            "globex",
+            &script,
+            false,
+            &[("x-sim-pad-bytes", pad), ("x-sim-escape", "unicode")],
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(json(&b)["error"]["code"], "canary_blocked");
+    // Past the first MiB: the body breaks off before the piece that completes it.
+    let r = h.send(scripted(&h, "globex", &late, false, &headers)).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the head went out with the first MiB"
+    );
+    let mut body = r.into_body();
+    let mut got = Vec::new();
+    let mut broke = false;
+    while let Some(f) = body.frame().await {
+        match f {
+            Ok(f) => got.extend_from_slice(&f.into_data().unwrap_or_default()),
+            Err(_) => {
+                broke = true;
+                break;
+            }
+        }
+    }
+    assert!(broke, "the client sees the body end in an error");
+    assert!(
+        got.len() > 1 << 20 && got.len() < 3_000_000,
+        "{}",
+        got.len()
+    );
+    assert!(!String::from_utf8_lossy(&got).contains(ACME_CANARY));
+    assert_eq!(
+        h.metric(&series("acme", "globex", "response")).await,
+        Some(2.0)
+    );
+    let dir = h.shutdown_keep_dir().await;
+    let reasons: Vec<String> = records(&dir.path().join("audit"), "globex")
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(reasons, ["canary_blocked", "canary_blocked"]);
+}
+
+#[tokio::test]
+async fn an_encoded_answer_is_refused_and_identity_is_asked_for() {
+    let h = Harness::start(&tenants("")).await;
+    let script = [(0, "content", format!("see {ACME_CANARY}"))];
+    for stream in [false, true] {
+        let mut req = scripted(&h, "globex", &script, stream, &[("x-sim-encoding", "gzip")]);
+        req.headers_mut()
+            .insert("accept-encoding", "gzip, br".parse().unwrap());
+        let (p, b) = h.send_collect(req).await;
+        assert_eq!(p.status, StatusCode::BAD_GATEWAY, "stream {stream}");
+        assert_eq!(json(&b)["error"]["code"], "upstream_encoded_response");
+        assert!(!String::from_utf8_lossy(&b).contains(ACME_CANARY));
+    }
+    let asked: Vec<_> = h
+        .sim
+        .sim
+        .requests()
+        .iter()
+        .map(|r| {
+            r.headers
+                .get_all("accept-encoding")
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(asked.len(), 2);
+    assert!(asked.iter().all(|a| a == &["identity"]), "{asked:?}");
+    // `identity` is readable.
+    let (p, _) = h
+        .send_collect(scripted(
+            &h,
+            "globex",
+            &script,
+            false,
+            &[("x-sim-encoding", "identity")],
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    assert_eq!(
+        h.metric(&series("acme", "globex", "response")).await,
+        Some(1.0),
+        "only the readable answer was scanned"
+    );
+    assert_eq!(
+        h.metric("bulkhead_requests_total{tenant=\"globex\",code=\"502\"}")
+            .await,
+        Some(2.0)
+    );
+    let dir = h.shutdown_keep_dir().await;
+    let globex = records(&dir.path().join("audit"), "globex");
+    let refused: Vec<&serde_json::Value> = globex
+        .iter()
+        .filter(|r| r["reason"] == "upstream_encoded_response")
+        .collect();
+    assert_eq!(refused.len(), 2, "{globex:?}");
+    // Nothing of an unreadable answer is counted (settled like one that broke off).
+    assert!(
+        refused
+            .iter()
+            .all(|r| r["status"] == 502 && r["prompt_tokens"].is_null())
+    );
+}
+
+mod props {
+    use bulkhead_sidecar::leaks::{LeakPatterns, ResponseScan};
+    use proptest::prelude::*;
+
+    const CANARY: &str = "CANARY-acme-7f3a9c5e";
+
+    fn patterns() -> LeakPatterns {
+        let c = bulkhead_sidecar::Config::from_toml(&format!(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\ncanaries = [\"{CANARY}\"]\n\
+             keywords = [\"Project Zephyr\"]\n[tenants.globex]\n[[keys]]\nid = \"k\"\n\
+             secret_files = [\"/x\"]\ntenants = [\"*\"]\n"
+        ))
+        .unwrap();
+        LeakPatterns::new(&c)
+    }
+
+    /// The SSE event carrying `t` in field kind `f` of choice `c`, and the path the scan
+    /// keys it by.
+    fn event(f: usize, c: u64, t: &str) -> (String, String) {
+        let (v, path) = match f {
+            0..=3 => {
+                let name = ["content", "reasoning", "reasoning_content", "refusal"][f];
+                (
+                    serde_json::json!({"choices": [{"index": c, "delta": {name: t}}]}),
+                    format!(".delta.{name}"),
+                )
+            }
+            4 => (
+                serde_json::json!({"choices": [{"index": c, "delta": {"tool_calls": [
+                    {"index": 2, "function": {"arguments": t}}]}}]}),
+                ".delta.tool_calls[2].function.arguments".to_string(),
+            ),
+            5 => (
+                serde_json::json!({"choices": [{"index": c, "logprobs": {"content": [{"token": t}]}}]}),
+                ".logprobs.content[].token".to_string(),
+            ),
+            _ => (
+                serde_json::json!({"type": "response.output_text.delta", "output_index": c,
+                    "content_index": 0, "delta": t}),
+                "response.output_text.delta#0.delta".to_string(),
+            ),
+        };
+        (format!("data: {v}\n\n"), path)
+    }
+
+    /// One Chat event carrying several (choice, field kind < 6, text) pieces.
+    fn bundle(pieces: &[(u64, usize, &str)]) -> String {
+        let mut choices: std::collections::BTreeMap<u64, serde_json::Value> = Default::default();
+        for (c, f, t) in pieces {
+            let ch = choices
+                .entry(*c)
+                .or_insert_with(|| serde_json::json!({"index": c, "delta": {}}));
+            match f {
+                0..=3 => {
+                    let name = ["content", "reasoning", "reasoning_content", "refusal"][*f];
+                    ch["delta"][name] = serde_json::json!(t);
+                }
+                4 => {
+                    ch["delta"]["tool_calls"] =
+                        serde_json::json!([{"index": 2, "function": {"arguments": t}}])
+                }
+                _ => ch["logprobs"] = serde_json::json!({"content": [{"token": t}]}),
+            }
+        }
+        let choices: Vec<_> = choices.into_values().collect();
+        format!("data: {}\n\n", serde_json::json!({"choices": choices}))
+    }
+
+    /// One (choice, field) stream: filler, maybe the canary in pieces, filler.
+    fn stream() -> impl Strategy<Value = (u64, usize, bool, Vec<String>)> {
+        let filler = "[a-z ]{0,12}";
+        (
+            0u64..4,
+            0usize..7,
+            any::<bool>(),
+            filler,
+            filler,
+            proptest::collection::vec(1usize..CANARY.len(), 0..5),
+            proptest::collection::vec(filler, 0..3),
+        )
+            .prop_map(|(c, f, placed, pre, post, mut cuts, more)| {
+                let mut pieces = vec![pre];
+                if placed {
+                    cuts.sort();
+                    cuts.dedup();
+                    let mut at = 0;
+                    for cut in cuts.into_iter().chain([CANARY.len()]) {
+                        pieces.push(CANARY[at..cut].to_string());
+                        at = cut;
+                    }
+                }
+                pieces.push(post);
+                pieces.extend(more);
+                (c, f, placed, pieces)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn a_canary_is_found_once_per_choice_and_field_it_was_placed_in(
+            streams in proptest::collection::vec(stream(), 1..6),
+            order in proptest::collection::vec(any::<u32>(), 0..200),
+        ) {
+            let pats = patterns();
+            // One stream per (choice, field): the first of each pair wins.
+            let mut seen = std::collections::BTreeSet::new();
+            let streams: Vec<_> = streams.into_iter().filter(|s| seen.insert((s.0, s.1))).collect();
+            // Interleave the streams' pieces in a random order, each stream's in its own.
+            let mut next = vec![0usize; streams.len()];
+            let mut evs = Vec::new();
+            let mut o = order.into_iter();
+            loop {
+                let open: Vec<usize> = (0..streams.len()).filter(|i| next[*i] < streams[*i].3.len()).collect();
+                if open.is_empty() {
+                    break;
+                }
+                let pick = o.next().unwrap_or(0) as usize;
+                let i = open[pick % open.len()];
+                // Sometimes the next piece of a second Chat stream rides in the same event.
+                let j = open[(pick >> 8) % open.len()];
+                let (c, f, _, pieces) = &streams[i];
+                if pick & 0x80 != 0 && i != j && *f < 6 && streams[j].1 < 6 {
+                    let (c2, f2, _, pieces2) = &streams[j];
+                    evs.push(bundle(&[(*c, *f, &pieces[next[i]]), (*c2, *f2, &pieces2[next[j]])]));
+                    next[j] += 1;
+                } else {
+                    evs.push(event(*f, *c, &pieces[next[i]]).0);
+                }
+                next[i] += 1;
+            }
+            let mut want: Vec<(u64, String)> = streams
+                .iter()
+                .filter(|s| s.2)
+                .map(|(c, f, _, _)| (*c, event(*f, *c, "").1))
+                .collect();
+            want.sort();
+            let run = |tenant: &str| {
+                let mut r = ResponseScan::default();
+                let mut out = Vec::new();
+                for e in &evs {
+                    r.event(&pats, tenant, e.as_bytes(), &mut out);
+                }
+                let mut got: Vec<(u64, String)> =
+                    r.matches().iter().map(|(c, p)| (*c, p.to_string())).collect();
+                got.sort();
+                (got, out.len())
+            };
+            let (got, hits) = run("globex");
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(hits, usize::from(!want.is_empty()));
+            // The owner's own traffic: nothing.
+            prop_assert_eq!(run("acme"), (vec![], 0));
+        }
+    }
+}

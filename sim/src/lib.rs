@@ -876,7 +876,9 @@ impl Sim {
                 )
             });
         // Tokens each sequence generates.
+        let out = OutputOptions::from_headers(headers);
         let n = match &reply {
+            _ if out.script.is_some() => out.script.as_ref().map_or(0, |s| s.len() as u64),
             Some(pieces) => pieces.len() as u64,
             None => r
                 .max_tokens
@@ -916,7 +918,10 @@ impl Sim {
                 "total_tokens": r.prompt_tokens + completion
             }),
         };
-        let model = self.config.model.clone();
+        let model = out
+            .served_model
+            .clone()
+            .unwrap_or_else(|| self.config.model.clone());
         if !r.stream {
             if !ttft.is_zero() {
                 tokio::time::sleep(ttft).await;
@@ -928,23 +933,27 @@ impl Sim {
             running.generated(n * sequences);
             self.completed.fetch_add(1, Ordering::SeqCst);
             drop(running);
+            let chat = api == Api::Chat;
             let body = match api {
                 Api::Responses => {
                     response_object(&id, created, &model, "completed", Some(&text), usage)
                 }
                 _ => {
-                    let choices: Vec<serde_json::Value> = (0..choices)
-                        .map(|i| {
-                            if api == Api::Chat {
-                                serde_json::json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
-                            } else {
-                                serde_json::json!({"index": i, "text": text, "finish_reason": "length"})
-                            }
-                        })
-                        .collect();
+                    let choices: Vec<serde_json::Value> = match out.whole_choices(chat) {
+                        Some(c) => c,
+                        None => (0..choices)
+                            .map(|i| {
+                                if chat {
+                                    serde_json::json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+                                } else {
+                                    serde_json::json!({"index": i, "text": text, "finish_reason": "length"})
+                                }
+                            })
+                            .collect(),
+                    };
                     serde_json::json!({
                         "id": id,
-                        "object": if api == Api::Chat { "chat.completion" } else { "text_completion" },
+                        "object": if chat { "chat.completion" } else { "text_completion" },
                         "created": created,
                         "model": model,
                         "choices": choices,
@@ -952,11 +961,13 @@ impl Sim {
                     })
                 }
             };
-            let mut resp = json(body);
+            let mut resp = json_text(out.render(&body));
+            out.encode(&mut resp);
             cache_headers(resp.headers_mut());
             return resp;
         }
         let (tx, body) = ChannelBody::new(16);
+        let encoding = out.clone();
         let sim = self.clone();
         tokio::spawn(async move {
             let mut running = running;
@@ -1008,6 +1019,15 @@ impl Sim {
                 }
                 let text = piece(i);
                 running.generated(sequences);
+                if api != Api::Responses
+                    && let Some(c) = out.event_choice(i as usize, chat)
+                {
+                    // A scripted piece: one event for the choice the script names.
+                    if tx.send(chunk(c)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 for c in 0..choices {
                     let bytes = match api {
                         Api::Responses => event(serde_json::json!({
@@ -1077,6 +1097,7 @@ impl Sim {
             http::header::CACHE_CONTROL,
             HeaderValue::from_static("no-cache"),
         );
+        encoding.encode(&mut resp);
         cache_headers(resp.headers_mut());
         resp
     }
@@ -1130,8 +1151,167 @@ fn bad_field(e: &BadField) -> Response<ProxyBody> {
     )
 }
 
+/// Test controls of a generation's output, by request header:
+/// - `x-sim-script`: a JSON array of `[choice, field, text]` pieces. Streamed, each piece is
+///   one event carrying `text` in `field` of choice `choice` (so choices interleave as the
+///   script orders them); not streamed, each choice's pieces are joined per field. Fields:
+///   `content`, `reasoning`, `reasoning_content`, `refusal`, `tool_arguments`
+///   (`tool_calls[0].function.arguments`), `logprobs` (`logprobs.content[].token`), `text`
+///   (completions).
+/// - `x-sim-pad-bytes: N` (not streamed): one more choice whose content is N bytes of `x`.
+/// - `x-sim-escape: unicode` (not streamed): the script's joined texts written as `\u00XX`.
+/// - `x-sim-served-model`: the `model` the answer names.
+/// - `x-sim-encoding`: the answer's `content-encoding` (the body is not encoded).
+#[derive(Debug, Clone, Default)]
+pub struct OutputOptions {
+    pub script: Option<Vec<(u64, String, String)>>,
+    pub pad_bytes: usize,
+    pub escape_unicode: bool,
+    pub served_model: Option<String>,
+    pub encoding: Option<HeaderValue>,
+}
+
+/// The fields `x-sim-script` can write.
+pub const SCRIPT_FIELDS: [&str; 7] = [
+    "content",
+    "reasoning",
+    "reasoning_content",
+    "refusal",
+    "tool_arguments",
+    "logprobs",
+    "text",
+];
+
+impl OutputOptions {
+    pub fn from_headers(h: &HeaderMap) -> Self {
+        let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        Self {
+            script: text("x-sim-script")
+                .and_then(|s| serde_json::from_str::<Vec<(u64, String, String)>>(s).ok()),
+            pad_bytes: text("x-sim-pad-bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            escape_unicode: text("x-sim-escape") == Some("unicode"),
+            served_model: text("x-sim-served-model").map(str::to_string),
+            encoding: h.get("x-sim-encoding").cloned(),
+        }
+    }
+
+    /// One streamed event's `choices` for script piece `i`.
+    fn event_choice(&self, i: usize, chat: bool) -> Option<serde_json::Value> {
+        let (c, field, text) = self.script.as_ref()?.get(i)?;
+        let choice = match field.as_str() {
+            "text" => serde_json::json!({"index": c, "text": text, "finish_reason": null}),
+            _ if !chat => serde_json::json!({"index": c, "text": text, "finish_reason": null}),
+            "tool_arguments" => serde_json::json!({"index": c, "delta": {"tool_calls": [
+                {"index": 0, "id": "call_0", "type": "function",
+                 "function": {"name": "lookup", "arguments": text}}]}, "finish_reason": null}),
+            "logprobs" => serde_json::json!({"index": c, "delta": {"content": ""},
+                "logprobs": {"content": [{"token": text, "logprob": -0.5}]}, "finish_reason": null}),
+            f => serde_json::json!({"index": c, "delta": {f: text}, "finish_reason": null}),
+        };
+        Some(serde_json::json!([choice]))
+    }
+
+    /// The script's text joined per (choice, field), in choice order.
+    fn joined(
+        &self,
+    ) -> std::collections::BTreeMap<u64, std::collections::BTreeMap<String, String>> {
+        let mut by: std::collections::BTreeMap<u64, std::collections::BTreeMap<String, String>> =
+            Default::default();
+        for (c, f, t) in self.script.iter().flatten() {
+            by.entry(*c)
+                .or_default()
+                .entry(f.clone())
+                .or_default()
+                .push_str(t);
+        }
+        by
+    }
+
+    /// A non-streamed answer's `choices`, when the script or padding shapes them.
+    fn whole_choices(&self, chat: bool) -> Option<Vec<serde_json::Value>> {
+        if self.script.is_none() && self.pad_bytes == 0 {
+            return None;
+        }
+        let by = self.joined();
+        let mut choices = Vec::new();
+        for (c, fields) in &by {
+            let get = |f: &str| fields.get(f).cloned();
+            if !chat {
+                let text: String = fields.values().cloned().collect();
+                choices
+                    .push(serde_json::json!({"index": c, "text": text, "finish_reason": "length"}));
+                continue;
+            }
+            let mut message = serde_json::json!({"role": "assistant", "content": get("content")});
+            for f in ["reasoning", "reasoning_content", "refusal"] {
+                if let Some(t) = get(f) {
+                    message[f] = serde_json::Value::String(t);
+                }
+            }
+            if let Some(a) = get("tool_arguments") {
+                message["tool_calls"] = serde_json::json!([{"id": "call_0", "type": "function",
+                    "function": {"name": "lookup", "arguments": a}}]);
+            }
+            let mut choice =
+                serde_json::json!({"index": c, "message": message, "finish_reason": "length"});
+            if let Some(t) = get("logprobs") {
+                choice["logprobs"] =
+                    serde_json::json!({"content": [{"token": t, "logprob": -0.5}]});
+            }
+            if let Some(t) = get("text") {
+                choice["text"] = serde_json::Value::String(t);
+            }
+            choices.push(choice);
+        }
+        if self.pad_bytes > 0 {
+            let index = by.keys().next_back().map_or(0, |c| c + 1);
+            let pad = "x".repeat(self.pad_bytes);
+            choices.push(if chat {
+                serde_json::json!({"index": index, "message": {"role": "assistant", "content": pad}, "finish_reason": "length"})
+            } else {
+                serde_json::json!({"index": index, "text": pad, "finish_reason": "length"})
+            });
+        }
+        Some(choices)
+    }
+
+    /// A non-streamed answer's text (with `x-sim-escape: unicode`, every joined script text
+    /// written as `\u` escapes).
+    fn render(&self, v: &serde_json::Value) -> String {
+        let mut body = v.to_string();
+        if self.escape_unicode {
+            for fields in self.joined().values() {
+                for t in fields.values() {
+                    let plain = serde_json::Value::String(t.clone()).to_string();
+                    let escaped: String = t.encode_utf16().map(|u| format!("\\u{u:04x}")).collect();
+                    body = body.replace(&plain, &format!("\"{escaped}\""));
+                }
+            }
+        }
+        body
+    }
+
+    fn encode(&self, resp: &mut Response<ProxyBody>) {
+        if let Some(e) = &self.encoding {
+            resp.headers_mut()
+                .insert(http::header::CONTENT_ENCODING, e.clone());
+        }
+    }
+}
+
 fn json(v: serde_json::Value) -> Response<ProxyBody> {
     let mut r = Response::new(full(v.to_string()));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn json_text(text: String) -> Response<ProxyBody> {
+    let mut r = Response::new(full(text));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

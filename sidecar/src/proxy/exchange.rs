@@ -60,6 +60,15 @@ impl Cut {
     }
 }
 
+/// A piece of the response, for the leak scan.
+#[derive(Debug, Clone, Copy)]
+pub enum Scanned<'a> {
+    /// One whole SSE event.
+    Event(&'a [u8]),
+    /// The next bytes of a body that is not an event stream.
+    Body(&'a [u8]),
+}
+
 /// What the response meter saw.
 #[derive(Debug, Default)]
 pub struct Meter {
@@ -70,7 +79,13 @@ pub struct Meter {
     pub cut: Option<Cut>,
     pub ttft: Option<Duration>,
     pub prompt_estimate: u64,
+    /// The model the answer names (top-level `model`, or `response.model` in the Responses
+    /// API's events), cut to [`MAX_MODEL`] bytes: what the request is priced by.
+    pub served_model: Option<String>,
 }
+
+/// The longest served model name kept.
+pub const MAX_MODEL: usize = 128;
 
 /// Request-body bytes held under `http.max_inflight_body_bytes`.
 pub struct BodyBytes {
@@ -144,7 +159,7 @@ pub struct Exchange {
     /// Canaries, keywords and markers found in the prompt and the response.
     pub leaks: Vec<crate::leaks::Hit>,
     /// The response is scanned for other tenants' canaries and keywords.
-    pub leak_scan: Option<(Arc<crate::leaks::LeakPatterns>, crate::leaks::StreamScan)>,
+    pub leak_scan: Option<(Arc<crate::leaks::LeakPatterns>, crate::leaks::ResponseScan)>,
     /// The response was cut because it carried another tenant's canary (`on_canary = block`).
     pub leak_blocked: bool,
     pub meter: Meter,
@@ -202,12 +217,15 @@ impl Exchange {
 
     /// Scan the next piece of the response for other tenants' canaries and keywords; true
     /// when it must be withheld and the response cut (a canary, `on_canary = "block"`).
-    pub fn scan_response(&mut self, text: &[u8]) -> bool {
+    pub fn scan_response(&mut self, piece: Scanned<'_>) -> bool {
         let (Some((pats, scan)), Some(t)) = (&mut self.leak_scan, &self.tenant) else {
             return false;
         };
         let before = self.leaks.len();
-        scan.feed(pats, &t.name, text, &mut self.leaks);
+        match piece {
+            Scanned::Event(ev) => scan.event(pats, &t.name, ev, &mut self.leaks),
+            Scanned::Body(b) => scan.body(pats, &t.name, b, &mut self.leaks),
+        }
         let block = pats.on_canary == crate::config::OnCanary::Block
             && self.leaks[before..]
                 .iter()
@@ -355,7 +373,7 @@ impl Exchange {
         self.record_leaks(status.as_u16());
         let m = &self.app.metrics;
         let elapsed = self.t0.elapsed();
-        let mut cost = None;
+        let mut charged = None;
         match &self.tenant {
             Some(t) => {
                 let tm = &t.metrics;
@@ -385,7 +403,8 @@ impl Exchange {
                 if let Some(u) = usage {
                     tm.prompt_tokens.inc_by(u.prompt);
                     tm.completion_tokens.inc_by(u.completion);
-                    cost = t.cost.charge(
+                    charged = t.cost.charge(
+                        self.meter.served_model.as_deref(),
                         self.model.as_deref(),
                         crate::cost::Tokens {
                             prompt: u.prompt,
@@ -393,6 +412,10 @@ impl Exchange {
                             completion: u.completion,
                         },
                     );
+                    if charged.is_none() && t.cost.is_priced() {
+                        // Priced tenants only: without `[cost]` every answer is unpriced.
+                        tm.cost_unpriced.inc();
+                    }
                 }
                 if self.forwarded {
                     tm.duration.observe(elapsed.as_secs_f64());
@@ -450,8 +473,10 @@ impl Exchange {
                 .map(|h| LeakRecord::new(h, None))
                 .collect(),
             model: self.model.take(),
+            served_model: self.meter.served_model.take(),
             cached_tokens: usage.map(|u| u.cached).filter(|c| *c > 0),
-            cost,
+            cost: charged.as_ref().map(|c| c.cost),
+            price_model: charged.map(|c| c.price_model),
         });
     }
 }

@@ -7,7 +7,7 @@
 //!   client has not taken a frame for `http.response_write_idle_timeout_ms` the response is
 //!   cut, the upstream request dropped (cancelling it) and the exchange finished.
 
-use super::exchange::{Cut, End, Exchange, Usage};
+use super::exchange::{Cut, End, Exchange, MAX_MODEL, Scanned, Usage};
 use super::refusal::{Refusal, rate_headers};
 use crate::http_util::{BoxError, ProxyBody, full};
 use crate::upstream::strip_hop_by_hop;
@@ -41,12 +41,35 @@ struct ResponseView {
     /// The Responses API's stream events carry usage in `response.usage`.
     #[serde(default)]
     response: Option<InnerResponse>,
+    /// The model that served the answer.
+    #[serde(default)]
+    model: Option<serde_json::Value>,
 }
 
 #[derive(serde::Deserialize)]
 struct InnerResponse {
     #[serde(default)]
     usage: Option<UsageView>,
+    #[serde(default)]
+    model: Option<serde_json::Value>,
+}
+
+impl ResponseView {
+    /// The model the answer names: its `model`, or the Responses API's `response.model`.
+    fn served_model(&self) -> Option<String> {
+        model_name(
+            self.model
+                .as_ref()
+                .or(self.response.as_ref().and_then(|r| r.model.as_ref())),
+        )
+    }
+}
+
+/// A served model name as kept: a string, cut to [`MAX_MODEL`] bytes.
+fn model_name(v: Option<&serde_json::Value>) -> Option<String> {
+    let mut m = v?.as_str()?.to_string();
+    m.truncate(m.floor_char_boundary(MAX_MODEL));
+    Some(m)
 }
 
 #[derive(serde::Deserialize)]
@@ -87,9 +110,15 @@ impl UsageView {
     }
 }
 
-/// Finds the top-level `"usage"` object of a JSON document of any size, fed in pieces.
+/// Finds the top-level `"usage"` object and `"model"` string of a JSON document of any size,
+/// fed in pieces.
 #[derive(Debug, Default)]
 pub struct UsageScanner {
+    /// The last key at depth 1 was "model" and its value has not started.
+    model_next: bool,
+    /// The raw text of the top-level `model` string, while it is read.
+    model_capture: Option<Vec<u8>>,
+    model: Option<Vec<u8>>,
     depth: u32,
     in_str: bool,
     esc: bool,
@@ -113,14 +142,27 @@ impl UsageScanner {
                 }
             }
             if self.in_str {
+                let closes = !self.esc && b == b'"';
+                if let Some(m) = &mut self.model_capture
+                    && !closes
+                {
+                    if m.len() < 4 * MAX_MODEL {
+                        m.push(b);
+                    } else {
+                        self.model_capture = None;
+                    }
+                }
                 if self.esc {
                     self.esc = false;
                 } else if b == b'\\' {
                     self.esc = true;
-                } else if b == b'"' {
+                } else if closes {
                     self.in_str = false;
                     if let Some(k) = self.key.take() {
                         self.usage_next = k == b"usage";
+                        self.model_next = k == b"model";
+                    } else if let Some(m) = self.model_capture.take() {
+                        self.model = Some(m);
                     }
                 } else if let Some(k) = &mut self.key
                     && k.len() < 8
@@ -135,6 +177,10 @@ impl UsageScanner {
                     if self.depth == 1 && self.expect_key {
                         self.key = Some(Vec::new());
                         self.expect_key = false;
+                    } else if self.model_next {
+                        // The value of the top-level "model" key (after a key, the next
+                        // string is its value unless an object or array came first).
+                        self.model_capture = Some(Vec::new());
                     }
                 }
                 b'{' | b'[' => {
@@ -142,6 +188,7 @@ impl UsageScanner {
                         self.capture = Some(vec![b'{']);
                     }
                     self.usage_next = false;
+                    self.model_next = false;
                     self.depth += 1;
                     if self.depth == 1 {
                         self.expect_key = b == b'{';
@@ -170,6 +217,17 @@ impl UsageScanner {
         serde_json::from_slice::<UsageView>(f)
             .ok()
             .map(|u| u.usage())
+    }
+
+    /// The top-level `model` string (escapes decoded, cut to [`MAX_MODEL`] bytes).
+    pub fn model(&self) -> Option<String> {
+        let raw = self.model.as_deref()?;
+        let mut quoted = Vec::with_capacity(raw.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(raw);
+        quoted.push(b'"');
+        let v = serde_json::from_slice::<serde_json::Value>(&quoted).ok()?;
+        model_name(Some(&v))
     }
 }
 
@@ -202,7 +260,10 @@ fn inspect_event(ev: &[u8], strip_usage: bool, ex: &mut Exchange) -> bool {
             continue;
         }
         let has_usage = data.windows(7).any(|w| w == b"\"usage\"");
-        let view = if has_usage {
+        // The served model, from the first event that names it.
+        let has_model =
+            ex.meter.served_model.is_none() && data.windows(7).any(|w| w == b"\"model\"");
+        let view = if has_usage || has_model {
             serde_json::from_slice::<ResponseView>(data).ok()
         } else {
             None
@@ -211,6 +272,9 @@ fn inspect_event(ev: &[u8], strip_usage: bool, ex: &mut Exchange) -> bool {
             ex.meter.chunks += 1;
             continue;
         };
+        if ex.meter.served_model.is_none() {
+            ex.meter.served_model = v.served_model();
+        }
         let usage = v
             .usage
             .as_ref()
@@ -231,40 +295,6 @@ fn inspect_event(ev: &[u8], strip_usage: bool, ex: &mut Exchange) -> bool {
 /// Sent in place of the rest of a stream cut for another tenant's canary.
 const CANARY_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the response carried a marker that belongs to another tenant's data and was cut\",\"type\":\"server_error\",\"code\":\"canary_blocked\"}}\n\n";
 
-/// The generated text of one SSE event (chat `delta.content`, completions `text`, Responses
-/// API `delta`), for the leak scan.
-fn event_text(ev: &[u8], out: &mut Vec<u8>) {
-    for line in ev.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(data) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) else {
-            continue;
-        };
-        let mut push = |x: Option<&serde_json::Value>| {
-            if let Some(t) = x.and_then(|x| x.as_str()) {
-                out.extend_from_slice(t.as_bytes());
-            }
-        };
-        if let Some(choices) = v.get("choices").and_then(|c| c.as_array()) {
-            for c in choices {
-                push(c.pointer("/delta/content"));
-                push(c.pointer("/delta/reasoning_content"));
-                push(c.get("text"));
-                push(c.pointer("/message/content"));
-                // Tool calls stream their arguments in pieces too.
-                if let Some(calls) = c.pointer("/delta/tool_calls").and_then(|t| t.as_array()) {
-                    for call in calls {
-                        push(call.pointer("/function/arguments"));
-                    }
-                }
-            }
-        }
-        push(v.get("delta"));
-    }
-}
-
 enum Filter {
     Sse {
         buf: BytesMut,
@@ -284,7 +314,7 @@ impl Filter {
                 if let Some(scan) = scan {
                     scan.feed(&data);
                     // Pumped: scanned as it goes (a buffered body is scanned whole at its end).
-                    if ex.scan_response(&data) {
+                    if ex.scan_response(Scanned::Body(&data)) {
                         return None;
                     }
                 }
@@ -293,18 +323,13 @@ impl Filter {
             Filter::Sse { buf, strip_usage } => {
                 buf.extend_from_slice(&data);
                 let mut out = BytesMut::new();
-                let mut text = Vec::new();
                 while let Some(end) = event_end(buf) {
                     let ev = buf.split_to(end);
-                    if ex.leak_scan.is_some() {
-                        text.clear();
-                        event_text(&ev, &mut text);
-                        if ex.scan_response(&text) {
-                            // The event that completes another tenant's canary is withheld.
-                            out.extend_from_slice(CANARY_EVENT);
-                            buf.clear();
-                            break;
-                        }
+                    if ex.scan_response(Scanned::Event(&ev)) {
+                        // The event that completes another tenant's canary is withheld.
+                        out.extend_from_slice(CANARY_EVENT);
+                        buf.clear();
+                        break;
                     }
                     if inspect_event(&ev, *strip_usage, ex) {
                         out.extend_from_slice(&ev);
@@ -320,12 +345,13 @@ impl Filter {
     fn end(&mut self, ex: &mut Exchange, whole: Option<&[u8]>) -> Option<Bytes> {
         let tail = match self {
             Filter::Json(scan) => {
-                ex.meter.usage = match (scan, whole) {
-                    (Some(scan), _) => scan.usage(),
-                    (None, Some(body)) => serde_json::from_slice::<ResponseView>(body)
-                        .ok()
-                        .and_then(|v| v.usage.map(|u| u.usage())),
-                    (None, None) => None,
+                (ex.meter.usage, ex.meter.served_model) = match (scan, whole) {
+                    (Some(scan), _) => (scan.usage(), scan.model()),
+                    (None, Some(body)) => match serde_json::from_slice::<ResponseView>(body) {
+                        Ok(v) => (v.usage.as_ref().map(|u| u.usage()), v.served_model()),
+                        Err(_) => (None, None),
+                    },
+                    (None, None) => (None, None),
                 };
                 None
             }
@@ -337,6 +363,16 @@ impl Filter {
         ex.meter.ended = true;
         tail
     }
+}
+
+/// The answer carries a `content-encoding` other than `identity`.
+fn encoded(h: &http::HeaderMap) -> bool {
+    h.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',')
+                .any(|e| !e.trim().eq_ignore_ascii_case("identity"))
+        })
+    })
 }
 
 /// Meter and deliver the upstream's response.
@@ -354,6 +390,20 @@ pub async fn respond(
     strip_hop_by_hop(&mut parts.headers);
     if let Some(a) = &ex.admission {
         rate_headers(&mut parts.headers, a.info());
+    }
+    if encoded(&parts.headers) {
+        // Asked for `identity`; an answer it cannot read can be neither scanned nor metered.
+        // Nothing of it is counted: settled like an answer that broke off (refunded).
+        tracing::warn!(request_id = %ex.request_id, "upstream answer is content-encoded");
+        let r = Refusal::server(
+            StatusCode::BAD_GATEWAY,
+            "upstream_encoded_response",
+            "the inference server's answer was content-encoded although the sidecar asked for \
+             identity; it cannot be scanned or metered and was withheld",
+        );
+        let resp = r.response();
+        ex.end = End::Refused(r);
+        return resp;
     }
     let sse = parts
         .headers
@@ -393,7 +443,8 @@ pub async fn respond(
         }
     };
     let refusal = match tokio::time::timeout_at(deadline, read).await {
-        Ok(Ok(false)) if ex.scan_response(&buf) => {
+        // Scanned whole before any byte is sent; one too large to buffer, from its first byte.
+        Ok(Ok(_)) if ex.scan_response(Scanned::Body(&buf)) => {
             // The answer carried another tenant's canary: it never reaches the client. The
             // upstream did the work: its usage is settled as answered.
             filter.end(&mut ex, Some(&buf));
@@ -410,7 +461,8 @@ pub async fn respond(
         }
         Ok(Ok(false)) => None,
         Ok(Ok(true)) => {
-            // Too large to buffer: scanned as it streams, from the start.
+            // Too large to buffer: metered and scanned as it streams, from the start (the
+            // prefix was scanned above).
             let mut scan = UsageScanner::default();
             scan.feed(&buf);
             filter = Filter::Json(Some(scan));
@@ -562,18 +614,109 @@ mod tests {
     }
 
     #[test]
-    fn event_text_takes_content_and_tool_call_arguments() {
-        let mut out = Vec::new();
-        event_text(
-            br#"data: {"choices":[{"delta":{"content":"ab","tool_calls":[{"index":0,"function":{"arguments":"{\"q\":\"cd"}}]}}]}"#,
-            &mut out,
+    fn only_an_identity_content_encoding_is_readable() {
+        let mut h = http::HeaderMap::new();
+        assert!(!encoded(&h));
+        for (v, want) in [
+            ("identity", false),
+            (" Identity ", false),
+            ("identity, identity", false),
+            ("gzip", true),
+            ("identity, gzip", true),
+            ("br", true),
+            ("", true),
+        ] {
+            h.insert(header::CONTENT_ENCODING, v.parse().unwrap());
+            assert_eq!(encoded(&h), want, "{v:?}");
+        }
+        // A second header counts too; so does a value that is not text.
+        h.insert(header::CONTENT_ENCODING, "identity".parse().unwrap());
+        h.append(header::CONTENT_ENCODING, "zstd".parse().unwrap());
+        assert!(encoded(&h));
+        h.insert(
+            header::CONTENT_ENCODING,
+            http::HeaderValue::from_bytes(b"\xffgzip").unwrap(),
         );
-        event_text(
-            br#"data: {"type":"response.output_text.delta","delta":"ef"}"#,
-            &mut out,
+        assert!(encoded(&h));
+    }
+
+    #[test]
+    fn an_answer_names_its_model_at_the_top_or_in_its_response() {
+        let served = |doc: &str| {
+            serde_json::from_str::<ResponseView>(doc)
+                .unwrap()
+                .served_model()
+        };
+        assert_eq!(
+            served(r#"{"model":"c","choices":[]}"#).as_deref(),
+            Some("c")
         );
-        event_text(b"data: [DONE]", &mut out);
-        assert_eq!(out, br#"ab{"q":"cdef"#);
+        assert_eq!(
+            served(r#"{"type":"response.created","response":{"model":"r","usage":null}}"#)
+                .as_deref(),
+            Some("r")
+        );
+        assert_eq!(
+            served(r#"{"model":"top","response":{"model":"inner"}}"#).as_deref(),
+            Some("top")
+        );
+        assert_eq!(served(r#"{"model":7,"choices":[]}"#), None);
+        assert_eq!(served(r#"{"choices":[{"model":"x"}]}"#), None);
+        let long = format!(r#"{{"model":"{}"}}"#, "é".repeat(MAX_MODEL));
+        let m = served(&long).unwrap();
+        assert!(
+            m.len() <= MAX_MODEL && m.len() > MAX_MODEL - 2,
+            "{}",
+            m.len()
+        );
+    }
+
+    fn model(pieces: &[&[u8]]) -> Option<String> {
+        let mut s = UsageScanner::default();
+        for p in pieces {
+            s.feed(p);
+        }
+        s.model()
+    }
+
+    #[test]
+    fn the_served_model_is_the_top_level_model_string_in_any_split() {
+        let doc = br#"{"id":"x","choices":[{"model":"inner","text":"\"model\": \"no\""}],"modelx":"y","model" : "served\/m\u0031","usage":{"model":"u"}}"#;
+        assert_eq!(model(&[doc]).as_deref(), Some("served/m1"));
+        for cut in 1..doc.len() {
+            assert_eq!(
+                model(&[&doc[..cut], &doc[cut..]]).as_deref(),
+                Some("served/m1"),
+                "split at {cut}"
+            );
+        }
+        // Not a string, not top-level, absent: none.
+        for doc in [
+            &br#"{"model":5,"x":"y"}"#[..],
+            br#"{"model":null,"x":"y"}"#,
+            br#"{"model":{"name":"m"},"x":"y"}"#,
+            br#"{"model":["m"],"x":"y"}"#,
+            br#"{"choices":[{"model":"m"}]}"#,
+            br#"{"x":"model","y":"m"}"#,
+            br#"{"usage":{"prompt_tokens":1}}"#,
+        ] {
+            assert_eq!(model(&[doc]), None, "{}", String::from_utf8_lossy(doc));
+        }
+        // A long name is cut; one too long to keep is dropped.
+        let long = |n: usize| format!(r#"{{"model":"{}","x":"y"}}"#, "a".repeat(n));
+        assert_eq!(model(&[long(300).as_bytes()]), Some("a".repeat(MAX_MODEL)));
+        assert_eq!(
+            model(&[long(4 * MAX_MODEL).as_bytes()]).map(|m| m.len()),
+            Some(MAX_MODEL)
+        );
+        assert_eq!(model(&[long(4 * MAX_MODEL + 1).as_bytes()]), None);
+        // The usage beside it is still found.
+        let mut s = UsageScanner::default();
+        s.feed(br#"{"model":"m","usage":{"prompt_tokens":2,"completion_tokens":3}}"#);
+        assert_eq!(
+            (s.model().as_deref(), s.usage().map(|u| u.total())),
+            (Some("m"), Some(5))
+        );
     }
 
     fn scan(pieces: &[&[u8]]) -> Option<Usage> {

@@ -546,7 +546,7 @@ fn scan_prompt(
         &mut ex.leaks,
     );
     if pats.scans_responses() {
-        ex.leak_scan = Some((pats.clone(), crate::leaks::StreamScan::default()));
+        ex.leak_scan = Some((pats.clone(), crate::leaks::ResponseScan::default()));
     }
     if pats.on_canary == crate::config::OnCanary::Block
         && ex
@@ -722,6 +722,12 @@ fn upstream_request(
             }
         }
     }
+    // The answer must be readable to be scanned and metered: never compressed (an encoded
+    // answer is refused, see meter.rs).
+    h.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", conn.peer.ip()),
         None => conn.peer.ip().to_string(),
