@@ -306,4 +306,61 @@ mod tests {
         let q = quoted(&long);
         assert!(q.len() < 80 && q.ends_with("..."), "{q}");
     }
+
+    #[test]
+    fn list_and_entry_sizes_are_bounded_exactly() {
+        let many = |n: usize, f: &dyn Fn(usize) -> String| (0..n).map(f).collect::<Vec<_>>();
+        let route = |i: usize| format!("/v1/r{i}");
+        assert!(Routes::parse(&many(MAX_SCOPE_ENTRIES, &route)).is_ok());
+        assert!(Routes::parse(&many(MAX_SCOPE_ENTRIES + 1, &route)).is_err());
+        let long = |n: usize| format!("/v1/{}", "a".repeat(n - 4));
+        assert!(Routes::parse(&[long(MAX_SCOPE_ENTRY_BYTES)]).is_ok());
+        assert!(Routes::parse(&[long(MAX_SCOPE_ENTRY_BYTES + 1)]).is_err());
+        let tools = |list: Vec<String>| {
+            Scope::from_config(&ScopeConfig {
+                tools: Some(list),
+                ..Default::default()
+            })
+        };
+        let name = |i: usize| format!("t{i}");
+        assert!(tools(many(MAX_SCOPE_ENTRIES, &name)).is_ok());
+        let e = tools(many(MAX_SCOPE_ENTRIES + 1, &name)).unwrap_err();
+        assert_eq!(e.field, "tools");
+        assert!(tools(vec!["x".repeat(MAX_SCOPE_ENTRY_BYTES)]).is_ok());
+        assert!(tools(vec!["x".repeat(MAX_SCOPE_ENTRY_BYTES + 1)]).is_err());
+        assert!(tools(vec![String::new()]).is_err());
+        assert!(tools(vec!["x".into()]).is_ok());
+    }
+
+    #[test]
+    fn what_a_scope_limits() {
+        assert!(Routes::ALL.is_all());
+        assert!(!Routes::parse(&["/v1/models".into()]).unwrap().is_all());
+        assert!(Scope::default().is_unlimited());
+        assert!(!Scope::default().limits_body());
+        let only = |c: ScopeConfig| Scope::from_config(&c).unwrap();
+        let routes = only(ScopeConfig {
+            routes: Some(vec!["/v1/models".into()]),
+            ..Default::default()
+        });
+        // Routes alone: limited, but nothing in the body.
+        assert!(!routes.is_unlimited() && !routes.limits_body());
+        for c in [
+            ScopeConfig {
+                models: Some(vec!["m".into()]),
+                ..Default::default()
+            },
+            ScopeConfig {
+                tools: Some(vec!["t".into()]),
+                ..Default::default()
+            },
+            ScopeConfig {
+                max_tokens: Some(5),
+                ..Default::default()
+            },
+        ] {
+            let s = only(c.clone());
+            assert!(s.limits_body() && !s.is_unlimited(), "{c:?}");
+        }
+    }
 }
