@@ -17,8 +17,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The sidecar's estimate for `chat("hi", max_tokens=100)`: ceil((4 + 2 + 16) / 4) + 100.
-const EST: u64 = 6 + 100;
+/// The sidecar's estimate for `chat("hi", max_tokens=100)`: the message's keys and strings
+/// (17 bytes) a token per 4 started, 4 tokens for the message, and the limit: 5 + 4 + 100.
+const EST: u64 = 9 + 100;
 
 fn have(bin: &str) -> bool {
     Command::new(bin)
@@ -972,6 +973,64 @@ async fn live_slots_are_put_back_after_a_redis_restart() {
     }
     hs[0].sim.sim.open_gate();
     drop(held);
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// A response stored through one replica can be continued through another by the tenant that
+/// stored it, and by no other tenant: the owner is remembered in Redis.
+#[tokio::test]
+async fn a_stored_response_is_the_same_tenants_on_every_replica() {
+    if !redis_available("stored responses") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let tenants = limits_section(
+        &redis.url(),
+        "",
+        "[tenants.acme]\nstore_responses = true\n[tenants.globex]\n",
+    );
+    let mut hs = Vec::new();
+    for _ in 0..2 {
+        hs.push(
+            Harness::start_with(&tenants, Default::default(), |t| {
+                *t = t.replace("[upstream]\n", "[upstream]\nflavor = \"vllm\"\n")
+            })
+            .await,
+        );
+    }
+    for h in &hs {
+        h.wait_metric("bulkhead_limits_backend_up", 1.0).await;
+    }
+    let c = client();
+    let send = |addr, tenant: &'static str, body: String| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .request(signed_to(
+                    addr,
+                    tenant,
+                    Method::POST,
+                    "/v1/responses",
+                    &body,
+                ))
+                .await
+                .unwrap();
+            let st = r.status();
+            let b = r.into_body().collect().await.unwrap().to_bytes();
+            (st, serde_json::from_slice::<serde_json::Value>(&b).unwrap())
+        }
+    };
+    let (st, v) = send(hs[0].addr, "acme", r#"{"model":"m","input":"keep"}"#.into()).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let next = format!(r#"{{"model":"m","input":"more","previous_response_id":"{id}"}}"#);
+    let (st, v) = send(hs[1].addr, "globex", next.clone()).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"]["code"], "previous_response_not_found");
+    let (st, v) = send(hs[1].addr, "acme", next).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
     for h in hs {
         h.shutdown().await;
     }
