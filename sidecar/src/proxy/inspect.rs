@@ -469,7 +469,7 @@ fn engine_fields(
 /// the Responses API a `function` tool by its top-level `name`; any other type (built-in
 /// tools: `code_interpreter`, `mcp`, `web_search_preview`, ...) by its type. An entry that
 /// carries the other API's spelling too is refused, so no reader can take another name.
-fn tool_name<'v>(api: Body, v: &'v Value, legacy: bool) -> Result<&'v str, Refusal> {
+fn tool_name(api: Body, v: &Value, legacy: bool) -> Result<&str, Refusal> {
     let Some(o) = v.as_object() else {
         return Err(Refusal::permission(
             "a tool that is not an object is outside this credential's scope",
