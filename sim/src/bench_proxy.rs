@@ -13,8 +13,8 @@
 //! sidecar over the whole run.
 
 use super::{
-    Args, KEY, Proc, free_port, pct, proc_stats, spawn_sidecar, spawn_sim, wait_port, which,
-    write_nginx_config, write_sidecar_config,
+    Args, KEY, Proc, free_port, pct, proc_stats, spawn_sidecar, spawn_sidecar_bin, spawn_sim,
+    wait_port, which, write_nginx_config, write_sidecar_config,
 };
 use anyhow::Context;
 use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
@@ -37,6 +37,8 @@ pub enum Kind {
     Direct,
     Nginx,
     Sidecar,
+    /// An earlier sidecar build (`--baseline-sidecar`), same configuration.
+    Baseline,
     Litellm,
 }
 
@@ -46,6 +48,7 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::Nginx => "nginx",
             Kind::Sidecar => "sidecar",
+            Kind::Baseline => "baseline",
             Kind::Litellm => "litellm",
         }
     }
@@ -101,7 +104,7 @@ pub fn request(
         );
     }
     match kind {
-        Kind::Sidecar => {
+        Kind::Sidecar | Kind::Baseline => {
             h.insert(TENANT_HEADER, HeaderValue::from_static("bench"));
             h.insert("content-digest", body.digest.clone());
             let created = std::time::SystemTime::now()
@@ -317,6 +320,37 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     if pinned {
         pin(sidecar.child.id(), 1);
     }
+    // The earlier build, on its own ports and audit folder, the same configuration.
+    let baseline = match &args.baseline_sidecar {
+        Some(bin) => {
+            let (port, admin) = (free_port()?, free_port()?);
+            let bdir = dir.join("baseline");
+            std::fs::create_dir_all(&bdir)?;
+            let text = std::fs::read_to_string(&cfg)?
+                .replace(
+                    &format!("127.0.0.1:{sc_port}"),
+                    &format!("127.0.0.1:{port}"),
+                )
+                .replace(
+                    &format!("127.0.0.1:{sc_admin}"),
+                    &format!("127.0.0.1:{admin}"),
+                )
+                .replace(
+                    &dir.join("audit").display().to_string(),
+                    &bdir.join("audit").display().to_string(),
+                );
+            let bcfg = bdir.join("sidecar.toml");
+            std::fs::write(&bcfg, text)?;
+            let p = spawn_sidecar_bin(bin, &bcfg)?;
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            wait_port(addr, p.name)?;
+            if pinned {
+                pin(p.child.id(), 1);
+            }
+            Some((p, addr))
+        }
+        None => None,
+    };
 
     let nginx = match (args.no_nginx, which("nginx")) {
         (false, Some(bin)) => {
@@ -418,6 +452,9 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         targets.push((Kind::Nginx, *a, p.child.id()));
     }
     targets.push((Kind::Sidecar, sc_addr, sidecar.child.id()));
+    if let Some((p, a)) = &baseline {
+        targets.push((Kind::Baseline, *a, p.child.id()));
+    }
     if let Some((p, a)) = &litellm {
         targets.push((Kind::Litellm, *a, p.child.id()));
     }
@@ -673,6 +710,26 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             false,
         ));
     }
+    if baseline.is_some() {
+        let b = Kind::Baseline;
+        println!("\nthis build over the baseline build (same configuration, same trials):");
+        for (what, name) in [
+            ("CPU per request, small body", "cpu_us_per_req"),
+            ("CPU per request, 32 KiB prompt", "cpu_us_per_req_32k"),
+            ("CPU per request, 256 KiB prompt", "cpu_us_per_req_256k"),
+            ("req/s at the throughput run", "rps"),
+            ("p99 at 1 connection", "p99_us"),
+            ("p99 at 1 connection, 256 KiB", "p99_us_256k"),
+        ] {
+            let r = med(s, name) / med(b, name);
+            report.insert(format!("sidecar_vs_baseline_{name}"), r.into());
+            println!(
+                "  {what}: {:.1} / {:.1} = {r:.3}x",
+                med(s, name),
+                med(b, name)
+            );
+        }
+    }
     println!("\nsidecar against the goals (every feature on):");
     for (what, goal, met) in &goals {
         println!(
@@ -694,6 +751,7 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     }
     drop(litellm);
     drop(nginx);
+    drop(baseline);
     drop(sidecar);
     drop(sim);
     Ok(())

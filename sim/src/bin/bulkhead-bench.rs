@@ -66,6 +66,11 @@ struct Args {
     /// Write the figures as JSON here too.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Another `bulkhead-sidecar` binary (an earlier build) to measure beside this one, with
+    /// the same configuration, interleaved in the same trials: its figures and this build's
+    /// over its are reported.
+    #[arg(long)]
+    baseline_sidecar: Option<PathBuf>,
     /// Instead: compare the prefix-cache isolation tiers (shared, salted, exclusive) with
     /// three tenants interleaving against the simulator's prefix cache.
     #[arg(long)]
@@ -137,7 +142,11 @@ fn spawn_sim(bin_dir: &Path, args: &[&str]) -> anyhow::Result<Proc> {
 
 /// Start `bulkhead-sidecar` from `bin_dir` on the configuration file `cfg`.
 fn spawn_sidecar(bin_dir: &Path, cfg: &Path) -> anyhow::Result<Proc> {
-    let bin = bin_dir.join("bulkhead-sidecar");
+    spawn_sidecar_bin(&bin_dir.join("bulkhead-sidecar"), cfg)
+}
+
+fn spawn_sidecar_bin(bin: &Path, cfg: &Path) -> anyhow::Result<Proc> {
+    let bin = bin.to_path_buf();
     Ok(Proc {
         name: "bulkhead-sidecar",
         child: Command::new(&bin)
