@@ -51,9 +51,11 @@ pub enum ErrorCode {
     UnsupportedSocket,
     /// The tenant is not in the agent's configuration.
     UnknownTenant,
-    /// The caller's credentials (SO_PEERCRED) are not allowed by the agent's configuration.
+    /// The caller's credentials (SO_PEERCRED) are not allowed by the agent's configuration, or
+    /// a KV report names a tenant its shared server is not configured for.
     NotAllowed,
-    /// A KV report from a process that is not in a workload configured as a shared server.
+    /// A KV report from a process that is not in a workload configured as a shared server
+    /// (a report never makes a pod one).
     UnknownWorkload,
     /// The agent failed (e.g. a full map); the message says why.
     Internal,

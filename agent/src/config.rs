@@ -54,6 +54,7 @@ pub struct GpuConfig {
 
 /// A workload using GPUs: matched by pod UID or by a substring of the process's cgroup path,
 /// and either dedicated to one tenant or a shared inference server split by its KV reports.
+/// Only a shared server's processes may send KV reports, and only for its `tenants`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GpuWorkload {
@@ -65,6 +66,9 @@ pub struct GpuWorkload {
     pub tenant: Option<String>,
     #[serde(default)]
     pub shared: bool,
+    /// A shared server's tenants: the only ones its sidecar's KV reports may name.
+    #[serde(default)]
+    pub tenants: Vec<String>,
 }
 
 impl Default for GpuConfig {
@@ -419,6 +423,12 @@ impl Config {
                 }
             }
             match (&w.tenant, w.shared) {
+                (Some(_), false) if !w.tenants.is_empty() => {
+                    return Err(invalid(
+                        &format!("{field}.tenants"),
+                        "only a shared server (shared = true) lists tenants; a dedicated workload names its one `tenant`".into(),
+                    ));
+                }
                 (Some(t), false) => {
                     if !seen.contains(t.as_str()) {
                         return Err(invalid(
@@ -427,7 +437,27 @@ impl Config {
                         ));
                     }
                 }
-                (None, true) => {}
+                (None, true) => {
+                    let field = format!("{field}.tenants");
+                    if w.tenants.is_empty() {
+                        return Err(invalid(
+                            &field,
+                            "a shared server must list the tenants its sidecar may report KV usage for".into(),
+                        ));
+                    }
+                    let mut listed = HashSet::new();
+                    for t in &w.tenants {
+                        if !seen.contains(t.as_str()) {
+                            return Err(invalid(
+                                &field,
+                                format!("tenant {t:?} is not in `tenants`"),
+                            ));
+                        }
+                        if !listed.insert(t.as_str()) {
+                            return Err(invalid(&field, format!("tenant {t:?} is listed twice")));
+                        }
+                    }
+                }
                 _ => {
                     return Err(invalid(
                         &field,
@@ -559,11 +589,52 @@ mod tests {
     fn gpu_workloads_are_checked() {
         let base = "[[tenants]]\nname = \"a\"\n";
         let c = Config::parse(
-            &format!("{base}[gpu]\nsource = \"off\"\n[[gpu.workloads]]\npod_uid = \"u1\"\ntenant = \"a\"\n[[gpu.workloads]]\ncgroup_contains = \"vllm\"\nshared = true\n"),
+            &format!("{base}[gpu]\nsource = \"off\"\n[[gpu.workloads]]\npod_uid = \"u1\"\ntenant = \"a\"\n[[gpu.workloads]]\ncgroup_contains = \"vllm\"\nshared = true\ntenants = [\"a\"]\n"),
             "t",
         )
         .unwrap();
         assert_eq!(c.gpu.workloads.len(), 2);
+        assert_eq!(c.gpu.workloads[1].tenants, ["a"]);
+        // A shared server lists the tenants it may report for: configured ones, once each.
+        let shared = |rest: &str| {
+            err(&format!(
+                "{base}[[gpu.workloads]]\npod_uid = \"u\"\n[[gpu.workloads]]\ncgroup_contains = \"vllm\"\nshared = true\n{rest}"
+            ))
+        };
+        assert!(
+            err(&format!(
+                "{base}[[gpu.workloads]]\ncgroup_contains = \"vllm\"\nshared = true\n"
+            ))
+            .contains("`gpu.workloads[0].tenants`: a shared server must list the tenants")
+        );
+        assert!(
+            shared("tenants = [\"a\", \"b\"]").contains("`gpu.workloads[0]`: give either tenant"),
+            "the first workload (neither tenant nor shared) is reported first"
+        );
+        let two = |rest: &str| {
+            err(&format!(
+                "{base}[[gpu.workloads]]\npod_uid = \"u\"\ntenant = \"a\"\n[[gpu.workloads]]\ncgroup_contains = \"vllm\"\nshared = true\n{rest}"
+            ))
+        };
+        assert!(
+            two("tenants = [\"a\", \"b\"]")
+                .contains("`gpu.workloads[1].tenants`: tenant \"b\" is not in `tenants`")
+        );
+        assert!(
+            two("tenants = [\"a\", \"a\"]")
+                .contains("`gpu.workloads[1].tenants`: tenant \"a\" is listed twice")
+        );
+        assert!(
+            two("tenants = []").contains("`gpu.workloads[1].tenants`: a shared server must list")
+        );
+        assert!(
+            err(&format!(
+                "{base}[[gpu.workloads]]\npod_uid = \"u\"\ntenant = \"a\"\ntenants = [\"a\"]\n"
+            ))
+            .contains(
+                "`gpu.workloads[0].tenants`: only a shared server (shared = true) lists tenants"
+            )
+        );
         assert!(
             err(&format!(
                 "{base}[[gpu.workloads]]\npod_uid = \"u\"\ntenant = \"b\"\n"

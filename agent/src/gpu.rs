@@ -122,19 +122,16 @@ impl GpuSource for FileSource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
     Dedicated(String),
-    /// A shared inference server, by a key naming its workload: `gpu.workloads[i]` for a
-    /// configured one, `pod <uid>` for one discovered through its sidecar's KV report.
+    /// A shared inference server, by a key naming its workload: `gpu.workloads[i]`.
     Shared(String),
 }
 
-/// Maps a process to its workload through its cgroup path.
+/// Maps a process to its workload through its cgroup path. Only the configured workloads
+/// (`gpu.workloads`) are known: a KV report never makes a pod a shared server.
 #[derive(Clone, Debug)]
 pub struct Matcher {
     workloads: Vec<GpuWorkload>,
     proc_root: PathBuf,
-    /// Pods (UIDs, dashed) whose sidecar reported KV usage without being configured: a
-    /// sidecar's report declares its pod a shared inference server.
-    discovered: Vec<String>,
 }
 
 impl Matcher {
@@ -142,22 +139,7 @@ impl Matcher {
         Self {
             workloads: config.workloads.clone(),
             proc_root: config.proc_root.clone(),
-            discovered: Vec::new(),
         }
-    }
-
-    /// Marks a pod as a shared inference server; returns its workload key.
-    pub fn discover(&mut self, pod_uid: &str) -> String {
-        if !self.discovered.iter().any(|p| p == pod_uid) {
-            self.discovered.push(pod_uid.to_string());
-        }
-        format!("pod {pod_uid}")
-    }
-
-    /// Keeps the discovered pods across a reload of the configured workloads.
-    pub fn with_discovered_from(mut self, old: &Matcher) -> Self {
-        self.discovered = old.discovered.clone();
-        self
     }
 
     /// The cgroup path of `pid` (the cgroup-v2 line of /proc/<pid>/cgroup, else the whole file).
@@ -172,30 +154,27 @@ impl Matcher {
         )
     }
 
-    /// The workload a cgroup path belongs to. Pod UIDs match both cgroup drivers' spellings
-    /// (`pod1a2b-...` with cgroupfs, `pod1a2b_...` with systemd).
-    pub fn classify_cgroup(&self, cgroup: &str) -> Option<Role> {
+    /// The configured workload a cgroup path belongs to, with its index in `gpu.workloads`.
+    /// Pod UIDs match both cgroup drivers' spellings (`pod1a2b-...` with cgroupfs,
+    /// `pod1a2b_...` with systemd).
+    fn workload_of(&self, cgroup: &str) -> Option<(usize, &GpuWorkload)> {
         let normalized = cgroup.replace('_', "-");
         self.workloads
             .iter()
             .enumerate()
-            .find_map(|(i, w)| {
-                let hit = match (&w.pod_uid, &w.cgroup_contains) {
-                    (Some(uid), _) => normalized.contains(&format!("pod{}", uid.replace('_', "-"))),
-                    (None, Some(s)) => cgroup.contains(s.as_str()),
-                    (None, None) => false,
-                };
-                hit.then(|| match &w.tenant {
-                    Some(t) => Role::Dedicated(t.clone()),
-                    None => Role::Shared(format!("gpu.workloads[{i}]")),
-                })
+            .find(|(_, w)| match (&w.pod_uid, &w.cgroup_contains) {
+                (Some(uid), _) => normalized.contains(&format!("pod{}", uid.replace('_', "-"))),
+                (None, Some(s)) => cgroup.contains(s.as_str()),
+                (None, None) => false,
             })
-            .or_else(|| {
-                let uid = pod_uid_of(cgroup)?;
-                self.discovered
-                    .contains(&uid)
-                    .then(|| Role::Shared(format!("pod {uid}")))
-            })
+    }
+
+    /// The workload a cgroup path belongs to.
+    pub fn classify_cgroup(&self, cgroup: &str) -> Option<Role> {
+        self.workload_of(cgroup).map(|(i, w)| match &w.tenant {
+            Some(t) => Role::Dedicated(t.clone()),
+            None => Role::Shared(format!("gpu.workloads[{i}]")),
+        })
     }
 
     pub fn proc_root(&self) -> &std::path::Path {
@@ -207,7 +186,8 @@ impl Matcher {
     }
 }
 
-/// The pod UID in a kubelet cgroup path (`pod<uid>` with `-` or `_`), dashed and lower case.
+/// The pod UID in a kubelet cgroup path (`pod<uid>` with `-` or `_`), dashed and lower case
+/// (named in a refused KV report's message, so an operator sees which pod to configure).
 pub fn pod_uid_of(cgroup: &str) -> Option<String> {
     let s = cgroup.replace('_', "-").to_ascii_lowercase();
     s.match_indices("pod").find_map(|(i, _)| {
@@ -391,8 +371,11 @@ impl GpuState {
 
 impl GpuState {
     /// Records a shared server's per-tenant KV bytes for the pod the caller runs in, and
-    /// returns how many tenants were recorded. `is_tenant` says which names are configured; a
-    /// report naming any other is refused whole.
+    /// returns how many tenants were recorded. Only a process of a workload configured as a
+    /// shared server (`gpu.workloads` with `shared = true`) may report (else
+    /// `unknown_workload`: a report never makes a pod a shared server), and only for the
+    /// tenants listed for that server (else `not_allowed`); `is_tenant` says which names are
+    /// configured on the agent (else `unknown_tenant`). A refused report is not recorded at all.
     ///
     /// The caller is found from the kernel, never from the report: `SO_PEERPIDFD` gives a
     /// pidfd of the process that connected, its PID is read in `gpu.proc_root`'s namespace (the
@@ -407,32 +390,28 @@ impl GpuState {
     ) -> Result<u32, KvRefusal> {
         let matcher = self.matcher.read().unwrap().clone();
         let (pid, cgroup) = caller_cgroup(caller, &matcher)?;
-        let workload = match matcher.classify_cgroup(&cgroup) {
-            Some(Role::Shared(key)) => key,
-            Some(Role::Dedicated(tenant)) => {
+        let (index, server) = match matcher.workload_of(&cgroup) {
+            Some((i, w)) if w.shared => (i, w),
+            Some((i, w)) => {
                 return Err((
                     ErrorCode::UnknownWorkload,
                     format!(
-                        "the caller (pid {pid}) is in a workload dedicated to tenant {tenant:?} (gpu.workloads), not a shared inference server"
+                        "the caller (pid {pid}) is in a workload dedicated to tenant {:?} (gpu.workloads[{i}]), not a shared inference server",
+                        w.tenant.as_deref().unwrap_or_default()
                     ),
                 ));
             }
-            None => match pod_uid_of(&cgroup) {
-                // A sidecar's report declares its pod a shared inference server.
-                Some(uid) => {
-                    let key = self.matcher.write().unwrap().discover(&uid);
-                    tracing::info!(pod_uid = %uid, pid, "a sidecar reported KV usage: its pod is a shared inference server");
-                    key
-                }
-                None => {
-                    return Err((
-                        ErrorCode::UnknownWorkload,
-                        format!(
-                            "the caller (pid {pid}, cgroup {cgroup:?}) is in no Kubernetes pod and in no workload configured as a shared inference server (gpu.workloads with shared = true)"
-                        ),
-                    ));
-                }
-            },
+            None => {
+                let pod = pod_uid_of(&cgroup)
+                    .map(|uid| format!("pod {uid}"))
+                    .unwrap_or_else(|| "no Kubernetes pod".into());
+                return Err((
+                    ErrorCode::UnknownWorkload,
+                    format!(
+                        "the caller (pid {pid}, cgroup {cgroup:?}, {pod}) is in no workload configured as a shared inference server (gpu.workloads with shared = true); the report was not recorded"
+                    ),
+                ));
+            }
         };
         if let Some(unknown) = tenants.keys().find(|t| !is_tenant(t)) {
             return Err((
@@ -442,6 +421,15 @@ impl GpuState {
                 ),
             ));
         }
+        if let Some(other) = tenants.keys().find(|t| !server.tenants.contains(t)) {
+            return Err((
+                ErrorCode::NotAllowed,
+                format!(
+                    "tenant {other:?} is not one of the tenants of the caller's shared server (gpu.workloads[{index}].tenants); the report was not recorded"
+                ),
+            ));
+        }
+        let workload = format!("gpu.workloads[{index}]");
         tracing::debug!(workload = %workload, pid, tenants = tenants.len(), "KV report recorded");
         self.kv.lock().unwrap().record(workload, tenants.clone());
         Ok(tenants.len() as u32)
@@ -779,12 +767,14 @@ mod tests {
                     cgroup_contains: None,
                     tenant: Some("acme".into()),
                     shared: false,
+                    tenants: Vec::new(),
                 },
                 GpuWorkload {
                     pod_uid: None,
                     cgroup_contains: Some("vllm".into()),
                     tenant: None,
                     shared: true,
+                    tenants: vec!["acme".into()],
                 },
             ],
             ..GpuConfig::default()
@@ -808,7 +798,7 @@ mod tests {
     }
 
     #[test]
-    fn pods_reporting_kv_become_shared_servers() {
+    fn pod_uids_are_read_from_either_cgroup_driver_spelling() {
         let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
         let cgroup = format!(
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-9.scope",
@@ -820,18 +810,168 @@ mod tests {
             Some(uid)
         );
         assert_eq!(pod_uid_of("/system.slice/podman.service"), None);
-        let mut m = Matcher::new(&GpuConfig::default());
-        assert_eq!(m.classify_cgroup(&cgroup), None);
-        assert_eq!(m.discover(uid), format!("pod {uid}"));
+        // A pod is no workload unless it is configured.
         assert_eq!(
-            m.classify_cgroup(&cgroup),
-            Some(Role::Shared(format!("pod {uid}")))
+            Matcher::new(&GpuConfig::default()).classify_cgroup(&cgroup),
+            None
         );
-        let reloaded = Matcher::new(&GpuConfig::default()).with_discovered_from(&m);
+    }
+
+    /// A scripted /proc for `kv_report`: `self` is the real one (the caller's PID is read
+    /// from its pidfd's fdinfo), and this process's cgroup is `cgroup`.
+    struct ScriptedProc(PathBuf);
+
+    impl ScriptedProc {
+        fn new(name: &str, cgroup: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("bulkhead-kv-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let me = dir.join(std::process::id().to_string());
+            std::fs::create_dir_all(&me).unwrap();
+            std::fs::write(me.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+            std::os::unix::fs::symlink("/proc/self", dir.join("self")).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for ScriptedProc {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Sends `report` from this process (in `cgroup`) to a `GpuState` with `workloads`, whose
+    /// agent knows the tenants acme, globex and initech; returns the outcome and what was
+    /// recorded.
+    fn report_from(
+        name: &str,
+        cgroup: &str,
+        workloads: Vec<GpuWorkload>,
+        report: &[(&str, u64)],
+    ) -> (
+        Result<u32, KvRefusal>,
+        HashMap<String, BTreeMap<String, u64>>,
+    ) {
+        let proc = ScriptedProc::new(name, cgroup);
+        let state = GpuState::new(&GpuConfig {
+            proc_root: proc.0.clone(),
+            workloads,
+            ..GpuConfig::default()
+        });
+        let (agent_end, _caller_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        let caller = ReportCaller {
+            conn: agent_end.as_fd(),
+            creds: getsockopt(&agent_end, sockopt::PeerCredentials).unwrap(),
+        };
+        let report: BTreeMap<String, u64> =
+            report.iter().map(|&(t, b)| (t.to_string(), b)).collect();
+        let outcome = state.kv_report(&caller, &report, &|t| {
+            ["acme", "globex", "initech"].contains(&t)
+        });
+        let recorded = state.kv.lock().unwrap().fresh(Duration::from_secs(60));
+        (outcome, recorded)
+    }
+
+    fn server(pod_uid: &str, tenants: &[&str]) -> GpuWorkload {
+        GpuWorkload {
+            pod_uid: Some(pod_uid.into()),
+            cgroup_contains: None,
+            tenant: None,
+            shared: true,
+            tenants: tenants.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    const SERVER_POD: &str = "/kubepods/burstable/pod33cc-44dd/sidecar";
+
+    #[test]
+    fn a_configured_shared_server_reports_for_its_tenants() {
+        let workloads = vec![
+            server("11aa-22bb", &["initech"]),
+            server("33cc-44dd", &["acme", "globex"]),
+        ];
+        let (outcome, recorded) = report_from(
+            "ok",
+            SERVER_POD,
+            workloads,
+            &[("acme", 6 * GIB), ("globex", GIB)],
+        );
+        assert_eq!(outcome, Ok(2));
         assert_eq!(
-            reloaded.classify_cgroup(&cgroup),
-            Some(Role::Shared(format!("pod {uid}")))
+            recorded,
+            HashMap::from([(
+                "gpu.workloads[1]".to_string(),
+                BTreeMap::from([("acme".to_string(), 6 * GIB), ("globex".to_string(), GIB)])
+            )])
         );
+    }
+
+    #[test]
+    fn a_pod_that_is_no_configured_shared_server_is_refused_and_not_discovered() {
+        // A pod nobody configured, in a kubelet cgroup: refused, nothing recorded.
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let cgroup = format!("/kubepods/burstable/pod{uid}/sidecar");
+        let workloads = vec![server("33cc-44dd", &["acme"])];
+        let (outcome, recorded) = report_from("pod", &cgroup, workloads.clone(), &[("acme", GIB)]);
+        let (code, message) = outcome.unwrap_err();
+        assert_eq!(code, ErrorCode::UnknownWorkload);
+        assert!(message.contains(&format!("pod {uid}")), "{message}");
+        assert!(
+            message.contains("gpu.workloads with shared = true"),
+            "{message}"
+        );
+        assert!(recorded.is_empty(), "{recorded:?}");
+
+        // Outside any pod.
+        let (outcome, recorded) = report_from(
+            "plain",
+            "/system.slice/vllm.service",
+            workloads,
+            &[("acme", GIB)],
+        );
+        assert_eq!(outcome.unwrap_err().0, ErrorCode::UnknownWorkload);
+        assert!(recorded.is_empty());
+
+        // A pod dedicated to a tenant is no shared server either.
+        let dedicated = GpuWorkload {
+            pod_uid: Some("33cc-44dd".into()),
+            cgroup_contains: None,
+            tenant: Some("acme".into()),
+            shared: false,
+            tenants: Vec::new(),
+        };
+        let (outcome, recorded) =
+            report_from("dedicated", SERVER_POD, vec![dedicated], &[("acme", GIB)]);
+        let (code, message) = outcome.unwrap_err();
+        assert_eq!(code, ErrorCode::UnknownWorkload);
+        assert!(
+            message.contains("dedicated to tenant \"acme\""),
+            "{message}"
+        );
+        assert!(recorded.is_empty());
+    }
+
+    #[test]
+    fn a_shared_server_reports_only_for_its_own_tenants() {
+        let workloads = vec![server("33cc-44dd", &["acme"])];
+        // globex is an agent tenant, not this server's: the report is refused whole.
+        let (outcome, recorded) = report_from(
+            "other",
+            SERVER_POD,
+            workloads.clone(),
+            &[("acme", GIB), ("globex", GIB)],
+        );
+        let (code, message) = outcome.unwrap_err();
+        assert_eq!(code, ErrorCode::NotAllowed);
+        assert!(
+            message.contains("\"globex\"") && message.contains("gpu.workloads[0].tenants"),
+            "{message}"
+        );
+        assert!(recorded.is_empty(), "{recorded:?}");
+        // A name the agent does not know at all.
+        let (outcome, recorded) = report_from("unknown", SERVER_POD, workloads, &[("zed", GIB)]);
+        assert_eq!(outcome.unwrap_err().0, ErrorCode::UnknownTenant);
+        assert!(recorded.is_empty());
     }
 
     #[test]
@@ -846,6 +986,7 @@ mod tests {
                 cgroup_contains: None,
                 tenant: Some("acme".into()),
                 shared: false,
+                tenants: Vec::new(),
             }],
             ..GpuConfig::default()
         };

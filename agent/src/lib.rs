@@ -397,6 +397,7 @@ mod tests {
             cgroup_contains: None,
             tenant: None,
             shared: true,
+            tenants: vec!["alpha".into()],
         });
         new.cross_tenant.event_log_per_second = 99;
         let (kept, changed) = keep_restart_only(&running, new);

@@ -113,11 +113,11 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
         &format!(
             "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\
              [[gpu.workloads]]\npod_uid = \"11aa-22bb\"\ntenant = \"alpha\"\n\
-             [[gpu.workloads]]\npod_uid = \"33cc-44dd\"\nshared = true\n\n[tagging]",
+             [[gpu.workloads]]\npod_uid = \"33cc-44dd\"\nshared = true\ntenants = [\"alpha\", \"beta\"]\n\n[tagging]",
             gpus.display(),
             proc_root
         ),
-    );
+    ) + "[[tenants]]\nname = \"gamma\"\n";
     let agent = Agent::start(AGENT, &paths, &config);
     let m = agent.wait_for("the first attribution", |m| gpu_mem(m, "alpha", "0") > 0);
     assert_eq!(m.get("bulkhead_nvml_up", &[]), 1.0);
@@ -169,8 +169,18 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
     let err = agent.client().report_kv(&report).unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::UnknownWorkload), "{err}");
 
-    // A sidecar in a pod nobody configured: its report makes the pod a shared server, and the
-    // pod's GPU processes are split by it from the next poll on.
+    // The server reports only for its own tenants: gamma is the agent's, not the server's.
+    write_cgroup(&proc_root, me, shared);
+    let gamma = BTreeMap::from([("gamma".to_string(), GIB)]);
+    let err = agent.client().report_kv(&gamma).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotAllowed), "{err}");
+    assert!(
+        err.to_string().contains("gpu.workloads[1].tenants"),
+        "{err}"
+    );
+
+    // A sidecar in a pod nobody configured is refused, and its report never makes the pod a
+    // shared server: the pod's GPU process stays unattributed.
     let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
     write_cgroup(
         &proc_root,
@@ -183,14 +193,22 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
         &format!("/kubepods/burstable/pod{uid}/vllm"),
     );
     let only_beta = BTreeMap::from([("beta".to_string(), 4 * GIB)]);
-    assert_eq!(agent.client().report_kv(&only_beta).unwrap(), 1);
-    let m = agent.wait_for("the discovered server's split", |m| {
-        kv(m, "beta", "0") == 5 * GIB
+    let err = agent.client().report_kv(&only_beta).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownWorkload), "{err}");
+    assert!(err.to_string().contains(&format!("pod {uid}")), "{err}");
+    let polls = agent.metrics().get("bulkhead_gpu_polls_total", &[]);
+    let m = agent.wait_for("two more GPU polls", |m| {
+        m.get("bulkhead_gpu_polls_total", &[]) >= polls + 2.0
     });
     assert_eq!(
-        gpu_mem(&m, "unattributed", "0"),
+        kv(&m, "beta", "0"),
         GIB,
-        "only the driver's memory is left"
+        "beta's share of the configured server only"
+    );
+    assert_eq!(
+        gpu_mem(&m, "unattributed", "0"),
+        11 * GIB,
+        "the unconfigured pod's process and the driver's memory"
     );
 
     // The GPU source fails: nvml_up drops to 0 and no stale attribution is exported.

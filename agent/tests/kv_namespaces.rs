@@ -15,6 +15,8 @@ const AGENT: &str = env!("CARGO_BIN_EXE_bulkhead-agent");
 const GIB: u64 = 1 << 30;
 const POD_A: &str = "0a1b2c3d-0000-4000-8000-00000000000a";
 const POD_B: &str = "0a1b2c3d-0000-4000-8000-00000000000b";
+/// A pod no workload names: its sidecar's reports are refused.
+const POD_C: &str = "0a1b2c3d-0000-4000-8000-00000000000c";
 
 /// Not a test of its own: the sidecar-like client, run by the test below as
 /// `unshare --pid --fork <this test binary> --exact kv_report_client` in a cgroup of its own.
@@ -150,10 +152,13 @@ fn kv_reports_cross_pid_namespaces_and_speak_for_the_callers_own_pod() {
     }
     let paths = Paths::new();
     let gpus = paths.dir.join("gpus.json");
+    // Pods A and B are shared servers, A of alpha, B of beta; pod C is configured as nothing.
     let config = paths.config("").replace(
         "[tagging]",
         &format!(
-            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\n\n[tagging]",
+            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\n\
+             [[gpu.workloads]]\npod_uid = \"{POD_A}\"\nshared = true\ntenants = [\"alpha\"]\n\
+             [[gpu.workloads]]\npod_uid = \"{POD_B}\"\nshared = true\ntenants = [\"beta\"]\n\n[tagging]",
             gpus.display()
         ),
     );
@@ -166,7 +171,7 @@ fn kv_reports_cross_pid_namespaces_and_speak_for_the_callers_own_pod() {
         &config,
     );
 
-    // cgroups under this test's own: two pods and a plain service.
+    // cgroups under this test's own: three pods and a plain service.
     let root = PathBuf::from(agent.ready_line["cgroup"].as_str().unwrap());
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let own = own
@@ -179,6 +184,7 @@ fn kv_reports_cross_pid_namespaces_and_speak_for_the_callers_own_pod() {
     );
     let pod_a = Cgroup::new(base.0.join(format!("pod{POD_A}")));
     let pod_b = Cgroup::new(base.0.join(format!("pod{}", POD_B.replace('-', "_"))));
+    let pod_c = Cgroup::new(base.0.join(format!("pod{POD_C}")));
     let plain = Cgroup::new(base.0.join("system-service"));
 
     // The shared inference server of pod A holds 40 GiB of GPU 0.
@@ -203,10 +209,11 @@ fn kv_reports_cross_pid_namespaces_and_speak_for_the_callers_own_pod() {
     )
     .unwrap();
     let m = agent.wait_for(
-        "the server's memory, unattributed until its sidecar reports",
-        |m| gpu_mem(m, "unattributed") == 40 * GIB,
+        "the server's memory, all shared until its sidecar reports",
+        |m| gpu_mem(m, "shared") == 40 * GIB,
     );
     assert_eq!(kv(&m, "alpha"), 0);
+    assert_eq!(gpu_mem(&m, "unattributed"), 0);
 
     // The agent cannot see the clients: it is in a PID namespace of its own, and so is each
     // client (the first process of its namespace).
@@ -238,9 +245,27 @@ fn kv_reports_cross_pid_namespaces_and_speak_for_the_callers_own_pod() {
     assert_eq!(kv(&m, "beta"), 0, "pod B's report was charged to pod A");
     assert_eq!(kv(&m, "alpha"), 6 * GIB);
 
-    // A client in no pod is refused.
+    // A shared server reports for its own tenants only: pod A's report naming beta (pod B's
+    // tenant) is refused whole, and pod A's split stays as it was.
+    let a = report_from(&pod_a.0, &paths.socket, &[("alpha", GIB), ("beta", GIB)]);
+    assert_eq!(a.outcome, "refused not_allowed");
+
+    // A client in a pod configured as no shared server is refused, and never makes its pod
+    // one; so is a client in no pod.
+    let c = report_from(&pod_c.0, &paths.socket, &[("alpha", GIB)]);
+    assert_eq!(c.outcome, "refused unknown_workload");
     let c = report_from(&plain.0, &paths.socket, &[("alpha", GIB)]);
     assert_eq!(c.outcome, "refused unknown_workload");
+    let polls = agent.metrics().get("bulkhead_gpu_polls_total", &[]);
+    let m = agent.wait_for("two more GPU polls", |m| {
+        m.get("bulkhead_gpu_polls_total", &[]) >= polls + 2.0
+    });
+    assert_eq!(
+        kv(&m, "alpha"),
+        6 * GIB,
+        "a refused report changed the split"
+    );
+    assert_eq!(kv(&m, "beta"), 0);
 
     server.kill().unwrap();
     server.wait().unwrap();

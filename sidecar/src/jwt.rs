@@ -5,8 +5,13 @@
 //! `none`, HS* and anything else are refused before a key is looked at, a key is used only
 //! for the algorithm of its own type, and header parameters that carry or point at keys
 //! (`jwk`, `jku`, `x5u`, `x5c`) are never used.
+//!
+//! Several issuers (`[[auth.jwt.issuers]]`) each have keys of their own and the tenants their
+//! tokens may name: a token is accepted only when its `iss` is the issuer whose key verified
+//! it, and names one of that issuer's tenants, so one realm's keys can never mint another
+//! realm's tenants.
 
-use crate::config::{Config, ConfigError, JwtConfig};
+use crate::config::{Config, ConfigError, JwtConfig, JwtRealm};
 use crate::metrics::ResultLabel;
 use crate::scope::{Routes, Scope, ScopeConfig};
 use crate::signature::AuthError;
@@ -20,7 +25,7 @@ use ring::signature::{
     UnparsedPublicKey,
 };
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -39,7 +44,9 @@ struct CachedToken {
     identity: JwtIdentity,
     /// `exp` plus the leeway: refused from then on.
     valid_until: i64,
-    /// The URL keys it was verified with: a refresh (rotation) forgets it.
+    /// The issuer (index in the verifier's) whose key verified it.
+    issuer: usize,
+    /// That issuer's URL keys it was verified with: a refresh (rotation) forgets it.
     url_keys: Option<Arc<KeySet>>,
 }
 
@@ -49,14 +56,17 @@ struct TokenCache {
 }
 
 impl TokenCache {
+    /// The identity of a remembered token, while it is valid and the URL keys of the issuer
+    /// that verified it (`url_keys(issuer)`) are the ones it was verified with.
     fn get(
         &self,
         digest: &[u8; 32],
         now: i64,
-        url_keys: Option<&Arc<KeySet>>,
+        url_keys: impl Fn(usize) -> Option<Arc<KeySet>>,
     ) -> Option<&JwtIdentity> {
         let c = self.map.get(digest)?;
-        let same_keys = match (&c.url_keys, url_keys) {
+        let current = url_keys(c.issuer);
+        let same_keys = match (&c.url_keys, current.as_ref()) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
             _ => false,
@@ -269,18 +279,28 @@ impl KeySet {
     }
 }
 
-/// Read `auth.jwt.jwks_file` (an empty set without one). Called at start, on reload (a bad
-/// JWKS file rejects the reload) and by `check-config`.
-pub fn load_jwks_file(config: &Config) -> Result<KeySet, ConfigError> {
-    let Some(p) = config.auth.jwt.as_ref().and_then(|j| j.jwks_file.as_ref()) else {
-        return Ok(KeySet::default());
+/// Read each issuer's `jwks_file` (an empty set for one without), in the order of
+/// [`JwtConfig::realms`]; none without `[auth.jwt]`. Called at start, on reload (a bad JWKS
+/// file rejects the reload) and by `check-config`.
+pub fn load_jwks_files(config: &Config) -> Result<Vec<KeySet>, ConfigError> {
+    let Some(j) = config.auth.jwt.as_ref() else {
+        return Ok(Vec::new());
     };
-    let invalid = |message: String| ConfigError::Invalid {
-        field: "auth.jwt.jwks_file".into(),
-        message,
-    };
-    let raw = std::fs::read(p).map_err(|e| invalid(format!("cannot read {}: {e}", p.display())))?;
-    KeySet::parse(&raw).map_err(invalid)
+    j.realms()
+        .iter()
+        .map(|realm| {
+            let Some(p) = realm.jwks_file else {
+                return Ok(KeySet::default());
+            };
+            let invalid = |message: String| ConfigError::Invalid {
+                field: format!("{}.jwks_file", realm.field),
+                message,
+            };
+            let raw = std::fs::read(p)
+                .map_err(|e| invalid(format!("cannot read {}: {e}", p.display())))?;
+            KeySet::parse(&raw).map_err(invalid)
+        })
+        .collect()
 }
 
 fn depth_ok(v: &Value, left: usize) -> bool {
@@ -452,10 +472,46 @@ async fn fetch(
     KeySet::parse(&bytes)
 }
 
+/// One issuer's keys: its JWKS file's, and its URL's (fetched in the background).
+#[derive(Debug, Default)]
+pub struct IssuerKeys {
+    pub file: KeySet,
+    pub url: Option<Arc<UrlKeys>>,
+}
+
+impl From<KeySet> for IssuerKeys {
+    fn from(file: KeySet) -> Self {
+        IssuerKeys { file, url: None }
+    }
+}
+
+/// One issuer of the verifier: what its tokens may say, and its keys.
+#[derive(Debug)]
+struct Issuer {
+    /// Accepted `iss` values.
+    names: Vec<String>,
+    /// The tenants its tokens may name; `None`: any.
+    tenants: Option<HashSet<String>>,
+    /// The header `typ` required, normalized ([`normalize_typ`]).
+    typ: Option<String>,
+    allowed_azp: Option<Vec<String>>,
+    file_keys: KeySet,
+    url: Option<Arc<UrlKeys>>,
+}
+
+/// A `typ` as compared: lower case, without `application/` (RFC 7515 4.1.9).
+fn normalize_typ(t: &str) -> String {
+    let t = t.to_ascii_lowercase();
+    match t.strip_prefix("application/") {
+        Some(rest) => rest.to_string(),
+        None => t,
+    }
+}
+
 /// The JWT verification policy of one configuration.
 #[derive(Debug)]
 pub struct JwtVerifier {
-    issuers: Vec<String>,
+    issuers: Vec<Issuer>,
     audiences: Vec<String>,
     algs: Vec<Alg>,
     leeway: i64,
@@ -467,8 +523,6 @@ pub struct JwtVerifier {
     scope_claim: Option<String>,
     /// Routes that accept a JWT.
     pub routes: Routes,
-    file_keys: Arc<KeySet>,
-    url: Option<Arc<UrlKeys>>,
     unlimited: Arc<Scope>,
     cache: std::sync::Mutex<TokenCache>,
 }
@@ -530,14 +584,34 @@ fn json_part(bytes: &[u8], what: &str) -> Result<Value, AuthError> {
 }
 
 impl JwtVerifier {
-    /// Build from `[auth.jwt]`; `file_keys` come from `jwks_file`, `url` carries the fetched
-    /// keys over a reload that kept the URL's settings.
-    pub fn new(
-        c: &JwtConfig,
-        file_keys: KeySet,
-        url: Option<Arc<UrlKeys>>,
-    ) -> Result<JwtVerifier, ConfigError> {
+    /// Build from `[auth.jwt]`; `keys` holds each issuer's keys in the order of
+    /// [`JwtConfig::realms`]: its `jwks_file`'s, and its URL's (carried over a reload that kept
+    /// the URL's settings).
+    pub fn new(c: &JwtConfig, keys: Vec<IssuerKeys>) -> Result<JwtVerifier, ConfigError> {
         let invalid = |field: String, message: String| ConfigError::Invalid { field, message };
+        let realms: Vec<JwtRealm<'_>> = c.realms();
+        if realms.len() != keys.len() {
+            return Err(invalid(
+                "auth.jwt.issuers".into(),
+                format!(
+                    "{} issuers but keys for {} were given",
+                    realms.len(),
+                    keys.len()
+                ),
+            ));
+        }
+        let issuers = realms
+            .iter()
+            .zip(keys)
+            .map(|(r, k)| Issuer {
+                names: r.issuers.iter().map(|s| s.to_string()).collect(),
+                tenants: r.tenants.map(|t| t.iter().cloned().collect()),
+                typ: r.typ.map(normalize_typ),
+                allowed_azp: r.allowed_azp.map(<[String]>::to_vec),
+                file_keys: k.file,
+                url: k.url,
+            })
+            .collect();
         let mut tiers = HashMap::new();
         for (name, t) in &c.tiers {
             let s = Scope::from_config(t)
@@ -546,7 +620,7 @@ impl JwtVerifier {
         }
         let routes = Routes::parse(&c.routes).map_err(|m| invalid("auth.jwt.routes".into(), m))?;
         Ok(JwtVerifier {
-            issuers: c.issuers.clone(),
+            issuers,
             audiences: c.audiences.clone(),
             algs: c.algorithms.iter().filter_map(|a| Alg::parse(a)).collect(),
             leeway: c.leeway_secs.min(1 << 30) as i64,
@@ -557,16 +631,19 @@ impl JwtVerifier {
             tiers,
             scope_claim: c.scope_claim.clone(),
             routes,
-            file_keys: Arc::new(file_keys),
-            url,
             unlimited: Arc::new(Scope::default()),
             cache: Default::default(),
         })
     }
 
-    /// The URL key source, to carry over a reload.
-    pub fn url_keys(&self) -> Option<&Arc<UrlKeys>> {
-        self.url.as_ref()
+    /// The URL key sources (one per issuer with a `jwks_url`), to carry over a reload.
+    pub fn url_keys(&self) -> impl Iterator<Item = &Arc<UrlKeys>> {
+        self.issuers.iter().filter_map(|i| i.url.as_ref())
+    }
+
+    /// The current URL keys of issuer `i`.
+    fn url_keys_of(&self, i: usize) -> Option<Arc<KeySet>> {
+        self.issuers.get(i)?.url.as_ref().map(|u| u.keys())
     }
 
     /// [`JwtVerifier::verify_uncached`], remembering a verified token (by the SHA-256 of its
@@ -580,36 +657,38 @@ impl JwtVerifier {
             .as_ref()
             .try_into()
             .expect("SHA-256 is 32 bytes");
-        let url_keys = self.url.as_ref().map(|u| u.keys());
-        if let Some(id) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(
-            &digest,
-            now,
-            url_keys.as_ref(),
-        ) {
+        if let Some(id) =
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&digest, now, |i| self.url_keys_of(i))
+        {
             return Ok(id.clone());
         }
-        let (identity, exp) = self.verify_full(token, now)?;
+        let verified = self.verify_full(token, now)?;
         let entry = CachedToken {
-            identity: identity.clone(),
-            valid_until: exp.saturating_add(self.leeway),
-            url_keys,
+            identity: verified.identity.clone(),
+            valid_until: verified.exp.saturating_add(self.leeway),
+            issuer: verified.issuer,
+            url_keys: verified.url_keys,
         };
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .put(digest, entry, now);
-        Ok(identity)
+        Ok(verified.identity)
     }
 
     /// Verify a compact JWS at unix time `now`: size, header, algorithm, key, signature,
-    /// then (only for an authentic token) `exp`/`nbf`/`iat`, issuer, audience, the tenant
-    /// claim, the tier and the scope claim.
+    /// then (only for an authentic token) `exp`/`nbf`/`iat`, the issuer (the one whose key
+    /// verified the token), its `typ` and `azp` when it requires them, audience, the tenant
+    /// claim (one of the issuer's tenants), the tier and the scope claim.
     pub fn verify_uncached(&self, token: &str, now: i64) -> Result<JwtIdentity, AuthError> {
-        self.verify_full(token, now).map(|(id, _)| id)
+        self.verify_full(token, now).map(|v| v.identity)
     }
 
-    /// [`JwtVerifier::verify_uncached`], with the token's `exp`.
-    fn verify_full(&self, token: &str, now: i64) -> Result<(JwtIdentity, i64), AuthError> {
+    /// [`JwtVerifier::verify_uncached`], with what the token cache needs.
+    fn verify_full(&self, token: &str, now: i64) -> Result<VerifiedToken, AuthError> {
         if token.len() > self.max_token_bytes {
             return Err(AuthError::Malformed(format!(
                 "the token is larger than {} bytes",
@@ -649,28 +728,46 @@ impl JwtVerifier {
             .ok_or_else(|| AuthError::Malformed("the token's header has no usable `kid`".into()))?;
         let sig = part(s64, "signature")?;
         let signed = &token.as_bytes()[..h64.len() + 1 + p64.len()];
-        let url_keys = self.url.as_ref().map(|u| u.keys());
-        let mut named = self
-            .file_keys
-            .keys
+        // Each issuer's keys named by `kid`; the issuers one of whose keys verifies the token.
+        let url_keys: Vec<Option<Arc<KeySet>>> = self
+            .issuers
             .iter()
-            .chain(url_keys.iter().flat_map(|k| k.keys.iter()))
-            .filter(|k| k.kid == kid)
-            .peekable();
-        if named.peek().is_none() {
-            if let Some(u) = &self.url {
+            .map(|i| i.url.as_ref().map(|u| u.keys()))
+            .collect();
+        let (mut named, mut usable) = (false, false);
+        let mut verified_by = Vec::new();
+        for (i, issuer) in self.issuers.iter().enumerate() {
+            let keys = issuer
+                .file_keys
+                .keys
+                .iter()
+                .chain(url_keys[i].iter().flat_map(|k| k.keys.iter()))
+                .filter(|k| k.kid == kid);
+            for k in keys {
+                named = true;
+                if k.key.alg() != alg {
+                    continue;
+                }
+                usable = true;
+                if k.key.verify(signed, &sig) {
+                    verified_by.push(i);
+                    break;
+                }
+            }
+        }
+        if !named {
+            for u in self.url_keys() {
                 u.nudge();
             }
             return Err(AuthError::UnknownKey);
         }
-        let mut usable = named.filter(|k| k.key.alg() == alg).peekable();
-        if usable.peek().is_none() {
+        if !usable {
             return Err(AuthError::KeyMismatch);
         }
-        if !usable.any(|k| k.key.verify(signed, &sig)) {
+        if verified_by.is_empty() {
             return Err(AuthError::BadSignature);
         }
-        // Authentic from here on.
+        // Authentic from here on (signed by a key of each issuer in `verified_by`).
         let claims = json_part(&part(p64, "claims")?, "claims")?;
         let leeway = self.leeway;
         let exp = numeric_date(&claims, "exp")?
@@ -688,9 +785,23 @@ impl JwtVerifier {
         {
             return Err(AuthError::NotYetValid("iat is in the future".into()));
         }
+        // The issuer the token names must be one whose key signed it: issuer A's key never
+        // speaks for issuer B.
         let iss = claims.get("iss").and_then(Value::as_str);
-        if !iss.is_some_and(|i| self.issuers.iter().any(|x| x == i)) {
+        let Some(at) = iss.and_then(|iss| {
+            verified_by
+                .iter()
+                .copied()
+                .find(|&i| self.issuers[i].names.iter().any(|n| n == iss))
+        }) else {
             return Err(AuthError::WrongIssuer);
+        };
+        let issuer = &self.issuers[at];
+        if let Some(want) = &issuer.typ {
+            let typ = header.get("typ").and_then(Value::as_str).map(normalize_typ);
+            if typ.as_ref() != Some(want) {
+                return Err(AuthError::WrongType);
+            }
         }
         let aud_ok = match claims.get("aud") {
             Some(Value::String(a)) => self.audiences.contains(a),
@@ -703,10 +814,21 @@ impl JwtVerifier {
         if !aud_ok {
             return Err(AuthError::WrongAudience);
         }
+        if let Some(allowed) = &issuer.allowed_azp {
+            let azp = claims.get("azp").and_then(Value::as_str);
+            if !azp.is_some_and(|a| allowed.iter().any(|x| x == a)) {
+                return Err(AuthError::AzpNotAllowed);
+            }
+        }
         let tenant = claim(&claims, &self.tenant_claim)
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| AuthError::ClaimMissing(self.tenant_claim.clone()))?;
+        if let Some(tenants) = &issuer.tenants
+            && !tenants.contains(tenant)
+        {
+            return Err(AuthError::TenantNotAllowedForIssuer);
+        }
         let mut scope = self.unlimited.clone();
         if let Some(tc) = &self.tier_claim {
             let tier = match claim(&claims, tc) {
@@ -733,15 +855,26 @@ impl JwtVerifier {
                 .map_err(|e| AuthError::Malformed(format!("the `{sc}` claim's {}", e)))?;
             scope = Arc::new(scope.intersect(&own));
         }
-        Ok((
-            JwtIdentity {
+        Ok(VerifiedToken {
+            identity: JwtIdentity {
                 tenant: tenant.to_string(),
                 kid: kid.to_string(),
                 scope,
             },
             exp,
-        ))
+            issuer: at,
+            url_keys: url_keys[at].clone(),
+        })
     }
+}
+
+/// A verified token, with what the token cache keeps beside its identity.
+struct VerifiedToken {
+    identity: JwtIdentity,
+    exp: i64,
+    /// The index of the issuer that verified it, and the URL keys it had then.
+    issuer: usize,
+    url_keys: Option<Arc<KeySet>>,
 }
 
 /// The bearer token of `Authorization`, when there is exactly one such header.
@@ -798,6 +931,152 @@ mod tests {
         assert_eq!(claim(&c, "https://x.io/tenant"), Some(&Value::from("a")));
         assert_eq!(claim(&c, "org.tenant"), Some(&Value::from("b")));
         assert_eq!(claim(&c, "org.none"), None);
+    }
+
+    /// An Ed25519 signing key with its JWKS entry.
+    struct TestKey {
+        kid: String,
+        pair: ring::signature::Ed25519KeyPair,
+    }
+
+    impl TestKey {
+        fn new(kid: &str) -> TestKey {
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+            TestKey {
+                kid: kid.into(),
+                pair,
+            }
+        }
+
+        fn jwks(keys: &[&TestKey]) -> KeySet {
+            use ring::signature::KeyPair;
+            let list: Vec<Value> = keys
+                .iter()
+                .map(|k| {
+                    serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": k.kid,
+                        "x": URL_SAFE_NO_PAD.encode(k.pair.public_key().as_ref())})
+                })
+                .collect();
+            KeySet::parse(serde_json::json!({ "keys": list }).to_string().as_bytes()).unwrap()
+        }
+
+        fn token(&self, header: Value, claims: Value) -> String {
+            let mut h = serde_json::json!({"alg": "EdDSA", "kid": self.kid});
+            h.as_object_mut()
+                .unwrap()
+                .extend(header.as_object().unwrap().clone());
+            let input = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(h.to_string()),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let sig = self.pair.sign(input.as_bytes());
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+        }
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn claims(iss: &str, tenant: &str) -> Value {
+        serde_json::json!({"iss": iss, "aud": "bh", "exp": NOW + 60, "tenant_id": tenant,
+            "azp": "ui"})
+    }
+
+    /// Issuer A (acme, typ at+jwt, azp ui) and issuer B (globex), each with one key; both keys
+    /// have the kid `k`.
+    fn two_issuers() -> (JwtVerifier, TestKey, TestKey) {
+        let text = "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n[tenants.globex]\n\
+            [auth.jwt]\naudiences = [\"bh\"]\n\
+            [[auth.jwt.issuers]]\nissuer = \"A\"\njwks_file = \"/a\"\ntenants = [\"acme\"]\n\
+            typ = \"at+jwt\"\nallowed_azp = [\"ui\"]\n\
+            [[auth.jwt.issuers]]\nissuer = \"B\"\njwks_file = \"/b\"\ntenants = [\"globex\"]\n";
+        let cfg = Config::from_toml(text).unwrap();
+        let (a, b) = (TestKey::new("k"), TestKey::new("k"));
+        let v = JwtVerifier::new(
+            cfg.auth.jwt.as_ref().unwrap(),
+            vec![TestKey::jwks(&[&a]).into(), TestKey::jwks(&[&b]).into()],
+        )
+        .unwrap();
+        (v, a, b)
+    }
+
+    #[test]
+    fn an_issuers_key_speaks_for_that_issuer_and_its_tenants_only() {
+        let (v, a, b) = two_issuers();
+        let at = serde_json::json!({"typ": "at+jwt"});
+        let none = serde_json::json!({});
+        let reason = |t: &str| v.verify(t, NOW).map(|id| id.tenant).map_err(|e| e.reason());
+        assert_eq!(
+            reason(&a.token(at.clone(), claims("A", "acme"))),
+            Ok("acme".into())
+        );
+        assert_eq!(
+            reason(&b.token(none.clone(), claims("B", "globex"))),
+            Ok("globex".into())
+        );
+        // A's key naming B's tenant, or claiming to be B (whose key has the same kid).
+        assert_eq!(
+            reason(&a.token(at.clone(), claims("A", "globex"))),
+            Err("tenant_not_allowed_for_issuer")
+        );
+        assert_eq!(
+            reason(&a.token(at.clone(), claims("B", "globex"))),
+            Err("wrong_issuer")
+        );
+        assert_eq!(
+            reason(&b.token(at.clone(), claims("A", "acme"))),
+            Err("wrong_issuer")
+        );
+        assert_eq!(
+            reason(&b.token(none.clone(), claims("B", "acme"))),
+            Err("tenant_not_allowed_for_issuer")
+        );
+        // A's typ and azp; B requires neither.
+        assert_eq!(
+            reason(&a.token(none.clone(), claims("A", "acme"))),
+            Err("wrong_type")
+        );
+        let mut other = claims("A", "acme");
+        other["azp"] = "batch".into();
+        assert_eq!(reason(&a.token(at.clone(), other)), Err("azp_not_allowed"));
+        let mut no_azp = claims("B", "globex");
+        no_azp.as_object_mut().unwrap().remove("azp");
+        assert_eq!(reason(&b.token(none, no_azp)), Ok("globex".into()));
+        // A remembered token is the same answer again (the cache keeps its issuer).
+        let t = a.token(at, claims("A", "acme"));
+        assert_eq!(reason(&t), Ok("acme".into()));
+        assert_eq!(reason(&t), Ok("acme".into()));
+    }
+
+    #[test]
+    fn typ_compares_without_case_or_application_prefix() {
+        assert_eq!(normalize_typ("application/AT+JWT"), "at+jwt");
+        assert_eq!(normalize_typ("at+jwt"), "at+jwt");
+        assert_eq!(normalize_typ("JWT"), "jwt");
+        assert_ne!(normalize_typ("x-application/at+jwt"), "at+jwt");
+    }
+
+    #[test]
+    fn issuer_strings_are_one_issuer_with_the_top_level_keys_and_any_tenant() {
+        let text = "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n[tenants.globex]\n\
+            [auth.jwt]\nissuers = [\"A\", \"A2\"]\naudiences = [\"bh\"]\njwks_file = \"/a\"\n";
+        let cfg = Config::from_toml(text).unwrap();
+        let j = cfg.auth.jwt.as_ref().unwrap();
+        let realms = j.realms();
+        assert_eq!(realms.len(), 1);
+        assert_eq!(realms[0].field, "auth.jwt");
+        assert_eq!(realms[0].issuers, ["A", "A2"]);
+        assert_eq!(realms[0].tenants, None);
+        let a = TestKey::new("k");
+        let v = JwtVerifier::new(j, vec![TestKey::jwks(&[&a]).into()]).unwrap();
+        for (iss, tenant) in [("A", "acme"), ("A2", "globex")] {
+            let t = a.token(serde_json::json!({}), claims(iss, tenant));
+            assert_eq!(v.verify(&t, NOW).unwrap().tenant, tenant);
+        }
+        // The keys must match the issuers.
+        assert!(JwtVerifier::new(j, Vec::new()).is_err());
     }
 
     #[test]

@@ -293,7 +293,7 @@ fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let cfg = match Config::from_file(file)
         .and_then(|c| c.load_keys().map(|_| c))
         .and_then(|c| c.load_audit_seals().map(|_| c))
-        .and_then(|c| bulkhead_sidecar::jwt::load_jwks_file(&c).map(|_| c))
+        .and_then(|c| bulkhead_sidecar::jwt::load_jwks_files(&c).map(|_| c))
     {
         Ok(c) => c,
         Err(e) => {

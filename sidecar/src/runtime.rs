@@ -6,7 +6,7 @@
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError, Isolation, TenantConfig, UnknownRoutes};
 use crate::isolation::{CacheGate, GateSettings, derive_salt};
-use crate::jwt::{JwtVerifier, UrlKeys, UrlSettings};
+use crate::jwt::{IssuerKeys, JwtVerifier, UrlKeys, UrlSettings};
 use crate::kv::KvSettings;
 use crate::limits::{LimitNumbers, SharedClock, TenantLimits};
 use crate::metrics::{Metrics, TenantMetrics};
@@ -368,32 +368,35 @@ fn build_runtime(
     );
     let jwt = match &config.auth.jwt {
         Some(j) => {
-            let file_keys = crate::jwt::load_jwks_file(&config)?;
-            let url = match &j.jwks_url {
-                Some(u) => {
-                    let settings = UrlSettings {
-                        url: u.parse().map_err(|_| ConfigError::Invalid {
-                            field: "auth.jwt.jwks_url".into(),
-                            message: "not a URL".into(),
-                        })?,
-                        refresh: Duration::from_millis(j.jwks_refresh_ms),
-                        min_refresh: Duration::from_millis(j.jwks_min_refresh_ms),
-                        timeout: Duration::from_millis(j.jwks_timeout_ms),
-                        max_bytes: j.jwks_max_bytes,
-                    };
-                    // The same URL settings keep the keys fetched so far (and their task).
-                    let kept = prev
-                        .and_then(|p| p.jwt.as_ref())
-                        .and_then(JwtVerifier::url_keys)
-                        .filter(|k| *k.settings() == settings)
-                        .cloned();
-                    Some(kept.unwrap_or_else(|| {
-                        UrlKeys::start(settings, metrics.jwks_refreshes.clone())
-                    }))
-                }
-                None => None,
-            };
-            Some(JwtVerifier::new(j, file_keys, url)?)
+            let files = crate::jwt::load_jwks_files(&config)?;
+            let mut keys = Vec::new();
+            for (realm, file) in j.realms().iter().zip(files) {
+                let url = match realm.jwks_url {
+                    Some(u) => {
+                        let settings = UrlSettings {
+                            url: u.parse().map_err(|_| ConfigError::Invalid {
+                                field: format!("{}.jwks_url", realm.field),
+                                message: "not a URL".into(),
+                            })?,
+                            refresh: Duration::from_millis(j.jwks_refresh_ms),
+                            min_refresh: Duration::from_millis(j.jwks_min_refresh_ms),
+                            timeout: Duration::from_millis(j.jwks_timeout_ms),
+                            max_bytes: j.jwks_max_bytes,
+                        };
+                        // The same URL settings keep the keys fetched so far (and their task).
+                        let kept = prev
+                            .and_then(|p| p.jwt.as_ref())
+                            .and_then(|v| v.url_keys().find(|k| *k.settings() == settings))
+                            .cloned();
+                        Some(kept.unwrap_or_else(|| {
+                            UrlKeys::start(settings, metrics.jwks_refreshes.clone())
+                        }))
+                    }
+                    None => None,
+                };
+                keys.push(IssuerKeys { file, url });
+            }
+            Some(JwtVerifier::new(j, keys)?)
         }
         None => None,
     };

@@ -489,15 +489,25 @@ fn admin_response(app: &App, registry: &Registry, path: &str) -> Response<ProxyB
 }
 
 /// A fingerprint of the config file and every key file it names (HMAC secrets, the salt key
-/// and the JWKS file): a changed JWKS file reloads the configuration like any key file.
+/// and each issuer's JWKS file): a changed JWKS file reloads the configuration like any key file.
 fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
     let text = std::fs::read(path).ok()?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(&text);
     if let Ok(cfg) = toml::from_str::<Config>(&String::from_utf8_lossy(&text)) {
         let files = cfg.keys.iter().flat_map(|k| k.secret_files.iter());
-        let jwks = cfg.auth.jwt.as_ref().and_then(|j| j.jwks_file.as_ref());
-        for f in files.chain(cfg.cache.salt_key_file.iter()).chain(jwks) {
+        let jwks: Vec<PathBuf> = cfg
+            .auth
+            .jwt
+            .as_ref()
+            .map(|j| {
+                j.realms()
+                    .iter()
+                    .filter_map(|r| r.jwks_file.cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in files.chain(cfg.cache.salt_key_file.iter()).chain(&jwks) {
             ctx.update(f.as_os_str().as_encoded_bytes());
             ctx.update(&std::fs::read(f).unwrap_or_default());
         }

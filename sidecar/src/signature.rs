@@ -58,6 +58,12 @@ pub enum AuthError {
     UnknownTier,
     #[error("{0} credentials are not accepted on this route")]
     MethodNotAccepted(&'static str),
+    #[error("the token's issuer may not name this tenant")]
+    TenantNotAllowedForIssuer,
+    #[error("the token's type (header typ) is not the one its issuer requires")]
+    WrongType,
+    #[error("the token's authorized party (azp) is not accepted")]
+    AzpNotAllowed,
 }
 
 impl AuthError {
@@ -81,11 +87,14 @@ impl AuthError {
             AuthError::ClaimMissing(_) => "claim_missing",
             AuthError::UnknownTier => "unknown_tier",
             AuthError::MethodNotAccepted(_) => "method_not_accepted",
+            AuthError::TenantNotAllowedForIssuer => "tenant_not_allowed_for_issuer",
+            AuthError::WrongType => "wrong_type",
+            AuthError::AzpNotAllowed => "azp_not_allowed",
         }
     }
 
     /// Every reason, for pre-creating metric series.
-    pub const REASONS: [&'static str; 18] = [
+    pub const REASONS: [&'static str; 21] = [
         "missing",
         "malformed",
         "bad_signature",
@@ -104,6 +113,9 @@ impl AuthError {
         "claim_missing",
         "unknown_tier",
         "method_not_accepted",
+        "tenant_not_allowed_for_issuer",
+        "wrong_type",
+        "azp_not_allowed",
     ];
 }
 
@@ -1384,6 +1396,12 @@ mod tests {
             (AuthError::ClaimMissing(s()), "claim_missing"),
             (AuthError::UnknownTier, "unknown_tier"),
             (AuthError::MethodNotAccepted("jwt"), "method_not_accepted"),
+            (
+                AuthError::TenantNotAllowedForIssuer,
+                "tenant_not_allowed_for_issuer",
+            ),
+            (AuthError::WrongType, "wrong_type"),
+            (AuthError::AzpNotAllowed, "azp_not_allowed"),
         ];
         for (e, reason) in &all {
             assert_eq!(e.reason(), *reason, "{e:?}");

@@ -566,6 +566,7 @@ async fn tiers_and_scope_claims_limit_a_token() {
             {"key": "ed", "claims": scoped(None, None)},
             {"key": "ed", "claims": scoped(Some("pro"), Some(json!({"models": ["small"]})))},
             {"key": "ed", "claims": scoped(Some("pro"), Some(json!({"models": "small"})))},
+            {"key": "ed", "claims": scoped(Some("pro"), Some(json!({"tools": ["get_weather"]})))},
         ]}),
     );
     let dir = tempfile::tempdir().unwrap();
@@ -626,6 +627,38 @@ async fn tiers_and_scope_claims_limit_a_token() {
         "bad scope claim",
     )
     .await;
+    // The scope claim's tools narrow the tier's (pro allows every tool): a tool outside the
+    // claim is refused and never forwarded, one inside it is served.
+    let tools = |names: &[&str]| {
+        let list: Vec<String> = names
+            .iter()
+            .map(|n| format!(r#"{{"type":"function","function":{{"name":"{n}"}}}}"#))
+            .collect();
+        chat("hi", &format!(r#","tools":[{}]"#, list.join(",")))
+    };
+    for (names, what) in [
+        (&["rm_rf"][..], "a tool outside the claim"),
+        (
+            &["get_weather", "rm_rf"][..],
+            "one tool of two outside the claim",
+        ),
+    ] {
+        let before = h.sim.sim.requests().len();
+        let (p, b) = status(&t[6], &tools(names)).await;
+        assert_eq!(p.status, StatusCode::FORBIDDEN, "{what}: {b:?}");
+        let v = json(&b);
+        assert_eq!(v["error"]["code"], "permission_denied", "{what}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(r#"tool "rm_rf""#), "{what}: {msg}");
+        assert_eq!(h.sim.sim.requests().len(), before, "{what}: forwarded");
+    }
+    let (p, b) = status(&t[6], &tools(&["get_weather"])).await;
+    assert_eq!(p.status, StatusCode::OK, "the claim's own tool: {b:?}");
+    assert_eq!(
+        status(&t[1], &tools(&["rm_rf"])).await.0.status,
+        StatusCode::OK,
+        "pro without a scope claim allows the tool"
+    );
     // Signatures are accepted on the embeddings route only.
     let req = h.signed("acme", Method::POST, CHAT, &body());
     expect_refused(&h, req, "method_not_accepted", "signed chat").await;
@@ -636,6 +669,150 @@ async fn tiers_and_scope_claims_limit_a_token() {
         r#"{"model":"m","input":"x"}"#,
     );
     assert_eq!(h.send_collect(req).await.0.status, StatusCode::OK);
+    h.shutdown().await;
+}
+
+const ISS_A: &str = "https://idp.test/realms/a";
+const ISS_B: &str = "https://idp.test/realms/b";
+
+/// `[auth.jwt]` with two issuers, each with its own JWKS file and tenants, plus `extra_a`
+/// lines in issuer A's table.
+fn two_issuers(a: &std::path::Path, b: &std::path::Path, extra_a: &str) -> String {
+    format!(
+        "\n[auth.jwt]\naudiences = [\"bulkhead\"]\ntenant_claim = \"org.tenant\"\n\
+         [[auth.jwt.issuers]]\nissuer = {ISS_A:?}\njwks_file = {:?}\ntenants = [\"acme\"]\n{extra_a}\n\
+         [[auth.jwt.issuers]]\nissuer = {ISS_B:?}\njwks_file = {:?}\ntenants = [\"globex\"]\n",
+        a.display().to_string(),
+        b.display().to_string()
+    )
+}
+
+fn from(iss: &str, tenant: &str) -> Value {
+    with(claims(tenant), |c| {
+        c.insert("iss".into(), iss.into());
+    })
+}
+
+/// Each issuer's keys mint its own tenants only, and speak for no other issuer: even when both
+/// issuers' keys have the same `kid`.
+#[tokio::test]
+async fn each_issuer_mints_only_its_own_tenants_with_its_own_keys() {
+    let s = sign(json!({"keys": [
+        {"name": "a", "kty": "OKP", "kid": "k-1"},
+        {"name": "b", "kty": "OKP", "kid": "k-1"},
+        {"name": "b2", "kty": "EC", "kid": "b-2"},
+    ], "tokens": [
+        {"key": "a", "claims": from(ISS_A, "acme")},
+        {"key": "b", "claims": from(ISS_B, "globex")},
+        {"key": "b2", "claims": from(ISS_B, "globex")},
+        {"key": "a", "claims": from(ISS_A, "globex")},
+        {"key": "b2", "claims": from(ISS_B, "acme")},
+        {"key": "a", "claims": from(ISS_B, "globex")},
+        {"key": "b", "claims": from(ISS_A, "acme")},
+        {"key": "a", "header": {"kid": "b-2", "alg": "ES256"}, "claims": from(ISS_B, "globex")},
+    ]}));
+    let dir = tempfile::tempdir().unwrap();
+    let (ja, jb) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    std::fs::write(&ja, s.jwks(&["a"])).unwrap();
+    std::fs::write(&jb, s.jwks(&["b", "b2"])).unwrap();
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&two_issuers(&ja, &jb, ""))
+    })
+    .await;
+    // The new reasons are series from the start.
+    for reason in [
+        "tenant_not_allowed_for_issuer",
+        "wrong_type",
+        "azp_not_allowed",
+    ] {
+        assert_eq!(
+            h.metric(&format!(
+                "bulkhead_auth_failures_total{{reason=\"{reason}\"}}"
+            ))
+            .await,
+            Some(0.0),
+            "{reason}"
+        );
+    }
+    let t = &s.tokens;
+    expect_ok(&h, &t[0], "A's key, A's tenant").await;
+    expect_ok(&h, &t[1], "B's key, B's tenant").await;
+    expect_ok(&h, &t[2], "B's other key, B's tenant").await;
+    h.wait_metric("bulkhead_requests_total{tenant=\"acme\",code=\"200\"}", 1.0)
+        .await;
+    h.wait_metric(
+        "bulkhead_requests_total{tenant=\"globex\",code=\"200\"}",
+        2.0,
+    )
+    .await;
+    let req = |tok: &str| bearer(&h, CHAT, &body(), tok);
+    expect_refused(
+        &h,
+        req(&t[3]),
+        "tenant_not_allowed_for_issuer",
+        "A names B's tenant",
+    )
+    .await;
+    expect_refused(
+        &h,
+        req(&t[4]),
+        "tenant_not_allowed_for_issuer",
+        "B names A's tenant",
+    )
+    .await;
+    expect_refused(
+        &h,
+        req(&t[5]),
+        "wrong_issuer",
+        "A's key, iss B (same kid as B's key)",
+    )
+    .await;
+    expect_refused(&h, req(&t[6]), "wrong_issuer", "B's key, iss A").await;
+    expect_refused(&h, req(&t[7]), "bad_signature", "A's key under B's kid").await;
+    assert_eq!(h.sim.sim.requests().len(), 3);
+    h.shutdown().await;
+}
+
+/// An issuer may require the header `typ` (RFC 9068 access tokens: `at+jwt`) and an `azp`
+/// from a list; the other issuer requires neither.
+#[tokio::test]
+async fn an_issuer_can_require_a_token_type_and_authorized_parties() {
+    let at = |c: Value| json!({"key": "a", "header": {"typ": "at+jwt"}, "claims": c});
+    let s = sign(json!({"keys": [
+        {"name": "a", "kty": "OKP", "kid": "a-1"},
+        {"name": "b", "kty": "OKP", "kid": "b-1"},
+    ], "tokens": [
+        at(from(ISS_A, "acme")),
+        {"key": "a", "header": {"typ": "application/AT+JWT"}, "claims": from(ISS_A, "acme")},
+        {"key": "a", "claims": from(ISS_A, "acme")},
+        {"key": "a", "header": {"typ": null}, "claims": from(ISS_A, "acme")},
+        at(with(from(ISS_A, "acme"), |c| { c.insert("azp".into(), "batch".into()); })),
+        at(with(from(ISS_A, "acme"), |c| { c.remove("azp"); })),
+        at(with(from(ISS_A, "acme"), |c| { c.insert("azp".into(), "ops".into()); })),
+        {"key": "b", "claims": with(from(ISS_B, "globex"), |c| { c.remove("azp"); })},
+    ]}));
+    let dir = tempfile::tempdir().unwrap();
+    let (ja, jb) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    std::fs::write(&ja, s.jwks(&["a"])).unwrap();
+    std::fs::write(&jb, s.jwks(&["b"])).unwrap();
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&two_issuers(
+            &ja,
+            &jb,
+            "typ = \"at+jwt\"\nallowed_azp = [\"chat-ui\", \"ops\"]",
+        ))
+    })
+    .await;
+    let t = &s.tokens;
+    expect_ok(&h, &t[0], "typ at+jwt, azp chat-ui").await;
+    expect_ok(&h, &t[1], "typ application/at+jwt in another letter case").await;
+    let req = |tok: &str| bearer(&h, CHAT, &body(), tok);
+    expect_refused(&h, req(&t[2]), "wrong_type", "typ JWT").await;
+    expect_refused(&h, req(&t[3]), "wrong_type", "no typ").await;
+    expect_refused(&h, req(&t[4]), "azp_not_allowed", "azp batch").await;
+    expect_refused(&h, req(&t[5]), "azp_not_allowed", "no azp").await;
+    expect_ok(&h, &t[6], "azp ops").await;
+    expect_ok(&h, &t[7], "issuer B requires neither").await;
     h.shutdown().await;
 }
 
@@ -678,6 +855,105 @@ fn jwt_config_is_validated() {
             .to_string();
         assert!(e.contains(field), "{jwt}: {e}");
     }
+    // Issuer tables: each error names the issuer's field.
+    let tables = |rest: &str| {
+        format!(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n[tenants.globex]\n\
+             [auth.jwt]\naudiences = [\"a\"]\n\
+             [[auth.jwt.issuers]]\nissuer = \"i\"\njwks_file = \"/j\"\ntenants = [\"acme\"]\n\
+             [[auth.jwt.issuers]]\n{rest}\n"
+        )
+    };
+    for (rest, field, says) in [
+        (
+            "issuer = \"k\"\njwks_file = \"/k\"\ntenants = [\"initech\"]",
+            "auth.jwt.issuers[1].tenants",
+            "\"initech\" is not a configured tenant",
+        ),
+        (
+            "issuer = \"k\"\njwks_file = \"/k\"\ntenants = [\"acme\", \"acme\"]",
+            "auth.jwt.issuers[1].tenants",
+            "listed twice",
+        ),
+        (
+            "issuer = \"k\"\njwks_file = \"/k\"\ntenants = []",
+            "auth.jwt.issuers[1].tenants",
+            "list the tenants",
+        ),
+        (
+            "issuer = \"i\"\njwks_file = \"/k\"\ntenants = [\"globex\"]",
+            "auth.jwt.issuers[1].issuer",
+            "\"i\" is listed twice",
+        ),
+        (
+            "issuer = \"k\"\ntenants = [\"globex\"]",
+            "auth.jwt.issuers[1].jwks_file",
+            "set jwks_file, jwks_url or both",
+        ),
+        (
+            "issuer = \"k\"\njwks_url = \"https://idp/certs\"\ntenants = [\"globex\"]",
+            "auth.jwt.issuers[1].jwks_url",
+            "only http://",
+        ),
+        (
+            "issuer = \"k\"\njwks_file = \"/k\"\ntenants = [\"globex\"]\nallowed_azp = []",
+            "auth.jwt.issuers[1].allowed_azp",
+            "list 1-64 values",
+        ),
+        (
+            "issuer = \"k\"\njwks_file = \"/k\"\ntenants = [\"globex\"]\ntyp = \"\"",
+            "auth.jwt.issuers[1].typ",
+            "1-256 bytes",
+        ),
+    ] {
+        let e = bulkhead_sidecar::Config::from_toml(&tables(rest))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field) && e.contains(says), "{rest}: {e}");
+    }
+    // A typo in an issuer table is named; so is a missing `tenants`.
+    let e = bulkhead_sidecar::Config::from_toml(&tables(
+        "issuer = \"k\"\njwks_file = \"/k\"\ntenants = [\"globex\"]\nallowed_azps = [\"x\"]",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("allowed_azps"), "{e}");
+    let e = bulkhead_sidecar::Config::from_toml(&tables("issuer = \"k\"\njwks_file = \"/k\""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tenants"), "{e}");
+    // Strings and tables are not mixed, and tables take no top-level keys.
+    let mixed = base("jwks_file = \"/j\"").replace(
+        "issuers = [\"i\"]",
+        "issuers = [\"i\", {issuer = \"k\", jwks_file = \"/k\", tenants = [\"acme\"]}]",
+    );
+    let e = bulkhead_sidecar::Config::from_toml(&mixed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("auth.jwt.issuers[0]") && e.contains("not both"),
+        "{e}"
+    );
+    let top = tables("issuer = \"k\"\njwks_file = \"/k\"\ntenants = [\"globex\"]").replace(
+        "audiences = [\"a\"]\n",
+        "audiences = [\"a\"]\njwks_url = \"http://idp/certs\"\n",
+    );
+    let e = bulkhead_sidecar::Config::from_toml(&top)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("auth.jwt.jwks_url") && e.contains("its own"),
+        "{e}"
+    );
+    let ok = bulkhead_sidecar::Config::from_toml(&tables(
+        "issuer = \"k\"\njwks_url = \"http://idp/certs\"\ntenants = [\"globex\"]\n\
+         typ = \"at+jwt\"\nallowed_azp = [\"ui\"]",
+    ))
+    .unwrap();
+    let realms = ok.auth.jwt.as_ref().unwrap().realms();
+    assert_eq!(realms.len(), 2);
+    assert_eq!(realms[1].field, "auth.jwt.issuers[1]");
+    assert_eq!(realms[1].tenants, Some(&["globex".to_string()][..]));
     // JWT alone is enough: no [[keys]] needed.
     let c = bulkhead_sidecar::Config::from_toml(&base("jwks_file = \"/j\"")).unwrap();
     let j = c.auth.jwt.unwrap();
@@ -703,7 +979,7 @@ fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
     let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
     let c = cfg.auth.jwt.as_ref().unwrap();
     let keys = KeySet::parse(s.jwks(&["ed"]).as_bytes()).unwrap();
-    let jwt = JwtVerifier::new(c, keys, None).unwrap();
+    let jwt = JwtVerifier::new(c, vec![keys.into()]).unwrap();
     let t = &s.tokens[0];
     assert_eq!(jwt.verify(t, now).unwrap().tenant, "acme");
     // Remembered, still within exp + leeway (30 s) ...
@@ -716,7 +992,7 @@ fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
     );
     // The key set of a reload (here: without the token's key) starts afresh.
     let keys = KeySet::parse(s.jwks(&["ec"]).as_bytes()).unwrap();
-    let reloaded = JwtVerifier::new(c, keys, None).unwrap();
+    let reloaded = JwtVerifier::new(c, vec![keys.into()]).unwrap();
     assert_eq!(reloaded.verify(t, now).unwrap_err().reason(), "unknown_key");
 }
 
@@ -800,7 +1076,7 @@ fn verify_cost() {
     );
     let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
     let keys = KeySet::parse(s.jwks(&["rsa", "ec", "ed"]).as_bytes()).unwrap();
-    let jwt = JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), keys, None).unwrap();
+    let jwt = JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), vec![keys.into()]).unwrap();
     for (alg, token) in ["RS256 (RSA-2048)", "ES256 (P-256)", "EdDSA (Ed25519)"]
         .iter()
         .zip(&s.tokens)

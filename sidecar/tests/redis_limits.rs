@@ -493,6 +493,85 @@ async fn a_replay_sent_to_the_other_replica_is_refused() {
     }
 }
 
+/// A request `h` can send again and again: signed once (one nonce), for `tenant`.
+fn replayable(h: &Harness, tenant: &str, path: &str) -> impl Fn() -> Request<Full<Bytes>> + use<> {
+    let headers = signed_headers(tenant, &Method::GET, path, b"", "gw", GW_KEY, |_| {});
+    let uri = h.url(path);
+    move || {
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = headers.clone();
+        req
+    }
+}
+
+/// A nonce Redis accepted is also remembered by the replica that served it, so while Redis is
+/// down (`on_backend_failure = "local"`) that replica refuses its replay: for a nonce checked
+/// by a call of its own (acme: no limits), for one recorded by the admission script (globex,
+/// admitted), and for one the admission script recorded while a limit refused the request
+/// (globex's second: Redis burned that nonce, and so does the replica).
+#[tokio::test]
+async fn nonces_redis_accepted_are_refused_locally_while_redis_is_down() {
+    if !redis_available("replay_outage") {
+        return;
+    }
+    let mut redis = RedisServer::start().await;
+    let tenants = limits_section(
+        &redis.url(),
+        "command_timeout_ms = 100\nconnect_timeout_ms = 200\non_backend_failure = \"local\"",
+        "[tenants.acme]\n[tenants.globex]\nrequests_per_minute = 1\n",
+    );
+    let h = Harness::start(&tenants).await;
+    let acme = replayable(&h, "acme", "/v1/models");
+    let globex = replayable(&h, "globex", "/v1/models");
+    let globex_refused = replayable(&h, "globex", "/v1/models");
+    assert_eq!(h.send_collect(acme()).await.0.status, StatusCode::OK);
+    assert_eq!(h.send_collect(globex()).await.0.status, StatusCode::OK);
+    let (p, b) = h.send_collect(globex_refused()).await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS, "{b:?}");
+    // Redis has all three nonces.
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("bulkhead:{replay:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let held: u64 = redis::cmd("ZCARD")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(held, 3);
+    drop(conn);
+
+    redis.kill();
+    for (name, replay) in [
+        ("acme", &acme),
+        ("globex", &globex),
+        ("globex's refused request", &globex_refused),
+    ] {
+        let (p, b) = h.send_collect(replay()).await;
+        assert_eq!(p.status, StatusCode::UNAUTHORIZED, "{name}: {b:?}");
+        assert_eq!(json(&b)["error"]["code"], "replayed", "{name}");
+    }
+    // The replica did decide without Redis: a fresh request is admitted by the local fallback.
+    assert_eq!(
+        h.send_collect(h.signed("acme", Method::GET, "/v1/models", ""))
+            .await
+            .0
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(h.metric("bulkhead_limits_backend_up").await, Some(0.0));
+    assert_eq!(
+        h.sim.sim.requests().len(),
+        3,
+        "the replays never reached the model server"
+    );
+    h.shutdown().await;
+}
+
 /// A sidecar on a runtime of its own, so it can die as a process would: every task stops at
 /// once and nothing it held is released.
 struct Doomed {

@@ -71,7 +71,8 @@ async fn the_sidecars_kv_reports_split_the_servers_gpu_memory_in_the_agent() {
     }
     let paths = Paths::new();
     // A scripted node: this test process is the sidecar of a pod whose inference server
-    // (pid 4242) holds 16 GiB on GPU 0.
+    // (pid 4242) holds 16 GiB on GPU 0; the pod is configured as a shared server of alpha and
+    // beta (only such a pod's reports are heard).
     let uid = "7e1d2c3b-4a59-4867-9a8b-7c6d5e4f3a2b";
     let proc_root = paths.dir.join("proc");
     for (pid, container) in [(std::process::id(), "sidecar"), (4242, "vllm")] {
@@ -100,7 +101,8 @@ async fn the_sidecars_kv_reports_split_the_servers_gpu_memory_in_the_agent() {
     let config = paths.config("").replace(
         "[tagging]",
         &format!(
-            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\n[tagging]",
+            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\
+             [[gpu.workloads]]\npod_uid = \"{uid}\"\nshared = true\ntenants = [\"alpha\", \"beta\"]\n\n[tagging]",
             gpus.display(),
             proc_root
         ),

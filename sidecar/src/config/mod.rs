@@ -558,13 +558,17 @@ fn all_routes() -> Vec<String> {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// Accepted `iss` values (exact match).
-    pub issuers: Vec<String>,
+    /// The issuers: either `iss` strings (exact match), all trusting the keys of `jwks_file` /
+    /// `jwks_url` below and naming any tenant; or `[[auth.jwt.issuers]]` tables, each an
+    /// issuer with keys and tenants of its own (see [`JwtIssuerConfig`]). Not both kinds.
+    pub issuers: Vec<JwtIssuer>,
     /// Accepted `aud` values; a token must name at least one.
     pub audiences: Vec<String>,
-    /// A JWKS file (reloaded with the configuration: on change and on SIGHUP).
+    /// A JWKS file (reloaded with the configuration: on change and on SIGHUP), for issuers
+    /// given as strings.
     pub jwks_file: Option<PathBuf>,
-    /// A JWKS URL (`http://` only), fetched at start and every `jwks_refresh_ms`.
+    /// A JWKS URL (`http://` only), fetched at start and every `jwks_refresh_ms`, for issuers
+    /// given as strings.
     pub jwks_url: Option<String>,
     #[serde(default = "default_jwks_refresh_ms")]
     pub jwks_refresh_ms: u64,
@@ -601,6 +605,117 @@ pub struct JwtConfig {
     #[serde(default = "all_routes")]
     pub routes: Vec<String>,
 }
+/// One entry of `auth.jwt.issuers`: an `iss` string, or an issuer table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JwtIssuer {
+    Name(String),
+    Table(JwtIssuerConfig),
+}
+
+impl<'de> Deserialize<'de> for JwtIssuer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = JwtIssuer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "an issuer (`iss`) string, or an issuer table (issuer, jwks_file and/or \
+                     jwks_url, tenants)",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<JwtIssuer, E> {
+                Ok(JwtIssuer::Name(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<JwtIssuer, A::Error> {
+                JwtIssuerConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(JwtIssuer::Table)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
+/// `[[auth.jwt.issuers]]`: one issuer (an IdP realm) with its own keys and the tenants its
+/// tokens may name, so one realm's keys can never mint another realm's tenants.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuerConfig {
+    /// The `iss` value (exact match).
+    pub issuer: String,
+    /// This issuer's JWKS file (reloaded with the configuration).
+    pub jwks_file: Option<PathBuf>,
+    /// This issuer's JWKS URL (`http://` only), fetched as `auth.jwt.jwks_refresh_ms` and the
+    /// other `jwks_*` settings say.
+    pub jwks_url: Option<String>,
+    /// The configured tenants this issuer's tokens may name; any other is refused
+    /// (`tenant_not_allowed_for_issuer`).
+    pub tenants: Vec<String>,
+    /// The header `typ` required (e.g. `at+jwt`, RFC 9068; compared without letter case and
+    /// without an `application/` prefix); absent: any.
+    pub typ: Option<String>,
+    /// The `azp` (authorized party) values accepted; absent: any, or none.
+    pub allowed_azp: Option<Vec<String>>,
+}
+
+/// One issuer as the verifier sees it, whichever way it was configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtRealm<'a> {
+    /// Where it is configured: `auth.jwt` (issuers given as strings) or `auth.jwt.issuers[i]`.
+    pub field: String,
+    /// Accepted `iss` values.
+    pub issuers: Vec<&'a str>,
+    pub jwks_file: Option<&'a PathBuf>,
+    pub jwks_url: Option<&'a String>,
+    /// The tenants its tokens may name; `None`: any configured tenant.
+    pub tenants: Option<&'a [String]>,
+    pub typ: Option<&'a str>,
+    pub allowed_azp: Option<&'a [String]>,
+}
+
+impl JwtConfig {
+    /// The issuers, each with its keys: the strings of `issuers` as one issuer with the
+    /// top-level `jwks_file` / `jwks_url` and any tenant, then each issuer table.
+    pub fn realms(&self) -> Vec<JwtRealm<'_>> {
+        let names: Vec<&str> = self
+            .issuers
+            .iter()
+            .filter_map(|i| match i {
+                JwtIssuer::Name(n) => Some(n.as_str()),
+                JwtIssuer::Table(_) => None,
+            })
+            .collect();
+        let mut out = Vec::new();
+        if !names.is_empty() {
+            out.push(JwtRealm {
+                field: "auth.jwt".into(),
+                issuers: names,
+                jwks_file: self.jwks_file.as_ref(),
+                jwks_url: self.jwks_url.as_ref(),
+                tenants: None,
+                typ: None,
+                allowed_azp: None,
+            });
+        }
+        for (i, entry) in self.issuers.iter().enumerate() {
+            if let JwtIssuer::Table(t) = entry {
+                out.push(JwtRealm {
+                    field: format!("auth.jwt.issuers[{i}]"),
+                    issuers: vec![t.issuer.as_str()],
+                    jwks_file: t.jwks_file.as_ref(),
+                    jwks_url: t.jwks_url.as_ref(),
+                    tenants: Some(&t.tenants),
+                    typ: t.typ.as_deref(),
+                    allowed_azp: t.allowed_azp.as_deref(),
+                });
+            }
+        }
+        out
+    }
+}
+
 fn default_jwks_refresh_ms() -> u64 {
     300_000
 }

@@ -1,6 +1,7 @@
 //! Validation of a parsed [`Config`]: every rule with the field it names.
 
 use super::*;
+use std::collections::HashSet;
 
 impl Config {
     /// Check every field; the error names the first bad one.
@@ -343,7 +344,7 @@ impl Config {
             }
             Ok(())
         };
-        strings("issuers", &j.issuers)?;
+        self.validate_jwt_issuers(j)?;
         strings("audiences", &j.audiences)?;
         strings("algorithms", &j.algorithms)?;
         if let Some(a) = j
@@ -356,19 +357,22 @@ impl Config {
                 format!("{a:?} is not one of \"RS256\", \"ES256\", \"EdDSA\""),
             ));
         }
-        if j.jwks_file.is_none() && j.jwks_url.is_none() {
-            return Err(invalid(f("jwks_file"), "set jwks_file, jwks_url or both"));
-        }
-        if let Some(u) = &j.jwks_url {
-            let uri: http::Uri = u
-                .parse()
-                .map_err(|e| invalid(f("jwks_url"), format!("not a URL: {e}")))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(invalid(
-                    f("jwks_url"),
-                    "only http:// URLs are supported (no TLS stack): use the IdP's in-cluster \
-                     service address, or a jwks_file kept up to date",
-                ));
+        for realm in j.realms() {
+            let f = |k: &str| format!("{}.{k}", realm.field);
+            if realm.jwks_file.is_none() && realm.jwks_url.is_none() {
+                return Err(invalid(f("jwks_file"), "set jwks_file, jwks_url or both"));
+            }
+            if let Some(u) = realm.jwks_url {
+                let uri: http::Uri = u
+                    .parse()
+                    .map_err(|e| invalid(f("jwks_url"), format!("not a URL: {e}")))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err(invalid(
+                        f("jwks_url"),
+                        "only http:// URLs are supported (no TLS stack): use the IdP's \
+                         in-cluster service address, or a jwks_file kept up to date",
+                    ));
+                }
             }
         }
         for (k, v, lo, hi) in [
@@ -416,6 +420,100 @@ impl Config {
                 .map_err(|e| invalid(f(&format!("tiers.{name}.{}", e.field)), e.message))?;
         }
         crate::scope::Routes::parse(&j.routes).map_err(|m| invalid(f("routes"), m))?;
+        Ok(())
+    }
+
+    /// `auth.jwt.issuers`: `iss` strings (the top-level keys), or issuer tables, each with
+    /// keys of its own and the configured tenants it may name.
+    fn validate_jwt_issuers(&self, j: &JwtConfig) -> Result<(), ConfigError> {
+        let value = |field: &str, v: &str, max: usize| -> Result<(), ConfigError> {
+            if v.is_empty() || v.len() > max {
+                return Err(invalid(field, format!("values must be 1-{max} bytes")));
+            }
+            Ok(())
+        };
+        if j.issuers.is_empty() || j.issuers.len() > 64 {
+            return Err(invalid("auth.jwt.issuers", "list 1-64 values"));
+        }
+        let tables = j
+            .issuers
+            .iter()
+            .filter(|i| matches!(i, JwtIssuer::Table(_)))
+            .count();
+        if tables == 0 {
+            for i in &j.issuers {
+                if let JwtIssuer::Name(n) = i {
+                    value("auth.jwt.issuers", n, 1024)?;
+                }
+            }
+            return Ok(());
+        }
+        if let Some(at) = j
+            .issuers
+            .iter()
+            .position(|i| matches!(i, JwtIssuer::Name(_)))
+        {
+            return Err(invalid(
+                format!("auth.jwt.issuers[{at}]"),
+                "give every issuer as a [[auth.jwt.issuers]] table (issuer, jwks_file / \
+                 jwks_url, tenants), or every one as a string, not both",
+            ));
+        }
+        for (k, set) in [
+            ("jwks_file", j.jwks_file.is_some()),
+            ("jwks_url", j.jwks_url.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    format!("auth.jwt.{k}"),
+                    "with [[auth.jwt.issuers]] tables each issuer names its own jwks_file \
+                     and/or jwks_url",
+                ));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, entry) in j.issuers.iter().enumerate() {
+            let JwtIssuer::Table(t) = entry else {
+                continue;
+            };
+            let f = |k: &str| format!("auth.jwt.issuers[{i}].{k}");
+            value(&f("issuer"), &t.issuer, 1024)?;
+            if !seen.insert(t.issuer.as_str()) {
+                return Err(invalid(
+                    f("issuer"),
+                    format!("{:?} is listed twice", t.issuer),
+                ));
+            }
+            if t.tenants.is_empty() {
+                return Err(invalid(
+                    f("tenants"),
+                    "list the tenants this issuer's tokens may name",
+                ));
+            }
+            let mut listed = HashSet::new();
+            for name in &t.tenants {
+                if !self.tenants.contains_key(name) {
+                    return Err(invalid(
+                        f("tenants"),
+                        format!("{name:?} is not a configured tenant ([tenants.{name}])"),
+                    ));
+                }
+                if !listed.insert(name.as_str()) {
+                    return Err(invalid(f("tenants"), format!("{name:?} is listed twice")));
+                }
+            }
+            if let Some(typ) = &t.typ {
+                value(&f("typ"), typ, 256)?;
+            }
+            if let Some(azp) = &t.allowed_azp {
+                if azp.is_empty() || azp.len() > 64 {
+                    return Err(invalid(f("allowed_azp"), "list 1-64 values"));
+                }
+                for a in azp {
+                    value(&f("allowed_azp"), a, 1024)?;
+                }
+            }
+        }
         Ok(())
     }
 

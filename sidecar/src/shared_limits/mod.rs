@@ -188,7 +188,8 @@ impl SharedLimits {
     }
 
     /// Record a verified request's nonce in Redis (or, while Redis is down, as
-    /// `on_backend_failure` says).
+    /// `on_backend_failure` says). A nonce Redis accepts is recorded in this process's replay
+    /// cache too ([`SharedLimits::remember_locally`]).
     pub async fn record_nonce(
         &self,
         verifier: &Verifier,
@@ -203,7 +204,7 @@ impl SharedLimits {
                 .arg(n.forget_at.saturating_mul(1000))
                 .arg(n.key_share);
             match self.backend.invoke::<i64>(&inv).await {
-                Some(0) => return Ok(()),
+                Some(0) => return Self::remember_locally(verifier, n),
                 Some(1) => return Err(SharedError::Auth(AuthError::Replayed)),
                 Some(_) => return Err(SharedError::Auth(AuthError::ReplayCacheFull)),
                 None => {}
@@ -235,6 +236,15 @@ impl SharedLimits {
         let mut inv = scripts::RESPONSE_OWNED.prepare_invoke();
         inv.key(scripts::response_key(&self.cfg.key_prefix, tenant, id));
         self.backend.invoke::<i64>(&inv).await.map(|n| n == 1)
+    }
+
+    /// Record a nonce Redis has recorded in this process's replay cache as well, so that while
+    /// Redis is down (`on_backend_failure = "local"` checks nonces here alone) this replica
+    /// still refuses a replay of a request it served. Fails closed as the local cache does
+    /// (`ReplayCacheFull` when its key id's share is full: better refuse than forget a live
+    /// nonce).
+    fn remember_locally(verifier: &Verifier, n: &NonceRecord) -> Result<(), SharedError> {
+        verifier.record_local(n).map_err(SharedError::Auth)
     }
 
     /// Count a decision made without Redis; what `on_backend_failure` says to do.
@@ -527,6 +537,13 @@ impl SharedTenant {
                 return self.degraded(estimate);
             }
         };
+        // Statuses 0-3: the script recorded the nonce (before it applied the limits); this
+        // replica remembers it too. Should that fail, the slot the script took is released.
+        if let Some((verifier, record)) = merged
+            && (0..=3).contains(&a.status)
+        {
+            SharedLimits::remember_locally(verifier, record)?;
+        }
         // Answered: the slot is taken (admitted) or was never added (refused).
         cancelled.0 = None;
         let kind = match a.status {

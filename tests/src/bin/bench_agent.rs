@@ -54,7 +54,8 @@ fn main() -> anyhow::Result<()> {
         if pod < 20 {
             writeln!(
                 workloads,
-                "[[gpu.workloads]]\npod_uid = \"{uid}\"\nshared = true"
+                "[[gpu.workloads]]\npod_uid = \"{uid}\"\nshared = true\ntenants = [\"{}\"]",
+                names[pod as usize % tenants]
             )?;
         } else {
             writeln!(
