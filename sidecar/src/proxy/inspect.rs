@@ -444,7 +444,7 @@ fn engine_fields(
     if policy.flavor != Flavor::Openai && schema.has("priority") {
         obj.insert("priority".into(), Value::from(policy.priority));
     }
-    if schema.has("store") && schema == Body::Responses {
+    if schema == Body::Responses {
         // The upstream stores by default: only a tenant allowed to store may leave it so.
         if store == Some(true) && !policy.store_responses {
             return Err(Refusal::permission(
@@ -1472,5 +1472,46 @@ mod tests {
         )
         .unwrap();
         assert!(String::from_utf8_lossy(&i.prompt_text).contains("abcdefgh"));
+    }
+
+    #[test]
+    fn engine_fields_are_written_only_where_the_upstream_reads_them() {
+        let p = Policy {
+            request_id: "rq",
+            priority: 1,
+            ..P
+        };
+        let sg = Policy {
+            flavor: Flavor::Sglang,
+            ..p
+        };
+        // The tokenizer's request has neither an id nor a priority.
+        for policy in [p, sg] {
+            let v = fwd(&inspect(
+                Route::Tokenize(Body::Tokenize),
+                br#"{"prompt":"x"}"#,
+                policy,
+            )
+            .unwrap());
+            assert_eq!(v, serde_json::json!({"prompt": "x"}));
+        }
+        // vLLM's pooling request has `request_id` and no `rid`: SGLang's spelling is not
+        // written where the route has none.
+        let v = fwd(&inspect(Route::Encode(Body::Pooling), br#"{"input":"x"}"#, sg).unwrap());
+        assert!(
+            v.get("rid").is_none() && v.get("request_id").is_none(),
+            "{v}"
+        );
+        assert_eq!(v["priority"], 1);
+        // `store` is the Responses API's: a chat body's is forwarded as written, none added.
+        let v = fwd(&inspect(Route::Generate(Api::Chat), br#"{"messages":[]}"#, p).unwrap());
+        assert!(v.get("store").is_none(), "{v}");
+        let v = fwd(&inspect(
+            Route::Generate(Api::Chat),
+            br#"{"messages":[],"store":true}"#,
+            p,
+        )
+        .unwrap());
+        assert_eq!(v["store"], true);
     }
 }
