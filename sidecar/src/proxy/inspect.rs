@@ -1435,6 +1435,12 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":[{"type":"tool_reference","name":"exec"}]}]}"#,
                 "permission_denied",
             ),
+            (
+                chat,
+                r#"{"messages":[{"role":"user","content":[{"type":"tool_reference","name":"lookup"}]}]}"#,
+                "ok",
+            ),
+            (chat, r#"{"messages":[],"chat_template_kwargs":null}"#, "ok"),
             // Template arguments that carry tools, documents or a template.
             (
                 chat,
