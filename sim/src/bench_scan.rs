@@ -1,9 +1,12 @@
 //! `bulkhead-bench --scan`: what leak scanning costs per KiB of prompt and of streamed
 //! response, with 10 and with 1,000 canaries and keywords (plus the default injection
-//! markers), against a pass over the same bytes that finds nothing (the floor).
+//! markers), against a pass over the same bytes that finds nothing (the floor); and the
+//! response scan as the meter runs it: SSE events of 24 bytes of text each, one choice and two
+//! interleaved, scanned per (choice, field), against parsing each event and scanning its
+//! content in one stream (the earlier meter's work); a buffered answer, raw and decoded.
 
 use bulkhead_sidecar::Config;
-use bulkhead_sidecar::leaks::{LeakPatterns, StreamScan, Where};
+use bulkhead_sidecar::leaks::{LeakPatterns, ResponseScan, StreamScan, Where};
 use std::time::{Duration, Instant};
 
 fn patterns(n: usize) -> LeakPatterns {
@@ -110,6 +113,91 @@ pub fn run() -> anyhow::Result<()> {
             "{n:>5} canaries: prompt scan {:.0} ns/KiB, streamed in 24-byte pieces {:.0} ns/KiB",
             prompt[2], stream[2]
         );
+        responses(&p, &text, rounds / 8);
     }
     Ok(())
+}
+
+/// One chat completion chunk carrying `piece` in choice `index`.
+fn event(index: usize, piece: &[u8]) -> Vec<u8> {
+    let v = serde_json::json!({
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": index, "delta": {"content": String::from_utf8_lossy(piece)}, "finish_reason": null}]
+    });
+    format!("data: {v}").into_bytes()
+}
+
+fn median5(mut f: impl FnMut() -> f64) -> f64 {
+    let mut v: Vec<f64> = (0..5).map(|_| f()).collect();
+    v.sort_by(f64::total_cmp);
+    v[2]
+}
+
+/// The response scan per KiB of text a client reads.
+fn responses(p: &LeakPatterns, text: &[u8], rounds: u32) {
+    let one: Vec<Vec<u8>> = text.chunks(24).map(|c| event(0, c)).collect();
+    let two: Vec<Vec<u8>> = text
+        .chunks(24)
+        .enumerate()
+        .map(|(i, c)| event(i % 2, c))
+        .collect();
+    let per_event = |events: &[Vec<u8>]| {
+        median5(|| {
+            let mut hits = Vec::new();
+            let t0 = Instant::now();
+            for _ in 0..rounds {
+                let mut s = ResponseScan::default();
+                for e in events {
+                    s.event(p, "t0", std::hint::black_box(e), &mut hits);
+                }
+            }
+            assert!(hits.is_empty());
+            per_kib(t0.elapsed(), rounds, text.len())
+        })
+    };
+    // The earlier meter: each event parsed, its content fed to one stream scanner.
+    let one_stream = median5(|| {
+        let mut hits = Vec::new();
+        let t0 = Instant::now();
+        for _ in 0..rounds {
+            let mut s = StreamScan::default();
+            for e in &one {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&std::hint::black_box(e)[6..]).expect("event");
+                if let Some(c) = v
+                    .pointer("/choices/0/delta/content")
+                    .and_then(|c| c.as_str())
+                {
+                    s.feed(p, "t0", c.as_bytes(), &mut hits);
+                }
+            }
+        }
+        per_kib(t0.elapsed(), rounds, text.len())
+    });
+    let answer = serde_json::json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": String::from_utf8_lossy(text)}}]
+    })
+    .to_string()
+    .into_bytes();
+    let body = median5(|| {
+        let mut hits = Vec::new();
+        let t0 = Instant::now();
+        for _ in 0..rounds {
+            let mut s = ResponseScan::default();
+            for piece in answer.chunks(16 * 1024) {
+                s.body(p, "t0", std::hint::black_box(piece), &mut hits);
+            }
+        }
+        per_kib(t0.elapsed(), rounds, text.len())
+    });
+    println!(
+        "        SSE events of 24 bytes: per (choice, field) {:.0} ns/KiB, two interleaved choices \
+         {:.0} ns/KiB; one stream of the parsed content (earlier meter) {:.0} ns/KiB; a \
+         buffered answer, raw and decoded {:.0} ns/KiB",
+        per_event(&one),
+        per_event(&two),
+        one_stream,
+        body
+    );
 }
