@@ -27,9 +27,22 @@ pub const CORE: &[(&[&str], &[&str])] = &[
             "sidecar/src/schema.rs",
             "sidecar/src/scope.rs",
             "sidecar/src/isolation.rs",
+            "sidecar/src/seal.rs",
         ],
         &["--lib"],
     ),
+    // Leak detection, response metering and pricing, judged with the tests that stream
+    // answers through the sidecar from the simulator.
+    (
+        &[
+            "sidecar/src/leaks.rs",
+            "sidecar/src/proxy/meter.rs",
+            "sidecar/src/cost.rs",
+        ],
+        &["--lib", "--test=leaks", "--test=cost", "--test=sse_split"],
+    ),
+    // The probe's view of an answer (SSE reassembled per choice and field).
+    (&["probe/src/sse.rs"], &["--lib", "--test=probe"]),
     // JWT verification, judged with the tests that sign with an independent library.
     (&["sidecar/src/jwt.rs"], &["--lib", "--test=jwt"]),
     // The shared limits and replay cache, judged with the tests that run a real Redis.
