@@ -631,4 +631,56 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn names_are_the_ones_the_docs_and_the_test_data_use() {
+        let names: Vec<&str> = Body::ALL.iter().map(|b| b.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "chat",
+                "completions",
+                "responses",
+                "embeddings",
+                "score",
+                "rerank",
+                "classify",
+                "pooling",
+                "tokenize",
+                "detokenize"
+            ]
+        );
+        let classes = [
+            Class::Prompt,
+            Class::Tools,
+            Class::Scope,
+            Class::Size,
+            Class::Stream,
+            Class::Engine(Engine::Salt),
+            Class::Engine(Engine::RequestId),
+            Class::Engine(Engine::Priority),
+            Class::Engine(Engine::Trusted),
+            Class::Engine(Engine::PreviousResponse),
+            Class::Engine(Engine::Store),
+            Class::Pass,
+        ];
+        let names: Vec<&str> = classes.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "prompt",
+                "tools",
+                "scope",
+                "size",
+                "stream",
+                "engine:salt",
+                "engine:request-id",
+                "engine:priority",
+                "engine:trusted",
+                "engine:previous-response",
+                "engine:store",
+                "passthrough"
+            ]
+        );
+    }
 }
