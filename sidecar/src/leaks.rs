@@ -74,6 +74,8 @@ pub struct LeakPatterns {
     ac: Option<AhoCorasick>,
     patterns: Vec<Pattern>,
     longest: usize,
+    /// The shortest pattern's length: shorter text cannot hold one.
+    shortest: usize,
     /// Some canary or keyword exists (responses are scanned only then).
     owned: bool,
     pub on_canary: OnCanary,
@@ -116,6 +118,7 @@ impl LeakPatterns {
             });
         }
         let longest = texts.iter().map(|t| t.len()).max().unwrap_or(0);
+        let shortest = texts.iter().map(|t| t.len()).min().unwrap_or(0);
         // Validated patterns (short printable ASCII, bounded count) always build.
         let ac = (!texts.is_empty())
             .then(|| {
@@ -130,6 +133,7 @@ impl LeakPatterns {
             ac,
             patterns,
             longest,
+            shortest,
             owned,
             on_canary: config.leaks.on_canary,
             scan_responses: config.leaks.scan_responses,
@@ -327,8 +331,10 @@ impl ResponseScan {
             }
         }
         let choice = index("output_index").unwrap_or(0);
+        let mut path = String::with_capacity(64);
         for (k, x) in o {
             self.key(pats, tenant, choice, &prefix, k, out);
+            path.clear();
             if k == "choices"
                 && let Some(choices) = x.as_array()
             {
@@ -337,12 +343,12 @@ impl ResponseScan {
                         .get("index")
                         .and_then(|i| i.as_u64())
                         .unwrap_or(pos as u64);
-                    let mut path = String::new();
+                    path.clear();
                     self.walk(pats, tenant, i, &mut path, c, out);
                 }
                 continue;
             }
-            let mut path = prefix.clone();
+            path.push_str(&prefix);
             path.push('.');
             path.push_str(k);
             self.walk(pats, tenant, choice, &mut path, x, out);
@@ -360,6 +366,9 @@ impl ResponseScan {
         out: &mut Vec<Hit>,
     ) {
         let Some(ac) = &pats.ac else { return };
+        if k.len() < pats.shortest {
+            return;
+        }
         for m in ac.find_overlapping_iter(k) {
             if pats.push(tenant, m.pattern().as_usize(), Where::Response, out) {
                 record(&mut self.matches, choice, &format!("{path}{{}}"));
@@ -384,7 +393,10 @@ impl ResponseScan {
             serde_json::Value::Array(a) => {
                 for x in a {
                     match x.get("index").and_then(|i| i.as_u64()) {
-                        Some(i) => path.push_str(&format!("[{i}]")),
+                        Some(i) => {
+                            use std::fmt::Write as _;
+                            let _ = write!(path, "[{i}]");
+                        }
                         None => path.push_str("[]"),
                     }
                     self.walk(pats, tenant, choice, path, x, out);
