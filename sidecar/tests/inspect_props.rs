@@ -303,6 +303,15 @@ fn schema_refusals(route: Route, input: &Value) -> Vec<&'static str> {
     let body = route.body().unwrap();
     let obj = input.as_object().unwrap();
     let mut why = Vec::new();
+    // A Responses input item naming a stored item.
+    if body == Body::Responses
+        && let Some(Value::Array(items)) = obj.get("input")
+        && items
+            .iter()
+            .any(|i| i.get("type").and_then(Value::as_str) == Some("item_reference"))
+    {
+        why.push("engine_field");
+    }
     for (k, v) in obj {
         match body.class(k) {
             None => why.push("unknown_field"),

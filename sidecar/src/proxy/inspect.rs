@@ -300,6 +300,9 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         check_scope(route, schema, obj, scope)?;
     }
     engine_fields(schema, obj, &owned, policy, &mut info)?;
+    if schema == Body::Responses {
+        stored_items(obj)?;
+    }
     if let Some(salt) = policy.salt
         && route.salted()
     {
@@ -460,6 +463,27 @@ fn engine_fields(
                 .and_then(Value::as_str)
                 .map(str::to_string);
         }
+    }
+    Ok(())
+}
+
+/// A Responses API input item that names a stored item (`item_reference`) is looked up in the
+/// store every tenant shares, by an id the sidecar cannot hold to its owner: refused.
+fn stored_items(obj: &Map<String, Value>) -> Result<(), Refusal> {
+    let Some(Value::Array(items)) = obj.get("input") else {
+        return Ok(());
+    };
+    if items
+        .iter()
+        .any(|i| i.get("type").and_then(Value::as_str) == Some("item_reference"))
+    {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "engine_field",
+            "an `item_reference` input item names a stored item of the inference server's \
+             shared store; send the item itself",
+        ));
     }
     Ok(())
 }
@@ -1332,6 +1356,22 @@ mod tests {
         assert_eq!(
             (fwd(&i)["store"].clone(), i.stored_response_id),
             (Value::Bool(false), None)
+        );
+        // An input item that names a stored item: refused (the store is every tenant's).
+        let e = inspect(
+            resp,
+            br#"{"input":[{"type":"item_reference","id":"msg_other"}]}"#,
+            p,
+        )
+        .unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (403, "engine_field"));
+        assert_eq!(
+            code(
+                resp,
+                r#"{"input":[{"type":"message","role":"user","content":"x"}]}"#,
+                p
+            ),
+            "ok"
         );
         // A previous response id is handed to the caller to check.
         let i = inspect(resp, br#"{"input":"x","previous_response_id":"resp_9"}"#, p).unwrap();
