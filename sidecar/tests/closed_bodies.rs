@@ -236,6 +236,31 @@ async fn stored_responses_belong_to_the_tenant_that_stored_them() {
     assert!(received(&h, "/v1/responses", "globex").is_empty());
     let (st, _) = post(&h, "acme", "/v1/responses", &next).await;
     assert_eq!(st, StatusCode::OK);
+    // Reading or cancelling it by id: only its tenant's request is forwarded.
+    let by_id = format!("/v1/responses/{id}");
+    for path in [by_id.clone(), format!("{by_id}/cancel")] {
+        let method = if path.ends_with("cancel") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let (p, b) = h
+            .send_collect(h.signed("globex", method.clone(), &path, ""))
+            .await;
+        assert_eq!(p.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(json(&b)["error"]["code"], "previous_response_not_found");
+        let seen = |h: &Harness| {
+            h.sim
+                .sim
+                .requests()
+                .iter()
+                .filter(|r| r.path == path)
+                .count()
+        };
+        assert_eq!(seen(&h), 0, "{path}");
+        h.send_collect(h.signed("acme", method, &path, "")).await;
+        assert_eq!(seen(&h), 1, "{path}");
+    }
     // A tenant without store_responses: `store` written false, a client's `true` refused.
     let (st, _) = post(
         &h,

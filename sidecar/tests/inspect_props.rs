@@ -929,6 +929,7 @@ fn allowed(route: Route, method: &Method) -> bool {
     match route {
         Route::Generate(_) | Route::Encode(_) | Route::Tokenize(_) => *method == Method::POST,
         Route::Models => *method == Method::GET,
+        Route::StoredResponse => [Method::GET, Method::POST, Method::DELETE].contains(method),
         Route::Admin | Route::Unknown => true,
     }
 }
@@ -941,6 +942,8 @@ fn expected_route(path: &str) -> Route {
         .map(|(_, r)| *r)
         .unwrap_or(if path.starts_with("/v1/models/") {
             Route::Models
+        } else if path.starts_with("/v1/responses/") {
+            Route::StoredResponse
         } else {
             Route::Unknown
         })

@@ -459,14 +459,25 @@ fn inspect_body(
                 .map_or(DEFAULT_MEDIA_TOKENS, |m| m.media_part_tokens),
         };
         inspect(route, &body, policy)?
-    } else if route == Route::Models {
+    } else if matches!(route, Route::Models | Route::StoredResponse) {
         if !body.is_empty() {
             return Err(Refusal::invalid(
                 "unexpected_body",
                 "this route takes no request body",
             ));
         }
-        Inspected::default()
+        // A stored response is the tenant's only if this sidecar handed its id to it.
+        let stored = parts
+            .uri
+            .path()
+            .strip_prefix("/v1/responses/")
+            .filter(|_| route == Route::StoredResponse)
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_string);
+        Inspected {
+            previous_response_id: stored,
+            ..Inspected::default()
+        }
     } else {
         // An unknown route the tenant may use: opaque, reserved by size.
         Inspected {

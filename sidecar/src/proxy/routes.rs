@@ -39,6 +39,9 @@ pub enum Route {
     Tokenize(Body),
     /// Lists models: `GET`, no body, no tokens.
     Models,
+    /// A stored Responses API answer (`/v1/responses/<id>`, `.../cancel`, `.../input_items`):
+    /// no body, no tokens, forwarded only when this sidecar handed `<id>` to the tenant.
+    StoredResponse,
     /// Changes the server for everyone (LoRA adapters): never forwarded.
     Admin,
     /// Anything else under `/v1/`: refused unless the tenant's `unknown_routes = "forward"`.
@@ -73,7 +76,7 @@ impl Route {
         match self {
             Route::Generate(api) => Some(api.body()),
             Route::Encode(b) | Route::Tokenize(b) => Some(b),
-            Route::Models | Route::Admin | Route::Unknown => None,
+            Route::Models | Route::StoredResponse | Route::Admin | Route::Unknown => None,
         }
     }
 
@@ -114,10 +117,15 @@ pub fn classify(method: &Method, path: &str) -> Result<Route, Refusal> {
         .find(|(p, _)| *p == path)
         .map(|(_, r)| *r)
         .or_else(|| path.starts_with("/v1/models/").then_some(Route::Models))
+        .or_else(|| {
+            path.starts_with("/v1/responses/")
+                .then_some(Route::StoredResponse)
+        })
         .unwrap_or(Route::Unknown);
     let allowed = match route {
         Route::Generate(_) | Route::Encode(_) | Route::Tokenize(_) => *method == Method::POST,
         Route::Models => *method == Method::GET,
+        Route::StoredResponse => [Method::GET, Method::POST, Method::DELETE].contains(method),
         Route::Admin | Route::Unknown => true,
     };
     if !allowed {
@@ -150,6 +158,7 @@ mod tests {
             Route::Encode(Body::Embeddings),
             Route::Tokenize(Body::Tokenize),
             Route::Models,
+            Route::StoredResponse,
             Route::Admin,
             Route::Unknown,
         ];
@@ -157,9 +166,12 @@ mod tests {
         let salted: Vec<bool> = routes.iter().map(|r| r.salted()).collect();
         assert_eq!(
             inspected,
-            [true, true, true, true, true, false, false, false]
+            [true, true, true, true, true, false, false, false, false]
         );
-        assert_eq!(salted, [true, true, true, true, false, false, false, false]);
+        assert_eq!(
+            salted,
+            [true, true, true, true, false, false, false, false, false]
+        );
     }
 
     #[test]
