@@ -188,6 +188,31 @@ mod tests {
             classify(&Method::POST, "/v1/Chat/completions").unwrap(),
             Route::Unknown
         );
+        // A stored response by id: read, cancelled or deleted; nothing else.
+        for (m, p) in [
+            (Method::GET, "/v1/responses/resp_1"),
+            (Method::DELETE, "/v1/responses/resp_1"),
+            (Method::POST, "/v1/responses/resp_1/cancel"),
+            (Method::GET, "/v1/responses/resp_1/input_items"),
+        ] {
+            assert_eq!(classify(&m, p).unwrap(), Route::StoredResponse, "{m} {p}");
+        }
+        assert_eq!(
+            code(Method::PUT, "/v1/responses/resp_1"),
+            "method_not_allowed"
+        );
+        assert_eq!(
+            code(Method::PATCH, "/v1/responses/resp_1"),
+            "method_not_allowed"
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1/responses").unwrap(),
+            Route::Generate(Api::Responses)
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/responsesx/1").unwrap(),
+            Route::Unknown
+        );
     }
 
     #[test]
