@@ -1090,4 +1090,38 @@ mod tests {
         h.append("authorization", "Bearer x".parse().unwrap());
         assert!(bearer(&h).is_err());
     }
+
+    #[test]
+    fn a_cached_token_is_found_while_valid_and_while_its_keys_are_current() {
+        let ident = JwtIdentity {
+            tenant: "acme".into(),
+            kid: "k".into(),
+            scope: Arc::new(Scope::default()),
+        };
+        let keys = Arc::new(KeySet { keys: Vec::new() });
+        let rotated = Arc::new(KeySet { keys: Vec::new() });
+        let mut cache = TokenCache::default();
+        let entry = |url_keys: Option<Arc<KeySet>>| CachedToken {
+            identity: ident.clone(),
+            valid_until: 100,
+            issuer: 0,
+            url_keys,
+        };
+        // Verified with URL keys: found while those are the issuer's, not after a rotation.
+        cache.put([1; 32], entry(Some(keys.clone())), 0);
+        let same = |_: usize| Some(keys.clone());
+        assert_eq!(
+            cache.get(&[1; 32], 10, same).map(|i| i.tenant.as_str()),
+            Some("acme")
+        );
+        assert!(cache.get(&[1; 32], 10, |_| Some(rotated.clone())).is_none());
+        assert!(cache.get(&[1; 32], 10, |_| None).is_none());
+        // Until it expires, and only for its own digest.
+        assert!(cache.get(&[1; 32], 100, same).is_none());
+        assert!(cache.get(&[2; 32], 10, same).is_none());
+        // Verified with file keys: found while the issuer has no URL keys.
+        cache.put([3; 32], entry(None), 0);
+        assert!(cache.get(&[3; 32], 10, |_| None).is_some());
+        assert!(cache.get(&[3; 32], 10, same).is_none());
+    }
 }

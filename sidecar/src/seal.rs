@@ -1357,4 +1357,24 @@ mod tests {
         let e = SealKeys::parse(&format!("{}{}", key("k1", 1), key("k1", 2))).unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
     }
+
+    #[test]
+    fn base64_is_appended_after_what_the_buffer_holds() {
+        for prefix in [&b""[..], b"x", b"xy", b"prefix="] {
+            let mut out = prefix.to_vec();
+            push_b64(&mut out, b"hello");
+            assert_eq!(out, [prefix, &b"aGVsbG8="[..]].concat(), "{prefix:?}");
+        }
+    }
+
+    #[test]
+    fn debug_names_the_key_ids_count_never_a_key() {
+        let keys = SealKeys::parse(&(key("k1", 1) + &key("k2", 2))).unwrap();
+        let d = format!("{keys:?}");
+        assert!(
+            d.contains("SealKeys") && d.contains("\"k1\"") && d.contains("kids: 2"),
+            "{d}"
+        );
+        assert!(!d.contains(&b64().encode([1u8; 32])), "{d}");
+    }
 }
