@@ -210,4 +210,13 @@ output = 4.0
         assert!(only.is_priced());
         assert_eq!(only.charge(Some("b"), None, u), None);
     }
+
+    #[test]
+    fn debug_shows_how_many_prices_never_their_counters() {
+        let c = TenantCost {
+            models: HashMap::new(),
+            other: None,
+        };
+        assert_eq!(format!("{c:?}"), "TenantCost { models: 0, other: false }");
+    }
 }

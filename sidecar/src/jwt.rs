@@ -1124,4 +1124,60 @@ mod tests {
         assert!(cache.get(&[3; 32], 10, |_| None).is_some());
         assert!(cache.get(&[3; 32], 10, same).is_none());
     }
+
+    #[test]
+    fn a_full_token_cache_drops_expired_tokens_first_then_everything() {
+        let entry = |valid_until: i64| CachedToken {
+            identity: JwtIdentity {
+                tenant: "t".into(),
+                kid: "k".into(),
+                scope: Arc::new(Scope::default()),
+            },
+            valid_until,
+            issuer: 0,
+            url_keys: None,
+        };
+        let digest = |i: usize| {
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            d
+        };
+        // Below the bound: nothing is dropped, expired or not.
+        let mut cache = TokenCache::default();
+        for i in 0..TOKEN_CACHE_ENTRIES - 1 {
+            cache.put(digest(i), entry(if i % 2 == 0 { 5 } else { 100 }), 10);
+        }
+        assert_eq!(cache.map.len(), TOKEN_CACHE_ENTRIES - 1);
+        // At the bound: the expired half goes (a token valid until now is expired).
+        cache.put(digest(TOKEN_CACHE_ENTRIES - 1), entry(100), 10);
+        cache.put(digest(TOKEN_CACHE_ENTRIES), entry(100), 10);
+        assert_eq!(cache.map.len(), TOKEN_CACHE_ENTRIES / 2 + 1);
+        let mut cache = TokenCache::default();
+        for i in 0..TOKEN_CACHE_ENTRIES {
+            cache.put(digest(i), entry(10), 0);
+        }
+        cache.put(digest(TOKEN_CACHE_ENTRIES), entry(100), 10);
+        assert_eq!(cache.map.len(), 1, "valid until now is expired at now");
+        // Full of valid tokens: emptied, then the new one kept.
+        let mut cache = TokenCache::default();
+        for i in 0..TOKEN_CACHE_ENTRIES {
+            cache.put(digest(i), entry(100), 0);
+        }
+        cache.put(digest(TOKEN_CACHE_ENTRIES), entry(100), 10);
+        assert_eq!(cache.map.len(), 1);
+        assert!(
+            cache
+                .get(&digest(TOKEN_CACHE_ENTRIES), 10, |_| None)
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn algorithm_names_are_the_jose_ones() {
+        let names: Vec<&str> = Alg::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(names, ["RS256", "ES256", "EdDSA"]);
+        for a in Alg::ALL {
+            assert_eq!(Alg::parse(a.as_str()), Some(a));
+        }
+    }
 }
