@@ -196,11 +196,6 @@ impl Chain {
         self.stream
     }
 
-    /// The record the stream's first record names as its predecessor.
-    pub fn after(&self) -> Option<Link> {
-        self.after
-    }
-
     /// The last record sealed in this chain, if any.
     pub fn last(&self) -> Option<Link> {
         self.next.checked_sub(1).map(|seq| Link {
