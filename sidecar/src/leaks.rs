@@ -928,4 +928,28 @@ tenants = ["*"]
         r.event(&p, "globex", b"data: {}\n\n", &mut out);
         assert_eq!(r.fields, 0);
     }
+
+    #[test]
+    fn responses_are_scanned_only_when_some_tenant_owns_a_pattern_and_it_is_on() {
+        assert!(pats("").scans_responses());
+        assert!(!pats("[leaks]\nscan_responses = false\n").scans_responses());
+        let none = Config::from_toml(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n[[keys]]\nid = \"gw\"\n\
+             secret_files = [\"/x\"]\ntenants = [\"*\"]\n",
+        )
+        .unwrap();
+        // Markers alone are counted in prompts; responses need an owned pattern.
+        assert!(!LeakPatterns::new(&none).scans_responses());
+    }
+
+    #[test]
+    fn a_key_as_long_as_the_shortest_pattern_is_scanned() {
+        // The shortest pattern is acme's keyword (14 bytes); the markers are longer.
+        let p = pats("[leaks]\ninjection_markers = [\"a rather long injection marker\"]\n");
+        let mut scan = ResponseScan::default();
+        let mut out = Vec::new();
+        let ev = br#"data: {"choices":[{"index":0,"delta":{"Project Zephyr":"x"}}]}"#;
+        scan.event(&p, "globex", ev, &mut out);
+        assert_eq!(kinds(&out), [(Kind::Keyword, "acme", Where::Response)]);
+    }
 }

@@ -1372,4 +1372,53 @@ mod tests {
         );
         assert!(!d.contains(&b64().encode([1u8; 32])), "{d}");
     }
+
+    #[test]
+    fn key_ids_are_1_to_64_safe_characters() {
+        let k = |kid: &str| SealKeys::parse(&key(kid, 1));
+        assert!(k("a").is_ok());
+        assert!(k(&"a".repeat(64)).is_ok());
+        assert!(k("A.z-9_").is_ok());
+        for bad in ["a".repeat(65), "a/b".into(), "a:b".into(), "ä".into()] {
+            assert!(k(&bad).is_err(), "{bad}");
+        }
+        // An empty key id: the line has no key id, only a key.
+        assert!(SealKeys::parse(&format!(" {}\n", b64().encode([1u8; 32]))).is_err());
+    }
+
+    #[test]
+    fn notes_name_the_file_and_line_and_count_what_did_not_open() {
+        let keys = SealKeys::parse(&key("k1", 1)).unwrap();
+        let other = SealKeys::parse(&key("k1", 2)).unwrap();
+        let mut v = Verifier::new(&keys, "acme");
+        v.file("acme.jsonl.1");
+        assert!(v.line(3, br#"{"plain":true}"#, true).is_none());
+        // Sealed with another key under the same key id: does not open.
+        assert!(v.line(4, &seal_v1(&other, "acme", b"{}"), true).is_none());
+        assert_eq!(v.unopened(), 1);
+        // Two records of format 1 open, and are counted as such.
+        assert!(
+            v.line(5, &seal_v1(&keys, "acme", b"{\"a\":1}"), true)
+                .is_some()
+        );
+        assert!(
+            v.line(6, &seal_v1(&keys, "acme", b"{\"a\":2}"), true)
+                .is_some()
+        );
+        v.finish();
+        let notes = v.take_notes();
+        let at: Vec<&str> = notes.iter().map(|n| n.at.as_str()).collect();
+        assert!(
+            at.contains(&"acme.jsonl.1:3") && at.contains(&"acme.jsonl.1:4"),
+            "{at:?}"
+        );
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.text.starts_with("2 records in the unchained format 1")),
+            "{:?}",
+            notes.iter().map(|n| &n.text).collect::<Vec<_>>()
+        );
+        assert_eq!(v.problems(), 2);
+    }
 }
