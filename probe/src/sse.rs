@@ -482,4 +482,19 @@ mod tests {
             vec!["(the whole value)"]
         );
     }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_dropped_from_the_first_line_only() {
+        let mut p = SseParser::default();
+        let events = p.feed("\u{feff}data: first\n\ndata: second\n\n".as_bytes());
+        assert_eq!(events, ["first", "second"]);
+    }
+
+    #[test]
+    fn the_done_marker_and_empty_events_carry_no_text() {
+        let body = format!("data: {}\n\ndata: [DONE]\n\n", chunk(0, "hi"));
+        let t = Transcript::from_sse(body.as_bytes());
+        assert!(t.find("DONE").is_empty(), "{:?}", t.find("DONE"));
+        assert_eq!(t.find("hi").len(), 1);
+    }
 }
