@@ -952,4 +952,15 @@ tenants = ["*"]
         scan.event(&p, "globex", ev, &mut out);
         assert_eq!(kinds(&out), [(Kind::Keyword, "acme", Where::Response)]);
     }
+
+    #[test]
+    fn a_buffered_answer_is_read_with_its_escapes_decoded() {
+        let p = pats("");
+        let mut out = Vec::new();
+        // "CANARY-acme-7f3a9c" with every letter of its first word escaped.
+        let body = br#"{"choices":[{"message":{"content":"\u0043\u0041\u004e\u0041\u0052\u0059-acme-7f3a9c"}}]}"#;
+        let mut scan = ResponseScan::default();
+        scan.body(&p, "globex", body, &mut out);
+        assert_eq!(kinds(&out), [(Kind::Canary, "acme", Where::Response)]);
+    }
 }

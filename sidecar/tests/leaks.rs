@@ -930,3 +930,18 @@ mod props {
         }
     }
 }
+
+/// A buffered (non-streamed) answer carrying another tenant's canary is withheld whole in block
+/// mode: 502 `canary_blocked`, not a cut body.
+#[tokio::test]
+async fn a_buffered_answer_with_a_canary_is_withheld_whole() {
+    let h = Harness::start_with(&tenants(""), Default::default(), block).await;
+    let reply = format!("the secret is {ACME_CANARY} indeed");
+    let (p, b) = h
+        .send_collect(replying(&h, "globex", &reply, 4, false))
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(json(&b)["error"]["code"], "canary_blocked");
+    assert!(!String::from_utf8_lossy(&b).contains(ACME_CANARY));
+    h.shutdown().await;
+}

@@ -785,4 +785,18 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn a_usage_object_is_kept_up_to_its_bound() {
+        // `{"prompt_tokens":7,"x":"xx...x"}`, `len` bytes long.
+        let object = |len: usize| {
+            let head = r#"{"prompt_tokens":7,"x":""#;
+            format!("{head}{}\"}}", "x".repeat(len - head.len() - 2))
+        };
+        assert_eq!(object(100).len(), 100);
+        let doc = |len: usize| format!(r#"{{"usage":{}}}"#, object(len));
+        let got = |len: usize| scan(&[doc(len).as_bytes()]).map(|u| u.prompt);
+        assert_eq!(got(MAX_USAGE_BYTES), Some(7));
+        assert_eq!(got(MAX_USAGE_BYTES + 1), None);
+    }
 }
