@@ -799,4 +799,23 @@ mod tests {
         assert_eq!(got(MAX_USAGE_BYTES), Some(7));
         assert_eq!(got(MAX_USAGE_BYTES + 1), None);
     }
+
+    #[test]
+    fn an_event_ends_at_its_blank_line_lf_or_crlf() {
+        assert_eq!(event_end(b"data: x\n\n"), Some(9));
+        assert_eq!(event_end(b"data: x\n\r\nmore"), Some(10));
+        assert_eq!(event_end(b"data: x\n\rz"), None);
+        assert_eq!(event_end(b"data: x\n"), None);
+        assert_eq!(event_end(b"\n"), None);
+        assert_eq!(event_end(b""), None);
+    }
+
+    #[test]
+    fn only_the_top_level_usage_is_read() {
+        let doc =
+            br#"{"choices":[{"a":1,"usage":{"prompt_tokens":999}}],"usage":{"prompt_tokens":7}}"#;
+        assert_eq!(scan(&[doc]).map(|u| u.prompt), Some(7));
+        let nested_only = br#"{"choices":[{"a":1,"usage":{"prompt_tokens":999}}]}"#;
+        assert_eq!(scan(&[nested_only]), None);
+    }
 }
