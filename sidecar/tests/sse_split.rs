@@ -40,14 +40,25 @@ async fn fake_upstream(listener: TcpListener) {
             }
             let body: serde_json::Value = serde_json::from_slice(&buf[header_end..]).unwrap();
             assert_eq!(body["stream_options"]["include_usage"], true);
-            let events = concat!(
-                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"A\"}}]}\r\n\r\n",
+            // An upstream that sends no usage, names its model in the first event only, and
+            // ends without the last event's blank line.
+            let no_usage = concat!(
+                "data: {\"model\":\"served\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"A\"}}]}\n\n",
                 "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"B\"}}]}\n\n",
-                ": a comment line\n\n",
-                "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
-                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
-                "data: [DONE]\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"C\"}}]}",
             );
+            let events = if body["messages"][0]["content"] == "no-usage" {
+                no_usage
+            } else {
+                concat!(
+                    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"A\"}}]}\r\n\r\n",
+                    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"B\"}}]}\n\n",
+                    ": a comment line\n\n",
+                    "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+                    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+                    "data: [DONE]\n\n",
+                )
+            };
             s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
                 .await
                 .unwrap();
@@ -104,6 +115,49 @@ async fn split_events_are_reassembled_and_usage_is_stripped_and_charged() {
     h.wait_metric(
         "bulkhead_tokens_total{tenant=\"acme\",kind=\"completion\"}",
         2.0,
+    )
+    .await;
+    h.shutdown().await;
+}
+
+/// Without usage from the upstream, a stream is charged the content events it forwarded, the
+/// last one included even without its blank line; its time to first token is recorded.
+#[tokio::test]
+async fn a_stream_without_usage_is_charged_its_content_events() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(fake_upstream(listener));
+    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        let start = t.find("url = \"").unwrap() + 7;
+        let end = start + t[start..].find('"').unwrap();
+        t.replace_range(start..end, &up);
+    })
+    .await;
+    let r = h
+        .send(h.signed(
+            "acme",
+            Method::POST,
+            "/v1/chat/completions",
+            &chat("no-usage", r#","stream":true"#),
+        ))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for c in ["A", "B", "C"] {
+        assert!(
+            text.contains(&format!("\"content\":\"{c}\"")),
+            "{c}: {text}"
+        );
+    }
+    h.wait_metric(
+        "bulkhead_tokens_total{tenant=\"acme\",kind=\"completion\"}",
+        3.0,
+    )
+    .await;
+    h.wait_metric(
+        "bulkhead_time_to_first_token_seconds_count{tenant=\"acme\"}",
+        1.0,
     )
     .await;
     h.shutdown().await;
