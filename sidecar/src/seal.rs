@@ -1421,4 +1421,100 @@ mod tests {
         );
         assert_eq!(v.problems(), 2);
     }
+
+    #[test]
+    fn gaps_are_reported_as_the_ranges_that_are_missing() {
+        let keys = SealKeys::parse(&key("k1", 1)).unwrap();
+        let (lines, chain) = stream(&keys, 0, 12, None);
+        let s = hex(&chain.stream());
+        // Delete seq 3..=5 and 8 and 10: three gaps, each named exactly.
+        let kept: Vec<Vec<u8>> = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| ![3, 4, 5, 8, 10].contains(i))
+            .map(|(_, l)| l.clone())
+            .collect();
+        let (notes, problems, shown) = verify(&keys, &kept, false);
+        let gaps: Vec<&str> = notes
+            .iter()
+            .filter(|n| n.text.starts_with("gap: "))
+            .map(|n| n.text.as_str())
+            .collect();
+        assert_eq!(
+            gaps,
+            [
+                format!("gap: stream {s} seq 3..=5 missing before this record (deleted)"),
+                format!("gap: stream {s} seq 8 missing before this record (deleted)"),
+                format!("gap: stream {s} seq 10 missing before this record (deleted)"),
+            ]
+        );
+        assert_eq!((problems, shown.len()), (3, 7));
+        // The last record read is named, as what a reader cannot see past.
+        assert!(
+            has(&notes, false, &format!("stream {s} seq 11:")),
+            "{notes:?}"
+        );
+        // Records that come later in the files are out of order, not missing.
+        let order = [0, 1, 2, 5, 3, 4, 6];
+        let moved: Vec<Vec<u8>> = order.iter().map(|i| lines[*i].clone()).collect();
+        let (notes, _, _) = verify(&keys, &moved, false);
+        assert!(!has(&notes, true, "gap: "), "{notes:?}");
+        assert!(has(&notes, true, "out of order"), "{notes:?}");
+        // Within one jump, a record seen elsewhere splits the missing range in two.
+        let order = [0, 1, 2, 9, 5, 10, 11];
+        let moved: Vec<Vec<u8>> = order.iter().map(|i| lines[*i].clone()).collect();
+        let (notes, _, _) = verify(&keys, &moved, false);
+        for range in ["seq 3..=4 missing", "seq 6..=8 missing"] {
+            assert!(has(&notes, true, range), "{range}: {notes:?}");
+        }
+    }
+
+    #[test]
+    fn a_jump_past_any_audit_file_is_one_range() {
+        let keys = SealKeys::parse(&key("k1", 1)).unwrap();
+        let (mut lines, mut chain) = stream(&keys, 0, 2, None);
+        let s = hex(&chain.stream());
+        // The next record claims seq 1,000,002: 1,000,000 records missing, reported whole.
+        chain.next = 1_000_002;
+        let mut out = Vec::new();
+        assert!(keys.seal_chained(
+            "acme",
+            &mut chain,
+            &rec(9),
+            &mut out,
+            &mut Scratch::default()
+        ));
+        lines.push(out);
+        let (notes, _, _) = verify(&keys, &lines, false);
+        assert!(
+            has(
+                &notes,
+                true,
+                &format!("gap: stream {s} seq 2..=1000001 missing")
+            ),
+            "{notes:?}"
+        );
+        // One short of the bound: the same range, found record by record.
+        let (mut lines, mut chain) = stream(&keys, 0, 2, None);
+        let s = hex(&chain.stream());
+        chain.next = 1_000_001;
+        let mut out = Vec::new();
+        assert!(keys.seal_chained(
+            "acme",
+            &mut chain,
+            &rec(9),
+            &mut out,
+            &mut Scratch::default()
+        ));
+        lines.push(out);
+        let (notes, _, _) = verify(&keys, &lines, false);
+        assert!(
+            has(
+                &notes,
+                true,
+                &format!("gap: stream {s} seq 2..=1000000 missing")
+            ),
+            "{notes:?}"
+        );
+    }
 }
