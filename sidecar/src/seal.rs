@@ -1393,6 +1393,7 @@ mod tests {
         let mut v = Verifier::new(&keys, "acme");
         v.file("acme.jsonl.1");
         assert!(v.line(3, br#"{"plain":true}"#, true).is_none());
+        assert_eq!(v.unopened(), 0);
         // Sealed with another key under the same key id: does not open.
         assert!(v.line(4, &seal_v1(&other, "acme", b"{}"), true).is_none());
         assert_eq!(v.unopened(), 1);

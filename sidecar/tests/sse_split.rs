@@ -39,6 +39,25 @@ async fn fake_upstream(listener: TcpListener) {
                 buf.extend_from_slice(&tmp[..n]);
             }
             let body: serde_json::Value = serde_json::from_slice(&buf[header_end..]).unwrap();
+            if body["messages"][0]["content"] == "two-frames" {
+                // A non-streamed answer in two chunks, another tenant's canary in the second.
+                let pieces = [
+                    r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"#,
+                    r#""the secret is CANARY-acme-7f3a9c5e"}}]}"#,
+                ];
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await
+                    .unwrap();
+                for piece in pieces {
+                    s.write_all(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes())
+                        .await
+                        .unwrap();
+                    s.flush().await.unwrap();
+                }
+                s.write_all(b"0\r\n\r\n").await.unwrap();
+                let _ = s.shutdown().await;
+                return;
+            }
             assert_eq!(body["stream_options"]["include_usage"], true);
             // An upstream that sends no usage, names its model in the first event only, and
             // ends without the last event's blank line.
@@ -160,5 +179,38 @@ async fn a_stream_without_usage_is_charged_its_content_events() {
         1.0,
     )
     .await;
+    h.shutdown().await;
+}
+
+/// A non-streamed answer is read whole before any byte is sent, whatever frames it comes in:
+/// another tenant's canary in its second frame withholds it all (502), in block mode.
+#[tokio::test]
+async fn a_buffered_answer_in_several_frames_is_withheld_whole() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(fake_upstream(listener));
+    let tenants = "[tenants.acme]\ncanaries = [\"CANARY-acme-7f3a9c5e\"]\n[tenants.globex]\n";
+    let h = Harness::start_with(tenants, Default::default(), |t| {
+        let start = t.find("url = \"").unwrap() + 7;
+        let end = start + t[start..].find('"').unwrap();
+        t.replace_range(start..end, &up);
+        t.push_str("\n[leaks]\non_canary = \"block\"\n");
+    })
+    .await;
+    let (p, b) = h
+        .send_collect(h.signed(
+            "globex",
+            Method::POST,
+            "/v1/chat/completions",
+            &chat("two-frames", ""),
+        ))
+        .await;
+    assert_eq!(
+        p.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert!(!String::from_utf8_lossy(&b).contains("the secret"));
     h.shutdown().await;
 }
