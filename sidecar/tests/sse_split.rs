@@ -96,17 +96,23 @@ async fn fake_upstream(listener: TcpListener) {
     }
 }
 
-#[tokio::test]
-async fn split_events_are_reassembled_and_usage_is_stripped_and_charged() {
+/// A sidecar with `tenants` (and `extra` configuration) in front of a fresh fake upstream.
+async fn behind_fake_upstream(tenants: &str, extra: &str) -> Harness {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(fake_upstream(listener));
-    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+    Harness::start_with(tenants, Default::default(), |t| {
         let start = t.find("url = \"").unwrap() + 7;
         let end = start + t[start..].find('"').unwrap();
         t.replace_range(start..end, &up);
+        t.push_str(extra);
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn split_events_are_reassembled_and_usage_is_stripped_and_charged() {
+    let h = behind_fake_upstream(DEFAULT_TENANTS, "").await;
     let r = h
         .send(h.signed(
             "acme",
@@ -143,15 +149,7 @@ async fn split_events_are_reassembled_and_usage_is_stripped_and_charged() {
 /// last one included even without its blank line; its time to first token is recorded.
 #[tokio::test]
 async fn a_stream_without_usage_is_charged_its_content_events() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(fake_upstream(listener));
-    let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
-        let start = t.find("url = \"").unwrap() + 7;
-        let end = start + t[start..].find('"').unwrap();
-        t.replace_range(start..end, &up);
-    })
-    .await;
+    let h = behind_fake_upstream(DEFAULT_TENANTS, "").await;
     let r = h
         .send(h.signed(
             "acme",
@@ -186,17 +184,8 @@ async fn a_stream_without_usage_is_charged_its_content_events() {
 /// another tenant's canary in its second frame withholds it all (502), in block mode.
 #[tokio::test]
 async fn a_buffered_answer_in_several_frames_is_withheld_whole() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(fake_upstream(listener));
     let tenants = "[tenants.acme]\ncanaries = [\"CANARY-acme-7f3a9c5e\"]\n[tenants.globex]\n";
-    let h = Harness::start_with(tenants, Default::default(), |t| {
-        let start = t.find("url = \"").unwrap() + 7;
-        let end = start + t[start..].find('"').unwrap();
-        t.replace_range(start..end, &up);
-        t.push_str("\n[leaks]\non_canary = \"block\"\n");
-    })
-    .await;
+    let h = behind_fake_upstream(tenants, "\n[leaks]\non_canary = \"block\"\n").await;
     let (p, b) = h
         .send_collect(h.signed(
             "globex",
