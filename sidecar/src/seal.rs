@@ -1473,49 +1473,24 @@ mod tests {
     #[test]
     fn a_jump_past_any_audit_file_is_one_range() {
         let keys = SealKeys::parse(&key("k1", 1)).unwrap();
-        let (mut lines, mut chain) = stream(&keys, 0, 2, None);
-        let s = hex(&chain.stream());
-        // The next record claims seq 1,000,002: 1,000,000 records missing, reported whole.
-        chain.next = 1_000_002;
-        let mut out = Vec::new();
-        assert!(keys.seal_chained(
-            "acme",
-            &mut chain,
-            &rec(9),
-            &mut out,
-            &mut Scratch::default()
-        ));
-        lines.push(out);
-        let (notes, _, _) = verify(&keys, &lines, false);
-        assert!(
-            has(
-                &notes,
-                true,
-                &format!("gap: stream {s} seq 2..=1000001 missing")
-            ),
-            "{notes:?}"
-        );
-        // One short of the bound: the same range, found record by record.
-        let (mut lines, mut chain) = stream(&keys, 0, 2, None);
-        let s = hex(&chain.stream());
-        chain.next = 1_000_001;
-        let mut out = Vec::new();
-        assert!(keys.seal_chained(
-            "acme",
-            &mut chain,
-            &rec(9),
-            &mut out,
-            &mut Scratch::default()
-        ));
-        lines.push(out);
-        let (notes, _, _) = verify(&keys, &lines, false);
-        assert!(
-            has(
-                &notes,
-                true,
-                &format!("gap: stream {s} seq 2..=1000000 missing")
-            ),
-            "{notes:?}"
-        );
+        // A record claiming seq 1,000,002 after seq 1: 1,000,000 records missing, reported
+        // whole; one short of the bound, the same range found record by record.
+        for (next, range) in [(1_000_002, "2..=1000001"), (1_000_001, "2..=1000000")] {
+            let (mut lines, mut chain) = stream(&keys, 0, 2, None);
+            let s = hex(&chain.stream());
+            chain.next = next;
+            let mut out = Vec::new();
+            assert!(keys.seal_chained(
+                "acme",
+                &mut chain,
+                &rec(9),
+                &mut out,
+                &mut Scratch::default()
+            ));
+            lines.push(out);
+            let (notes, _, _) = verify(&keys, &lines, false);
+            let want = format!("gap: stream {s} seq {range} missing");
+            assert!(has(&notes, true, &want), "{want}: {notes:?}");
+        }
     }
 }
