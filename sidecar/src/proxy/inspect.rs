@@ -406,16 +406,11 @@ fn engine_fields(
             }
             Engine::Trusted => {
                 if !policy.trusted.iter().any(|f| f == key) {
-                    return Err(Refusal::new(
-                        StatusCode::FORBIDDEN,
-                        "permission_error",
-                        "engine_field",
-                        format!(
-                            "field {} steers the inference server for every tenant; only a \
-                             tenant with it in trusted_engine_fields may send it",
-                            quoted(key)
-                        ),
-                    ));
+                    return Err(engine_field(format!(
+                        "field {} steers the inference server for every tenant; only a tenant \
+                         with it in trusted_engine_fields may send it",
+                        quoted(key)
+                    )));
                 }
             }
             Engine::PreviousResponse => match obj.get(key) {
@@ -477,15 +472,23 @@ fn stored_items(obj: &Map<String, Value>) -> Result<(), Refusal> {
         .iter()
         .any(|i| i.get("type").and_then(Value::as_str) == Some("item_reference"))
     {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "engine_field",
+        return Err(engine_field(
             "an `item_reference` input item names a stored item of the inference server's \
              shared store; send the item itself",
         ));
     }
     Ok(())
+}
+
+/// 403 `engine_field`: the body steers the engine, or names its shared state, beyond what the
+/// tenant is trusted with.
+fn engine_field(message: impl Into<std::borrow::Cow<'static, str>>) -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        "permission_error",
+        "engine_field",
+        message,
+    )
 }
 
 /// The name a tool goes by for the credential's scope, as each API names things: in the
