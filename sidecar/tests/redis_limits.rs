@@ -800,22 +800,113 @@ async fn usage_is_reconciled_in_redis() {
         .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &stream_body()))
         .await;
     assert_eq!(p.status, StatusCode::OK);
+    // The client sees the shared limit's state, as OpenAI's headers name it.
+    let header = |n: &str| {
+        p.headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(header("x-ratelimit-limit-tokens"), Some(1000));
+    assert!(
+        header("x-ratelimit-remaining-tokens").is_some_and(|r| r <= 1000 - EST),
+        "{:?}",
+        p.headers
+    );
     // The simulator uses 5 prompt + 16 completion tokens: the balance is 1000 - 21 (plus what
     // refilled meanwhile, 1000 a minute), not 1000 - EST = 894.
+    wait_balance(&redis, "acme", 1000.0 - 21.0 - 1.0).await;
+    // With the scripts loaded, a request takes two script calls: the admission (which
+    // records the nonce too) and the settlement.
+    let evals = async || redis.calls("evalsha").await + redis.calls("eval").await;
+    let before = evals().await;
+    let (p, _) = h
+        .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &stream_body()))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
+    wait_balance(&redis, "acme", 1000.0 - 2.0 * 21.0 - 1.0).await;
+    assert_eq!(evals().await - before, 2);
+    h.shutdown().await;
+}
+
+/// Wait (5 s at most) until `tenant`'s token balance in Redis is at least `at_least` (a full
+/// bucket's key is deleted: no key is 1000).
+async fn wait_balance(redis: &RedisServer, tenant: &str, at_least: f64) {
     let mut conn = redis.conn().await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let b: Option<f64> = redis::cmd("HGET")
-            .arg("bulkhead:{acme}:tpm")
+            .arg(format!("bulkhead:{{{tenant}}}:tpm"))
             .arg("b")
             .query_async(&mut conn)
             .await
             .unwrap();
-        if b.is_some_and(|b| (1000.0 - 21.0 - 1.0..1000.0).contains(&b)) {
-            break;
+        if (at_least..=1000.0).contains(&b.unwrap_or(1000.0)) {
+            return;
         }
-        assert!(Instant::now() < deadline, "balance {b:?}");
+        assert!(Instant::now() < deadline, "{tenant}'s balance {b:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The upstream refuses the request (it did no work): the whole reservation goes back to
+/// Redis, as it does locally.
+#[tokio::test]
+async fn an_upstream_refusal_gives_the_reservation_back_in_redis() {
+    if !redis_available("refund") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let tenants = limits_section(
+        &redis.url(),
+        "",
+        "[tenants.acme]\ntokens_per_minute = 1000\n[tenants.globex]\n",
+    );
+    let h = Harness::start(&tenants).await;
+    // An empty prompt list: the sidecar reserves max_tokens, the simulator (as vLLM) says 400.
+    let body = r#"{"model":"m","prompt":[],"max_tokens":600}"#;
+    let (p, b) = h
+        .send_collect(h.signed("acme", Method::POST, "/v1/completions", body))
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST, "{b:?}");
+    assert!(String::from_utf8_lossy(&b).contains("empty list"), "{b:?}");
+    // It was admitted in Redis (before it was forwarded), then settled: all 600 back.
+    assert!(redis.calls("evalsha").await >= 1);
+    wait_balance(&redis, "acme", 999.0).await;
+    h.shutdown().await;
+}
+
+/// Leased mode: a lease left unused for a second goes back to Redis, every tenant's.
+#[tokio::test]
+async fn idle_leases_go_back_to_redis() {
+    if !redis_available("lease_return") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let tenants = limits_section(
+        &redis.url(),
+        "mode = \"leased\"\nlease_tokens = 300\nexpected_replicas = 1",
+        "[tenants.acme]\ntokens_per_minute = 1000\n[tenants.globex]\ntokens_per_minute = 1000\n",
+    );
+    let h = Harness::start(&tenants).await;
+    let mut conn = redis.conn().await;
+    for tenant in ["acme", "globex"] {
+        let (p, _) = h
+            .send_collect(h.signed(tenant, Method::POST, "/v1/chat/completions", &stream_body()))
+            .await;
+        assert_eq!(p.status, StatusCode::OK);
+        // The replica took its lease beside the request.
+        let b: f64 = redis::cmd("HGET")
+            .arg(format!("bulkhead:{{{tenant}}}:tpm"))
+            .arg("b")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(b < 1000.0 - 300.0, "{tenant}'s balance {b}");
+    }
+    // Only the 21 tokens the simulator used stay spent.
+    for tenant in ["acme", "globex"] {
+        wait_balance(&redis, tenant, 1000.0 - 21.0 - 1.0).await;
     }
     h.shutdown().await;
 }

@@ -137,10 +137,6 @@ impl SharedLimits {
         s
     }
 
-    pub fn config(&self) -> &RedisLimitsConfig {
-        &self.cfg
-    }
-
     /// Wait (at most the connect timeout) for the first connection, so a replica starting
     /// beside a healthy Redis makes no decision without it; whether it is up.
     pub async fn wait_connected(&self) -> bool {
@@ -154,11 +150,6 @@ impl SharedLimits {
     /// Cluster the nonce's key has another hash tag than the tenant's).
     pub fn records_nonce_at_admission(&self) -> bool {
         self.cfg.mode == LimitsMode::Strict && self.cfg.url.is_some()
-    }
-
-    /// Whether Redis answered the last command (or probe).
-    pub fn is_up(&self) -> bool {
-        self.backend.is_up()
     }
 
     /// A tenant's shared limiter (its local fallback enforces `numbers` / `expected_replicas`).
@@ -490,7 +481,7 @@ impl SharedTenant {
             },
         );
         let (req_extra, tok_extra) = if leased {
-            let r = s.config().expected_replicas.max(1);
+            let r = s.cfg.expected_replicas.max(1);
             (
                 n.requests_per_minute
                     .map_or(0, |rpm| u64::from(s.cfg.lease_requests.min(rpm / r))),
@@ -802,5 +793,25 @@ async fn lease_return_loop(s: Weak<SharedLimits>) {
         for t in tenants {
             t.return_idle_lease();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a log line shows of the shared limits: the mode, never the URL's password.
+    #[tokio::test]
+    async fn debug_names_the_mode_and_hides_the_url() {
+        let cfg = RedisLimitsConfig {
+            url: Some("redis://:hunter2-secret@127.0.0.1:1/".into()),
+            mode: LimitsMode::Leased,
+            ..RedisLimitsConfig::default()
+        };
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let s = SharedLimits::start(cfg, metrics, SharedClock::system());
+        let shown = format!("{s:?}");
+        assert!(shown.contains("Leased"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 }
