@@ -1148,16 +1148,19 @@ mod tests {
             cache.put(digest(i), entry(if i % 2 == 0 { 5 } else { 100 }), 10);
         }
         assert_eq!(cache.map.len(), TOKEN_CACHE_ENTRIES - 1);
-        // At the bound: the expired half goes (a token valid until now is expired).
+        // At the bound: the expired half goes, the valid half stays.
         cache.put(digest(TOKEN_CACHE_ENTRIES - 1), entry(100), 10);
         cache.put(digest(TOKEN_CACHE_ENTRIES), entry(100), 10);
         assert_eq!(cache.map.len(), TOKEN_CACHE_ENTRIES / 2 + 1);
+        assert!(cache.map.contains_key(&digest(1)) && !cache.map.contains_key(&digest(0)));
+        // A token valid until now is expired at now.
         let mut cache = TokenCache::default();
         for i in 0..TOKEN_CACHE_ENTRIES {
-            cache.put(digest(i), entry(10), 0);
+            cache.put(digest(i), entry(if i % 2 == 0 { 10 } else { 100 }), 0);
         }
         cache.put(digest(TOKEN_CACHE_ENTRIES), entry(100), 10);
-        assert_eq!(cache.map.len(), 1, "valid until now is expired at now");
+        assert_eq!(cache.map.len(), TOKEN_CACHE_ENTRIES / 2 + 1);
+        assert!(cache.map.contains_key(&digest(1)) && !cache.map.contains_key(&digest(0)));
         // Full of valid tokens: emptied, then the new one kept.
         let mut cache = TokenCache::default();
         for i in 0..TOKEN_CACHE_ENTRIES {
