@@ -515,13 +515,12 @@ impl AuditLog {
     }
 
     pub fn prompt_hash(&self, prompt: &[u8]) -> String {
-        let tag = hmac::sign(&self.key, prompt);
-        let mut out = String::with_capacity(64);
-        for b in tag.as_ref() {
-            out.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0'));
-            out.push(char::from_digit((b & 15) as u32, 16).unwrap_or('0'));
-        }
-        out
+        hex_tag(&hmac::sign(&self.key, prompt))
+    }
+
+    /// The prompt hash's key, for hashing the prompt fields as inspection serialises them.
+    pub fn prompt_key(&self) -> &hmac::Key {
+        &self.key
     }
 
     /// Buffer a record; never blocks on I/O (drops and counts when rate limited or when the
@@ -1162,6 +1161,16 @@ impl Disk {
             }
         }
     }
+}
+
+/// A prompt hash as the audit record writes it: the HMAC tag in lowercase hex.
+pub fn hex_tag(tag: &hmac::Tag) -> String {
+    let mut out = String::with_capacity(64);
+    for b in tag.as_ref() {
+        out.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0'));
+        out.push(char::from_digit((b & 15) as u32, 16).unwrap_or('0'));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -55,6 +55,10 @@ const KEYS: &[&str] = &[
     "x_not_in_any_schema",
 ];
 
+/// The audit's prompt-hash key: two equivalent bodies hash their prompts alike.
+static PROMPT_KEY: std::sync::LazyLock<ring::hmac::Key> =
+    std::sync::LazyLock::new(|| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"prompt-key"));
+
 /// The tenant's side, owned so that a strategy can produce it.
 #[derive(Debug, Clone)]
 struct Tenant {
@@ -67,6 +71,7 @@ impl Tenant {
         Policy {
             default_max_tokens: self.default_max_tokens,
             salt: self.salt.as_deref(),
+            prompt_key: Some(&PROMPT_KEY),
             ..Policy::open(self.default_max_tokens)
         }
     }
@@ -840,14 +845,14 @@ fn mutate(members: &[(String, Value)], m: &Mutation) -> Vec<u8> {
 }
 
 /// The parts of an `Inspected` that two equivalent bodies must agree on.
-fn outcome(i: &Inspected) -> (Vec<u8>, bool, bool, u64, u64, Vec<u8>) {
+fn outcome(i: &Inspected) -> (Vec<u8>, bool, bool, u64, u64, Option<String>) {
     (
         i.body.to_vec(),
         i.stream,
         i.strip_usage_chunk,
         i.prompt_estimate,
         i.completion_reserve,
-        i.prompt_hash_input.clone(),
+        i.prompt_hash.clone(),
     )
 }
 

@@ -34,8 +34,10 @@ pub struct Inspected {
     pub completion_reserve: u64,
     /// Prompts in the request (a list `prompt` on `/v1/completions`; 1 otherwise).
     pub prompts: u64,
-    /// The prompt fields, for the audit log's keyed hash.
-    pub prompt_hash_input: Vec<u8>,
+    /// The audit log's keyed hash of the prompt fields (with [`Policy::prompt_key`]; `None`
+    /// without one or without prompt fields): HMAC-SHA256 over `<field>=<JSON>\n` for each
+    /// prompt-bearing field in body order, hashed as it is serialised.
+    pub prompt_hash: Option<String>,
     /// Every prompt-bearing string as the model reads it, concatenated in order: what the
     /// leak scan reads.
     pub prompt_text: Vec<u8>,
@@ -71,6 +73,8 @@ pub struct Policy<'a> {
     pub store_responses: bool,
     /// Prompt tokens charged for each image, audio or video part.
     pub media_tokens: u64,
+    /// The audit's prompt-hash key; `None`: no prompt hash.
+    pub prompt_key: Option<&'a ring::hmac::Key>,
 }
 
 impl Policy<'static> {
@@ -88,6 +92,7 @@ impl Policy<'static> {
             extra_fields: &[],
             store_responses: false,
             media_tokens: DEFAULT_MEDIA_TOKENS,
+            prompt_key: None,
         }
     }
 }
@@ -309,8 +314,11 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         obj.insert("cache_salt".into(), Value::String(salt.into()));
     }
     let mut tally = Tally::default();
-    let mut hash_input = Vec::new();
-    let mut text = Vec::new();
+    let mut hash = policy
+        .prompt_key
+        .filter(|_| !prompt_fields.is_empty())
+        .map(ring::hmac::Context::with_key);
+    let mut text = Vec::with_capacity(body.len());
     let mut messages = 0u64;
     for k in &prompt_fields {
         let Some(x) = obj.get(k) else { continue };
@@ -320,12 +328,14 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         {
             messages += a.len() as u64;
         }
-        hash_input.extend_from_slice(k.as_bytes());
-        hash_input.push(b'=');
-        let _ = serde_json::to_writer(&mut hash_input, x);
-        hash_input.push(b'\n');
+        if let Some(h) = &mut hash {
+            h.update(k.as_bytes());
+            h.update(b"=");
+            let _ = serde_json::to_writer(HmacWriter(h), x);
+            h.update(b"\n");
+        }
     }
-    info.prompt_hash_input = hash_input;
+    info.prompt_hash = hash.map(|h| crate::audit::hex_tag(&h.sign()));
     info.prompt_text = text;
     // Bytes of text a token per 4 started, each number a token (token-id prompts), each
     // message 4 tokens of template, each media part the configured worst case.
@@ -345,6 +355,20 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
     })?;
     info.body = Bytes::from(out);
     Ok(info)
+}
+
+/// Bytes written into an HMAC as they are serialised (no copy of the prompt for its hash).
+struct HmacWriter<'a>(&'a mut ring::hmac::Context);
+
+impl std::io::Write for HmacWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.update(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The class of a top-level field: the schema's, a tenant's opted-in extra field as prompt

@@ -457,6 +457,7 @@ fn inspect_body(
                 .model
                 .as_ref()
                 .map_or(DEFAULT_MEDIA_TOKENS, |m| m.media_part_tokens),
+            prompt_key: Some(ex.app.audit.prompt_key()),
         };
         inspect(route, &body, policy)?
     } else if matches!(route, Route::Models | Route::StoredResponse) {
@@ -491,9 +492,7 @@ fn inspect_body(
     }
     ex.stream = info.stream;
     ex.model = info.model.take();
-    if !info.prompt_hash_input.is_empty() {
-        ex.prompt_hash = Some(ex.app.audit.prompt_hash(&info.prompt_hash_input));
-    }
+    ex.prompt_hash = info.prompt_hash.take();
     Ok(info)
 }
 
