@@ -926,6 +926,34 @@ mod tests {
     }
 
     #[test]
+    fn jwks_bounds_hold_at_their_edges() {
+        let x = URL_SAFE_NO_PAD.encode([7u8; 32]);
+        let ed =
+            |kid: String| serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": x});
+        let parse = |keys: Vec<serde_json::Value>| {
+            KeySet::parse(serde_json::json!({ "keys": keys }).to_string().as_bytes())
+        };
+        // As many keys as allowed, and not one more.
+        let full: Vec<_> = (0..MAX_JWKS_KEYS).map(|i| ed(format!("k{i}"))).collect();
+        assert_eq!(parse(full.clone()).unwrap().len(), MAX_JWKS_KEYS);
+        let mut over = full;
+        over.push(ed("one-more".into()));
+        assert!(parse(over).unwrap_err().contains("more than 64 keys"));
+        // A kid may be up to MAX_KID bytes; an empty or longer one leaves its key out.
+        let set = parse(vec![
+            ed(String::new()),
+            ed("a".repeat(MAX_KID)),
+            ed("b".repeat(MAX_KID + 1)),
+        ])
+        .unwrap();
+        assert_eq!(set.kids().collect::<Vec<_>>(), ["a".repeat(MAX_KID)]);
+        // Its Debug names the key, never its material.
+        let shown = format!("{:?}", set.keys[0]);
+        assert!(shown.contains("aaaa") && shown.contains("EdDsa"), "{shown}");
+        assert!(!shown.contains(&x), "{shown}");
+    }
+
+    #[test]
     fn claims_by_name_or_dotted_path() {
         let c = serde_json::json!({"https://x.io/tenant": "a", "org": {"tenant": "b"}});
         assert_eq!(claim(&c, "https://x.io/tenant"), Some(&Value::from("a")));
