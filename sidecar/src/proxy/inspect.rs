@@ -314,10 +314,6 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         obj.insert("cache_salt".into(), Value::String(salt.into()));
     }
     let mut tally = Tally::default();
-    let mut hash = policy
-        .prompt_key
-        .filter(|_| !prompt_fields.is_empty())
-        .map(ring::hmac::Context::with_key);
     let mut text = Vec::with_capacity(body.len());
     let mut messages = 0u64;
     for k in &prompt_fields {
@@ -328,14 +324,7 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         {
             messages += a.len() as u64;
         }
-        if let Some(h) = &mut hash {
-            h.update(k.as_bytes());
-            h.update(b"=");
-            let _ = serde_json::to_writer(HmacWriter(h), x);
-            h.update(b"\n");
-        }
     }
-    info.prompt_hash = hash.map(|h| crate::audit::hex_tag(&h.sign()));
     info.prompt_text = text;
     // Bytes of text a token per 4 started, each number a token (token-id prompts), each
     // message 4 tokens of template, each media part the configured worst case.
@@ -349,26 +338,53 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         }
         generation(api, obj, policy, &mut info)?;
     }
-    let mut out = Vec::with_capacity(body.len() + 64);
-    serde_json::to_writer(&mut out, &v).map_err(|e| {
-        Refusal::invalid("invalid_json", format!("cannot re-serialise the body: {e}"))
-    })?;
+    let (out, prompt_ranges) = serialise(obj, &prompt_fields, body.len() + 64)?;
+    // The audit's prompt hash: HMAC over `<field>=<JSON>\n` for each prompt field, the JSON
+    // as forwarded (serde_json writes a nested value as it writes it alone).
+    if let Some(key) = policy.prompt_key.filter(|_| !prompt_ranges.is_empty()) {
+        let mut h = ring::hmac::Context::with_key(key);
+        for (k, r) in &prompt_ranges {
+            h.update(k.as_bytes());
+            h.update(b"=");
+            h.update(&out[r.clone()]);
+            h.update(b"\n");
+        }
+        info.prompt_hash = Some(crate::audit::hex_tag(&h.sign()));
+    }
     info.body = Bytes::from(out);
     Ok(info)
 }
 
-/// Bytes written into an HMAC as they are serialised (no copy of the prompt for its hash).
-struct HmacWriter<'a>(&'a mut ring::hmac::Context);
+/// Where a prompt field's value sits in the forwarded body.
+type PromptRanges<'k> = Vec<(&'k str, std::ops::Range<usize>)>;
 
-impl std::io::Write for HmacWriter<'_> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.update(b);
-        Ok(b.len())
+/// The body as serde_json writes the object (keys in its order), and where each of
+/// `prompt_fields` sits in it, in body order.
+fn serialise<'k>(
+    obj: &Map<String, Value>,
+    prompt_fields: &'k [String],
+    capacity: usize,
+) -> Result<(Vec<u8>, PromptRanges<'k>), Refusal> {
+    let failed = |e: serde_json::Error| {
+        Refusal::invalid("invalid_json", format!("cannot re-serialise the body: {e}"))
+    };
+    let mut out = Vec::with_capacity(capacity);
+    let mut ranges = Vec::with_capacity(prompt_fields.len());
+    out.push(b'{');
+    for (i, (k, x)) in obj.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k).map_err(failed)?;
+        out.push(b':');
+        let start = out.len();
+        serde_json::to_writer(&mut out, x).map_err(failed)?;
+        if let Some(p) = prompt_fields.iter().find(|p| *p == k) {
+            ranges.push((p.as_str(), start..out.len()));
+        }
     }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    out.push(b'}');
+    Ok((out, ranges))
 }
 
 /// The class of a top-level field: the schema's, a tenant's opted-in extra field as prompt
@@ -787,6 +803,29 @@ mod tests {
 
     fn fwd(i: &Inspected) -> Value {
         serde_json::from_slice(&i.body).unwrap()
+    }
+
+    #[test]
+    fn the_body_is_serde_jsons_own_serialisation_and_the_ranges_hold_each_prompt_field() {
+        let body = serde_json::json!({
+            "model": "m\u{e9}\"q",
+            "messages": [{"role": "user", "content": "a\nb \u{1f600} \\ \u{7f}"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"x": 1.5e300}}}],
+            "max_tokens": 12,
+            "z": null,
+        });
+        let obj = body.as_object().unwrap();
+        let fields = ["messages".to_string(), "tools".to_string()];
+        let (out, ranges) = serialise(obj, &fields, 0).unwrap();
+        assert_eq!(out, serde_json::to_vec(&body).unwrap());
+        assert_eq!(ranges.len(), 2);
+        for (k, r) in ranges {
+            assert_eq!(
+                &out[r],
+                serde_json::to_vec(&body[k]).unwrap().as_slice(),
+                "{k}"
+            );
+        }
     }
 
     #[test]
