@@ -9,6 +9,9 @@
 //! NVML handle for the life of the process.
 
 use crate::config::{GpuConfig, GpuWorkload};
+pub use crate::gpu_compute::{
+    Accountant, ComputeTotals, MigInstance, ProcSample, TokenMix, UtilSample,
+};
 use agent_common::proto::ErrorCode;
 use nix::errno::Errno;
 use nix::sys::socket::{UnixCredentials, getsockopt, sockopt};
@@ -33,7 +36,7 @@ pub struct GpuProcess {
 }
 
 /// One GPU, as the source reports it.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct GpuSnapshot {
     pub index: u32,
     pub uuid: String,
@@ -41,6 +44,22 @@ pub struct GpuSnapshot {
     pub total_bytes: u64,
     #[serde(default)]
     pub processes: Vec<GpuProcess>,
+    /// When the compute readings below were taken (CPU time, µs; NVML's sample clock).
+    /// `None`: the source gives no compute readings (GPU time and energy are not attributed).
+    #[serde(default)]
+    pub timestamp_us: Option<u64>,
+    /// The device's energy counter, mJ since the driver loaded (`None`: not supported).
+    #[serde(default)]
+    pub energy_mj: Option<u64>,
+    /// The device's SM utilization samples since the last poll.
+    #[serde(default)]
+    pub busy_samples: Vec<UtilSample>,
+    /// Per-process SM utilization samples since the last poll.
+    #[serde(default)]
+    pub process_samples: Vec<ProcSample>,
+    /// MIG instances, when MIG is on: busy time is attributed per instance.
+    #[serde(default)]
+    pub mig: Vec<MigInstance>,
 }
 
 pub trait GpuSource: Send {
@@ -50,14 +69,74 @@ pub trait GpuSource: Send {
 /// NVML, one handle for the process's life (NVML calls are slow; init is slower).
 pub struct NvmlSource {
     nvml: nvml_wrapper::Nvml,
+    /// Per device (or MIG instance) UUID: the newest device and process sample timestamps
+    /// read, so each poll asks NVML only for newer samples.
+    last_seen: HashMap<String, (u64, u64)>,
 }
 
 impl NvmlSource {
     pub fn init() -> Result<Self, String> {
         nvml_wrapper::Nvml::init()
-            .map(|nvml| Self { nvml })
+            .map(|nvml| Self {
+                nvml,
+                last_seen: HashMap::new(),
+            })
             .map_err(|e| format!("NVML could not be initialised: {e}"))
     }
+
+    /// The device's (or MIG instance's) utilization samples newer than the last poll's. A
+    /// device without them (NVML's NotSupported, NotFound when none are buffered) gives none:
+    /// its busy time is then not attributed.
+    fn samples(
+        last_seen: &mut HashMap<String, (u64, u64)>,
+        uuid: &str,
+        dev: &nvml_wrapper::Device<'_>,
+    ) -> (Vec<UtilSample>, Vec<ProcSample>) {
+        use nvml_wrapper::enum_wrappers::device::Sampling;
+        use nvml_wrapper::enums::device::SampleValue;
+        let (busy_seen, proc_seen) = last_seen.get(uuid).copied().unwrap_or((0, 0));
+        let busy: Vec<UtilSample> = dev
+            .samples(Sampling::GpuUtilization, busy_seen)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| UtilSample {
+                ts_us: s.timestamp,
+                sm: match s.value {
+                    SampleValue::U32(v) => v,
+                    SampleValue::U64(v) => v.min(100) as u32,
+                    SampleValue::I64(v) => v.clamp(0, 100) as u32,
+                    SampleValue::F64(v) => v.clamp(0.0, 100.0) as u32,
+                },
+            })
+            .collect();
+        let procs: Vec<ProcSample> = dev
+            .process_utilization_stats(proc_seen)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| ProcSample {
+                pid: s.pid,
+                ts_us: s.timestamp,
+                sm: s.sm_util,
+                mem: s.mem_util,
+            })
+            .collect();
+        let newest = |it: &mut dyn Iterator<Item = u64>, old: u64| it.max().unwrap_or(old).max(old);
+        last_seen.insert(
+            uuid.to_string(),
+            (
+                newest(&mut busy.iter().map(|s| s.ts_us), busy_seen),
+                newest(&mut procs.iter().map(|s| s.ts_us), proc_seen),
+            ),
+        );
+        (busy, procs)
+    }
+}
+
+/// CPU time now, µs since the epoch (NVML's sample timestamps are on this clock).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl GpuSource for NvmlSource {
@@ -82,12 +161,41 @@ impl GpuSource for NvmlSource {
                     },
                 })
                 .collect();
+            let uuid = dev.uuid().unwrap_or_default();
+            // MIG: each instance's samples on its own handle (the parent has none).
+            let mig_on = dev.mig_mode().is_ok_and(|m| m.current == 1);
+            let mut mig = Vec::new();
+            let (busy_samples, process_samples) = if mig_on {
+                for i in 0..dev.mig_device_count().unwrap_or(0) {
+                    // Empty slots answer NotFound.
+                    let Ok(m) = dev.mig_device_by_index(i) else {
+                        continue;
+                    };
+                    let Ok(mig_uuid) = m.uuid() else { continue };
+                    let (busy_samples, process_samples) =
+                        Self::samples(&mut self.last_seen, &mig_uuid, &m);
+                    mig.push(MigInstance {
+                        total_bytes: m.memory_info().map_or(0, |i| i.total),
+                        uuid: mig_uuid,
+                        busy_samples,
+                        process_samples,
+                    });
+                }
+                (Vec::new(), Vec::new())
+            } else {
+                Self::samples(&mut self.last_seen, &uuid, &dev)
+            };
             out.push(GpuSnapshot {
                 index,
-                uuid: dev.uuid().unwrap_or_default(),
+                uuid,
                 used_bytes: mem.used,
                 total_bytes: mem.total,
                 processes,
+                timestamp_us: Some(now_us()),
+                energy_mj: dev.total_energy_consumption().ok(),
+                busy_samples,
+                process_samples,
+                mig,
             });
         }
         Ok(out)
@@ -124,6 +232,8 @@ pub enum Role {
     Dedicated(String),
     /// A shared inference server, by a key naming its workload: `gpu.workloads[i]`.
     Shared(String),
+    /// The MPS control server (`nvidia-cuda-mps-server`): its samples are its clients' work.
+    MpsServer,
 }
 
 /// Maps a process to its workload through its cgroup path. Only the configured workloads
@@ -181,8 +291,19 @@ impl Matcher {
         &self.proc_root
     }
 
+    /// The workload of `pid`; the MPS control server whatever its cgroup (its samples are
+    /// its clients' work, so it is never a tenant's).
     pub fn classify_pid(&self, pid: u32) -> Option<Role> {
+        if self.is_mps_server(pid) {
+            return Some(Role::MpsServer);
+        }
         self.classify_cgroup(&self.cgroup_of(pid)?)
+    }
+
+    /// `/proc/<pid>/comm` is `nvidia-cuda-mps-server`.
+    fn is_mps_server(&self, pid: u32) -> bool {
+        std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
+            .is_ok_and(|c| c.trim_end() == "nvidia-cuda-mps-server")
     }
 }
 
@@ -203,10 +324,12 @@ pub fn pod_uid_of(cgroup: &str) -> Option<String> {
     })
 }
 
-/// Per-tenant KV-cache bytes reported by each shared server's sidecar.
+/// Per-tenant KV-cache bytes reported by each shared server's sidecar, and the weighted
+/// tokens it had the server process (which split the server's GPU time).
 #[derive(Debug, Default)]
 pub struct KvReports {
     by_workload: HashMap<String, (Instant, BTreeMap<String, u64>)>,
+    pub tokens: TokenMix,
 }
 
 impl KvReports {
@@ -246,6 +369,8 @@ pub struct GpuReport {
     pub garbled_total: u64,
     /// Polls done since start, failed ones included.
     pub polls_total: u64,
+    /// GPU time and energy per tenant, cumulative since start.
+    pub compute: ComputeTotals,
 }
 
 /// Drops process entries that cannot be right (NVML has returned garbage with several
@@ -326,7 +451,7 @@ pub fn attribute(
                         }
                         add(&mut usage.memory, SHARED, left);
                     }
-                    None => add(&mut usage.memory, UNATTRIBUTED, bytes),
+                    Some(Role::MpsServer) | None => add(&mut usage.memory, UNATTRIBUTED, bytes),
                 }
             }
             add(
@@ -386,6 +511,7 @@ impl GpuState {
         &self,
         caller: &ReportCaller<'_>,
         tenants: &BTreeMap<String, u64>,
+        tokens: Option<&BTreeMap<String, u64>>,
         is_tenant: &dyn Fn(&str) -> bool,
     ) -> Result<u32, KvRefusal> {
         let matcher = self.matcher.read().unwrap().clone();
@@ -413,7 +539,12 @@ impl GpuState {
                 ));
             }
         };
-        if let Some(unknown) = tenants.keys().find(|t| !is_tenant(t)) {
+        let named = || {
+            tenants
+                .keys()
+                .chain(tokens.into_iter().flat_map(|t| t.keys()))
+        };
+        if let Some(unknown) = named().find(|t| !is_tenant(t)) {
             return Err((
                 ErrorCode::UnknownTenant,
                 format!(
@@ -421,7 +552,7 @@ impl GpuState {
                 ),
             ));
         }
-        if let Some(other) = tenants.keys().find(|t| !server.tenants.contains(t)) {
+        if let Some(other) = named().find(|t| !server.tenants.contains(t)) {
             return Err((
                 ErrorCode::NotAllowed,
                 format!(
@@ -431,7 +562,11 @@ impl GpuState {
         }
         let workload = format!("gpu.workloads[{index}]");
         tracing::debug!(workload = %workload, pid, tenants = tenants.len(), "KV report recorded");
-        self.kv.lock().unwrap().record(workload, tenants.clone());
+        let mut kv = self.kv.lock().unwrap();
+        if let Some(tokens) = tokens {
+            kv.tokens.record(&workload, tokens);
+        }
+        kv.record(workload, tenants.clone());
         Ok(tenants.len() as u32)
     }
 }
@@ -558,6 +693,7 @@ pub fn spawn_poller(
             let mut last_error: Option<String> = None;
             let mut garbled_total = 0u64;
             let mut polls_total = 0u64;
+            let mut accountant = Accountant::default();
             loop {
                 polls_total += 1;
                 if src.is_none() {
@@ -583,12 +719,23 @@ pub fn spawn_poller(
                             garbled_total += dropped;
                         }
                         let matcher = state.matcher.read().unwrap().clone();
-                        let kv = state.kv.lock().unwrap().fresh(state.kv_max_age);
+                        // Each PID's workload read once per poll (memory and compute use it).
+                        let roles: HashMap<u32, Option<Role>> = pids_of(&gpus)
+                            .into_iter()
+                            .map(|pid| (pid, matcher.classify_pid(pid)))
+                            .collect();
+                        let classify = |pid| roles.get(&pid).cloned().flatten();
+                        let kv = {
+                            let mut reports = state.kv.lock().unwrap();
+                            accountant.poll(&gpus, &classify, &mut reports.tokens, state.kv_max_age);
+                            reports.fresh(state.kv_max_age)
+                        };
                         GpuReport {
                             nvml_up: true,
-                            gpus: attribute(&gpus, &|pid| matcher.classify_pid(pid), &kv),
+                            gpus: attribute(&gpus, &classify, &kv),
                             garbled_total,
                             polls_total,
+                            compute: accountant.totals.clone(),
                         }
                     }
                     Err(e) => {
@@ -598,6 +745,7 @@ pub fn spawn_poller(
                             gpus: Vec::new(),
                             garbled_total,
                             polls_total,
+                            compute: accountant.totals.clone(),
                         }
                     }
                 };
@@ -609,6 +757,23 @@ pub fn spawn_poller(
             }
         })
         .expect("spawn the GPU poller")
+}
+
+/// Every PID a poll names: processes and utilization samples, MIG instances' included.
+fn pids_of(gpus: &[GpuSnapshot]) -> HashSet<u32> {
+    gpus.iter()
+        .flat_map(|g| {
+            g.processes
+                .iter()
+                .map(|p| p.pid)
+                .chain(g.process_samples.iter().map(|s| s.pid))
+                .chain(
+                    g.mig
+                        .iter()
+                        .flat_map(|m| m.process_samples.iter().map(|s| s.pid)),
+                )
+        })
+        .collect()
 }
 
 /// Logs a GPU source error once, not at every poll.
@@ -635,6 +800,7 @@ mod tests {
                 .iter()
                 .map(|&(pid, used_bytes)| GpuProcess { pid, used_bytes })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -865,7 +1031,7 @@ mod tests {
         };
         let report: BTreeMap<String, u64> =
             report.iter().map(|&(t, b)| (t.to_string(), b)).collect();
-        let outcome = state.kv_report(&caller, &report, &|t| {
+        let outcome = state.kv_report(&caller, &report, None, &|t| {
             ["acme", "globex", "initech"].contains(&t)
         });
         let recorded = state.kv.lock().unwrap().fresh(Duration::from_secs(60));
