@@ -202,10 +202,14 @@ impl GpuSource for NvmlSource {
     }
 }
 
-/// A JSON file re-read at every poll: `{"gpus": [GpuSnapshot...]}` or `{"error": "..."}`.
-/// Tests (and replays of a node's state) inject GPUs with it.
+/// A JSON file re-read at every poll: `{"gpus": [GpuSnapshot...]}`, `{"error": "..."}`, or
+/// `{"readings": [{"gpus": [...]}, ...]}`: one reading per poll in turn, the last one
+/// repeated (a script of NVML's answers). Tests (and replays of a node's state) inject GPUs
+/// with it.
 pub struct FileSource {
     pub path: PathBuf,
+    /// Polls answered so far (the index into `readings`).
+    pub served: usize,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +217,12 @@ pub struct FileSource {
 enum FileSnapshot {
     Gpus { gpus: Vec<GpuSnapshot> },
     Error { error: String },
+    Readings { readings: Vec<FileReading> },
+}
+
+#[derive(Deserialize)]
+struct FileReading {
+    gpus: Vec<GpuSnapshot>,
 }
 
 impl GpuSource for FileSource {
@@ -222,6 +232,14 @@ impl GpuSource for FileSource {
         match serde_json::from_str(&text).map_err(|e| format!("{}: {e}", self.path.display()))? {
             FileSnapshot::Gpus { gpus } => Ok(gpus),
             FileSnapshot::Error { error } => Err(error),
+            FileSnapshot::Readings { mut readings } => {
+                if readings.is_empty() {
+                    return Err(format!("{}: \"readings\" is empty", self.path.display()));
+                }
+                let i = self.served.min(readings.len() - 1);
+                self.served += 1;
+                Ok(readings.swap_remove(i).gpus)
+            }
         }
     }
 }
@@ -629,6 +647,7 @@ fn open(source: &str) -> Result<Box<dyn GpuSource>, String> {
     match source.strip_prefix("file:") {
         Some(path) => Ok(Box::new(FileSource {
             path: PathBuf::from(path),
+            served: 0,
         })),
         None => NvmlSource::init().map(|s| Box::new(s) as Box<dyn GpuSource>),
     }
@@ -645,36 +664,60 @@ pub struct ProcessStatus {
     pub role: Option<Role>,
 }
 
-/// `bulkhead-agent gpu-status`: one poll of the configured source, attributed as the running
-/// agent would (without KV reports, which only a running agent receives), plus each process's
-/// cgroup and role, so an SRE can see why memory lands where it does. Needs no eBPF.
-pub fn one_shot(config: &GpuConfig) -> Result<(Vec<GpuUsage>, Vec<ProcessStatus>), String> {
+/// What `bulkhead-agent gpu-status` shows.
+#[derive(Clone, Debug, Default)]
+pub struct GpuStatus {
+    pub usage: Vec<GpuUsage>,
+    pub processes: Vec<ProcessStatus>,
+    /// GPU time and energy over `window`, from two polls `window` apart.
+    pub compute: ComputeTotals,
+    pub window: Duration,
+}
+
+/// `bulkhead-agent gpu-status`: two polls of the configured source `window` apart, attributed
+/// as the running agent would (without KV reports, which only a running agent receives: a
+/// shared server's time is `shared`), plus each process's cgroup and role, so an SRE can see
+/// why memory and GPU time land where they do. Needs no eBPF.
+pub fn one_shot(config: &GpuConfig, window: Duration) -> Result<GpuStatus, String> {
     if config.source == "off" {
         return Err("gpu.source is \"off\": GPU memory attribution is disabled".into());
     }
     let mut src = open(&config.source)?;
-    let mut gpus = src.snapshot()?;
-    for g in &mut gpus {
-        sanitize(g);
-    }
     let matcher = Matcher::new(config);
+    let classify = |pid| matcher.classify_pid(pid);
+    let mut accountant = Accountant::default();
+    let mut tokens = TokenMix::default();
+    let mut poll = |src: &mut Box<dyn GpuSource>| -> Result<Vec<GpuSnapshot>, String> {
+        let mut gpus = src.snapshot()?;
+        for g in &mut gpus {
+            sanitize(g);
+        }
+        accountant.poll(&gpus, &classify, &mut tokens, Duration::ZERO);
+        Ok(gpus)
+    };
+    poll(&mut src)?;
+    // A measurement window, not a wait for a condition: NVML's samples cover it.
+    std::thread::sleep(window);
+    let gpus = poll(&mut src)?;
     let processes = gpus
         .iter()
         .flat_map(|g| {
-            g.processes.iter().map(|p| {
-                let cgroup = matcher.cgroup_of(p.pid);
-                ProcessStatus {
-                    gpu: g.index,
-                    pid: p.pid,
-                    used_bytes: p.used_bytes,
-                    role: cgroup.as_deref().and_then(|c| matcher.classify_cgroup(c)),
-                    cgroup,
-                }
+            g.processes.iter().map(|p| ProcessStatus {
+                gpu: g.index,
+                pid: p.pid,
+                used_bytes: p.used_bytes,
+                role: matcher.classify_pid(p.pid),
+                cgroup: matcher.cgroup_of(p.pid),
             })
         })
         .collect();
-    let usage = attribute(&gpus, &|pid| matcher.classify_pid(pid), &HashMap::new());
-    Ok((usage, processes))
+    let usage = attribute(&gpus, &classify, &HashMap::new());
+    Ok(GpuStatus {
+        usage,
+        processes,
+        compute: accountant.totals,
+        window,
+    })
 }
 
 /// Polls the source every `interval` on its own thread (NVML calls block) until `stop`

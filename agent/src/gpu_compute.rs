@@ -233,6 +233,10 @@ impl Accountant {
             let label = g.index.to_string();
             seen.insert(label.clone());
             let prev = self.gpus.get(&g.uuid).cloned();
+            if prev.as_ref().is_some_and(|p| p.unit.ts_us == ts) {
+                // The same reading again (a source with nothing new): nothing to count.
+                continue;
+            }
             let mig_total: u64 = g.mig.iter().map(|m| m.total_bytes).sum();
             let norm = (mig_total as f64 / g.total_bytes.max(1) as f64).max(1.0);
             let units: Vec<Unit<'_>> = if g.mig.is_empty() {

@@ -324,8 +324,13 @@ fn energy_counters_that_wrap_or_reset_are_counted_once_and_flagged() {
     assert_eq!(energy_of(t, "0", "acme"), 353.0, "busy all along");
     assert_eq!(t.device_busy["0"], 4.0);
     sums(t, "0", &[]);
-    // A clock that goes back restarts the interval without counting anything.
+    // The same reading again counts nothing and is no reset.
     let before = t.clone();
+    let mut same = gpu(0, 5 * S, Some(2_000));
+    same.busy_samples = busy(4 * S, 5 * S, 4, 100);
+    poll(&mut a, &[same], &mut tok);
+    assert_eq!(a.totals, before);
+    // A clock that goes back restarts the interval without counting anything.
     let mut g = gpu(0, 4 * S, Some(3_000));
     g.busy_samples = busy(3 * S, 4 * S, 4, 100);
     poll(&mut a, &[g], &mut tok);
