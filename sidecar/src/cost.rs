@@ -228,7 +228,11 @@ output = 4.0
         assert!(!crate::metrics::encode(&reg).contains("bulkhead_gpu_hour_price{"));
         for bad in ["-1.0", "nan", "1e7"] {
             let c: CostConfig = toml::from_str(&format!("gpu_hour_price = {bad}\n")).unwrap();
-            assert_eq!(c.check(&|_| true).unwrap_err().0, "cost.gpu_hour_price", "{bad}");
+            assert_eq!(
+                c.check(&|_| true).unwrap_err().0,
+                "cost.gpu_hour_price",
+                "{bad}"
+            );
         }
     }
 
