@@ -258,14 +258,37 @@ pub enum Role {
 /// (`gpu.workloads`) are known: a KV report never makes a pod a shared server.
 #[derive(Clone, Debug)]
 pub struct Matcher {
-    workloads: Vec<GpuWorkload>,
+    workloads: Arc<Vec<GpuWorkload>>,
+    /// Workloads by a full pod UID (dashed, lower case): one lookup per cgroup path.
+    by_uid: Arc<HashMap<String, usize>>,
+    /// The other workloads (a partial UID, `cgroup_contains`), with what to look for, in
+    /// config order: `(index, needle, is_pod)`.
+    scanned: Arc<Vec<(usize, String, bool)>>,
     proc_root: PathBuf,
 }
 
 impl Matcher {
     pub fn new(config: &GpuConfig) -> Self {
+        let mut by_uid = HashMap::new();
+        let mut scanned = Vec::new();
+        for (i, w) in config.workloads.iter().enumerate() {
+            match (&w.pod_uid, &w.cgroup_contains) {
+                (Some(uid), _) => {
+                    let dashed = uid.replace('_', "-");
+                    if pod_uid_of(&format!("pod{dashed}")).as_deref() == Some(dashed.as_str()) {
+                        by_uid.entry(dashed).or_insert(i);
+                    } else {
+                        scanned.push((i, format!("pod{dashed}"), true));
+                    }
+                }
+                (None, Some(s)) => scanned.push((i, s.clone(), false)),
+                (None, None) => {}
+            }
+        }
         Self {
-            workloads: config.workloads.clone(),
+            workloads: Arc::new(config.workloads.clone()),
+            by_uid: Arc::new(by_uid),
+            scanned: Arc::new(scanned),
             proc_root: config.proc_root.clone(),
         }
     }
@@ -285,16 +308,25 @@ impl Matcher {
     /// The configured workload a cgroup path belongs to, with its index in `gpu.workloads`.
     /// Pod UIDs match both cgroup drivers' spellings (`pod1a2b-...` with cgroupfs,
     /// `pod1a2b_...` with systemd).
+    /// The first in config order: a full pod UID is looked up (the cgroup path's pod UID, as
+    /// [`pod_uid_of`] reads it), the other workloads are scanned.
     fn workload_of(&self, cgroup: &str) -> Option<(usize, &GpuWorkload)> {
         let normalized = cgroup.replace('_', "-");
-        self.workloads
-            .iter()
-            .enumerate()
-            .find(|(_, w)| match (&w.pod_uid, &w.cgroup_contains) {
-                (Some(uid), _) => normalized.contains(&format!("pod{}", uid.replace('_', "-"))),
-                (None, Some(s)) => cgroup.contains(s.as_str()),
-                (None, None) => false,
-            })
+        let looked_up = pod_uid_of(cgroup)
+            .and_then(|uid| self.by_uid.get(&uid).copied())
+            .filter(|&i| {
+                let uid = self.workloads[i].pod_uid.as_deref().unwrap_or_default();
+                normalized.contains(&format!("pod{}", uid.replace('_', "-")))
+            });
+        let scanned = self.scanned.iter().find_map(|(i, needle, is_pod)| {
+            let hay = if *is_pod { &normalized } else { cgroup };
+            (looked_up.is_none_or(|l| *i < l) && hay.contains(needle.as_str())).then_some(*i)
+        });
+        let i = match (looked_up, scanned) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some((i, &self.workloads[i]))
     }
 
     /// The workload a cgroup path belongs to.
@@ -737,6 +769,7 @@ pub fn spawn_poller(
             let mut garbled_total = 0u64;
             let mut polls_total = 0u64;
             let mut accountant = Accountant::default();
+            let mut roles = RoleCache::default();
             loop {
                 polls_total += 1;
                 if src.is_none() {
@@ -762,12 +795,8 @@ pub fn spawn_poller(
                             garbled_total += dropped;
                         }
                         let matcher = state.matcher.read().unwrap().clone();
-                        // Each PID's workload read once per poll (memory and compute use it).
-                        let roles: HashMap<u32, Option<Role>> = pids_of(&gpus)
-                            .into_iter()
-                            .map(|pid| (pid, matcher.classify_pid(pid)))
-                            .collect();
-                        let classify = |pid| roles.get(&pid).cloned().flatten();
+                        roles.refresh(&pids_of(&gpus), &matcher, Instant::now());
+                        let classify = |pid| roles.get(pid);
                         let kv = {
                             let mut reports = state.kv.lock().unwrap();
                             accountant.poll(&gpus, &classify, &mut reports.tokens, state.kv_max_age);
@@ -800,6 +829,35 @@ pub fn spawn_poller(
             }
         })
         .expect("spawn the GPU poller")
+}
+
+/// How long a PID's workload is kept while the PID stays on the GPUs (a pod's process does not
+/// change pods; a PID that leaves the GPUs is forgotten at once, so a reused PID is read anew).
+const ROLE_TTL: Duration = Duration::from_secs(60);
+
+/// Each PID's workload, read from /proc once while it stays on the GPUs (reading two /proc
+/// files per process every poll cost more than the rest of the poll with a thousand processes).
+#[derive(Debug, Default)]
+struct RoleCache {
+    roles: HashMap<u32, (Option<Role>, Instant)>,
+}
+
+impl RoleCache {
+    /// Keeps the PIDs of this poll, reading those new or older than [`ROLE_TTL`].
+    fn refresh(&mut self, pids: &HashSet<u32>, matcher: &Matcher, now: Instant) {
+        self.roles.retain(|pid, (_, at)| {
+            pids.contains(pid) && now.saturating_duration_since(*at) < ROLE_TTL
+        });
+        for &pid in pids {
+            self.roles
+                .entry(pid)
+                .or_insert_with(|| (matcher.classify_pid(pid), now));
+        }
+    }
+
+    fn get(&self, pid: u32) -> Option<Role> {
+        self.roles.get(&pid).and_then(|(r, _)| r.clone())
+    }
 }
 
 /// Every PID a poll names: processes and utilization samples, MIG instances' included.
@@ -1181,6 +1239,87 @@ mod tests {
         let (outcome, recorded) = report_from("unknown", SERVER_POD, workloads, &[("zed", GIB)]);
         assert_eq!(outcome.unwrap_err().0, ErrorCode::UnknownTenant);
         assert!(recorded.is_empty());
+    }
+
+    #[test]
+    fn the_first_configured_workload_wins_whether_looked_up_by_uid_or_scanned() {
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let w = |pod_uid: Option<&str>, contains: Option<&str>, tenant: &str| GpuWorkload {
+            pod_uid: pod_uid.map(str::to_string),
+            cgroup_contains: contains.map(str::to_string),
+            tenant: Some(tenant.into()),
+            shared: false,
+            tenants: Vec::new(),
+        };
+        let cgroup = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-vllm.scope",
+            uid.replace('-', "_")
+        );
+        let matcher = |workloads| {
+            Matcher::new(&GpuConfig {
+                workloads,
+                ..GpuConfig::default()
+            })
+        };
+        let dedicated = |t: &str| Some(Role::Dedicated(t.into()));
+        let m = matcher(vec![w(None, Some("vllm"), "a"), w(Some(uid), None, "b")]);
+        assert_eq!(m.classify_cgroup(&cgroup), dedicated("a"));
+        let m = matcher(vec![w(Some(uid), None, "b"), w(None, Some("vllm"), "a")]);
+        assert_eq!(m.classify_cgroup(&cgroup), dedicated("b"));
+        // A partial UID is scanned for, as before.
+        let m = matcher(vec![
+            w(Some("0f1e2d3c_4b5a"), None, "c"),
+            w(Some(uid), None, "b"),
+        ]);
+        assert_eq!(m.classify_cgroup(&cgroup), dedicated("c"));
+        assert_eq!(
+            m.classify_cgroup("/kubepods/pod0f1e2d3c-0000-0000-0000-a5b4c3d2e1f0/x"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_pids_workload_is_read_again_when_it_left_the_gpus_or_its_time_is_up() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-roles-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("42")).unwrap();
+        let set = |pod: &str| {
+            std::fs::write(dir.join("42/cgroup"), format!("0::/kubepods/pod{pod}/x\n")).unwrap()
+        };
+        let workload = |uid: &str, t: &str| GpuWorkload {
+            pod_uid: Some(uid.into()),
+            cgroup_contains: None,
+            tenant: Some(t.into()),
+            shared: false,
+            tenants: Vec::new(),
+        };
+        let m = Matcher::new(&GpuConfig {
+            proc_root: dir.clone(),
+            workloads: vec![
+                workload("1a2b-3c4d", "acme"),
+                workload("5e6f-7a8b", "globex"),
+            ],
+            ..GpuConfig::default()
+        });
+        let mut cache = RoleCache::default();
+        let pids = HashSet::from([42]);
+        let t0 = Instant::now();
+        set("1a2b-3c4d");
+        cache.refresh(&pids, &m, t0);
+        assert_eq!(cache.get(42), Some(Role::Dedicated("acme".into())));
+        // PID 42 is now another process, in globex's pod: while 42 stays on the GPUs the
+        // cached workload holds, until its time is up...
+        set("5e6f-7a8b");
+        cache.refresh(&pids, &m, t0 + Duration::from_secs(1));
+        assert_eq!(cache.get(42), Some(Role::Dedicated("acme".into())));
+        cache.refresh(&pids, &m, t0 + ROLE_TTL);
+        assert_eq!(cache.get(42), Some(Role::Dedicated("globex".into())));
+        // ...and a PID that leaves the GPUs is forgotten at once.
+        set("1a2b-3c4d");
+        cache.refresh(&HashSet::new(), &m, t0 + ROLE_TTL);
+        assert_eq!(cache.get(42), None);
+        cache.refresh(&pids, &m, t0 + ROLE_TTL);
+        assert_eq!(cache.get(42), Some(Role::Dedicated("acme".into())));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
