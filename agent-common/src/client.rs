@@ -117,9 +117,20 @@ impl AgentClient {
         &self,
         tenants: &std::collections::BTreeMap<String, u64>,
     ) -> Result<u32, ClientError> {
+        self.report_kv_tokens(tenants, None)
+    }
+
+    /// [`Self::report_kv`] with the weighted tokens each tenant had the server process since
+    /// the previous report (an agent that predates them refuses the report as `malformed`).
+    pub fn report_kv_tokens(
+        &self,
+        tenants: &std::collections::BTreeMap<String, u64>,
+        tokens: Option<&std::collections::BTreeMap<String, u64>>,
+    ) -> Result<u32, ClientError> {
         match self.exchange(
             &Request::KvReport {
                 tenants: tenants.clone(),
+                tokens: tokens.cloned(),
             },
             None,
         )? {

@@ -24,7 +24,16 @@ pub enum Request {
     /// requests hold. No socket attached: the agent finds the server's pod from the kernel's
     /// record of the connecting process (`SO_PEERPIDFD`, from any PID namespace), so a report
     /// can only speak for the caller's own pod.
-    KvReport { tenants: BTreeMap<String, u64> },
+    ///
+    /// `tokens` (optional, so a sidecar that predates it is still heard): per tenant, the
+    /// tokens the sidecar had the server process since its previous report, prompt and
+    /// generated weighted by its fair queue's input and output costs; the agent splits the
+    /// server's GPU time and energy by them.
+    KvReport {
+        tenants: BTreeMap<String, u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokens: Option<BTreeMap<String, u64>>,
+    },
 }
 
 impl Request {
@@ -149,11 +158,19 @@ mod tests {
         );
         let kv = Request::KvReport {
             tenants: BTreeMap::from([("acme".into(), 4096)]),
+            tokens: None,
         };
-        assert_eq!(
-            serde_json::to_string(&kv).unwrap(),
-            r#"{"op":"kv_report","tenants":{"acme":4096}}"#
-        );
+        let old_sidecar = r#"{"op":"kv_report","tenants":{"acme":4096}}"#;
+        assert_eq!(serde_json::to_string(&kv).unwrap(), old_sidecar);
+        // A report from a sidecar without token counts is still a report.
+        assert_eq!(serde_json::from_str::<Request>(old_sidecar).unwrap(), kv);
+        let with_tokens = Request::KvReport {
+            tenants: BTreeMap::from([("acme".into(), 4096)]),
+            tokens: Some(BTreeMap::from([("acme".into(), 300)])),
+        };
+        let text = r#"{"op":"kv_report","tenants":{"acme":4096},"tokens":{"acme":300}}"#;
+        assert_eq!(serde_json::to_string(&with_tokens).unwrap(), text);
+        assert_eq!(serde_json::from_str::<Request>(text).unwrap(), with_tokens);
         assert_eq!(
             serde_json::from_str::<Response>(r#"{"accepted":2}"#).unwrap(),
             Response::Accepted { accepted: 2 }

@@ -9,6 +9,9 @@
 //! NVML handle for the life of the process.
 
 use crate::config::{GpuConfig, GpuWorkload};
+pub use crate::gpu_compute::{
+    Accountant, ComputeTotals, MigInstance, ProcSample, TokenMix, UtilSample,
+};
 use agent_common::proto::ErrorCode;
 use nix::errno::Errno;
 use nix::sys::socket::{UnixCredentials, getsockopt, sockopt};
@@ -33,7 +36,7 @@ pub struct GpuProcess {
 }
 
 /// One GPU, as the source reports it.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct GpuSnapshot {
     pub index: u32,
     pub uuid: String,
@@ -41,6 +44,22 @@ pub struct GpuSnapshot {
     pub total_bytes: u64,
     #[serde(default)]
     pub processes: Vec<GpuProcess>,
+    /// When the compute readings below were taken (CPU time, µs; NVML's sample clock).
+    /// `None`: the source gives no compute readings (GPU time and energy are not attributed).
+    #[serde(default)]
+    pub timestamp_us: Option<u64>,
+    /// The device's energy counter, mJ since the driver loaded (`None`: not supported).
+    #[serde(default)]
+    pub energy_mj: Option<u64>,
+    /// The device's SM utilization samples since the last poll.
+    #[serde(default)]
+    pub busy_samples: Vec<UtilSample>,
+    /// Per-process SM utilization samples since the last poll.
+    #[serde(default)]
+    pub process_samples: Vec<ProcSample>,
+    /// MIG instances, when MIG is on: busy time is attributed per instance.
+    #[serde(default)]
+    pub mig: Vec<MigInstance>,
 }
 
 pub trait GpuSource: Send {
@@ -50,14 +69,74 @@ pub trait GpuSource: Send {
 /// NVML, one handle for the process's life (NVML calls are slow; init is slower).
 pub struct NvmlSource {
     nvml: nvml_wrapper::Nvml,
+    /// Per device (or MIG instance) UUID: the newest device and process sample timestamps
+    /// read, so each poll asks NVML only for newer samples.
+    last_seen: HashMap<String, (u64, u64)>,
 }
 
 impl NvmlSource {
     pub fn init() -> Result<Self, String> {
         nvml_wrapper::Nvml::init()
-            .map(|nvml| Self { nvml })
+            .map(|nvml| Self {
+                nvml,
+                last_seen: HashMap::new(),
+            })
             .map_err(|e| format!("NVML could not be initialised: {e}"))
     }
+
+    /// The device's (or MIG instance's) utilization samples newer than the last poll's. A
+    /// device without them (NVML's NotSupported, NotFound when none are buffered) gives none:
+    /// its busy time is then not attributed.
+    fn samples(
+        last_seen: &mut HashMap<String, (u64, u64)>,
+        uuid: &str,
+        dev: &nvml_wrapper::Device<'_>,
+    ) -> (Vec<UtilSample>, Vec<ProcSample>) {
+        use nvml_wrapper::enum_wrappers::device::Sampling;
+        use nvml_wrapper::enums::device::SampleValue;
+        let (busy_seen, proc_seen) = last_seen.get(uuid).copied().unwrap_or((0, 0));
+        let busy: Vec<UtilSample> = dev
+            .samples(Sampling::GpuUtilization, busy_seen)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| UtilSample {
+                ts_us: s.timestamp,
+                sm: match s.value {
+                    SampleValue::U32(v) => v,
+                    SampleValue::U64(v) => v.min(100) as u32,
+                    SampleValue::I64(v) => v.clamp(0, 100) as u32,
+                    SampleValue::F64(v) => v.clamp(0.0, 100.0) as u32,
+                },
+            })
+            .collect();
+        let procs: Vec<ProcSample> = dev
+            .process_utilization_stats(proc_seen)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| ProcSample {
+                pid: s.pid,
+                ts_us: s.timestamp,
+                sm: s.sm_util,
+                mem: s.mem_util,
+            })
+            .collect();
+        let newest = |it: &mut dyn Iterator<Item = u64>, old: u64| it.max().unwrap_or(old).max(old);
+        last_seen.insert(
+            uuid.to_string(),
+            (
+                newest(&mut busy.iter().map(|s| s.ts_us), busy_seen),
+                newest(&mut procs.iter().map(|s| s.ts_us), proc_seen),
+            ),
+        );
+        (busy, procs)
+    }
+}
+
+/// CPU time now, µs since the epoch (NVML's sample timestamps are on this clock).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl GpuSource for NvmlSource {
@@ -82,22 +161,55 @@ impl GpuSource for NvmlSource {
                     },
                 })
                 .collect();
+            let uuid = dev.uuid().unwrap_or_default();
+            // MIG: each instance's samples on its own handle (the parent has none).
+            let mig_on = dev.mig_mode().is_ok_and(|m| m.current == 1);
+            let mut mig = Vec::new();
+            let (busy_samples, process_samples) = if mig_on {
+                for i in 0..dev.mig_device_count().unwrap_or(0) {
+                    // Empty slots answer NotFound.
+                    let Ok(m) = dev.mig_device_by_index(i) else {
+                        continue;
+                    };
+                    let Ok(mig_uuid) = m.uuid() else { continue };
+                    let (busy_samples, process_samples) =
+                        Self::samples(&mut self.last_seen, &mig_uuid, &m);
+                    mig.push(MigInstance {
+                        total_bytes: m.memory_info().map_or(0, |i| i.total),
+                        uuid: mig_uuid,
+                        busy_samples,
+                        process_samples,
+                    });
+                }
+                (Vec::new(), Vec::new())
+            } else {
+                Self::samples(&mut self.last_seen, &uuid, &dev)
+            };
             out.push(GpuSnapshot {
                 index,
-                uuid: dev.uuid().unwrap_or_default(),
+                uuid,
                 used_bytes: mem.used,
                 total_bytes: mem.total,
                 processes,
+                timestamp_us: Some(now_us()),
+                energy_mj: dev.total_energy_consumption().ok(),
+                busy_samples,
+                process_samples,
+                mig,
             });
         }
         Ok(out)
     }
 }
 
-/// A JSON file re-read at every poll: `{"gpus": [GpuSnapshot...]}` or `{"error": "..."}`.
-/// Tests (and replays of a node's state) inject GPUs with it.
+/// A JSON file re-read at every poll: `{"gpus": [GpuSnapshot...]}`, `{"error": "..."}`, or
+/// `{"readings": [{"gpus": [...]}, ...]}`: one reading per poll in turn, the last one
+/// repeated (a script of NVML's answers). Tests (and replays of a node's state) inject GPUs
+/// with it.
 pub struct FileSource {
     pub path: PathBuf,
+    /// Polls answered so far (the index into `readings`).
+    pub served: usize,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +217,12 @@ pub struct FileSource {
 enum FileSnapshot {
     Gpus { gpus: Vec<GpuSnapshot> },
     Error { error: String },
+    Readings { readings: Vec<FileReading> },
+}
+
+#[derive(Deserialize)]
+struct FileReading {
+    gpus: Vec<GpuSnapshot>,
 }
 
 impl GpuSource for FileSource {
@@ -114,6 +232,14 @@ impl GpuSource for FileSource {
         match serde_json::from_str(&text).map_err(|e| format!("{}: {e}", self.path.display()))? {
             FileSnapshot::Gpus { gpus } => Ok(gpus),
             FileSnapshot::Error { error } => Err(error),
+            FileSnapshot::Readings { mut readings } => {
+                if readings.is_empty() {
+                    return Err(format!("{}: \"readings\" is empty", self.path.display()));
+                }
+                let i = self.served.min(readings.len() - 1);
+                self.served += 1;
+                Ok(readings.swap_remove(i).gpus)
+            }
         }
     }
 }
@@ -124,20 +250,45 @@ pub enum Role {
     Dedicated(String),
     /// A shared inference server, by a key naming its workload: `gpu.workloads[i]`.
     Shared(String),
+    /// The MPS control server (`nvidia-cuda-mps-server`): its samples are its clients' work.
+    MpsServer,
 }
 
 /// Maps a process to its workload through its cgroup path. Only the configured workloads
 /// (`gpu.workloads`) are known: a KV report never makes a pod a shared server.
 #[derive(Clone, Debug)]
 pub struct Matcher {
-    workloads: Vec<GpuWorkload>,
+    workloads: Arc<Vec<GpuWorkload>>,
+    /// Workloads by a full pod UID (dashed, lower case): one lookup per cgroup path.
+    by_uid: Arc<HashMap<String, usize>>,
+    /// The other workloads (a partial UID, `cgroup_contains`), with what to look for, in
+    /// config order: `(index, needle, is_pod)`.
+    scanned: Arc<Vec<(usize, String, bool)>>,
     proc_root: PathBuf,
 }
 
 impl Matcher {
     pub fn new(config: &GpuConfig) -> Self {
+        let mut by_uid = HashMap::new();
+        let mut scanned = Vec::new();
+        for (i, w) in config.workloads.iter().enumerate() {
+            match (&w.pod_uid, &w.cgroup_contains) {
+                (Some(uid), _) => {
+                    let dashed = uid.replace('_', "-");
+                    if pod_uid_of(&format!("pod{dashed}")).as_deref() == Some(dashed.as_str()) {
+                        by_uid.entry(dashed).or_insert(i);
+                    } else {
+                        scanned.push((i, format!("pod{dashed}"), true));
+                    }
+                }
+                (None, Some(s)) => scanned.push((i, s.clone(), false)),
+                (None, None) => {}
+            }
+        }
         Self {
-            workloads: config.workloads.clone(),
+            workloads: Arc::new(config.workloads.clone()),
+            by_uid: Arc::new(by_uid),
+            scanned: Arc::new(scanned),
             proc_root: config.proc_root.clone(),
         }
     }
@@ -157,16 +308,25 @@ impl Matcher {
     /// The configured workload a cgroup path belongs to, with its index in `gpu.workloads`.
     /// Pod UIDs match both cgroup drivers' spellings (`pod1a2b-...` with cgroupfs,
     /// `pod1a2b_...` with systemd).
+    /// The first in config order: a full pod UID is looked up (the cgroup path's pod UID, as
+    /// [`pod_uid_of`] reads it), the other workloads are scanned.
     fn workload_of(&self, cgroup: &str) -> Option<(usize, &GpuWorkload)> {
         let normalized = cgroup.replace('_', "-");
-        self.workloads
-            .iter()
-            .enumerate()
-            .find(|(_, w)| match (&w.pod_uid, &w.cgroup_contains) {
-                (Some(uid), _) => normalized.contains(&format!("pod{}", uid.replace('_', "-"))),
-                (None, Some(s)) => cgroup.contains(s.as_str()),
-                (None, None) => false,
-            })
+        let looked_up = pod_uid_of(cgroup)
+            .and_then(|uid| self.by_uid.get(&uid).copied())
+            .filter(|&i| {
+                let uid = self.workloads[i].pod_uid.as_deref().unwrap_or_default();
+                normalized.contains(&format!("pod{}", uid.replace('_', "-")))
+            });
+        let scanned = self.scanned.iter().find_map(|(i, needle, is_pod)| {
+            let hay = if *is_pod { &normalized } else { cgroup };
+            (looked_up.is_none_or(|l| *i < l) && hay.contains(needle.as_str())).then_some(*i)
+        });
+        let i = match (looked_up, scanned) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some((i, &self.workloads[i]))
     }
 
     /// The workload a cgroup path belongs to.
@@ -181,8 +341,19 @@ impl Matcher {
         &self.proc_root
     }
 
+    /// The workload of `pid`; the MPS control server whatever its cgroup (its samples are
+    /// its clients' work, so it is never a tenant's).
     pub fn classify_pid(&self, pid: u32) -> Option<Role> {
+        if self.is_mps_server(pid) {
+            return Some(Role::MpsServer);
+        }
         self.classify_cgroup(&self.cgroup_of(pid)?)
+    }
+
+    /// `/proc/<pid>/comm` is `nvidia-cuda-mps-server`.
+    fn is_mps_server(&self, pid: u32) -> bool {
+        std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
+            .is_ok_and(|c| c.trim_end() == "nvidia-cuda-mps-server")
     }
 }
 
@@ -203,10 +374,12 @@ pub fn pod_uid_of(cgroup: &str) -> Option<String> {
     })
 }
 
-/// Per-tenant KV-cache bytes reported by each shared server's sidecar.
+/// Per-tenant KV-cache bytes reported by each shared server's sidecar, and the weighted
+/// tokens it had the server process (which split the server's GPU time).
 #[derive(Debug, Default)]
 pub struct KvReports {
     by_workload: HashMap<String, (Instant, BTreeMap<String, u64>)>,
+    pub tokens: TokenMix,
 }
 
 impl KvReports {
@@ -246,6 +419,8 @@ pub struct GpuReport {
     pub garbled_total: u64,
     /// Polls done since start, failed ones included.
     pub polls_total: u64,
+    /// GPU time and energy per tenant, cumulative since start.
+    pub compute: ComputeTotals,
 }
 
 /// Drops process entries that cannot be right (NVML has returned garbage with several
@@ -326,7 +501,7 @@ pub fn attribute(
                         }
                         add(&mut usage.memory, SHARED, left);
                     }
-                    None => add(&mut usage.memory, UNATTRIBUTED, bytes),
+                    Some(Role::MpsServer) | None => add(&mut usage.memory, UNATTRIBUTED, bytes),
                 }
             }
             add(
@@ -386,6 +561,7 @@ impl GpuState {
         &self,
         caller: &ReportCaller<'_>,
         tenants: &BTreeMap<String, u64>,
+        tokens: Option<&BTreeMap<String, u64>>,
         is_tenant: &dyn Fn(&str) -> bool,
     ) -> Result<u32, KvRefusal> {
         let matcher = self.matcher.read().unwrap().clone();
@@ -413,7 +589,12 @@ impl GpuState {
                 ));
             }
         };
-        if let Some(unknown) = tenants.keys().find(|t| !is_tenant(t)) {
+        let named = || {
+            tenants
+                .keys()
+                .chain(tokens.into_iter().flat_map(|t| t.keys()))
+        };
+        if let Some(unknown) = named().find(|t| !is_tenant(t)) {
             return Err((
                 ErrorCode::UnknownTenant,
                 format!(
@@ -421,7 +602,7 @@ impl GpuState {
                 ),
             ));
         }
-        if let Some(other) = tenants.keys().find(|t| !server.tenants.contains(t)) {
+        if let Some(other) = named().find(|t| !server.tenants.contains(t)) {
             return Err((
                 ErrorCode::NotAllowed,
                 format!(
@@ -431,7 +612,11 @@ impl GpuState {
         }
         let workload = format!("gpu.workloads[{index}]");
         tracing::debug!(workload = %workload, pid, tenants = tenants.len(), "KV report recorded");
-        self.kv.lock().unwrap().record(workload, tenants.clone());
+        let mut kv = self.kv.lock().unwrap();
+        if let Some(tokens) = tokens {
+            kv.tokens.record(&workload, tokens);
+        }
+        kv.record(workload, tenants.clone());
         Ok(tenants.len() as u32)
     }
 }
@@ -494,6 +679,7 @@ fn open(source: &str) -> Result<Box<dyn GpuSource>, String> {
     match source.strip_prefix("file:") {
         Some(path) => Ok(Box::new(FileSource {
             path: PathBuf::from(path),
+            served: 0,
         })),
         None => NvmlSource::init().map(|s| Box::new(s) as Box<dyn GpuSource>),
     }
@@ -510,36 +696,60 @@ pub struct ProcessStatus {
     pub role: Option<Role>,
 }
 
-/// `bulkhead-agent gpu-status`: one poll of the configured source, attributed as the running
-/// agent would (without KV reports, which only a running agent receives), plus each process's
-/// cgroup and role, so an SRE can see why memory lands where it does. Needs no eBPF.
-pub fn one_shot(config: &GpuConfig) -> Result<(Vec<GpuUsage>, Vec<ProcessStatus>), String> {
+/// What `bulkhead-agent gpu-status` shows.
+#[derive(Clone, Debug, Default)]
+pub struct GpuStatus {
+    pub usage: Vec<GpuUsage>,
+    pub processes: Vec<ProcessStatus>,
+    /// GPU time and energy over `window`, from two polls `window` apart.
+    pub compute: ComputeTotals,
+    pub window: Duration,
+}
+
+/// `bulkhead-agent gpu-status`: two polls of the configured source `window` apart, attributed
+/// as the running agent would (without KV reports, which only a running agent receives: a
+/// shared server's time is `shared`), plus each process's cgroup and role, so an SRE can see
+/// why memory and GPU time land where they do. Needs no eBPF.
+pub fn one_shot(config: &GpuConfig, window: Duration) -> Result<GpuStatus, String> {
     if config.source == "off" {
         return Err("gpu.source is \"off\": GPU memory attribution is disabled".into());
     }
     let mut src = open(&config.source)?;
-    let mut gpus = src.snapshot()?;
-    for g in &mut gpus {
-        sanitize(g);
-    }
     let matcher = Matcher::new(config);
+    let classify = |pid| matcher.classify_pid(pid);
+    let mut accountant = Accountant::default();
+    let mut tokens = TokenMix::default();
+    let mut poll = |src: &mut Box<dyn GpuSource>| -> Result<Vec<GpuSnapshot>, String> {
+        let mut gpus = src.snapshot()?;
+        for g in &mut gpus {
+            sanitize(g);
+        }
+        accountant.poll(&gpus, &classify, &mut tokens, Duration::ZERO);
+        Ok(gpus)
+    };
+    poll(&mut src)?;
+    // A measurement window, not a wait for a condition: NVML's samples cover it.
+    std::thread::sleep(window);
+    let gpus = poll(&mut src)?;
     let processes = gpus
         .iter()
         .flat_map(|g| {
-            g.processes.iter().map(|p| {
-                let cgroup = matcher.cgroup_of(p.pid);
-                ProcessStatus {
-                    gpu: g.index,
-                    pid: p.pid,
-                    used_bytes: p.used_bytes,
-                    role: cgroup.as_deref().and_then(|c| matcher.classify_cgroup(c)),
-                    cgroup,
-                }
+            g.processes.iter().map(|p| ProcessStatus {
+                gpu: g.index,
+                pid: p.pid,
+                used_bytes: p.used_bytes,
+                role: matcher.classify_pid(p.pid),
+                cgroup: matcher.cgroup_of(p.pid),
             })
         })
         .collect();
-    let usage = attribute(&gpus, &|pid| matcher.classify_pid(pid), &HashMap::new());
-    Ok((usage, processes))
+    let usage = attribute(&gpus, &classify, &HashMap::new());
+    Ok(GpuStatus {
+        usage,
+        processes,
+        compute: accountant.totals,
+        window,
+    })
 }
 
 /// Polls the source every `interval` on its own thread (NVML calls block) until `stop`
@@ -558,6 +768,8 @@ pub fn spawn_poller(
             let mut last_error: Option<String> = None;
             let mut garbled_total = 0u64;
             let mut polls_total = 0u64;
+            let mut accountant = Accountant::default();
+            let mut roles = RoleCache::default();
             loop {
                 polls_total += 1;
                 if src.is_none() {
@@ -583,12 +795,19 @@ pub fn spawn_poller(
                             garbled_total += dropped;
                         }
                         let matcher = state.matcher.read().unwrap().clone();
-                        let kv = state.kv.lock().unwrap().fresh(state.kv_max_age);
+                        roles.refresh(&pids_of(&gpus), &matcher, Instant::now());
+                        let classify = |pid| roles.get(pid);
+                        let kv = {
+                            let mut reports = state.kv.lock().unwrap();
+                            accountant.poll(&gpus, &classify, &mut reports.tokens, state.kv_max_age);
+                            reports.fresh(state.kv_max_age)
+                        };
                         GpuReport {
                             nvml_up: true,
-                            gpus: attribute(&gpus, &|pid| matcher.classify_pid(pid), &kv),
+                            gpus: attribute(&gpus, &classify, &kv),
                             garbled_total,
                             polls_total,
+                            compute: accountant.totals.clone(),
                         }
                     }
                     Err(e) => {
@@ -598,6 +817,7 @@ pub fn spawn_poller(
                             gpus: Vec::new(),
                             garbled_total,
                             polls_total,
+                            compute: accountant.totals.clone(),
                         }
                     }
                 };
@@ -609,6 +829,52 @@ pub fn spawn_poller(
             }
         })
         .expect("spawn the GPU poller")
+}
+
+/// How long a PID's workload is kept while the PID stays on the GPUs (a pod's process does not
+/// change pods; a PID that leaves the GPUs is forgotten at once, so a reused PID is read anew).
+const ROLE_TTL: Duration = Duration::from_secs(60);
+
+/// Each PID's workload, read from /proc once while it stays on the GPUs (reading two /proc
+/// files per process every poll cost more than the rest of the poll with a thousand processes).
+#[derive(Debug, Default)]
+struct RoleCache {
+    roles: HashMap<u32, (Option<Role>, Instant)>,
+}
+
+impl RoleCache {
+    /// Keeps the PIDs of this poll, reading those new or older than [`ROLE_TTL`].
+    fn refresh(&mut self, pids: &HashSet<u32>, matcher: &Matcher, now: Instant) {
+        self.roles.retain(|pid, (_, at)| {
+            pids.contains(pid) && now.saturating_duration_since(*at) < ROLE_TTL
+        });
+        for &pid in pids {
+            self.roles
+                .entry(pid)
+                .or_insert_with(|| (matcher.classify_pid(pid), now));
+        }
+    }
+
+    fn get(&self, pid: u32) -> Option<Role> {
+        self.roles.get(&pid).and_then(|(r, _)| r.clone())
+    }
+}
+
+/// Every PID a poll names: processes and utilization samples, MIG instances' included.
+fn pids_of(gpus: &[GpuSnapshot]) -> HashSet<u32> {
+    gpus.iter()
+        .flat_map(|g| {
+            g.processes
+                .iter()
+                .map(|p| p.pid)
+                .chain(g.process_samples.iter().map(|s| s.pid))
+                .chain(
+                    g.mig
+                        .iter()
+                        .flat_map(|m| m.process_samples.iter().map(|s| s.pid)),
+                )
+        })
+        .collect()
 }
 
 /// Logs a GPU source error once, not at every poll.
@@ -635,6 +901,7 @@ mod tests {
                 .iter()
                 .map(|&(pid, used_bytes)| GpuProcess { pid, used_bytes })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -865,7 +1132,7 @@ mod tests {
         };
         let report: BTreeMap<String, u64> =
             report.iter().map(|&(t, b)| (t.to_string(), b)).collect();
-        let outcome = state.kv_report(&caller, &report, &|t| {
+        let outcome = state.kv_report(&caller, &report, None, &|t| {
             ["acme", "globex", "initech"].contains(&t)
         });
         let recorded = state.kv.lock().unwrap().fresh(Duration::from_secs(60));
@@ -972,6 +1239,87 @@ mod tests {
         let (outcome, recorded) = report_from("unknown", SERVER_POD, workloads, &[("zed", GIB)]);
         assert_eq!(outcome.unwrap_err().0, ErrorCode::UnknownTenant);
         assert!(recorded.is_empty());
+    }
+
+    #[test]
+    fn the_first_configured_workload_wins_whether_looked_up_by_uid_or_scanned() {
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let w = |pod_uid: Option<&str>, contains: Option<&str>, tenant: &str| GpuWorkload {
+            pod_uid: pod_uid.map(str::to_string),
+            cgroup_contains: contains.map(str::to_string),
+            tenant: Some(tenant.into()),
+            shared: false,
+            tenants: Vec::new(),
+        };
+        let cgroup = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-vllm.scope",
+            uid.replace('-', "_")
+        );
+        let matcher = |workloads| {
+            Matcher::new(&GpuConfig {
+                workloads,
+                ..GpuConfig::default()
+            })
+        };
+        let dedicated = |t: &str| Some(Role::Dedicated(t.into()));
+        let m = matcher(vec![w(None, Some("vllm"), "a"), w(Some(uid), None, "b")]);
+        assert_eq!(m.classify_cgroup(&cgroup), dedicated("a"));
+        let m = matcher(vec![w(Some(uid), None, "b"), w(None, Some("vllm"), "a")]);
+        assert_eq!(m.classify_cgroup(&cgroup), dedicated("b"));
+        // A partial UID is scanned for, as before.
+        let m = matcher(vec![
+            w(Some("0f1e2d3c_4b5a"), None, "c"),
+            w(Some(uid), None, "b"),
+        ]);
+        assert_eq!(m.classify_cgroup(&cgroup), dedicated("c"));
+        assert_eq!(
+            m.classify_cgroup("/kubepods/pod0f1e2d3c-0000-0000-0000-a5b4c3d2e1f0/x"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_pids_workload_is_read_again_when_it_left_the_gpus_or_its_time_is_up() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-roles-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("42")).unwrap();
+        let set = |pod: &str| {
+            std::fs::write(dir.join("42/cgroup"), format!("0::/kubepods/pod{pod}/x\n")).unwrap()
+        };
+        let workload = |uid: &str, t: &str| GpuWorkload {
+            pod_uid: Some(uid.into()),
+            cgroup_contains: None,
+            tenant: Some(t.into()),
+            shared: false,
+            tenants: Vec::new(),
+        };
+        let m = Matcher::new(&GpuConfig {
+            proc_root: dir.clone(),
+            workloads: vec![
+                workload("1a2b-3c4d", "acme"),
+                workload("5e6f-7a8b", "globex"),
+            ],
+            ..GpuConfig::default()
+        });
+        let mut cache = RoleCache::default();
+        let pids = HashSet::from([42]);
+        let t0 = Instant::now();
+        set("1a2b-3c4d");
+        cache.refresh(&pids, &m, t0);
+        assert_eq!(cache.get(42), Some(Role::Dedicated("acme".into())));
+        // PID 42 is now another process, in globex's pod: while 42 stays on the GPUs the
+        // cached workload holds, until its time is up...
+        set("5e6f-7a8b");
+        cache.refresh(&pids, &m, t0 + Duration::from_secs(1));
+        assert_eq!(cache.get(42), Some(Role::Dedicated("acme".into())));
+        cache.refresh(&pids, &m, t0 + ROLE_TTL);
+        assert_eq!(cache.get(42), Some(Role::Dedicated("globex".into())));
+        // ...and a PID that leaves the GPUs is forgotten at once.
+        set("1a2b-3c4d");
+        cache.refresh(&HashSet::new(), &m, t0 + ROLE_TTL);
+        assert_eq!(cache.get(42), None);
+        cache.refresh(&pids, &m, t0 + ROLE_TTL);
+        assert_eq!(cache.get(42), Some(Role::Dedicated("acme".into())));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cross_tenant;
 pub mod datapath;
 pub mod gpu;
+pub mod gpu_compute;
 pub mod metrics;
 pub mod sys;
 pub mod tagging;

@@ -117,7 +117,14 @@ fn main() -> ExitCode {
 
 fn gpu_status(config: &Config, json: bool) -> ExitCode {
     use bulkhead_agent::gpu::Role;
-    let (usage, processes) = match bulkhead_agent::gpu::one_shot(&config.gpu) {
+    // GPU time needs two readings: 1 s apart from NVML (a few of its sample periods), one
+    // poll interval (at most 1 s) from a file.
+    let window = if config.gpu.source.starts_with("file:") {
+        std::time::Duration::from_millis(config.gpu.poll_interval_ms.min(1_000))
+    } else {
+        std::time::Duration::from_secs(1)
+    };
+    let status = match bulkhead_agent::gpu::one_shot(&config.gpu, window) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("bulkhead-agent: gpu-status: {e}");
@@ -127,8 +134,23 @@ fn gpu_status(config: &Config, json: bool) -> ExitCode {
     let role = |r: &Option<Role>| match r {
         Some(Role::Dedicated(t)) => format!("tenant {t}"),
         Some(Role::Shared(w)) => format!("shared server {w}"),
+        Some(Role::MpsServer) => "MPS server (its clients' work)".to_string(),
         None => "unattributed".to_string(),
     };
+    let (usage, processes, c) = (&status.usage, &status.processes, &status.compute);
+    // Per GPU (or MIG instance): busy and energy by tenant, unattributed busy by reason.
+    let per_unit = |map: &std::collections::BTreeMap<(String, String), f64>, gpu: &str| {
+        map.iter()
+            .filter(|((g, _), _)| g == gpu)
+            .map(|((_, t), v)| (t.clone(), *v))
+            .collect::<std::collections::BTreeMap<String, f64>>()
+    };
+    let units: std::collections::BTreeSet<&String> = c
+        .sharing
+        .keys()
+        .chain(c.device_busy.keys())
+        .chain(c.device_energy.keys())
+        .collect();
     if json {
         let gpus: Vec<_> = usage
             .iter()
@@ -137,6 +159,29 @@ fn gpu_status(config: &Config, json: bool) -> ExitCode {
                     "gpu": g.gpu, "uuid": g.uuid, "total_bytes": g.total_bytes,
                     "used_bytes": g.used_bytes, "memory": g.memory,
                 })
+            })
+            .collect();
+        let compute: serde_json::Map<String, serde_json::Value> = units
+            .iter()
+            .map(|u| {
+                let reasons: std::collections::BTreeMap<&str, f64> = c
+                    .unattributed
+                    .iter()
+                    .filter(|((g, _), _)| g == *u)
+                    .map(|((_, r), v)| (*r, *v))
+                    .collect();
+                (
+                    u.to_string(),
+                    serde_json::json!({
+                        "sharing": c.sharing.get(*u),
+                        "device_busy_seconds": c.device_busy.get(*u),
+                        "device_energy_joules": c.device_energy.get(*u),
+                        "busy_seconds": per_unit(&c.busy, u),
+                        "energy_joules": per_unit(&c.energy, u),
+                        "unattributed_busy_seconds": reasons,
+                        "counter_resets": c.resets.iter().filter(|((g, _), _)| g == *u).map(|((_, k), n)| (k.to_string(), *n)).collect::<std::collections::BTreeMap<String, u64>>(),
+                    }),
+                )
             })
             .collect();
         let procs: Vec<_> = processes
@@ -150,12 +195,15 @@ fn gpu_status(config: &Config, json: bool) -> ExitCode {
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "gpus": gpus, "processes": procs })
+            serde_json::json!({
+                "gpus": gpus, "processes": procs,
+                "window_seconds": status.window.as_secs_f64(), "compute": compute,
+            })
         );
         return ExitCode::SUCCESS;
     }
     const MIB: u64 = 1 << 20;
-    for g in &usage {
+    for g in usage {
         println!(
             "GPU {} ({}): {} of {} MiB used",
             g.gpu,
@@ -167,7 +215,36 @@ fn gpu_status(config: &Config, json: bool) -> ExitCode {
             println!("  {tenant:<32} {:>10} MiB", bytes / MIB);
         }
     }
-    for p in &processes {
+    println!(
+        "GPU time over {:.1} s (a shared server's time is \"shared\" here: only the running agent hears its sidecar):",
+        status.window.as_secs_f64()
+    );
+    if units.is_empty() {
+        println!("  no compute readings (the source gives no utilization samples or timestamps)");
+    }
+    for u in &units {
+        println!(
+            "GPU {u}: {}, busy {:.3} s, energy {}",
+            c.sharing.get(*u).copied().unwrap_or("-"),
+            c.device_busy.get(*u).copied().unwrap_or(0.0),
+            c.device_energy
+                .get(*u)
+                .map_or("not measured".to_string(), |j| format!("{j:.1} J"))
+        );
+        let energy = per_unit(&c.energy, u);
+        for (tenant, b) in per_unit(&c.busy, u) {
+            println!(
+                "  {tenant:<32} {b:>8.3} s {:>10.1} J",
+                energy.get(&tenant).copied().unwrap_or(0.0)
+            );
+        }
+        for ((g, reason), b) in &c.unattributed {
+            if g == *u {
+                println!("  unattributed because {reason}: {b:.3} s");
+            }
+        }
+    }
+    for p in processes {
         println!(
             "pid {} on GPU {}: {} MiB, {} (cgroup {})",
             p.pid,

@@ -335,6 +335,24 @@ struct GpuTenantLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuReasonLabels {
+    gpu: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuCounterLabels {
+    gpu: String,
+    counter: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuModeLabels {
+    gpu: String,
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GpuInfoLabels {
     gpu: String,
     uuid: String,
@@ -417,6 +435,85 @@ impl Collector for GpuCollector {
                     },
                 )?)?;
             }
+        }
+        let c = &report.compute;
+        let tenant_gpu = |(gpu, tenant): &(String, String)| GpuTenantLabels {
+            tenant: tenant.clone(),
+            gpu: gpu.clone(),
+        };
+        let mut busy = encoder.encode_descriptor(
+            "bulkhead_gpu_busy_seconds",
+            "GPU busy time by tenant, from NVML's per-process samples (a shared server's split by its sidecar's weighted tokens, tenant=\"shared\" without them); tenant=\"unattributed\" for busy time no tenant's process accounts for. A GPU's series sum to bulkhead_gpu_device_busy_seconds_total; MIG instances are their own gpu",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, v) in &c.busy {
+            ConstCounter::new(*v).encode(busy.encode_family(&tenant_gpu(k))?)?;
+        }
+        let mut energy = encoder.encode_descriptor(
+            "bulkhead_gpu_energy_joules",
+            "GPU energy by tenant: the device's energy counter split by busy time; idle power and unattributed busy time under tenant=\"unattributed\" on the physical GPU. A GPU's series (its MIG instances' included) sum to bulkhead_gpu_device_energy_joules_total",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, v) in &c.energy {
+            ConstCounter::new(*v).encode(energy.encode_family(&tenant_gpu(k))?)?;
+        }
+        let mut device_busy = encoder.encode_descriptor(
+            "bulkhead_gpu_device_busy_seconds",
+            "Busy time of each GPU (or MIG instance), from its utilization samples",
+            None,
+            MetricType::Counter,
+        )?;
+        for (gpu, v) in &c.device_busy {
+            ConstCounter::new(*v)
+                .encode(device_busy.encode_family(&GpuLabels { gpu: gpu.clone() })?)?;
+        }
+        let mut device_energy = encoder.encode_descriptor(
+            "bulkhead_gpu_device_energy_joules",
+            "Energy of each GPU, from its energy counter (wraps and driver reloads accounted)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (gpu, v) in &c.device_energy {
+            ConstCounter::new(*v)
+                .encode(device_energy.encode_family(&GpuLabels { gpu: gpu.clone() })?)?;
+        }
+        let mut why = encoder.encode_descriptor(
+            "bulkhead_gpu_unattributed_busy_seconds",
+            "GPU busy time attributed to no tenant, by reason: unknown_process (a process of no configured workload), mps_server (the driver reports only the MPS server, not its clients), no_process_samples (busy time no process sample accounts for)",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((gpu, reason), v) in &c.unattributed {
+            ConstCounter::new(*v).encode(why.encode_family(&GpuReasonLabels {
+                gpu: gpu.clone(),
+                reason,
+            })?)?;
+        }
+        let mut resets = encoder.encode_descriptor(
+            "bulkhead_gpu_counter_resets",
+            "GPU counters that went backwards or jumped: energy (a wrap, a driver reload, or an implausible step, not counted), clock (a reading older than the last)",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((gpu, counter), n) in &c.resets {
+            ConstCounter::new(*n).encode(resets.encode_family(&GpuCounterLabels {
+                gpu: gpu.clone(),
+                counter,
+            })?)?;
+        }
+        let mut sharing = encoder.encode_descriptor(
+            "bulkhead_gpu_sharing",
+            "1 per GPU (or MIG instance) with how it is shared now: exclusive, time_slicing, mps, mig",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (gpu, mode) in &c.sharing {
+            ConstGauge::new(1).encode(sharing.encode_family(&GpuModeLabels {
+                gpu: gpu.clone(),
+                mode,
+            })?)?;
         }
         let mut kv = encoder.encode_descriptor(
             "bulkhead_kv_cache_bytes",

@@ -138,12 +138,14 @@ impl TagService {
         conn: BorrowedFd<'_>,
         creds: UnixCredentials,
     ) -> Result<Response, (ErrorCode, String)> {
-        if let Request::KvReport { tenants } = request {
+        if let Request::KvReport { tenants, tokens } = request {
             let caller = crate::gpu::ReportCaller { conn, creds };
             let registry = self.tenants.read().unwrap();
             let accepted = self
                 .gpu
-                .kv_report(&caller, tenants, &|t| registry.id(t).is_some())?;
+                .kv_report(&caller, tenants, tokens.as_ref(), &|t| {
+                    registry.id(t).is_some()
+                })?;
             return Ok(Response::Accepted { accepted });
         }
         let fd = match fds {

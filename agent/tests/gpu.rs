@@ -375,5 +375,250 @@ fn gpu_status_prints_the_attribution_and_each_processes_workload() {
         stderr.contains("gpu-status") && stderr.contains("gpus.json"),
         "{stderr}"
     );
+
+    // GPU time: a script of two readings 1 s apart (the window's two polls); alpha's process
+    // busy half the second, and samples of an MPS server (known by its comm), 400 J. The
+    // driver reports a client by its PID, so the server's samples are its clients' work again
+    // and are dropped: the other half is busy time no process sample accounts for.
+    write_cgroup(&proc_root, 2004, "/system.slice/nvidia-mps.service");
+    std::fs::write(proc_root.join("2004/comm"), "nvidia-cuda-mps-server\n").unwrap();
+    let reading = |ts: u64, energy: u64, samples: &str| {
+        format!(
+            r#"{{"gpus": [{{"index": 0, "uuid": "GPU-cccc", "used_bytes": 0, "total_bytes": {},
+                "processes": [{{"pid": 2001, "used_bytes": null}}, {{"pid": 2004, "used_bytes": null}}],
+                "timestamp_us": {ts}, "energy_mj": {energy}, {samples}}}]}}"#,
+            80 * GIB
+        )
+    };
+    let samples = r#""busy_samples": [{"ts_us": 1500000, "sm": 100}, {"ts_us": 2000000, "sm": 100}],
+        "process_samples": [{"pid": 2001, "ts_us": 1500000, "sm": 100}, {"pid": 2004, "ts_us": 2000000, "sm": 100}]"#;
+    std::fs::write(
+        &gpus,
+        format!(
+            r#"{{"readings": [{}, {}]}}"#,
+            reading(1_000_000, 0, r#""busy_samples": []"#),
+            reading(2_000_000, 400_000, samples)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(AGENT)
+        .args(["--config", cfg.to_str().unwrap(), "gpu-status", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &v["compute"]["0"];
+    assert_eq!(c["sharing"], "mps", "{v}");
+    assert_eq!(c["device_busy_seconds"], 1.0, "{v}");
+    assert_eq!(c["busy_seconds"]["alpha"], 0.5, "{v}");
+    assert_eq!(c["busy_seconds"]["unattributed"], 0.5, "{v}");
+    assert_eq!(
+        c["unattributed_busy_seconds"],
+        serde_json::json!({"no_process_samples": 0.5}),
+        "{v}"
+    );
+    assert_eq!(c["energy_joules"]["alpha"], 200.0, "{v}");
+    let procs = v["processes"].as_array().unwrap();
+    let mps = procs.iter().find(|p| p["pid"] == 2004).unwrap();
+    assert_eq!(mps["workload"], "MPS server (its clients' work)", "{v}");
+    let out = std::process::Command::new(AGENT)
+        .args(["--config", cfg.to_str().unwrap(), "gpu-status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("GPU 0: mps, busy 1.000 s, energy 400.0 J"),
+        "{text}"
+    );
+    assert!(
+        text.contains("unattributed because no_process_samples: 0.500 s"),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writes `text` to `path` at once (the agent re-reads the file at every poll).
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn busy(m: &Metrics, tenant: &str, gpu: &str) -> f64 {
+    m.get(
+        "bulkhead_gpu_busy_seconds_total",
+        &[("tenant", tenant), ("gpu", gpu)],
+    )
+}
+
+fn joules(m: &Metrics, tenant: &str, gpu: &str) -> f64 {
+    m.get(
+        "bulkhead_gpu_energy_joules_total",
+        &[("tenant", tenant), ("gpu", gpu)],
+    )
+}
+
+#[test]
+fn gpu_time_and_energy_are_attributed_per_tenant_and_a_shared_servers_by_its_reported_tokens() {
+    if !require_bpf(AGENT) {
+        return;
+    }
+    let paths = Paths::new();
+    let proc_root = paths.dir.join("proc");
+    let dedicated = "/kubepods.slice/kubepods-pod11aa_22bb.slice/cri-containerd-1.scope";
+    let shared = "/kubepods.slice/kubepods-pod33cc_44dd.slice/cri-containerd-2.scope";
+    write_cgroup(&proc_root, 1001, dedicated);
+    write_cgroup(&proc_root, 1002, shared);
+    write_cgroup(&proc_root, 1003, "/system.slice/unknown.service");
+    // GPU 1 runs under MPS, and its driver reports only the MPS server's samples.
+    write_cgroup(&proc_root, 1009, "/system.slice/nvidia-mps.service");
+    std::fs::write(proc_root.join("1009/comm"), "nvidia-cuda-mps-server\n").unwrap();
+    write_cgroup(&proc_root, 1010, dedicated);
+    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
+    write_cgroup(&proc_root, std::process::id(), shared);
+    let gpus = paths.dir.join("gpus.json");
+    // The baseline: both GPUs idle at t = 1 s.
+    let reading = |ts: u64, energy: [u64; 2], samples: [&str; 2], procs: [&str; 2]| {
+        format!(
+            r#"{{"gpus": [
+              {{"index": 0, "uuid": "GPU-aaaa", "used_bytes": 0, "total_bytes": {t},
+                "processes": [{{"pid": 1001, "used_bytes": null}}, {{"pid": 1002, "used_bytes": null}},
+                              {{"pid": 1003, "used_bytes": null}}],
+                "timestamp_us": {ts}, "energy_mj": {e0}, "busy_samples": [{s0}], "process_samples": [{p0}]}},
+              {{"index": 1, "uuid": "GPU-bbbb", "used_bytes": 0, "total_bytes": {t},
+                "processes": [{{"pid": 1009, "used_bytes": null}}, {{"pid": 1010, "used_bytes": null}}],
+                "timestamp_us": {ts}, "energy_mj": {e1}, "busy_samples": [{s1}], "process_samples": [{p1}]}}
+            ]}}"#,
+            t = 80 * GIB,
+            e0 = energy[0],
+            e1 = energy[1],
+            s0 = samples[0],
+            s1 = samples[1],
+            p0 = procs[0],
+            p1 = procs[1],
+        )
+    };
+    write_atomic(&gpus, &reading(1_000_000, [0, 0], ["", ""], ["", ""]));
+    let config = paths.config("").replace(
+        "[tagging]",
+        &format!(
+            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\
+             [[gpu.workloads]]\npod_uid = \"11aa-22bb\"\ntenant = \"alpha\"\n\
+             [[gpu.workloads]]\npod_uid = \"33cc-44dd\"\nshared = true\ntenants = [\"alpha\", \"beta\"]\n\n[tagging]",
+            gpus.display(),
+            proc_root
+        ),
+    );
+    let agent = Agent::start(AGENT, &paths, &config);
+    let m = agent.wait_for("the baseline poll", |m| {
+        m.get("bulkhead_gpu_sharing", &[("gpu", "1"), ("mode", "mps")]) == 1.0
+    });
+    assert_eq!(
+        m.get(
+            "bulkhead_gpu_sharing",
+            &[("gpu", "0"), ("mode", "time_slicing")]
+        ),
+        1.0
+    );
+    assert!(
+        !m.text.contains("bulkhead_gpu_busy_seconds_total{"),
+        "{}",
+        m.text
+    );
+    // A sidecar that predates token counts is still heard (its server's time stays shared);
+    // then one that counts them: alpha 30 weighted tokens, beta 10.
+    let bytes = BTreeMap::from([("alpha".to_string(), 0), ("beta".to_string(), 0)]);
+    assert_eq!(agent.client().report_kv(&bytes).unwrap(), 2);
+    let tokens = BTreeMap::from([("alpha".to_string(), 30), ("beta".to_string(), 10)]);
+    assert_eq!(
+        agent
+            .client()
+            .report_kv_tokens(&bytes, Some(&tokens))
+            .unwrap(),
+        2
+    );
+    // A server may not report tokens for another server's tenant either.
+    let gamma = BTreeMap::from([("gamma".to_string(), 5)]);
+    let err = agent
+        .client()
+        .report_kv_tokens(&bytes, Some(&gamma))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownTenant), "{err}");
+    // Two seconds later, 8 sample periods: GPU 0 busy all along (alpha's pod 4 periods, the
+    // shared server 2, an unknown process 2), 800 J; GPU 1 half busy (the MPS server's
+    // samples only), 300 J.
+    let periods = |sm: u32| -> String {
+        (1..=8)
+            .map(|i| format!(r#"{{"ts_us": {}, "sm": {sm}}}"#, 1_000_000 + i * 250_000))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let procs = |pid: u32, from: u64, n: u64, sm: u32| -> Vec<String> {
+        (from..from + n)
+            .map(|i| {
+                format!(
+                    r#"{{"pid": {pid}, "ts_us": {}, "sm": {sm}}}"#,
+                    1_000_000 + i * 250_000
+                )
+            })
+            .collect()
+    };
+    let gpu0 = [
+        procs(1001, 1, 4, 100),
+        procs(1002, 5, 2, 100),
+        procs(1003, 7, 2, 100),
+    ]
+    .concat()
+    .join(",");
+    let gpu1 = procs(1009, 1, 8, 50).join(",");
+    write_atomic(
+        &gpus,
+        &reading(
+            3_000_000,
+            [800_000, 300_000],
+            [&periods(100), &periods(50)],
+            [&gpu0, &gpu1],
+        ),
+    );
+    let m = agent.wait_for("GPU time attributed", |m| {
+        m.get("bulkhead_gpu_device_busy_seconds_total", &[("gpu", "1")]) > 0.0
+    });
+    assert_eq!(
+        m.get("bulkhead_gpu_device_busy_seconds_total", &[("gpu", "0")]),
+        2.0
+    );
+    assert_eq!(
+        busy(&m, "alpha", "0"),
+        1.0 + 0.5 * 0.75,
+        "its pod, and 3/4 of the server"
+    );
+    assert_eq!(busy(&m, "beta", "0"), 0.5 * 0.25);
+    assert_eq!(busy(&m, "unattributed", "0"), 0.5);
+    assert_eq!(busy(&m, "shared", "0"), 0.0);
+    assert_eq!(
+        m.get(
+            "bulkhead_gpu_unattributed_busy_seconds_total",
+            &[("gpu", "0"), ("reason", "unknown_process")]
+        ),
+        0.5
+    );
+    assert_eq!(
+        m.get("bulkhead_gpu_device_energy_joules_total", &[("gpu", "0")]),
+        800.0
+    );
+    assert_eq!(joules(&m, "alpha", "0"), 550.0);
+    assert_eq!(joules(&m, "beta", "0"), 50.0);
+    assert_eq!(joules(&m, "unattributed", "0"), 200.0);
+    // GPU 1: the MPS server's samples are its clients' work, whose PIDs the driver did not
+    // give: attributed to nobody, never to alpha's client 1010.
+    assert_eq!(busy(&m, "alpha", "1"), 0.0);
+    assert_eq!(busy(&m, "unattributed", "1"), 1.0);
+    assert_eq!(
+        m.get(
+            "bulkhead_gpu_unattributed_busy_seconds_total",
+            &[("gpu", "1"), ("reason", "mps_server")]
+        ),
+        1.0
+    );
+    assert_eq!(joules(&m, "unattributed", "1"), 300.0);
 }

@@ -212,6 +212,31 @@ output = 4.0
     }
 
     #[test]
+    fn the_gpu_hour_price_is_exported_in_its_currency_only_when_set_and_checked() {
+        let mut reg = prometheus_client::registry::Registry::default();
+        let m = Metrics::register(&mut reg);
+        let c: CostConfig = toml::from_str("currency = \"EUR\"\ngpu_hour_price = 2.5\n").unwrap();
+        assert_eq!(c.check(&|_| true), Ok(()));
+        m.set_gpu_hour_price(&c);
+        let text = crate::metrics::encode(&reg);
+        assert!(
+            text.contains(r#"bulkhead_gpu_hour_price{currency="EUR"} 2.5"#),
+            "{text}"
+        );
+        // A reload without it leaves no series.
+        m.set_gpu_hour_price(&CostConfig::default());
+        assert!(!crate::metrics::encode(&reg).contains("bulkhead_gpu_hour_price{"));
+        for bad in ["-1.0", "nan", "1e7"] {
+            let c: CostConfig = toml::from_str(&format!("gpu_hour_price = {bad}\n")).unwrap();
+            assert_eq!(
+                c.check(&|_| true).unwrap_err().0,
+                "cost.gpu_hour_price",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn debug_shows_how_many_prices_never_their_counters() {
         let c = TenantCost {
             models: HashMap::new(),

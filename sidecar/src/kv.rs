@@ -1,9 +1,13 @@
 //! KV-cache attribution: each in-flight request holds a [`KvCharge`] of its prompt plus the
 //! tokens generated so far (in `bulkhead_kv_cache_tokens` / `_bytes`), and [`report_loop`]
-//! sends the per-tenant bytes to the node agent every `agent.kv_report_interval_ms`.
+//! sends the per-tenant bytes to the node agent every `agent.kv_report_interval_ms`, with the
+//! tokens each tenant had the server process since the last report (prompt and completion
+//! tokens as settled from `usage`, weighted by the fair queue's `input_token_cost` and
+//! `output_token_cost`): the agent splits the server's GPU time and energy by them.
 
-use crate::metrics::{Metrics, ResultLabel, TenantLabel};
+use crate::metrics::{Metrics, ResultLabel, TenantKind, TenantLabel};
 use agent_common::client::AgentClient;
+use agent_common::proto::ErrorCode;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,6 +20,9 @@ pub struct KvSettings {
     pub interval: Duration,
     pub has_model: bool,
     pub tenants: Vec<String>,
+    /// The fair queue's cost of a prompt token and of an output token.
+    pub input_cost: f64,
+    pub output_cost: f64,
 }
 
 /// One request's share of the KV cache; released when dropped.
@@ -75,6 +82,43 @@ pub fn snapshot(metrics: &Metrics, tenants: impl Iterator<Item = String>) -> BTr
         .collect()
 }
 
+/// Prompt and completion tokens settled per tenant so far (`bulkhead_tokens_total`).
+pub fn settled_tokens(metrics: &Metrics, tenants: &[String]) -> BTreeMap<String, (u64, u64)> {
+    tenants
+        .iter()
+        .map(|t| {
+            let get = |kind| {
+                metrics
+                    .tokens
+                    .get_or_create(&TenantKind {
+                        tenant: t.clone(),
+                        kind,
+                    })
+                    .get()
+            };
+            (t.clone(), (get("prompt"), get("completion")))
+        })
+        .collect()
+}
+
+/// The weighted tokens each tenant was served between two readings of [`settled_tokens`]:
+/// `input_cost x prompt + output_cost x completion`, rounded to whole units.
+pub fn weighted_since(
+    now: &BTreeMap<String, (u64, u64)>,
+    before: &BTreeMap<String, (u64, u64)>,
+    input_cost: f64,
+    output_cost: f64,
+) -> BTreeMap<String, u64> {
+    now.iter()
+        .map(|(t, &(p, c))| {
+            let (p0, c0) = before.get(t).copied().unwrap_or((0, 0));
+            let w = p.saturating_sub(p0) as f64 * input_cost
+                + c.saturating_sub(c0) as f64 * output_cost;
+            (t.clone(), w.round() as u64)
+        })
+        .collect()
+}
+
 /// Report to the node agent until `stop`; failures are logged once per outage and counted,
 /// and never touch the request path (the blocking call runs on the blocking pool).
 pub async fn report_loop(
@@ -84,12 +128,18 @@ pub async fn report_loop(
 ) {
     let mut failing = false;
     let mut said_no_model = false;
+    // Tokens as of the last report the agent took: a failed report's tokens go with the next.
+    let mut reported: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    // An agent that predates token counts refuses them as malformed: then send bytes only.
+    let mut agent_takes_tokens = true;
     loop {
         let KvSettings {
             socket,
             interval,
             has_model,
             tenants,
+            input_cost,
+            output_cost,
         } = settings.borrow().clone();
         if let Some(path) = socket {
             if !has_model {
@@ -100,10 +150,32 @@ pub async fn report_loop(
                     said_no_model = true;
                 }
             } else {
+                let settled = settled_tokens(&metrics, &tenants);
+                let tokens = weighted_since(&settled, &reported, input_cost, output_cost);
                 let report = snapshot(&metrics, tenants.into_iter());
                 let client = AgentClient::new(path).with_timeout(Duration::from_millis(500));
-                let res = tokio::task::spawn_blocking(move || client.report_kv(&report)).await;
+                let with_tokens = agent_takes_tokens;
+                let res = tokio::task::spawn_blocking(move || {
+                    let first = client.report_kv_tokens(&report, with_tokens.then_some(&tokens));
+                    match first {
+                        Err(e) if with_tokens && e.code() == Some(ErrorCode::Malformed) => {
+                            (false, client.report_kv(&report))
+                        }
+                        other => (with_tokens, other),
+                    }
+                })
+                .await
+                .map(|(took_tokens, r)| {
+                    if with_tokens && !took_tokens && r.is_ok() {
+                        tracing::warn!("the node agent does not take token counts in KV reports (an older agent): the server's GPU time is not split between tenants");
+                        agent_takes_tokens = false;
+                    }
+                    r
+                });
                 let ok = matches!(res, Ok(Ok(_)));
+                if ok {
+                    reported = settled;
+                }
                 metrics
                     .kv_reports
                     .get_or_create(&ResultLabel {
@@ -127,5 +199,33 @@ pub async fn report_loop(
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_since_the_last_report_are_weighted_by_the_queue_costs() {
+        let before = BTreeMap::from([("a".to_string(), (10, 5)), ("b".to_string(), (3, 3))]);
+        let now = BTreeMap::from([
+            ("a".to_string(), (14, 8)),
+            ("b".to_string(), (3, 3)),
+            ("c".to_string(), (1, 1)),
+        ]);
+        assert_eq!(
+            weighted_since(&now, &before, 1.0, 2.0),
+            BTreeMap::from([
+                ("a".to_string(), 4 + 2 * 3),
+                ("b".to_string(), 0),
+                ("c".to_string(), 3),
+            ])
+        );
+        assert_eq!(
+            weighted_since(&now, &before, 0.5, 1.5)["a"],
+            7,
+            "2 + 4.5 rounded"
+        );
     }
 }

@@ -22,6 +22,11 @@ pub struct TenantKind {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CurrencyLabel {
+    pub currency: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantLimit {
     pub tenant: String,
     pub limit: &'static str,
@@ -165,6 +170,10 @@ pub struct Metrics {
     pub cost: Family<TenantModel, crate::cost::CostCounter>,
     /// Answers with usage that no `[cost]` price applied to (tenants with prices).
     pub cost_unpriced: Family<TenantLabel, Counter>,
+    /// `cost.gpu_hour_price`, labelled with `cost.currency` (no series when unset).
+    pub gpu_hour_price: Family<CurrencyLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Each tenant's fair-queue weight (`tenants.<name>.weight`).
+    pub tenant_weight: Family<TenantLabel, Gauge>,
     /// 1 while the limits backend answers (always 1 for `local`), 0 while it does not.
     pub limits_backend_up: Gauge,
     /// Limits and replay decisions made without the shared backend, by action (`local`, `deny`).
@@ -212,6 +221,8 @@ impl Metrics {
             jwks_refreshes: Family::default(),
             cost: Family::default(),
             cost_unpriced: Family::default(),
+            gpu_hour_price: Family::default(),
+            tenant_weight: Family::default(),
             limits_backend_up: Gauge::default(),
             limits_degraded: Family::default(),
             limits_backend_errors: Family::default(),
@@ -404,6 +415,18 @@ impl Metrics {
              the request's model, nor a default; tenants with some price only)",
             m.cost_unpriced.clone(),
         );
+        r.register(
+            "gpu_hour_price",
+            "cost.gpu_hour_price: the price of one GPU-hour in cost.currency (recording rules \
+             price each tenant's GPU busy time with it); no series when unset",
+            m.gpu_hour_price.clone(),
+        );
+        r.register(
+            "tenant_weight",
+            "The tenant's fair-queue weight (tenants.<name>.weight); alerts compare each \
+             tenant's GPU-time share with its weight share",
+            m.tenant_weight.clone(),
+        );
         for result in ["ok", "error"] {
             let _ = m.jwks_refreshes.get_or_create(&ResultLabel { result });
         }
@@ -544,6 +567,19 @@ impl Metrics {
             counter: self.queue_counter.get_or_create(&l).clone(),
             kv_reserved: self.kv_reserved.get_or_create(&l).clone(),
             kv_quota: self.kv_quota.get_or_create(&l).clone(),
+            weight: self.tenant_weight.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Exports `cost.gpu_hour_price` (at start and on every reload).
+    pub fn set_gpu_hour_price(&self, cost: &crate::config::CostConfig) {
+        self.gpu_hour_price.clear();
+        if let Some(p) = cost.gpu_hour_price {
+            self.gpu_hour_price
+                .get_or_create(&CurrencyLabel {
+                    currency: cost.currency.clone(),
+                })
+                .set(p);
         }
     }
 }

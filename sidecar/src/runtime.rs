@@ -114,6 +114,8 @@ impl Runtime {
             interval: Duration::from_millis(c.agent.kv_report_interval_ms),
             has_model: c.model.is_some(),
             tenants: c.tenants.keys().cloned().collect(),
+            input_cost: c.queue.input_token_cost,
+            output_cost: c.queue.output_token_cost,
         }
     }
 }
@@ -190,6 +192,7 @@ impl App {
         let replay = Arc::new(Mutex::new(ReplayCache::new(
             config.auth.replay_cache_capacity,
         )));
+        metrics.set_gpu_hour_price(&config.cost);
         let gauges = metrics.clone();
         let sched = Scheduler::new(
             config.queue.max_inflight,
@@ -314,6 +317,7 @@ impl App {
         self.audit.set_seals(rt.audit_seals.clone());
         self.gate.update(rt.gate_settings());
         let _ = self.kv_settings.send(rt.kv_settings());
+        self.metrics.set_gpu_hour_price(&c.cost);
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
         self.sched.update(
             c.queue.max_inflight,

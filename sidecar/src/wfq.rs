@@ -102,6 +102,8 @@ pub struct SchedGauges {
     pub kv_reserved: Gauge,
     /// The tenant's KV quota (0: none).
     pub kv_quota: Gauge,
+    /// The tenant's weight.
+    pub weight: Gauge,
 }
 
 #[derive(Debug)]
@@ -327,6 +329,7 @@ impl Scheduler {
             q.weight = t.weight.max(1);
             q.max_kv = t.max_kv_tokens;
             q.gauges.kv_quota.set(t.max_kv_tokens.unwrap_or(0) as i64);
+            q.gauges.weight.set(i64::from(q.weight));
         }
         self.dispatch(&mut st);
     }

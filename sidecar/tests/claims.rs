@@ -496,7 +496,7 @@ fn fake_agent(path: &std::path::Path, refuse: &'static [&'static str]) -> CallLo
             let n = msg.bytes;
             let req: AgentRequest = serde_json::from_slice(&buf[..n]).unwrap();
             let reply = match (&req, fds.first()) {
-                (AgentRequest::KvReport { tenants }, _) => {
+                (AgentRequest::KvReport { tenants, .. }, _) => {
                     format!(r#"{{"accepted":{}}}"#, tenants.len())
                 }
                 (_, Some(&sock)) => {

@@ -24,8 +24,22 @@ struct Tagged {
 }
 
 type KvLog = Arc<Mutex<Vec<BTreeMap<String, u64>>>>;
+/// The `tokens` of each KV report (`None`: the report had none).
+type TokenLog = Arc<Mutex<Vec<Option<BTreeMap<String, u64>>>>>;
 
 fn fake_agent(path: &std::path::Path, log: Arc<Mutex<Vec<Tagged>>>, kv: KvLog) {
+    fake_agent_with(path, log, kv, Default::default(), false)
+}
+
+/// The fake agent; `old` makes it an agent that predates token counts (it refuses a report
+/// with `tokens` as malformed, as its closed request schema did).
+fn fake_agent_with(
+    path: &std::path::Path,
+    log: Arc<Mutex<Vec<Tagged>>>,
+    kv: KvLog,
+    tokens_log: TokenLog,
+    old: bool,
+) {
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -61,10 +75,16 @@ fn fake_agent(path: &std::path::Path, log: Arc<Mutex<Vec<Tagged>>>, kv: KvLog) {
                     }
                 };
             let req: AgentRequest = serde_json::from_slice(&buf[..n]).unwrap();
-            if let AgentRequest::KvReport { tenants } = &req {
+            if let AgentRequest::KvReport { tenants, tokens } = &req {
                 assert!(fds.is_empty(), "a KV report carries no socket");
-                kv.lock().unwrap().push(tenants.clone());
-                let reply = format!(r#"{{"accepted":{}}}"#, tenants.len());
+                let reply = if old && tokens.is_some() {
+                    r#"{"error":{"code":"malformed","message":"unknown field `tokens`"}}"#
+                        .to_string()
+                } else {
+                    kv.lock().unwrap().push(tenants.clone());
+                    tokens_log.lock().unwrap().push(tokens.clone());
+                    format!(r#"{{"accepted":{}}}"#, tenants.len())
+                };
                 let _ = send(conn, reply.as_bytes(), MsgFlags::empty());
             }
             if let (AgentRequest::Tag { tenant }, Some(&sock)) = (&req, fds.first()) {
@@ -201,6 +221,113 @@ async fn kv_cache_bytes_are_tracked_and_reported_while_a_stream_runs() {
             .await
             .unwrap()
             >= 2.0
+    );
+    h.shutdown().await;
+}
+
+/// The sidecar's KV reports with the fake agent at `sock` (`old`: one without token counts).
+async fn start_reporting(sock: &std::path::Path) -> Harness {
+    Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+        t.push_str(&format!(
+            "\n[agent]\nsocket = \"{}\"\nkv_report_interval_ms = 100\n\
+             [model]\nlayers = 2\nkv_heads = 1\nhead_dim = 4\ndtype = \"fp16\"\n",
+            sock.display()
+        ));
+    })
+    .await
+}
+
+/// Sums each tenant's reported tokens once `reports` have `want` in all (polled).
+async fn reported_tokens(tokens: &TokenLog, want: u64) -> BTreeMap<String, u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut sum: BTreeMap<String, u64> = BTreeMap::new();
+        for r in tokens.lock().unwrap().iter().flatten() {
+            for (t, n) in r {
+                *sum.entry(t.clone()).or_default() += n;
+            }
+        }
+        if sum.values().sum::<u64>() >= want {
+            return sum;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reports carried {sum:?}, want {want} tokens in all"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn kv_reports_carry_the_tokens_the_simulator_served_each_tenant_weighted_by_the_queue_costs()
+{
+    let agent_dir = tempfile::tempdir().unwrap();
+    let sock = agent_dir.path().join("agent.sock");
+    let tokens: TokenLog = Default::default();
+    fake_agent_with(
+        &sock,
+        Default::default(),
+        Default::default(),
+        tokens.clone(),
+        false,
+    );
+    let h = start_reporting(&sock).await;
+    for (tenant, prompt) in [("acme", "a"), ("acme", "b c d e f"), ("globex", "g h")] {
+        let (p, _) = h
+            .send_collect(h.signed(
+                tenant,
+                Method::POST,
+                "/v1/chat/completions",
+                &chat(prompt, ""),
+            ))
+            .await;
+        assert_eq!(p.status, StatusCode::OK);
+    }
+    // The simulator's own counts, weighted by the default costs (1 per prompt token, 2 per
+    // output token): every token reported once, across however many reports.
+    let weighted = |t: &str| {
+        let s = h.sim.sim.tenant_kv(t);
+        s.prompt_tokens + 2 * s.completion_tokens
+    };
+    let want = BTreeMap::from([
+        ("acme".to_string(), weighted("acme")),
+        ("globex".to_string(), weighted("globex")),
+    ]);
+    assert!(want.values().all(|&n| n > 0), "{want:?}");
+    let mut got = reported_tokens(&tokens, want.values().sum()).await;
+    got.retain(|_, n| *n > 0);
+    assert_eq!(got, want);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_predates_token_counts_still_gets_the_kv_bytes() {
+    let agent_dir = tempfile::tempdir().unwrap();
+    let sock = agent_dir.path().join("agent.sock");
+    let (kv, tokens): (KvLog, TokenLog) = Default::default();
+    fake_agent_with(&sock, Default::default(), kv.clone(), tokens.clone(), true);
+    let h = start_reporting(&sock).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h
+        .metric("bulkhead_agent_kv_reports_total{result=\"ok\"}")
+        .await
+        .unwrap_or(0.0)
+        < 3.0
+    {
+        assert!(std::time::Instant::now() < deadline, "no accepted reports");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(kv.lock().unwrap().len() >= 3);
+    assert!(
+        tokens.lock().unwrap().iter().all(Option::is_none),
+        "after the refusal, reports carry no tokens"
+    );
+    assert_eq!(
+        h.metric("bulkhead_agent_kv_reports_total{result=\"error\"}")
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "a refused first try that was resent without tokens is no failed report"
     );
     h.shutdown().await;
 }

@@ -6,7 +6,12 @@
 //! (`libcuda.so.1`, loaded at run time: no CUDA toolkit is needed to build); runs the agent with
 //! `gpu.source = "nvml"` and the two pods configured as dedicated to tenants `gpu-check-a` and
 //! `gpu-check-b`; and checks that `bulkhead_gpu_memory_bytes{tenant}` matches the memory
-//! `nvidia-smi` (NVML) reports for each process, within 5 %. Needs root (the agent loads its
+//! `nvidia-smi` (NVML) reports for each process, within 5 %. Then the compute case: two
+//! processes in the same two pod-like cgroups run a spinning kernel (PTX loaded through the
+//! driver API) for 60 % and 20 % of every 100 ms on GPU 0, time-sliced; over a 20 s window the
+//! agent's `bulkhead_gpu_busy_seconds_total` of the two tenants must be in the ratio 3 within
+//! 10 %, and the GPU's `bulkhead_gpu_energy_joules_total` series must add up to its energy
+//! counter's delta (`bulkhead_gpu_device_energy_joules_total`). Needs root (the agent loads its
 //! eBPF programs). Without an NVIDIA GPU it fails at once, saying so.
 
 use anyhow::{Context, Result, bail};
@@ -46,7 +51,7 @@ pub fn run(bin_dir: Option<&Path>) -> Result<()> {
                 "--bin",
                 "bulkhead-agent",
             ]))?;
-            crate::root().join("target/release/bulkhead-agent")
+            crate::target_dir().join("release/bulkhead-agent")
         }
     };
     let work = std::env::temp_dir().join(format!("bulkhead-gpu-check-{}", std::process::id()));
@@ -99,6 +104,27 @@ pub fn run(bin_dir: Option<&Path>) -> Result<()> {
         r
     });
     drop(allocators);
+    // 3. GPU time: two busy processes in the same pods, a fresh agent.
+    let result = result.and_then(|()| {
+        let busy = [(POD_A, "gpu-check-a", 0.6), (POD_B, "gpu-check-b", 0.2)];
+        let mut spinners = Vec::new();
+        for (uid, _, fraction) in busy {
+            spinners.push(Spinner::start(&base.join(format!("pod{uid}")), fraction)?);
+        }
+        let mut agent = KillOnDrop(
+            Command::new(&agent_bin)
+                .arg("--config")
+                .arg(&cfg)
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("start the agent")?,
+        );
+        let r = check_compute(&busy);
+        let _ = agent.0.kill();
+        let _ = agent.0.wait();
+        drop(spinners);
+        r
+    });
     for (uid, _, _) in pods {
         let _ = std::fs::remove_dir(base.join(format!("pod{uid}")));
     }
@@ -209,6 +235,91 @@ fn check(allocators: &[Allocator], pods: &[(&str, &str, u64); 2]) -> Result<()> 
     Ok(())
 }
 
+/// Sum of `name` over the series with `tenant` (any when `None`) and `gpu="0"`.
+fn series_sum(metrics: &str, name: &str, tenant: Option<&str>) -> f64 {
+    let prefix = format!("{name}{{");
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with(&prefix)
+                && l.contains("gpu=\"0\"")
+                && tenant.is_none_or(|t| l.contains(&format!("tenant=\"{t}\"")))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The compute case: the two tenants' GPU busy seconds over a window against the fractions
+/// their processes keep the GPU busy, and the GPU's energy series against its counter.
+fn check_compute(busy: &[(&str, &str, f64); 2]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The agent's first polls are its baseline: start once both tenants have busy time.
+    let start = loop {
+        if let Ok(text) = http_get_metrics()
+            && busy.iter().all(|(_, t, _)| {
+                series_sum(&text, "bulkhead_gpu_busy_seconds_total", Some(t)) > 0.0
+            })
+        {
+            break text;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent attributed no GPU busy time to the two tenants within 60 s (is GPU 0 \
+                 in MIG mode? does its driver give per-process utilization samples?)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // A measurement window, not a wait for a condition.
+    let window = Duration::from_secs(20);
+    std::thread::sleep(window);
+    let end = http_get_metrics().context("scrape the agent")?;
+    let delta = |name: &str, tenant: Option<&str>| {
+        series_sum(&end, name, tenant) - series_sum(&start, name, tenant)
+    };
+    let secs = window.as_secs_f64();
+    println!("| tenant | busy fraction run | GPU-seconds attributed | fraction attributed |");
+    println!("|---|---|---|---|");
+    let mut got = Vec::new();
+    for (_, tenant, fraction) in busy {
+        let b = delta("bulkhead_gpu_busy_seconds_total", Some(tenant));
+        println!(
+            "| {tenant} | {fraction:.2} | {b:.3} s over ~{secs:.0} s | {:.3} |",
+            b / secs
+        );
+        got.push(b);
+    }
+    let device = delta("bulkhead_gpu_device_busy_seconds_total", None);
+    let unattributed = delta("bulkhead_gpu_busy_seconds_total", Some("unattributed"));
+    println!("GPU 0 busy {device:.3} s, unattributed {unattributed:.3} s");
+    let want = busy[0].2 / busy[1].2;
+    let ratio = got[0] / got[1];
+    println!("ratio of GPU-seconds a/b: {ratio:.3} (fractions: {want:.3})");
+    let energy_device = delta("bulkhead_gpu_device_energy_joules_total", None);
+    let energy_series = delta("bulkhead_gpu_energy_joules_total", None);
+    println!(
+        "energy: device counter delta {energy_device:.1} J, series sum {energy_series:.1} J ({:.0} W)",
+        energy_device / secs
+    );
+    let mut ok = true;
+    if !(want * 0.9..=want * 1.1).contains(&ratio) {
+        eprintln!("gpu-check: the GPU-seconds ratio {ratio:.3} is more than 10 % off {want:.3}");
+        ok = false;
+    }
+    if energy_device <= 0.0 || (energy_series - energy_device).abs() > 1e-6 * energy_device.max(1.0)
+    {
+        eprintln!(
+            "gpu-check: the energy series ({energy_series} J) do not add up to the device's delta ({energy_device} J)"
+        );
+        ok = false;
+    }
+    if !ok {
+        bail!("the compute case failed");
+    }
+    println!("gpu-check: compute ok");
+    Ok(())
+}
+
 /// NVML's per-process used memory (summed over GPUs), in bytes, from nvidia-smi.
 fn nvml_by_pid() -> Result<BTreeMap<u32, u64>> {
     let out = Command::new("nvidia-smi")
@@ -300,6 +411,93 @@ impl Drop for Allocator {
     }
 }
 
+/// A process in a cgroup keeping GPU 0 busy for a fraction of every 100 ms until dropped.
+struct Spinner {
+    child: KillOnDrop,
+}
+
+impl Spinner {
+    fn start(cgroup: &Path, fraction: f64) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
+            .arg("sh")
+            .arg(cgroup)
+            .arg(exe)
+            .args(["gpu-busy", &fraction.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+        if !line.starts_with("READY") {
+            let _ = child.kill();
+            bail!("the GPU spinner in {} failed: {line}", cgroup.display());
+        }
+        Ok(Self {
+            child: KillOnDrop(child),
+        })
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        drop(self.child.0.stdin.take());
+    }
+}
+
+/// A kernel that spins until `ns` nanoseconds of the GPU's global timer have passed (one
+/// thread: the GPU counts as busy while any kernel runs, which is what NVML samples).
+const SPIN_PTX: &std::ffi::CStr = c".version 7.0
+.target sm_70
+.address_size 64
+.visible .entry spin(.param .u64 ns)
+{
+    .reg .pred p;
+    .reg .u64 t0, t1, d, lim;
+    ld.param.u64 lim, [ns];
+    mov.u64 t0, %globaltimer;
+LOOP:
+    mov.u64 t1, %globaltimer;
+    sub.u64 d, t1, t0;
+    setp.lt.u64 p, d, lim;
+    @p bra LOOP;
+    ret;
+}
+";
+
+/// `xtask gpu-busy FRACTION`: keeps GPU 0 busy for FRACTION of every 100 ms (a spinning
+/// kernel, then idle), says READY once the kernel is loaded, and stops when stdin closes.
+pub fn busy(fraction: &str) -> Result<()> {
+    let fraction: f64 = fraction.parse().context("gpu-busy FRACTION")?;
+    if !(0.0..=1.0).contains(&fraction) {
+        bail!("gpu-busy FRACTION: {fraction} is not within 0..=1");
+    }
+    let cuda = Cuda::load()?;
+    let spin = cuda.spin_kernel()?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::stdin().read_line(&mut rest);
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    println!("READY");
+    std::io::stdout().flush()?;
+    let period = Duration::from_millis(100);
+    let on = period.mul_f64(fraction);
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = Instant::now();
+        cuda.run(spin, on.as_nanos() as u64)?;
+        // The duty cycle: idle for the rest of the period.
+        if let Some(rest) = period.checked_sub(t.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    Ok(())
+}
+
 /// `xtask gpu-alloc BYTES`: allocates BYTES of GPU memory on GPU 0 with the CUDA driver API,
 /// says READY, and holds it until stdin closes.
 pub fn alloc(bytes: &str) -> Result<()> {
@@ -314,13 +512,41 @@ pub fn alloc(bytes: &str) -> Result<()> {
 }
 
 type CuResult = i32;
+type Ptr = *mut std::ffi::c_void;
 
-/// The few CUDA driver entry points the allocator needs, from `libcuda.so.1`.
+/// `cuLaunchKernel(f, gridDim x3, blockDim x3, sharedMemBytes, hStream, kernelParams, extra)`.
+type LaunchKernel = unsafe extern "C" fn(
+    Ptr,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    Ptr,
+    *mut Ptr,
+    *mut Ptr,
+) -> CuResult;
+
+/// The few CUDA driver entry points the allocator and the spinner need, from `libcuda.so.1`.
 struct Cuda {
     init: unsafe extern "C" fn(u32) -> CuResult,
     device_get: unsafe extern "C" fn(*mut i32, i32) -> CuResult,
-    ctx_create: unsafe extern "C" fn(*mut *mut std::ffi::c_void, u32, i32) -> CuResult,
+    ctx_create: unsafe extern "C" fn(*mut Ptr, u32, i32) -> CuResult,
     mem_alloc: unsafe extern "C" fn(*mut u64, usize) -> CuResult,
+    module_load_data: unsafe extern "C" fn(*mut Ptr, *const std::ffi::c_void) -> CuResult,
+    module_get_function: unsafe extern "C" fn(*mut Ptr, Ptr, *const std::ffi::c_char) -> CuResult,
+    launch_kernel: LaunchKernel,
+    ctx_synchronize: unsafe extern "C" fn() -> CuResult,
+}
+
+fn cu_check(what: &str, r: CuResult) -> Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        bail!("{what} failed: CUresult {r}")
+    }
 }
 
 impl Cuda {
@@ -358,8 +584,88 @@ impl Cuda {
                     *mut std::ffi::c_void,
                     unsafe extern "C" fn(*mut u64, usize) -> CuResult,
                 >(sym(c"cuMemAlloc_v2")?),
+                // cuda.h: CUmodule and CUfunction are opaque pointers.
+                module_load_data: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn(*mut Ptr, *const std::ffi::c_void) -> CuResult,
+                >(sym(c"cuModuleLoadData")?),
+                module_get_function: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn(*mut Ptr, Ptr, *const std::ffi::c_char) -> CuResult,
+                >(sym(c"cuModuleGetFunction")?),
+                launch_kernel: std::mem::transmute::<*mut std::ffi::c_void, LaunchKernel>(sym(
+                    c"cuLaunchKernel",
+                )?),
+                ctx_synchronize: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn() -> CuResult,
+                >(sym(c"cuCtxSynchronize")?),
             })
         }
+    }
+
+    /// A context on GPU 0 (current on this thread), as the allocator makes it.
+    fn context(&self) -> Result<()> {
+        let mut dev = 0i32;
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: each call gets valid pointers to locals of the types the driver writes.
+        unsafe {
+            cu_check("cuInit", (self.init)(0))?;
+            cu_check("cuDeviceGet", (self.device_get)(&mut dev, 0))?;
+            cu_check("cuCtxCreate", (self.ctx_create)(&mut ctx, 0, dev))?;
+        }
+        Ok(())
+    }
+
+    /// A context on GPU 0 and the spinning kernel loaded in it (the driver JIT-compiles the
+    /// PTX for the GPU).
+    fn spin_kernel(&self) -> Result<Ptr> {
+        self.context()?;
+        let mut module = std::ptr::null_mut();
+        let mut func = std::ptr::null_mut();
+        // SAFETY: the image is a NUL-terminated PTX text that lives for the program's life;
+        // the out-pointers are locals of the driver's opaque handle type; the context made
+        // above is current on this thread.
+        unsafe {
+            cu_check(
+                "cuModuleLoadData",
+                (self.module_load_data)(&mut module, SPIN_PTX.as_ptr().cast()),
+            )?;
+            cu_check(
+                "cuModuleGetFunction",
+                (self.module_get_function)(&mut func, module, c"spin".as_ptr()),
+            )?;
+        }
+        Ok(func)
+    }
+
+    /// Runs the spinning kernel for `ns` nanoseconds (one thread) and waits for it.
+    fn run(&self, func: Ptr, ns: u64) -> Result<()> {
+        let mut ns = ns;
+        let mut params: [Ptr; 1] = [(&raw mut ns).cast()];
+        // SAFETY: `func` is the loaded `spin(.param .u64 ns)` kernel; `params` holds one
+        // pointer to a u64 that outlives the call (cuLaunchKernel copies the arguments before
+        // it returns); the default stream (null) of the current context; no extra options.
+        unsafe {
+            cu_check(
+                "cuLaunchKernel",
+                (self.launch_kernel)(
+                    func,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    0,
+                    std::ptr::null_mut(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                ),
+            )?;
+            cu_check("cuCtxSynchronize", (self.ctx_synchronize)())?;
+        }
+        Ok(())
     }
 
     fn alloc(&self, bytes: u64) -> Result<()> {

@@ -95,9 +95,7 @@ pub fn run_task(args: &[&str]) -> Result<()> {
             "bulkhead-probe",
         ]))?;
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let target = crate::target_dir();
     let bin_dir = target.join(if profile == "dev" { "debug" } else { "release" });
     for image in images() {
         build_image(&image, &bin_dir, &target.join("images").join(image.name))?;

@@ -51,6 +51,7 @@ fn main() -> Result<()> {
         ["gpu-check", "--bin-dir", dir] => gpu_check::run(Some(std::path::Path::new(dir))),
         ["mutants", rest @ ..] => mutants::run(rest),
         ["gpu-alloc", bytes] => gpu_check::alloc(bytes),
+        ["gpu-busy", fraction] => gpu_check::busy(fraction),
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup | test | demo [--serve | --replicas N] | bench ebpf | bench agent | bench sidecar | deploy-check | images | gpu-check [--bin-dir DIR] | mutants [--fast | FILE ...]>\n\n\
@@ -116,7 +117,14 @@ fn build_bench_bins() -> Result<PathBuf> {
         "bulkhead-sim",
         "--bins",
     ]))?;
-    Ok(root().join("target/release"))
+    Ok(target_dir().join("release"))
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set, else `target/` of the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 pub fn cargo() -> Command {
@@ -285,7 +293,7 @@ fn run_with_agent(bin: &str, rest: &[&str]) -> Result<()> {
         "--bin",
         "bulkhead-agent",
     ]))?;
-    run(Command::new(root().join("target/release").join(bin)).args(rest))
+    run(Command::new(target_dir().join("release").join(bin)).args(rest))
 }
 
 fn bench_sidecar(rest: &[&str]) -> Result<()> {

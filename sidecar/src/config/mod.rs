@@ -997,6 +997,11 @@ pub struct CostConfig {
     pub default: Option<Price>,
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantPrices>,
+    /// The price of one GPU-hour (optional): exported as `bulkhead_gpu_hour_price`, so a
+    /// recording rule prices each tenant's GPU busy time (the node agent's
+    /// `bulkhead_gpu_busy_seconds_total`) beside its tokens.
+    #[serde(default)]
+    pub gpu_hour_price: Option<f64>,
 }
 
 impl Default for CostConfig {
@@ -1006,6 +1011,7 @@ impl Default for CostConfig {
             models: BTreeMap::new(),
             default: None,
             tenants: BTreeMap::new(),
+            gpu_hour_price: None,
         }
     }
 }
@@ -1024,6 +1030,14 @@ impl CostConfig {
             return Err((
                 "cost.currency".into(),
                 "must be 1-16 letters or digits".into(),
+            ));
+        }
+        if let Some(p) = self.gpu_hour_price
+            && (!p.is_finite() || !(0.0..=1e6).contains(&p))
+        {
+            return Err((
+                "cost.gpu_hour_price".into(),
+                "must be a number within 0..=1000000".into(),
             ));
         }
         let table = |prefix: &str, models: &BTreeMap<String, Price>| {

@@ -1,8 +1,11 @@
 //! `cargo xtask bench agent`: the agent at scale. 1,000 tenants, 50,000 tagged sockets (held
 //! by child processes: one process may hold only RLIMIT_NOFILE descriptors), 1,000
-//! cross-tenant endpoints, and a scripted GPU source (8 GPUs, 400 processes in 200 pods, 20 of
-//! them shared servers with KV reports) polled every second. Measures the scrape time of
-//! `/metrics`, the agent's CPU at one scrape every 15 s, its RSS, and the maps' fill.
+//! cross-tenant endpoints, and a scripted GPU source polled every second: 8 GPUs, 1,040
+//! processes (one pod dedicated to each of the 1,000 tenants, and 20 shared servers of two
+//! processes each), rewritten every second with the utilization samples NVML would give for
+//! the second (6 device and 6 per-process samples per GPU and process) and the energy
+//! counters. Measures the scrape time of `/metrics`, the agent's CPU at one scrape every 15 s,
+//! the GPU poller thread's own CPU, its RSS, and the maps' fill.
 
 use bulkhead_tests::harness::{Agent, Metrics, Paths, SocketHolder, hold_tagged_sockets_if_asked};
 use std::collections::BTreeMap;
@@ -35,14 +38,14 @@ fn main() -> anyhow::Result<()> {
     let paths = Paths::named("bench-agent");
     let names: Vec<String> = (0..tenants).map(|i| format!("t{i:04}")).collect();
 
-    // Scripted host: 200 pods of 2 GPU processes each; pods 0-19 are shared servers, the rest
-    // dedicated to a tenant each.
+    // Scripted host: pods 0-19 are shared servers of 2 GPU processes each, then one pod of
+    // one process dedicated to each tenant.
     let proc_root = paths.dir.join("proc");
     let mut workloads = String::new();
     let mut gpus: Vec<Vec<(u32, u64)>> = vec![Vec::new(); 8];
-    for pod in 0..200u32 {
+    for pod in 0..(20 + tenants as u32) {
         let uid = format!("00000000-0000-4000-8000-{pod:012x}");
-        for k in 0..2u32 {
+        for k in 0..(if pod < 20 { 2u32 } else { 1 }) {
             let pid = 10_000 + pod * 2 + k;
             std::fs::create_dir_all(proc_root.join(pid.to_string()))?;
             std::fs::write(
@@ -61,29 +64,70 @@ fn main() -> anyhow::Result<()> {
             writeln!(
                 workloads,
                 "[[gpu.workloads]]\npod_uid = \"{uid}\"\ntenant = \"{}\"",
-                names[pod as usize % tenants]
+                names[(pod as usize - 20) % tenants]
             )?;
         }
     }
-    let snapshot = gpus
-        .iter()
-        .enumerate()
-        .map(|(i, procs)| {
-            let used: u64 = procs.iter().map(|p| p.1).sum::<u64>() + GIB;
-            let procs = procs
-                .iter()
-                .map(|(pid, b)| format!(r#"{{"pid": {pid}, "used_bytes": {b}}}"#))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!(
-                r#"{{"index": {i}, "uuid": "GPU-{i}", "used_bytes": {used}, "total_bytes": {}, "processes": [{procs}]}}"#,
-                80 * GIB
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(",\n");
+    let n_processes: usize = gpus.iter().map(Vec::len).sum();
+    // The GPUs as NVML would answer at `now_us`: the second's samples and the counters.
+    let snapshot = move |now_us: u64| {
+        let gpus = gpus
+            .iter()
+            .enumerate()
+            .map(|(i, procs)| {
+                let used: u64 = procs.iter().map(|p| p.1).sum::<u64>() + GIB;
+                let ts = |k: u64| now_us - 1_000_000 + k * 1_000_000 / 6;
+                let busy = (1..=6)
+                    .map(|k| format!(r#"{{"ts_us": {}, "sm": 90}}"#, ts(k)))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let samples = procs
+                    .iter()
+                    .flat_map(|(pid, _)| {
+                        (1..=6).map(move |k| {
+                            format!(r#"{{"pid": {pid}, "ts_us": {}, "sm": 1, "mem": 1}}"#, ts(k))
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let procs = procs
+                    .iter()
+                    .map(|(pid, b)| format!(r#"{{"pid": {pid}, "used_bytes": {b}}}"#))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!(
+                    r#"{{"index": {i}, "uuid": "GPU-{i}", "used_bytes": {used}, "total_bytes": {}, "processes": [{procs}],
+                      "timestamp_us": {now_us}, "energy_mj": {}, "busy_samples": [{busy}], "process_samples": [{samples}]}}"#,
+                    80 * GIB,
+                    now_us / 2_000
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",\n");
+        format!("{{\"gpus\": [{gpus}]}}")
+    };
     let gpu_file = paths.dir.join("gpus.json");
-    std::fs::write(&gpu_file, format!("{{\"gpus\": [{snapshot}]}}"))?;
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    std::fs::write(&gpu_file, snapshot(now_us()))?;
+    // A new reading every second, written whole (this process's CPU, not the agent's).
+    let stop_writer = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, file) = (stop_writer.clone(), gpu_file.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // The bench's clock: one reading per second.
+                std::thread::sleep(Duration::from_secs(1));
+                let tmp = file.with_extension("tmp");
+                std::fs::write(&tmp, snapshot(now_us())).unwrap();
+                std::fs::rename(&tmp, &file).unwrap();
+            }
+        })
+    };
 
     let mut config = format!(
         "pin_dir = {:?}\nadmin_addr = \"127.0.0.1:0\"\n\n[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 1000\nproc_root = {:?}\n{workloads}\n[tagging]\nsocket_path = {:?}\n\n",
@@ -156,7 +200,10 @@ fn main() -> anyhow::Result<()> {
         .count();
 
     // CPU over the window, one scrape every 15 s (and the GPU poll every second).
+    let poller = poller_tid(pid);
     let cpu0 = cpu_time(pid);
+    let poller0 = poller_cpu(pid, poller);
+    let busy0 = gpu_busy(&agent.metrics());
     let t0 = Instant::now();
     let mut next = t0;
     while t0.elapsed() < window {
@@ -167,15 +214,23 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let cpu = (cpu_time(pid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let poller_cpu = (poller_cpu(pid, poller) - poller0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    stop_writer.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
     let rss_end = rss_kib(pid);
     let load_after = loadavg();
 
     let m2 = agent.metrics();
     let polls = m2.get("bulkhead_gpu_polls_total", &[]);
+    let busy = gpu_busy(&m2) - busy0;
+    anyhow::ensure!(
+        busy > 0.0,
+        "the agent attributed no GPU time during the window: the scripted readings were not read"
+    );
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "\n## bench agent: {tenants} tenants, {sockets} tagged sockets, {tenants} endpoints, 8 GPUs / 400 processes polled every second\n"
+        "\n## bench agent: {tenants} tenants, {sockets} tagged sockets, {tenants} endpoints, 8 GPUs / {n_processes} processes with utilization samples polled every second\n"
     )?;
     writeln!(
         out,
@@ -241,8 +296,20 @@ fn main() -> anyhow::Result<()> {
             "BH_ENDPOINTS fill".into(),
             format!("{tenants} / {}", agent_common::ENDPOINTS_MAX_ENTRIES),
         ),
+        (
+            format!("GPU poller thread CPU ({n_processes} processes, 6 samples each a second)"),
+            format!(
+                "{:.2} % of a core over {} s",
+                poller_cpu * 100.0,
+                window.as_secs()
+            ),
+        ),
+        (
+            "GPU busy seconds attributed during the window".into(),
+            format!("{busy:.1} s (8 GPUs at 90 %)"),
+        ),
         ("GPU polls during the run".into(), format!("{polls}")),
-    ] as [(String, String); 12]
+    ] as [(String, String); 14]
     {
         writeln!(out, "| {k} | {v} |")?;
     }
@@ -265,6 +332,32 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The agent's GPU poller thread (named `gpu-poller`).
+fn poller_tid(pid: u32) -> u32 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|c| c.trim() == "gpu-poller")
+        })
+        .expect("the agent has a gpu-poller thread")
+}
+
+/// User + system CPU time of one thread so far.
+fn poller_cpu(pid: u32, tid: u32) -> Duration {
+    stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+/// Busy seconds the agent attributed so far, all GPUs and tenants.
+fn gpu_busy(m: &Metrics) -> f64 {
+    m.text
+        .lines()
+        .filter(|l| l.starts_with("bulkhead_gpu_device_busy_seconds_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -285,7 +378,12 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// User + system CPU time of a process so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU time in a `stat` file of /proc.
+fn stat_cpu(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap();
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
