@@ -266,12 +266,8 @@ impl KeySet {
         Ok(KeySet { keys })
     }
 
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 
     pub fn kids(&self) -> impl Iterator<Item = &str> {
@@ -947,6 +943,42 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(set.kids().collect::<Vec<_>>(), ["a".repeat(MAX_KID)]);
+        // RSA: an exponent of 1 to 8 bytes; P-256: both coordinates of 32 bytes.
+        let n = URL_SAFE_NO_PAD.encode([0xc5u8; 256]);
+        let rsa = |e: &[u8]| {
+            parse(vec![
+                serde_json::json!({"kty": "RSA", "kid": "r", "n": n, "e": URL_SAFE_NO_PAD.encode(e)}),
+            ])
+        };
+        assert_eq!(rsa(&[1; 8]).unwrap().len(), 1);
+        assert!(rsa(&[1; 9]).is_err());
+        assert!(rsa(&[]).is_err());
+        assert!(rsa(&[0, 0]).is_err(), "an exponent of zeros is empty");
+        let ec = |x: usize, y: usize| {
+            let (x, y) = (
+                URL_SAFE_NO_PAD.encode(vec![1u8; x]),
+                URL_SAFE_NO_PAD.encode(vec![1u8; y]),
+            );
+            parse(vec![
+                serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "e", "x": x, "y": y}),
+            ])
+        };
+        assert_eq!(ec(32, 32).unwrap().len(), 1);
+        assert!(ec(32, 31).is_err() && ec(31, 32).is_err());
+        // Objects nest MAX_JWT_DEPTH levels at most, as arrays do.
+        let nested = |levels: usize| {
+            let mut v = serde_json::json!(1);
+            for _ in 0..levels {
+                v = serde_json::json!({ "a": v });
+            }
+            KeySet::parse(
+                serde_json::json!({"keys": [], "x": v})
+                    .to_string()
+                    .as_bytes(),
+            )
+        };
+        assert!(nested(MAX_JWT_DEPTH - 1).is_ok());
+        assert!(nested(MAX_JWT_DEPTH).unwrap_err().contains("nests deeper"));
         // Its Debug names the key, never its material.
         let shown = format!("{:?}", set.keys[0]);
         assert!(shown.contains("aaaa") && shown.contains("EdDsa"), "{shown}");
@@ -1201,6 +1233,39 @@ mod tests {
                 .get(&digest(TOKEN_CACHE_ENTRIES), 10, |_| None)
                 .is_some()
         );
+    }
+
+    /// What a log line shows of the JWT state: the JWKS URL and how many tokens are
+    /// remembered, never a token's tenant or key.
+    #[tokio::test]
+    async fn debug_shows_the_url_and_the_cache_size_only() {
+        let url = UrlKeys::start(
+            UrlSettings {
+                url: "http://127.0.0.1:9/realms/acme/certs".parse().unwrap(),
+                refresh: Duration::from_secs(600),
+                min_refresh: Duration::from_secs(600),
+                timeout: Duration::from_millis(100),
+                max_bytes: 1024,
+            },
+            Family::default(),
+        );
+        let shown = format!("{url:?}");
+        assert!(shown.contains("127.0.0.1:9/realms/acme/certs"), "{shown}");
+        let mut cache = TokenCache::default();
+        let identity = JwtIdentity {
+            tenant: "acme-secret-tenant".into(),
+            kid: "k".into(),
+            scope: Arc::new(Scope::default()),
+        };
+        let entry = CachedToken {
+            identity,
+            valid_until: 100,
+            issuer: 0,
+            url_keys: None,
+        };
+        cache.put([1; 32], entry, 0);
+        let shown = format!("{cache:?}");
+        assert_eq!(shown, "TokenCache(1 tokens)");
     }
 
     #[test]

@@ -92,7 +92,9 @@ fn jwt_config(file: Option<&std::path::Path>, url: Option<&str>, extra: &str) ->
     }
     if let Some(u) = url {
         s.push_str(&format!(
-            "jwks_url = {u:?}\njwks_refresh_ms = 1000\njwks_min_refresh_ms = 100\n"
+            // No periodic refresh within a test: a fetch after the first is an early refresh
+            // (a token named an unknown key) or a retry after a failure.
+            "jwks_url = {u:?}\njwks_refresh_ms = 600000\njwks_min_refresh_ms = 100\n"
         ));
     }
     s.push_str(extra);
@@ -462,8 +464,11 @@ async fn jwks_file_rotation_is_picked_up_without_restart() {
 }
 
 /// A stand-in IdP serving a JWKS document (each answer closes its connection, so stopping the
-/// task makes the IdP unreachable).
-async fn idp(doc: Arc<Mutex<String>>) -> (String, tokio::task::JoinHandle<()>) {
+/// task makes the IdP unreachable); `fetches` counts the documents it served.
+async fn idp(
+    doc: Arc<Mutex<String>>,
+    fetches: Arc<std::sync::atomic::AtomicU64>,
+) -> (String, tokio::task::JoinHandle<()>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(
         "http://{}/realms/acme/protocol/openid-connect/certs",
@@ -472,9 +477,10 @@ async fn idp(doc: Arc<Mutex<String>>) -> (String, tokio::task::JoinHandle<()>) {
     let task = tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
-            let doc = doc.clone();
+            let (doc, fetches) = (doc.clone(), fetches.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |_req| {
+                    fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let body = doc.lock().unwrap().clone();
                     async move {
                         Ok::<_, std::convert::Infallible>(
@@ -503,16 +509,22 @@ async fn jwks_url_rotation_and_an_unreachable_idp_keeps_cached_keys() {
         "tokens": [{"key": "a", "claims": claims("acme")},
                    {"key": "b", "claims": claims("acme")}]}));
     let doc = Arc::new(Mutex::new(s.jwks(&["a"])));
-    let (url, server) = idp(doc.clone()).await;
+    let fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let fetched = || fetches.load(std::sync::atomic::Ordering::SeqCst);
+    let (url, server) = idp(doc.clone(), fetches.clone()).await;
     let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
         t.push_str(&jwt_config(None, Some(&url), "jwks_max_bytes = 2048"))
     })
     .await;
     let (a, b) = (&s.tokens[0], &s.tokens[1]);
     wait_status(&h, a, StatusCode::OK, "first fetch").await;
-    // Rotation: an unknown kid asks for an early refresh (at most one per 100 ms here).
+    // Rotation: an unknown kid asks for an early refresh (at most one per 100 ms here; the
+    // periodic one is 10 minutes away).
     *doc.lock().unwrap() = s.jwks(&["a", "b"]);
     wait_status(&h, b, StatusCode::OK, "rotated key").await;
+    // The IdP was asked once at start and once per early refresh, not in a loop.
+    assert!(fetched() <= 10, "{} fetches", fetched());
+    let oks = "bulkhead_jwks_refreshes_total{result=\"ok\"}";
     let errors = "bulkhead_jwks_refreshes_total{result=\"error\"}";
     let unknown_kid = {
         use base64::Engine;
@@ -533,14 +545,29 @@ async fn jwks_url_rotation_and_an_unreachable_idp_keeps_cached_keys() {
             }
         }
     };
-    // An answer over jwks_max_bytes (2 KiB here) is a failed fetch: the keys stay.
+    // An answer of exactly jwks_max_bytes (2 KiB here) is taken.
+    let exact = s.jwks(&["a", "b"]);
+    *doc.lock().unwrap() = format!("{exact}{}", " ".repeat(2048 - exact.len()));
+    let want = h.metric(oks).await.unwrap_or(0.0) + 1.0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.metric(oks).await.unwrap_or(0.0) < want {
+        assert!(Instant::now() < deadline, "a 2,048-byte JWKS was not taken");
+        let req = bearer(&h, CHAT, &body(), &unknown_kid);
+        expect_refused(&h, req, "unknown_key", "unknown kid").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One over it is a failed fetch: the keys stay.
     *doc.lock().unwrap() = format!("{}{}", s.jwks(&["b"]), " ".repeat(4096));
     failed_fetches(1.0).await;
     expect_ok(&h, a, "key a after an oversized answer").await;
-    // The IdP goes away: fetches fail, the cached keys keep working.
+    // The IdP goes away: fetches fail, the cached keys keep working, and a failed fetch is
+    // retried after jwks_min_refresh_ms, not at once.
     server.abort();
     let _ = server.await;
+    let before = h.metric(errors).await.unwrap_or(0.0);
     failed_fetches(2.0).await;
+    let after = h.metric(errors).await.unwrap_or(0.0);
+    assert!(after - before <= 10.0, "{} failed fetches", after - before);
     expect_ok(&h, a, "cached key a").await;
     expect_ok(&h, b, "cached key b").await;
     h.shutdown().await;
