@@ -281,6 +281,16 @@ async fn every_attack_is_refused_and_never_forwarded() {
             "no kid",
         ),
         (
+            json!({"key": "rsa", "claims": claims("acme"), "header": {"kid": ""}}),
+            "malformed",
+            "an empty kid",
+        ),
+        (
+            json!({"key": "rsa", "claims": claims("acme"), "header": {"kid": "k".repeat(257)}}),
+            "malformed",
+            "a kid over 256 bytes",
+        ),
+        (
             json!({"key": "evil", "claims": claims("acme"), "header": {"kid": "evil-1",
             "jku": "http://evil.test/jwks", "jwk": {"kty": "OKP", "crv": "Ed25519", "x": "AAAA"}}}),
             "unknown_key",
@@ -988,6 +998,35 @@ fn jwt_config_is_validated() {
     assert_eq!(j.tenant_claim, "tenant_id");
     assert_eq!(j.algorithms, ["RS256", "ES256", "EdDSA"]);
     assert!(!c.auth.forward_authorization);
+}
+
+/// `max_token_bytes` is the largest token taken: one of exactly that size is verified, one byte
+/// less of allowance refuses it before anything is parsed.
+#[test]
+fn a_token_of_exactly_max_token_bytes_is_taken() {
+    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
+    let s = sign(
+        json!({"keys": [{"name": "ed", "kty": "OKP", "kid": "ed-1"}],
+        "tokens": [{"key": "ed", "claims": claims("acme")}]}),
+    );
+    let t = &s.tokens[0];
+    let verifier = |max: usize| {
+        let text = format!(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
+            jwt_config(
+                Some(std::path::Path::new("/unused")),
+                None,
+                &format!("max_token_bytes = {max}")
+            )
+        );
+        let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
+        let keys = KeySet::parse(s.jwks(&["ed"]).as_bytes()).unwrap();
+        JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), vec![keys.into()]).unwrap()
+    };
+    assert_eq!(verifier(t.len()).verify(t, now()).unwrap().tenant, "acme");
+    let e = verifier(t.len() - 1).verify(t, now()).unwrap_err();
+    assert_eq!(e.reason(), "malformed");
+    assert!(e.to_string().contains("larger than"), "{e}");
 }
 
 #[test]
