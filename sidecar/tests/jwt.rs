@@ -1029,6 +1029,47 @@ fn a_token_of_exactly_max_token_bytes_is_taken() {
     assert!(e.to_string().contains("larger than"), "{e}");
 }
 
+/// `nbf` and `iat` may be up to the leeway (30 s here) ahead of the clock and no more; a
+/// NumericDate may be a fraction (floored) but not beyond 10^15 seconds.
+#[test]
+fn time_claims_hold_at_their_edges() {
+    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
+    let now = now();
+    let at = |field: &'static str, v: Value| json!({"key": "ed", "claims": with(claims("acme"), |c| { c.insert(field.into(), v); })});
+    let s = sign(
+        json!({"keys": [{"name": "ed", "kty": "OKP", "kid": "ed-1"}],
+        "tokens": [
+            at("nbf", json!(now + 30)), at("nbf", json!(now + 31)),
+            at("iat", json!(now + 30)), at("iat", json!(now + 31)),
+            at("exp", json!(now as f64 + 300.5)), at("exp", json!(1e15)), at("exp", json!(1e300)),
+        ]}),
+    );
+    let text = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
+        jwt_config(Some(std::path::Path::new("/unused")), None, "")
+    );
+    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
+    let keys = KeySet::parse(s.jwks(&["ed"]).as_bytes()).unwrap();
+    let jwt = JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), vec![keys.into()]).unwrap();
+    let reason = |i: usize| match jwt.verify_uncached(&s.tokens[i], now) {
+        Ok(_) => "ok",
+        Err(e) => e.reason(),
+    };
+    let got: Vec<&str> = (0..7).map(reason).collect();
+    assert_eq!(
+        got,
+        [
+            "ok",
+            "not_yet_valid",
+            "ok",
+            "not_yet_valid",
+            "ok",
+            "malformed",
+            "malformed"
+        ]
+    );
+}
+
 #[test]
 fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
     use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
