@@ -503,6 +503,15 @@ impl Exchange {
     }
 }
 
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// `gen_ai.operation.name` of a route (semconv 1.38.0), for the GenAI routes.
 fn operation(route: Option<super::Route>) -> Option<&'static str> {
     use super::{Api, Route};
@@ -630,7 +639,9 @@ impl Exchange {
         if let Some(op) = op {
             a.push(otlp::attr("gen_ai.operation.name", op));
         }
-        if let Some(m) = &self.model {
+        // The client's model name, cut as the served one is (a span is no place for 64 KiB).
+        let model = self.model.as_deref().map(|m| cut(m, MAX_MODEL).to_string());
+        if let Some(m) = &model {
             a.push(otlp::attr("gen_ai.request.model", m.clone()));
         }
         if let Some(m) = &self.meter.served_model {
@@ -659,7 +670,7 @@ impl Exchange {
         if let Some(r) = reason {
             a.push(otlp::attr("error.type", r));
         }
-        let name = match (op, &self.model) {
+        let name = match (op, &model) {
             (Some(op), Some(m)) => format!("{op} {m}"),
             (Some(op), None) => op.to_string(),
             (None, _) => match route_template(self.route_kind, &self.route) {
