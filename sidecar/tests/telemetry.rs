@@ -617,3 +617,67 @@ async fn a_collector_down_failing_or_slow_costs_requests_nothing() {
         h.shutdown().await;
     }
 }
+
+/// Sampled out: nothing exported, and the upstream still gets the sidecar's traceparent (not
+/// sampled), never the client's. Telemetry off: no traceparent upstream at all.
+#[tokio::test]
+async fn unsampled_or_off_the_clients_traceparent_never_reaches_the_upstream() {
+    let c = Collector::start(Mode::Ok).await;
+    let endpoint = format!("http://{}", c.addr);
+    let client_tp = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    for off in [false, true] {
+        let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
+            if !off {
+                t.push_str(
+                    &otlp_section(&endpoint, "")
+                        .replace("sample_ratio = 1.0", "sample_ratio = 0.0"),
+                );
+            }
+        })
+        .await;
+        let mut ids = Vec::new();
+        for with_client in [false, true] {
+            let mut req = h.signed(
+                "acme",
+                Method::POST,
+                "/v1/chat/completions",
+                &chat("hi", ""),
+            );
+            if with_client {
+                req.headers_mut()
+                    .insert("traceparent", HeaderValue::from_str(&client_tp).unwrap());
+            }
+            let (p, _) = h.send_collect(req).await;
+            assert_eq!(p.status, StatusCode::OK);
+            ids.push(request_id(&p));
+        }
+        for id in &ids {
+            let seen = h
+                .sim
+                .sim
+                .traceparents()
+                .into_iter()
+                .find(|t| t.request_id.as_deref() == Some(id.as_str()))
+                .unwrap();
+            if off {
+                assert!(seen.traceparent.is_empty(), "{:?}", seen.traceparent);
+            } else {
+                assert_eq!(seen.traceparent.len(), 1);
+                let tp = &seen.traceparent[0];
+                assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
+                assert!(
+                    !tp.contains(CLIENT_TRACE) && !tp.contains(CLIENT_SPAN),
+                    "{tp}"
+                );
+            }
+        }
+        if !off {
+            h.wait_metric("bulkhead_telemetry_exported_spans_total", 0.0)
+                .await;
+            assert_eq!(h.metric("bulkhead_telemetry_queued_spans").await, Some(0.0));
+        }
+        h.shutdown().await;
+    }
+    // Shut down (a last export ran): still nothing for the sampled-out requests.
+    assert!(c.spans().is_empty(), "{} spans", c.spans().len());
+}

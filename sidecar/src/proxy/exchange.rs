@@ -599,6 +599,12 @@ impl Exchange {
         if !self.trace.on() {
             return;
         }
+        // Decided by now (a request never authenticated: a new trace); nothing more to build
+        // for one that is not sampled.
+        self.trace.decide(false);
+        if self.trace.sampled() != Some(true) {
+            return;
+        }
         if let Some(start) = self.meter_start {
             let cut = self.meter.cut.is_some() || self.leak_blocked;
             self.trace.phase("meter", Some(start), cut);

@@ -122,16 +122,29 @@ impl RequestTrace {
             (Some(v), None) if client.is_some() && v.len() <= 512 => Some(v.clone()),
             _ => None,
         };
-        RequestTrace {
+        let mut trace = RequestTrace {
             tracer: Some(tracer.clone()),
             client,
             client_state,
             ctx: None,
             start_unix: unix_nanos(),
             t0: Some(t0),
-            phases: Vec::with_capacity(10),
+            phases: Vec::new(),
             events: Vec::new(),
+        };
+        if client.is_none() {
+            // Nothing to trust or link: decided now, so an unsampled request records nothing.
+            trace.decide(false);
         }
+        if trace.sampled() != Some(false) {
+            trace.phases.reserve(10);
+        }
+        trace
+    }
+
+    /// Whether this request's spans are exported: `None` while undecided (or tracing is off).
+    pub fn sampled(&self) -> Option<bool> {
+        self.ctx.as_ref().map(|c| c.sampled)
     }
 
     /// Whether spans are recorded (a tracer is configured).
@@ -139,9 +152,12 @@ impl RequestTrace {
         self.tracer.is_some()
     }
 
-    /// The instant a phase starts (`None` when tracing is off).
+    /// The instant a phase starts (`None` when tracing is off or the request is not sampled).
     pub fn now(&self) -> Option<Instant> {
-        self.tracer.as_ref().map(|_| Instant::now())
+        match (&self.tracer, self.sampled()) {
+            (Some(_), None | Some(true)) => Some(Instant::now()),
+            _ => None,
+        }
     }
 
     /// Decide the trace: the client's continued when `trusted`, else a new one that links to
@@ -219,7 +235,7 @@ impl RequestTrace {
 
     /// An event on the server span, now.
     pub fn event(&mut self, name: &'static str, attrs: Vec<Attr>) {
-        if self.tracer.is_none() {
+        if self.tracer.is_none() || self.sampled() == Some(false) {
             return;
         }
         let time_unix_nano = self.unix(Instant::now());
@@ -243,6 +259,12 @@ impl RequestTrace {
         }
         .header();
         let now = Instant::now();
+        if !ctx.sampled {
+            return Some((
+                HeaderValue::from_str(&header).expect("hex and dashes"),
+                self.client_state.clone(),
+            ));
+        }
         self.phases.push(Phase {
             name: "upstream",
             kind: SpanKind::Client,
