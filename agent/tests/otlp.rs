@@ -17,11 +17,14 @@ use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_bulkhead-agent");
 
+/// The requests a receiver got: (path, body).
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A minimal HTTP/1.1 receiver: every request's path and body kept, answered 200.
-fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+fn receiver() -> (std::net::SocketAddr, Received) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let got: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let got: Received = Arc::default();
     let store = got.clone();
     std::thread::spawn(move || {
         for conn in l.incoming() {
