@@ -82,12 +82,22 @@ INVENTORY = {
     "bulkhead_jwks_refreshes_total",
     "bulkhead_limits_backend_up",
     "bulkhead_limits_degraded_decisions_total",
+    "bulkhead_telemetry_dropped_spans_total",
+    "bulkhead_telemetry_exported_spans_total",
+    "bulkhead_telemetry_queued_spans",
+    "bulkhead_telemetry_metric_exports_total",
 }
 HISTOGRAMS = {
     "bulkhead_request_duration_seconds",
     "bulkhead_time_to_first_token_seconds",
     "bulkhead_queue_wait_seconds",
     "bulkhead_cache_flush_duration_seconds",
+    # the GenAI semantic conventions' instruments, Prometheus-translated (sidecar)
+    "gen_ai_server_request_duration_seconds",
+    "gen_ai_server_time_to_first_token_seconds",
+    "gen_ai_server_time_per_output_token_seconds",
+    "gen_ai_client_token_usage",
+    "bulkhead_sidecar_overhead_duration_seconds",
 }
 SERIES_NAMES = INVENTORY | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 

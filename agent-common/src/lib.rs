@@ -6,11 +6,13 @@
 #![no_std]
 #![cfg_attr(not(feature = "client"), forbid(unsafe_code))]
 
-#[cfg(any(test, feature = "client"))]
+#[cfg(any(test, feature = "client", feature = "otlp"))]
 extern crate std;
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 #[cfg(feature = "client")]
 pub mod proto;
 #[cfg(feature = "client")]

@@ -29,6 +29,39 @@ pub struct Config {
     pub cross_tenant: CrossTenantConfig,
     #[serde(default)]
     pub gpu: GpuConfig,
+    /// `[telemetry.otlp]`: these metrics over OTLP/HTTP too (off by default).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub otlp: Option<OtlpConfig>,
+}
+
+/// Where and how often the metrics are sent (`<endpoint>/v1/metrics`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/HTTP base URL, e.g. `http://otel-collector:4318`.
+    pub endpoint: String,
+    #[serde(default = "default_otlp_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_otlp_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_otlp_service")]
+    pub service_name: String,
+}
+
+fn default_otlp_interval() -> u64 {
+    15_000
+}
+fn default_otlp_timeout() -> u64 {
+    2_000
+}
+fn default_otlp_service() -> String {
+    "bulkhead-agent".into()
 }
 
 /// GPU memory attribution: NVML polling, and which workloads (pods) belong to whom.
@@ -283,6 +316,36 @@ impl Config {
             field: field.to_string(),
             message,
         };
+        if let Some(o) = &self.telemetry.otlp {
+            let uri: Result<http::Uri, _> = o.endpoint.parse();
+            match uri {
+                Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
+                _ => {
+                    return Err(invalid(
+                        "telemetry.otlp.endpoint",
+                        format!("{:?} is not an http:// URL", o.endpoint),
+                    ));
+                }
+            }
+            if o.interval_ms < 1000 {
+                return Err(invalid(
+                    "telemetry.otlp.interval_ms",
+                    "must be at least 1000".into(),
+                ));
+            }
+            if o.timeout_ms == 0 || o.timeout_ms > o.interval_ms {
+                return Err(invalid(
+                    "telemetry.otlp.timeout_ms",
+                    "must be > 0 and at most interval_ms".into(),
+                ));
+            }
+            if o.service_name.is_empty() {
+                return Err(invalid(
+                    "telemetry.otlp.service_name",
+                    "must not be empty".into(),
+                ));
+            }
+        }
         for (field, path) in [
             ("bpffs", &self.bpffs),
             ("pin_dir", &self.pin_dir),
@@ -661,5 +724,34 @@ mod tests {
         assert!(e.contains("detach_on_shutdwn"), "{e}");
         let e = err("admin_addr = \"not an address\"");
         assert!(e.contains("admin_addr"), "{e}");
+    }
+
+    #[test]
+    fn otlp_export_is_off_by_default_and_its_errors_name_the_field() {
+        assert_eq!(Config::parse("", "t").unwrap().telemetry.otlp, None);
+        let otlp = |extra: &str| {
+            format!("[telemetry.otlp]\nendpoint = \"http://collector:4318\"\n{extra}")
+        };
+        let o = Config::parse(&otlp(""), "t")
+            .unwrap()
+            .telemetry
+            .otlp
+            .unwrap();
+        assert_eq!((o.interval_ms, o.timeout_ms), (15_000, 2_000));
+        assert_eq!(o.service_name, "bulkhead-agent");
+        for (extra, field) in [
+            ("interval_ms = 999", "telemetry.otlp.interval_ms"),
+            ("timeout_ms = 0", "telemetry.otlp.timeout_ms"),
+            (
+                "interval_ms = 1000\ntimeout_ms = 1001",
+                "telemetry.otlp.timeout_ms",
+            ),
+            ("service_name = \"\"", "telemetry.otlp.service_name"),
+        ] {
+            let e = err(&otlp(extra));
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        let e = err("[telemetry.otlp]\nendpoint = \"https://c:4318\"");
+        assert!(e.contains("telemetry.otlp.endpoint"), "{e}");
     }
 }

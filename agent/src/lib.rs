@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod gpu;
 pub mod gpu_compute;
 pub mod metrics;
+pub mod otlp;
 pub mod sys;
 pub mod tagging;
 pub mod tenants;
@@ -160,7 +161,7 @@ type KeepField = fn(&mut Config, &Config);
 /// addresses (the maps, links, sockets and listeners are set up from them at start), and every
 /// `gpu.*` field (the poller thread, its source and the workload matcher are set up at start,
 /// and `gpu` in the running config must keep describing them). The one list of them.
-pub const RESTART_ONLY: [(&str, KeepField); 11] = [
+pub const RESTART_ONLY: [(&str, KeepField); 12] = [
     ("cgroup_path", |n, r| {
         n.cgroup_path.clone_from(&r.cgroup_path)
     }),
@@ -185,6 +186,9 @@ pub const RESTART_ONLY: [(&str, KeepField); 11] = [
     }),
     ("gpu.workloads", |n, r| {
         n.gpu.workloads.clone_from(&r.gpu.workloads)
+    }),
+    ("telemetry.otlp", |n, r| {
+        n.telemetry.otlp.clone_from(&r.telemetry.otlp)
     }),
 ];
 
@@ -310,6 +314,13 @@ pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
             tenants.clone(),
             event_rate.clone(),
             metrics.clone(),
+            stopped(stop_rx.clone()),
+        )));
+    }
+    if let Some(o) = &config.telemetry.otlp {
+        tasks.push(tokio::spawn(otlp::run(
+            o.clone(),
+            admin_state.clone(),
             stopped(stop_rx.clone()),
         )));
     }

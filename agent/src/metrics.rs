@@ -34,6 +34,7 @@ pub struct AgentMetrics {
     tagging_refused: Counter,
     tagging_idle_closed: Counter,
     accept_errors: Family<AcceptErrorLabels, Counter>,
+    otlp_exports: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,6 +51,11 @@ pub struct ResultLabels {
 impl AgentMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        registry.register(
+            "bulkhead_telemetry_metric_exports",
+            "OTLP exports of these metrics ([telemetry.otlp]), by result (ok, failed, timeout)",
+            m.otlp_exports.clone(),
+        );
         registry.register(
             "bulkhead_tag_requests",
             "Tagging API requests, by operation and result (ok or the error code)",
@@ -108,6 +114,19 @@ impl AgentMetrics {
     pub fn accept_error(&self, listener: &'static str, error: &'static str) {
         self.accept_errors
             .get_or_create(&AcceptErrorLabels { listener, error })
+            .inc();
+    }
+
+    /// The export results' series, at zero (once OTLP export is configured).
+    pub fn otlp_exports_init(&self) {
+        for result in ["ok", "failed", "timeout"] {
+            let _ = self.otlp_exports.get_or_create(&ResultLabels { result });
+        }
+    }
+
+    pub fn otlp_export(&self, result: &'static str) {
+        self.otlp_exports
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 

@@ -77,4 +77,9 @@ fn the_shipped_kubernetes_config_is_valid() {
     assert_eq!(config.tenants.len(), 3);
     assert!(!config.detach_on_shutdown);
     assert_eq!(config.gpu.proc_root, std::path::PathBuf::from("/host/proc"));
+    // Wired to deploy/otel-collector/.
+    assert_eq!(
+        config.telemetry.otlp.map(|o| o.endpoint).as_deref(),
+        Some("http://otel-collector.bulkhead-system.svc:4318")
+    );
 }

@@ -431,6 +431,15 @@ pub struct CacheGate {
     metrics: Metrics,
 }
 
+/// One prefix-cache flush a request made at the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushAttempt {
+    pub started: std::time::Instant,
+    pub took: Duration,
+    /// `ok`, `refused` or `failed` (as `bulkhead_cache_flushes_total`).
+    pub result: &'static str,
+}
+
 /// A request past the gate; dropping it (when the response ends) lets the gate move on.
 pub struct GatePass {
     gate: Arc<CacheGate>,
@@ -531,6 +540,18 @@ impl CacheGate {
         tenant: &str,
         deadline: Instant,
     ) -> Result<GatePass, GateError> {
+        self.enter_recording(tenant, deadline, &mut Vec::new())
+            .await
+    }
+
+    /// [`CacheGate::enter`], noting every flush this request made on the way in `flushes`
+    /// (for its trace), whether it then entered or not.
+    pub async fn enter_recording(
+        self: &Arc<Self>,
+        tenant: &str,
+        deadline: Instant,
+        flushes: &mut Vec<FlushAttempt>,
+    ) -> Result<GatePass, GateError> {
         let ticket = {
             let mut st = self.lock();
             st.seq += 1;
@@ -592,7 +613,7 @@ impl CacheGate {
                     let started = Instant::now();
                     // Cleared however this ends, including the client going away mid-flush.
                     let flushing = Flushing(self);
-                    let (ok, why) = self.flush_with_retries(deadline).await;
+                    let (ok, why) = self.flush_with_retries(deadline, flushes).await;
                     let (policy, changed) = {
                         let mut st = self.lock();
                         // A reload meanwhile may have let queued passes through: no vouching.
@@ -655,7 +676,11 @@ impl CacheGate {
     }
 
     /// Flush, retrying up to `flush_attempts`; true only when the upstream confirmed.
-    async fn flush_with_retries(&self, deadline: Instant) -> (bool, String) {
+    async fn flush_with_retries(
+        &self,
+        deadline: Instant,
+        flushes: &mut Vec<FlushAttempt>,
+    ) -> (bool, String) {
         let s = self.lock().settings.clone();
         let mut why = String::new();
         for attempt in 0..s.flush_attempts {
@@ -667,9 +692,15 @@ impl CacheGate {
             }
             let t0 = Instant::now();
             let outcome = self.flush_once(&s).await;
+            let took = t0.elapsed();
             self.metrics
                 .cache_flush_duration
-                .observe(t0.elapsed().as_secs_f64());
+                .observe(took.as_secs_f64());
+            flushes.push(FlushAttempt {
+                started: t0.into_std(),
+                took,
+                result: outcome.label(),
+            });
             self.metrics
                 .cache_flushes
                 .get_or_create(&ResultLabel {

@@ -27,6 +27,7 @@ pub mod server;
 pub mod shared_limits;
 pub mod signature;
 pub mod tagging;
+pub mod telemetry;
 pub mod upstream;
 pub mod wfq;
 

@@ -424,6 +424,7 @@ mod tests {
             priority: 0,
             trusted_engine_fields: Vec::new(),
             store_responses: false,
+            trust_traceparent: false,
         }
     }
 

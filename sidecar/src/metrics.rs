@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -180,6 +181,16 @@ pub struct Metrics {
     pub limits_degraded: Family<Action, Counter>,
     /// Commands to the shared limits backend that failed, by kind (`error`, `timeout`).
     pub limits_backend_errors: Family<KindLabel, Counter>,
+    /// The GenAI semantic conventions' histograms (served at the registry's root).
+    pub genai: Arc<crate::telemetry::genai::GenAi>,
+    /// Spans not exported, by reason (`telemetry::export::DROP_REASONS`).
+    pub telemetry_dropped_spans: Family<Reason, Counter>,
+    /// Spans the collector accepted.
+    pub telemetry_exported: Counter,
+    /// Spans waiting for export now.
+    pub telemetry_queued: Gauge,
+    /// GenAI metric exports by result (`ok`, `failed`, `timeout`).
+    pub telemetry_metric_exports: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -226,7 +237,15 @@ impl Metrics {
             limits_backend_up: Gauge::default(),
             limits_degraded: Family::default(),
             limits_backend_errors: Family::default(),
+            genai: Arc::default(),
+            telemetry_dropped_spans: Family::default(),
+            telemetry_exported: Counter::default(),
+            telemetry_queued: Gauge::default(),
+            telemetry_metric_exports: Family::default(),
         };
+        registry.register_collector(Box::new(crate::telemetry::genai::GenAiCollector(
+            m.genai.clone(),
+        )));
         let r = registry.sub_registry_with_prefix("bulkhead");
         r.register(
             "requests",
@@ -466,7 +485,43 @@ impl Metrics {
         for reason in crate::signature::AuthError::REASONS {
             let _ = m.auth_failures.get_or_create(&Reason { reason });
         }
+        r.register(
+            "telemetry_dropped_spans",
+            "Spans not exported over OTLP, by reason (queue_full, export_failed, export_timeout)",
+            m.telemetry_dropped_spans.clone(),
+        );
+        r.register(
+            "telemetry_exported_spans",
+            "Spans the OTLP collector accepted",
+            m.telemetry_exported.clone(),
+        );
+        r.register(
+            "telemetry_queued_spans",
+            "Spans waiting for OTLP export (at most telemetry.otlp.max_queue_spans)",
+            m.telemetry_queued.clone(),
+        );
+        r.register(
+            "telemetry_metric_exports",
+            "OTLP exports of the GenAI metrics, by result (ok, failed, timeout)",
+            m.telemetry_metric_exports.clone(),
+        );
+        for reason in crate::telemetry::export::DROP_REASONS {
+            let _ = m.telemetry_dropped_spans.get_or_create(&Reason { reason });
+        }
         m
+    }
+
+    /// `n` spans dropped for `reason`.
+    pub fn telemetry_dropped(&self, reason: &'static str, n: u64) {
+        self.telemetry_dropped_spans
+            .get_or_create(&Reason { reason })
+            .inc_by(n);
+    }
+
+    pub fn telemetry_metric_export(&self, result: &'static str) {
+        self.telemetry_metric_exports
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// Create the per-tenant series up front, so dashboards see zeros.

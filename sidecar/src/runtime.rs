@@ -46,6 +46,8 @@ pub struct TenantRuntime {
     pub priority: i64,
     pub trusted_engine_fields: Vec<String>,
     pub store_responses: bool,
+    /// `trust_traceparent`: a client's trace context is continued.
+    pub trust_traceparent: bool,
     /// The tenant's prices (`[cost]`), with their counters.
     pub cost: crate::cost::TenantCost,
 }
@@ -139,6 +141,8 @@ pub struct App {
     /// Which tenant each stored Responses API answer belongs to.
     pub responses: crate::responses::ResponseOwners,
     pub ready: AtomicBool,
+    /// `[telemetry.otlp]`: spans for the requests (read at start only).
+    pub tracer: Option<Arc<crate::telemetry::Tracer>>,
     /// When each (owner, seen by) pair last wrote a leak record to the owner's audit.
     leak_records: Mutex<HashMap<(String, String, &'static str), std::time::Instant>>,
 }
@@ -202,6 +206,11 @@ impl App {
             move |t| gauges.sched_gauges(t),
         );
         let body_budget = Arc::new(Semaphore::new(config.http.max_inflight_body_bytes));
+        let tracer = config
+            .telemetry
+            .otlp
+            .as_ref()
+            .map(|o| crate::telemetry::Tracer::new(o, metrics.clone()));
         let shared = match (&config.limits.backend, &config.limits.redis) {
             (crate::config::LimitsBackend::Redis, Some(r)) => Some(SharedLimits::start(
                 r.clone(),
@@ -240,6 +249,7 @@ impl App {
             },
             responses: Default::default(),
             ready: AtomicBool::new(true),
+            tracer,
             leak_records: Mutex::new(HashMap::new()),
         }))
     }
@@ -295,13 +305,14 @@ impl App {
             || old.config.auth.replay_cache_capacity != config.auth.replay_cache_capacity
             || old.config.agent.socket != config.agent.socket
             || old.config.limits != config.limits
+            || old.config.telemetry != config.telemetry
         {
             tracing::warn!(
                 "runtime.*, http.max_header_bytes, http.header_read_timeout_ms, \
                  http.drain_timeout_ms, http.max_inflight_body_bytes, http.max_connections, \
                  http.max_concurrent_streams, agent.socket (for tagging), \
                  agent.max_tagged_connections_per_tenant, auth.replay_cache_capacity and \
-                 limits.* (the limits backend) take effect only after a restart"
+                 limits.* (the limits backend) and telemetry.* take effect only after a restart"
             );
         }
         let rt = build_runtime(
@@ -509,6 +520,7 @@ fn tenant_runtime(
         priority: t.priority,
         trusted_engine_fields: t.trusted_engine_fields.clone(),
         store_responses: t.store_responses,
+        trust_traceparent: t.trust_traceparent,
         cost: crate::cost::TenantCost::new(&config.cost, name, metrics),
     }
 }

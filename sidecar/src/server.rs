@@ -166,6 +166,14 @@ pub async fn run_with(
     } else {
         None
     };
+    // Spans and GenAI metrics over OTLP: one background task; a last export at shutdown.
+    let exporter = app.tracer.as_ref().map(|t| {
+        tokio::spawn(t.exporter(
+            app.metrics.genai.clone(),
+            app.metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let kv_reporter = tokio::spawn(crate::kv::report_loop(
         app.metrics.clone(),
         app.kv_settings(),
@@ -261,6 +269,9 @@ pub async fn run_with(
     let _ = admin.await;
     let _ = reloader.await;
     let _ = kv_reporter.await;
+    if let Some(e) = exporter {
+        let _ = e.await;
+    }
     // Let the audit writer write what is buffered (it ends once the last handle is gone).
     drop(app);
     if let Some(t) = audit_thread {

@@ -49,6 +49,11 @@
 //! once per sequence generated for it (vLLM runs a sequence per choice; this is the worst case,
 //! with no prefix sharing between them) plus every token generated so far.
 //!
+//! Like vLLM with `--otlp-traces-endpoint`, it reads the W3C `traceparent` of each request:
+//! [`Sim::traceparents`] gives the last [`TRACEPARENTS_KEPT`] it received, with the request's
+//! `x-request-id`, so a test can check that the inference server's spans would join the
+//! sidecar's trace.
+//!
 //! Binaries: `bulkhead-sim` (the simulator on its own) and `bulkhead-bench` (the sidecar
 //! benchmark, run by `cargo xtask bench sidecar`).
 //!
@@ -562,6 +567,21 @@ pub struct Sim {
     flushes_ok: AtomicU64,
     flushes_refused: AtomicU64,
     kv: Mutex<std::collections::HashMap<String, TenantKv>>,
+    traceparents: Mutex<VecDeque<SeenTraceparent>>,
+}
+
+/// How many received `traceparent` headers [`Sim::traceparents`] keeps.
+pub const TRACEPARENTS_KEPT: usize = 4096;
+
+/// A `traceparent` header the simulator received (as sent, unparsed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenTraceparent {
+    /// The request's `x-request-id` (the sidecar's request id).
+    pub request_id: Option<String>,
+    pub path: String,
+    /// Every `traceparent` value of the request, in order.
+    pub traceparent: Vec<String>,
+    pub tracestate: Option<String>,
 }
 
 impl Sim {
@@ -580,7 +600,33 @@ impl Sim {
             flushes_ok: AtomicU64::new(0),
             flushes_refused: AtomicU64::new(0),
             kv: Mutex::new(Default::default()),
+            traceparents: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// The trace context of the last requests received (those with or without one).
+    pub fn traceparents(&self) -> Vec<SeenTraceparent> {
+        self.traceparents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn record_traceparent(&self, path: &str, h: &HeaderMap) {
+        let text = |v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+        let seen = SeenTraceparent {
+            request_id: h.get("x-request-id").map(text),
+            path: path.to_string(),
+            traceparent: h.get_all("traceparent").iter().map(text).collect(),
+            tracestate: h.get("tracestate").map(text),
+        };
+        let mut q = self.traceparents.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= TRACEPARENTS_KEPT {
+            q.pop_front();
+        }
+        q.push_back(seen);
     }
 
     /// What this simulator saw of one tenant's KV cache and tokens.
@@ -765,6 +811,7 @@ impl Sim {
             }
         };
         let path = parts.uri.path().to_string();
+        self.record_traceparent(&path, &parts.headers);
         self.record(RecordedRequest {
             peer,
             method: parts.method.clone(),

@@ -12,6 +12,7 @@
 //! * `bench sidecar`: the sidecar against bulkhead-sim directly and through nginx (installed
 //!   with apt-get when missing, as the plain-proxy baseline). `bench sidecar --limits redis`:
 //!   the limits backends compared (local, Redis strict, Redis leased), interleaved.
+//!   `bench sidecar --telemetry`: telemetry off, at the default sampling and at 100 %, interleaved.
 //! * `images [--profile release|dev] [--no-build]`: the `bulkhead-agent` and `bulkhead-sidecar`
 //!   images (the latter with `bulkhead-probe` too), FROM scratch, offline, with podman
 //!   (installed with apt-get when missing).
@@ -61,7 +62,7 @@ fn main() -> Result<()> {
                  demo --replicas N  N sidecars sharing limits in Redis vs local limits, admitted per tenant\n\
                  bench ebpf  loopback TCP throughput: detached, empty programs, the agent's programs\n\
                  bench agent  the agent at 1,000 tenants and 50,000 tagged sockets: scrape time, CPU, RSS, map fill\n\
-                 bench sidecar [--limits redis | --fairness | --scan | --cache-tiers]  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar (or the limits backends, the fair queue, leak scanning, cache tiers)\n\
+                 bench sidecar [--limits redis | --fairness | --scan | --cache-tiers | --telemetry]  requests/s, added latency, TTFT, CPU, RSS: direct vs nginx vs sidecar (or the limits backends, the fair queue, leak scanning, cache tiers, telemetry's cost)\n\
                  deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)\n\
                  images [--profile release|dev] [--no-build]  build the agent and sidecar images with podman\n\
                  gpu-check   on an NVIDIA GPU machine: the agent's per-tenant GPU memory against NVML's per-process figures\n\
@@ -124,6 +125,7 @@ fn build_bench_bins() -> Result<PathBuf> {
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root().join(d) })
         .unwrap_or_else(|| root().join("target"))
 }
 
@@ -302,7 +304,8 @@ fn bench_sidecar(rest: &[&str]) -> Result<()> {
         // `--limits redis` runs a redis-server beside the sidecars (and no nginx).
         setup::redis()?;
     }
-    if !limits && which("nginx").is_none() {
+    // The limits and telemetry comparisons run sidecars only (no nginx).
+    if !limits && !rest.contains(&"--telemetry") && which("nginx").is_none() {
         eprintln!("bench sidecar: installing nginx (the plain-proxy baseline)");
         let installed = Command::new("apt-get")
             .args(["install", "-y", "-q", "nginx-light"])

@@ -68,6 +68,69 @@ pub struct Config {
     /// Prices per million tokens, for `bulkhead_cost_total` and the audit log's `cost`.
     #[serde(default)]
     pub cost: CostConfig,
+    /// OpenTelemetry export (`[telemetry.otlp]`); off by default.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: traces and the GenAI metrics over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub otlp: Option<OtlpConfig>,
+}
+
+/// `[telemetry.otlp]`: where and how spans and metrics are exported (read at start only).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`): spans go to
+    /// `<endpoint>/v1/traces`, metrics to `<endpoint>/v1/metrics`.
+    pub endpoint: String,
+    /// The share of new traces sampled (0.0 ..= 1.0); a trusted client's sampled flag is
+    /// followed (parent-based).
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Spans waiting for export at most; beyond, new spans are dropped and counted.
+    #[serde(default = "default_queue_spans")]
+    pub max_queue_spans: usize,
+    /// Spans in one export request at most.
+    #[serde(default = "default_batch_spans")]
+    pub max_batch_spans: usize,
+    /// How long spans wait for a fuller batch at most.
+    #[serde(default = "default_export_interval")]
+    pub export_interval_ms: u64,
+    /// One export request's time limit; a batch that misses it is dropped and counted.
+    #[serde(default = "default_export_timeout")]
+    pub timeout_ms: u64,
+    /// How often the GenAI metrics are exported (0: traces only).
+    #[serde(default = "default_metrics_interval")]
+    pub metrics_interval_ms: u64,
+    /// The `service.name` resource attribute.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_sample_ratio() -> f64 {
+    0.1
+}
+fn default_queue_spans() -> usize {
+    4096
+}
+fn default_batch_spans() -> usize {
+    512
+}
+fn default_export_interval() -> u64 {
+    1000
+}
+fn default_export_timeout() -> u64 {
+    2000
+}
+fn default_metrics_interval() -> u64 {
+    15000
+}
+fn default_service_name() -> String {
+    "bulkhead-sidecar".into()
 }
 
 /// Leak detection: what to do about canaries, and the injection markers counted.
@@ -1173,6 +1236,11 @@ pub struct TenantConfig {
     /// store all tenants share); `store` is written `false` otherwise.
     #[serde(default)]
     pub store_responses: bool,
+    /// Whether a client's W3C `traceparent` is continued for this tenant (its spans join the
+    /// client's trace, sampled as the client says); by default a new trace is started that
+    /// links to the client's.
+    #[serde(default)]
+    pub trust_traceparent: bool,
 }
 
 /// What happens to a `/v1/` route outside the sidecar's route table.

@@ -339,3 +339,50 @@ fn body_field_settings_are_validated() {
         assert!(err(&t).contains("upstream.identity_headers"), "{bad}");
     }
 }
+
+#[test]
+fn telemetry_is_off_by_default_and_its_errors_name_the_field() {
+    let c = Config::from_toml(&base()).unwrap();
+    assert_eq!(c.telemetry.otlp, None);
+    assert!(!c.tenants["acme"].trust_traceparent);
+    let otlp = |extra: &str| {
+        base() + &format!("\n[telemetry.otlp]\nendpoint = \"http://collector:4318\"\n{extra}\n")
+    };
+    let c = Config::from_toml(&otlp("")).unwrap();
+    let o = c.telemetry.otlp.unwrap();
+    assert_eq!(o.sample_ratio, 0.1);
+    assert_eq!((o.max_queue_spans, o.max_batch_spans), (4096, 512));
+    assert_eq!(o.service_name, "bulkhead-sidecar");
+    for (extra, field) in [
+        ("sample_ratio = 1.5", "telemetry.otlp.sample_ratio"),
+        ("sample_ratio = -0.1", "telemetry.otlp.sample_ratio"),
+        ("max_queue_spans = 0", "telemetry.otlp.max_queue_spans"),
+        (
+            "max_queue_spans = 10\nmax_batch_spans = 11",
+            "telemetry.otlp.max_batch_spans",
+        ),
+        ("timeout_ms = 0", "telemetry.otlp.timeout_ms"),
+        (
+            "export_interval_ms = 0",
+            "telemetry.otlp.export_interval_ms",
+        ),
+        ("service_name = \"\"", "telemetry.otlp.service_name"),
+    ] {
+        let e = Config::from_toml(&otlp(extra)).unwrap_err().to_string();
+        assert!(e.contains(field), "{extra}: {e}");
+    }
+    for endpoint in [
+        "https://collector:4318",
+        "collector:4318",
+        "http://c:4318/?a=b",
+    ] {
+        let bad = base() + &format!("\n[telemetry.otlp]\nendpoint = \"{endpoint}\"\n");
+        let e = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("telemetry.otlp.endpoint"), "{endpoint}: {e}");
+    }
+    let trusted = base().replace(
+        "requests_per_minute = 10",
+        "requests_per_minute = 10\ntrust_traceparent = true",
+    );
+    assert!(Config::from_toml(&trusted).unwrap().tenants["acme"].trust_traceparent);
+}

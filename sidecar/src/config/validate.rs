@@ -330,6 +330,51 @@ impl Config {
                 ));
             }
         }
+        if let Some(o) = &self.telemetry.otlp {
+            self.validate_otlp(o)?;
+        }
+        Ok(())
+    }
+
+    fn validate_otlp(&self, o: &super::OtlpConfig) -> Result<(), ConfigError> {
+        let f = |x: &str| format!("telemetry.otlp.{x}");
+        let uri: http::Uri = o
+            .endpoint
+            .parse()
+            .map_err(|e| invalid(f("endpoint"), format!("not a URL: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(invalid(
+                f("endpoint"),
+                "only http:// is supported (OTLP/HTTP to a collector beside the sidecar)",
+            ));
+        }
+        if uri.authority().is_none() {
+            return Err(invalid(f("endpoint"), "missing host"));
+        }
+        if uri.query().is_some() {
+            return Err(invalid(f("endpoint"), "must not have a query"));
+        }
+        if !(0.0..=1.0).contains(&o.sample_ratio) {
+            return Err(invalid(f("sample_ratio"), "must be between 0.0 and 1.0"));
+        }
+        if o.max_queue_spans == 0 || o.max_queue_spans > 1_000_000 {
+            return Err(invalid(f("max_queue_spans"), "must be 1-1000000"));
+        }
+        if o.max_batch_spans == 0 || o.max_batch_spans > o.max_queue_spans {
+            return Err(invalid(
+                f("max_batch_spans"),
+                "must be > 0 and at most max_queue_spans",
+            ));
+        }
+        if o.export_interval_ms == 0 {
+            return Err(invalid(f("export_interval_ms"), "must be > 0"));
+        }
+        if o.timeout_ms == 0 {
+            return Err(invalid(f("timeout_ms"), "must be > 0"));
+        }
+        if o.service_name.is_empty() || o.service_name.len() > 256 {
+            return Err(invalid(f("service_name"), "must be 1-256 characters"));
+        }
         Ok(())
     }
 

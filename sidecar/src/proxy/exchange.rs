@@ -9,7 +9,10 @@ use crate::kv::KvCharge;
 use crate::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
 use crate::runtime::{App, TenantRuntime};
 use crate::shared_limits::Grant;
+use crate::telemetry::RequestTrace;
+use crate::telemetry::genai::{Instrument, Series};
 use crate::wfq::Permit;
+use agent_common::otlp::{self, Attr};
 use http::{HeaderValue, Method, StatusCode};
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
@@ -164,6 +167,16 @@ pub struct Exchange {
     pub leak_blocked: bool,
     pub meter: Meter,
     pub end: End,
+    /// The route, once classified (names the span and the GenAI operation).
+    pub route_kind: Option<super::Route>,
+    /// Spans of this request (inert without `[telemetry.otlp]`).
+    pub trace: RequestTrace,
+    /// Time spent at the cache gate (with `queue_wait`, not the sidecar's own overhead).
+    pub gate_wait: Option<Duration>,
+    /// When the request was handed to the upstream client.
+    pub sent_at: Option<Instant>,
+    /// When the upstream's response head arrived (the meter phase starts).
+    pub meter_start: Option<Instant>,
 }
 
 impl Exchange {
@@ -172,14 +185,17 @@ impl Exchange {
         method: Method,
         route: String,
         client_request_id: Option<String>,
+        headers: &http::HeaderMap,
     ) -> Self {
         let request_id = app.request_id();
+        let t0 = Instant::now();
+        let trace = RequestTrace::new(app.tracer.as_ref(), headers, t0);
         Self {
             request_id_header: HeaderValue::from_str(&request_id)
                 .expect("a request id is hex digits"),
             request_id,
             app,
-            t0: Instant::now(),
+            t0,
             client_request_id,
             method,
             route,
@@ -200,6 +216,11 @@ impl Exchange {
             leak_blocked: false,
             meter: Meter::default(),
             end: End::Pending,
+            route_kind: None,
+            trace,
+            gate_wait: None,
+            sent_at: None,
+            meter_start: None,
         }
     }
 
@@ -371,8 +392,9 @@ impl Exchange {
             ),
         };
         self.record_leaks(status.as_u16());
-        let m = &self.app.metrics;
         let elapsed = self.t0.elapsed();
+        self.telemetry(status, reason, usage, elapsed);
+        let m = &self.app.metrics;
         let mut charged = None;
         match &self.tenant {
             Some(t) => {
@@ -478,6 +500,191 @@ impl Exchange {
             cost: charged.as_ref().map(|c| c.cost),
             price_model: charged.map(|c| c.price_model),
         });
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `gen_ai.operation.name` of a route (semconv 1.38.0), for the GenAI routes.
+fn operation(route: Option<super::Route>) -> Option<&'static str> {
+    use super::{Api, Route};
+    match route? {
+        Route::Generate(Api::Chat) => Some("chat"),
+        Route::Generate(Api::Completions) => Some("text_completion"),
+        Route::Generate(Api::Responses) => Some("generate_content"),
+        Route::Encode(crate::schema::Body::Embeddings) => Some("embeddings"),
+        _ => None,
+    }
+}
+
+/// `http.route`: the route's template (never a client's id or an unknown path).
+fn route_template(route: Option<super::Route>, path: &str) -> Option<&'static str> {
+    use super::Route;
+    match route? {
+        Route::StoredResponse => Some("/v1/responses/{response_id}"),
+        Route::Unknown => None,
+        _ => super::ROUTES
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(p, _)| *p),
+    }
+}
+
+impl Exchange {
+    /// The GenAI metrics and this request's spans (the finish step's part for telemetry).
+    fn telemetry(
+        &mut self,
+        status: StatusCode,
+        reason: Option<&'static str>,
+        usage: Option<Usage>,
+        elapsed: Duration,
+    ) {
+        let op = operation(self.route_kind);
+        // `error.type`: the refusal or cut's code, or the class of an upstream error status.
+        let reason = reason.or(match status.as_u16() {
+            500.. => Some("upstream_5xx"),
+            400.. => Some("upstream_4xx"),
+            _ => None,
+        });
+        if let (Some(t), Some(op)) = (&self.tenant, op) {
+            let g = &self.app.metrics.genai;
+            let series = |instrument, kind| Series {
+                instrument,
+                tenant: t.name.clone(),
+                operation: op,
+                kind,
+            };
+            g.observe(
+                series(Instrument::RequestDuration, reason.unwrap_or("")),
+                elapsed.as_secs_f64(),
+            );
+            if let Some(ttft) = self.meter.ttft {
+                g.observe(series(Instrument::TimeToFirstToken, ""), ttft.as_secs_f64());
+                if let Some(u) = usage
+                    && self.stream
+                    && u.completion >= 2
+                {
+                    let per =
+                        elapsed.saturating_sub(ttft).as_secs_f64() / (u.completion - 1) as f64;
+                    g.observe(series(Instrument::TimePerOutputToken, ""), per);
+                }
+            }
+            if let Some(u) = usage {
+                g.observe(series(Instrument::TokenUsage, "input"), u.prompt as f64);
+                g.observe(
+                    series(Instrument::TokenUsage, "output"),
+                    u.completion as f64,
+                );
+                g.observe(
+                    series(Instrument::TokenUsage, "cache_read"),
+                    u.cached as f64,
+                );
+            }
+            if let Some(sent) = self.sent_at {
+                let waited =
+                    self.gate_wait.unwrap_or_default() + self.queue_wait.unwrap_or_default();
+                let own = sent
+                    .saturating_duration_since(self.t0)
+                    .saturating_sub(waited);
+                g.observe(series(Instrument::Overhead, ""), own.as_secs_f64());
+            }
+        }
+        if !self.trace.on() {
+            return;
+        }
+        // Decided by now (a request never authenticated: a new trace); nothing more to build
+        // for one that is not sampled.
+        self.trace.decide(false);
+        if self.trace.sampled() != Some(true) {
+            return;
+        }
+        if let Some(start) = self.meter_start {
+            let cut = self.meter.cut.is_some() || self.leak_blocked;
+            self.trace.phase("meter", Some(start), cut);
+        }
+        let blocked = reason == Some("canary_blocked");
+        for h in &self.leaks {
+            let mut attrs = vec![
+                otlp::attr("bulkhead.guardrail.kind", h.kind.as_str()),
+                otlp::attr("bulkhead.guardrail.where", h.seen.as_str()),
+                otlp::attr(
+                    "bulkhead.guardrail.action",
+                    if blocked && h.kind == crate::leaks::Kind::Canary {
+                        "blocked"
+                    } else {
+                        "recorded"
+                    },
+                ),
+            ];
+            // A marker's label is configuration text: only a tenant names an owner.
+            if h.kind != crate::leaks::Kind::Marker {
+                attrs.push(otlp::attr("bulkhead.guardrail.owner", h.owner.to_string()));
+            }
+            self.trace.event("gen_ai.guardrail.result", attrs);
+        }
+        let mut a: Vec<Attr> = Vec::with_capacity(20);
+        a.push(otlp::attr(
+            "http.request.method",
+            self.method.as_str().to_string(),
+        ));
+        a.push(otlp::attr(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        ));
+        if let Some(r) = route_template(self.route_kind, &self.route) {
+            a.push(otlp::attr("http.route", r));
+        }
+        a.push(otlp::attr("bulkhead.request_id", self.request_id.clone()));
+        if let Some(op) = op {
+            a.push(otlp::attr("gen_ai.operation.name", op));
+        }
+        // The client's model name, cut as the served one is (a span is no place for 64 KiB).
+        let model = self.model.as_deref().map(|m| cut(m, MAX_MODEL).to_string());
+        if let Some(m) = &model {
+            a.push(otlp::attr("gen_ai.request.model", m.clone()));
+        }
+        if let Some(m) = &self.meter.served_model {
+            a.push(otlp::attr("gen_ai.response.model", m.clone()));
+        }
+        if let Some(u) = usage {
+            a.push(otlp::attr("gen_ai.usage.input_tokens", u.prompt));
+            a.push(otlp::attr("gen_ai.usage.output_tokens", u.completion));
+            a.push(otlp::attr("gen_ai.usage.cache_read.input_tokens", u.cached));
+        }
+        if let Some(t) = &self.tenant {
+            a.push(otlp::attr("bulkhead.tenant", t.name.to_string()));
+        }
+        if let Some(k) = &self.key_id {
+            a.push(otlp::attr("bulkhead.key_id", k.clone()));
+        }
+        if self.stream {
+            a.push(otlp::attr("bulkhead.stream", true));
+        }
+        if let Some(r) = self.reserved {
+            a.push(otlp::attr("bulkhead.tokens.reserved", r));
+        }
+        if let End::Refused(r) = &self.end {
+            a.push(otlp::attr("bulkhead.refusal.code", r.code));
+        }
+        if let Some(r) = reason {
+            a.push(otlp::attr("error.type", r));
+        }
+        let name = match (op, &model) {
+            (Some(op), Some(m)) => format!("{op} {m}"),
+            (Some(op), None) => op.to_string(),
+            (None, _) => match route_template(self.route_kind, &self.route) {
+                Some(r) => format!("{} {r}", self.method),
+                None => self.method.to_string(),
+            },
+        };
+        self.trace.finish(name, a, reason);
     }
 }
 

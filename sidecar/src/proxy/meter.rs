@@ -385,6 +385,7 @@ pub async fn respond(
 ) -> Response<ProxyBody> {
     let (mut parts, mut body) = resp.into_parts();
     ex.end = End::Answered(parts.status);
+    ex.meter_start = ex.trace.now();
     // The request body is long gone upstream.
     ex.body_bytes.take();
     strip_hop_by_hop(&mut parts.headers);

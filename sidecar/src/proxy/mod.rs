@@ -63,6 +63,7 @@ pub async fn handle(
         req.method().clone(),
         req.uri().path().to_string(),
         client_request_id(req.headers()),
+        req.headers(),
     );
     let request_id = ex.request_id_header.clone();
     let mut resp = match proxy(&mut ex, &conn, req).await {
@@ -101,14 +102,24 @@ async fn proxy(
 ) -> Result<Forward, Refusal> {
     let rt = ex.app.runtime();
     let route = classify(req.method(), req.uri().path())?;
+    ex.route_kind = Some(route);
     let (parts, body) = req.into_parts();
-    let (credential, tenant) = authenticate(ex, &rt, &parts)?;
+    let t = ex.trace.now();
+    let r = authenticate(ex, &rt, &parts);
+    ex.trace.phase("authenticate", t, r.is_err());
+    let (credential, tenant) = r?;
     let scope = credential.scope().clone();
     check_route(route, parts.uri.path(), &tenant, &scope)?;
-    let body = read_body(ex, &rt, &parts, body).await?;
+    let t = ex.trace.now();
+    let body = read_body(ex, &rt, &parts, body).await;
+    ex.trace.phase("read_body", t, body.is_err());
+    let body = body?;
     let (verified, nonce) = match credential {
         Credential::Signed(pending) => {
-            let (v, nonce) = verify_body(ex, &rt, pending, &body, &tenant).await?;
+            let t = ex.trace.now();
+            let r = verify_body(ex, &rt, pending, &body, &tenant).await;
+            ex.trace.phase("verify_digest", t, r.is_err());
+            let (v, nonce) = r?;
             (
                 Verified {
                     key_id: v.key_id,
@@ -129,11 +140,25 @@ async fn proxy(
     // Attributed to the tenant only once everything verified.
     ex.key_id = Some(verified.key_id.clone());
     ex.tenant = Some(tenant.clone());
-    let info = inspect_body(ex, &rt, route, &tenant, &scope, &parts, body)?;
-    scan_prompt(ex, &rt, &tenant, &info)?;
-    stored_responses(ex, &tenant, &info).await?;
-    admit(ex, &rt, &tenant, &info, nonce).await?;
+    // The trace: the client's continued only for a tenant trusted to.
+    ex.trace.decide(tenant.trust_traceparent);
+    let t = ex.trace.now();
+    let info = async {
+        let info = inspect_body(ex, &rt, route, &tenant, &scope, &parts, body)?;
+        scan_prompt(ex, &rt, &tenant, &info)?;
+        stored_responses(ex, &tenant, &info).await?;
+        Ok(info)
+    }
+    .await;
+    ex.trace.phase("inspect", t, info.is_err());
+    let info = info?;
+    let t = ex.trace.now();
+    let r = admit(ex, &rt, &tenant, &info, nonce).await;
+    ex.trace.phase("limits", t, r.is_err());
+    r?;
+    let t = ex.trace.now();
     tag_client(ex, conn, &tenant).await;
+    ex.trace.phase("tag", t, false);
     let ask = crate::wfq::Ask {
         prompt: info.prompt_estimate,
         completion_reserve: info.completion_reserve,
@@ -644,19 +669,44 @@ async fn wait_turn(
     let _waiting = scopeguard(move || {
         queued.dec();
     });
+    let t = ex.trace.now();
+    let started = std::time::Instant::now();
+    let mut flushes = Vec::new();
     let gate = ex
         .app
         .gate
-        .enter(&tenant.name, deadline)
-        .await
-        .map_err(Refusal::gate)?;
+        .enter_recording(&tenant.name, deadline, &mut flushes)
+        .await;
+    ex.gate_wait = Some(started.elapsed());
+    if t.is_some() {
+        // Each prefix-cache flush this request made, as an event of the gate's span.
+        let events = flushes
+            .iter()
+            .map(|f| agent_common::otlp::Event {
+                time_unix_nano: ex.trace.unix(f.started),
+                name: "bulkhead.cache.flush".into(),
+                attrs: vec![
+                    agent_common::otlp::attr("bulkhead.cache.flush.result", f.result),
+                    agent_common::otlp::attr(
+                        "bulkhead.cache.flush.duration_ms",
+                        f.took.as_secs_f64() * 1e3,
+                    ),
+                ],
+            })
+            .collect();
+        let attrs = vec![agent_common::otlp::attr(
+            "bulkhead.cache.flushes",
+            flushes.len() as u64,
+        )];
+        ex.trace
+            .phase_with("cache_gate", t, gate.is_err(), attrs, events);
+    }
+    let gate = gate.map_err(Refusal::gate)?;
     let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let (permit, waited) = ex
-        .app
-        .sched
-        .acquire(&tenant.name, ask, timeout)
-        .await
-        .map_err(Refusal::queue)?;
+    let t = ex.trace.now();
+    let r = ex.app.sched.acquire(&tenant.name, ask, timeout).await;
+    ex.trace.phase("fair_queue", t, r.is_err());
+    let (permit, waited) = r.map_err(Refusal::queue)?;
     tenant.metrics.queue_wait.observe(waited.as_secs_f64());
     ex.queue_wait = Some(waited);
     Ok((permit, gate))
@@ -677,7 +727,7 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
 
 /// Phase: the request as the upstream gets it.
 fn upstream_request(
-    ex: &Exchange,
+    ex: &mut Exchange,
     rt: &Runtime,
     conn: &ConnCtx,
     parts: Parts,
@@ -718,6 +768,16 @@ fn upstream_request(
         );
     }
     h.insert("x-request-id", ex.request_id_header.clone());
+    // The trace context is the sidecar's: the upstream's spans join the sidecar's trace, never
+    // one a client named (a trusted tenant's trace is continued through the sidecar's span).
+    h.remove("traceparent");
+    h.remove("tracestate");
+    if let Some((parent, state)) = ex.trace.upstream() {
+        h.insert("traceparent", parent);
+        if let Some(state) = state {
+            h.insert("tracestate", state);
+        }
+    }
     // Identity headers that routers and engines behind the sidecar read: the verified tenant,
     // never the client's.
     let tenant = ex
@@ -767,7 +827,13 @@ async fn forward(
     let timeout = Duration::from_millis(rt.config.upstream.response_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
     ex.forwarded = true;
-    match tokio::time::timeout_at(deadline, tenant.client.request(up)).await {
+    ex.sent_at = Some(std::time::Instant::now());
+    let answer = tokio::time::timeout_at(deadline, tenant.client.request(up)).await;
+    ex.trace.upstream_done(match &answer {
+        Ok(Ok(resp)) => Some(resp.status().as_u16()),
+        _ => None,
+    });
+    match answer {
         Ok(Ok(resp)) => Ok(Forward {
             resp,
             strip_usage,

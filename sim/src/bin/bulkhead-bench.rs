@@ -5,7 +5,8 @@
 //! `cargo xtask bench sidecar` builds release binaries and runs
 //! `target/release/bulkhead-bench --bin-dir target/release`.
 //! `--limits redis` compares the limits backends instead (local, Redis strict, Redis leased),
-//! `--cache-tiers` the prefix-cache isolation tiers.
+//! `--cache-tiers` the prefix-cache isolation tiers, `--telemetry` the cost of OpenTelemetry
+//! (off, default sampling, 100 %).
 //! Load is generated here, in Rust, only to 127.0.0.1.
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,8 @@ mod proxy;
 use proxy::{Body, Kind, load, request};
 #[path = "../bench_scan.rs"]
 mod scan;
+#[path = "../bench_telemetry.rs"]
+mod telemetry;
 
 use anyhow::{Context, bail};
 use base64::Engine;
@@ -89,9 +92,14 @@ struct Args {
     /// runs the sidecar with `local`, `redis` strict and `redis` leased limits, interleaved.
     #[arg(long)]
     limits: Option<String>,
-    /// Rounds of the interleaved --limits comparison (each runs every backend once).
+    /// Rounds of the interleaved --limits or --telemetry comparison (each runs every variant
+    /// once).
     #[arg(long, default_value_t = 3)]
     limits_rounds: usize,
+    /// Instead: the cost of `[telemetry.otlp]` per request: the sidecar with telemetry off, at
+    /// the default sampling and at 100 %, interleaved, exporting to a local OTLP sink.
+    #[arg(long)]
+    telemetry: bool,
     /// Instead: a demo of N sidecar replicas of one model, first with local limits, then
     /// sharing them through a redis-server; prints each tenant's admitted totals.
     #[arg(long)]
@@ -1055,6 +1063,11 @@ fn main() -> anyhow::Result<()> {
     }
     if args.cache_tiers {
         let r = cache_tiers(&args, &bin_dir, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return r;
+    }
+    if args.telemetry {
+        let r = telemetry::run(&args, &bin_dir, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         return r;
     }
