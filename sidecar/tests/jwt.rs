@@ -532,8 +532,17 @@ async fn jwks_url_rotation_and_an_unreachable_idp_keeps_cached_keys() {
     // periodic one is 10 minutes away).
     *doc.lock().unwrap() = s.jwks(&["a", "b"]);
     wait_status(&h, b, StatusCode::OK, "rotated key").await;
-    // The IdP was asked once at start and once per early refresh, not in a loop.
-    assert!(fetched() <= 10, "{} fetches", fetched());
+    // The IdP was asked once at start and once per early refresh, not in a loop: over a
+    // quiet half second (no unknown kid, the periodic refresh 10 minutes away) it is asked at
+    // most once more (a nudge left pending by the last refused request). (A window in which
+    // nothing may happen, not a wait for a condition.)
+    let quiet = fetched();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        fetched() <= quiet + 1,
+        "{} fetches with nothing asking",
+        fetched() - quiet
+    );
     let oks = "bulkhead_jwks_refreshes_total{result=\"ok\"}";
     let errors = "bulkhead_jwks_refreshes_total{result=\"error\"}";
     let unknown_kid = {
@@ -574,10 +583,16 @@ async fn jwks_url_rotation_and_an_unreachable_idp_keeps_cached_keys() {
     // retried after jwks_min_refresh_ms, not at once.
     server.abort();
     let _ = server.await;
-    let before = h.metric(errors).await.unwrap_or(0.0);
     failed_fetches(2.0).await;
+    // Over half a second, at most one retry per jwks_min_refresh_ms (100 ms here).
+    let before = h.metric(errors).await.unwrap_or(0.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let after = h.metric(errors).await.unwrap_or(0.0);
-    assert!(after - before <= 10.0, "{} failed fetches", after - before);
+    assert!(
+        after - before <= 7.0,
+        "{} failed fetches in 500 ms",
+        after - before
+    );
     expect_ok(&h, a, "cached key a").await;
     expect_ok(&h, b, "cached key b").await;
     h.shutdown().await;
