@@ -390,8 +390,15 @@ fn serve(a: RunArgs) -> anyhow::Result<ExitCode> {
             sighup: true,
             ..Default::default()
         };
-        bulkhead_sidecar::run_with(listener, admin, config, opts, shutdown_signal()).await?;
-        anyhow::Ok(ExitCode::SUCCESS)
+        match bulkhead_sidecar::run_with(listener, admin, config, opts, shutdown_signal()).await {
+            // A key file or a setting only read at start (the audit's hash key, the salt key):
+            // a configuration error like the ones found above.
+            Err(bulkhead_sidecar::SidecarError::Config(e)) => {
+                tracing::error!(error = %e, "bad configuration");
+                Ok(ExitCode::from(EX_CONFIG))
+            }
+            r => r.map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        }
     })
 }
 

@@ -80,24 +80,11 @@ pub async fn run(
 }
 
 fn audit_key(config: &Config, opts: &Options) -> Result<Vec<u8>, SidecarError> {
-    use base64::Engine;
     if let Some(k) = &opts.audit_key {
         return Ok(k.clone());
     }
     if let Some(p) = &config.audit.hash_key_file {
-        let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Invalid {
-            field: "audit.hash_key_file".into(),
-            message: format!("cannot read {}: {e}", p.display()),
-        })?;
-        return base64::engine::general_purpose::STANDARD
-            .decode(text.trim())
-            .map_err(|_| {
-                ConfigError::Invalid {
-                    field: "audit.hash_key_file".into(),
-                    message: "not valid base64".into(),
-                }
-                .into()
-            });
+        return Ok(crate::config::read_key_file(p, "audit.hash_key_file")?);
     }
     use ring::rand::SecureRandom;
     let mut k = vec![0u8; 32];

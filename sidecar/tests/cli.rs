@@ -100,3 +100,57 @@ fn check_config_names_the_bad_field() {
     assert!(out.status.success());
     bulkhead_sidecar::Config::from_toml(&String::from_utf8(out.stdout).unwrap()).unwrap();
 }
+
+/// An audit hash key file that is empty (or under 16 bytes) stops the sidecar at start, naming
+/// the field: an empty key would make prompt hashes anyone can recompute.
+#[test]
+fn a_short_audit_hash_key_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
+    for (content, why) in [("", "empty"), ("MDEyMzQ1Njc4OWFiY2Rl\n", "15 bytes")] {
+        let hash_key = dir.path().join("hash");
+        std::fs::write(&hash_key, content).unwrap();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[upstream]\nurl = \"http://127.0.0.1:1\"\n[listen]\naddr = \"127.0.0.1:0\"\n\
+                 admin_addr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\nhash_key_file = \"{}\"\n\
+                 [tenants.acme]\n[[keys]]\nid = \"gw\"\nsecret_files = [\"{}\"]\ntenants = [\"*\"]\n",
+                dir.path().display(),
+                hash_key.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        // A sidecar that starts anyway is killed at the deadline, and the test fails.
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        // The log goes to standard output or error, as the subscriber writes it.
+        let err = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(78), "{why}: {err}");
+        assert!(
+            err.contains("audit.hash_key_file") && err.contains("shorter than 16 bytes"),
+            "{why}: {err}"
+        );
+    }
+}

@@ -27,6 +27,21 @@ pub enum ConfigError {
     Invalid { field: String, message: String },
 }
 
+/// A key file as a Kubernetes Secret mounts it: base64, surrounding whitespace ignored, at
+/// least 16 bytes once decoded (an empty or short key would make an HMAC anyone can forge).
+pub fn read_key_file(p: &std::path::Path, field: &str) -> Result<Vec<u8>, ConfigError> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| invalid(field, format!("cannot read {}: {e}", p.display())))?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| invalid(field, "not valid base64"))?;
+    if key.len() < 16 {
+        return Err(invalid(field, "key shorter than 16 bytes"));
+    }
+    Ok(key)
+}
+
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
@@ -1374,20 +1389,11 @@ impl Config {
 
     /// Read the salt key (base64, >= 16 bytes) when one is configured.
     pub fn load_salt_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
-        use base64::Engine;
-        let Some(p) = &self.cache.salt_key_file else {
-            return Ok(None);
-        };
-        let field = "cache.salt_key_file";
-        let text = std::fs::read_to_string(p)
-            .map_err(|e| invalid(field, format!("cannot read {}: {e}", p.display())))?;
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(text.trim())
-            .map_err(|_| invalid(field, "not valid base64"))?;
-        if key.len() < 16 {
-            return Err(invalid(field, "key shorter than 16 bytes"));
-        }
-        Ok(Some(key))
+        self.cache
+            .salt_key_file
+            .as_deref()
+            .map(|p| read_key_file(p, "cache.salt_key_file"))
+            .transpose()
     }
 
     /// Each tenant's audit sealing keys (`tenants.<name>.audit_key_file`).
