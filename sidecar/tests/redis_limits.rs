@@ -5,6 +5,10 @@
 //! environment variable a missing `redis-server` fails instead.
 
 mod common;
+use bulkhead_sidecar::config::{LimitsMode, RedisLimitsConfig};
+use bulkhead_sidecar::limits::{LimitKind, LimitNumbers, SharedClock};
+use bulkhead_sidecar::metrics::Metrics;
+use bulkhead_sidecar::shared_limits::{Grant, SharedError, SharedLimits, SharedTenant, scripts};
 use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode, Uri};
@@ -1044,6 +1048,14 @@ async fn limits_hold_on_a_three_master_cluster() {
         Some(2.0),
         "the nonce and the admission"
     );
+    // Not one command was sent to it (each would have failed: keys of other nodes, or of
+    // two hash tags in one script).
+    assert_eq!(
+        wrong
+            .metric("bulkhead_limits_backend_errors_total{kind=\"error\"}")
+            .await,
+        Some(0.0)
+    );
     wrong.shutdown().await;
     for h in hs {
         h.shutdown().await;
@@ -1204,4 +1216,514 @@ async fn a_stored_response_is_the_same_tenants_on_every_replica() {
     for h in hs {
         h.shutdown().await;
     }
+}
+
+/// A rate header of `p` as a number.
+fn header_u64(p: &http::response::Parts, name: &str) -> Option<u64> {
+    p.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Leased mode with 4 expected replicas: a replica's lease is the smaller of the configured
+/// lease and its share of the limit (the limit / 4), for requests and for tokens, so the
+/// replicas' leases together never hold more than the limit. The rate headers show what the
+/// replica's lease holds after the request took its own share.
+#[tokio::test]
+async fn a_lease_is_at_most_the_replicas_share_of_the_limit() {
+    if !redis_available("lease_share") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let tenants = limits_section(
+        &redis.url(),
+        "mode = \"leased\"\nexpected_replicas = 4\nlease_tokens = 300\nlease_requests = 30",
+        "[tenants.acme]\nrequests_per_minute = 100\ntokens_per_minute = 1000\n\
+         [tenants.globex]\nrequests_per_minute = 100\n",
+    );
+    let h = Harness::start(&tenants).await;
+    h.wait_metric("bulkhead_limits_backend_up", 1.0).await;
+    let (p, b) = h
+        .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &stream_body()))
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{b:?}");
+    // 1000 / 4 = 250 tokens (under lease_tokens = 300), 100 / 4 = 25 requests (under 30).
+    assert_eq!(header_u64(&p, "x-ratelimit-remaining-tokens"), Some(250));
+    assert_eq!(header_u64(&p, "x-ratelimit-remaining-requests"), Some(25));
+    assert_eq!(header_u64(&p, "x-ratelimit-limit-tokens"), Some(1000));
+    // A tenant with a request limit only: its first request, with no lease yet, asks Redis
+    // and takes one.
+    let (p, b) = h
+        .send_collect(h.signed("globex", Method::GET, "/v1/models", ""))
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{b:?}");
+    assert_eq!(header_u64(&p, "x-ratelimit-remaining-requests"), Some(25));
+    assert_eq!(header_u64(&p, "x-ratelimit-remaining-tokens"), None);
+    let evals = redis.calls("evalsha").await + redis.calls("eval").await;
+    assert!(evals >= 2, "{evals}");
+    h.shutdown().await;
+}
+
+/// Leased mode, a request limit only: the requests a replica leased and left unused go back to
+/// Redis after a second idle, where another replica can use them (long before the limit
+/// would give them back: one request every 30 s).
+#[tokio::test]
+async fn an_idle_lease_of_requests_goes_back_to_redis() {
+    if !redis_available("request_lease_return") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let tenants = limits_section(
+        &redis.url(),
+        "mode = \"leased\"",
+        "[tenants.acme]\nrequests_per_minute = 2\n[tenants.globex]\n",
+    );
+    let hs = replicas(2, &tenants).await;
+    for h in &hs {
+        h.wait_metric("bulkhead_limits_backend_up", 1.0).await;
+    }
+    let c = client();
+    let models = |i: usize| signed_to(hs[i].addr, "acme", Method::GET, "/v1/models", "");
+    // The first replica takes both requests of the minute: one for this request, one leased.
+    assert_eq!(c.request(models(0)).await.unwrap().status(), StatusCode::OK);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    loop {
+        let r = c.request(models(1)).await.unwrap();
+        if r.status() == StatusCode::OK {
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(json(&b)["error"]["code"], "requests");
+        assert!(
+            Instant::now() < deadline,
+            "the idle lease never went back to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "the other replica was admitted {:?} after the lease was taken",
+        started.elapsed()
+    );
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// The renewals that keep a live request's concurrency slot do not bring back the slot of a
+/// request that has finished: with one of two slots held by a stream, a second request is
+/// admitted after any number of renewals.
+#[tokio::test]
+async fn a_finished_requests_slot_stays_released_across_renewals() {
+    if !redis_available("slot_not_renewed") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let tenants = limits_section(
+        &redis.url(),
+        "concurrency_lease_ms = 600",
+        "[tenants.acme]\nmax_concurrent = 2\n[tenants.globex]\n",
+    );
+    let h = Harness::start(&tenants).await;
+    h.wait_metric("bulkhead_limits_backend_up", 1.0).await;
+    let held = h.hold_stream("acme", "long").await;
+    let models = || h.signed("acme", Method::GET, "/v1/models", "");
+    assert_eq!(h.send_collect(models()).await.0.status, StatusCode::OK);
+    // Its slot is released in Redis: the held stream's is the only one.
+    let mut conn = redis.conn().await;
+    let slots = async |conn: &mut redis::aio::MultiplexedConnection| -> u64 {
+        redis::cmd("ZCARD")
+            .arg("bulkhead:{acme}:conc")
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while slots(&mut conn).await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the finished request's slot stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two renewals of the held slot (every 200 ms; nothing else calls a script now).
+    let evals = async || redis.calls("evalsha").await + redis.calls("eval").await;
+    let before = evals().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while evals().await < before + 2 {
+        assert!(Instant::now() < deadline, "the held slot was never renewed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(slots(&mut conn).await, 1);
+    let (p, b) = h.send_collect(models()).await;
+    assert_eq!(p.status, StatusCode::OK, "{b:?}");
+    h.sim.sim.open_gate();
+    held.collect().await.unwrap();
+    h.shutdown().await;
+}
+
+/// While Redis is unreachable the replica counts the tenant's requests itself; a configuration
+/// reload that leaves the tenant's limits as they were keeps that count (a reload is no way
+/// past the limit).
+#[tokio::test]
+async fn a_reload_keeps_the_local_count_while_redis_is_down() {
+    // Nothing listens on port 1: the backend is down from the start.
+    let tenants = limits_section(
+        "redis://127.0.0.1:1/",
+        "connect_timeout_ms = 100\non_backend_failure = \"local\"",
+        "[tenants.acme]\nrequests_per_minute = 2\n[tenants.globex]\n",
+    );
+    let h = Harness::start(&tenants).await;
+    let send = || h.signed("acme", Method::GET, "/v1/models", "");
+    assert_eq!(h.send_collect(send()).await.0.status, StatusCode::OK);
+    assert_eq!(h.send_collect(send()).await.0.status, StatusCode::OK);
+    assert_eq!(
+        h.send_collect(send()).await.0.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    let changed = text.replace("[tenants.globex]\n", "[tenants.globex]\nweight = 2\n");
+    assert_ne!(text, changed);
+    h.write_config(&changed);
+    h.wait_metric("bulkhead_config_reloads_total{result=\"ok\"}", 1.0)
+        .await;
+    let (p, b) = h.send_collect(send()).await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS, "{b:?}");
+    assert_eq!(json(&b)["error"]["code"], "requests");
+    assert_eq!(h.metric("bulkhead_limits_backend_up").await, Some(0.0));
+    h.shutdown().await;
+}
+
+/// The shared limits of one replica, used directly (no HTTP), on `redis`.
+fn shared_limits(
+    redis: &RedisServer,
+    tweak: impl FnOnce(&mut RedisLimitsConfig),
+) -> std::sync::Arc<SharedLimits> {
+    let mut cfg = RedisLimitsConfig {
+        url: Some(redis.url()),
+        // Longer than any pause below: a slow Redis is not a failed one here.
+        command_timeout_ms: 5000,
+        ..RedisLimitsConfig::default()
+    };
+    tweak(&mut cfg);
+    let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+    SharedLimits::start(cfg, metrics, SharedClock::system())
+}
+
+/// Load the admission and settlement scripts, so that a paused Redis holds their first call.
+async fn load_scripts(redis: &RedisServer) {
+    let mut conn = redis.conn().await;
+    for s in [&*scripts::ADMIT, &*scripts::SETTLE] {
+        s.prepare_invoke().load_async(&mut conn).await.unwrap();
+    }
+}
+
+/// Poll `f` once (without waking anything).
+fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+}
+
+/// A request given up while Redis is slow (the client went away during the admission): the
+/// script still runs and takes a concurrency slot when Redis gets to it, and the replica
+/// releases that slot, so the tenant is not held at its limit until the slot's lease expires
+/// (a minute here).
+#[tokio::test]
+async fn an_admission_given_up_while_redis_is_slow_gives_its_slot_back() {
+    if !redis_available("cancelled_admission") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    load_scripts(&redis).await;
+    let s = shared_limits(&redis, |c| c.concurrency_lease_ms = 60_000);
+    assert!(s.wait_connected().await);
+    let one = LimitNumbers {
+        max_concurrent: Some(1),
+        ..LimitNumbers::default()
+    };
+    let t = s.tenant("acme", one);
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let given_up = tokio::time::timeout(Duration::from_millis(300), t.admit(1, None)).await;
+    assert!(given_up.is_err(), "admitted while Redis was paused");
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let grant = admitted_within(&t, deadline, "the given-up admission's slot").await;
+    // An admission dropped without an outcome (its exchange ended early) releases its slot.
+    drop(grant);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    drop(admitted_within(&t, deadline, "the dropped admission's slot").await);
+}
+
+/// Admit `t` (estimate 1) as soon as its concurrency limit lets it, before `deadline`.
+async fn admitted_within(t: &std::sync::Arc<SharedTenant>, deadline: Instant, what: &str) -> Grant {
+    loop {
+        match t.admit(1, None).await {
+            Ok(g) => return g,
+            Err(SharedError::Limit(r)) if r.kind == LimitKind::Concurrency => {}
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(Instant::now() < deadline, "{what} was never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Leased mode: two requests on one replica find its lease empty and both ask Redis; the
+/// first takes the whole bucket (its own tokens and the rest as lease), so Redis refuses the
+/// second, which is then served from that lease rather than refused while the replica holds
+/// tokens.
+#[tokio::test]
+async fn a_request_refused_by_redis_is_served_from_the_lease_another_just_took() {
+    if !redis_available("lease_after_refusal") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    load_scripts(&redis).await;
+    let s = shared_limits(&redis, |c| {
+        c.mode = LimitsMode::Leased;
+        c.lease_tokens = 1000;
+    });
+    assert!(s.wait_connected().await);
+    let t = s.tenant(
+        "acme",
+        LimitNumbers {
+            tokens_per_minute: Some(1000),
+            ..LimitNumbers::default()
+        },
+    );
+    let evals = async || redis.calls("evalsha").await + redis.calls("eval").await;
+    let before = evals().await;
+    let mut first = std::pin::pin!(t.admit(EST, None));
+    let mut second = std::pin::pin!(t.admit(EST, None));
+    // Both are sent before either answer is read.
+    assert!(poll_once(first.as_mut()).is_pending());
+    assert!(poll_once(second.as_mut()).is_pending());
+    let first = first.await.expect("the first request is admitted");
+    let second = second
+        .await
+        .expect("the second request is served from the first one's lease");
+    assert!(evals().await >= before + 2, "both asked Redis");
+    // The lease: 1000 - EST after the first request, EST less after the second.
+    assert_eq!(second.info().remaining_tokens, Some(1000 - 2 * EST));
+    drop((first, second));
+}
+
+/// Leased mode: what a request did not use goes back into the replica's lease, without a call
+/// to Redis, and the next requests are served from that lease, its requests and tokens counted
+/// down.
+#[tokio::test]
+async fn a_leased_replica_spends_and_refills_its_lease_locally() {
+    if !redis_available("lease_local") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    load_scripts(&redis).await;
+    let s = shared_limits(&redis, |c| {
+        c.mode = LimitsMode::Leased;
+        c.lease_tokens = 300;
+        c.lease_requests = 10;
+    });
+    assert!(s.wait_connected().await);
+    let t = s.tenant(
+        "acme",
+        LimitNumbers {
+            requests_per_minute: Some(100),
+            tokens_per_minute: Some(1000),
+            max_concurrent: None,
+        },
+    );
+    let remaining = |g: &Grant| (g.info().remaining_requests, g.info().remaining_tokens);
+    let first = t.admit(EST, None).await.unwrap();
+    assert_eq!(remaining(&first), (Some(10), Some(300)));
+    let evals = async || redis.calls("evalsha").await + redis.calls("eval").await;
+    let before = evals().await;
+    // It used 21 tokens: the other 88 go into the lease.
+    first.reconcile(Some(21));
+    let second = t.admit(EST, None).await.unwrap();
+    assert_eq!(remaining(&second), (Some(9), Some(300 + 88 - EST)));
+    // Refunded whole: all its tokens go back into the lease.
+    second.refund();
+    let third = t.admit(EST, None).await.unwrap();
+    assert_eq!(remaining(&third), (Some(8), Some(300 + 88 - EST)));
+    assert_eq!(evals().await, before, "Redis was asked");
+    drop(third);
+}
+
+/// Leased mode: a lease in use stays with the replica (only one left idle for a second goes
+/// back), so a replica serving a steady flow of requests asks Redis for none of them.
+#[tokio::test]
+async fn a_lease_in_use_stays_with_the_replica() {
+    if !redis_available("lease_kept") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    load_scripts(&redis).await;
+    let s = shared_limits(&redis, |c| {
+        c.mode = LimitsMode::Leased;
+        c.lease_tokens = 300;
+    });
+    assert!(s.wait_connected().await);
+    let t = s.tenant(
+        "acme",
+        LimitNumbers {
+            tokens_per_minute: Some(10_000),
+            ..LimitNumbers::default()
+        },
+    );
+    drop(t.admit(1, None).await.unwrap());
+    let evals = async || redis.calls("evalsha").await + redis.calls("eval").await;
+    let before = evals().await;
+    // A request every 50 ms for 750 ms (three lease-return rounds), each a token of the lease.
+    let end = Instant::now() + Duration::from_millis(750);
+    let mut served = 0;
+    while Instant::now() < end {
+        let g = t.admit(1, None).await.unwrap();
+        served += 1;
+        assert_eq!(
+            g.info().remaining_tokens,
+            Some(300 - served),
+            "request {served}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(evals().await, before, "Redis was asked");
+}
+
+/// The real usage replaces the reservation exactly: after a request that used 21 tokens the
+/// bucket holds the limit less 21 (plus the little that refilled since), not the whole limit.
+#[tokio::test]
+async fn the_bucket_is_charged_the_usage_not_more_nor_less() {
+    if !redis_available("exact_usage") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    // 200 a minute: the 21 tokens take 6 s to refill.
+    let tenants = limits_section(
+        &redis.url(),
+        "",
+        "[tenants.acme]\ntokens_per_minute = 200\n[tenants.globex]\n",
+    );
+    let h = Harness::start(&tenants).await;
+    h.wait_metric("bulkhead_limits_backend_up", 1.0).await;
+    let (p, b) = h
+        .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &stream_body()))
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{b:?}");
+    let mut conn = redis.conn().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b: Option<f64> = redis::cmd("HGET")
+            .arg("bulkhead:{acme}:tpm")
+            .arg("b")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if b.is_some_and(|b| (200.0 - 21.0 - 1.0..200.0 - 1.0).contains(&b)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "acme's balance {b:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.shutdown().await;
+}
+
+/// A replica starting while Redis is slow to answer waits for it (up to the connect
+/// timeout), so its first decision is the shared one.
+#[tokio::test]
+async fn a_replica_waits_for_a_slow_redis_at_start() {
+    if !redis_available("slow_start") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    load_scripts(&redis).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(500)
+        .arg("ALL")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    let s = shared_limits(&redis, |c| c.connect_timeout_ms = 10_000);
+    assert!(s.wait_connected().await);
+    let t = s.tenant(
+        "acme",
+        LimitNumbers {
+            requests_per_minute: Some(10),
+            ..LimitNumbers::default()
+        },
+    );
+    let g = t.admit(1, None).await.unwrap();
+    assert!(matches!(g, Grant::Shared(_)), "{g:?}");
+}
+
+/// A connect timeout shorter than the command timeout is a valid configuration: the replica
+/// connects.
+#[tokio::test]
+async fn a_connect_timeout_under_the_command_timeout_connects() {
+    if !redis_available("short_connect_timeout") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let s = shared_limits(&redis, |c| {
+        c.connect_timeout_ms = 50;
+        c.command_timeout_ms = 200;
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.wait_connected().await {
+        assert!(Instant::now() < deadline, "never connected");
+    }
+}
+
+/// While Redis refuses the replica (here: a password it was not given) the replica tries again
+/// with a backoff (50 ms doubling up to 1 s), not in a loop: Redis sees a handful of
+/// connections in a second and a half.
+#[tokio::test]
+async fn reconnection_attempts_back_off() {
+    if !redis_available("backoff") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    let url = format!("redis://:s3cret@127.0.0.1:{}/", redis.port);
+    let connections = async || -> u64 {
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    let before = connections().await;
+    let s = shared_limits(&redis, |_| {});
+    // Observed over a fixed window: attempts at about 0, 50, 150, 350 and 750 ms.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let n = connections().await - before - 1;
+    println!("{n} connections in 1.5 s");
+    assert!((1..=20).contains(&n), "{n} connections in 1.5 s");
+    assert!(!s.wait_connected().await);
 }

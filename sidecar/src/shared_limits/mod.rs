@@ -209,14 +209,14 @@ impl SharedLimits {
 
     /// Remember in Redis that `tenant` was handed the stored response `id`, for `ttl`. Best
     /// effort: the replica remembers it too, and an id nobody remembers is refused.
-    pub async fn record_response(&self, tenant: &str, id: &str, ttl: Duration) -> bool {
+    pub async fn record_response(&self, tenant: &str, id: &str, ttl: Duration) {
         if !self.backend.is_up() {
-            return false;
+            return;
         }
         let mut inv = scripts::RESPONSE_RECORD.prepare_invoke();
         inv.key(scripts::response_key(&self.cfg.key_prefix, tenant, id))
             .arg(ttl.as_millis() as u64);
-        self.backend.invoke::<i64>(&inv).await == Some(1)
+        self.backend.invoke::<i64>(&inv).await;
     }
 
     /// Whether Redis remembers `id` as `tenant`'s; `None` while Redis cannot answer.
@@ -813,5 +813,33 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(shown.contains("Leased"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    /// A tenant's shared limiter in a log line: which tenant, and the limits it shares; an
+    /// admission: what it reserved.
+    #[tokio::test]
+    async fn a_tenants_debug_names_it_and_its_limits() {
+        let cfg = RedisLimitsConfig {
+            url: Some("redis://127.0.0.1:1/".into()),
+            ..RedisLimitsConfig::default()
+        };
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let s = SharedLimits::start(cfg, metrics, SharedClock::system());
+        let numbers = LimitNumbers {
+            requests_per_minute: Some(42),
+            tokens_per_minute: Some(1234),
+            max_concurrent: None,
+        };
+        let shown = format!("{:?}", s.tenant("acme-7", numbers));
+        assert!(shown.contains("acme-7"), "{shown}");
+        assert!(shown.contains("42") && shown.contains("1234"), "{shown}");
+        // An admission: what it reserved.
+        let g = s
+            .tenant("globex", LimitNumbers::default())
+            .admit(77, None)
+            .await
+            .unwrap();
+        let shown = format!("{g:?}");
+        assert!(shown.contains("reserved: 77"), "{shown}");
     }
 }
