@@ -102,6 +102,19 @@ fn jwt_config(file: Option<&std::path::Path>, url: Option<&str>, extra: &str) ->
     s
 }
 
+/// A verifier as the sidecar builds one at start: tenant acme's JWT settings (`extra`
+/// appended to `[auth.jwt]`) with the keys of `s` named in `keys`.
+fn jwt_verifier(s: &Signed, keys: &[&str], extra: &str) -> bulkhead_sidecar::jwt::JwtVerifier {
+    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
+    let text = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
+        jwt_config(Some(std::path::Path::new("/unused")), None, extra)
+    );
+    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
+    let keys = KeySet::parse(s.jwks(keys).as_bytes()).unwrap();
+    JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), vec![keys.into()]).unwrap()
+}
+
 fn bearer(h: &Harness, path: &str, body: &str, token: &str) -> Request<Full<Bytes>> {
     let mut r = Request::new(Full::new(Bytes::from(body.to_string())));
     *r.method_mut() = Method::POST;
@@ -1019,25 +1032,12 @@ fn jwt_config_is_validated() {
 /// less of allowance refuses it before anything is parsed.
 #[test]
 fn a_token_of_exactly_max_token_bytes_is_taken() {
-    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
     let s = sign(
         json!({"keys": [{"name": "ed", "kty": "OKP", "kid": "ed-1"}],
         "tokens": [{"key": "ed", "claims": claims("acme")}]}),
     );
     let t = &s.tokens[0];
-    let verifier = |max: usize| {
-        let text = format!(
-            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
-            jwt_config(
-                Some(std::path::Path::new("/unused")),
-                None,
-                &format!("max_token_bytes = {max}")
-            )
-        );
-        let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
-        let keys = KeySet::parse(s.jwks(&["ed"]).as_bytes()).unwrap();
-        JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), vec![keys.into()]).unwrap()
-    };
+    let verifier = |max: usize| jwt_verifier(&s, &["ed"], &format!("max_token_bytes = {max}"));
     assert_eq!(verifier(t.len()).verify(t, now()).unwrap().tenant, "acme");
     let e = verifier(t.len() - 1).verify(t, now()).unwrap_err();
     assert_eq!(e.reason(), "malformed");
@@ -1048,7 +1048,6 @@ fn a_token_of_exactly_max_token_bytes_is_taken() {
 /// NumericDate may be a fraction (floored) but not beyond 10^15 seconds.
 #[test]
 fn time_claims_hold_at_their_edges() {
-    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
     let now = now();
     let at = |field: &'static str, v: Value| json!({"key": "ed", "claims": with(claims("acme"), |c| { c.insert(field.into(), v); })});
     let s = sign(
@@ -1059,13 +1058,7 @@ fn time_claims_hold_at_their_edges() {
             at("exp", json!(now as f64 + 300.5)), at("exp", json!(1e15)), at("exp", json!(1e300)),
         ]}),
     );
-    let text = format!(
-        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
-        jwt_config(Some(std::path::Path::new("/unused")), None, "")
-    );
-    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
-    let keys = KeySet::parse(s.jwks(&["ed"]).as_bytes()).unwrap();
-    let jwt = JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), vec![keys.into()]).unwrap();
+    let jwt = jwt_verifier(&s, &["ed"], "");
     let reason = |i: usize| match jwt.verify_uncached(&s.tokens[i], now) {
         Ok(_) => "ok",
         Err(e) => e.reason(),
@@ -1087,21 +1080,13 @@ fn time_claims_hold_at_their_edges() {
 
 #[test]
 fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
-    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
     let now = now();
     let s = sign(json!({"keys": [{"name": "ed", "kty": "OKP", "kid": "ed-1"},
                              {"name": "ec", "kty": "EC", "kid": "ec-1"}],
     "tokens": [{"key": "ed", "claims": with(claims("acme"), |c| {
         c.insert("exp".into(), json!(now + 10));
     })}]}));
-    let text = format!(
-        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
-        jwt_config(Some(std::path::Path::new("/unused")), None, "")
-    );
-    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
-    let c = cfg.auth.jwt.as_ref().unwrap();
-    let keys = KeySet::parse(s.jwks(&["ed"]).as_bytes()).unwrap();
-    let jwt = JwtVerifier::new(c, vec![keys.into()]).unwrap();
+    let jwt = jwt_verifier(&s, &["ed"], "");
     let t = &s.tokens[0];
     assert_eq!(jwt.verify(t, now).unwrap().tenant, "acme");
     // Remembered, still within exp + leeway (30 s) ...
@@ -1113,8 +1098,7 @@ fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
         "expired"
     );
     // The key set of a reload (here: without the token's key) starts afresh.
-    let keys = KeySet::parse(s.jwks(&["ec"]).as_bytes()).unwrap();
-    let reloaded = JwtVerifier::new(c, vec![keys.into()]).unwrap();
+    let reloaded = jwt_verifier(&s, &["ec"], "");
     assert_eq!(reloaded.verify(t, now).unwrap_err().reason(), "unknown_key");
 }
 
@@ -1127,7 +1111,6 @@ fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
 #[ignore = "a micro-bench: run it in a release build"]
 fn verify_cost() {
     use bulkhead_sidecar::config::{LoadedKey, TenantBinding};
-    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
     use bulkhead_sidecar::signature::{
         ReplayCache, RequestView, SignOptions, TENANT_HEADER, Verifier, sign_request,
     };
@@ -1192,13 +1175,7 @@ fn verify_cost() {
         {"key": "ec", "claims": claims("acme")},
         {"key": "ed", "claims": claims("acme")},
     ]}));
-    let text = format!(
-        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
-        jwt_config(Some(std::path::Path::new("/unused")), None, "")
-    );
-    let cfg = bulkhead_sidecar::Config::from_toml(&text).unwrap();
-    let keys = KeySet::parse(s.jwks(&["rsa", "ec", "ed"]).as_bytes()).unwrap();
-    let jwt = JwtVerifier::new(cfg.auth.jwt.as_ref().unwrap(), vec![keys.into()]).unwrap();
+    let jwt = jwt_verifier(&s, &["rsa", "ec", "ed"], "");
     for (alg, token) in ["RS256 (RSA-2048)", "ES256 (P-256)", "EdDSA (Ed25519)"]
         .iter()
         .zip(&s.tokens)
