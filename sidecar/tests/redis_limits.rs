@@ -833,24 +833,37 @@ async fn usage_is_reconciled_in_redis() {
     h.shutdown().await;
 }
 
-/// Wait (5 s at most) until `tenant`'s token balance in Redis is at least `at_least` (a full
-/// bucket's key is deleted: no key is 1000).
-async fn wait_balance(redis: &RedisServer, tenant: &str, at_least: f64) {
+/// `tenant`'s token balance in Redis (`None`: no key; a full bucket's key is deleted).
+async fn balance(conn: &mut redis::aio::MultiplexedConnection, tenant: &str) -> Option<f64> {
+    redis::cmd("HGET")
+        .arg(format!("bulkhead:{{{tenant}}}:tpm"))
+        .arg("b")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+/// Wait (5 s at most) until `tenant`'s token balance in Redis satisfies `ok`.
+async fn wait_balance_until(redis: &RedisServer, tenant: &str, ok: impl Fn(Option<f64>) -> bool) {
     let mut conn = redis.conn().await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let b: Option<f64> = redis::cmd("HGET")
-            .arg(format!("bulkhead:{{{tenant}}}:tpm"))
-            .arg("b")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if (at_least..=1000.0).contains(&b.unwrap_or(1000.0)) {
+        let b = balance(&mut conn, tenant).await;
+        if ok(b) {
             return;
         }
         assert!(Instant::now() < deadline, "{tenant}'s balance {b:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Wait (5 s at most) until `tenant`'s token balance in Redis is at least `at_least` (no key
+/// is a full bucket of 1000).
+async fn wait_balance(redis: &RedisServer, tenant: &str, at_least: f64) {
+    wait_balance_until(redis, tenant, |b| {
+        (at_least..=1000.0).contains(&b.unwrap_or(1000.0))
+    })
+    .await
 }
 
 /// The upstream refuses the request (it did no work): the whole reservation goes back to
@@ -900,13 +913,11 @@ async fn idle_leases_go_back_to_redis() {
             .await;
         assert_eq!(p.status, StatusCode::OK);
         // The replica took its lease beside the request.
-        let b: f64 = redis::cmd("HGET")
-            .arg(format!("bulkhead:{{{tenant}}}:tpm"))
-            .arg("b")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(b < 1000.0 - 300.0, "{tenant}'s balance {b}");
+        let b = balance(&mut conn, tenant).await;
+        assert!(
+            b.is_some_and(|b| b < 1000.0 - 300.0),
+            "{tenant}'s balance {b:?}"
+        );
     }
     // Only the 21 tokens the simulator used stay spent.
     for tenant in ["acme", "globex"] {
@@ -1620,21 +1631,10 @@ async fn the_bucket_is_charged_the_usage_not_more_nor_less() {
         .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", &stream_body()))
         .await;
     assert_eq!(p.status, StatusCode::OK, "{b:?}");
-    let mut conn = redis.conn().await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let b: Option<f64> = redis::cmd("HGET")
-            .arg("bulkhead:{acme}:tpm")
-            .arg("b")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if b.is_some_and(|b| (200.0 - 21.0 - 1.0..200.0 - 1.0).contains(&b)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "acme's balance {b:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_balance_until(&redis, "acme", |b| {
+        b.is_some_and(|b| (200.0 - 21.0 - 1.0..200.0 - 1.0).contains(&b))
+    })
+    .await;
     h.shutdown().await;
 }
 
