@@ -375,30 +375,24 @@ impl Writer {
 
 /// `ExportTraceServiceRequest` with one resource and one scope.
 pub fn encode_traces(src: &Source, spans: &[Span]) -> Vec<u8> {
-    let mut w = Writer::default();
-    w.message(1, |w| {
-        w.resource(1, src);
-        w.message(2, |w| {
-            w.scope(1, src);
-            for s in spans {
-                w.message(2, |w| w.span(s));
-            }
-            w.str(3, src.schema_url);
-        });
-        w.str(3, src.schema_url);
-    });
-    w.buf
+    encode_export(src, spans, Writer::span)
 }
 
 /// `ExportMetricsServiceRequest` with one resource and one scope.
 pub fn encode_metrics(src: &Source, metrics: &[Metric]) -> Vec<u8> {
+    encode_export(src, metrics, Writer::metric)
+}
+
+/// Both export requests have one shape: resource (1) and scope (2) messages around the items,
+/// each item field 2 of its scope message, the schema URL field 3 of both.
+fn encode_export<T>(src: &Source, items: &[T], item: fn(&mut Writer, &T)) -> Vec<u8> {
     let mut w = Writer::default();
     w.message(1, |w| {
         w.resource(1, src);
         w.message(2, |w| {
             w.scope(1, src);
-            for m in metrics {
-                w.message(2, |w| w.metric(m));
+            for x in items {
+                w.message(2, |w| item(w, x));
             }
             w.str(3, src.schema_url);
         });
