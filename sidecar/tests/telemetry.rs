@@ -198,6 +198,17 @@ fn children(c: &Collector, parent: &Span) -> Vec<Span> {
         .collect()
 }
 
+/// `req` carrying a client's own trace context: `traceparent` and a `tracestate`.
+fn with_client_context(mut req: Request<Full<Bytes>>, traceparent: &str) -> Request<Full<Bytes>> {
+    req.headers_mut()
+        .insert("traceparent", HeaderValue::from_str(traceparent).unwrap());
+    req.headers_mut().insert(
+        "tracestate",
+        HeaderValue::from_static("vendor=client-state"),
+    );
+    req
+}
+
 fn request_id(p: &http::response::Parts) -> String {
     p.headers["x-request-id"].to_str().unwrap().to_string()
 }
@@ -233,19 +244,17 @@ isolation = "exclusive"
     let client_tp = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
 
     // 1. acme (not trusted) sends its own traceparent: a new trace, linked to the client's.
-    let mut req = h.signed(
-        "acme",
-        Method::POST,
-        "/v1/chat/completions",
-        &chat(PROMPT, ""),
-    );
-    req.headers_mut()
-        .insert("traceparent", HeaderValue::from_str(&client_tp).unwrap());
-    req.headers_mut().insert(
-        "tracestate",
-        HeaderValue::from_static("vendor=client-state"),
-    );
-    let (p, _) = h.send_collect(req).await;
+    let (p, _) = h
+        .send_collect(with_client_context(
+            h.signed(
+                "acme",
+                Method::POST,
+                "/v1/chat/completions",
+                &chat(PROMPT, ""),
+            ),
+            &client_tp,
+        ))
+        .await;
     assert_eq!(p.status, StatusCode::OK);
     let acme_id = request_id(&p);
     let span = server_span(&c, &acme_id).await;
@@ -325,19 +334,17 @@ isolation = "exclusive"
     );
 
     // 2. globex is trusted: its trace is continued, its tracestate passed on.
-    let mut req = h.signed(
-        "globex",
-        Method::POST,
-        "/v1/chat/completions",
-        &chat("hello", ""),
-    );
-    req.headers_mut()
-        .insert("traceparent", HeaderValue::from_str(&client_tp).unwrap());
-    req.headers_mut().insert(
-        "tracestate",
-        HeaderValue::from_static("vendor=client-state"),
-    );
-    let (p, _) = h.send_collect(req).await;
+    let (p, _) = h
+        .send_collect(with_client_context(
+            h.signed(
+                "globex",
+                Method::POST,
+                "/v1/chat/completions",
+                &chat("hello", ""),
+            ),
+            &client_tp,
+        ))
+        .await;
     assert_eq!(p.status, StatusCode::OK);
     let globex_id = request_id(&p);
     let span = server_span(&c, &globex_id).await;
