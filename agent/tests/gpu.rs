@@ -5,7 +5,7 @@
 use agent_common::proto::ErrorCode;
 use bulkhead_tests::harness::*;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_bulkhead-agent");
 const GIB: u64 = 1 << 30;
@@ -22,6 +22,39 @@ fn kv(m: &Metrics, tenant: &str, gpu: &str) -> u64 {
         "bulkhead_kv_cache_bytes",
         &[("tenant", tenant), ("gpu", gpu)],
     ) as u64
+}
+
+/// Alpha's dedicated pod, and the shared server's pod (tenants alpha and beta).
+const DEDICATED: &str = "/kubepods.slice/kubepods-pod11aa_22bb.slice/cri-containerd-1.scope";
+const SHARED: &str = "/kubepods.slice/kubepods-pod33cc_44dd.slice/cri-containerd-2.scope";
+
+/// A scripted `/proc` under `paths`: PID 1001 in alpha's dedicated pod, 1002 the shared
+/// server, 1003 an unknown service, and this test process in the shared server's pod (it plays
+/// that pod's sidecar: the agent reads a caller's PID from its pidfd in
+/// `<proc_root>/self/fdinfo`, so the scripted /proc's `self` is the real one). Its root.
+fn scripted_node(paths: &Paths) -> PathBuf {
+    let proc_root = paths.dir.join("proc");
+    write_cgroup(&proc_root, 1001, DEDICATED);
+    write_cgroup(&proc_root, 1002, SHARED);
+    write_cgroup(&proc_root, 1003, "/system.slice/unknown.service");
+    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
+    write_cgroup(&proc_root, std::process::id(), SHARED);
+    proc_root
+}
+
+/// The agent's configuration for [`scripted_node`]: the GPU file source `gpus` polled every
+/// 50 ms, and the two pods as workloads.
+fn node_config(paths: &Paths, gpus: &Path, proc_root: &Path) -> String {
+    paths.config("").replace(
+        "[tagging]",
+        &format!(
+            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\
+             [[gpu.workloads]]\npod_uid = \"11aa-22bb\"\ntenant = \"alpha\"\n\
+             [[gpu.workloads]]\npod_uid = \"33cc-44dd\"\nshared = true\ntenants = [\"alpha\", \"beta\"]\n\n[tagging]",
+            gpus.display(),
+            proc_root
+        ),
+    )
 }
 
 fn write_cgroup(proc_root: &Path, pid: u32, cgroup: &str) {
@@ -73,18 +106,9 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
         return;
     }
     let paths = Paths::new();
-    let proc_root = paths.dir.join("proc");
-    let dedicated = "/kubepods.slice/kubepods-pod11aa_22bb.slice/cri-containerd-1.scope";
-    let shared = "/kubepods.slice/kubepods-pod33cc_44dd.slice/cri-containerd-2.scope";
-    write_cgroup(&proc_root, 1001, dedicated);
-    write_cgroup(&proc_root, 1002, shared);
-    write_cgroup(&proc_root, 1003, "/system.slice/unknown.service");
-    // This test process plays the shared server's sidecar: it is in the same pod. The agent
-    // reads a caller's PID from its pidfd in `<proc_root>/self/fdinfo`, so the scripted /proc's
-    // `self` is the real one.
-    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
+    let proc_root = scripted_node(&paths);
+    let (dedicated, shared) = (DEDICATED, SHARED);
     let me = std::process::id();
-    write_cgroup(&proc_root, me, shared);
     let gpus = paths.dir.join("gpus.json");
     let snapshot = |extra: &str| {
         format!(
@@ -108,16 +132,7 @@ fn gpu_memory_is_attributed_to_dedicated_pods_and_split_by_kv_reports() {
         GIB
     );
     std::fs::write(&gpus, snapshot(&garbled)).unwrap();
-    let config = paths.config("").replace(
-        "[tagging]",
-        &format!(
-            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\
-             [[gpu.workloads]]\npod_uid = \"11aa-22bb\"\ntenant = \"alpha\"\n\
-             [[gpu.workloads]]\npod_uid = \"33cc-44dd\"\nshared = true\ntenants = [\"alpha\", \"beta\"]\n\n[tagging]",
-            gpus.display(),
-            proc_root
-        ),
-    ) + "[[tenants]]\nname = \"gamma\"\n";
+    let config = node_config(&paths, &gpus, &proc_root) + "[[tenants]]\nname = \"gamma\"\n";
     let agent = Agent::start(AGENT, &paths, &config);
     let m = agent.wait_for("the first attribution", |m| gpu_mem(m, "alpha", "0") > 0);
     assert_eq!(m.get("bulkhead_nvml_up", &[]), 1.0);
@@ -464,18 +479,11 @@ fn gpu_time_and_energy_are_attributed_per_tenant_and_a_shared_servers_by_its_rep
         return;
     }
     let paths = Paths::new();
-    let proc_root = paths.dir.join("proc");
-    let dedicated = "/kubepods.slice/kubepods-pod11aa_22bb.slice/cri-containerd-1.scope";
-    let shared = "/kubepods.slice/kubepods-pod33cc_44dd.slice/cri-containerd-2.scope";
-    write_cgroup(&proc_root, 1001, dedicated);
-    write_cgroup(&proc_root, 1002, shared);
-    write_cgroup(&proc_root, 1003, "/system.slice/unknown.service");
+    let proc_root = scripted_node(&paths);
     // GPU 1 runs under MPS, and its driver reports only the MPS server's samples.
     write_cgroup(&proc_root, 1009, "/system.slice/nvidia-mps.service");
     std::fs::write(proc_root.join("1009/comm"), "nvidia-cuda-mps-server\n").unwrap();
-    write_cgroup(&proc_root, 1010, dedicated);
-    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
-    write_cgroup(&proc_root, std::process::id(), shared);
+    write_cgroup(&proc_root, 1010, DEDICATED);
     let gpus = paths.dir.join("gpus.json");
     // The baseline: both GPUs idle at t = 1 s.
     let reading = |ts: u64, energy: [u64; 2], samples: [&str; 2], procs: [&str; 2]| {
@@ -499,16 +507,7 @@ fn gpu_time_and_energy_are_attributed_per_tenant_and_a_shared_servers_by_its_rep
         )
     };
     write_atomic(&gpus, &reading(1_000_000, [0, 0], ["", ""], ["", ""]));
-    let config = paths.config("").replace(
-        "[tagging]",
-        &format!(
-            "[gpu]\nsource = \"file:{}\"\npoll_interval_ms = 50\nproc_root = {:?}\n\
-             [[gpu.workloads]]\npod_uid = \"11aa-22bb\"\ntenant = \"alpha\"\n\
-             [[gpu.workloads]]\npod_uid = \"33cc-44dd\"\nshared = true\ntenants = [\"alpha\", \"beta\"]\n\n[tagging]",
-            gpus.display(),
-            proc_root
-        ),
-    );
+    let config = node_config(&paths, &gpus, &proc_root);
     let agent = Agent::start(AGENT, &paths, &config);
     let m = agent.wait_for("the baseline poll", |m| {
         m.get("bulkhead_gpu_sharing", &[("gpu", "1"), ("mode", "mps")]) == 1.0
