@@ -50,6 +50,16 @@ fn gpu(index: u32, ts: u64, energy_mj: Option<u64>) -> GpuSnapshot {
     }
 }
 
+/// The processes NVML lists on a GPU (memory not known).
+fn listed(pids: &[u32]) -> Vec<GpuProcess> {
+    pids.iter()
+        .map(|&pid| GpuProcess {
+            pid,
+            used_bytes: None,
+        })
+        .collect()
+}
+
 fn poll(a: &mut Accountant, gpus: &[GpuSnapshot], tokens: &mut TokenMix) {
     a.poll(gpus, &roles, tokens, Duration::from_secs(60));
 }
@@ -122,16 +132,7 @@ fn two_time_sliced_processes_each_get_their_own_samples() {
     let mut a = Accountant::default();
     let mut tok = TokenMix::default();
     let mut g = gpu(0, S, Some(1_000_000));
-    g.processes = vec![
-        GpuProcess {
-            pid: 100,
-            used_bytes: None,
-        },
-        GpuProcess {
-            pid: 101,
-            used_bytes: None,
-        },
-    ];
+    g.processes = listed(&[100, 101]);
     g.busy_samples = busy(0, S, 6, 100);
     g.process_samples = proc(100, 0, S, 6, 6, 100);
     poll(&mut a, &[g.clone()], &mut tok);
@@ -198,16 +199,7 @@ fn mps_reporting_only_its_server_is_unattributed_with_the_reason() {
     let mut a = Accountant::default();
     let mut tok = TokenMix::default();
     let mut g = gpu(0, S, Some(0));
-    g.processes = vec![
-        GpuProcess {
-            pid: 100,
-            used_bytes: None,
-        },
-        GpuProcess {
-            pid: 101,
-            used_bytes: None,
-        },
-    ];
+    g.processes = listed(&[100, 101]);
     poll(&mut a, &[g.clone()], &mut tok);
     g.timestamp_us = Some(2 * S);
     g.energy_mj = Some(300_000);
