@@ -109,7 +109,7 @@ pub fn run(bin_dir: Option<&Path>) -> Result<()> {
         let busy = [(POD_A, "gpu-check-a", 0.6), (POD_B, "gpu-check-b", 0.2)];
         let mut spinners = Vec::new();
         for (uid, _, fraction) in busy {
-            spinners.push(Spinner::start(&base.join(format!("pod{uid}")), fraction)?);
+            spinners.push(start_spinner(&base.join(format!("pod{uid}")), fraction)?);
         }
         let mut agent = KillOnDrop(
             Command::new(&agent_bin)
@@ -165,8 +165,8 @@ fn check_gpu_status(
     let mut ok = true;
     for (a, (_, tenant, bytes)) in allocators.iter().zip(pods) {
         let want = *nvml
-            .get(&a.pid)
-            .with_context(|| format!("nvidia-smi lists no process {}", a.pid))?;
+            .get(&a.pid())
+            .with_context(|| format!("nvidia-smi lists no process {}", a.pid()))?;
         let got: u64 = v["gpus"]
             .as_array()
             .into_iter()
@@ -177,7 +177,7 @@ fn check_gpu_status(
             .as_array()
             .into_iter()
             .flatten()
-            .find(|p| p["pid"] == a.pid)
+            .find(|p| p["pid"] == a.pid())
             .and_then(|p| p["workload"].as_str())
             .unwrap_or("not listed")
             .to_string();
@@ -216,8 +216,8 @@ fn check(allocators: &[Allocator], pods: &[(&str, &str, u64); 2]) -> Result<()> 
     let mut ok = true;
     for (a, (_, tenant, bytes)) in allocators.iter().zip(pods) {
         let want = *nvml
-            .get(&a.pid)
-            .with_context(|| format!("nvidia-smi lists no process {}", a.pid))?;
+            .get(&a.pid())
+            .with_context(|| format!("nvidia-smi lists no process {}", a.pid()))?;
         let got = gpu_bytes(&metrics, tenant);
         let ratio = got as f64 / want as f64;
         println!(
@@ -363,88 +363,56 @@ fn http_get_metrics() -> std::io::Result<String> {
     Ok(text)
 }
 
+/// A child process ended on drop: its stdin closed first (a helper's cue to exit), then killed.
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        drop(self.0.stdin.take());
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-/// A process in a cgroup holding `bytes` of GPU memory until dropped.
-struct Allocator {
-    child: KillOnDrop,
-    pid: u32,
+/// This binary run as `args` in `cgroup`, once it printed READY; stdin held open (closing it
+/// tells the helper to exit) and the process killed on drop. `what` names it in the error.
+fn start_in_cgroup(cgroup: &Path, args: &[&str], what: &str) -> Result<KillOnDrop> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
+        .arg("sh")
+        .arg(cgroup)
+        .arg(exe)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    if !line.starts_with("READY") {
+        let _ = child.kill();
+        bail!("the {what} in {} failed: {line}", cgroup.display());
+    }
+    Ok(KillOnDrop(child))
 }
+
+/// A process in a cgroup holding `bytes` of GPU memory until dropped.
+struct Allocator(KillOnDrop);
 
 impl Allocator {
     fn start(cgroup: &Path, bytes: u64) -> Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
-            .arg("sh")
-            .arg(cgroup)
-            .arg(exe)
-            .args(["gpu-alloc", &bytes.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let pid = child.id();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
-        if !line.starts_with("READY") {
-            let _ = child.kill();
-            bail!("the GPU allocator in {} failed: {line}", cgroup.display());
-        }
-        Ok(Self {
-            child: KillOnDrop(child),
-            pid,
-        })
+        start_in_cgroup(cgroup, &["gpu-alloc", &bytes.to_string()], "GPU allocator").map(Self)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.0.id()
     }
 }
 
-impl Drop for Allocator {
-    fn drop(&mut self) {
-        drop(self.child.0.stdin.take());
-    }
-}
-
-/// A process in a cgroup keeping GPU 0 busy for a fraction of every 100 ms until dropped.
-struct Spinner {
-    child: KillOnDrop,
-}
-
-impl Spinner {
-    fn start(cgroup: &Path, fraction: f64) -> Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
-            .arg("sh")
-            .arg(cgroup)
-            .arg(exe)
-            .args(["gpu-busy", &fraction.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
-        if !line.starts_with("READY") {
-            let _ = child.kill();
-            bail!("the GPU spinner in {} failed: {line}", cgroup.display());
-        }
-        Ok(Self {
-            child: KillOnDrop(child),
-        })
-    }
-}
-
-impl Drop for Spinner {
-    fn drop(&mut self) {
-        drop(self.child.0.stdin.take());
-    }
+/// A process in a cgroup keeping GPU 0 busy for `fraction` of every 100 ms until dropped.
+fn start_spinner(cgroup: &Path, fraction: f64) -> Result<KillOnDrop> {
+    start_in_cgroup(cgroup, &["gpu-busy", &fraction.to_string()], "GPU spinner")
 }
 
 /// A kernel that spins until `ns` nanoseconds of the GPU's global timer have passed (one
