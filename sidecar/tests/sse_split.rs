@@ -110,20 +110,25 @@ async fn behind_fake_upstream(tenants: &str, extra: &str) -> Harness {
     .await
 }
 
-#[tokio::test]
-async fn split_events_are_reassembled_and_usage_is_stripped_and_charged() {
-    let h = behind_fake_upstream(DEFAULT_TENANTS, "").await;
+/// Acme's streamed chat with `prompt` (which picks the fake upstream's script): answered 200,
+/// the whole text it got.
+async fn acme_stream(h: &Harness, prompt: &str) -> String {
     let r = h
         .send(h.signed(
             "acme",
             Method::POST,
             "/v1/chat/completions",
-            &chat("hi", r#","stream":true"#),
+            &chat(prompt, r#","stream":true"#),
         ))
         .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let text =
-        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn split_events_are_reassembled_and_usage_is_stripped_and_charged() {
+    let h = behind_fake_upstream(DEFAULT_TENANTS, "").await;
+    let text = acme_stream(&h, "hi").await;
     assert!(
         text.contains("\"content\":\"A\"") && text.contains("\"content\":\"B\""),
         "{text}"
@@ -150,17 +155,7 @@ async fn split_events_are_reassembled_and_usage_is_stripped_and_charged() {
 #[tokio::test]
 async fn a_stream_without_usage_is_charged_its_content_events() {
     let h = behind_fake_upstream(DEFAULT_TENANTS, "").await;
-    let r = h
-        .send(h.signed(
-            "acme",
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("no-usage", r#","stream":true"#),
-        ))
-        .await;
-    assert_eq!(r.status(), StatusCode::OK);
-    let text =
-        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let text = acme_stream(&h, "no-usage").await;
     for c in ["A", "B", "C"] {
         assert!(
             text.contains(&format!("\"content\":\"{c}\"")),
