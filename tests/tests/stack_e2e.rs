@@ -62,6 +62,23 @@ async fn the_sidecar_tags_its_sockets_and_the_agent_counts_each_tenant() {
     stack.stop().await;
 }
 
+/// A scripted `/proc` under `paths` with pod `uid`: this test process as its sidecar, `server`
+/// as its inference server. The agent reads a KV reporter's PID from its pidfd in
+/// `<proc_root>/self/fdinfo`, so the scripted /proc's `self` is the real one. Its root.
+fn shared_server_pod(paths: &Paths, uid: &str, server: u32) -> std::path::PathBuf {
+    let proc_root = paths.dir.join("proc");
+    for (pid, container) in [(std::process::id(), "sidecar"), (server, "vllm")] {
+        std::fs::create_dir_all(proc_root.join(pid.to_string())).unwrap();
+        std::fs::write(
+            proc_root.join(format!("{pid}/cgroup")),
+            format!("0::/kubepods/burstable/pod{uid}/{container}\n"),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
+    proc_root
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sidecars_kv_reports_split_the_servers_gpu_memory_in_the_agent() {
     const GIB: u64 = 1 << 30;
@@ -74,18 +91,7 @@ async fn the_sidecars_kv_reports_split_the_servers_gpu_memory_in_the_agent() {
     // (pid 4242) holds 16 GiB on GPU 0; the pod is configured as a shared server of alpha and
     // beta (only such a pod's reports are heard).
     let uid = "7e1d2c3b-4a59-4867-9a8b-7c6d5e4f3a2b";
-    let proc_root = paths.dir.join("proc");
-    for (pid, container) in [(std::process::id(), "sidecar"), (4242, "vllm")] {
-        std::fs::create_dir_all(proc_root.join(pid.to_string())).unwrap();
-        std::fs::write(
-            proc_root.join(format!("{pid}/cgroup")),
-            format!("0::/kubepods/burstable/pod{uid}/{container}\n"),
-        )
-        .unwrap();
-    }
-    // The agent reads a KV reporter's PID from its pidfd in `<proc_root>/self/fdinfo`: the
-    // scripted /proc's `self` is the real one.
-    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
+    let proc_root = shared_server_pod(&paths, uid, 4242);
     let gpus = paths.dir.join("gpus.json");
     std::fs::write(
         &gpus,
@@ -176,16 +182,7 @@ async fn a_shared_servers_gpu_time_is_split_as_the_simulator_served_each_tenant(
     }
     let paths = Paths::new();
     let uid = "7e1d2c3b-4a59-4867-9a8b-7c6d5e4f3a2c";
-    let proc_root = paths.dir.join("proc");
-    for (pid, container) in [(std::process::id(), "sidecar"), (4243, "vllm")] {
-        std::fs::create_dir_all(proc_root.join(pid.to_string())).unwrap();
-        std::fs::write(
-            proc_root.join(format!("{pid}/cgroup")),
-            format!("0::/kubepods/burstable/pod{uid}/{container}\n"),
-        )
-        .unwrap();
-    }
-    std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
+    let proc_root = shared_server_pod(&paths, uid, 4243);
     let gpus = paths.dir.join("gpus.json");
     let reading = |ts: u64, energy: u64, samples: &str| {
         format!(
