@@ -7,12 +7,17 @@
 
 use super::refusal::Refusal;
 use super::routes::{Api, Route};
+use super::scan::{self, Kind, Node};
 use crate::config::Flavor;
 use crate::schema::{Body, Class, Engine};
 use crate::scope::{Scope, quoted};
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+#[cfg(test)]
+mod reference;
 
 /// Nesting beyond this is refused (tool schemas nest, but not this deep).
 pub const MAX_DEPTH: usize = 64;
@@ -223,45 +228,84 @@ struct Tally {
 impl Tally {
     /// A prompt-bearing value: every string (and object key, which a template renders for
     /// tool schemas) counted and copied into `text`; a media part charged as one part, its
-    /// payload neither counted nor copied.
-    fn add(&mut self, v: &Value, text: &mut Vec<u8>) {
-        match v {
-            Value::String(s) => {
-                self.text_bytes += s.len();
-                text.extend_from_slice(s.as_bytes());
+    /// payload neither counted nor copied. Objects are read in serde_json's map order (by
+    /// key, the last of duplicate keys).
+    fn add(&mut self, body: &[u8], v: &Node<'_>, text: &mut Vec<u8>) {
+        match &v.kind {
+            Kind::Str { escaped } => {
+                let raw = &body[v.span.start + 1..v.span.end - 1];
+                if *escaped {
+                    let s = scan::decode(raw, true);
+                    self.text_bytes += s.len();
+                    text.extend_from_slice(s.as_bytes());
+                } else {
+                    self.text_bytes += raw.len();
+                    text.extend_from_slice(raw);
+                }
             }
-            Value::Number(_) => self.numbers += 1,
-            Value::Bool(_) | Value::Null => {}
-            Value::Array(a) => a.iter().for_each(|x| self.add(x, text)),
-            Value::Object(o) => {
-                let media = o
+            Kind::Num => self.numbers += 1,
+            Kind::Bool | Kind::Null => {}
+            Kind::Array(a) => a.iter().for_each(|x| self.add(body, x, text)),
+            Kind::Object(o) => {
+                let media = v
                     .get("type")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| MEDIA_TYPES.contains(&t));
+                    .and_then(|t| t.str(body))
+                    .is_some_and(|t| MEDIA_TYPES.contains(&t.as_ref()));
                 if media {
                     self.media += 1;
                 }
-                for (k, x) in o {
-                    if media && MEDIA_PAYLOAD.contains(&k.as_str()) {
+                for m in o {
+                    let k = m.key.as_ref();
+                    if media && MEDIA_PAYLOAD.contains(&k) {
                         continue;
                     }
                     self.text_bytes += k.len();
                     // A part's `type` is no text the model reads: left out of the scanned
                     // text, so consecutive text parts read as the one text they render to.
                     if k == "type"
-                        && let Value::String(t) = x
+                        && let Some(t) = m.value.str(body)
                     {
                         self.text_bytes += t.len();
                         continue;
                     }
-                    self.add(x, text);
+                    self.add(body, &m.value, text);
                 }
             }
         }
     }
 }
 
-/// Parse, check and rewrite the body of an inspected route.
+/// The refusal of a body [`scan::parse`] rejected, worded as serde_json words it (a refused
+/// body is read a second time, only to name what is wrong).
+fn not_json(body: &[u8], why: scan::Invalid) -> Refusal {
+    match serde_json::from_slice::<Value>(body) {
+        Err(e) => Refusal::invalid(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        ),
+        Ok(v) if !depth_ok(&v) => Refusal::invalid(
+            "invalid_json",
+            format!("the request body nests deeper than {MAX_DEPTH} levels"),
+        ),
+        Ok(v) if !v.is_object() => {
+            Refusal::invalid("invalid_json", "the request body must be a JSON object")
+        }
+        Ok(_) => Refusal::invalid(
+            "invalid_json",
+            format!("the request body is not valid JSON: {why}"),
+        ),
+    }
+}
+
+/// Check and rewrite the body of an inspected route in one pass over its bytes.
+///
+/// The body is read once ([`scan::parse`]); the fields the sidecar reads or owns (all but the
+/// prompt-bearing ones, which are small) are read into a map and handled there; the prompt
+/// fields are counted, scanned and hashed from the skeleton. The forwarded body is the
+/// client's bytes with the owned members replaced, removed or appended: a member is copied as
+/// written when the sidecar did not change it and its bytes read alike under every parser
+/// (`safe`), and written as serde_json writes it otherwise; earlier members of a duplicated
+/// key are dropped. So the upstream reads exactly the object the sidecar checked.
 pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspected, Refusal> {
     let Some(schema) = route.body() else {
         return Err(Refusal::invalid(
@@ -269,44 +313,42 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
             "this route takes no inspected body",
         ));
     };
-    let mut v: Value = serde_json::from_slice(body).map_err(|e| {
-        Refusal::invalid(
-            "invalid_json",
-            format!("the request body is not valid JSON: {e}"),
-        )
-    })?;
-    if !depth_ok(&v) {
-        return Err(Refusal::invalid(
-            "invalid_json",
-            format!("the request body nests deeper than {MAX_DEPTH} levels"),
-        ));
+    let doc = scan::parse(body).map_err(|why| not_json(body, why))?;
+    // Classified in serde_json's map order, so the first field refused is the same.
+    let mut is_prompt = vec![false; doc.members.len()];
+    let mut prompt_fields: Vec<usize> = Vec::new();
+    let mut owned: Vec<(String, Engine)> = Vec::new();
+    for &i in &doc.order {
+        let key = doc.members[i].key.as_ref();
+        match class_of(schema, key, policy)? {
+            Class::Prompt | Class::Tools => {
+                is_prompt[i] = true;
+                prompt_fields.push(i);
+            }
+            Class::Engine(e) => owned.push((key.to_string(), e)),
+            Class::Scope | Class::Size | Class::Stream | Class::Pass => {}
+        }
     }
-    let Some(obj) = v.as_object_mut() else {
-        return Err(Refusal::invalid(
-            "invalid_json",
-            "the request body must be a JSON object",
-        ));
-    };
+    // Every other field is small: read as serde_json reads it.
+    let mut obj = Map::new();
+    for &i in &doc.order {
+        if !is_prompt[i] {
+            let m = &doc.members[i];
+            obj.insert(m.key.to_string(), m.value.to_value(body));
+        }
+    }
+    let before = obj.clone();
     let mut info = Inspected {
         model: obj.get("model").and_then(Value::as_str).map(str::to_string),
         prompts: 1,
         ..Inspected::default()
     };
-    let mut prompt_fields: Vec<String> = Vec::new();
-    let mut owned: Vec<(String, Engine)> = Vec::new();
-    for key in obj.keys() {
-        match class_of(schema, key, policy)? {
-            Class::Prompt | Class::Tools => prompt_fields.push(key.clone()),
-            Class::Engine(e) => owned.push((key.clone(), e)),
-            Class::Scope | Class::Size | Class::Stream | Class::Pass => {}
-        }
-    }
     if let Some(scope) = policy.scope {
-        check_scope(route, schema, obj, scope)?;
+        check_scope(route, schema, &obj, &doc, body, scope)?;
     }
-    engine_fields(schema, obj, &owned, policy, &mut info)?;
+    engine_fields(schema, &mut obj, &owned, policy, &mut info)?;
     if schema == Body::Responses {
-        stored_items(obj)?;
+        stored_items(&doc, body)?;
     }
     if let Some(salt) = policy.salt
         && route.salted()
@@ -316,11 +358,11 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
     let mut tally = Tally::default();
     let mut text = Vec::with_capacity(body.len());
     let mut messages = 0u64;
-    for k in &prompt_fields {
-        let Some(x) = obj.get(k) else { continue };
-        tally.add(x, &mut text);
-        if k == "messages"
-            && let Some(a) = x.as_array()
+    for &i in &prompt_fields {
+        let m = &doc.members[i];
+        tally.add(body, &m.value, &mut text);
+        if m.key == "messages"
+            && let Kind::Array(a) = &m.value.kind
         {
             messages += a.len() as u64;
         }
@@ -334,57 +376,93 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
         .saturating_add(tally.media.saturating_mul(policy.media_tokens));
     if let Route::Generate(api) = route {
         if api == Api::Completions {
-            info.prompts = prompt_count(obj.get("prompt"));
+            info.prompts = prompt_count(doc.get("prompt"), body);
         }
-        generation(api, obj, policy, &mut info)?;
+        generation(api, &mut obj, policy, &mut info)?;
     }
-    let (out, prompt_ranges) = serialise(obj, &prompt_fields, body.len() + 64)?;
-    // The audit's prompt hash: HMAC over `<field>=<JSON>\n` for each prompt field, the JSON
-    // as forwarded (serde_json writes a nested value as it writes it alone).
-    if let Some(key) = policy.prompt_key.filter(|_| !prompt_ranges.is_empty()) {
+    info.body = Bytes::from(splice(body, &doc, &is_prompt, obj, &before)?);
+    // The audit's prompt hash: HMAC over `<field>=<JSON>\n` for each prompt field in key
+    // order, the JSON as serde_json writes the value (the client's bytes when they are that
+    // already).
+    if let Some(key) = policy.prompt_key.filter(|_| !prompt_fields.is_empty()) {
         let mut h = ring::hmac::Context::with_key(key);
-        for (k, r) in &prompt_ranges {
-            h.update(k.as_bytes());
+        let mut scratch = Vec::new();
+        for &i in &prompt_fields {
+            let m = &doc.members[i];
+            h.update(m.key.as_bytes());
             h.update(b"=");
-            h.update(&out[r.clone()]);
+            if m.value.canon {
+                h.update(&body[m.value.span.clone()]);
+            } else {
+                scratch.clear();
+                m.value.write_canonical(body, &mut scratch);
+                h.update(&scratch);
+            }
             h.update(b"\n");
         }
         info.prompt_hash = Some(crate::audit::hex_tag(&h.sign()));
     }
-    info.body = Bytes::from(out);
     Ok(info)
 }
 
-/// Where a prompt field's value sits in the forwarded body.
-type PromptRanges<'k> = Vec<(&'k str, std::ops::Range<usize>)>;
-
-/// The body as serde_json writes the object (keys in its order), and where each of
-/// `prompt_fields` sits in it, in body order.
-fn serialise<'k>(
-    obj: &Map<String, Value>,
-    prompt_fields: &'k [String],
-    capacity: usize,
-) -> Result<(Vec<u8>, PromptRanges<'k>), Refusal> {
+/// The forwarded body: the client's members in the client's order (the last of a duplicated
+/// key), each as written when it is unchanged and safe to copy, else as serde_json writes it;
+/// then the members the sidecar added, in key order.
+fn splice(
+    body: &[u8],
+    doc: &scan::Doc<'_>,
+    is_prompt: &[bool],
+    mut obj: Map<String, Value>,
+    before: &Map<String, Value>,
+) -> Result<Vec<u8>, Refusal> {
     let failed = |e: serde_json::Error| {
-        Refusal::invalid("invalid_json", format!("cannot re-serialise the body: {e}"))
+        Refusal::invalid("invalid_json", format!("cannot serialise the body: {e}"))
     };
-    let mut out = Vec::with_capacity(capacity);
-    let mut ranges = Vec::with_capacity(prompt_fields.len());
+    let mut last = vec![false; doc.members.len()];
+    for &i in &doc.order {
+        last[i] = true;
+    }
+    let mut out = Vec::with_capacity(body.len() + 160);
     out.push(b'{');
-    for (i, (k, x)) in obj.iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    let mut sep = |out: &mut Vec<u8>| {
+        if !std::mem::take(&mut first) {
             out.push(b',');
         }
-        serde_json::to_writer(&mut out, k).map_err(failed)?;
-        out.push(b':');
-        let start = out.len();
-        serde_json::to_writer(&mut out, x).map_err(failed)?;
-        if let Some(p) = prompt_fields.iter().find(|p| *p == k) {
-            ranges.push((p.as_str(), start..out.len()));
+    };
+    for (i, m) in doc.members.iter().enumerate() {
+        if !last[i] {
+            continue;
+        }
+        let as_written = m.plain_key && m.value.safe;
+        if is_prompt[i] {
+            sep(&mut out);
+            if as_written {
+                out.extend_from_slice(&body[m.span.clone()]);
+            } else {
+                scan::write_key(&m.key, &mut out);
+                m.value.write_canonical(body, &mut out);
+            }
+            continue;
+        }
+        let Some(v) = obj.remove(m.key.as_ref()) else {
+            continue;
+        };
+        sep(&mut out);
+        if as_written && before.get(m.key.as_ref()) == Some(&v) {
+            out.extend_from_slice(&body[m.span.clone()]);
+        } else {
+            scan::write_key(&m.key, &mut out);
+            serde_json::to_writer(&mut out, &v).map_err(failed)?;
         }
     }
+    for (k, v) in &obj {
+        sep(&mut out);
+        scan::write_key(k, &mut out);
+        serde_json::to_writer(&mut out, v).map_err(failed)?;
+    }
     out.push(b'}');
-    Ok((out, ranges))
+    Ok(out)
 }
 
 /// The class of a top-level field: the schema's, a tenant's opted-in extra field as prompt
@@ -408,9 +486,12 @@ fn class_of(schema: Body, key: &str, policy: Policy<'_>) -> Result<Class, Refusa
 
 /// How many prompts a completions `prompt` holds: a list of strings or of token-id lists is
 /// one prompt an entry; a string or one token-id list is one prompt.
-fn prompt_count(p: Option<&Value>) -> u64 {
-    match p {
-        Some(Value::Array(a)) if a.iter().any(|x| x.is_string() || x.is_array()) => {
+fn prompt_count(p: Option<&Node<'_>>, _body: &[u8]) -> u64 {
+    match p.map(|p| &p.kind) {
+        Some(Kind::Array(a))
+            if a.iter()
+                .any(|x| matches!(x.kind, Kind::Str { .. } | Kind::Array(_))) =>
+        {
             (a.len() as u64).max(1)
         }
         _ => 1,
@@ -504,14 +585,15 @@ fn engine_fields(
 
 /// A Responses API input item that names a stored item (`item_reference`) is looked up in the
 /// store every tenant shares, by an id the sidecar cannot hold to its owner: refused.
-fn stored_items(obj: &Map<String, Value>) -> Result<(), Refusal> {
-    let Some(Value::Array(items)) = obj.get("input") else {
+fn stored_items(doc: &scan::Doc<'_>, body: &[u8]) -> Result<(), Refusal> {
+    let Some(Kind::Array(items)) = doc.get("input").map(|n| &n.kind) else {
         return Ok(());
     };
-    if items
-        .iter()
-        .any(|i| i.get("type").and_then(Value::as_str) == Some("item_reference"))
-    {
+    if items.iter().any(|i| {
+        i.get("type")
+            .and_then(|t| t.str(body))
+            .is_some_and(|t| t == "item_reference")
+    }) {
         return Err(engine_field(
             "an `item_reference` input item names a stored item of the inference server's \
              shared store; send the item itself",
@@ -579,10 +661,18 @@ fn check_scope(
     route: Route,
     schema: Body,
     obj: &Map<String, Value>,
+    doc: &scan::Doc<'_>,
+    body: &[u8],
     scope: &Scope,
 ) -> Result<(), Refusal> {
+    // A field read here is in `obj`, or a prompt field read from its bytes.
+    let field = |key: &str| -> Option<Cow<'_, Value>> {
+        obj.get(key)
+            .map(Cow::Borrowed)
+            .or_else(|| doc.get(key).map(|n| Cow::Owned(n.to_value(body))))
+    };
     if scope.models.is_some() {
-        match obj.get("model") {
+        match field("model").as_deref() {
             Some(Value::String(m)) if scope.allows_model(m) => {}
             Some(Value::String(m)) => return Err(Refusal::denied("model", m)),
             // The tokenizer-only routes may leave the model to the server's default.
@@ -607,7 +697,7 @@ fn check_scope(
         }
     };
     for (key, legacy) in [("tools", false), ("functions", true)] {
-        match obj.get(key) {
+        match field(key).as_deref() {
             None | Some(Value::Null) => {}
             Some(Value::Array(list)) => list.iter().try_for_each(|t| named(t, legacy))?,
             Some(_) => return Err(bad(key, "an array")),
@@ -615,19 +705,24 @@ fn check_scope(
     }
     // vLLM and SGLang also take tools declared on a (system or developer) message, and a
     // `tool_reference` content part names one.
-    if let Some(Value::Array(msgs)) = obj.get("messages") {
+    if let Some(Kind::Array(msgs)) = doc.get("messages").map(|n| &n.kind) {
         for m in msgs {
-            match m.get("tools") {
-                None | Some(Value::Null) => {}
-                Some(Value::Array(list)) => list.iter().try_for_each(|t| named(t, false))?,
+            match m.get("tools").map(|t| &t.kind) {
+                None | Some(Kind::Null) => {}
+                Some(Kind::Array(list)) => list
+                    .iter()
+                    .try_for_each(|t| named(&t.to_value(body), false))?,
                 Some(_) => return Err(bad("messages[].tools", "an array")),
             }
-            if let Some(Value::Array(parts)) = m.get("content") {
+            if let Some(Kind::Array(parts)) = m.get("content").map(|n| &n.kind) {
                 for p in parts {
-                    if p.get("type").and_then(Value::as_str) == Some("tool_reference") {
-                        match p.get("name").and_then(Value::as_str) {
-                            Some(n) if scope.allows_tool(n) => {}
-                            Some(n) => return Err(Refusal::denied("tool", n)),
+                    if p.get("type")
+                        .and_then(|t| t.str(body))
+                        .is_some_and(|t| t == "tool_reference")
+                    {
+                        match p.get("name").and_then(|n| n.str(body)) {
+                            Some(n) if scope.allows_tool(&n) => {}
+                            Some(n) => return Err(Refusal::denied("tool", &n)),
                             None => {
                                 return Err(Refusal::permission(
                                     "a tool reference without a name is outside this \
@@ -641,7 +736,7 @@ fn check_scope(
         }
     }
     for (key, legacy) in [("tool_choice", false), ("function_call", true)] {
-        match obj.get(key) {
+        match field(key).as_deref() {
             // "none", "auto", "required": no function named.
             None | Some(Value::Null) | Some(Value::String(_)) => {}
             Some(v @ Value::Object(o)) => {
@@ -666,13 +761,13 @@ fn check_scope(
     }
     // Template arguments reach the rendered prompt: tools, documents or a template passed
     // there would go around the tool scope.
-    if obj.contains_key("chat_template") {
+    if doc.get("chat_template").is_some() {
         return Err(Refusal::permission(
             "a chat template override is outside a tool-scoped credential's scope",
         ));
     }
-    if let Some(kw) = obj.get("chat_template_kwargs") {
-        match kw {
+    if let Some(kw) = field("chat_template_kwargs") {
+        match kw.as_ref() {
             Value::Null => {}
             Value::Object(o) => {
                 for k in [
@@ -803,29 +898,6 @@ mod tests {
 
     fn fwd(i: &Inspected) -> Value {
         serde_json::from_slice(&i.body).unwrap()
-    }
-
-    #[test]
-    fn the_body_is_serde_jsons_own_serialisation_and_the_ranges_hold_each_prompt_field() {
-        let body = serde_json::json!({
-            "model": "m\u{e9}\"q",
-            "messages": [{"role": "user", "content": "a\nb \u{1f600} \\ \u{7f}"}],
-            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"x": 1.5e300}}}],
-            "max_tokens": 12,
-            "z": null,
-        });
-        let obj = body.as_object().unwrap();
-        let fields = ["messages".to_string(), "tools".to_string()];
-        let (out, ranges) = serialise(obj, &fields, 0).unwrap();
-        assert_eq!(out, serde_json::to_vec(&body).unwrap());
-        assert_eq!(ranges.len(), 2);
-        for (k, r) in ranges {
-            assert_eq!(
-                &out[r],
-                serde_json::to_vec(&body[k]).unwrap().as_slice(),
-                "{k}"
-            );
-        }
     }
 
     #[test]
@@ -1058,9 +1130,8 @@ mod tests {
 
     #[test]
     fn numbers_are_forwarded_as_the_client_wrote_them() {
-        // Read correctly rounded (serde_json's `float_roundtrip`), a number written in its
-        // shortest form is forwarded in the same form: the upstream reads the client's value,
-        // and the forwarded body is its own serialisation.
+        // Read correctly rounded (serde_json's `float_roundtrip`), a number is forwarded as the
+        // client wrote it: the upstream reads the client's value, the one the sidecar read.
         for x in [
             "-2.705345999997654e-179",
             "0.30000000000000004",
@@ -1072,11 +1143,11 @@ mod tests {
             let i = inspect(Route::Generate(Api::Completions), b.as_bytes(), P).unwrap();
             let text = String::from_utf8(i.body.to_vec()).unwrap();
             assert!(
-                text.ends_with(&format!(r#""temperature":{x}}}"#)),
+                text.contains(&format!(r#""temperature":{x}"#)),
                 "{x}: {text}"
             );
-            let again = serde_json::to_vec(&fwd(&i)).unwrap();
-            assert_eq!(again, i.body.to_vec(), "{x}");
+            let want: Value = serde_json::from_str(x).unwrap();
+            assert_eq!(fwd(&i)["temperature"], want, "{x}");
         }
     }
 

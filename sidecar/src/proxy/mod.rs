@@ -14,6 +14,7 @@ mod inspect;
 mod meter;
 mod refusal;
 mod routes;
+mod scan;
 
 pub use exchange::Usage;
 pub use inspect::{DEFAULT_MEDIA_TOKENS, Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect};
