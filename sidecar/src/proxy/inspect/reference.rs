@@ -536,6 +536,7 @@ mod differential {
     enum J {
         Lit(&'static str),
         Num(&'static str),
+        Raw(String),
         Str(String, u8),
         Arr(Vec<J>, bool),
         Obj(Vec<(String, u8, J)>, bool),
@@ -596,6 +597,7 @@ mod differential {
     fn render(j: &J, out: &mut String) {
         match j {
             J::Lit(t) | J::Num(t) => out.push_str(t),
+            J::Raw(t) => out.push_str(t),
             J::Str(s, how) => write_str(s, *how, out),
             J::Arr(items, ws) => {
                 out.push('[');
@@ -793,11 +795,8 @@ mod differential {
                 let mut members = members;
                 if let Some(d) = nest {
                     let deep = format!("{}{}", "[".repeat(d), "]".repeat(d));
-                    members.push((
-                        "documents".into(),
-                        0,
-                        J::Num(Box::leak(deep.into_boxed_str())),
-                    ));
+                    // First: a later `documents` keeps serde_json from reading it at all.
+                    members.insert(0, ("documents".into(), 0, J::Raw(deep)));
                 }
                 render(&J::Obj(members, ws), &mut out);
                 let mut b = out.into_bytes();
