@@ -957,3 +957,78 @@ mod differential {
         }
     }
 }
+
+/// The cost of one inspection, before and after, for a profiler to count (BENCHMARKS.md):
+/// `BULKHEAD_INSPECT_PATH=tree|scan BULKHEAD_INSPECT_BODY=small|32k|256k BULKHEAD_INSPECT_N=20
+/// valgrind --tool=callgrind target/release/deps/bulkhead_sidecar-* --ignored --exact
+/// proxy::inspect::reference::cost::inspect_cost` (and `N=0` for the harness alone).
+#[cfg(test)]
+mod cost {
+    use super::super::{Policy, inspect as single_pass};
+    use crate::proxy::routes::{Api, Route};
+    use crate::scope::Scope;
+
+    /// A chat body whose user message holds `prompt_bytes` of prose (with line breaks).
+    pub fn chat_body(prompt_bytes: usize) -> Vec<u8> {
+        let mut text = String::with_capacity(prompt_bytes + 64);
+        let words = [
+            "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "lazy ", "dogs. ",
+        ];
+        let mut i = 0;
+        while text.len() < prompt_bytes {
+            text.push_str(words[i % words.len()]);
+            if i % 97 == 96 {
+                text.push('\n');
+            }
+            i += 1;
+        }
+        serde_json::to_vec(&serde_json::json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": text},
+            ],
+            "max_tokens": 64,
+            "temperature": 0.7,
+            "stream": true,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    #[ignore = "a profiler's driver: run it under callgrind"]
+    fn inspect_cost() {
+        let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+        let body = match var("BULKHEAD_INSPECT_BODY", "small").as_str() {
+            "32k" => chat_body(32 * 1024),
+            "256k" => chat_body(256 * 1024),
+            _ => chat_body(20),
+        };
+        let n: usize = var("BULKHEAD_INSPECT_N", "1").parse().unwrap();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"audit-key");
+        let scope = Scope::default();
+        let p = Policy {
+            salt: Some("tenant-salt"),
+            scope: Some(&scope),
+            request_id: "0123456789abcdef",
+            prompt_key: Some(&key),
+            ..Policy::open(256)
+        };
+        let tree = var("BULKHEAD_INSPECT_PATH", "scan") == "tree";
+        let route = Route::Generate(Api::Chat);
+        let mut total = 0;
+        for _ in 0..n {
+            let i = if tree {
+                super::inspect(route, std::hint::black_box(&body), p)
+            } else {
+                single_pass(route, std::hint::black_box(&body), p)
+            }
+            .unwrap();
+            total += std::hint::black_box(i.body.len());
+        }
+        eprintln!(
+            "{} bytes in, {total} bytes out over {n} inspections",
+            body.len()
+        );
+    }
+}
