@@ -1,9 +1,12 @@
 //! Body inspection for the routes that run the model. Bodies are closed by default: every
 //! top-level field is looked up in the route's [`schema`](crate::schema) and handled by its
 //! class (a field in no class is refused as `unknown_field`), and only a body the sidecar fully
-//! parsed is forwarded, as the sidecar serialises it: whatever the client wrote (duplicate
-//! keys, a BOM, NaN, trailing bytes, numbers as strings), the upstream reads exactly the values
-//! the sidecar reserved tokens for and set the salt, request id and priority in.
+//! parsed is forwarded: the client's bytes, read in one pass ([`super::scan`]), with the
+//! members the sidecar owns or changed written by it and any member whose bytes another parser
+//! could read otherwise (duplicate or escaped keys, numbers serde_json writes differently)
+//! written as serde_json writes it. Whatever the client wrote (duplicate keys, a BOM, NaN,
+//! trailing bytes, numbers as strings), the upstream reads exactly the values the sidecar
+//! reserved tokens for and set the salt, request id and priority in.
 
 use super::refusal::Refusal;
 use super::routes::{Api, Route};
@@ -28,7 +31,7 @@ pub use crate::schema::DEFAULT_MEDIA_TOKENS;
 /// What inspection learned, and the body to forward.
 #[derive(Debug, Default)]
 pub struct Inspected {
-    /// The sidecar's own serialisation of the request.
+    /// The body to forward: the client's bytes with the sidecar's members spliced in.
     pub body: Bytes,
     pub stream: bool,
     /// The sidecar asked for stream usage; the extra usage chunk is removed on the way back.
@@ -41,7 +44,8 @@ pub struct Inspected {
     pub prompts: u64,
     /// The audit log's keyed hash of the prompt fields (with [`Policy::prompt_key`]; `None`
     /// without one or without prompt fields): HMAC-SHA256 over `<field>=<JSON>\n` for each
-    /// prompt-bearing field in body order, hashed as it is serialised.
+    /// prompt-bearing field in key order, the JSON as serde_json writes the field's value
+    /// (compact, keys sorted).
     pub prompt_hash: Option<String>,
     /// Every prompt-bearing string as the model reads it, concatenated in order: what the
     /// leak scan reads.
