@@ -1156,6 +1156,35 @@ mod tests {
     }
 
     #[test]
+    fn the_forwarded_body_is_the_clients_bytes_where_every_parser_reads_them_alike() {
+        let text = |b: &[u8]| {
+            let i = inspect(Route::Generate(Api::Completions), b, P).unwrap();
+            String::from_utf8(i.body.to_vec()).unwrap()
+        };
+        // Unchanged members keep the client's spelling: whitespace, escapes, order.
+        let b = br#"{ "prompt" : "caf\u00e9 \/ x" , "temperature":0.5 , "seed":7 }"#;
+        let out = text(b);
+        assert!(
+            out.starts_with(r#"{"prompt" : "caf\u00e9 \/ x","temperature":0.5,"seed":7,"#),
+            "{out}"
+        );
+        // Bytes another parser could read otherwise are written as serde_json writes them:
+        // an escaped key, a duplicate (the last kept, as serde_json keeps it), a nested
+        // duplicate, a big integer and `-0`.
+        let out = text(br#"{"pr\u006fmpt":"x","seed":1,"seed":2}"#);
+        assert!(out.starts_with(r#"{"prompt":"x","seed":2,"#), "{out}");
+        let out = text(br#"{"prompt":[{"b":1,"b":2,"a":3}]}"#);
+        assert!(out.starts_with(r#"{"prompt":[{"a":3,"b":2}],"#), "{out}");
+        let out = text(br#"{"prompt":"x","seed":18446744073709551616,"top_k":-0,"top_p":0.50}"#);
+        assert!(
+            out.starts_with(
+                r#"{"prompt":"x","seed":1.8446744073709552e+19,"top_k":-0.0,"top_p":0.5,"#
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn bodies_the_parser_rejects_are_refused() {
         let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
         let deep = format!(r#"{{"prompt":"x","x":{deep}}}"#);
