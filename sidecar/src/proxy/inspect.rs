@@ -238,14 +238,13 @@ impl Tally {
         match &v.kind {
             Kind::Str { escaped } => {
                 let raw = &body[v.span.start + 1..v.span.end - 1];
+                let before = text.len();
                 if *escaped {
-                    let s = scan::decode(raw, true);
-                    self.text_bytes += s.len();
-                    text.extend_from_slice(s.as_bytes());
+                    scan::decode_into(raw, text);
                 } else {
-                    self.text_bytes += raw.len();
                     text.extend_from_slice(raw);
                 }
+                self.text_bytes += text.len() - before;
             }
             Kind::Num => self.numbers += 1,
             Kind::Bool | Kind::Null => {}
@@ -390,18 +389,11 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
     // already).
     if let Some(key) = policy.prompt_key.filter(|_| !prompt_fields.is_empty()) {
         let mut h = ring::hmac::Context::with_key(key);
-        let mut scratch = Vec::new();
         for &i in &prompt_fields {
             let m = &doc.members[i];
             h.update(m.key.as_bytes());
             h.update(b"=");
-            if m.value.canon {
-                h.update(&body[m.value.span.clone()]);
-            } else {
-                scratch.clear();
-                m.value.write_canonical(body, &mut scratch);
-                h.update(&scratch);
-            }
+            m.value.write_canonical(body, &mut h);
             h.update(b"\n");
         }
         info.prompt_hash = Some(crate::audit::hex_tag(&h.sign()));

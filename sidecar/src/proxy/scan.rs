@@ -507,14 +507,34 @@ pub fn decode(raw: &[u8], escaped: bool) -> Cow<'_, str> {
     if !escaped {
         return Cow::Borrowed(std::str::from_utf8(raw).unwrap_or_default());
     }
-    let mut out = String::with_capacity(raw.len());
+    let mut out = Vec::with_capacity(raw.len());
+    decode_into(raw, &mut out);
+    Cow::Owned(String::from_utf8(out).unwrap_or_default())
+}
+
+/// The index of the first backslash in `raw` (its length without one), 8 bytes a step.
+fn backslash(raw: &[u8]) -> usize {
+    let mut i = 0;
+    while i + 8 <= raw.len() {
+        let w = u64::from_le_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
+        let x = w ^ (ONES * u64::from(b'\\'));
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            break;
+        }
+        i += 8;
+    }
+    i + raw[i..]
+        .iter()
+        .position(|&c| c == b'\\')
+        .unwrap_or(raw.len() - i)
+}
+
+/// Append a string's contents as read (`raw` is between the quotes, checked by [`parse`]).
+pub fn decode_into(raw: &[u8], out: &mut Vec<u8>) {
     let mut i = 0;
     while i < raw.len() {
-        let run = raw[i..]
-            .iter()
-            .position(|&c| c == b'\\')
-            .unwrap_or(raw.len() - i);
-        out.push_str(std::str::from_utf8(&raw[i..i + run]).unwrap_or_default());
+        let run = backslash(&raw[i..]);
+        out.extend_from_slice(&raw[i..i + run]);
         i += run;
         if i >= raw.len() {
             break;
@@ -547,9 +567,25 @@ pub fn decode(raw: &[u8], escaped: bool) -> Cow<'_, str> {
             }
             other => char::from(other),
         };
-        out.push(ch);
+        out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
     }
-    Cow::Owned(out)
+}
+
+/// Where [`Node::write_canonical`] writes: a buffer, or a hash.
+pub trait Out {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Out for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl Out for ring::hmac::Context {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
 }
 
 impl<'a> Node<'a> {
@@ -581,49 +617,55 @@ impl<'a> Node<'a> {
     }
 
     /// Append serde_json's compact serialisation of the value to `out`.
-    pub fn write_canonical(&self, body: &[u8], out: &mut Vec<u8>) {
+    pub fn write_canonical(&self, body: &[u8], out: &mut impl Out) {
         if self.canon {
-            out.extend_from_slice(&body[self.span.clone()]);
+            out.put(&body[self.span.clone()]);
             return;
         }
         match &self.kind {
-            Kind::Null | Kind::Bool => out.extend_from_slice(&body[self.span.clone()]),
+            Kind::Null | Kind::Bool => out.put(&body[self.span.clone()]),
             Kind::Num => {
-                let _ = serde_json::to_writer(&mut *out, &self.to_value(body));
+                let mut v = Vec::new();
+                let _ = serde_json::to_writer(&mut v, &self.to_value(body));
+                out.put(&v);
             }
             Kind::Str { .. } => {
                 let s = self.str(body).unwrap_or_default();
-                let _ = serde_json::to_writer(&mut *out, s.as_ref());
+                let mut v = Vec::with_capacity(s.len() + 2);
+                let _ = serde_json::to_writer(&mut v, s.as_ref());
+                out.put(&v);
             }
             Kind::Array(items) => {
-                out.push(b'[');
+                out.put(b"[");
                 for (i, x) in items.iter().enumerate() {
                     if i > 0 {
-                        out.push(b',');
+                        out.put(b",");
                     }
                     x.write_canonical(body, out);
                 }
-                out.push(b']');
+                out.put(b"]");
             }
             Kind::Object(members) => {
-                out.push(b'{');
+                out.put(b"{");
                 for (i, m) in members.iter().enumerate() {
                     if i > 0 {
-                        out.push(b',');
+                        out.put(b",");
                     }
                     write_key(&m.key, out);
                     m.value.write_canonical(body, out);
                 }
-                out.push(b'}');
+                out.put(b"}");
             }
         }
     }
 }
 
 /// `"key":` as serde_json writes it.
-pub fn write_key(key: &str, out: &mut Vec<u8>) {
-    let _ = serde_json::to_writer(&mut *out, key);
-    out.push(b':');
+pub fn write_key(key: &str, out: &mut impl Out) {
+    let mut v = Vec::with_capacity(key.len() + 3);
+    let _ = serde_json::to_writer(&mut v, key);
+    v.push(b':');
+    out.put(&v);
 }
 
 #[cfg(test)]
