@@ -368,15 +368,19 @@ impl<'a> Parser<'a> {
         let b = self.b;
         let mut escaped = false;
         let mut canon = true;
+        // Any byte above ASCII seen (bit 7 of some byte): only then is UTF-8 checked.
+        let mut high = 0u64;
         loop {
             while self.i + 8 <= b.len() {
                 let w = u64::from_le_bytes(b[self.i..self.i + 8].try_into().unwrap_or([0; 8]));
                 if word_stops(w) {
                     break;
                 }
+                high |= w;
                 self.i += 8;
             }
             while self.i < b.len() && !STOP[usize::from(b[self.i])] {
+                high |= u64::from(b[self.i]);
                 self.i += 1;
             }
             match self.peek() {
@@ -417,7 +421,7 @@ impl<'a> Parser<'a> {
             }
         }
         let inner = start..self.i;
-        if std::str::from_utf8(&b[inner.clone()]).is_err() {
+        if high & HIGHS != 0 && std::str::from_utf8(&b[inner.clone()]).is_err() {
             return Err(Invalid::Syntax("invalid unicode code point", start));
         }
         self.i += 1;
