@@ -3,8 +3,8 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, bail};
+use bulkhead_sidecar::auth::signature::{SignOptions, TENANT_HEADER, sign_request};
 use bulkhead_sidecar::config::Config;
-use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
 use clap::{Args, Parser, Subcommand};
 use std::io::Read;
 use std::path::PathBuf;
@@ -149,7 +149,7 @@ fn audit_files(dir: &std::path::Path, tenant: &str) -> anyhow::Result<Vec<PathBu
 }
 
 fn audit_read(a: AuditReadArgs) -> anyhow::Result<ExitCode> {
-    use bulkhead_sidecar::seal::SealKeys;
+    use bulkhead_sidecar::record::seal::SealKeys;
     let files = if a.files.is_empty() {
         audit_files(&a.dir, &a.tenant)?
     } else {
@@ -195,13 +195,13 @@ fn for_each_line(
 }
 
 /// With the tenant's keys: print the records that open, each once, and check their chain
-/// (bulkhead_sidecar::seal::Verifier); exit 1 on any problem.
+/// (bulkhead_sidecar::record::seal::Verifier); exit 1 on any problem.
 fn audit_verify(
     tenant: &str,
-    keys: &bulkhead_sidecar::seal::SealKeys,
+    keys: &bulkhead_sidecar::record::seal::SealKeys,
     files: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
-    use bulkhead_sidecar::seal::{Note, Verifier};
+    use bulkhead_sidecar::record::seal::{Note, Verifier};
     use std::io::Write;
     fn report(notes: Vec<Note>) {
         for n in notes {
@@ -255,7 +255,7 @@ fn audit_verify(
 /// Without keys: print the plain records of `tenant`; a sealed line is an error (give
 /// --key-file).
 fn audit_plain(tenant: &str, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    use bulkhead_sidecar::seal::is_sealed;
+    use bulkhead_sidecar::record::seal::is_sealed;
     use std::io::Write;
     let (mut shown, mut unopened) = (0u64, 0u64);
     let mut out = std::io::stdout().lock();
@@ -293,7 +293,7 @@ fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let cfg = match Config::from_file(file)
         .and_then(|c| c.load_keys().map(|_| c))
         .and_then(|c| c.load_audit_seals().map(|_| c))
-        .and_then(|c| bulkhead_sidecar::jwt::load_jwks_files(&c).map(|_| c))
+        .and_then(|c| bulkhead_sidecar::auth::jwt::load_jwks_files(&c).map(|_| c))
     {
         Ok(c) => c,
         Err(e) => {

@@ -3,19 +3,19 @@
 //! needs (limits, upstream pool, metric handles, salt, policy), looked up once after
 //! authentication.
 
-use crate::audit::AuditLog;
+use crate::auth::jwt::{IssuerKeys, JwtVerifier, UrlKeys, UrlSettings};
+use crate::auth::scope::Routes;
+use crate::auth::signature::{ReplayCache, Verifier};
+use crate::cache::{CacheGate, GateSettings, derive_salt};
 use crate::config::{Config, ConfigError, Isolation, TenantConfig, UnknownRoutes};
-use crate::isolation::{CacheGate, GateSettings, derive_salt};
-use crate::jwt::{IssuerKeys, JwtVerifier, UrlKeys, UrlSettings};
-use crate::kv::KvSettings;
-use crate::limits::{LimitNumbers, SharedClock, TenantLimits};
-use crate::metrics::{Metrics, TenantMetrics};
-use crate::scope::Routes;
-use crate::shared_limits::{SharedLimits, SharedTenant};
-use crate::signature::{ReplayCache, Verifier};
-use crate::tagging::Tagger;
-use crate::upstream::{UpstreamClient, upstream_client};
-use crate::wfq::Scheduler;
+use crate::limits::local::{LimitNumbers, SharedClock, TenantLimits};
+use crate::limits::shared::{SharedLimits, SharedTenant};
+use crate::limits::wfq::Scheduler;
+use crate::node::kv::KvSettings;
+use crate::node::tagging::Tagger;
+use crate::proxy::upstream::{UpstreamClient, upstream_client};
+use crate::record::audit::AuditLog;
+use crate::record::metrics::{Metrics, TenantMetrics};
 use http::Uri;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -49,7 +49,7 @@ pub struct TenantRuntime {
     /// `trust_traceparent`: a client's trace context is continued.
     pub trust_traceparent: bool,
     /// The tenant's prices (`[cost]`), with their counters.
-    pub cost: crate::cost::TenantCost,
+    pub cost: crate::record::cost::TenantCost,
 }
 
 impl std::fmt::Debug for TenantRuntime {
@@ -70,9 +70,9 @@ pub struct Runtime {
     /// KV-cache bytes per token from `[model]`; 0 when not configured.
     pub kv_bytes_per_token: u64,
     /// Canaries, keywords and injection markers, compiled.
-    pub leaks: Arc<crate::leaks::LeakPatterns>,
+    pub leaks: Arc<crate::record::leaks::LeakPatterns>,
     /// Tenants whose audit records are sealed, with their keys.
-    pub audit_seals: crate::audit::Seals,
+    pub audit_seals: crate::record::audit::Seals,
     /// `[auth.jwt]`, when configured.
     pub jwt: Option<JwtVerifier>,
     /// Routes that accept an RFC 9421 signature (`auth.hmac_routes`).
@@ -139,7 +139,7 @@ pub struct App {
     pub shared: Option<Arc<SharedLimits>>,
     ids: RequestIds,
     /// Which tenant each stored Responses API answer belongs to.
-    pub responses: crate::responses::ResponseOwners,
+    pub responses: crate::proxy::responses::ResponseOwners,
     pub ready: AtomicBool,
     /// `[telemetry.otlp]`: spans for the requests (read at start only).
     pub tracer: Option<Arc<crate::telemetry::Tracer>>,
@@ -158,7 +158,7 @@ pub struct ConnCtx {
     /// A duplicate of the client socket, kept only when tagging is on.
     pub fd: Option<OwnedFd>,
     /// The tenant the socket is tagged with now, and its slot under the per-tenant cap.
-    pub tag: tokio::sync::Mutex<Option<crate::tagging::TagSlot>>,
+    pub tag: tokio::sync::Mutex<Option<crate::node::tagging::TagSlot>>,
 }
 
 /// Unpredictable request ids: a keyed 128-bit hash of a counter (two SipHash keys drawn at
@@ -340,19 +340,21 @@ impl App {
     }
 }
 
-fn queue_costs(c: &Config) -> crate::wfq::Costs {
-    crate::wfq::Costs {
+fn queue_costs(c: &Config) -> crate::limits::wfq::Costs {
+    crate::limits::wfq::Costs {
         fairness: c.queue.fairness,
         input: c.queue.input_token_cost,
         output: c.queue.output_token_cost,
     }
 }
 
-fn queue_tenants(c: &Config) -> impl Iterator<Item = (String, crate::wfq::TenantSettings)> + '_ {
+fn queue_tenants(
+    c: &Config,
+) -> impl Iterator<Item = (String, crate::limits::wfq::TenantSettings)> + '_ {
     c.tenants.iter().map(|(k, v)| {
         (
             k.clone(),
-            crate::wfq::TenantSettings {
+            crate::limits::wfq::TenantSettings {
                 weight: v.weight,
                 max_kv_tokens: v.max_kv_tokens,
             },
@@ -383,7 +385,7 @@ fn build_runtime(
     );
     let jwt = match &config.auth.jwt {
         Some(j) => {
-            let files = crate::jwt::load_jwks_files(&config)?;
+            let files = crate::auth::jwt::load_jwks_files(&config)?;
             let mut keys = Vec::new();
             for (realm, file) in j.realms().iter().zip(files) {
                 let url = match realm.jwks_url {
@@ -460,7 +462,7 @@ fn build_runtime(
             )),
         );
     }
-    let leaks = Arc::new(crate::leaks::LeakPatterns::new(&config));
+    let leaks = Arc::new(crate::record::leaks::LeakPatterns::new(&config));
     let audit_seals = Arc::new(config.load_audit_seals()?);
     Ok(Runtime {
         config: Arc::new(config),
@@ -521,6 +523,6 @@ fn tenant_runtime(
         trusted_engine_fields: t.trusted_engine_fields.clone(),
         store_responses: t.store_responses,
         trust_traceparent: t.trust_traceparent,
-        cost: crate::cost::TenantCost::new(&config.cost, name, metrics),
+        cost: crate::record::cost::TenantCost::new(&config.cost, name, metrics),
     }
 }

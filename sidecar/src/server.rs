@@ -1,11 +1,11 @@
 //! Serving: the proxy listener (HTTP/1.1 and h2c), the admin listener, configuration reload
 //! (SIGHUP or file change) and graceful shutdown.
 
-use crate::audit::{AuditLimits, AuditLog};
 use crate::config::{Config, ConfigError};
 use crate::http_util::{ProxyBody, full};
-use crate::limits::SharedClock;
-use crate::metrics::{Metrics, ResultLabel};
+use crate::limits::local::SharedClock;
+use crate::record::audit::{AuditLimits, AuditLog};
+use crate::record::metrics::{Metrics, ResultLabel};
 use crate::runtime::{App, ConnCtx};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -26,7 +26,7 @@ pub enum SidecarError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] crate::record::audit::AuditError),
     #[error("I/O error on {what}: {source}")]
     Io {
         what: &'static str,
@@ -161,7 +161,7 @@ pub async fn run_with(
             stop_rx.clone(),
         ))
     });
-    let kv_reporter = tokio::spawn(crate::kv::report_loop(
+    let kv_reporter = tokio::spawn(crate::node::kv::report_loop(
         app.metrics.clone(),
         app.kv_settings(),
         stop_rx.clone(),
@@ -456,7 +456,7 @@ fn admin_response(app: &App, registry: &Registry, path: &str) -> Response<ProxyB
     let (status, body, ctype) = match path {
         "/metrics" => (
             StatusCode::OK,
-            crate::metrics::encode(registry),
+            crate::record::metrics::encode(registry),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         "/healthz" | "/live" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),

@@ -6,10 +6,10 @@
 //! streaming usage the sidecar reserved for, in the form the upstream reads; a body that is not
 //! strict JSON is refused as `invalid_json`. `classify` accepts only canonical `/v1/` paths.
 
+use bulkhead_sidecar::proxy::schema::{Body, Class, Engine};
 use bulkhead_sidecar::proxy::{
     Api, Inspected, MAX_CHOICES, MAX_DEPTH, Policy, ROUTES, Refusal, Route, classify, inspect,
 };
-use bulkhead_sidecar::schema::{Body, Class, Engine};
 use http::Method;
 use proptest::prelude::*;
 use proptest::sample::Index;

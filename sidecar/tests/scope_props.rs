@@ -7,8 +7,8 @@
 //! default type) by `function.name` and a legacy `functions` entry by `name`; in the Responses
 //! API a `function` tool by its top-level `name`; any other type by its type.
 
+use bulkhead_sidecar::auth::scope::{Scope, ScopeConfig};
 use bulkhead_sidecar::proxy::{Api, Policy, Route, inspect};
-use bulkhead_sidecar::scope::{Scope, ScopeConfig};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 

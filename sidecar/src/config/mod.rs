@@ -1,6 +1,6 @@
 //! The sidecar's TOML configuration: parsing, validation (errors name the field) and key loading.
 
-use crate::scope::{Scope, ScopeConfig};
+use crate::auth::scope::{Scope, ScopeConfig};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -553,7 +553,7 @@ pub struct ModelConfig {
 }
 
 fn default_media_part_tokens() -> u64 {
-    crate::schema::DEFAULT_MEDIA_TOKENS
+    crate::proxy::schema::DEFAULT_MEDIA_TOKENS
 }
 
 impl ModelConfig {
@@ -1399,12 +1399,14 @@ impl Config {
     /// Each tenant's audit sealing keys (`tenants.<name>.audit_key_file`).
     pub fn load_audit_seals(
         &self,
-    ) -> Result<std::collections::HashMap<String, std::sync::Arc<crate::seal::SealKeys>>, ConfigError>
-    {
+    ) -> Result<
+        std::collections::HashMap<String, std::sync::Arc<crate::record::seal::SealKeys>>,
+        ConfigError,
+    > {
         let mut out = std::collections::HashMap::new();
         for (name, t) in &self.tenants {
             if let Some(p) = &t.audit_key_file {
-                let keys = crate::seal::SealKeys::load(p).map_err(|e| {
+                let keys = crate::record::seal::SealKeys::load(p).map_err(|e| {
                     invalid(
                         format!("tenants.{name}.audit_key_file"),
                         format!("{}: {e}", p.display()),

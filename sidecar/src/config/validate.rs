@@ -36,7 +36,7 @@ impl Config {
                     format!("{h:?} is not a header name"),
                 )
             })?;
-            if name.as_str() != h.as_str() || crate::upstream::is_hop_by_hop(&name) {
+            if name.as_str() != h.as_str() || crate::proxy::upstream::is_hop_by_hop(&name) {
                 return Err(invalid(
                     "upstream.identity_headers",
                     format!("{h:?} must be a lowercase end-to-end header name"),
@@ -294,7 +294,7 @@ impl Config {
                 "at least one key is required (or configure [auth.jwt])",
             ));
         }
-        crate::scope::Routes::parse(&self.auth.hmac_routes)
+        crate::auth::scope::Routes::parse(&self.auth.hmac_routes)
             .map_err(|m| invalid("auth.hmac_routes", m))?;
         if let Some(j) = &self.auth.jwt {
             self.validate_jwt(j)?;
@@ -464,7 +464,7 @@ impl Config {
             Scope::from_config(t)
                 .map_err(|e| invalid(f(&format!("tiers.{name}.{}", e.field)), e.message))?;
         }
-        crate::scope::Routes::parse(&j.routes).map_err(|m| invalid(f("routes"), m))?;
+        crate::auth::scope::Routes::parse(&j.routes).map_err(|m| invalid(f("routes"), m))?;
         Ok(())
     }
 
@@ -719,7 +719,7 @@ fn check_body_fields(
     t: &super::TenantConfig,
     flavor: Flavor,
 ) -> Result<(), ConfigError> {
-    use crate::schema::{Body, Class, Engine};
+    use crate::proxy::schema::{Body, Class, Engine};
     let class_anywhere = |name: &str| Body::ALL.iter().find_map(|b| b.class(name));
     if t.extra_fields.len() > 256 {
         return Err(invalid(f("extra_fields"), "at most 256"));

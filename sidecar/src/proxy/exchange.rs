@@ -3,15 +3,15 @@
 //! and the audit record for every outcome: refused, forwarded, upstream error, client gone.
 
 use super::refusal::Refusal;
-use crate::audit::{AuditRecord, LeakRecord, UNAUTHENTICATED};
-use crate::isolation::GatePass;
-use crate::kv::KvCharge;
-use crate::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
+use crate::cache::GatePass;
+use crate::limits::shared::Grant;
+use crate::limits::wfq::Permit;
+use crate::node::kv::KvCharge;
+use crate::record::audit::{AuditRecord, LeakRecord, UNAUTHENTICATED};
+use crate::record::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
 use crate::runtime::{App, TenantRuntime};
-use crate::shared_limits::Grant;
 use crate::telemetry::RequestTrace;
 use crate::telemetry::genai::{Instrument, Series};
-use crate::wfq::Permit;
 use agent_common::otlp::{self, Attr};
 use http::{HeaderValue, Method, StatusCode};
 use prometheus_client::metrics::gauge::Gauge;
@@ -160,9 +160,12 @@ pub struct Exchange {
     /// The request was sent upstream (the upstream may have worked on it).
     pub forwarded: bool,
     /// Canaries, keywords and markers found in the prompt and the response.
-    pub leaks: Vec<crate::leaks::Hit>,
+    pub leaks: Vec<crate::record::leaks::Hit>,
     /// The response is scanned for other tenants' canaries and keywords.
-    pub leak_scan: Option<(Arc<crate::leaks::LeakPatterns>, crate::leaks::ResponseScan)>,
+    pub leak_scan: Option<(
+        Arc<crate::record::leaks::LeakPatterns>,
+        crate::record::leaks::ResponseScan,
+    )>,
     /// The response was cut because it carried another tenant's canary (`on_canary = block`).
     pub leak_blocked: bool,
     pub meter: Meter,
@@ -250,7 +253,7 @@ impl Exchange {
         let block = pats.on_canary == crate::config::OnCanary::Block
             && self.leaks[before..]
                 .iter()
-                .any(|h| h.kind == crate::leaks::Kind::Canary);
+                .any(|h| h.kind == crate::record::leaks::Kind::Canary);
         self.leak_blocked |= block;
         block
     }
@@ -261,20 +264,20 @@ impl Exchange {
         let m = &self.app.metrics;
         for h in &self.leaks {
             let family = match h.kind {
-                crate::leaks::Kind::Marker => {
+                crate::record::leaks::Kind::Marker => {
                     m.injection_markers
-                        .get_or_create(&crate::metrics::TenantMarker {
+                        .get_or_create(&crate::record::metrics::TenantMarker {
                             tenant: t.name.to_string(),
                             marker: h.owner.to_string(),
                         })
                         .inc();
                     continue;
                 }
-                crate::leaks::Kind::Canary => &m.canary_hits,
-                crate::leaks::Kind::Keyword => &m.keyword_hits,
+                crate::record::leaks::Kind::Canary => &m.canary_hits,
+                crate::record::leaks::Kind::Keyword => &m.keyword_hits,
             };
             family
-                .get_or_create(&crate::metrics::LeakLabel {
+                .get_or_create(&crate::record::metrics::LeakLabel {
                     owner: h.owner.to_string(),
                     seen_by: t.name.to_string(),
                     r#where: h.seen.as_str(),
@@ -287,7 +290,7 @@ impl Exchange {
                 // Counted above; the owner's audit gets at most one record a second per pair.
                 continue;
             }
-            if h.kind == crate::leaks::Kind::Canary {
+            if h.kind == crate::record::leaks::Kind::Canary {
                 tracing::warn!(owner = %h.owner, seen_by = %t.name, r#where = h.seen.as_str(), request_id = %self.request_id, "another tenant's canary seen");
             }
             self.app.audit.record(AuditRecord {
@@ -428,7 +431,7 @@ impl Exchange {
                     charged = t.cost.charge(
                         self.meter.served_model.as_deref(),
                         self.model.as_deref(),
-                        crate::cost::Tokens {
+                        crate::record::cost::Tokens {
                             prompt: u.prompt,
                             cached: u.cached,
                             completion: u.completion,
@@ -519,7 +522,7 @@ fn operation(route: Option<super::Route>) -> Option<&'static str> {
         Route::Generate(Api::Chat) => Some("chat"),
         Route::Generate(Api::Completions) => Some("text_completion"),
         Route::Generate(Api::Responses) => Some("generate_content"),
-        Route::Encode(crate::schema::Body::Embeddings) => Some("embeddings"),
+        Route::Encode(crate::proxy::schema::Body::Embeddings) => Some("embeddings"),
         _ => None,
     }
 }
@@ -616,7 +619,7 @@ impl Exchange {
                 otlp::attr("bulkhead.guardrail.where", h.seen.as_str()),
                 otlp::attr(
                     "bulkhead.guardrail.action",
-                    if blocked && h.kind == crate::leaks::Kind::Canary {
+                    if blocked && h.kind == crate::record::leaks::Kind::Canary {
                         "blocked"
                     } else {
                         "recorded"
@@ -624,7 +627,7 @@ impl Exchange {
                 ),
             ];
             // A marker's label is configuration text: only a tenant names an owner.
-            if h.kind != crate::leaks::Kind::Marker {
+            if h.kind != crate::record::leaks::Kind::Marker {
                 attrs.push(otlp::attr("bulkhead.guardrail.owner", h.owner.to_string()));
             }
             self.trace.event("gen_ai.guardrail.result", attrs);

@@ -1,5 +1,5 @@
 //! Body inspection for the routes that run the model. Bodies are closed by default: every
-//! top-level field is looked up in the route's [`schema`](crate::schema) and handled by its
+//! top-level field is looked up in the route's [`schema`](crate::proxy::schema) and handled by its
 //! class (a field in no class is refused as `unknown_field`), and only a body the sidecar fully
 //! parsed is forwarded, as the sidecar serialises it: whatever the client wrote (duplicate
 //! keys, a BOM, NaN, trailing bytes, numbers as strings), the upstream reads exactly the values
@@ -7,9 +7,9 @@
 
 use super::refusal::Refusal;
 use super::routes::{Api, Route};
+use crate::auth::scope::{Scope, quoted};
 use crate::config::Flavor;
-use crate::schema::{Body, Class, Engine};
-use crate::scope::{Scope, quoted};
+use crate::proxy::schema::{Body, Class, Engine};
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Map, Value};
@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 pub const MAX_DEPTH: usize = 64;
 /// Sequences (choices x prompts: `n`, `best_of`, a list `prompt`) per request at most.
 pub const MAX_CHOICES: u64 = 128;
-pub use crate::schema::DEFAULT_MEDIA_TOKENS;
+pub use crate::proxy::schema::DEFAULT_MEDIA_TOKENS;
 
 /// What inspection learned, and the body to forward.
 #[derive(Debug, Default)]
@@ -349,7 +349,7 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
             h.update(&out[r.clone()]);
             h.update(b"\n");
         }
-        info.prompt_hash = Some(crate::audit::hex_tag(&h.sign()));
+        info.prompt_hash = Some(crate::record::audit::hex_tag(&h.sign()));
     }
     info.body = Bytes::from(out);
     Ok(info)
@@ -1115,7 +1115,7 @@ mod tests {
 
     #[test]
     fn scopes_hold_models_tools_and_limits_in_every_shape() {
-        let scope = crate::scope::Scope::from_config(&crate::scope::ScopeConfig {
+        let scope = crate::auth::scope::Scope::from_config(&crate::auth::scope::ScopeConfig {
             models: Some(vec!["m".into()]),
             routes: None,
             tools: Some(vec!["ok".into(), "web_search".into()]),
@@ -1450,7 +1450,7 @@ mod tests {
 
     #[test]
     fn tools_are_named_as_each_api_names_them() {
-        let scope = crate::scope::Scope::from_config(&crate::scope::ScopeConfig {
+        let scope = crate::auth::scope::Scope::from_config(&crate::auth::scope::ScopeConfig {
             tools: Some(vec!["lookup".into(), "web_search_preview".into()]),
             ..Default::default()
         })

@@ -10,7 +10,7 @@
 use super::exchange::{Cut, End, Exchange, MAX_MODEL, Scanned, Usage};
 use super::refusal::{Refusal, rate_headers};
 use crate::http_util::{BoxError, ProxyBody, full};
-use crate::upstream::strip_hop_by_hop;
+use crate::proxy::upstream::strip_hop_by_hop;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Response, StatusCode};

@@ -13,7 +13,10 @@ mod exchange;
 mod inspect;
 mod meter;
 mod refusal;
+pub mod responses;
 mod routes;
+pub mod schema;
+pub mod upstream;
 
 pub use exchange::Usage;
 pub use inspect::{DEFAULT_MEDIA_TOKENS, Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect};
@@ -21,13 +24,13 @@ pub use meter::UsageScanner;
 pub use refusal::Refusal;
 pub use routes::{Api, ROUTES, Route, classify};
 
+use crate::auth::scope::Scope;
+use crate::auth::signature::NonceRecord;
+use crate::auth::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
 use crate::http_util::ProxyBody;
-use crate::kv::KvCharge;
+use crate::limits::shared::{Grant, SharedError};
+use crate::node::kv::KvCharge;
 use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
-use crate::scope::Scope;
-use crate::shared_limits::{Grant, SharedError};
-use crate::signature::NonceRecord;
-use crate::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
 use bytes::{Bytes, BytesMut};
 use exchange::{BodyBytes, End, Exchange, Held};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -159,7 +162,7 @@ async fn proxy(
     let t = ex.trace.now();
     tag_client(ex, conn, &tenant).await;
     ex.trace.phase("tag", t, false);
-    let ask = crate::wfq::Ask {
+    let ask = crate::limits::wfq::Ask {
         prompt: info.prompt_estimate,
         completion_reserve: info.completion_reserve,
     };
@@ -181,7 +184,7 @@ enum Credential {
     /// An RFC 9421 signature over the head; the body's digest is checked once read.
     Signed(PendingAuth),
     /// A verified JWT.
-    Token(crate::jwt::JwtIdentity),
+    Token(crate::auth::jwt::JwtIdentity),
 }
 
 impl Credential {
@@ -212,9 +215,9 @@ fn authenticate(
     let h = &parts.headers;
     let signed = h.contains_key("signature") || h.contains_key("signature-input");
     if !signed && let Some(jwt) = &rt.jwt {
-        let token = crate::jwt::bearer(h).map_err(|e| Refusal::auth(&e))?;
+        let token = crate::auth::jwt::bearer(h).map_err(|e| Refusal::auth(&e))?;
         if let Some(token) = token {
-            use crate::signature::AuthError;
+            use crate::auth::signature::AuthError;
             if !jwt.routes.allows(parts.uri.path()) {
                 return Err(Refusal::auth(&AuthError::MethodNotAccepted("JWT")));
             }
@@ -230,7 +233,7 @@ fn authenticate(
     }
     if signed && !rt.hmac_routes.allows(parts.uri.path()) {
         return Err(Refusal::auth(
-            &crate::signature::AuthError::MethodNotAccepted("signed"),
+            &crate::auth::signature::AuthError::MethodNotAccepted("signed"),
         ));
     }
     let view = RequestView {
@@ -241,10 +244,10 @@ fn authenticate(
     let pending = rt.verifier.verify_head(view, unix_now()).map_err(|e| {
         // These come after the signature verified: the tenant header it covers is what a
         // real key signed (for tenant_mismatch, a tenant the key may not speak for).
-        if crate::metrics::SIGNED_AUTH_FAILURES.contains(&e.reason()) {
+        if crate::record::metrics::SIGNED_AUTH_FAILURES.contains(&e.reason()) {
             ex.signed_for = parts
                 .headers
-                .get(crate::signature::TENANT_HEADER)
+                .get(crate::auth::signature::TENANT_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|name| rt.tenant(name.trim()))
                 .cloned();
@@ -254,7 +257,7 @@ fn authenticate(
     let tenant = rt
         .tenant(pending.tenant())
         .cloned()
-        .ok_or_else(|| Refusal::auth(&crate::signature::AuthError::UnknownTenant))?;
+        .ok_or_else(|| Refusal::auth(&crate::auth::signature::AuthError::UnknownTenant))?;
     Ok((Credential::Signed(pending), tenant))
 }
 
@@ -267,7 +270,7 @@ async fn verify_body(
     pending: PendingAuth,
     body: &Bytes,
     tenant: &Arc<TenantRuntime>,
-) -> Result<(crate::signature::Verified, Option<NonceRecord>), Refusal> {
+) -> Result<(crate::auth::signature::Verified, Option<NonceRecord>), Refusal> {
     let Some(shared) = &ex.app.shared else {
         return match pending.finish(&rt.verifier, body, unix_now()) {
             Ok(v) => Ok((v, None)),
@@ -313,7 +316,7 @@ fn check_route(
         return Err(Refusal::permission(format!(
             "route {} is not inspected, so a credential limited to models, tools or \
              max_tokens cannot use it",
-            crate::scope::quoted(path)
+            crate::auth::scope::quoted(path)
         )));
     }
     Ok(())
@@ -532,7 +535,7 @@ async fn stored_responses(
     tenant: &TenantRuntime,
     info: &Inspected,
 ) -> Result<(), Refusal> {
-    use crate::responses::Owner;
+    use crate::proxy::responses::Owner;
     let shared = ex.app.shared.as_ref().filter(|_| tenant.shared.is_some());
     if let Some(id) = &info.previous_response_id {
         let owned = match ex.app.responses.owner(id, &tenant.name) {
@@ -550,7 +553,7 @@ async fn stored_responses(
                 "previous_response_not_found",
                 format!(
                     "previous_response_id {} is not a response this tenant stored",
-                    crate::scope::quoted(id)
+                    crate::auth::scope::quoted(id)
                 ),
             ));
         }
@@ -577,17 +580,17 @@ fn scan_prompt(
     pats.scan(
         &tenant.name,
         &info.prompt_text,
-        crate::leaks::Where::Prompt,
+        crate::record::leaks::Where::Prompt,
         &mut ex.leaks,
     );
     if pats.scans_responses() {
-        ex.leak_scan = Some((pats.clone(), crate::leaks::ResponseScan::default()));
+        ex.leak_scan = Some((pats.clone(), crate::record::leaks::ResponseScan::default()));
     }
     if pats.on_canary == crate::config::OnCanary::Block
         && ex
             .leaks
             .iter()
-            .any(|h| h.kind == crate::leaks::Kind::Canary)
+            .any(|h| h.kind == crate::record::leaks::Kind::Canary)
     {
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,
@@ -661,8 +664,8 @@ async fn wait_turn(
     ex: &mut Exchange,
     tenant: &TenantRuntime,
     rt: &Runtime,
-    ask: crate::wfq::Ask,
-) -> Result<(crate::wfq::Permit, crate::isolation::GatePass), Refusal> {
+    ask: crate::limits::wfq::Ask,
+) -> Result<(crate::limits::wfq::Permit, crate::cache::GatePass), Refusal> {
     let deadline = tokio::time::Instant::now() + rt.config.queue_timeout();
     let queued = tenant.metrics.queued.clone();
     queued.inc();
@@ -735,7 +738,7 @@ fn upstream_request(
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>, Refusal> {
     let mut h = parts.headers;
-    crate::upstream::strip_hop_by_hop(&mut h);
+    crate::proxy::upstream::strip_hop_by_hop(&mut h);
     // The client's credential (a bearer token, a gateway API key) stays here unless asked.
     if !rt.config.auth.forward_authorization {
         h.remove(header::AUTHORIZATION);
@@ -763,7 +766,7 @@ fn upstream_request(
     if had_digest {
         h.insert(
             "content-digest",
-            HeaderValue::from_str(&crate::digest::content_digest_sha256(&body))
+            HeaderValue::from_str(&crate::auth::digest::content_digest_sha256(&body))
                 .expect("a digest is a valid header value"),
         );
     }

@@ -1,12 +1,12 @@
 //! [`Refusal`]: every answer the sidecar gives itself instead of the upstream's, with its
 //! status, OpenAI-style error, metric reason and audit reason in one value.
 
+use crate::auth::signature::AuthError;
+use crate::cache::GateError;
 use crate::http_util::{ProxyBody, json_error};
-use crate::isolation::GateError;
-use crate::limits::{LimitKind, RateInfo, Rejection, format_reset};
-use crate::shared_limits::SharedError;
-use crate::signature::AuthError;
-use crate::wfq::QueueError;
+use crate::limits::local::{LimitKind, RateInfo, Rejection, format_reset};
+use crate::limits::shared::SharedError;
+use crate::limits::wfq::QueueError;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use std::borrow::Cow;
@@ -81,7 +81,7 @@ impl Refusal {
     pub fn denied(what: &str, name: &str) -> Self {
         Self::permission(format!(
             "{what} {} is outside this credential's scope",
-            crate::scope::quoted(name)
+            crate::auth::scope::quoted(name)
         ))
     }
 

@@ -4,7 +4,7 @@
 //! which route a request is for.
 
 use super::refusal::Refusal;
-use crate::schema::Body;
+use crate::proxy::schema::Body;
 use http::{Method, StatusCode};
 
 /// The OpenAI-compatible APIs that run the model to generate tokens.

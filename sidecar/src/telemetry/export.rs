@@ -5,7 +5,7 @@
 
 use super::genai::{GenAi, SCHEMA_URL};
 use crate::config::OtlpConfig;
-use crate::metrics::Metrics;
+use crate::record::metrics::Metrics;
 use agent_common::otlp::{self, Source, Span};
 use bytes::Bytes;
 use http::{Request, header};

@@ -10,7 +10,7 @@ pub mod genai;
 pub mod trace;
 
 use crate::config::OtlpConfig;
-use crate::metrics::Metrics;
+use crate::record::metrics::Metrics;
 use agent_common::otlp::{self, Attr, Event, Link, Span, SpanKind, StatusCode};
 use http::{HeaderMap, HeaderValue};
 use std::borrow::Cow;

@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use bulkhead_sidecar::Config;
-use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
+use bulkhead_sidecar::auth::signature::{SignOptions, TENANT_HEADER, sign_request};
 use bulkhead_sim::{SimConfig, SimHandle};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};

@@ -18,12 +18,12 @@
 mod conn;
 pub mod scripts;
 
+use crate::auth::signature::{AuthError, NonceRecord, Verifier};
 use crate::config::{BackendFailure, LimitsMode, RedisLimitsConfig};
-use crate::limits::{
+use crate::limits::local::{
     Admission, LimitKind, LimitNumbers, RateInfo, Rejection, SharedClock, TenantLimits,
 };
-use crate::metrics::{Action, Metrics};
-use crate::signature::{AuthError, NonceRecord, Verifier};
+use crate::record::metrics::{Action, Metrics};
 use conn::Backend;
 use scripts::TenantKeys;
 use std::collections::{HashMap, HashSet};

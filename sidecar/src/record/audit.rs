@@ -18,8 +18,8 @@
 //! longer configured count against the `_unauthenticated` share: they are deleted, oldest first,
 //! only after `_unauthenticated`'s own rotated files, when that share needs the room.
 
-use crate::metrics::Reason;
-use crate::seal::{Chain, Scratch, hex};
+use crate::record::metrics::Reason;
+use crate::record::seal::{Chain, Scratch, hex};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use ring::hmac;
@@ -43,7 +43,7 @@ pub const MAX_METHOD: usize = 32;
 const MAX_SHORT: usize = 128;
 
 /// The reasons of `bulkhead_audit_dropped_total{reason}`.
-pub use crate::metrics::AUDIT_DROP_REASONS as DROP_REASONS;
+pub use crate::record::metrics::AUDIT_DROP_REASONS as DROP_REASONS;
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct AuditRecord {
@@ -113,7 +113,7 @@ pub struct LeakRecord {
 }
 
 impl LeakRecord {
-    pub fn new(h: &crate::leaks::Hit, seen_by: Option<&str>) -> Self {
+    pub fn new(h: &crate::record::leaks::Hit, seen_by: Option<&str>) -> Self {
         Self {
             kind: h.kind.as_str(),
             owner: h.owner.to_string(),
@@ -314,7 +314,7 @@ struct SealMark {
 /// and a record dropped before it is written leaves no gap.
 struct Sealer {
     tenant: String,
-    keys: Arc<crate::seal::SealKeys>,
+    keys: Arc<crate::record::seal::SealKeys>,
 }
 
 impl State {
@@ -385,12 +385,12 @@ impl State {
 }
 
 /// The tenants whose records are sealed, with their keys.
-pub type Seals = Arc<std::collections::HashMap<String, Arc<crate::seal::SealKeys>>>;
+pub type Seals = Arc<std::collections::HashMap<String, Arc<crate::record::seal::SealKeys>>>;
 
 /// The recording side; cheap to clone. Records are serialized on the request path into a
 /// per-stream buffer and written by one thread at least every 50 ms, so the request path
 /// never waits on the disk and rarely wakes another thread. A sealed tenant's records are
-/// sealed and chained by that thread as they are written (see [`crate::seal`]).
+/// sealed and chained by that thread as they are written (see [`crate::record::seal`]).
 #[derive(Clone)]
 pub struct AuditLog {
     shared: Option<Arc<Shared>>,
@@ -1390,7 +1390,7 @@ mod tests {
     /// takes no `seq`, so the chain read back has no gap, across rotations.
     #[test]
     fn a_dropped_sealed_record_leaves_no_gap_in_the_chain() {
-        use crate::seal::{SealKeys, Verifier};
+        use crate::record::seal::{SealKeys, Verifier};
         let tmp = tempfile::tempdir().unwrap();
         let drops = Drops::default();
         let mut d = Disk::open(

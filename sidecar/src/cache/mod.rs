@@ -11,7 +11,7 @@
 
 use crate::config::{Flavor, FlushFailure};
 use crate::http_util::BoxError;
-use crate::metrics::{KindLabel, Metrics, ResultLabel};
+use crate::record::metrics::{KindLabel, Metrics, ResultLabel};
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};

@@ -11,10 +11,10 @@
 //! it, and names one of that issuer's tenants, so one realm's keys can never mint another
 //! realm's tenants.
 
+use crate::auth::scope::{Routes, Scope, ScopeConfig};
+use crate::auth::signature::AuthError;
 use crate::config::{Config, ConfigError, JwtConfig, JwtRealm};
-use crate::metrics::ResultLabel;
-use crate::scope::{Routes, Scope, ScopeConfig};
-use crate::signature::AuthError;
+use crate::record::metrics::ResultLabel;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
@@ -713,7 +713,7 @@ impl JwtVerifier {
             .ok_or_else(|| {
                 AuthError::AlgNotAllowed(format!(
                     "{} is not accepted",
-                    crate::scope::quoted(alg_name)
+                    crate::auth::scope::quoted(alg_name)
                 ))
             })?;
         let kid = header

@@ -4,7 +4,7 @@
 //! connects afresh and marks it up (one more line).
 
 use crate::config::RedisLimitsConfig;
-use crate::metrics::{KindLabel, Metrics};
+use crate::record::metrics::{KindLabel, Metrics};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, RedisResult, ScriptInvocation};

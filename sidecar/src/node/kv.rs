@@ -5,7 +5,7 @@
 //! tokens as settled from `usage`, weighted by the fair queue's `input_token_cost` and
 //! `output_token_cost`): the agent splits the server's GPU time and energy by them.
 
-use crate::metrics::{Metrics, ResultLabel, TenantKind, TenantLabel};
+use crate::record::metrics::{Metrics, ResultLabel, TenantKind, TenantLabel};
 use agent_common::client::AgentClient;
 use agent_common::proto::ErrorCode;
 use prometheus_client::metrics::gauge::Gauge;

@@ -2,7 +2,7 @@
 //! agent is not reachable, the sidecar runs on, says so once in the log, and sets
 //! `bulkhead_agent_tagging_available` to 0; it tries again at most every [`RETRY_AFTER`].
 
-use crate::metrics::TenantLabel;
+use crate::record::metrics::TenantLabel;
 use agent_common::client::{AgentClient, ClientError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -7,7 +7,7 @@
 //! no price applies to is counted in `bulkhead_cost_unpriced_total{tenant}`.
 
 pub use crate::config::{CostConfig, OTHER_MODEL, Price, TenantPrices};
-use crate::metrics::{Metrics, TenantModel};
+use crate::record::metrics::{Metrics, TenantModel};
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -195,7 +195,7 @@ output = 4.0
         assert_eq!(cost(&s, None, Some("a")), Some((1.0, "a".into())));
         assert_eq!(cost(&s, None, None), Some((10.0, "other".into())));
         assert!(t.is_priced() && s.is_priced());
-        let text = crate::metrics::encode(&reg);
+        let text = crate::record::metrics::encode(&reg);
         assert!(
             text.contains(r#"bulkhead_cost_total{tenant="t",model="other"} 20.0"#),
             "{text}"
@@ -218,14 +218,14 @@ output = 4.0
         let c: CostConfig = toml::from_str("currency = \"EUR\"\ngpu_hour_price = 2.5\n").unwrap();
         assert_eq!(c.check(&|_| true), Ok(()));
         m.set_gpu_hour_price(&c);
-        let text = crate::metrics::encode(&reg);
+        let text = crate::record::metrics::encode(&reg);
         assert!(
             text.contains(r#"bulkhead_gpu_hour_price{currency="EUR"} 2.5"#),
             "{text}"
         );
         // A reload without it leaves no series.
         m.set_gpu_hour_price(&CostConfig::default());
-        assert!(!crate::metrics::encode(&reg).contains("bulkhead_gpu_hour_price{"));
+        assert!(!crate::record::metrics::encode(&reg).contains("bulkhead_gpu_hour_price{"));
         for bad in ["-1.0", "nan", "1e7"] {
             let c: CostConfig = toml::from_str(&format!("gpu_hour_price = {bad}\n")).unwrap();
             assert_eq!(

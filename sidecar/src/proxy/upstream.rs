@@ -3,7 +3,7 @@
 
 use crate::config::UpstreamConfig;
 use crate::http_util::BoxError;
-use crate::tagging::Tagger;
+use crate::node::tagging::Tagger;
 use bytes::Bytes;
 use http::Uri;
 use http::header::{self, HeaderMap, HeaderName};

@@ -168,7 +168,7 @@ pub struct Metrics {
     /// JWKS URL fetches by result (`ok`, `error`).
     pub jwks_refreshes: Family<ResultLabel, Counter>,
     /// What requests cost (`[cost]` prices x usage), by tenant and priced model.
-    pub cost: Family<TenantModel, crate::cost::CostCounter>,
+    pub cost: Family<TenantModel, crate::record::cost::CostCounter>,
     /// Answers with usage that no `[cost]` price applied to (tenants with prices).
     pub cost_unpriced: Family<TenantLabel, Counter>,
     /// `cost.gpu_hour_price`, labelled with `cost.currency` (no series when unset).
@@ -482,7 +482,7 @@ impl Metrics {
         for kind in GATE_TIMEOUT_KINDS {
             let _ = m.cache_gate_timeouts.get_or_create(&KindLabel { kind });
         }
-        for reason in crate::signature::AuthError::REASONS {
+        for reason in crate::auth::signature::AuthError::REASONS {
             let _ = m.auth_failures.get_or_create(&Reason { reason });
         }
         r.register(
@@ -614,11 +614,11 @@ impl Metrics {
 
 impl Metrics {
     /// The fair queue's gauges for one tenant.
-    pub fn sched_gauges(&self, tenant: &str) -> crate::wfq::SchedGauges {
+    pub fn sched_gauges(&self, tenant: &str) -> crate::limits::wfq::SchedGauges {
         let l = TenantLabel {
             tenant: tenant.to_string(),
         };
-        crate::wfq::SchedGauges {
+        crate::limits::wfq::SchedGauges {
             counter: self.queue_counter.get_or_create(&l).clone(),
             kv_reserved: self.kv_reserved.get_or_create(&l).clone(),
             kv_quota: self.kv_quota.get_or_create(&l).clone(),

@@ -1,9 +1,9 @@
 //! RFC 9421 HTTP Message Signatures with `hmac-sha256`: signature base construction, the
 //! sidecar's fail-closed verification policy, a bounded nonce replay cache and a signing helper.
 
+use crate::auth::digest;
+use crate::auth::scope::Scope;
 use crate::config::LoadedKey;
-use crate::digest;
-use crate::scope::Scope;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};

@@ -1,0 +1,8 @@
+//! What happened and who pays: Prometheus metrics ([`metrics`]), prices ([`cost`]), the
+//! chained audit log ([`audit`]) and its seal ([`seal`]), and cross-tenant leak detection
+//! ([`leaks`]).
+pub mod audit;
+pub mod cost;
+pub mod leaks;
+pub mod metrics;
+pub mod seal;
