@@ -6,7 +6,7 @@
 //! content in one stream (the earlier meter's work); a buffered answer, raw and decoded.
 
 use bulkhead_sidecar::Config;
-use bulkhead_sidecar::leaks::{LeakPatterns, ResponseScan, StreamScan, Where};
+use bulkhead_sidecar::record::leaks::{LeakPatterns, ResponseScan, StreamScan, Where};
 use std::time::{Duration, Instant};
 
 fn patterns(n: usize) -> LeakPatterns {

@@ -22,7 +22,7 @@ mod telemetry;
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
+use bulkhead_sidecar::auth::signature::{SignOptions, TENANT_HEADER, sign_request};
 use bytes::Bytes;
 use clap::Parser;
 use http::{HeaderValue, Method, Request};
