@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
-use tokio::io::unix::AsyncFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CrossTenantError {
@@ -179,14 +178,10 @@ pub async fn drain_events(
     metrics: AgentMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    // SAFETY: the ring buffer owns its descriptor, which stays open and the same for the
-    // lifetime of the AsyncFd that owns the ring buffer.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
+    let mut fd = match crate::sys::async_fd(ring, tokio::io::Interest::READABLE) {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::error!(error = %std::io::Error::from(e), "cannot poll the flow event ring buffer; flows are counted but not logged");
+            tracing::error!(error = %e, "cannot poll the flow event ring buffer; flows are counted but not logged");
             return;
         }
     };

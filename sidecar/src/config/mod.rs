@@ -1176,7 +1176,7 @@ pub struct AgentConfig {
     #[serde(default = "default_kv_interval")]
     pub kv_report_interval_ms: u64,
     /// Client connections tagged per tenant at most; beyond, a tenant's extra connections
-    /// count as untagged, so no tenant can evict others' tags from the agent's map.
+    /// count as untagged. (The agent's tags cannot be evicted: nothing there needs this.)
     #[serde(default = "default_max_tagged")]
     pub max_tagged_connections_per_tenant: usize,
 }

@@ -29,8 +29,9 @@ pub struct Tagger {
     client: Option<AgentClient>,
     state: Mutex<State>,
     gauge: Gauge,
-    /// Client connections tagged now, per tenant (capped, so that one tenant's many idle
-    /// connections cannot push other tenants' tags out of the agent's LRU map).
+    /// Client connections tagged now, per tenant (capped by
+    /// `agent.max_tagged_connections_per_tenant`; the agent's tags are socket storage, which
+    /// cannot be evicted, so the cap no longer protects other tenants' tags).
     tagged: TaggedCounts,
     max_per_tenant: usize,
     cap_reached: Family<TenantLabel, Counter>,

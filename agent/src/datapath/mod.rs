@@ -6,13 +6,13 @@
 //! `BPF_LINK_UPDATE`, so a restart neither double-counts nor leaves a gap. On shutdown the links
 //! are unpinned (detached) or left in place, as `detach_on_shutdown` says.
 
+use crate::sys;
 use agent_common::{
-    DIAG_SLOTS, EndpointKey, EndpointValue, FlowKey, MAP_DIAG, MAP_ENDPOINT_COUNT, MAP_ENDPOINTS,
-    MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MUST_TAG, MAP_SOCK_TAGS, MAP_TAGS_FREED, MAP_TAGS_SET,
-    MAP_TENANT_IDS, MAP_TRAFFIC, MAX_TENANTS, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS,
-    PROG_INGRESS, PROG_SOCK_RELEASE, SocketTag, TenantName, TrafficCounters, traffic_index,
+    MAP_DIAG, MAP_ENDPOINT_COUNT, MAP_ENDPOINTS, MAP_FLOW_EVENTS, MAP_FLOWS, MAP_MUST_TAG,
+    MAP_SOCK_TAGS, MAP_TAGS_FREED, MAP_TAGS_SET, MAP_TENANT_IDS, MAP_TRAFFIC, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS, PROG_SOCK_RELEASE,
 };
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SkStorage};
+use aya::maps::{MapData, MapError, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
@@ -20,9 +20,14 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfLoader};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+mod maps;
+
+pub use maps::Maps;
+use maps::SockTags;
 
 /// The object built from `agent-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] =
@@ -73,209 +78,6 @@ pub enum DatapathError {
         path: PathBuf,
         message: String,
     },
-}
-
-/// Handles on the pinned maps. Each sits behind a mutex: aya's map writes take `&mut`.
-pub struct Maps {
-    tags: Mutex<SockTags>,
-    tags_freed: Mutex<PerCpuArray<MapData, u64>>,
-    traffic: Mutex<PerCpuArray<MapData, TrafficCounters>>,
-    tenant_ids: Mutex<HashMap<MapData, TenantName, u32>>,
-    diag: Mutex<PerCpuArray<MapData, u64>>,
-    endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointValue>>,
-    endpoint_count: Mutex<Array<MapData, u32>>,
-    must_tag: Mutex<HashMap<MapData, u64, u32>>,
-    flows: Mutex<HashMap<MapData, FlowKey, u64>>,
-}
-
-impl std::fmt::Debug for Maps {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Maps")
-    }
-}
-
-/// The socket-tag storage and the per-tenant count of the tags the agent set, under one lock
-/// so that a tag and its count change together.
-struct SockTags {
-    storage: SkStorage<MapData, SocketTag>,
-    set: Array<MapData, u64>,
-}
-
-impl SockTags {
-    fn add(&mut self, tenant_id: u32, delta: i64) -> Result<(), MapError> {
-        if tenant_id >= MAX_TENANTS {
-            return Ok(());
-        }
-        let n = self.set.get(&tenant_id, 0)?;
-        self.set.set(tenant_id, n.wrapping_add_signed(delta), 0)
-    }
-
-    fn get(&self, socket: BorrowedFd<'_>) -> Result<Option<u32>, MapError> {
-        match self.storage.get(&socket, 0) {
-            Ok(tag) => Ok(Some(tag.tenant_id)),
-            Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// A lookup or delete of something that is not there (aya reports some as syscall errors).
-fn not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
-
-impl Maps {
-    /// Tags `socket` (a descriptor of it) with `tenant_id`; an existing tag is replaced.
-    pub fn tag(&self, socket: BorrowedFd<'_>, tenant_id: u32) -> Result<(), MapError> {
-        let mut tags = self.tags.lock().unwrap();
-        let before = tags.get(socket)?;
-        if before == Some(tenant_id) {
-            return Ok(());
-        }
-        let tag = SocketTag {
-            tenant_id,
-            _reserved: 0,
-        };
-        tags.storage.insert(&socket, tag, 0)?;
-        if let Some(old) = before {
-            tags.add(old, -1)?;
-        }
-        tags.add(tenant_id, 1)
-    }
-
-    /// Removes the socket's tag; `false` when it had none.
-    pub fn untag(&self, socket: BorrowedFd<'_>) -> Result<bool, MapError> {
-        let mut tags = self.tags.lock().unwrap();
-        let Some(old) = tags.get(socket)? else {
-            return Ok(false);
-        };
-        match tags.storage.remove(&socket) {
-            Ok(()) => {}
-            Err(e) if not_found(&e) => return Ok(false),
-            Err(e) => return Err(e),
-        }
-        tags.add(old, -1)?;
-        Ok(true)
-    }
-
-    pub fn lookup_tag(&self, socket: BorrowedFd<'_>) -> Result<Option<u32>, MapError> {
-        self.tags.lock().unwrap().get(socket)
-    }
-
-    /// Live tagged sockets per tenant id (ids without any left out): tags set minus tagged
-    /// sockets closed. Sockets closed while no program was attached are not counted as closed.
-    pub fn tag_counts(&self) -> Result<Vec<(u32, u64)>, MapError> {
-        let set: Vec<u64> = {
-            let tags = self.tags.lock().unwrap();
-            tags.set.iter().collect::<Result<_, _>>()?
-        };
-        let freed = self.tags_freed.lock().unwrap();
-        let mut out = Vec::new();
-        for (id, set) in set.into_iter().enumerate() {
-            if set == 0 {
-                continue;
-            }
-            let closed: u64 = freed
-                .get(&(id as u32), 0)?
-                .iter()
-                .fold(0u64, |a, b| a.wrapping_add(*b));
-            let live = (set.wrapping_sub(closed) as i64).max(0) as u64;
-            if live > 0 {
-                out.push((id as u32, live));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Counters of one tenant in one direction, summed over CPUs.
-    pub fn traffic(&self, tenant_id: u32, direction: u32) -> Result<TrafficCounters, MapError> {
-        let Some(index) = traffic_index(tenant_id, direction) else {
-            return Ok(TrafficCounters::default());
-        };
-        let per_cpu = self.traffic.lock().unwrap().get(&index, 0)?;
-        let mut sum = TrafficCounters::default();
-        for c in per_cpu.iter() {
-            sum.bytes = sum.bytes.wrapping_add(c.bytes);
-            sum.packets = sum.packets.wrapping_add(c.packets);
-        }
-        Ok(sum)
-    }
-
-    pub fn diag(&self) -> Result<[u64; DIAG_SLOTS as usize], MapError> {
-        let map = self.diag.lock().unwrap();
-        let mut out = [0u64; DIAG_SLOTS as usize];
-        for (slot, v) in out.iter_mut().enumerate() {
-            *v = map.get(&(slot as u32), 0)?.iter().sum();
-        }
-        Ok(out)
-    }
-
-    pub fn tenant_ids(&self) -> Result<Vec<(String, u32)>, MapError> {
-        let map = self.tenant_ids.lock().unwrap();
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            let (name, id) = entry?;
-            if let Some(name) = name.as_str() {
-                out.push((name.to_string(), id));
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn insert_tenant_id(&self, name: &TenantName, id: u32) -> Result<(), MapError> {
-        self.tenant_ids.lock().unwrap().insert(name, id, 0)
-    }
-
-    /// Makes `BH_ENDPOINTS` hold exactly `wanted`: new and changed entries first, then stale ones
-    /// removed, then the count the programs check, so no configured endpoint is ever missing.
-    pub fn sync_endpoints(&self, wanted: &[(EndpointKey, EndpointValue)]) -> Result<(), MapError> {
-        let mut map = self.endpoints.lock().unwrap();
-        for (k, v) in wanted {
-            map.insert(k, v, 0)?;
-        }
-        let stale: Vec<EndpointKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
-            .collect();
-        for k in stale {
-            map.remove(&k)?;
-        }
-        let count = map.keys().count() as u32;
-        self.endpoint_count.lock().unwrap().set(0, count, 0)
-    }
-
-    /// Makes `BH_MUST_TAG` hold exactly these cgroup ids.
-    pub fn sync_must_tag(&self, ids: &[u64]) -> Result<(), MapError> {
-        let mut map = self.must_tag.lock().unwrap();
-        for id in ids {
-            map.insert(id, 1, 0)?;
-        }
-        let stale: Vec<u64> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !ids.contains(k))
-            .collect();
-        for k in stale {
-            map.remove(&k)?;
-        }
-        Ok(())
-    }
-
-    /// Cross-tenant flows counted so far.
-    pub fn flows(&self) -> Result<Vec<(FlowKey, u64)>, MapError> {
-        let map = self.flows.lock().unwrap();
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            out.push(entry?);
-        }
-        out.sort();
-        Ok(out)
-    }
 }
 
 /// A program link pinned at `path`, and this agent's descriptor of it.
@@ -511,7 +313,7 @@ fn wait_detached(cgroup: &Path, programs: &[u32]) -> io::Result<()> {
             BPF_CGROUP_INET6_CONNECT,
         ] {
             still.extend(
-                attached_programs(dir.as_fd(), attach_type as u32)?
+                sys::prog_query(dir.as_fd(), attach_type as u32)?
                     .into_iter()
                     .filter(|id| programs.contains(id)),
             );
@@ -527,49 +329,6 @@ fn wait_detached(cgroup: &Path, programs: &[u32]) -> io::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-}
-
-/// `BPF_PROG_QUERY`: ids of the programs attached directly to a cgroup for one attach type.
-fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
-    const BPF_PROG_QUERY: libc::c_long =
-        aya_obj::generated::bpf_cmd::BPF_PROG_QUERY as libc::c_long;
-    /// The `query` member of `union bpf_attr`, up to `prog_cnt`.
-    #[repr(C)]
-    struct QueryAttr {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-        _pad: u32,
-    }
-    let mut ids = vec![0u32; 64];
-    let mut attr = QueryAttr {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_type,
-        query_flags: 0,
-        attach_flags: 0,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        _pad: 0,
-    };
-    // SAFETY: the kernel reads `size` bytes of `attr` (a prefix of `union bpf_attr`'s query
-    // member) and writes at most `prog_cnt` u32 ids to `prog_ids`, which points to that many;
-    // both live for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &raw mut attr,
-            std::mem::size_of::<QueryAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    ids.truncate((attr.prog_cnt as usize).min(ids.len()));
-    Ok(ids)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -615,10 +374,10 @@ fn attach_pinned(
     if !path.exists() {
         return attach_and_pin(name, &path, attach).map(|l| (l, false));
     }
-    let adopted = obj_get(&path)
+    let adopted = sys::obj_get(&path)
         .map_err(|e| format!("opening it: {e}"))
         .and_then(|link| {
-            link_update(link.as_fd(), prog_fd)
+            sys::link_update(link.as_fd(), prog_fd)
                 .map(|()| link)
                 .map_err(|e| format!("BPF_LINK_UPDATE: {e}"))
         });
@@ -685,80 +444,4 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
-}
-
-/// `BPF_OBJ_GET`: opens a pinned object (here a link) by path.
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    const BPF_OBJ_GET: libc::c_long = aya_obj::generated::bpf_cmd::BPF_OBJ_GET as libc::c_long;
-    /// The `obj_pin` member of `union bpf_attr`.
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    use std::os::unix::ffi::OsStrExt;
-    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjGetAttr {
-        pathname: cpath.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: the kernel reads `size` bytes of `attr`, laid out as the BPF_OBJ_GET member of
-    // `union bpf_attr`; `pathname` points to a NUL-terminated string alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const attr,
-            std::mem::size_of::<ObjGetAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: on success BPF_OBJ_GET returns a new descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
-}
-
-/// `BPF_LINK_UPDATE`: atomically replaces the program of an existing link. aya 0.14 keeps
-/// its wrapper private for cgroup links, so the agent issues the command itself.
-fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
-    const BPF_LINK_UPDATE: libc::c_long =
-        aya_obj::generated::bpf_cmd::BPF_LINK_UPDATE as libc::c_long;
-    /// The `link_update` member of `union bpf_attr`.
-    #[repr(C)]
-    struct LinkUpdateAttr {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let attr = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: new_prog.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    // SAFETY: the bpf syscall reads `size` bytes of `attr`, a properly laid-out prefix of
-    // `union bpf_attr` for BPF_LINK_UPDATE (the kernel treats the rest as zero); the
-    // descriptors are valid for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &raw const attr,
-            std::mem::size_of::<LinkUpdateAttr>() as libc::c_uint,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }

@@ -1,5 +1,16 @@
-//! The host facts the agent depends on: privileges, bpffs, the cgroup-v2 mount, and the
-//! socket options read from descriptors handed to the tagging API.
+//! The agent's one interface to the kernel below aya and nix: the host facts it depends on
+//! (privileges, bpffs, the cgroup-v2 mount, kernel BTF, whether `bpf()` is allowed), the socket
+//! options read from descriptors handed to the tagging API, the raw `bpf()` commands aya has no
+//! public wrapper for ([`bpf`]), and the descriptors tokio polls or the kernel hands over
+//! ([`fd`]). Every `unsafe` block of the agent is in this module, each with its `// SAFETY:`
+//! argument; the crate denies `unsafe_code` everywhere else, and `agent/tests/unsafe_code.rs`
+//! checks that no other source file has an unsafe block, function, impl or trait.
+
+mod bpf;
+mod fd;
+
+pub use bpf::{link_update, obj_get, prog_query};
+pub use fd::{Received, StableFd, accept, async_fd, recv_with_fds};
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -28,6 +39,31 @@ pub enum SysError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{path} is not a bpffs mount, and mounting one there takes CAP_SYS_ADMIN, which this \
+         process lacks: mount it on the host (`mount -t bpf bpf {path}`, or a systemd mount \
+         unit), or point `bpffs` at a bpffs mount"
+    )]
+    BpffsNotMounted { path: PathBuf },
+    #[error(
+        "no kernel BTF at {path}: the eBPF programs need a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (5.10 or newer)"
+    )]
+    NoBtf { path: PathBuf },
+    #[error(
+        "bpf() is refused to this process ({source}) although it holds the capabilities: a \
+         seccomp profile or an LSM denies it (the container's seccompProfile; see \
+         deploy/README.md, Prerequisites)"
+    )]
+    BpfRefused {
+        #[source]
+        source: io::Error,
+    },
+    #[error("the kernel cannot create a BPF map ({source}): it lacks BPF, or its limits refuse it")]
+    BpfUnavailable {
+        #[source]
+        source: io::Error,
+    },
     #[error("cgroup_path {path} is not a cgroup-v2 directory")]
     NotCgroup2 { path: PathBuf },
     #[error(
@@ -44,17 +80,48 @@ pub enum SysError {
     },
 }
 
-/// Fails with one clear error unless the process may load and attach the programs.
-pub fn check_privileges() -> Result<(), SysError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| SysError::Capabilities(e.to_string()))?;
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or_else(|| SysError::Capabilities("no CapEff line".into()))?;
-    let has = |cap: u32| cap_eff & (1u64 << cap) != 0;
-    let sys_admin = has(CAP_SYS_ADMIN);
+/// This process's effective capabilities: the `CapEff` mask of /proc/self/status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps(u64);
+
+impl Caps {
+    pub fn current() -> Result<Self, SysError> {
+        let status = std::fs::read_to_string("/proc/self/status")
+            .map_err(|e| SysError::Capabilities(e.to_string()))?;
+        Self::from_status(&status)
+    }
+
+    /// From the text of a `/proc/<pid>/status`.
+    pub fn from_status(status: &str) -> Result<Self, SysError> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .map(Self)
+            .ok_or_else(|| SysError::Capabilities("no CapEff line".into()))
+    }
+
+    fn has(self, cap: u32) -> bool {
+        self.0 & (1u64 << cap) != 0
+    }
+
+    /// May mount filesystems (a bpffs).
+    pub fn sys_admin(self) -> bool {
+        self.has(CAP_SYS_ADMIN)
+    }
+}
+
+/// Fails with one clear error unless the process may load and attach the programs; returns
+/// its capabilities.
+pub fn check_privileges() -> Result<Caps, SysError> {
+    let caps = Caps::current()?;
+    check_capabilities(caps)?;
+    Ok(caps)
+}
+
+fn check_capabilities(caps: Caps) -> Result<(), SysError> {
+    let has = |cap: u32| caps.has(cap);
+    let sys_admin = caps.sys_admin();
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !sys_admin {
         missing.push("CAP_BPF");
@@ -84,14 +151,48 @@ pub fn is_bpffs(path: &Path) -> bool {
     fs_magic(path).ok() == Some(BPF_FS_MAGIC)
 }
 
-/// Makes sure `path` is a bpffs mount, mounting one when it is not. Returns whether it mounted.
+/// The state of the configured bpffs mount point, as the agent's start finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bpffs {
+    /// A bpffs is mounted there.
+    Mounted,
+    /// None is, and the agent would mount one (it may: CAP_SYS_ADMIN, and a directory there
+    /// or none yet).
+    WillMount,
+    /// None was, and the agent mounted one.
+    MountedNow,
+}
+
+/// Whether `path` is a bpffs mount, or else whether a process with `caps` could mount one
+/// there: it takes CAP_SYS_ADMIN, and the path must be a directory or not exist yet. The
+/// agent's start checks this before it mounts ([`ensure_bpffs`]), and `preflight` checks only
+/// this, so the two fail alike.
+pub fn check_bpffs(path: &Path, caps: Caps) -> Result<Bpffs, SysError> {
+    if is_bpffs(path) {
+        return Ok(Bpffs::Mounted);
+    }
+    if !caps.sys_admin() {
+        return Err(SysError::BpffsNotMounted {
+            path: path.to_path_buf(),
+        });
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_dir() => Err(SysError::MountBpffs {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+        }),
+        _ => Ok(Bpffs::WillMount),
+    }
+}
+
+/// Makes sure `path` is a bpffs mount, mounting one when it is not ([`check_bpffs`] first).
 ///
 /// Two agents starting at once must not both mount: each bpffs mount is a new, empty instance,
 /// and the second would hide the first one's pins. So the check and the mount happen under an
 /// exclusive lock on the mount-point directory, and the check is repeated under the lock.
-pub fn ensure_bpffs(path: &Path) -> Result<bool, SysError> {
-    if is_bpffs(path) {
-        return Ok(false);
+pub fn ensure_bpffs(path: &Path, caps: Caps) -> Result<Bpffs, SysError> {
+    if check_bpffs(path, caps)? == Bpffs::Mounted {
+        return Ok(Bpffs::Mounted);
     }
     let err = |source: io::Error| SysError::MountBpffs {
         path: path.to_path_buf(),
@@ -102,7 +203,7 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool, SysError> {
     let _lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| err(e.into()))?;
     if is_bpffs(path) {
-        return Ok(false);
+        return Ok(Bpffs::Mounted);
     }
     nix::mount::mount(
         Some("bpf"),
@@ -115,7 +216,32 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool, SysError> {
         path: path.to_path_buf(),
         source: e.into(),
     })?;
-    Ok(true)
+    Ok(Bpffs::MountedNow)
+}
+
+/// Where the kernel exposes its own BTF.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Fails unless the kernel's BTF is at `path` ([`KERNEL_BTF`]): the programs' relocations and
+/// the socket-storage map need it.
+pub fn check_btf(path: &Path) -> Result<(), SysError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(SysError::NoBtf {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// Fails unless this process may call `bpf()`: creates (and closes) a one-entry map. Refused
+/// with `EPERM` or `EACCES` to a process that holds the capabilities ([`check_privileges`]
+/// comes first), it is a seccomp profile or an LSM.
+pub fn check_bpf() -> Result<(), SysError> {
+    bpf::probe_map_create().map_err(|source| match source.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => SysError::BpfRefused { source },
+        _ => SysError::BpfUnavailable { source },
+    })
 }
 
 pub fn is_cgroup2(path: &Path) -> bool {
@@ -295,75 +421,4 @@ pub fn pidfd_pid(proc_root: &Path, pidfd: BorrowedFd<'_>) -> io::Result<Option<u
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn finds_cgroup2_in_mountinfo() {
-        let text = "24 30 0:22 / /sys rw,nosuid - sysfs sysfs rw\n\
-                    35 31 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            cgroup2_from_mountinfo(text),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            cgroup2_from_mountinfo("24 30 0:22 / /sys rw - sysfs sysfs rw"),
-            None
-        );
-    }
-
-    #[test]
-    fn a_pidfd_names_its_process_through_the_proc_root() {
-        let me = std::process::id();
-        let child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        // A pidfd of a child, from pidfd_open (the agent gets its pidfds from SO_PEERPIDFD).
-        // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        assert!(raw >= 0, "pidfd_open: {}", io::Error::last_os_error());
-        // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
-        let pidfd =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
-        let root = Path::new("/proc");
-        assert_eq!(pidfd_pid(root, pidfd.as_fd()).unwrap(), Some(pid));
-        let mut child = child;
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(pidfd_pid(root, pidfd.as_fd()).unwrap(), None, "exited");
-        let file = std::fs::File::open("/proc/self/status").unwrap();
-        assert!(pidfd_pid(root, file.as_fd()).is_err(), "not a pidfd");
-        assert_ne!(me, pid);
-    }
-
-    #[test]
-    fn inspects_descriptors() {
-        let file = std::fs::File::open("/proc/self/status").unwrap();
-        assert_eq!(
-            inspect_socket(file.as_fd()).unwrap(),
-            SocketKind::NotASocket
-        );
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(
-            inspect_socket(a.as_fd()).unwrap(),
-            SocketKind::Unsupported {
-                family: libc::AF_UNIX
-            }
-        );
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let SocketKind::Inet { cookie } = inspect_socket(udp.as_fd()).unwrap() else {
-            panic!("a UDP socket is inet");
-        };
-        assert_ne!(cookie, 0);
-        assert_eq!(
-            socket_cookie(udp.as_fd()).unwrap(),
-            cookie,
-            "cookies are stable"
-        );
-        let udp2 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        assert_ne!(socket_cookie(udp2.as_fd()).unwrap(), cookie);
-    }
-}
+mod tests;
