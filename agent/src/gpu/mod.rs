@@ -9,9 +9,7 @@
 //! NVML handle for the life of the process.
 
 use crate::config::GpuConfig;
-pub use crate::gpu_compute::{
-    Accountant, ComputeTotals, MigInstance, ProcSample, TokenMix, UtilSample,
-};
+pub use crate::gpu_compute::{Accountant, ComputeTotals, TokenMix};
 use agent_common::proto::ErrorCode;
 use nix::errno::Errno;
 use nix::sys::socket::{UnixCredentials, getsockopt, sockopt};
@@ -25,11 +23,13 @@ pub const SHARED: &str = agent_common::SHARED_TENANT_NAME;
 /// Label of memory no process or tenant could be found for (a name no tenant may have).
 pub const UNATTRIBUTED: &str = agent_common::UNATTRIBUTED_TENANT_NAME;
 
-mod source;
-mod workloads;
+pub(crate) mod source;
+pub(crate) mod workloads;
 
 use source::open;
-pub use source::{FileSource, GpuProcess, GpuSnapshot, GpuSource, NvmlSource};
+pub use source::{
+    FileSource, GpuProcess, GpuSnapshot, GpuSource, MigInstance, NvmlSource, ProcSample, UtilSample,
+};
 pub use workloads::{Matcher, Role, pod_uid_of};
 
 /// Per-tenant KV-cache bytes reported by each shared server's sidecar, and the weighted

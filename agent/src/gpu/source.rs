@@ -1,9 +1,40 @@
 //! Where GPU readings come from: NVML, or a JSON file that scripts its answers.
 
-use crate::gpu_compute::{MigInstance, ProcSample, UtilSample};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
+
+/// One device utilization sample: SM busy % over one sample period.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct UtilSample {
+    /// CPU time of the sample, µs.
+    pub ts_us: u64,
+    pub sm: u32,
+}
+
+/// One process utilization sample (NVML lists only processes busy in the period).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct ProcSample {
+    pub pid: u32,
+    pub ts_us: u64,
+    pub sm: u32,
+    /// Memory-controller busy % (reported, not used in the split).
+    #[serde(default)]
+    pub mem: u32,
+}
+
+/// One MIG instance of a GPU: its own processes and samples; energy is the parent's.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct MigInstance {
+    /// The MIG device's UUID (`MIG-...`): its `gpu` label.
+    pub uuid: String,
+    /// Memory of the instance (its share of the GPU's weighs its share of the energy).
+    pub total_bytes: u64,
+    #[serde(default)]
+    pub busy_samples: Vec<UtilSample>,
+    #[serde(default)]
+    pub process_samples: Vec<ProcSample>,
+}
 
 /// One process on one GPU, as the source reports it.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
