@@ -570,3 +570,33 @@ fn readme_defaults_are_the_defaults() {
         assert!(checked.contains(f), "{f} is not in the README's tables");
     }
 }
+
+/// Fields without a default are required by validation, whose error names them (every
+/// section takes its absent fields from its `Default`).
+#[test]
+fn required_fields_are_named() {
+    let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+    assert!(err("").contains("`upstream.url`: required"));
+    assert!(
+        err(&base().replace("url = \"http://127.0.0.1:8000\"", ""))
+            .contains("`upstream.url`: required")
+    );
+    let e = err(&(base() + "\n[telemetry.otlp]\nsample_ratio = 0.5\n"));
+    assert!(e.contains("`telemetry.otlp.endpoint`: required"), "{e}");
+    let e = err(&base().replace("id = \"gw\"\n", ""));
+    assert!(e.contains("`keys[0].id`"), "{e}");
+    let e = err(&base().replace("secret_files = [\"/nonexistent\"]\n", ""));
+    assert!(e.contains("`keys[0].secret_files`"), "{e}");
+    let e = err(&(base() + "[auth.jwt]\naudiences = [\"bh\"]\njwks_file = \"/j\"\n"));
+    assert!(e.contains("`auth.jwt.issuers`"), "{e}");
+    // An absent section is its default.
+    let c = Config::from_toml(&base()).unwrap();
+    assert_eq!(
+        (&c.http, &c.cache, &c.audit),
+        (
+            &HttpLimits::default(),
+            &CacheConfig::default(),
+            &AuditConfig::default()
+        )
+    );
+}
