@@ -259,4 +259,6 @@ impl Config {
 }
 
 #[cfg(test)]
+mod doc_tests;
+#[cfg(test)]
 mod tests;
