@@ -88,8 +88,11 @@ impl RunningAgent {
     /// runs on with the old configuration when this returns an error.
     pub fn reload(&mut self, new: Config) -> Result<(), AgentError> {
         let result = self.try_reload(new);
-        self.metrics
-            .reload(if result.is_ok() { "ok" } else { "invalid" });
+        self.metrics.reload(if result.is_ok() {
+            agent_common::ReloadResult::Ok
+        } else {
+            agent_common::ReloadResult::Invalid
+        });
         result
     }
 
@@ -99,7 +102,7 @@ impl RunningAgent {
         match Config::from_file(path) {
             Ok(c) => self.reload(c).map_err(|e| e.to_string()),
             Err(e) => {
-                self.metrics.reload("invalid");
+                self.metrics.reload(agent_common::ReloadResult::Invalid);
                 Err(e.to_string())
             }
         }

@@ -3,9 +3,9 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, bail};
+use bulkhead_sidecar::config::{Config, ConfigError, KeyEncoding, read_key_file_as};
 use bulkhead_sidecar::auth::signature::{SignOptions, TENANT_HEADER, sign_request};
-use bulkhead_sidecar::config::Config;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,9 +69,18 @@ struct RunArgs {
     /// Configuration file (TOML).
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Log as JSON lines.
-    #[arg(long)]
+    /// Log format: `text` or `json` (JSON lines), as the node agent's `--log-format`.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// The same as `--log-format json` (the older spelling).
+    #[arg(long, hide = true, conflicts_with = "log_format")]
     log_json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -311,16 +320,16 @@ fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 fn sign(a: SignArgs) -> anyhow::Result<ExitCode> {
-    use base64::Engine;
-    let raw =
-        std::fs::read(&a.key_file).with_context(|| format!("reading {}", a.key_file.display()))?;
-    let key = if a.raw_key {
-        raw
+    // The sidecar's own key reader: a key it would refuse is refused here too.
+    let encoding = if a.raw_key {
+        KeyEncoding::Raw
     } else {
-        base64::engine::general_purpose::STANDARD
-            .decode(String::from_utf8_lossy(&raw).trim())
-            .context("key file is not base64 (use --raw-key for raw bytes)")?
+        KeyEncoding::Base64
     };
+    let key = read_key_file_as(&a.key_file, "--key-file", encoding).map_err(|e| match e {
+        ConfigError::Invalid { field, message } => anyhow::anyhow!("{field}: {message}"),
+        e => e.into(),
+    })?;
     let body = match &a.body_file {
         None => Vec::new(),
         Some(p) if p.as_os_str() == "-" => {
@@ -359,7 +368,7 @@ fn serve(a: RunArgs) -> anyhow::Result<ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let sub = tracing_subscriber::fmt().with_env_filter(filter);
-    if a.log_json {
+    if a.log_json || a.log_format == LogFormat::Json {
         sub.json().init();
     } else {
         sub.init();

@@ -289,32 +289,10 @@ impl App {
     /// Apply a new (validated) configuration completely or not at all.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
         let old = self.runtime();
-        if old.config.listen != config.listen {
-            tracing::warn!("listen addresses changed: they take effect only after a restart");
-        }
-        let (a, b) = (&old.config.http, &config.http);
-        if old.config.runtime != config.runtime
-            || a.max_header_bytes != b.max_header_bytes
-            || a.header_read_timeout_ms != b.header_read_timeout_ms
-            || a.drain_timeout_ms != b.drain_timeout_ms
-            || a.max_inflight_body_bytes != b.max_inflight_body_bytes
-            || a.max_connections != b.max_connections
-            || a.max_concurrent_streams != b.max_concurrent_streams
-            || old.config.agent.max_tagged_connections_per_tenant
-                != config.agent.max_tagged_connections_per_tenant
-            || old.config.auth.replay_cache_capacity != config.auth.replay_cache_capacity
-            || old.config.agent.socket != config.agent.socket
-            || old.config.limits != config.limits
-            || old.config.telemetry != config.telemetry
-        {
-            tracing::warn!(
-                "runtime.*, http.max_header_bytes, http.header_read_timeout_ms, \
-                 http.drain_timeout_ms, http.max_inflight_body_bytes, http.max_connections, \
-                 http.max_concurrent_streams, agent.socket (for tagging), \
-                 agent.max_tagged_connections_per_tenant, auth.replay_cache_capacity and \
-                 limits.* (the limits backend) and telemetry.* take effect only after a restart"
-            );
-        }
+        // Restart-only fields keep their running values, in the stored configuration too;
+        // what the new file says must still agree with them.
+        let (config, kept) = crate::config::keep_restart_only(&old.config, config);
+        config.validate()?;
         let rt = build_runtime(
             config,
             Some(&old),
@@ -324,6 +302,12 @@ impl App {
             &self.clock,
             &self.metrics,
         )?;
+        for field in kept {
+            tracing::warn!(
+                field,
+                "changing this field takes a restart; keeping the running value"
+            );
+        }
         let c = rt.config.clone();
         self.audit.set_seals(rt.audit_seals.clone());
         self.gate.update(rt.gate_settings());

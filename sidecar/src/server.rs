@@ -7,6 +7,7 @@ use crate::limits::local::SharedClock;
 use crate::record::audit::{AuditLimits, AuditLog};
 use crate::record::metrics::{Metrics, ResultLabel};
 use crate::runtime::{App, ConnCtx};
+use agent_common::ReloadResult;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -514,8 +515,18 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
 }
 
 fn try_reload(app: &App, metrics: &Metrics, path: &std::path::Path) {
-    let old_audit = app.runtime().config.audit.clone();
     let res = Config::from_file(path).and_then(|c| app.reload(c));
+    let result = if res.is_ok() {
+        ReloadResult::Ok
+    } else {
+        ReloadResult::Invalid
+    };
+    metrics
+        .config_reloads
+        .get_or_create(&ResultLabel {
+            result: result.as_str(),
+        })
+        .inc();
     match res {
         Ok(()) => {
             let config = app.runtime().config.clone();
@@ -524,23 +535,9 @@ fn try_reload(app: &App, metrics: &Metrics, path: &std::path::Path) {
                 AuditLimits::from(&config.audit),
                 config.tenants.keys().cloned(),
             );
-            let (a, b) = (&old_audit, &config.audit);
-            if a.dir != b.dir || a.hash_key_file != b.hash_key_file {
-                tracing::warn!(
-                    "audit.dir and audit.hash_key_file take effect only after a restart"
-                );
-            }
-            metrics
-                .config_reloads
-                .get_or_create(&ResultLabel { result: "ok" })
-                .inc();
             tracing::info!(path = %path.display(), "configuration reloaded");
         }
         Err(e) => {
-            metrics
-                .config_reloads
-                .get_or_create(&ResultLabel { result: "error" })
-                .inc();
             tracing::error!(path = %path.display(), error = %e, "configuration reload rejected; keeping the previous configuration");
         }
     }

@@ -482,7 +482,7 @@ async fn jwks_file_rotation_is_picked_up_without_restart() {
     wait_status(&h, old, StatusCode::UNAUTHORIZED, "old key retired").await;
     expect_ok(&h, new, "new key").await;
     // A broken JWKS file is rejected as a reload; the keys in use stay.
-    let reloads = "bulkhead_config_reloads_total{result=\"error\"}";
+    let reloads = "bulkhead_config_reloads_total{result=\"invalid\"}";
     let errors = h.metric(reloads).await.unwrap_or(0.0);
     write("{\"keys\": 7}".into());
     h.wait_metric(reloads, errors + 1.0).await;

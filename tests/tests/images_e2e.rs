@@ -235,7 +235,8 @@ async fn the_sidecar_image_answers_a_signed_request_through_to_the_sim() {
             "run".into(),
             "--config".into(),
             "/etc/bulkhead/sidecar.toml".into(),
-            "--log-json".into(),
+            "--log-format".into(),
+            "json".into(),
         ],
     );
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();

@@ -14,7 +14,7 @@ pub const MAX_SCOPE_ENTRY_BYTES: usize = 256;
 
 /// A scope as written in the configuration (`[keys.scope]`, `[auth.jwt.tiers.<tier>]`) or in
 /// a JWT's scope claim.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeConfig {
     /// Values of the request body's `model` this credential may use.
