@@ -32,7 +32,7 @@ use crate::limits::shared::{Grant, SharedError};
 use crate::node::kv::KvCharge;
 use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
 use bytes::{Bytes, BytesMut};
-use exchange::{BodyBytes, End, Exchange, Held};
+use exchange::{Exchange, Held, Inspecting};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri};
@@ -68,7 +68,7 @@ pub async fn handle(
         client_request_id(req.headers()),
         req.headers(),
     );
-    let request_id = ex.request_id_header.clone();
+    let request_id = ex.request_id_header().clone();
     let mut resp = match proxy(&mut ex, &conn, req).await {
         Ok(forward) => {
             let Forward {
@@ -81,7 +81,7 @@ pub async fn handle(
         }
         Err(refusal) => {
             let resp = refusal.response();
-            ex.end = End::Refused(refusal);
+            ex.refuse(refusal);
             drop(ex);
             resp
         }
@@ -103,25 +103,25 @@ async fn proxy(
     conn: &ConnCtx,
     req: Request<Incoming>,
 ) -> Result<Forward, Refusal> {
-    let rt = ex.app.runtime();
+    let rt = ex.app().runtime();
     let route = classify(req.method(), req.uri().path())?;
-    ex.route_kind = Some(route);
+    ex.classified(route);
     let (parts, body) = req.into_parts();
-    let t = ex.trace.now();
+    let t = ex.trace().now();
     let r = authenticate(ex, &rt, &parts);
-    ex.trace.phase("authenticate", t, r.is_err());
+    ex.trace().phase("authenticate", t, r.is_err());
     let (credential, tenant) = r?;
     let scope = credential.scope().clone();
     check_route(route, parts.uri.path(), &tenant, &scope)?;
-    let t = ex.trace.now();
+    let t = ex.trace().now();
     let body = read_body(ex, &rt, &parts, body).await;
-    ex.trace.phase("read_body", t, body.is_err());
+    ex.trace().phase("read_body", t, body.is_err());
     let body = body?;
     let (verified, nonce) = match credential {
         Credential::Signed(pending) => {
-            let t = ex.trace.now();
+            let t = ex.trace().now();
             let r = verify_body(ex, &rt, pending, &body, &tenant).await;
-            ex.trace.phase("verify_digest", t, r.is_err());
+            ex.trace().phase("verify_digest", t, r.is_err());
             let (v, nonce) = r?;
             (
                 Verified {
@@ -141,27 +141,32 @@ async fn proxy(
         ),
     };
     // Attributed to the tenant only once everything verified.
-    ex.key_id = Some(verified.key_id.clone());
-    ex.tenant = Some(tenant.clone());
-    // The trace: the client's continued only for a tenant trusted to.
-    ex.trace.decide(tenant.trust_traceparent);
-    let t = ex.trace.now();
+    ex.attribute(tenant.clone(), verified.key_id);
+    let t = ex.trace().now();
     let info = async {
-        let info = inspect_body(ex, &rt, route, &tenant, &scope, &parts, body)?;
-        scan_prompt(ex, &rt, &tenant, &info)?;
+        let info = inspect_body(
+            &mut ex.inspecting(),
+            &rt,
+            route,
+            &tenant,
+            &scope,
+            &parts,
+            body,
+        )?;
+        scan_prompt(&mut ex.inspecting(), &rt, &tenant, &info)?;
         stored_responses(ex, &tenant, &info).await?;
         Ok(info)
     }
     .await;
-    ex.trace.phase("inspect", t, info.is_err());
+    ex.trace().phase("inspect", t, info.is_err());
     let info = info?;
-    let t = ex.trace.now();
+    let t = ex.trace().now();
     let r = admit(ex, &rt, &tenant, &info, nonce).await;
-    ex.trace.phase("limits", t, r.is_err());
+    ex.trace().phase("limits", t, r.is_err());
     r?;
-    let t = ex.trace.now();
+    let t = ex.trace().now();
     tag_client(ex, conn, &tenant).await;
-    ex.trace.phase("tag", t, false);
+    ex.trace().phase("tag", t, false);
     let ask = crate::limits::wfq::Ask {
         prompt: info.prompt_estimate,
         completion_reserve: info.completion_reserve,
@@ -173,9 +178,10 @@ async fn proxy(
         tenant.metrics.kv_bytes.clone(),
         rt.kv_bytes_per_token,
     );
-    ex.held = Some(Held::new(permit, gate, kv, tenant.metrics.inflight.clone()));
-    ex.meter.prompt_estimate = info.prompt_estimate;
-    ex.kv_sync();
+    ex.hold(
+        Held::new(permit, gate, kv, tenant.metrics.inflight.clone()),
+        info.prompt_estimate,
+    );
     forward(ex, &rt, &tenant, up, info.strip_usage_chunk).await
 }
 
@@ -245,12 +251,14 @@ fn authenticate(
         // These come after the signature verified: the tenant header it covers is what a
         // real key signed (for tenant_mismatch, a tenant the key may not speak for).
         if crate::record::metrics::SIGNED_AUTH_FAILURES.contains(&e.reason()) {
-            ex.signed_for = parts
-                .headers
-                .get(crate::auth::signature::TENANT_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|name| rt.tenant(name.trim()))
-                .cloned();
+            ex.refused_signed_for(
+                parts
+                    .headers
+                    .get(crate::auth::signature::TENANT_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|name| rt.tenant(name.trim()))
+                    .cloned(),
+            );
         }
         Refusal::auth(&e)
     })?;
@@ -271,11 +279,11 @@ async fn verify_body(
     body: &Bytes,
     tenant: &Arc<TenantRuntime>,
 ) -> Result<(crate::auth::signature::Verified, Option<NonceRecord>), Refusal> {
-    let Some(shared) = &ex.app.shared else {
+    let Some(shared) = &ex.app().shared else {
         return match pending.finish(&rt.verifier, body, unix_now()) {
             Ok(v) => Ok((v, None)),
             Err(e) => {
-                ex.signed_for = Some(tenant.clone());
+                ex.refused_signed_for(Some(tenant.clone()));
                 Err(Refusal::auth(&e))
             }
         };
@@ -284,7 +292,7 @@ async fn verify_body(
     let (verified, nonce) = pending
         .finish_unrecorded(&rt.verifier, body, unix_now())
         .map_err(|e| {
-            ex.signed_for = Some(tenant.clone());
+            ex.refused_signed_for(Some(tenant.clone()));
             Refusal::auth(&e)
         })?;
     if tenant.shared.is_some() && shared.records_nonce_at_admission() {
@@ -293,7 +301,7 @@ async fn verify_body(
     match shared.record_nonce(&rt.verifier, &nonce).await {
         Ok(()) => Ok((verified, None)),
         Err(SharedError::Auth(e)) => {
-            ex.signed_for = Some(tenant.clone());
+            ex.refused_signed_for(Some(tenant.clone()));
             Err(Refusal::auth(&e))
         }
         Err(e) => Err(Refusal::shared(e)),
@@ -375,31 +383,8 @@ async fn read_body(
     if declared.is_some_and(|n| n > http.max_body_bytes as u64) {
         return Err(too_large());
     }
-    let app = ex.app.clone();
-    let reserve = |n: usize, held: &mut Option<BodyBytes>| -> bool {
-        if n == 0 {
-            return true;
-        }
-        let Ok(n32) = u32::try_from(n) else {
-            return false;
-        };
-        let Ok(p) = app.body_budget.clone().try_acquire_many_owned(n32) else {
-            return false;
-        };
-        app.metrics.inflight_body_bytes.inc_by(n as i64);
-        match held {
-            Some(h) => h.permit.merge(p),
-            None => {
-                *held = Some(BodyBytes {
-                    permit: p,
-                    gauge: app.metrics.inflight_body_bytes.clone(),
-                })
-            }
-        }
-        true
-    };
     let declared = declared.unwrap_or(0) as usize;
-    if !reserve(declared, &mut ex.body_bytes) {
+    if !ex.reserve_body(declared) {
         return Err(busy());
     }
     let read = async {
@@ -418,7 +403,7 @@ async fn read_body(
                 return Err(too_large());
             }
             let beyond = (len + data.len()).saturating_sub(declared.max(len));
-            if !reserve(beyond, &mut ex.body_bytes) {
+            if !ex.reserve_body(beyond) {
                 return Err(busy());
             }
             len += data.len();
@@ -450,8 +435,13 @@ async fn read_body(
 }
 
 /// Phase: parse and rewrite what the route needs; the rest is forwarded as it came.
+#[allow(
+    clippy::needless_borrow,
+    reason = "`&ex.request_id` kept as written before `Inspecting` (the body is being rewritten \
+              with the one-pass scanner); drop the `&` then"
+)]
 fn inspect_body(
-    ex: &mut Exchange,
+    ex: &mut Inspecting<'_>,
     rt: &Runtime,
     route: Route,
     tenant: &TenantRuntime,
@@ -536,9 +526,9 @@ async fn stored_responses(
     info: &Inspected,
 ) -> Result<(), Refusal> {
     use crate::proxy::responses::Owner;
-    let shared = ex.app.shared.as_ref().filter(|_| tenant.shared.is_some());
+    let shared = ex.app().shared.as_ref().filter(|_| tenant.shared.is_some());
     if let Some(id) = &info.previous_response_id {
-        let owned = match ex.app.responses.owner(id, &tenant.name) {
+        let owned = match ex.app().responses.owner(id, &tenant.name) {
             Owner::Tenant => true,
             Owner::Other => false,
             Owner::Unknown => match shared {
@@ -559,7 +549,7 @@ async fn stored_responses(
         }
     }
     if let Some(id) = &info.stored_response_id {
-        ex.app.responses.record(id, &tenant.name);
+        ex.app().responses.record(id, &tenant.name);
         if let Some(s) = shared {
             s.record_response(&tenant.name, id, STORED_RESPONSE_TTL)
                 .await;
@@ -571,7 +561,7 @@ async fn stored_responses(
 /// Phase: other tenants' canaries and keywords, and injection markers, in the prompt; a
 /// canary refuses the request under `leaks.on_canary = "block"`. Sets up the response scan.
 fn scan_prompt(
-    ex: &mut Exchange,
+    ex: &mut Inspecting<'_>,
     rt: &Runtime,
     tenant: &TenantRuntime,
     info: &Inspected,
@@ -632,19 +622,14 @@ async fn admit(
                 Err(SharedError::Auth(e)) => {
                     // The nonce was recorded with the admission: refused as authentication
                     // (never attributed to the tenant), as in the verify phase.
-                    ex.tenant = None;
-                    ex.key_id = None;
-                    ex.prompt_hash = None;
-                    ex.stream = false;
-                    ex.signed_for = Some(tenant.clone());
+                    ex.unattribute(tenant.clone());
                     return Err(Refusal::auth(&e));
                 }
                 Err(e) => return Err(Refusal::shared(e)),
             }
         }
     };
-    ex.reserved = Some(estimate);
-    ex.admission = Some(admission);
+    ex.admitted(estimate, admission);
     Ok(())
 }
 
@@ -652,7 +637,7 @@ async fn admit(
 async fn tag_client(ex: &Exchange, conn: &ConnCtx, tenant: &TenantRuntime) {
     if let Some(fd) = &conn.fd {
         let mut slot = conn.tag.lock().await;
-        ex.app
+        ex.app()
             .tagger
             .tag_connection(fd.as_fd(), &mut slot, &tenant.name)
             .await;
@@ -672,21 +657,21 @@ async fn wait_turn(
     let _waiting = scopeguard(move || {
         queued.dec();
     });
-    let t = ex.trace.now();
+    let t = ex.trace().now();
     let started = std::time::Instant::now();
     let mut flushes = Vec::new();
     let gate = ex
-        .app
+        .app()
         .gate
         .enter_recording(&tenant.name, deadline, &mut flushes)
         .await;
-    ex.gate_wait = Some(started.elapsed());
+    ex.waited_at_gate(started.elapsed());
     if t.is_some() {
         // Each prefix-cache flush this request made, as an event of the gate's span.
         let events = flushes
             .iter()
             .map(|f| agent_common::otlp::Event {
-                time_unix_nano: ex.trace.unix(f.started),
+                time_unix_nano: ex.trace().unix(f.started),
                 name: "bulkhead.cache.flush".into(),
                 attrs: vec![
                     agent_common::otlp::attr("bulkhead.cache.flush.result", f.result),
@@ -701,17 +686,17 @@ async fn wait_turn(
             "bulkhead.cache.flushes",
             flushes.len() as u64,
         )];
-        ex.trace
+        ex.trace()
             .phase_with("cache_gate", t, gate.is_err(), attrs, events);
     }
     let gate = gate.map_err(Refusal::gate)?;
     let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let t = ex.trace.now();
-    let r = ex.app.sched.acquire(&tenant.name, ask, timeout).await;
-    ex.trace.phase("fair_queue", t, r.is_err());
+    let t = ex.trace().now();
+    let r = ex.app().sched.acquire(&tenant.name, ask, timeout).await;
+    ex.trace().phase("fair_queue", t, r.is_err());
     let (permit, waited) = r.map_err(Refusal::queue)?;
     tenant.metrics.queue_wait.observe(waited.as_secs_f64());
-    ex.queue_wait = Some(waited);
+    ex.waited_in_queue(waited);
     Ok((permit, gate))
 }
 
@@ -770,12 +755,12 @@ fn upstream_request(
                 .expect("a digest is a valid header value"),
         );
     }
-    h.insert("x-request-id", ex.request_id_header.clone());
+    h.insert("x-request-id", ex.request_id_header().clone());
     // The trace context is the sidecar's: the upstream's spans join the sidecar's trace, never
     // one a client named (a trusted tenant's trace is continued through the sidecar's span).
     h.remove("traceparent");
     h.remove("tracestate");
-    if let Some((parent, state)) = ex.trace.upstream() {
+    if let Some((parent, state)) = ex.trace().upstream() {
         h.insert("traceparent", parent);
         if let Some(state) = state {
             h.insert("tracestate", state);
@@ -784,8 +769,7 @@ fn upstream_request(
     // Identity headers that routers and engines behind the sidecar read: the verified tenant,
     // never the client's.
     let tenant = ex
-        .tenant
-        .as_ref()
+        .tenant()
         .and_then(|t| HeaderValue::from_str(&t.name).ok());
     for name in &rt.config.upstream.identity_headers {
         if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
@@ -829,10 +813,9 @@ async fn forward(
 ) -> Result<Forward, Refusal> {
     let timeout = Duration::from_millis(rt.config.upstream.response_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
-    ex.forwarded = true;
-    ex.sent_at = Some(std::time::Instant::now());
+    ex.sent();
     let answer = tokio::time::timeout_at(deadline, tenant.client.request(up)).await;
-    ex.trace.upstream_done(match &answer {
+    ex.trace().upstream_done(match &answer {
         Ok(Ok(resp)) => Some(resp.status().as_u16()),
         _ => None,
     });
@@ -844,7 +827,7 @@ async fn forward(
             deadline,
         }),
         Err(_) => {
-            tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id, "upstream response timed out");
+            tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id(), "upstream response timed out");
             Err(Refusal::server(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
@@ -852,9 +835,9 @@ async fn forward(
             ))
         }
         Ok(Err(e)) => {
-            tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id, error = %e, "upstream request failed");
+            tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id(), error = %e, "upstream request failed");
             // Nothing reached the upstream's model: the reservation is given back.
-            ex.forwarded = false;
+            ex.not_delivered();
             Err(Refusal::server(
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
