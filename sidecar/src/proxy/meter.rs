@@ -8,7 +8,7 @@
 //!   cut, the upstream request dropped (cancelling it) and the exchange finished.
 
 use super::exchange::{Cut, Exchange, MAX_MODEL, Scanned, Usage};
-use super::refusal::{Refusal, rate_headers};
+use super::refusal::{Refusal, RefusalCode, rate_headers};
 use crate::http_util::{BoxError, ProxyBody, full};
 use crate::proxy::upstream::strip_hop_by_hop;
 use bytes::{Bytes, BytesMut};
@@ -393,9 +393,8 @@ pub async fn respond(
         // Asked for `identity`; an answer it cannot read can be neither scanned nor metered.
         // Nothing of it is counted: settled like an answer that broke off (refunded).
         tracing::warn!(request_id = %ex.request_id(), "upstream answer is content-encoded");
-        let r = Refusal::server(
-            StatusCode::BAD_GATEWAY,
-            "upstream_encoded_response",
+        let r = Refusal::new(
+            RefusalCode::UpstreamEncodedResponse,
             "the inference server's answer was content-encoded although the sidecar asked for \
              identity; it cannot be scanned or metered and was withheld",
         );
@@ -447,9 +446,8 @@ pub async fn respond(
             // upstream did the work: its usage is settled as answered.
             filter.end(&mut ex, Some(&buf));
             ex.withheld(StatusCode::BAD_GATEWAY);
-            let resp = Refusal::server(
-                StatusCode::BAD_GATEWAY,
-                "canary_blocked",
+            let resp = Refusal::new(
+                RefusalCode::CanaryWithheld,
                 "the inference server's answer carried a marker that belongs to another \
                  tenant's data and was withheld",
             )
@@ -469,15 +467,13 @@ pub async fn respond(
         }
         Ok(Err(e)) => {
             tracing::warn!(request_id = %ex.request_id(), error = %e, "upstream response body failed");
-            Some(Refusal::server(
-                StatusCode::BAD_GATEWAY,
-                "upstream_body_error",
+            Some(Refusal::new(
+                RefusalCode::UpstreamBodyError,
                 "the inference server's answer broke off",
             ))
         }
-        Err(_) => Some(Refusal::server(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream_timeout",
+        Err(_) => Some(Refusal::new(
+            RefusalCode::UpstreamTimeout,
             "the inference server did not finish its answer in time",
         )),
     };

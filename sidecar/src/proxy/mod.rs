@@ -21,7 +21,7 @@ pub mod upstream;
 pub use exchange::Usage;
 pub use inspect::{DEFAULT_MEDIA_TOKENS, Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect};
 pub use meter::UsageScanner;
-pub use refusal::Refusal;
+pub use refusal::{Refusal, RefusalCode};
 pub use routes::{Api, ROUTES, Route, classify};
 
 use crate::auth::scope::Scope;
@@ -35,7 +35,7 @@ use bytes::{Bytes, BytesMut};
 use exchange::{Exchange, Held, Inspecting};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use std::os::fd::AsFd;
@@ -333,16 +333,12 @@ fn check_route(
 fn check_route_policy(route: Route, tenant: &TenantRuntime) -> Result<(), Refusal> {
     match route {
         Route::Admin => Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "route_forbidden",
+            RefusalCode::RouteForbidden,
             "this route changes the inference server for every tenant and is never forwarded",
         )),
         Route::Unknown if tenant.unknown_routes == crate::config::UnknownRoutes::Refuse => {
             Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "unknown_route",
+                RefusalCode::UnknownRoute,
                 "the sidecar does not forward this route for this tenant",
             ))
         }
@@ -361,16 +357,13 @@ async fn read_body(
     let http = &rt.config.http;
     let too_large = || {
         Refusal::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "body_too_large",
+            RefusalCode::BodyTooLarge,
             format!("request body larger than {} bytes", http.max_body_bytes),
         )
     };
     let busy = || {
-        Refusal::server(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_busy",
+        Refusal::new(
+            RefusalCode::ServerBusy,
             "too many request bodies in flight; try again",
         )
         .with_retry(Duration::from_secs(1))
@@ -394,7 +387,10 @@ async fn read_body(
         let mut len = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| {
-                Refusal::invalid("body_unreadable", "the request body could not be read")
+                Refusal::new(
+                    RefusalCode::BodyUnreadable,
+                    "the request body could not be read",
+                )
             })?;
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -423,9 +419,7 @@ async fn read_body(
     match tokio::time::timeout(Duration::from_millis(http.body_read_timeout_ms), read).await {
         Ok(r) => r,
         Err(_) => Err(Refusal::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "body_timeout",
+            RefusalCode::BodyTimeout,
             format!(
                 "the request body did not arrive within {} ms",
                 http.body_read_timeout_ms
@@ -454,9 +448,7 @@ fn inspect_body(
             && enc.as_bytes() != b"identity"
         {
             return Err(Refusal::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "invalid_request_error",
-                "unsupported_content_encoding",
+                RefusalCode::UnsupportedContentEncoding,
                 "request bodies on this route must not be content-encoded",
             ));
         }
@@ -480,8 +472,8 @@ fn inspect_body(
         inspect(route, &body, policy)?
     } else if matches!(route, Route::Models | Route::StoredResponse) {
         if !body.is_empty() {
-            return Err(Refusal::invalid(
-                "unexpected_body",
+            return Err(Refusal::new(
+                RefusalCode::UnexpectedBody,
                 "this route takes no request body",
             ));
         }
@@ -538,9 +530,7 @@ async fn stored_responses(
         };
         if !owned {
             return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "previous_response_not_found",
+                RefusalCode::PreviousResponseNotFound,
                 format!(
                     "previous_response_id {} is not a response this tenant stored",
                     crate::auth::scope::quoted(id)
@@ -583,9 +573,7 @@ fn scan_prompt(
             .any(|h| h.kind == crate::record::leaks::Kind::Canary)
     {
         return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "canary_blocked",
+            RefusalCode::CanaryBlocked,
             "the request carries a marker that belongs to another tenant's data",
         ));
     }
@@ -604,8 +592,8 @@ async fn admit(
     if let Some(tpm) = tenant.limits.numbers().tokens_per_minute
         && estimate > tpm
     {
-        return Err(Refusal::invalid(
-            "request_too_large",
+        return Err(Refusal::new(
+            RefusalCode::RequestTooLarge,
             format!(
                 "this request may use up to {estimate} tokens (prompt estimate plus max_tokens \
                  x choices x prompts), more than the tenant's limit of {tpm} tokens per minute; lower \
@@ -795,7 +783,7 @@ fn upstream_request(
     let mut uri_parts = rt.upstream.clone().into_parts();
     uri_parts.path_and_query = parts.uri.path_and_query().cloned();
     let uri = Uri::from_parts(uri_parts)
-        .map_err(|_| Refusal::invalid("bad_uri", "bad request target"))?;
+        .map_err(|_| Refusal::new(RefusalCode::BadUri, "bad request target"))?;
     let mut up = Request::new(Full::new(body));
     *up.method_mut() = parts.method;
     *up.uri_mut() = uri;
@@ -828,9 +816,8 @@ async fn forward(
         }),
         Err(_) => {
             tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id(), "upstream response timed out");
-            Err(Refusal::server(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
+            Err(Refusal::new(
+                RefusalCode::UpstreamTimeout,
                 "the inference server did not answer in time",
             ))
         }
@@ -838,9 +825,8 @@ async fn forward(
             tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id(), error = %e, "upstream request failed");
             // Nothing reached the upstream's model: the reservation is given back.
             ex.not_delivered();
-            Err(Refusal::server(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
+            Err(Refusal::new(
+                RefusalCode::UpstreamUnavailable,
                 "the inference server could not be reached",
             ))
         }

@@ -2,6 +2,7 @@
 //! writes the metrics, the telemetry and the audit record (its own, and the leak owners').
 
 use super::{Cut, End, Exchange, MAX_MODEL, Usage};
+use crate::proxy::RefusalCode;
 use crate::record::audit::{AuditRecord, LeakRecord, UNAUTHENTICATED};
 use crate::record::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
 use crate::telemetry::genai::{Instrument, Series};
@@ -76,7 +77,7 @@ impl Exchange {
         });
         match &self.end {
             // The upstream may be working on it (timed out waiting for its answer).
-            End::Refused(r) if self.forwarded && r.status == StatusCode::GATEWAY_TIMEOUT => {
+            End::Refused(r) if self.forwarded && r.code == RefusalCode::UpstreamTimeout => {
                 a.reconcile(None);
                 None
             }
@@ -125,11 +126,11 @@ impl Exchange {
                 StatusCode::from_u16(499).expect("valid status"),
                 Some("client_disconnected"),
             ),
-            End::Refused(r) => (r.status, Some(r.code)),
+            End::Refused(r) => (r.status(), Some(r.code.as_str())),
             End::Answered(s) => (
                 *s,
                 match self.meter.cut {
-                    _ if self.found.leak_blocked => Some("canary_blocked"),
+                    _ if self.found.leak_blocked => Some(RefusalCode::CanaryWithheld.as_str()),
                     Some(c) => Some(c.reason()),
                     None if !self.meter.ended => Some("client_disconnected"),
                     None => None,
@@ -155,7 +156,7 @@ impl Exchange {
                         .inc();
                 }
                 if let End::Refused(r) = &self.end
-                    && let Some(limit) = r.limit
+                    && let Some(limit) = r.code.limit()
                 {
                     m.rate_limited
                         .get_or_create(&TenantLimit {
@@ -194,7 +195,7 @@ impl Exchange {
                     .get_or_create(&Reason { reason })
                     .inc();
                 if let End::Refused(r) = &self.end
-                    && r.auth
+                    && r.code.is_auth()
                 {
                     tracing::info!(request_id = %self.request_id, reason, "request refused: authentication failed");
                     m.auth_failures.get_or_create(&Reason { reason }).inc();
@@ -354,7 +355,7 @@ impl Exchange {
             let cut = self.meter.cut.is_some() || self.found.leak_blocked;
             self.trace.phase("meter", Some(start), cut);
         }
-        let blocked = reason == Some("canary_blocked");
+        let blocked = reason == Some(RefusalCode::CanaryWithheld.as_str());
         for h in &self.found.leaks {
             let mut attrs = vec![
                 otlp::attr("bulkhead.guardrail.kind", h.kind.as_str()),
@@ -420,7 +421,7 @@ impl Exchange {
             a.push(otlp::attr("bulkhead.tokens.reserved", r));
         }
         if let End::Refused(r) = &self.end {
-            a.push(otlp::attr("bulkhead.refusal.code", r.code));
+            a.push(otlp::attr("bulkhead.refusal.code", r.code.as_str()));
         }
         if let Some(r) = reason {
             a.push(otlp::attr("error.type", r));
