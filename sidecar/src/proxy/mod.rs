@@ -9,7 +9,9 @@
 //! releases what the request held and writes metrics and the audit record; `x-request-id` is
 //! set in [`handle`] alone.
 
+mod auth_phase;
 mod exchange;
+mod forward;
 mod inspect;
 mod meter;
 mod refusal;
@@ -26,27 +28,22 @@ pub use routes::{Api, ROUTES, Route, classify};
 
 use crate::auth::scope::Scope;
 use crate::auth::signature::NonceRecord;
-use crate::auth::signature::{PendingAuth, RESERVED_PREFIX, RequestView};
 use crate::http_util::ProxyBody;
 use crate::limits::shared::{Grant, SharedError};
 use crate::node::kv::KvCharge;
 use crate::runtime::{App, ConnCtx, Runtime, TenantRuntime};
+use auth_phase::{Credential, Verified, authenticate, check_route, verify_body};
 use bytes::{Bytes, BytesMut};
 use exchange::{Exchange, Held, Inspecting};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use forward::{Forward, forward, upstream_request};
+use http::header::{self, HeaderMap};
 use http::request::Parts;
-use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Full};
+use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+use std::time::Duration;
 
 /// The client's `x-request-id`, when it is one we may record.
 fn client_request_id(headers: &HeaderMap) -> Option<String> {
@@ -88,14 +85,6 @@ pub async fn handle(
     };
     resp.headers_mut().insert("x-request-id", request_id);
     resp
-}
-
-/// The upstream's answer, ready to be metered.
-struct Forward {
-    resp: Response<Incoming>,
-    strip_usage: bool,
-    write_idle: Duration,
-    deadline: tokio::time::Instant,
 }
 
 async fn proxy(
@@ -183,167 +172,6 @@ async fn proxy(
         info.prompt_estimate,
     );
     forward(ex, &rt, &tenant, up, info.strip_usage_chunk).await
-}
-
-/// How a request proved its tenant.
-enum Credential {
-    /// An RFC 9421 signature over the head; the body's digest is checked once read.
-    Signed(PendingAuth),
-    /// A verified JWT.
-    Token(crate::auth::jwt::JwtIdentity),
-}
-
-impl Credential {
-    fn scope(&self) -> &Arc<Scope> {
-        match self {
-            Credential::Signed(p) => p.scope(),
-            Credential::Token(t) => &t.scope,
-        }
-    }
-}
-
-/// What authentication proved, once the body is read.
-struct Verified {
-    key_id: String,
-    /// Lowercase names of the headers the credential covers (kept even if reserved).
-    covered_headers: std::collections::HashSet<String>,
-}
-
-/// Phase: authenticate from the headers alone and look the tenant up once. A request with
-/// `Signature` or `Signature-Input` is verified as signed (the body is checked later); one
-/// with only `Authorization: Bearer` as a JWT, when `[auth.jwt]` is configured. Each method
-/// only on the routes its configuration lists.
-fn authenticate(
-    ex: &mut Exchange,
-    rt: &Runtime,
-    parts: &Parts,
-) -> Result<(Credential, Arc<TenantRuntime>), Refusal> {
-    let h = &parts.headers;
-    let signed = h.contains_key("signature") || h.contains_key("signature-input");
-    if !signed && let Some(jwt) = &rt.jwt {
-        let token = crate::auth::jwt::bearer(h).map_err(|e| Refusal::auth(&e))?;
-        if let Some(token) = token {
-            use crate::auth::signature::AuthError;
-            if !jwt.routes.allows(parts.uri.path()) {
-                return Err(Refusal::auth(&AuthError::MethodNotAccepted("JWT")));
-            }
-            let id = jwt
-                .verify(token, unix_now())
-                .map_err(|e| Refusal::auth(&e))?;
-            let tenant = rt
-                .tenant(&id.tenant)
-                .cloned()
-                .ok_or_else(|| Refusal::auth(&AuthError::UnknownTenant))?;
-            return Ok((Credential::Token(id), tenant));
-        }
-    }
-    if signed && !rt.hmac_routes.allows(parts.uri.path()) {
-        return Err(Refusal::auth(
-            &crate::auth::signature::AuthError::MethodNotAccepted("signed"),
-        ));
-    }
-    let view = RequestView {
-        method: &parts.method,
-        uri: &parts.uri,
-        headers: &parts.headers,
-    };
-    let pending = rt.verifier.verify_head(view, unix_now()).map_err(|e| {
-        // These come after the signature verified: the tenant header it covers is what a
-        // real key signed (for tenant_mismatch, a tenant the key may not speak for).
-        if crate::record::metrics::SIGNED_AUTH_FAILURES.contains(&e.reason()) {
-            ex.refused_signed_for(
-                parts
-                    .headers
-                    .get(crate::auth::signature::TENANT_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|name| rt.tenant(name.trim()))
-                    .cloned(),
-            );
-        }
-        Refusal::auth(&e)
-    })?;
-    let tenant = rt
-        .tenant(pending.tenant())
-        .cloned()
-        .ok_or_else(|| Refusal::auth(&crate::auth::signature::AuthError::UnknownTenant))?;
-    Ok((Credential::Signed(pending), tenant))
-}
-
-/// Phase: the body against the signed digest, then the nonce recorded: in this process, or in
-/// the replay cache shared by the replicas. When the shared limits record it in the admission's
-/// own script (one round trip for both), it is returned to be recorded there.
-async fn verify_body(
-    ex: &mut Exchange,
-    rt: &Runtime,
-    pending: PendingAuth,
-    body: &Bytes,
-    tenant: &Arc<TenantRuntime>,
-) -> Result<(crate::auth::signature::Verified, Option<NonceRecord>), Refusal> {
-    let Some(shared) = &ex.app().shared else {
-        return match pending.finish(&rt.verifier, body, unix_now()) {
-            Ok(v) => Ok((v, None)),
-            Err(e) => {
-                ex.refused_signed_for(Some(tenant.clone()));
-                Err(Refusal::auth(&e))
-            }
-        };
-    };
-    let shared = shared.clone();
-    let (verified, nonce) = pending
-        .finish_unrecorded(&rt.verifier, body, unix_now())
-        .map_err(|e| {
-            ex.refused_signed_for(Some(tenant.clone()));
-            Refusal::auth(&e)
-        })?;
-    if tenant.shared.is_some() && shared.records_nonce_at_admission() {
-        return Ok((verified, Some(nonce)));
-    }
-    match shared.record_nonce(&rt.verifier, &nonce).await {
-        Ok(()) => Ok((verified, None)),
-        Err(SharedError::Auth(e)) => {
-            ex.refused_signed_for(Some(tenant.clone()));
-            Err(Refusal::auth(&e))
-        }
-        Err(e) => Err(Refusal::shared(e)),
-    }
-}
-
-/// Phase: the route's policy for this tenant, and the credential's route scope.
-fn check_route(
-    route: Route,
-    path: &str,
-    tenant: &TenantRuntime,
-    scope: &Scope,
-) -> Result<(), Refusal> {
-    check_route_policy(route, tenant)?;
-    if !scope.routes.allows(path) {
-        return Err(Refusal::denied("route", path));
-    }
-    // An unknown route is forwarded opaque: nothing in its body could be held to the scope.
-    if route == Route::Unknown && scope.limits_body() {
-        return Err(Refusal::permission(format!(
-            "route {} is not inspected, so a credential limited to models, tools or \
-             max_tokens cannot use it",
-            crate::auth::scope::quoted(path)
-        )));
-    }
-    Ok(())
-}
-
-fn check_route_policy(route: Route, tenant: &TenantRuntime) -> Result<(), Refusal> {
-    match route {
-        Route::Admin => Err(Refusal::new(
-            RefusalCode::RouteForbidden,
-            "this route changes the inference server for every tenant and is never forwarded",
-        )),
-        Route::Unknown if tenant.unknown_routes == crate::config::UnknownRoutes::Refuse => {
-            Err(Refusal::new(
-                RefusalCode::UnknownRoute,
-                "the sidecar does not forward this route for this tenant",
-            ))
-        }
-        _ => Ok(()),
-    }
 }
 
 /// Phase: read the body, bounded in size (413), time (408) and, all requests together, in
@@ -699,136 +527,4 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
-}
-
-/// Phase: the request as the upstream gets it.
-fn upstream_request(
-    ex: &mut Exchange,
-    rt: &Runtime,
-    conn: &ConnCtx,
-    parts: Parts,
-    covered: &std::collections::HashSet<String>,
-    body: Bytes,
-) -> Result<Request<Full<Bytes>>, Refusal> {
-    let mut h = parts.headers;
-    crate::proxy::upstream::strip_hop_by_hop(&mut h);
-    // The client's credential (a bearer token, a gateway API key) stays here unless asked.
-    if !rt.config.auth.forward_authorization {
-        h.remove(header::AUTHORIZATION);
-    }
-    let spoofable: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with(RESERVED_PREFIX) && !covered.contains(k.as_str()))
-        .cloned()
-        .collect();
-    for k in spoofable {
-        h.remove(k);
-    }
-    // The body may have been re-serialised: a digest sent along describes the new one.
-    let had_digest = h.contains_key("content-digest");
-    for k in [
-        "signature",
-        "signature-input",
-        "host",
-        "content-digest",
-        "content-length",
-        "x-request-id",
-    ] {
-        h.remove(k);
-    }
-    if had_digest {
-        h.insert(
-            "content-digest",
-            HeaderValue::from_str(&crate::auth::digest::content_digest_sha256(&body))
-                .expect("a digest is a valid header value"),
-        );
-    }
-    h.insert("x-request-id", ex.request_id_header().clone());
-    // The trace context is the sidecar's: the upstream's spans join the sidecar's trace, never
-    // one a client named (a trusted tenant's trace is continued through the sidecar's span).
-    h.remove("traceparent");
-    h.remove("tracestate");
-    if let Some((parent, state)) = ex.trace().upstream() {
-        h.insert("traceparent", parent);
-        if let Some(state) = state {
-            h.insert("tracestate", state);
-        }
-    }
-    // Identity headers that routers and engines behind the sidecar read: the verified tenant,
-    // never the client's.
-    let tenant = ex
-        .tenant()
-        .and_then(|t| HeaderValue::from_str(&t.name).ok());
-    for name in &rt.config.upstream.identity_headers {
-        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-            h.remove(&n);
-            if let Some(v) = &tenant {
-                h.insert(n, v.clone());
-            }
-        }
-    }
-    // The answer must be readable to be scanned and metered: never compressed (an encoded
-    // answer is refused, see meter.rs).
-    h.insert(
-        header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", conn.peer.ip()),
-        None => conn.peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
-    }
-    let mut uri_parts = rt.upstream.clone().into_parts();
-    uri_parts.path_and_query = parts.uri.path_and_query().cloned();
-    let uri = Uri::from_parts(uri_parts)
-        .map_err(|_| Refusal::new(RefusalCode::BadUri, "bad request target"))?;
-    let mut up = Request::new(Full::new(body));
-    *up.method_mut() = parts.method;
-    *up.uri_mut() = uri;
-    *up.headers_mut() = h;
-    Ok(up)
-}
-
-/// Phase: send it on the tenant's own pool and wait for the response head.
-async fn forward(
-    ex: &mut Exchange,
-    rt: &Runtime,
-    tenant: &TenantRuntime,
-    up: Request<Full<Bytes>>,
-    strip_usage: bool,
-) -> Result<Forward, Refusal> {
-    let timeout = Duration::from_millis(rt.config.upstream.response_timeout_ms);
-    let deadline = tokio::time::Instant::now() + timeout;
-    ex.sent();
-    let answer = tokio::time::timeout_at(deadline, tenant.client.request(up)).await;
-    ex.trace().upstream_done(match &answer {
-        Ok(Ok(resp)) => Some(resp.status().as_u16()),
-        _ => None,
-    });
-    match answer {
-        Ok(Ok(resp)) => Ok(Forward {
-            resp,
-            strip_usage,
-            write_idle: Duration::from_millis(rt.config.http.response_write_idle_timeout_ms),
-            deadline,
-        }),
-        Err(_) => {
-            tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id(), "upstream response timed out");
-            Err(Refusal::new(
-                RefusalCode::UpstreamTimeout,
-                "the inference server did not answer in time",
-            ))
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(tenant = %tenant.name, request_id = %ex.request_id(), error = %e, "upstream request failed");
-            // Nothing reached the upstream's model: the reservation is given back.
-            ex.not_delivered();
-            Err(Refusal::new(
-                RefusalCode::UpstreamUnavailable,
-                "the inference server could not be reached",
-            ))
-        }
-    }
 }
