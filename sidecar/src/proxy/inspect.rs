@@ -925,7 +925,7 @@ mod tests {
         .unwrap();
         assert_eq!(i.completion_reserve, 2 * MAX_CHOICES);
         let over = format!(r#"{{"messages":[],"n":{}}}"#, MAX_CHOICES + 1);
-        assert_eq!(chat(&over).unwrap_err().code, "invalid_parameter");
+        assert_eq!(chat(&over).unwrap_err().code.as_str(), "invalid_parameter");
     }
 
     #[test]
@@ -1006,7 +1006,7 @@ mod tests {
             p,
         )
         .unwrap_err();
-        assert_eq!(e.code, "unknown_field");
+        assert_eq!(e.code.as_str(), "unknown_field");
     }
 
     #[test]
@@ -1045,7 +1045,7 @@ mod tests {
             r#","stream":true,"stream_options":3"#,
         ] {
             assert_eq!(
-                chat(extra).unwrap_err().code,
+                chat(extra).unwrap_err().code.as_str(),
                 "invalid_parameter",
                 "{extra}"
             );
@@ -1095,7 +1095,12 @@ mod tests {
             deep.as_bytes(),
         ] {
             let e = inspect(Route::Generate(Api::Completions), b, P).unwrap_err();
-            assert_eq!(e.code, "invalid_json", "{}", String::from_utf8_lossy(b));
+            assert_eq!(
+                e.code.as_str(),
+                "invalid_json",
+                "{}",
+                String::from_utf8_lossy(b)
+            );
         }
         // Duplicate keys: the forwarded body has one, the sidecar's.
         let p = Policy {

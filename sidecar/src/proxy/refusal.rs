@@ -292,13 +292,6 @@ impl std::fmt::Display for RefusalCode {
     }
 }
 
-/// A code equals its wire string.
-impl PartialEq<&str> for RefusalCode {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
 /// Why a request was answered by the sidecar.
 #[derive(Debug, Clone)]
 pub struct Refusal {
