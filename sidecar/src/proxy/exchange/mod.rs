@@ -98,9 +98,9 @@ pub struct Meter {
 pub const MAX_MODEL: usize = 128;
 
 /// Request-body bytes held under `http.max_inflight_body_bytes`.
-pub struct BodyBytes {
-    pub permit: OwnedSemaphorePermit,
-    pub gauge: Gauge,
+struct BodyBytes {
+    permit: OwnedSemaphorePermit,
+    gauge: Gauge,
 }
 
 impl Drop for BodyBytes {
@@ -115,10 +115,10 @@ impl Drop for BodyBytes {
     reason = "the queue slot and gate pass are held for their Drop"
 )]
 pub struct Held {
-    pub permit: Permit,
-    pub gate: GatePass,
-    pub kv: KvCharge,
-    pub inflight: Gauge,
+    permit: Permit,
+    gate: GatePass,
+    kv: KvCharge,
+    inflight: Gauge,
 }
 
 impl Held {
