@@ -153,7 +153,7 @@ proptest! {
         match &r {
             Ok(_) => prop_assert!(all_allowed, "{} accepted; the upstream reads {:?}", b, reads),
             Err(e) => {
-                prop_assert_eq!(e.code, "permission_denied", "{}: {}", b, e.message);
+                prop_assert_eq!(e.code.as_str(), "permission_denied", "{}: {}", b, e.message);
                 prop_assert!(!all_allowed, "{} refused ({}) though every tool is allowed", b, e.message);
             }
         }

@@ -51,6 +51,10 @@ pub const CORE: &[(&[&str], &[&str])] = &[
     (
         &[
             "sidecar/src/limits/shared/mod.rs",
+            "sidecar/src/limits/shared/tenant.rs",
+            "sidecar/src/limits/shared/settle.rs",
+            "sidecar/src/limits/shared/nonces.rs",
+            "sidecar/src/limits/shared/responses.rs",
             "sidecar/src/limits/shared/conn.rs",
             "sidecar/src/limits/shared/scripts.rs",
         ],

@@ -5,13 +5,12 @@
 //! keys, a BOM, NaN, trailing bytes, numbers as strings), the upstream reads exactly the values
 //! the sidecar reserved tokens for and set the salt, request id and priority in.
 
-use super::refusal::Refusal;
+use super::refusal::{Refusal, RefusalCode};
 use super::routes::{Api, Route};
 use crate::auth::scope::{Scope, quoted};
 use crate::config::Flavor;
 use crate::proxy::schema::{Body, Class, Engine};
 use bytes::Bytes;
-use http::StatusCode;
 use serde_json::{Map, Value};
 
 /// Nesting beyond this is refused (tool schemas nest, but not this deep).
@@ -111,7 +110,10 @@ fn depth_ok(v: &Value) -> bool {
 }
 
 fn bad(field: &str, what: &str) -> Refusal {
-    Refusal::invalid("invalid_parameter", format!("`{field}` must be {what}"))
+    Refusal::new(
+        RefusalCode::InvalidParameter,
+        format!("`{field}` must be {what}"),
+    )
 }
 
 /// A non-negative whole number as a lax (pydantic) integer field reads it: integers, whole
@@ -264,26 +266,26 @@ impl Tally {
 /// Parse, check and rewrite the body of an inspected route.
 pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspected, Refusal> {
     let Some(schema) = route.body() else {
-        return Err(Refusal::invalid(
-            "invalid_parameter",
+        return Err(Refusal::new(
+            RefusalCode::InvalidParameter,
             "this route takes no inspected body",
         ));
     };
     let mut v: Value = serde_json::from_slice(body).map_err(|e| {
-        Refusal::invalid(
-            "invalid_json",
+        Refusal::new(
+            RefusalCode::InvalidJson,
             format!("the request body is not valid JSON: {e}"),
         )
     })?;
     if !depth_ok(&v) {
-        return Err(Refusal::invalid(
-            "invalid_json",
+        return Err(Refusal::new(
+            RefusalCode::InvalidJson,
             format!("the request body nests deeper than {MAX_DEPTH} levels"),
         ));
     }
     let Some(obj) = v.as_object_mut() else {
-        return Err(Refusal::invalid(
-            "invalid_json",
+        return Err(Refusal::new(
+            RefusalCode::InvalidJson,
             "the request body must be a JSON object",
         ));
     };
@@ -366,7 +368,10 @@ fn serialise<'k>(
     capacity: usize,
 ) -> Result<(Vec<u8>, PromptRanges<'k>), Refusal> {
     let failed = |e: serde_json::Error| {
-        Refusal::invalid("invalid_json", format!("cannot re-serialise the body: {e}"))
+        Refusal::new(
+            RefusalCode::InvalidJson,
+            format!("cannot re-serialise the body: {e}"),
+        )
     };
     let mut out = Vec::with_capacity(capacity);
     let mut ranges = Vec::with_capacity(prompt_fields.len());
@@ -396,8 +401,8 @@ fn class_of(schema: Body, key: &str, policy: Policy<'_>) -> Result<Class, Refusa
     if policy.extra_fields.iter().any(|f| f == key) {
         return Ok(Class::Prompt);
     }
-    Err(Refusal::invalid(
-        "unknown_field",
+    Err(Refusal::new(
+        RefusalCode::UnknownField,
         format!(
             "field {} is not one the sidecar forwards on this route (the operator can allow \
              it with tenants.<name>.extra_fields)",
@@ -434,8 +439,8 @@ fn engine_fields(
             }
             Engine::Priority => {
                 if !obj.get(key).is_some_and(Value::is_null) {
-                    return Err(Refusal::invalid(
-                        "owned_field",
+                    return Err(Refusal::new(
+                        RefusalCode::OwnedField,
                         format!(
                             "`{key}` is set by the sidecar from the tenant's configuration \
                              (tenants.<name>.priority); remove it from the request"
@@ -523,12 +528,7 @@ fn stored_items(obj: &Map<String, Value>) -> Result<(), Refusal> {
 /// 403 `engine_field`: the body steers the engine, or names its shared state, beyond what the
 /// tenant is trusted with.
 fn engine_field(message: impl Into<std::borrow::Cow<'static, str>>) -> Refusal {
-    Refusal::new(
-        StatusCode::FORBIDDEN,
-        "permission_error",
-        "engine_field",
-        message,
-    )
+    Refusal::new(RefusalCode::EngineField, message)
 }
 
 /// The name a tool goes by for the credential's scope, as each API names things: in the
@@ -782,8 +782,8 @@ fn generation(
     }
     let sequences = choices.saturating_mul(info.prompts);
     if sequences > MAX_CHOICES {
-        return Err(Refusal::invalid(
-            "request_too_large",
+        return Err(Refusal::new(
+            RefusalCode::RequestTooLarge,
             format!(
                 "{} prompts x {choices} choices is {sequences} sequences, more than the \
                  {MAX_CHOICES} a request may generate",
@@ -925,7 +925,7 @@ mod tests {
         .unwrap();
         assert_eq!(i.completion_reserve, 2 * MAX_CHOICES);
         let over = format!(r#"{{"messages":[],"n":{}}}"#, MAX_CHOICES + 1);
-        assert_eq!(chat(&over).unwrap_err().code, "invalid_parameter");
+        assert_eq!(chat(&over).unwrap_err().code.as_str(), "invalid_parameter");
     }
 
     #[test]
@@ -1006,7 +1006,7 @@ mod tests {
             p,
         )
         .unwrap_err();
-        assert_eq!(e.code, "unknown_field");
+        assert_eq!(e.code.as_str(), "unknown_field");
     }
 
     #[test]
@@ -1045,7 +1045,7 @@ mod tests {
             r#","stream":true,"stream_options":3"#,
         ] {
             assert_eq!(
-                chat(extra).unwrap_err().code,
+                chat(extra).unwrap_err().code.as_str(),
                 "invalid_parameter",
                 "{extra}"
             );
@@ -1095,7 +1095,12 @@ mod tests {
             deep.as_bytes(),
         ] {
             let e = inspect(Route::Generate(Api::Completions), b, P).unwrap_err();
-            assert_eq!(e.code, "invalid_json", "{}", String::from_utf8_lossy(b));
+            assert_eq!(
+                e.code.as_str(),
+                "invalid_json",
+                "{}",
+                String::from_utf8_lossy(b)
+            );
         }
         // Duplicate keys: the forwarded body has one, the sidecar's.
         let p = Policy {
@@ -1129,7 +1134,7 @@ mod tests {
         let code = |route, body: &str| {
             inspect(route, body.as_bytes(), p)
                 .map(|_| "ok")
-                .unwrap_or_else(|r| r.code)
+                .unwrap_or_else(|r| r.code.as_str())
         };
         let chat = Route::Generate(Api::Chat);
         let resp = Route::Generate(Api::Responses);
@@ -1228,14 +1233,17 @@ mod tests {
     fn code(route: Route, body: &str, p: Policy<'_>) -> &'static str {
         inspect(route, body.as_bytes(), p)
             .map(|_| "ok")
-            .unwrap_or_else(|r| r.code)
+            .unwrap_or_else(|r| r.code.as_str())
     }
 
     #[test]
     fn a_field_outside_the_schema_is_refused_by_name_unless_the_tenant_opts_it_in() {
         let chat = Route::Generate(Api::Chat);
         let e = inspect(chat, br#"{"messages":[],"x_secret":"v"}"#, P).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (400, "unknown_field"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (400, "unknown_field")
+        );
         assert!(e.message.contains("\"x_secret\""), "{}", e.message);
         // The name is escaped and cut short.
         let long = format!(r#"{{"messages":[],"{}\n":1}}"#, "k".repeat(300));
@@ -1295,7 +1303,10 @@ mod tests {
         // Choices x prompts beyond MAX_CHOICES: too large.
         let body = format!(r#"{{"prompt":[{}],"n":2}}"#, prompts.join(","));
         let e = inspect(comp, body.as_bytes(), P).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (400, "request_too_large"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (400, "request_too_large")
+        );
         let body = format!(r#"{{"prompt":[{}],"best_of":2}}"#, prompts[..64].join(","));
         assert_eq!(code(comp, &body, P), "ok");
     }
@@ -1373,7 +1384,10 @@ mod tests {
         assert_eq!(code(chat, r#"{"messages":[],"priority":null}"#, p), "ok");
         let kv = r#"{"messages":[],"kv_transfer_params":{"remote_host":"10.0.0.9"}}"#;
         let e = inspect(chat, kv.as_bytes(), p).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (403, "engine_field"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (403, "engine_field")
+        );
         let trusted = ["kv_transfer_params".to_string()];
         let t = Policy {
             trusted: &trusted,
@@ -1409,7 +1423,10 @@ mod tests {
         assert_eq!(fwd(&i)["store"], false);
         assert_eq!(i.stored_response_id, None);
         let e = inspect(resp, br#"{"input":"x","store":true}"#, p).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (403, "permission_denied"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (403, "permission_denied")
+        );
         // Allowed: stored unless the client says not to, under the sidecar's id.
         let s = Policy {
             store_responses: true,
@@ -1430,7 +1447,10 @@ mod tests {
             p,
         )
         .unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (403, "engine_field"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (403, "engine_field")
+        );
         assert_eq!(
             code(
                 resp,

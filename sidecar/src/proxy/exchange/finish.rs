@@ -1,268 +1,21 @@
-//! [`Exchange`]: one request's context from its first byte to its last, and the ONE finish
-//! step (its `Drop`) that settles tokens, releases what the request held and writes metrics
-//! and the audit record for every outcome: refused, forwarded, upstream error, client gone.
+//! The finish step: [`Exchange`]'s `Drop` settles tokens, releases what the request held and
+//! writes the metrics, the telemetry and the audit record (its own, and the leak owners').
 
-use super::refusal::Refusal;
-use crate::cache::GatePass;
-use crate::limits::shared::Grant;
-use crate::limits::wfq::Permit;
-use crate::node::kv::KvCharge;
+use super::{Cut, End, Exchange, MAX_MODEL, Usage};
+use crate::proxy::RefusalCode;
 use crate::record::audit::{AuditRecord, LeakRecord, UNAUTHENTICATED};
 use crate::record::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
-use crate::runtime::{App, TenantRuntime};
-use crate::telemetry::RequestTrace;
 use crate::telemetry::genai::{Instrument, Series};
 use agent_common::otlp::{self, Attr};
-use http::{HeaderValue, Method, StatusCode};
-use prometheus_client::metrics::gauge::Gauge;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::OwnedSemaphorePermit;
-
-/// Tokens a request used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt: u64,
-    pub completion: u64,
-    /// Prompt tokens served from the prefix cache (part of `prompt`).
-    pub cached: u64,
-}
-
-impl Usage {
-    pub fn total(self) -> u64 {
-        self.prompt.saturating_add(self.completion)
-    }
-}
-
-/// How the exchange ended (so far).
-#[derive(Debug)]
-pub enum End {
-    /// No answer yet: dropped in this state, the client went away (499).
-    Pending,
-    /// The sidecar answered itself.
-    Refused(Refusal),
-    /// The upstream answered with this status; the meter says whether its body ended.
-    Answered(StatusCode),
-}
-
-/// Why a forwarded response did not reach its end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cut {
-    ClientGone,
-    WriteTimeout,
-    UpstreamError,
-}
-
-impl Cut {
-    fn reason(self) -> &'static str {
-        match self {
-            Cut::ClientGone => "client_disconnected",
-            Cut::WriteTimeout => "response_write_timeout",
-            Cut::UpstreamError => "upstream_body_error",
-        }
-    }
-}
-
-/// A piece of the response, for the leak scan.
-#[derive(Debug, Clone, Copy)]
-pub enum Scanned<'a> {
-    /// One whole SSE event.
-    Event(&'a [u8]),
-    /// The next bytes of a body that is not an event stream.
-    Body(&'a [u8]),
-}
-
-/// What the response meter saw.
-#[derive(Debug, Default)]
-pub struct Meter {
-    pub usage: Option<Usage>,
-    /// Content chunks forwarded (about one token each).
-    pub chunks: u64,
-    pub ended: bool,
-    pub cut: Option<Cut>,
-    pub ttft: Option<Duration>,
-    pub prompt_estimate: u64,
-    /// The model the answer names (top-level `model`, or `response.model` in the Responses
-    /// API's events), cut to [`MAX_MODEL`] bytes: what the request is priced by.
-    pub served_model: Option<String>,
-}
-
-/// The longest served model name kept.
-pub const MAX_MODEL: usize = 128;
-
-/// Request-body bytes held under `http.max_inflight_body_bytes`.
-pub struct BodyBytes {
-    pub permit: OwnedSemaphorePermit,
-    pub gauge: Gauge,
-}
-
-impl Drop for BodyBytes {
-    fn drop(&mut self) {
-        self.gauge.dec_by(self.permit.num_permits() as i64);
-    }
-}
-
-/// What a forwarded request holds until its response ends (released when dropped).
-#[allow(
-    dead_code,
-    reason = "the queue slot and gate pass are held for their Drop"
-)]
-pub struct Held {
-    pub permit: Permit,
-    pub gate: GatePass,
-    pub kv: KvCharge,
-    pub inflight: Gauge,
-}
-
-impl Held {
-    /// Counts the request in flight (`inflight`) until dropped.
-    pub fn new(permit: Permit, gate: GatePass, kv: KvCharge, inflight: Gauge) -> Self {
-        inflight.inc();
-        Self {
-            permit,
-            gate,
-            kv,
-            inflight,
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.inflight.dec();
-    }
-}
-
-pub struct Exchange {
-    pub app: Arc<App>,
-    pub t0: Instant,
-    pub request_id: String,
-    /// `request_id` as the `x-request-id` header value (to the client and the upstream).
-    pub request_id_header: HeaderValue,
-    pub client_request_id: Option<String>,
-    pub method: Method,
-    pub route: String,
-    pub tenant: Option<Arc<TenantRuntime>>,
-    /// A configured tenant a verified signature named, on a request then refused by
-    /// authentication (replayed, expired, ...): counted per tenant, never attributed.
-    pub signed_for: Option<Arc<TenantRuntime>>,
-    pub key_id: Option<String>,
-    /// The request body's `model`, for its price.
-    pub model: Option<String>,
-    pub stream: bool,
-    pub prompt_hash: Option<String>,
-    pub queue_wait: Option<Duration>,
-    /// Tokens reserved at admission.
-    pub reserved: Option<u64>,
-    pub admission: Option<Grant>,
-    pub body_bytes: Option<BodyBytes>,
-    pub held: Option<Held>,
-    /// The request was sent upstream (the upstream may have worked on it).
-    pub forwarded: bool,
-    /// Canaries, keywords and markers found in the prompt and the response.
-    pub leaks: Vec<crate::record::leaks::Hit>,
-    /// The response is scanned for other tenants' canaries and keywords.
-    pub leak_scan: Option<(
-        Arc<crate::record::leaks::LeakPatterns>,
-        crate::record::leaks::ResponseScan,
-    )>,
-    /// The response was cut because it carried another tenant's canary (`on_canary = block`).
-    pub leak_blocked: bool,
-    pub meter: Meter,
-    pub end: End,
-    /// The route, once classified (names the span and the GenAI operation).
-    pub route_kind: Option<super::Route>,
-    /// Spans of this request (inert without `[telemetry.otlp]`).
-    pub trace: RequestTrace,
-    /// Time spent at the cache gate (with `queue_wait`, not the sidecar's own overhead).
-    pub gate_wait: Option<Duration>,
-    /// When the request was handed to the upstream client.
-    pub sent_at: Option<Instant>,
-    /// When the upstream's response head arrived (the meter phase starts).
-    pub meter_start: Option<Instant>,
-}
+use http::StatusCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 impl Exchange {
-    pub fn new(
-        app: Arc<App>,
-        method: Method,
-        route: String,
-        client_request_id: Option<String>,
-        headers: &http::HeaderMap,
-    ) -> Self {
-        let request_id = app.request_id();
-        let t0 = Instant::now();
-        let trace = RequestTrace::new(app.tracer.as_ref(), headers, t0);
-        Self {
-            request_id_header: HeaderValue::from_str(&request_id)
-                .expect("a request id is hex digits"),
-            request_id,
-            app,
-            t0,
-            client_request_id,
-            method,
-            route,
-            tenant: None,
-            signed_for: None,
-            key_id: None,
-            model: None,
-            stream: false,
-            prompt_hash: None,
-            queue_wait: None,
-            reserved: None,
-            admission: None,
-            body_bytes: None,
-            held: None,
-            forwarded: false,
-            leaks: Vec::new(),
-            leak_scan: None,
-            leak_blocked: false,
-            meter: Meter::default(),
-            end: End::Pending,
-            route_kind: None,
-            trace,
-            gate_wait: None,
-            sent_at: None,
-            meter_start: None,
-        }
-    }
-
-    /// KV tokens held now: the prompt (real once known) plus what was generated so far.
-    pub fn kv_sync(&mut self) {
-        let (prompt, completion) = match self.meter.usage {
-            Some(u) => (u.prompt, u.completion.max(self.meter.chunks)),
-            None => (self.meter.prompt_estimate, self.meter.chunks),
-        };
-        if let Some(h) = &mut self.held {
-            h.kv.set(prompt + completion);
-            h.permit.progress(prompt, completion);
-        }
-    }
-
-    /// Scan the next piece of the response for other tenants' canaries and keywords; true
-    /// when it must be withheld and the response cut (a canary, `on_canary = "block"`).
-    pub fn scan_response(&mut self, piece: Scanned<'_>) -> bool {
-        let (Some((pats, scan)), Some(t)) = (&mut self.leak_scan, &self.tenant) else {
-            return false;
-        };
-        let before = self.leaks.len();
-        match piece {
-            Scanned::Event(ev) => scan.event(pats, &t.name, ev, &mut self.leaks),
-            Scanned::Body(b) => scan.body(pats, &t.name, b, &mut self.leaks),
-        }
-        let block = pats.on_canary == crate::config::OnCanary::Block
-            && self.leaks[before..]
-                .iter()
-                .any(|h| h.kind == crate::record::leaks::Kind::Canary);
-        self.leak_blocked |= block;
-        block
-    }
-
     /// Count the leak hits and write them to the owners' audit (never the pattern itself).
     fn record_leaks(&self, status: u16) {
-        let Some(t) = &self.tenant else { return };
+        let Some(t) = self.tenant() else { return };
         let m = &self.app.metrics;
-        for h in &self.leaks {
+        for h in &self.found.leaks {
             let family = match h.kind {
                 crate::record::leaks::Kind::Marker => {
                     m.injection_markers
@@ -303,20 +56,10 @@ impl Exchange {
                 route: self.route.clone(),
                 status,
                 reason: Some(format!("{}_seen_by_other_tenant", h.kind.as_str())),
-                stream: self.stream,
+                stream: self.found.stream,
                 leaks: vec![LeakRecord::new(h, Some(&t.name))],
                 ..AuditRecord::default()
             });
-        }
-    }
-
-    pub fn first_byte(&mut self) {
-        if self.meter.ttft.is_none() {
-            let d = self.t0.elapsed();
-            self.meter.ttft = Some(d);
-            if let Some(t) = &self.tenant {
-                t.metrics.ttft.observe(d.as_secs_f64());
-            }
         }
     }
 
@@ -326,7 +69,7 @@ impl Exchange {
         let m = &self.meter;
         // A stream is charged at least what was forwarded, cut or not.
         let seen = m.usage.or_else(|| {
-            (self.stream && m.chunks > 0).then_some(Usage {
+            (self.found.stream && m.chunks > 0).then_some(Usage {
                 prompt: m.prompt_estimate,
                 completion: m.chunks,
                 cached: 0,
@@ -334,7 +77,7 @@ impl Exchange {
         });
         match &self.end {
             // The upstream may be working on it (timed out waiting for its answer).
-            End::Refused(r) if self.forwarded && r.status == StatusCode::GATEWAY_TIMEOUT => {
+            End::Refused(r) if self.forwarded && r.code == RefusalCode::UpstreamTimeout => {
                 a.reconcile(None);
                 None
             }
@@ -383,11 +126,11 @@ impl Exchange {
                 StatusCode::from_u16(499).expect("valid status"),
                 Some("client_disconnected"),
             ),
-            End::Refused(r) => (r.status, Some(r.code)),
+            End::Refused(r) => (r.status(), Some(r.code.as_str())),
             End::Answered(s) => (
                 *s,
                 match self.meter.cut {
-                    _ if self.leak_blocked => Some("canary_blocked"),
+                    _ if self.found.leak_blocked => Some(RefusalCode::CanaryWithheld.as_str()),
                     Some(c) => Some(c.reason()),
                     None if !self.meter.ended => Some("client_disconnected"),
                     None => None,
@@ -399,7 +142,7 @@ impl Exchange {
         self.telemetry(status, reason, usage, elapsed);
         let m = &self.app.metrics;
         let mut charged = None;
-        match &self.tenant {
+        match self.tenant() {
             Some(t) => {
                 let tm = &t.metrics;
                 if status == StatusCode::OK {
@@ -413,7 +156,7 @@ impl Exchange {
                         .inc();
                 }
                 if let End::Refused(r) = &self.end
-                    && let Some(limit) = r.limit
+                    && let Some(limit) = r.code.limit()
                 {
                     m.rate_limited
                         .get_or_create(&TenantLimit {
@@ -430,7 +173,7 @@ impl Exchange {
                     tm.completion_tokens.inc_by(u.completion);
                     charged = t.cost.charge(
                         self.meter.served_model.as_deref(),
-                        self.model.as_deref(),
+                        self.found.model.as_deref(),
                         crate::record::cost::Tokens {
                             prompt: u.prompt,
                             cached: u.cached,
@@ -452,7 +195,7 @@ impl Exchange {
                     .get_or_create(&Reason { reason })
                     .inc();
                 if let End::Refused(r) = &self.end
-                    && r.auth
+                    && r.code.is_auth()
                 {
                     tracing::info!(request_id = %self.request_id, reason, "request refused: authentication failed");
                     m.auth_failures.get_or_create(&Reason { reason }).inc();
@@ -472,10 +215,9 @@ impl Exchange {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             tenant: self
-                .tenant
-                .as_ref()
+                .tenant()
                 .map_or_else(|| UNAUTHENTICATED.to_string(), |t| t.name.to_string()),
-            key_id: self.key_id.take(),
+            key_id: self.who.as_ref().map(|w| w.key_id.clone()),
             request_id: std::mem::take(&mut self.request_id),
             client_request_id: self.client_request_id.take(),
             method: self.method.as_str().to_string(),
@@ -484,20 +226,21 @@ impl Exchange {
             method_truncated: false,
             status: status.as_u16(),
             reason: reason.map(str::to_string),
-            stream: self.stream,
+            stream: self.found.stream,
             prompt_tokens: usage.map(|u| u.prompt),
             completion_tokens: usage.map(|u| u.completion),
             reserved_tokens: self.reserved,
             latency_ms: elapsed.as_secs_f64() * 1e3,
             ttft_ms: self.meter.ttft.map(|d| d.as_secs_f64() * 1e3),
             queue_ms: self.queue_wait.map(|d| d.as_secs_f64() * 1e3),
-            prompt_hash: self.prompt_hash.take(),
+            prompt_hash: self.found.prompt_hash.take(),
             leaks: self
+                .found
                 .leaks
                 .iter()
                 .map(|h| LeakRecord::new(h, None))
                 .collect(),
-            model: self.model.take(),
+            model: self.found.model.take(),
             served_model: self.meter.served_model.take(),
             cached_tokens: usage.map(|u| u.cached).filter(|c| *c > 0),
             cost: charged.as_ref().map(|c| c.cost),
@@ -516,8 +259,8 @@ fn cut(s: &str, max: usize) -> &str {
 }
 
 /// `gen_ai.operation.name` of a route (semconv 1.38.0), for the GenAI routes.
-fn operation(route: Option<super::Route>) -> Option<&'static str> {
-    use super::{Api, Route};
+fn operation(route: Option<crate::proxy::Route>) -> Option<&'static str> {
+    use crate::proxy::{Api, Route};
     match route? {
         Route::Generate(Api::Chat) => Some("chat"),
         Route::Generate(Api::Completions) => Some("text_completion"),
@@ -528,12 +271,12 @@ fn operation(route: Option<super::Route>) -> Option<&'static str> {
 }
 
 /// `http.route`: the route's template (never a client's id or an unknown path).
-fn route_template(route: Option<super::Route>, path: &str) -> Option<&'static str> {
-    use super::Route;
+fn route_template(route: Option<crate::proxy::Route>, path: &str) -> Option<&'static str> {
+    use crate::proxy::Route;
     match route? {
         Route::StoredResponse => Some("/v1/responses/{response_id}"),
         Route::Unknown => None,
-        _ => super::ROUTES
+        _ => crate::proxy::ROUTES
             .iter()
             .find(|(p, _)| *p == path)
             .map(|(p, _)| *p),
@@ -556,7 +299,7 @@ impl Exchange {
             400.. => Some("upstream_4xx"),
             _ => None,
         });
-        if let (Some(t), Some(op)) = (&self.tenant, op) {
+        if let (Some(t), Some(op)) = (self.tenant(), op) {
             let g = &self.app.metrics.genai;
             let series = |instrument, kind| Series {
                 instrument,
@@ -571,7 +314,7 @@ impl Exchange {
             if let Some(ttft) = self.meter.ttft {
                 g.observe(series(Instrument::TimeToFirstToken, ""), ttft.as_secs_f64());
                 if let Some(u) = usage
-                    && self.stream
+                    && self.found.stream
                     && u.completion >= 2
                 {
                     let per =
@@ -609,11 +352,11 @@ impl Exchange {
             return;
         }
         if let Some(start) = self.meter_start {
-            let cut = self.meter.cut.is_some() || self.leak_blocked;
+            let cut = self.meter.cut.is_some() || self.found.leak_blocked;
             self.trace.phase("meter", Some(start), cut);
         }
-        let blocked = reason == Some("canary_blocked");
-        for h in &self.leaks {
+        let blocked = reason == Some(RefusalCode::CanaryWithheld.as_str());
+        for h in &self.found.leaks {
             let mut attrs = vec![
                 otlp::attr("bulkhead.guardrail.kind", h.kind.as_str()),
                 otlp::attr("bulkhead.guardrail.where", h.seen.as_str()),
@@ -649,7 +392,11 @@ impl Exchange {
             a.push(otlp::attr("gen_ai.operation.name", op));
         }
         // The client's model name, cut as the served one is (a span is no place for 64 KiB).
-        let model = self.model.as_deref().map(|m| cut(m, MAX_MODEL).to_string());
+        let model = self
+            .found
+            .model
+            .as_deref()
+            .map(|m| cut(m, MAX_MODEL).to_string());
         if let Some(m) = &model {
             a.push(otlp::attr("gen_ai.request.model", m.clone()));
         }
@@ -661,20 +408,20 @@ impl Exchange {
             a.push(otlp::attr("gen_ai.usage.output_tokens", u.completion));
             a.push(otlp::attr("gen_ai.usage.cache_read.input_tokens", u.cached));
         }
-        if let Some(t) = &self.tenant {
+        if let Some(t) = self.tenant() {
             a.push(otlp::attr("bulkhead.tenant", t.name.to_string()));
         }
-        if let Some(k) = &self.key_id {
+        if let Some(k) = self.who.as_ref().map(|w| &w.key_id) {
             a.push(otlp::attr("bulkhead.key_id", k.clone()));
         }
-        if self.stream {
+        if self.found.stream {
             a.push(otlp::attr("bulkhead.stream", true));
         }
         if let Some(r) = self.reserved {
             a.push(otlp::attr("bulkhead.tokens.reserved", r));
         }
         if let End::Refused(r) = &self.end {
-            a.push(otlp::attr("bulkhead.refusal.code", r.code));
+            a.push(otlp::attr("bulkhead.refusal.code", r.code.as_str()));
         }
         if let Some(r) = reason {
             a.push(otlp::attr("error.type", r));
