@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, bail};
-use bulkhead_sidecar::auth::signature::{SignOptions, TENANT_HEADER, sign_request};
+use bulkhead_client::{SignOptions, TENANT_HEADER, sign_request};
 use bulkhead_sidecar::config::Config;
 use clap::{Args, Parser, Subcommand};
 use std::io::Read;

@@ -160,7 +160,7 @@ impl Stack {
         let path: Uri = "/v1/chat/completions".parse().unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(
-            bulkhead_sidecar::auth::signature::TENANT_HEADER,
+            bulkhead_client::TENANT_HEADER,
             HeaderValue::from_str(tenant).unwrap(),
         );
         headers.insert("content-type", HeaderValue::from_static("application/json"));
@@ -168,13 +168,13 @@ impl Stack {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        bulkhead_sidecar::auth::signature::sign_request(
+        bulkhead_client::sign_request(
             &Method::POST,
             &path,
             &mut headers,
             body.as_bytes(),
             GATEWAY_KEY,
-            &bulkhead_sidecar::auth::signature::SignOptions::new(GATEWAY_KEY_ID, created),
+            &bulkhead_client::SignOptions::new(GATEWAY_KEY_ID, created),
         )
         .expect("sign");
         (headers, body)

@@ -251,7 +251,7 @@ async fn the_sidecar_image_answers_a_signed_request_through_to_the_sim() {
     let uri: Uri = "/v1/chat/completions".parse().unwrap();
     let mut headers = HeaderMap::new();
     headers.insert(
-        bulkhead_sidecar::auth::signature::TENANT_HEADER,
+        bulkhead_client::TENANT_HEADER,
         HeaderValue::from_static("acme"),
     );
     headers.insert("content-type", HeaderValue::from_static("application/json"));
@@ -259,13 +259,13 @@ async fn the_sidecar_image_answers_a_signed_request_through_to_the_sim() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    bulkhead_sidecar::auth::signature::sign_request(
+    bulkhead_client::sign_request(
         &Method::POST,
         &uri,
         &mut headers,
         body.as_bytes(),
         GATEWAY_KEY,
-        &bulkhead_sidecar::auth::signature::SignOptions::new(GATEWAY_KEY_ID, created),
+        &bulkhead_client::SignOptions::new(GATEWAY_KEY_ID, created),
     )
     .expect("sign");
     let mut req = format!(

@@ -32,7 +32,7 @@ fn signed_chat(addr: SocketAddr, tenant: &str, stream: bool) -> Request<Full<Byt
     let path: http::Uri = "/v1/chat/completions".parse().unwrap();
     let mut headers = HeaderMap::new();
     headers.insert(
-        bulkhead_sidecar::auth::signature::TENANT_HEADER,
+        bulkhead_client::TENANT_HEADER,
         HeaderValue::from_str(tenant).unwrap(),
     );
     headers.insert("content-type", HeaderValue::from_static("application/json"));
@@ -41,13 +41,13 @@ fn signed_chat(addr: SocketAddr, tenant: &str, stream: bool) -> Request<Full<Byt
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    bulkhead_sidecar::auth::signature::sign_request(
+    bulkhead_client::sign_request(
         &Method::POST,
         &path,
         &mut headers,
         body.as_bytes(),
         GATEWAY_KEY,
-        &bulkhead_sidecar::auth::signature::SignOptions::new(GATEWAY_KEY_ID, created),
+        &bulkhead_client::SignOptions::new(GATEWAY_KEY_ID, created),
     )
     .unwrap();
     let mut req = Request::new(Full::new(Bytes::from(body)));
