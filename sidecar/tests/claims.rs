@@ -19,20 +19,14 @@
 //! The same tagging against the real agent: `tests/tests/sidecar_agent.rs` (root).
 
 mod common;
-use agent_common::proto::Request as AgentRequest;
 use base64::Engine;
 use bulkhead_sim::SimConfig;
+use bulkhead_testkit::agent::{AgentOptions, CallLog, FakeAgent};
 use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
-use nix::sys::socket::{
-    AddressFamily, Backlog, ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn,
-    UnixAddr, accept, bind, getpeername, getsockname, listen, recvmsg, send, socket,
-};
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SALT_KEY: &[u8] = b"salt-key-0123456789abcdef-012345";
@@ -200,14 +194,7 @@ async fn exclusive_tenants_requests_carry_no_salt_not_even_the_clients() {
     h.shutdown().await;
 }
 
-/// A free port on 127.0.0.1 (bound, then released for the child to bind).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use bulkhead_testkit::free_port;
 
 type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -447,94 +434,17 @@ async fn the_salt_never_reaches_the_log() {
 
 // ---- a fake node agent (the real protocol), recording what it was asked ----
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct AgentCall {
-    /// "tag", "untag", "lookup"
-    op: &'static str,
-    tenant: Option<String>,
-    local_port: u16,
-    peer_port: u16,
-    accepted: bool,
-}
-
-type CallLog = Arc<Mutex<Vec<AgentCall>>>;
-
 /// Serves the tagging protocol at `path`: tags of tenants in `refuse` are refused with
 /// `unknown_tenant`, everything else accepted; every call is logged.
 fn fake_agent(path: &std::path::Path, refuse: &'static [&'static str]) -> CallLog {
-    let log: CallLog = Default::default();
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
+    FakeAgent::start(
+        path,
+        AgentOptions {
+            refuse,
+            ..Default::default()
+        },
     )
-    .unwrap();
-    bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
-    listen(&fd, Backlog::new(64).unwrap()).unwrap();
-    let calls = log.clone();
-    std::thread::spawn(move || {
-        let listener = fd;
-        loop {
-            let Ok(conn) = accept(listener.as_raw_fd()) else {
-                return;
-            };
-            let mut buf = [0u8; 4096];
-            let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let Ok(msg) = recvmsg::<UnixAddr>(conn, &mut iov, Some(&mut cmsg), MsgFlags::empty())
-            else {
-                let _ = nix::unistd::close(conn);
-                continue;
-            };
-            let mut fds = Vec::new();
-            for c in msg.cmsgs().unwrap() {
-                if let ControlMessageOwned::ScmRights(f) = c {
-                    fds.extend(f);
-                }
-            }
-            let n = msg.bytes;
-            let req: AgentRequest = serde_json::from_slice(&buf[..n]).unwrap();
-            let reply = match (&req, fds.first()) {
-                (AgentRequest::KvReport { tenants, .. }, _) => {
-                    format!(r#"{{"accepted":{}}}"#, tenants.len())
-                }
-                (_, Some(&sock)) => {
-                    let local: SockaddrIn = getsockname(sock).unwrap();
-                    let peer: SockaddrIn = getpeername(sock).unwrap();
-                    let (op, tenant) = match &req {
-                        AgentRequest::Tag { tenant } => ("tag", Some(tenant.clone())),
-                        AgentRequest::Untag => ("untag", None),
-                        _ => ("lookup", None),
-                    };
-                    let refused = tenant.as_deref().is_some_and(|t| refuse.contains(&t));
-                    calls.lock().unwrap().push(AgentCall {
-                        op,
-                        tenant: tenant.clone(),
-                        local_port: local.port(),
-                        peer_port: peer.port(),
-                        accepted: !refused,
-                    });
-                    if refused {
-                        format!(
-                            r#"{{"error":{{"code":"unknown_tenant","message":"tenant {} is not configured on this agent"}}}}"#,
-                            tenant.unwrap()
-                        )
-                    } else {
-                        let t = tenant.map_or("null".to_string(), |t| format!("\"{t}\""));
-                        format!(r#"{{"tenant":{t},"tenant_id":1,"cookie":7}}"#)
-                    }
-                }
-                _ => r#"{"error":{"code":"missing_socket","message":"no socket"}}"#.to_string(),
-            };
-            let _ = send(conn, reply.as_bytes(), MsgFlags::empty());
-            for f in fds {
-                let _ = nix::unistd::close(f);
-            }
-            let _ = nix::unistd::close(conn);
-        }
-    });
-    log
+    .calls
 }
 
 /// The calls on the client connection whose client port is `port` (sidecar side: local port

@@ -1,0 +1,194 @@
+//! The sidecar under test, from outside: requests signed as a gateway signs them, and the
+//! built `bulkhead-sidecar` binary run on a config file ([`SidecarProcess`]).
+
+use bulkhead_client::{SignOptions, TENANT_HEADER, sign_request};
+use http::{HeaderMap, HeaderValue, Method, Uri};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The headers a gateway sends for `body`: the tenant header, `content-type:
+/// application/json` and an RFC 9421 signature by `key_id` created now (`tweak` adjusts the
+/// signing options).
+pub fn signed_headers(
+    tenant: &str,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+    key_id: &str,
+    key: &[u8],
+    tweak: impl FnOnce(&mut SignOptions),
+) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(TENANT_HEADER, HeaderValue::from_str(tenant).unwrap());
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let mut o = SignOptions::new(key_id, crate::now());
+    tweak(&mut o);
+    let path_only: Uri = path.parse().unwrap();
+    sign_request(method, &path_only, &mut headers, body, key, &o).unwrap();
+    headers
+}
+
+/// The `bulkhead-sidecar` binary of this build (`target/<profile>/bulkhead-sidecar`, next to
+/// the running test's directory), built once per test process with `cargo build` (a no-op when
+/// it is current; a test of another package does not get it built otherwise).
+/// `BULKHEAD_SIDECAR_BIN` names another one.
+pub fn sidecar_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("BULKHEAD_SIDECAR_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().unwrap();
+        let mut dir = exe.parent().unwrap();
+        if dir.ends_with("deps") {
+            dir = dir.parent().unwrap();
+        }
+        let profile_dir = dir.to_path_buf();
+        let target_dir = profile_dir.parent().unwrap();
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev",
+            Some(other) => other,
+            None => "dev",
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", "bulkhead-sidecar", "--bin"])
+            .arg("bulkhead-sidecar")
+            .args(["--profile", profile])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build for bulkhead-sidecar");
+        assert!(status.success(), "cargo build -p bulkhead-sidecar failed");
+        profile_dir.join("bulkhead-sidecar")
+    })
+    .clone()
+}
+
+/// `text` with the `[listen]` section's `addr` and `admin_addr` set to `addr` and `admin`.
+fn with_listen(text: &str, addr: SocketAddr, admin: SocketAddr) -> String {
+    let mut out = String::new();
+    let mut in_listen = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_listen = t == "[listen]";
+        }
+        if in_listen && t.starts_with("addr =") {
+            out.push_str(&format!("addr = \"{addr}\""));
+        } else if in_listen && t.starts_with("admin_addr =") {
+            out.push_str(&format!("admin_addr = \"{admin}\""));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The built `bulkhead-sidecar` running `run --config <dir>/sidecar.toml`, its output in
+/// `<dir>/sidecar.log`; killed when dropped.
+pub struct SidecarProcess {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl SidecarProcess {
+    /// Write `config` (its `[listen]` addresses replaced by free ports) to `dir` and start the
+    /// binary on it; returns once `/readyz` answers 200. A port taken by someone else before
+    /// the sidecar bound it is retried on other ports.
+    pub async fn start(config: &str, dir: &Path) -> SidecarProcess {
+        let bin = sidecar_bin();
+        for _ in 0..5 {
+            let addr: SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
+            let admin: SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
+            let config_path = dir.join("sidecar.toml");
+            std::fs::write(&config_path, with_listen(config, addr, admin)).unwrap();
+            let log_path = dir.join("sidecar.log");
+            let log = std::fs::File::create(&log_path).unwrap();
+            let child = tokio::process::Command::new(&bin)
+                .arg("run")
+                .arg("--config")
+                .arg(&config_path)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+            let mut p = SidecarProcess {
+                addr,
+                admin,
+                config_path,
+                log_path,
+                child: Some(child),
+            };
+            if p.wait_ready().await {
+                return p;
+            }
+            let log = p.log();
+            if !log.contains("Address already in use") {
+                panic!("the sidecar exited before it was ready:\n{log}");
+            }
+        }
+        panic!("could not start the sidecar on free ports");
+    }
+
+    /// Poll `/readyz` (10 s at most); `false` when the process exited first.
+    async fn wait_ready(&mut self) -> bool {
+        let url = format!("http://{}/readyz", self.admin);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if crate::http::get(&url).await.map(|r| r.0) == Some(http::StatusCode::OK) {
+                return true;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                return false;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sidecar never became ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// What the sidecar has written so far (standard output and error).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.admin)
+    }
+
+    /// SIGTERM (the sidecar drains), and wait: panics unless it exits with success.
+    pub async fn stop(mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("the sidecar did not stop within 30 s")
+            .unwrap();
+        assert!(
+            status.success(),
+            "the sidecar exited with {status}:\n{}",
+            self.log()
+        );
+    }
+}
