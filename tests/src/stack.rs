@@ -128,15 +128,7 @@ impl Stack {
             "messages": [{"role": "user", "content": prompt}],
         })
         .to_string();
-        let headers = bulkhead_testkit::sidecar::signed_headers(
-            tenant,
-            &Method::POST,
-            "/v1/chat/completions",
-            body.as_bytes(),
-            GATEWAY_KEY_ID,
-            GATEWAY_KEY,
-            |_| {},
-        );
+        let headers = gateway_headers(tenant, &body);
         (headers, body)
     }
 
@@ -173,6 +165,20 @@ impl Stack {
         self.sidecar.stop().await;
         self.sim.stop().await;
     }
+}
+
+/// The headers of a chat completion (`POST /v1/chat/completions`) with `body` for `tenant`,
+/// signed now by the gateway key.
+pub fn gateway_headers(tenant: &str, body: &str) -> HeaderMap {
+    bulkhead_testkit::sidecar::signed_headers(
+        tenant,
+        &Method::POST,
+        "/v1/chat/completions",
+        body.as_bytes(),
+        GATEWAY_KEY_ID,
+        GATEWAY_KEY,
+        |_| {},
+    )
 }
 
 /// A scratch directory removed on drop.

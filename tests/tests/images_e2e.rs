@@ -14,8 +14,7 @@
 use base64::Engine;
 use bulkhead_testkit::free_port;
 use bulkhead_tests::harness::*;
-use bulkhead_tests::stack::{GATEWAY_KEY, GATEWAY_KEY_ID, TempDir};
-use http::Method;
+use bulkhead_tests::stack::{GATEWAY_KEY, GATEWAY_KEY_ID, TempDir, gateway_headers};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -241,15 +240,7 @@ async fn the_sidecar_image_answers_a_signed_request_through_to_the_sim() {
         "messages": [{"role": "user", "content": "hello from the image test"}],
     })
     .to_string();
-    let headers = bulkhead_testkit::sidecar::signed_headers(
-        "acme",
-        &Method::POST,
-        "/v1/chat/completions",
-        body.as_bytes(),
-        GATEWAY_KEY_ID,
-        GATEWAY_KEY,
-        |_| {},
-    );
+    let headers = gateway_headers("acme", &body);
     let mut req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()

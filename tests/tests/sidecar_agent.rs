@@ -16,7 +16,7 @@
 //!   known limitation, pinned here so that a change to it is seen).
 
 use bulkhead_tests::harness::*;
-use bulkhead_tests::stack::{GATEWAY_KEY, GATEWAY_KEY_ID, Stack, TempDir};
+use bulkhead_tests::stack::{Stack, TempDir, gateway_headers};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -29,15 +29,7 @@ fn signed_chat(addr: SocketAddr, tenant: &str, stream: bool) -> Request<Full<Byt
     let body = format!(
         r#"{{"model":"sim","max_tokens":8,"stream":{stream},"messages":[{{"role":"user","content":"hello from {tenant}"}}]}}"#
     );
-    let mut headers = bulkhead_testkit::sidecar::signed_headers(
-        tenant,
-        &Method::POST,
-        "/v1/chat/completions",
-        body.as_bytes(),
-        GATEWAY_KEY_ID,
-        GATEWAY_KEY,
-        |_| {},
-    );
+    let mut headers = gateway_headers(tenant, &body);
     headers.insert("host", HeaderValue::from_str(&addr.to_string()).unwrap());
     let mut req = Request::new(Full::new(Bytes::from(body)));
     *req.method_mut() = Method::POST;
