@@ -22,6 +22,7 @@ mod common;
 use base64::Engine;
 use bulkhead_sim::SimConfig;
 use bulkhead_testkit::agent::{AgentOptions, CallLog, FakeAgent};
+use bulkhead_testkit::sidecar::{Launch, SidecarProcess};
 use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
@@ -203,9 +204,7 @@ type HttpClient = hyper_util::client::legacy::Client<
 
 /// The `bulkhead-sidecar` binary, run on a config file, its stdout and stderr captured.
 struct Bin {
-    child: tokio::process::Child,
-    out: tokio::task::JoinHandle<Vec<u8>>,
-    err: tokio::task::JoinHandle<Vec<u8>>,
+    p: SidecarProcess,
     addr: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     client: HttpClient,
@@ -231,65 +230,25 @@ impl Bin {
     /// Start the binary on `config` (from [`bin_config`]) with `RUST_LOG=rust_log`, and wait
     /// until it is ready.
     async fn start(config: &std::path::Path, rust_log: &str, json_log: bool) -> Bin {
-        use tokio::io::AsyncReadExt;
-        const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-sidecar");
         let text = std::fs::read_to_string(config).unwrap();
-        let port_of = |key: &str| -> std::net::SocketAddr {
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(&format!("{key} = ")))
-                .unwrap();
-            line.split('"').nth(1).unwrap().parse().unwrap()
+        let launch = Launch {
+            bin: Some(env!("CARGO_BIN_EXE_bulkhead-sidecar").into()),
+            args: if json_log {
+                vec!["--log-json".into()]
+            } else {
+                Vec::new()
+            },
+            env: vec![("RUST_LOG".into(), rust_log.into())],
         };
-        let (addr, admin) = (port_of("addr"), port_of("admin_addr"));
-        let mut cmd = tokio::process::Command::new(BIN);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", rust_log)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        if json_log {
-            cmd.arg("--log-json");
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let out = tokio::spawn(async move {
-            let mut b = Vec::new();
-            let _ = stdout.read_to_end(&mut b).await;
-            b
-        });
-        let err = tokio::spawn(async move {
-            let mut b = Vec::new();
-            let _ = stderr.read_to_end(&mut b).await;
-            b
-        });
-        let client: HttpClient =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
-        let ready: http::Uri = format!("http://{admin}/readyz").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = client.get(ready.clone()).await
-                && r.status() == StatusCode::OK
-            {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("the sidecar exited before it was ready: {status}");
-            }
-            assert!(Instant::now() < deadline, "the sidecar never became ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let p = SidecarProcess::start_with(&text, config.parent().unwrap(), launch).await;
         Bin {
-            child,
-            out,
-            err,
-            addr,
-            admin,
-            client,
+            addr: p.addr,
+            admin: p.admin,
+            p,
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http(),
         }
     }
 
@@ -322,20 +281,9 @@ impl Bin {
         String::from_utf8(b.to_vec()).unwrap()
     }
 
-    /// SIGTERM, a clean exit, and everything it wrote (stdout, then stderr).
-    async fn stop(mut self) -> String {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("the sidecar stops on SIGTERM")
-            .unwrap();
-        assert!(status.success(), "{status}");
-        let log = [self.out.await.unwrap(), self.err.await.unwrap()].concat();
-        String::from_utf8_lossy(&log).into_owned()
+    /// SIGTERM, a clean exit, and everything it wrote (stdout and stderr).
+    async fn stop(self) -> String {
+        self.p.stop().await
     }
 }
 

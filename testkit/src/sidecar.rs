@@ -68,25 +68,44 @@ pub fn sidecar_bin() -> PathBuf {
     .clone()
 }
 
-/// `text` with the `[listen]` section's `addr` and `admin_addr` set to `addr` and `admin`.
-fn with_listen(text: &str, addr: SocketAddr, admin: SocketAddr) -> String {
+/// `text` with each `[listen]` address of port 0 (`addr`, `admin_addr`) set to a free port,
+/// and the two addresses the sidecar will listen on.
+fn with_free_ports(text: &str) -> (String, SocketAddr, SocketAddr) {
     let mut out = String::new();
     let mut in_listen = false;
+    let (mut addr, mut admin) = (None, None);
     for line in text.lines() {
         let t = line.trim();
         if t.starts_with('[') {
             in_listen = t == "[listen]";
         }
-        if in_listen && t.starts_with("addr =") {
-            out.push_str(&format!("addr = \"{addr}\""));
-        } else if in_listen && t.starts_with("admin_addr =") {
-            out.push_str(&format!("admin_addr = \"{admin}\""));
+        let key = t.split('=').next().unwrap_or("").trim();
+        if in_listen && (key == "addr" || key == "admin_addr") {
+            let value = t.split('"').nth(1).expect("a quoted address");
+            let mut a: SocketAddr = value.parse().expect("a socket address");
+            if a.port() == 0 {
+                a.set_port(crate::free_port());
+            }
+            out.push_str(&format!("{key} = \"{a}\""));
+            *(if key == "addr" { &mut addr } else { &mut admin }) = Some(a);
         } else {
             out.push_str(line);
         }
         out.push('\n');
     }
-    out
+    let (Some(addr), Some(admin)) = (addr, admin) else {
+        panic!("the config sets no [listen] addr and admin_addr:\n{text}");
+    };
+    (out, addr, admin)
+}
+
+/// How to run the binary: another binary than [`sidecar_bin`], arguments after `run --config
+/// <file>`, environment variables.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    pub bin: Option<PathBuf>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 /// The built `bulkhead-sidecar` running `run --config <dir>/sidecar.toml`, its output in
@@ -100,22 +119,28 @@ pub struct SidecarProcess {
 }
 
 impl SidecarProcess {
-    /// Write `config` (its `[listen]` addresses replaced by free ports) to `dir` and start the
-    /// binary on it; returns once `/readyz` answers 200. A port taken by someone else before
-    /// the sidecar bound it is retried on other ports.
+    /// Write `config` to `<dir>/sidecar.toml`, its `[listen]` addresses of port 0 replaced by
+    /// free ports, and start the binary on it; returns once `/readyz` answers 200. A free port
+    /// taken by someone else before the sidecar bound it is retried on other ports.
     pub async fn start(config: &str, dir: &Path) -> SidecarProcess {
-        let bin = sidecar_bin();
+        Self::start_with(config, dir, Launch::default()).await
+    }
+
+    /// [`SidecarProcess::start`] as `launch` says.
+    pub async fn start_with(config: &str, dir: &Path, launch: Launch) -> SidecarProcess {
+        let bin = launch.bin.clone().unwrap_or_else(sidecar_bin);
         for _ in 0..5 {
-            let addr: SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
-            let admin: SocketAddr = ([127, 0, 0, 1], crate::free_port()).into();
+            let (text, addr, admin) = with_free_ports(config);
             let config_path = dir.join("sidecar.toml");
-            std::fs::write(&config_path, with_listen(config, addr, admin)).unwrap();
+            std::fs::write(&config_path, &text).unwrap();
             let log_path = dir.join("sidecar.log");
             let log = std::fs::File::create(&log_path).unwrap();
             let child = tokio::process::Command::new(&bin)
                 .arg("run")
                 .arg("--config")
                 .arg(&config_path)
+                .args(&launch.args)
+                .envs(launch.env.iter().map(|(k, v)| (k, v)))
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .kill_on_drop(true)
@@ -132,7 +157,7 @@ impl SidecarProcess {
                 return p;
             }
             let log = p.log();
-            if !log.contains("Address already in use") {
+            if text == config || !log.contains("Address already in use") {
                 panic!("the sidecar exited before it was ready:\n{log}");
             }
         }
@@ -170,10 +195,11 @@ impl SidecarProcess {
         format!("http://{}/metrics", self.admin)
     }
 
-    /// SIGTERM (the sidecar drains), and wait: panics unless it exits with success.
-    pub async fn stop(mut self) {
+    /// SIGTERM (the sidecar drains), and wait: panics unless it exits with success within
+    /// 10 s. Everything it wrote.
+    pub async fn stop(mut self) -> String {
         let Some(mut child) = self.child.take() else {
-            return;
+            return self.log();
         };
         if let Some(pid) = child.id() {
             let _ = nix::sys::signal::kill(
@@ -181,14 +207,36 @@ impl SidecarProcess {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
-            .expect("the sidecar did not stop within 30 s")
+            .expect("the sidecar stops on SIGTERM")
             .unwrap();
         assert!(
             status.success(),
             "the sidecar exited with {status}:\n{}",
             self.log()
+        );
+        self.log()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_listen_sections_port_zero_addresses_get_free_ports() {
+        let text = "[upstream]\naddr = \"127.0.0.1:0\"\n[listen]\naddr = \"127.0.0.1:0\"\n\
+                    admin_addr = \"127.0.0.1:9464\"\n[auth]\n";
+        let (out, addr, admin) = with_free_ports(text);
+        assert_ne!(addr.port(), 0);
+        assert_eq!(admin, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(
+            out,
+            format!(
+                "[upstream]\naddr = \"127.0.0.1:0\"\n[listen]\naddr = \"{addr}\"\n\
+                 admin_addr = \"127.0.0.1:9464\"\n[auth]\n"
+            )
         );
     }
 }
