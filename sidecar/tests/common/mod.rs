@@ -221,15 +221,8 @@ impl Harness {
 
     /// Poll until `series` reaches `want` (or panic at the deadline).
     pub async fn wait_metric(&self, series: &str, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let v = self.metric(series).await;
-            if v == Some(want) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{series} is {v:?}, want {want}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let url = format!("http://{}/metrics", self.admin);
+        bulkhead_testkit::http::wait_metric(&url, series, want).await;
     }
 
     pub async fn shutdown(mut self) {
