@@ -3,8 +3,8 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, bail};
+use bulkhead_client::{SignOptions, TENANT_HEADER, sign_request};
 use bulkhead_sidecar::config::{Config, ConfigError, KeyEncoding, read_key_file_as};
-use bulkhead_sidecar::auth::signature::{SignOptions, TENANT_HEADER, sign_request};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Read;
 use std::path::PathBuf;

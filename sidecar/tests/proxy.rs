@@ -277,7 +277,7 @@ async fn shutdown_drains_in_flight_streams() {
     h.sim.sim.open_gate();
     let rest = body.collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
-    let task = h.task.take().unwrap();
+    let task = h.sidecar.task.take().unwrap();
     tokio::time::timeout(Duration::from_secs(10), task)
         .await
         .expect("run returns after draining")

@@ -25,32 +25,12 @@ use std::time::{Duration, Instant};
 /// (17 bytes) a token per 4 started, 4 tokens for the message, and the limit: 5 + 4 + 100.
 const EST: u64 = 9 + 100;
 
-fn have(bin: &str) -> bool {
-    Command::new(bin)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// `true` when the tests can run; prints a skip line (or panics under CI) when not.
 fn redis_available(test: &str) -> bool {
-    if have("redis-server") {
-        return true;
-    }
-    agent_common::skip::skip(&format!(
-        "{test}: redis-server is not installed (`cargo xtask setup` installs it)"
-    ));
-    false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    bulkhead_testkit::skip::require_runs(
+        "redis-server",
+        &format!("{test}: redis-server is not installed (`cargo xtask setup` installs it)"),
+    )
 }
 
 /// A redis-server child process on 127.0.0.1:`port`, killed when dropped.
@@ -71,7 +51,7 @@ impl RedisServer {
         // A port just found free may be taken again by another test before the server binds
         // it: then try another.
         for _ in 0..5 {
-            let port = free_port();
+            let port = bulkhead_testkit::free_port();
             let mut s = RedisServer {
                 port,
                 child: None,

@@ -304,6 +304,17 @@ fn run_with_agent(bin: &str, rest: &[&str]) -> Result<()> {
 }
 
 fn bench_sidecar(rest: &[&str]) -> Result<()> {
+    if rest == ["--scan"] {
+        // The leak scanner in-process: the sidecar's example, no servers.
+        return run(cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "bulkhead-sidecar",
+            "--example",
+            "bench_scan",
+        ]));
+    }
     let limits = rest.contains(&"--limits");
     if limits {
         // `--limits redis` runs a redis-server beside the sidecars (and no nginx).

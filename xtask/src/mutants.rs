@@ -19,7 +19,9 @@ use std::path::Path;
 pub const CORE: &[(&[&str], &[&str])] = &[
     (
         &[
-            "sidecar/src/auth/signature.rs",
+            "sidecar/src/auth/signature/mod.rs",
+            "sidecar/src/auth/signature/params.rs",
+            "sidecar/src/auth/signature/replay.rs",
             "sidecar/src/auth/digest.rs",
             "sidecar/src/proxy/routes.rs",
             "sidecar/src/limits/local.rs",
@@ -28,6 +30,11 @@ pub const CORE: &[(&[&str], &[&str])] = &[
             "sidecar/src/auth/scope.rs",
             "sidecar/src/cache/mod.rs",
         ],
+        &["--lib"],
+    ),
+    // What the sidecar shares with its clients: the signature base, signing, Content-Digest.
+    (
+        &["client/src/signature.rs", "client/src/digest.rs"],
         &["--lib"],
     ),
     // The sealed audit's chain, judged with the tests that write real files through the
@@ -46,7 +53,13 @@ pub const CORE: &[(&[&str], &[&str])] = &[
     // The probe's view of an answer (SSE reassembled per choice and field).
     (&["probe/src/sse.rs"], &["--lib", "--test=probe"]),
     // JWT verification, judged with the tests that sign with an independent library.
-    (&["sidecar/src/auth/jwt.rs"], &["--lib", "--test=jwt"]),
+    (
+        &[
+            "sidecar/src/auth/jwt/mod.rs",
+            "sidecar/src/auth/jwt/jwks.rs",
+        ],
+        &["--lib", "--test=jwt"],
+    ),
     // The shared limits and replay cache, judged with the tests that run a real Redis.
     (
         &[

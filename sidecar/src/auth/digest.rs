@@ -1,7 +1,5 @@
 //! RFC 9530 `Content-Digest` (sha-256 and sha-512).
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use ring::digest;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -14,11 +12,8 @@ pub enum DigestError {
     Mismatch,
 }
 
-/// `sha-256=:<base64>:` for `body`.
-pub fn content_digest_sha256(body: &[u8]) -> String {
-    let d = digest::digest(&digest::SHA256, body);
-    format!("sha-256=:{}:", STANDARD.encode(d.as_ref()))
-}
+/// `sha-256=:<base64>:` for `body` (what a signer sets; `bulkhead-client`'s).
+pub use bulkhead_client::digest::content_digest_sha256;
 
 /// Check every known member of a `Content-Digest` value against `body`. At least one member
 /// must use a known algorithm; unknown ones are ignored as RFC 9530 allows.

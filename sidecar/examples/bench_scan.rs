@@ -1,4 +1,5 @@
-//! `bulkhead-bench --scan`: what leak scanning costs per KiB of prompt and of streamed
+//! `cargo xtask bench sidecar --scan` (`cargo run --release -p bulkhead-sidecar --example
+//! bench_scan`): what leak scanning costs per KiB of prompt and of streamed
 //! response, with 10 and with 1,000 canaries and keywords (plus the default injection
 //! markers), against a pass over the same bytes that finds nothing (the floor); and the
 //! response scan as the meter runs it: SSE events of 24 bytes of text each, one choice and two
@@ -60,11 +61,11 @@ fn per_kib(total: Duration, rounds: u32, bytes: usize) -> f64 {
     total.as_secs_f64() * 1e9 / f64::from(rounds) / (bytes as f64 / 1024.0)
 }
 
-pub fn run() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let text = corpus(32 * 1024);
     let rounds = 2000u32;
     println!(
-        "bulkhead-bench --scan: {} KiB of text, {rounds} rounds each, median of 5; patterns = \
+        "bench_scan: {} KiB of text, {rounds} rounds each, median of 5; patterns = \
          canaries over 10 tenants + 12 default injection markers",
         text.len() / 1024
     );
