@@ -32,10 +32,11 @@ pub const CORE: &[(&[&str], &[&str])] = &[
         ],
         &["--lib"],
     ),
-    // What the sidecar shares with its clients: the signature base, signing, Content-Digest.
+    // What the sidecar shares with its clients: the signature base, signing, Content-Digest;
+    // judged by the client's tests and the sidecar's verifier tests, which cover it too.
     (
         &["client/src/signature.rs", "client/src/digest.rs"],
-        &["--lib"],
+        &["--lib", "--test-package=bulkhead-client,bulkhead-sidecar"],
     ),
     // The sealed audit's chain, judged with the tests that write real files through the
     // audit writer and read them back with `audit read`.
@@ -161,7 +162,10 @@ pub fn run(args: &[&str]) -> Result<()> {
             )
             .env("PATH", crate::setup::path_with_linker()?);
         for t in *tests {
-            cmd.arg(format!("--cargo-arg={t}"));
+            match t.strip_prefix("--test-package=") {
+                Some(packages) => cmd.args(["--test-package", packages]),
+                None => cmd.arg(format!("--cargo-arg={t}")),
+            };
         }
         for f in group {
             cmd.args(["--file", f]);
