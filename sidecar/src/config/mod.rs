@@ -72,7 +72,7 @@ pub struct Config {
     /// Where limits and the replay cache live: this process (default) or Redis.
     #[serde(default)]
     pub limits: LimitsConfig,
-    /// The served model's KV-cache geometry; enables `bulkhead_kv_cache_bytes` and KV reports.
+    /// The served model's KV-cache geometry; enables `bulkhead_sidecar_kv_inflight_bytes` and KV reports.
     pub model: Option<ModelConfig>,
     #[serde(default)]
     pub leaks: LeaksConfig,

@@ -83,6 +83,14 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    pub const ALL: [LimitKind; 5] = [
+        LimitKind::Requests,
+        LimitKind::Tokens,
+        LimitKind::Concurrency,
+        LimitKind::Queue,
+        LimitKind::KvTokens,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LimitKind::Requests => "requests",

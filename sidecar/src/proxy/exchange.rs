@@ -8,7 +8,7 @@ use crate::limits::shared::Grant;
 use crate::limits::wfq::Permit;
 use crate::node::kv::KvCharge;
 use crate::record::audit::{AuditRecord, LeakRecord, UNAUTHENTICATED};
-use crate::record::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
+use crate::record::metrics::{Reason, TenantCode};
 use crate::runtime::{App, TenantRuntime};
 use crate::telemetry::RequestTrace;
 use crate::telemetry::genai::{Instrument, Series};
@@ -250,10 +250,7 @@ impl Exchange {
             Scanned::Event(ev) => scan.event(pats, &t.name, ev, &mut self.leaks),
             Scanned::Body(b) => scan.body(pats, &t.name, b, &mut self.leaks),
         }
-        let block = pats.on_canary == crate::config::OnCanary::Block
-            && self.leaks[before..]
-                .iter()
-                .any(|h| h.kind == crate::record::leaks::Kind::Canary);
+        let block = pats.blocks(&self.leaks[before..]);
         self.leak_blocked |= block;
         block
     }
@@ -263,26 +260,10 @@ impl Exchange {
         let Some(t) = &self.tenant else { return };
         let m = &self.app.metrics;
         for h in &self.leaks {
-            let family = match h.kind {
-                crate::record::leaks::Kind::Marker => {
-                    m.injection_markers
-                        .get_or_create(&crate::record::metrics::TenantMarker {
-                            tenant: t.name.to_string(),
-                            marker: h.owner.to_string(),
-                        })
-                        .inc();
-                    continue;
-                }
-                crate::record::leaks::Kind::Canary => &m.canary_hits,
-                crate::record::leaks::Kind::Keyword => &m.keyword_hits,
-            };
-            family
-                .get_or_create(&crate::record::metrics::LeakLabel {
-                    owner: h.owner.to_string(),
-                    seen_by: t.name.to_string(),
-                    r#where: h.seen.as_str(),
-                })
-                .inc();
+            m.leaks.count(&t.name, h);
+            if h.kind == crate::record::leaks::Kind::Marker {
+                continue;
+            }
             if !self
                 .app
                 .leak_record_allowed(&h.owner, &t.name, h.kind.as_str())
@@ -415,12 +396,7 @@ impl Exchange {
                 if let End::Refused(r) = &self.end
                     && let Some(limit) = r.limit
                 {
-                    m.rate_limited
-                        .get_or_create(&TenantLimit {
-                            tenant: t.name.to_string(),
-                            limit: limit.as_str(),
-                        })
-                        .inc();
+                    m.limits.refused(&t.name, limit);
                 }
                 if self.meter.cut == Some(Cut::WriteTimeout) {
                     tm.write_timeouts.inc();
@@ -455,15 +431,8 @@ impl Exchange {
                     && r.auth
                 {
                     tracing::info!(request_id = %self.request_id, reason, "request refused: authentication failed");
-                    m.auth_failures.get_or_create(&Reason { reason }).inc();
-                    if let Some(t) = &self.signed_for {
-                        m.auth_failures_by_tenant
-                            .get_or_create(&TenantReason {
-                                tenant: t.name.to_string(),
-                                reason,
-                            })
-                            .inc();
-                    }
+                    m.auth
+                        .refused(reason, self.signed_for.as_ref().map(|t| &*t.name));
                 }
             }
         }

@@ -244,7 +244,7 @@ fn authenticate(
     let pending = rt.verifier.verify_head(view, unix_now()).map_err(|e| {
         // These come after the signature verified: the tenant header it covers is what a
         // real key signed (for tenant_mismatch, a tenant the key may not speak for).
-        if crate::record::metrics::SIGNED_AUTH_FAILURES.contains(&e.reason()) {
+        if e.after_signature() {
             ex.signed_for = parts
                 .headers
                 .get(crate::auth::signature::TENANT_HEADER)
@@ -586,12 +586,7 @@ fn scan_prompt(
     if pats.scans_responses() {
         ex.leak_scan = Some((pats.clone(), crate::record::leaks::ResponseScan::default()));
     }
-    if pats.on_canary == crate::config::OnCanary::Block
-        && ex
-            .leaks
-            .iter()
-            .any(|h| h.kind == crate::record::leaks::Kind::Canary)
-    {
+    if pats.blocks(&ex.leaks) {
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "permission_error",
