@@ -25,6 +25,7 @@ mod record;
 pub use record::{AuditRecord, LeakRecord, hex_tag};
 
 use crate::record::metrics::Reason;
+use agent_common::bucket::TokenBucket;
 use disk::{Disk, writer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -158,45 +159,10 @@ impl Drops {
     }
 }
 
-/// Unauthenticated records allowed: refills `rate` per second up to `burst`.
-#[derive(Debug)]
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Option<Instant>,
-}
-
-impl Bucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            rate: f64::from(rate),
-            burst,
-            tokens: burst,
-            last: None,
-        }
-    }
-
-    fn set(&mut self, rate: u32, burst: u32) {
-        self.rate = f64::from(rate);
-        self.burst = f64::from(burst.max(1));
-        self.tokens = self.tokens.min(self.burst);
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        if let Some(last) = self.last {
-            let dt = now.saturating_duration_since(last).as_secs_f64();
-            self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        }
-        self.last = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+/// The bucket of unauthenticated records: its capacity (`burst`, at least 1) and its refill
+/// per second (`rate`).
+fn bucket_numbers(rate: u32, burst: u32) -> (f64, f64) {
+    (f64::from(burst.max(1)), f64::from(rate))
 }
 
 /// Flush at least this often.
@@ -230,7 +196,8 @@ struct State {
     pending_bytes: usize,
     /// How much one stream may hold unwritten.
     stream_cap: usize,
-    bucket: Bucket,
+    /// Unauthenticated records allowed (see [`bucket_numbers`]).
+    bucket: TokenBucket<Instant>,
     wake_now: bool,
     closed: bool,
 }
@@ -266,10 +233,13 @@ impl State {
             generation: 0,
             pending: HashMap::new(),
             pending_bytes: 0,
-            bucket: Bucket::new(
-                limits.unauthenticated_per_second,
-                limits.unauthenticated_burst,
-            ),
+            bucket: {
+                let (capacity, per_sec) = bucket_numbers(
+                    limits.unauthenticated_per_second,
+                    limits.unauthenticated_burst,
+                );
+                TokenBucket::full(capacity, per_sec)
+            },
             wake_now: false,
             closed: false,
         }
@@ -286,7 +256,7 @@ impl State {
         drops: &Drops,
     ) -> Result<bool, ()> {
         let stream = if tenant == UNAUTHENTICATED {
-            if !self.bucket.take(now) {
+            if !self.bucket.take(1.0, now) {
                 drops.rate_limited.inc();
                 return Err(());
             }
@@ -426,10 +396,11 @@ impl AuditLog {
         if *st.tenants == tenants && st.limits == limits {
             return;
         }
-        st.bucket.set(
+        let (capacity, per_sec) = bucket_numbers(
             limits.unauthenticated_per_second,
             limits.unauthenticated_burst,
         );
+        st.bucket.set_rate(capacity, per_sec);
         st.limits = limits;
         st.stream_cap = buffer_share(tenants.len() + 1);
         st.tenants = Arc::new(tenants);

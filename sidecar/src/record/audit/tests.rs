@@ -92,13 +92,16 @@ fn names_parse() {
 
 #[test]
 fn bucket_refills_at_rate_up_to_burst() {
-    let mut b = Bucket::new(10, 5);
+    let (capacity, per_sec) = bucket_numbers(10, 5);
+    let mut b = TokenBucket::full(capacity, per_sec);
     let t0 = Instant::now();
-    assert_eq!((0..20).filter(|_| b.take(t0)).count(), 5);
-    assert!(!b.take(t0 + Duration::from_millis(50)));
-    assert!(b.take(t0 + Duration::from_millis(110)));
+    assert_eq!((0..20).filter(|_| b.take(1.0, t0)).count(), 5);
+    assert!(!b.take(1.0, t0 + Duration::from_millis(50)));
+    assert!(b.take(1.0, t0 + Duration::from_millis(110)));
     let later = t0 + Duration::from_secs(100);
-    assert_eq!((0..20).filter(|_| b.take(later)).count(), 5);
+    assert_eq!((0..20).filter(|_| b.take(1.0, later)).count(), 5);
+    // A burst of 0 still lets one through.
+    assert_eq!(bucket_numbers(10, 0), (1.0, 10.0));
 }
 
 #[test]
