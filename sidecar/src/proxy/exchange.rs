@@ -20,19 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Tokens a request used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt: u64,
-    pub completion: u64,
-    /// Prompt tokens served from the prefix cache (part of `prompt`).
-    pub cached: u64,
-}
-
-impl Usage {
-    pub fn total(self) -> u64 {
-        self.prompt.saturating_add(self.completion)
-    }
-}
+pub use crate::record::cost::Usage;
 
 /// How the exchange ended (so far).
 #[derive(Debug)]
@@ -404,15 +392,9 @@ impl Exchange {
                 if let Some(u) = usage {
                     tm.prompt_tokens.inc_by(u.prompt);
                     tm.completion_tokens.inc_by(u.completion);
-                    charged = t.cost.charge(
-                        self.meter.served_model.as_deref(),
-                        self.model.as_deref(),
-                        crate::record::cost::Tokens {
-                            prompt: u.prompt,
-                            cached: u.cached,
-                            completion: u.completion,
-                        },
-                    );
+                    charged =
+                        t.cost
+                            .charge(self.meter.served_model.as_deref(), self.model.as_deref(), u);
                     if charged.is_none() && t.cost.is_priced() {
                         // Priced tenants only: without `[cost]` every answer is unpriced.
                         tm.cost_unpriced.inc();

@@ -70,7 +70,7 @@ impl Metrics {
 
 /// What `t` costs at `price` (per million tokens; cached prompt tokens at `cached_input`,
 /// `input` when it has none).
-pub fn cost_of(price: &Price, t: Tokens) -> f64 {
+pub fn cost_of(price: &Price, t: Usage) -> f64 {
     let cached = t.cached.min(t.prompt);
     let fresh = t.prompt - cached;
     (fresh as f64 * price.input
@@ -79,13 +79,19 @@ pub fn cost_of(price: &Price, t: Tokens) -> f64 {
         / 1e6
 }
 
-/// Tokens a request used, as settled.
+/// Tokens a request used, as settled (the answer's `usage`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tokens {
+pub struct Usage {
     pub prompt: u64,
     /// Prompt tokens served from the prefix cache (part of `prompt`).
     pub cached: u64,
     pub completion: u64,
+}
+
+impl Usage {
+    pub fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
 }
 
 /// One tenant's resolved prices, each with its counter looked up once.
@@ -155,7 +161,7 @@ impl TenantCost {
         &self,
         served: Option<&str>,
         requested: Option<&str>,
-        tokens: Tokens,
+        tokens: Usage,
     ) -> Option<Charged> {
         let named = |m: Option<&str>| {
             m.and_then(|m| self.models.get_key_value(m))
@@ -192,7 +198,7 @@ mod tests {
             cached_input: Some(0.5),
             output: 8.0,
         };
-        let u = Tokens {
+        let u = Usage {
             prompt: 1_000_000,
             completion: 500_000,
             cached: 400_000,
@@ -226,7 +232,7 @@ output = 4.0
         .unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
         let m = Metrics::register(reg.sub_registry_with_prefix("bulkhead"));
-        let u = Tokens {
+        let u = Usage {
             prompt: 1_000_000,
             completion: 0,
             cached: 0,
