@@ -1,8 +1,7 @@
 //! Prefix-cache flushes: one call to the upstream's flush endpoint ([`Flusher`]), retried as
 //! `cache.flush_attempts` says, and how its answer is judged ([`judge_flush`]).
 
-use super::Metrics;
-use super::gate::{FlushAttempt, GateSettings};
+use super::{GateSettings, Metrics};
 use crate::config::Flavor;
 use crate::http_util::BoxError;
 use crate::record::metrics::ResultLabel;
@@ -12,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// How one flush call ended.
@@ -69,6 +69,15 @@ pub fn judge_flush(flavor: Flavor, status: StatusCode, body: &[u8]) -> FlushOutc
         return FlushOutcome::Refused(format!("HTTP {}: {snippet}", status.as_u16()));
     }
     FlushOutcome::Failed(format!("HTTP {}: {snippet}", status.as_u16()))
+}
+
+/// One prefix-cache flush a request made at the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushAttempt {
+    pub started: std::time::Instant,
+    pub took: Duration,
+    /// `ok`, `refused` or `failed` (as `bulkhead_cache_flushes_total`).
+    pub result: &'static str,
 }
 
 /// Calls the upstream's flush endpoint and counts each call.

@@ -1,35 +1,13 @@
 //! The [`CacheGate`]: `exclusive` tenants run alone, in windows, with the upstream's prefix
 //! cache flushed before a window opens and before anyone else runs after it.
 
-use super::Metrics;
 use super::flush::Flusher;
-use crate::config::{Flavor, FlushFailure};
-use http::Uri;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use super::{FlushAttempt, GateSettings, Metrics};
+use crate::config::FlushFailure;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-/// Gate settings, replaced on reload.
-#[derive(Debug, Clone)]
-pub struct GateSettings {
-    pub exclusive: HashSet<String>,
-    pub window: Duration,
-    pub window_max_requests: u32,
-    pub flavor: Flavor,
-    pub upstream: Uri,
-    pub flush_attempts: u32,
-    pub flush_retry: Duration,
-    pub flush_timeout: Duration,
-    pub on_failure: FlushFailure,
-    /// Bound on every wait for running requests (`cache.exclusive_drain_timeout_ms`).
-    pub drain_timeout: Duration,
-    /// `cache.flush_refused_while_busy`: a confirmed flush proves the upstream idle.
-    pub flush_proves_idle: bool,
-    /// `queue.max_inflight`: with fewer passes out than this, none waits in the fair queue.
-    pub max_inflight: usize,
-}
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum GateError {
@@ -372,15 +350,6 @@ pub struct CacheGate {
     notify: Notify,
     flusher: Flusher,
     metrics: Metrics,
-}
-
-/// One prefix-cache flush a request made at the gate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlushAttempt {
-    pub started: std::time::Instant,
-    pub took: Duration,
-    /// `ok`, `refused` or `failed` (as `bulkhead_cache_flushes_total`).
-    pub result: &'static str,
 }
 
 /// A request past the gate; dropping it (when the response ends) lets the gate move on.

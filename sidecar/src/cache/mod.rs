@@ -13,15 +13,39 @@ mod flush;
 mod gate;
 mod salt;
 
-pub use flush::{FlushOutcome, judge_flush};
-pub use gate::{CacheGate, FlushAttempt, GateError, GatePass, GateSettings, GateTimeout};
+pub use flush::{FlushAttempt, FlushOutcome, judge_flush};
+pub use gate::{CacheGate, GateError, GatePass, GateTimeout};
 pub use salt::derive_salt;
 
+use crate::config::{Flavor, FlushFailure};
 use crate::record::metrics::{KindLabel, ResultLabel, TenantLabel, latency_histogram};
+use http::Uri;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// Gate settings, replaced on reload.
+#[derive(Debug, Clone)]
+pub struct GateSettings {
+    pub exclusive: HashSet<String>,
+    pub window: Duration,
+    pub window_max_requests: u32,
+    pub flavor: Flavor,
+    pub upstream: Uri,
+    pub flush_attempts: u32,
+    pub flush_retry: Duration,
+    pub flush_timeout: Duration,
+    pub on_failure: FlushFailure,
+    /// Bound on every wait for running requests (`cache.exclusive_drain_timeout_ms`).
+    pub drain_timeout: Duration,
+    /// `cache.flush_refused_while_busy`: a confirmed flush proves the upstream idle.
+    pub flush_proves_idle: bool,
+    /// `queue.max_inflight`: with fewer passes out than this, none waits in the fair queue.
+    pub max_inflight: usize,
+}
 
 /// The prefix-cache isolation's metrics.
 #[derive(Clone)]

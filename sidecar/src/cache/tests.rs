@@ -1,7 +1,9 @@
 use super::*;
 use crate::cache::{FlushOutcome, derive_salt, judge_flush};
+use crate::config::Flavor;
 use crate::record::metrics::KindLabel;
 use http::StatusCode;
+use std::time::Duration;
 
 fn settings(window_ms: u64, max: u32) -> GateSettings {
     GateSettings {
