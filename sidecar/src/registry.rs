@@ -56,17 +56,17 @@ impl Metrics {
             genai.clone(),
         )));
         let r = registry.sub_registry_with_prefix("bulkhead");
-        let requests = Family::default();
+        let requests: Family<TenantCode, Counter> = Family::default();
         r.register(
             "requests",
             "Requests answered, by tenant and status code",
-            Family::clone(&requests),
+            requests.clone(),
         );
-        let tokens = Family::default();
+        let tokens: Family<TenantKind, Counter> = Family::default();
         r.register(
             "tokens",
             "LLM tokens used (prompt or completion)",
-            Family::clone(&tokens),
+            tokens.clone(),
         );
         let limits = crate::limits::metrics::Metrics::register(r);
         let duration: HistFamily = Family::new_with_constructor(latency_histogram);
@@ -87,32 +87,32 @@ impl Metrics {
             "Time spent in the fair queue",
             queue_wait.clone(),
         );
-        let inflight = Family::default();
+        let inflight: Family<TenantLabel, Gauge> = Family::default();
         r.register(
             "inflight_requests",
             "Requests in flight to the upstream",
-            Family::clone(&inflight),
+            inflight.clone(),
         );
-        let queued = Family::default();
+        let queued: Family<TenantLabel, Gauge> = Family::default();
         r.register(
             "queued_requests",
             "Requests waiting in the fair queue",
-            Family::clone(&queued),
+            queued.clone(),
         );
         let auth = crate::auth::Metrics::register(r);
         let tagging = crate::node::tagging::Metrics::register(r);
-        let config_reloads = Family::default();
+        let config_reloads: Family<ResultLabel, Counter> = Family::default();
         r.register(
             "config_reloads",
             "Configuration reload attempts",
-            Family::clone(&config_reloads),
+            config_reloads.clone(),
         );
         let audit = crate::record::audit::Metrics::register(r);
-        let unattributed_requests = Family::default();
+        let unattributed_requests: Family<Reason, Counter> = Family::default();
         r.register(
             "unattributed_requests",
             "Requests answered without a trusted tenant",
-            Family::clone(&unattributed_requests),
+            unattributed_requests.clone(),
         );
         let cache = crate::cache::Metrics::register(r);
         let kv = crate::node::kv::Metrics::register(r);
@@ -134,11 +134,11 @@ impl Metrics {
             "Request-body bytes held in memory (bounded by http.max_inflight_body_bytes)",
             inflight_body_bytes.clone(),
         );
-        let write_timeouts = Family::default();
+        let write_timeouts: Family<TenantLabel, Counter> = Family::default();
         r.register(
             "response_write_timeouts",
             "Responses cut because the client stopped reading",
-            Family::clone(&write_timeouts),
+            write_timeouts.clone(),
         );
         let queue = crate::limits::metrics::QueueMetrics::register(r);
         let leaks = crate::record::leaks::Metrics::register(r);

@@ -81,7 +81,7 @@ impl Disk {
 
     /// `seal.tenant`'s chain in `stream`: on first use a new stream, named after the last
     /// record already in the file when that is one of the tenant's that opens.
-    pub(super) fn chain(&mut self, stream: &str, seal: &Sealer) -> Option<Chain> {
+    fn chain(&mut self, stream: &str, seal: &Sealer) -> Option<Chain> {
         if let Some(v) = self.chains.get(stream)
             && let Some((_, c)) = v.iter().find(|(t, _)| *t == seal.tenant)
         {
@@ -116,7 +116,7 @@ impl Disk {
 
     /// The last whole line of `stream`'s newest file that has one (a line cut short at the
     /// end is not one).
-    pub(super) fn last_line(&self, stream: &str) -> Option<Vec<u8>> {
+    fn last_line(&self, stream: &str) -> Option<Vec<u8>> {
         /// Read at most this much of a file's end: far more than a record.
         const TAIL: u64 = 64 * 1024;
         let f = self.streams.get(stream)?;

@@ -47,23 +47,23 @@ pub(super) fn writer(mut disk: Disk, shared: Arc<Shared>) {
 /// One stream's files: `<name>.jsonl` (index 0) and `<name>.jsonl.<n>` (older as n grows).
 #[derive(Default)]
 pub(super) struct Files {
-    pub(super) current: Option<std::fs::File>,
+    current: Option<std::fs::File>,
     pub(super) current_size: u64,
     /// Rotated files: index -> size.
     pub(super) rotated: BTreeMap<u64, u64>,
 }
 
 impl Files {
-    pub(super) fn total(&self) -> u64 {
+    fn total(&self) -> u64 {
         self.current_size + self.rotated.values().sum::<u64>()
     }
 }
 
 /// The writer's view of the directory; all disk I/O happens here, on the writer thread.
 pub(super) struct Disk {
-    pub(super) dir: PathBuf,
-    pub(super) limits: AuditLimits,
-    pub(super) tenants: HashSet<String>,
+    dir: PathBuf,
+    limits: AuditLimits,
+    tenants: HashSet<String>,
     /// Each stream's share of `max_total_bytes`.
     pub(super) share: u64,
     /// The size at which a stream's current file rotates.
@@ -95,7 +95,7 @@ pub(super) fn parse_name(name: &str) -> Option<(&str, u64)> {
 }
 
 /// A name usable as a file stem: `_unauthenticated` or a config-valid tenant name.
-pub(super) fn safe_stem(s: &str) -> bool {
+fn safe_stem(s: &str) -> bool {
     s == UNAUTHENTICATED
         || (!s.is_empty()
             && s.len() <= 64
@@ -104,7 +104,7 @@ pub(super) fn safe_stem(s: &str) -> bool {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'))
 }
 
-pub(super) fn count_lines(data: &[u8]) -> u64 {
+fn count_lines(data: &[u8]) -> u64 {
     data.iter().filter(|b| **b == b'\n').count() as u64
 }
 
@@ -133,7 +133,7 @@ impl Disk {
         d
     }
 
-    pub(super) fn scan(&mut self) {
+    fn scan(&mut self) {
         self.streams.clear();
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
@@ -191,7 +191,7 @@ impl Disk {
 
     /// Streams that are neither configured nor `_unauthenticated` (their files stay until the
     /// `_unauthenticated` share needs the room).
-    pub(super) fn retired(&self) -> Vec<String> {
+    fn retired(&self) -> Vec<String> {
         let mut r: Vec<String> = self
             .streams
             .keys()
@@ -218,7 +218,7 @@ impl Disk {
     }
 
     /// Delete one file; false (and it stays counted) when it could not be deleted.
-    pub(super) fn remove(&mut self, stem: &str, idx: u64) -> bool {
+    fn remove(&mut self, stem: &str, idx: u64) -> bool {
         let path = self.path(stem, idx);
         if let Err(e) = std::fs::remove_file(&path)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -243,7 +243,7 @@ impl Disk {
     /// The next file to delete for room in `stream`'s share: its own oldest rotated file; for
     /// `_unauthenticated` then a retired stream's oldest file; and, only when `last_resort`, the
     /// stream's current file. Never another configured stream's file.
-    pub(super) fn victim(&self, stream: &str, last_resort: bool) -> Option<(String, u64)> {
+    fn victim(&self, stream: &str, last_resort: bool) -> Option<(String, u64)> {
         let own = self.streams.get(stream);
         if let Some(idx) = own.and_then(|f| f.rotated.keys().next_back()) {
             return Some((stream.to_string(), *idx));
@@ -266,7 +266,7 @@ impl Disk {
 
     /// Delete old files (see [`Disk::victim`]) until `need` more bytes fit `stream`'s share.
     /// With `need` 0 (a share shrank) the current file goes too when nothing else is left.
-    pub(super) fn trim(&mut self, stream: &str, need: u64) {
+    fn trim(&mut self, stream: &str, need: u64) {
         while self.group_total(stream) + need > self.share {
             let Some((name, idx)) = self.victim(stream, need == 0) else {
                 return;
@@ -319,7 +319,7 @@ impl Disk {
         true
     }
 
-    pub(super) fn open_current(&mut self, stream: &str) -> bool {
+    fn open_current(&mut self, stream: &str) -> bool {
         let path = self.path(stream, 0);
         if !self.streams.contains_key(stream) {
             self.streams.insert(stream.to_string(), Files::default());
@@ -374,7 +374,7 @@ impl Disk {
     }
 
     /// One stream's buffered lines: plain runs as they are, sealed records sealed in order.
-    pub(super) fn write_batch(&mut self, stream: &str, p: &Pending) {
+    fn write_batch(&mut self, stream: &str, p: &Pending) {
         let mut pos = 0;
         let mut marks = p.sealed.iter().peekable();
         while let Some(m) = marks.next() {
@@ -438,7 +438,7 @@ impl Disk {
     }
 
     /// Log where each audit stream ended (an anchor outside the files: a reader can compare).
-    pub(super) fn log_stream_ends(&self) {
+    fn log_stream_ends(&self) {
         for (file, v) in &self.chains {
             for (tenant, c) in v {
                 tracing::info!(

@@ -1,7 +1,8 @@
 //! Reading a tenant's sealed audit back: [`Verifier`] opens each record and checks what the
 //! chain proves (see the module documentation of [`super`]).
 
-use super::*;
+use super::{Chained, Link, Opened, SealError, SealKeys, StreamId, Tag, hex, is_sealed};
+use std::collections::{HashMap, HashSet};
 
 /// What `audit read` says about one place in the files.
 #[derive(Debug, Clone, PartialEq, Eq)]
