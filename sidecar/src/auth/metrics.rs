@@ -31,7 +31,7 @@ pub fn signed_failures() -> [&'static str; 5] {
 }
 
 impl AuthError {
-    /// Whether this refusal came after the signature verified (one of [`signed_failures`]):
+    /// Whether this refusal came after the signature verified (one of `signed_failures()`):
     /// the tenant the request named is then one a real key signed for.
     pub fn after_signature(&self) -> bool {
         signed_failures().contains(&self.reason())
