@@ -9,6 +9,7 @@
 #[cfg(any(test, feature = "client", feature = "otlp"))]
 extern crate std;
 
+pub mod bucket;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "otlp")]

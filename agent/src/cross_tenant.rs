@@ -5,6 +5,7 @@ use crate::config::{Config, EndpointMode};
 use crate::datapath::Maps;
 use crate::metrics::AgentMetrics;
 use crate::tenants::TenantRegistry;
+use agent_common::bucket::TokenBucket;
 use agent_common::{
     AF_INET, AF_INET6, EndpointKey, EndpointValue, FlowEvent, MODE_ALERT, MODE_ENFORCE,
 };
@@ -148,25 +149,11 @@ fn socket_addr(family: u32, addr: [u8; 16], port: u32) -> SocketAddr {
     SocketAddr::new(ip, port as u16)
 }
 
-/// At most `rate` events a second (bursts of up to `rate`).
-struct TokenBucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn take(&mut self, rate: u32) -> bool {
-        let now = Instant::now();
-        let rate = f64::from(rate);
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+/// At most `rate` events a second (bursts of up to `rate`); `rate` may change between calls.
+fn take(bucket: &mut TokenBucket<Instant>, rate: u32, now: Instant) -> bool {
+    let rate = f64::from(rate);
+    bucket.set_rate(rate, rate);
+    bucket.take(1.0, now)
 }
 
 /// Logs the kernel's flow events (one JSON line each with `--log-format json`), at most
@@ -185,9 +172,9 @@ pub async fn drain_events(
             return;
         }
     };
-    let mut bucket = TokenBucket {
-        tokens: f64::from(rate.load(Ordering::Relaxed)),
-        last: Instant::now(),
+    let mut bucket = {
+        let r = f64::from(rate.load(Ordering::Relaxed));
+        TokenBucket::full(r, r)
     };
     tokio::pin!(shutdown);
     loop {
@@ -204,7 +191,7 @@ pub async fn drain_events(
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             let Some(ev) = decode(&item) else { continue };
-            if !bucket.take(rate.load(Ordering::Relaxed)) {
+            if !take(&mut bucket, rate.load(Ordering::Relaxed), Instant::now()) {
                 metrics.flow_event_suppressed();
                 continue;
             }
@@ -228,6 +215,7 @@ pub async fn drain_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn endpoints_become_map_entries() {
@@ -305,11 +293,13 @@ mod tests {
 
     #[test]
     fn the_bucket_limits_the_rate() {
-        let mut b = TokenBucket {
-            tokens: 3.0,
-            last: Instant::now(),
-        };
-        let taken = (0..100).filter(|_| b.take(3)).count();
+        let mut b = TokenBucket::full(3.0, 3.0);
+        let taken = (0..100).filter(|_| take(&mut b, 3, Instant::now())).count();
         assert!((3..=4).contains(&taken), "{taken}");
+        // A lower rate cuts the burst at once; a pause refills at the rate.
+        let t0 = Instant::now() + Duration::from_secs(10);
+        assert!(take(&mut b, 1, t0));
+        assert!(!take(&mut b, 1, t0));
+        assert!(take(&mut b, 1, t0 + Duration::from_secs(1)));
     }
 }

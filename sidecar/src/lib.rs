@@ -14,6 +14,7 @@ pub mod limits;
 pub mod node;
 pub mod proxy;
 pub mod record;
+pub mod registry;
 pub mod runtime;
 pub mod server;
 pub mod telemetry;

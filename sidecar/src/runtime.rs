@@ -15,7 +15,7 @@ use crate::node::kv::KvSettings;
 use crate::node::tagging::Tagger;
 use crate::proxy::upstream::{UpstreamClient, upstream_client};
 use crate::record::audit::AuditLog;
-use crate::record::metrics::{Metrics, TenantMetrics};
+use crate::registry::{Metrics, TenantMetrics};
 use http::Uri;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -190,31 +190,31 @@ impl App {
         let tagger = Arc::new(Tagger::new(
             config.agent.socket.clone(),
             config.agent.max_tagged_connections_per_tenant,
-            metrics.agent_available.clone(),
-            metrics.tag_cap_reached.clone(),
+            metrics.tagging.available.clone(),
+            metrics.tagging.cap_reached.clone(),
         ));
         let replay = Arc::new(Mutex::new(ReplayCache::new(
             config.auth.replay_cache_capacity,
         )));
-        metrics.set_gpu_hour_price(&config.cost);
-        let gauges = metrics.clone();
+        metrics.cost.set_gpu_hour_price(&config.cost);
+        let gauges = metrics.queue.clone();
         let sched = Scheduler::new(
             config.queue.max_inflight,
             config.queue.max_queue_per_tenant,
             queue_costs(&config),
             queue_tenants(&config),
-            move |t| gauges.sched_gauges(t),
+            move |t| gauges.gauges(t),
         );
         let body_budget = Arc::new(Semaphore::new(config.http.max_inflight_body_bytes));
         let tracer = config
             .telemetry
             .otlp
             .as_ref()
-            .map(|o| crate::telemetry::Tracer::new(o, metrics.clone()));
+            .map(|o| crate::telemetry::Tracer::new(o, metrics.telemetry.clone()));
         let shared = match (&config.limits.backend, &config.limits.redis) {
             (crate::config::LimitsBackend::Redis, Some(r)) => Some(SharedLimits::start(
                 r.clone(),
-                metrics.clone(),
+                metrics.limits.clone(),
                 clock.clone(),
             )),
             _ => None,
@@ -229,7 +229,7 @@ impl App {
             &metrics,
         )?;
         audit.set_seals(runtime.audit_seals.clone());
-        let gate = CacheGate::new(runtime.gate_settings(), metrics.clone());
+        let gate = CacheGate::new(runtime.gate_settings(), metrics.cache.clone());
         let (kv_settings, _) = tokio::sync::watch::channel(runtime.kv_settings());
         Ok(Arc::new(App {
             runtime: RwLock::new(Arc::new(runtime)),
@@ -312,7 +312,7 @@ impl App {
         self.audit.set_seals(rt.audit_seals.clone());
         self.gate.update(rt.gate_settings());
         let _ = self.kv_settings.send(rt.kv_settings());
-        self.metrics.set_gpu_hour_price(&c.cost);
+        self.metrics.cost.set_gpu_hour_price(&c.cost);
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
         self.sched.update(
             c.queue.max_inflight,
@@ -390,7 +390,7 @@ fn build_runtime(
                             .and_then(|v| v.url_keys().find(|k| *k.settings() == settings))
                             .cloned();
                         Some(kept.unwrap_or_else(|| {
-                            UrlKeys::start(settings, metrics.jwks_refreshes.clone())
+                            UrlKeys::start(settings, metrics.auth.jwks_refreshes.clone())
                         }))
                     }
                     None => None,
@@ -507,6 +507,6 @@ fn tenant_runtime(
         trusted_engine_fields: t.trusted_engine_fields.clone(),
         store_responses: t.store_responses,
         trust_traceparent: t.trust_traceparent,
-        cost: crate::record::cost::TenantCost::new(&config.cost, name, metrics),
+        cost: crate::record::cost::TenantCost::new(&config.cost, name, &metrics.cost),
     }
 }

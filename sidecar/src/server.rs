@@ -5,7 +5,8 @@ use crate::config::{Config, ConfigError};
 use crate::http_util::{ProxyBody, full};
 use crate::limits::local::SharedClock;
 use crate::record::audit::{AuditLimits, AuditLog};
-use crate::record::metrics::{Metrics, ResultLabel};
+use crate::record::metrics::ResultLabel;
+use crate::registry::Metrics;
 use crate::runtime::{App, ConnCtx};
 use agent_common::ReloadResult;
 use http::{Request, Response, StatusCode};
@@ -115,7 +116,7 @@ pub async fn run_with(
                 &key,
                 AuditLimits::from(&config.audit),
                 config.tenants.keys().cloned(),
-                metrics.audit_dropped.clone(),
+                metrics.audit.dropped.clone(),
             )?;
             (a, Some(t))
         }
@@ -158,12 +159,13 @@ pub async fn run_with(
     let exporter = app.tracer.as_ref().map(|t| {
         tokio::spawn(t.exporter(
             app.metrics.genai.clone(),
-            app.metrics.clone(),
+            app.metrics.telemetry.clone(),
             stop_rx.clone(),
         ))
     });
     let kv_reporter = tokio::spawn(crate::node::kv::report_loop(
-        app.metrics.clone(),
+        app.metrics.kv.clone(),
+        app.metrics.tokens.clone(),
         app.kv_settings(),
         stop_rx.clone(),
     ));

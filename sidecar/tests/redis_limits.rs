@@ -7,8 +7,8 @@
 mod common;
 use bulkhead_sidecar::config::{LimitsMode, RedisLimitsConfig};
 use bulkhead_sidecar::limits::local::{LimitKind, LimitNumbers, SharedClock};
+use bulkhead_sidecar::limits::metrics::Metrics;
 use bulkhead_sidecar::limits::shared::{Grant, SharedError, SharedLimits, SharedTenant, scripts};
-use bulkhead_sidecar::record::metrics::Metrics;
 use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode, Uri};

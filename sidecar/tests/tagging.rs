@@ -127,7 +127,7 @@ async fn kv_cache_bytes_are_tracked_and_reported_while_a_stream_runs() {
     // message) plus the first generated token.
     h.wait_metric("bulkhead_kv_cache_tokens{tenant=\"acme\"}", 12.0)
         .await;
-    h.wait_metric("bulkhead_kv_cache_bytes{tenant=\"acme\"}", 384.0)
+    h.wait_metric("bulkhead_sidecar_kv_inflight_bytes{tenant=\"acme\"}", 384.0)
         .await;
     wait_report(&kv, "acme = 384", |r| {
         r.get("acme") == Some(&384) && r.get("globex").copied().unwrap_or(0) == 0

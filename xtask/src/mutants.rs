@@ -28,7 +28,9 @@ pub const CORE: &[(&[&str], &[&str])] = &[
             "sidecar/src/proxy/inspect.rs",
             "sidecar/src/proxy/schema.rs",
             "sidecar/src/auth/scope.rs",
-            "sidecar/src/cache/mod.rs",
+            "sidecar/src/cache/gate.rs",
+            "sidecar/src/cache/flush.rs",
+            "sidecar/src/cache/salt.rs",
         ],
         &["--lib"],
     ),
@@ -40,12 +42,18 @@ pub const CORE: &[(&[&str], &[&str])] = &[
     ),
     // The sealed audit's chain, judged with the tests that write real files through the
     // audit writer and read them back with `audit read`.
-    (&["sidecar/src/record/seal.rs"], &["--lib", "--test=audit"]),
+    (
+        &[
+            "sidecar/src/record/seal/mod.rs",
+            "sidecar/src/record/seal/verify.rs",
+        ],
+        &["--lib", "--test=audit"],
+    ),
     // Leak detection, response metering and pricing, judged with the tests that stream
     // answers through the sidecar from the simulator.
     (
         &[
-            "sidecar/src/record/leaks.rs",
+            "sidecar/src/record/leaks/mod.rs",
             "sidecar/src/proxy/meter.rs",
             "sidecar/src/record/cost.rs",
         ],

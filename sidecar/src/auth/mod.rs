@@ -3,5 +3,8 @@
 //! may use ([`scope`]).
 pub mod digest;
 pub mod jwt;
+mod metrics;
 pub mod scope;
 pub mod signature;
+
+pub use metrics::Metrics;

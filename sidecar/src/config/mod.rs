@@ -128,7 +128,7 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Where limits and the replay cache live: this process (default) or Redis.
     pub limits: LimitsConfig,
-    /// The served model's KV-cache geometry; enables `bulkhead_kv_cache_bytes` and KV reports.
+    /// The served model's KV-cache geometry; enables `bulkhead_sidecar_kv_inflight_bytes` and KV reports.
     pub model: Option<ModelConfig>,
     pub leaks: LeaksConfig,
     pub tenants: BTreeMap<String, TenantConfig>,

@@ -83,6 +83,14 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    pub const ALL: [LimitKind; 5] = [
+        LimitKind::Requests,
+        LimitKind::Tokens,
+        LimitKind::Concurrency,
+        LimitKind::Queue,
+        LimitKind::KvTokens,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LimitKind::Requests => "requests",
@@ -112,59 +120,17 @@ pub struct Rejection {
     pub info: RateInfo,
 }
 
-/// Tokens per minute as a bucket that refills continuously and may go negative when a
-/// reservation turns out too small.
-#[derive(Debug)]
-struct TokenBucket {
-    capacity: f64,
-    per_sec: f64,
-    balance: f64,
-    last: Duration,
+/// Tokens per minute: a bucket that refills continuously and may go negative when a
+/// reservation turns out too small (time: the limiter clock's `Duration` since its origin).
+type TokenBucket = agent_common::bucket::TokenBucket<Duration>;
+
+fn tokens_per_minute(tpm: u64) -> TokenBucket {
+    TokenBucket::full(tpm as f64, tpm as f64 / 60.0)
 }
 
-impl TokenBucket {
-    fn new(tpm: u64, now: Duration) -> Self {
-        Self {
-            capacity: tpm as f64,
-            per_sec: tpm as f64 / 60.0,
-            balance: tpm as f64,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: Duration) {
-        let dt = now.saturating_sub(self.last).as_secs_f64();
-        self.last = now.max(self.last);
-        self.balance = (self.balance + dt * self.per_sec).min(self.capacity);
-    }
-
-    /// Reserve `est` tokens: admitted when the balance covers it (or, for a request larger
-    /// than the whole limit, when the bucket is full). Otherwise the wait until it would be.
-    fn reserve(&mut self, est: u64, now: Duration) -> Result<(), Duration> {
-        self.refill(now);
-        let need = (est as f64).min(self.capacity);
-        if self.balance >= need {
-            self.balance -= est as f64;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (need - self.balance) / self.per_sec,
-            ))
-        }
-    }
-
-    fn credit(&mut self, tokens: f64, now: Duration) {
-        self.refill(now);
-        self.balance = (self.balance + tokens).min(self.capacity);
-    }
-
-    fn remaining(&self) -> u64 {
-        self.balance.max(0.0) as u64
-    }
-
-    fn reset(&self) -> Duration {
-        Duration::from_secs_f64(((self.capacity - self.balance) / self.per_sec).max(0.0))
-    }
+/// The `x-ratelimit-remaining-tokens` of a bucket: its balance, 0 when overdrawn.
+fn remaining(b: &TokenBucket) -> u64 {
+    b.balance().max(0.0) as u64
 }
 
 type Gcra = RateLimiter<NotKeyed, InMemoryState, SharedClock, StateInformationMiddleware>;
@@ -256,7 +222,6 @@ impl Admission {
 
 impl TenantLimits {
     pub fn new(config: LimitNumbers, clock: SharedClock) -> Self {
-        let now = clock.0.now();
         let rpm = config
             .requests_per_minute
             .and_then(NonZeroU32::new)
@@ -266,7 +231,7 @@ impl TenantLimits {
             });
         let tpm = config
             .tokens_per_minute
-            .map(|t| Mutex::new(TokenBucket::new(t, now)));
+            .map(|t| Mutex::new(tokens_per_minute(t)));
         Self {
             config,
             clock,
@@ -333,10 +298,10 @@ impl TenantLimits {
         }
         if let Some(tpm) = &self.tpm {
             let mut b = tpm.lock().unwrap_or_else(|e| e.into_inner());
-            let res = b.reserve(estimate, now);
+            let res = b.reserve(estimate as f64, now);
             info.limit_tokens = self.config.tokens_per_minute;
-            info.remaining_tokens = Some(b.remaining());
-            info.reset_tokens = Some(b.reset());
+            info.remaining_tokens = Some(remaining(&b));
+            info.reset_tokens = Some(b.until_full());
             if let Err(wait) = res {
                 return Err(Rejection {
                     kind: LimitKind::Tokens,
@@ -359,8 +324,8 @@ impl TenantLimits {
             let mut b = tpm.lock().unwrap_or_else(|e| e.into_inner());
             b.refill(now);
             info.limit_tokens = self.config.tokens_per_minute;
-            info.remaining_tokens = Some(b.remaining());
-            info.reset_tokens = Some(b.reset());
+            info.remaining_tokens = Some(remaining(&b));
+            info.reset_tokens = Some(b.until_full());
         }
     }
 
@@ -378,7 +343,7 @@ impl TenantLimits {
         self.tpm.as_ref().map(|t| {
             let mut b = t.lock().unwrap_or_else(|e| e.into_inner());
             b.refill(self.clock.0.now());
-            b.balance.floor() as i64
+            b.balance().floor() as i64
         })
     }
 }

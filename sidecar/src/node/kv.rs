@@ -1,17 +1,55 @@
 //! KV-cache attribution: each in-flight request holds a [`KvCharge`] of its prompt plus the
-//! tokens generated so far (in `bulkhead_kv_cache_tokens` / `_bytes`), and [`report_loop`]
+//! tokens generated so far (in `bulkhead_kv_cache_tokens` / `bulkhead_sidecar_kv_inflight_bytes`), and [`report_loop`]
 //! sends the per-tenant bytes to the node agent every `agent.kv_report_interval_ms`, with the
 //! tokens each tenant had the server process since the last report (prompt and completion
 //! tokens as settled from `usage`, weighted by the fair queue's `input_token_cost` and
 //! `output_token_cost`): the agent splits the server's GPU time and energy by them.
 
-use crate::record::metrics::{Metrics, ResultLabel, TenantKind, TenantLabel};
+use crate::record::metrics::{ResultLabel, TenantKind, TenantLabel};
 use agent_common::client::AgentClient;
 use agent_common::proto::ErrorCode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// KV-cache attribution's metrics.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    /// KV-cache tokens held by the tenant's in-flight requests (prompt + generated so far).
+    pub tokens: Family<TenantLabel, Gauge>,
+    /// The same in bytes (needs `[model]`).
+    pub bytes: Family<TenantLabel, Gauge>,
+    /// KV reports to the node agent by result (`ok`, `error`).
+    pub reports: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    /// Create the families and register them (`r` is the `bulkhead_` sub-registry).
+    pub fn register(r: &mut Registry) -> Self {
+        let m = Self::default();
+        r.register(
+            "kv_cache_tokens",
+            "KV-cache tokens held by the tenant's in-flight requests",
+            m.tokens.clone(),
+        );
+        r.register(
+            "sidecar_kv_inflight_bytes",
+            "KV-cache bytes held by the tenant's in-flight requests through this sidecar \
+             ([model] geometry); the node agent's GPU memory view is bulkhead_kv_cache_bytes",
+            m.bytes.clone(),
+        );
+        r.register(
+            "agent_kv_reports",
+            "KV reports sent to the node agent, by result",
+            m.reports.clone(),
+        );
+        m
+    }
+}
 
 /// What the report loop needs of the configuration (sent again on every reload).
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +112,7 @@ pub fn snapshot(metrics: &Metrics, tenants: impl Iterator<Item = String>) -> BTr
     tenants
         .map(|t| {
             let v = metrics
-                .kv_bytes
+                .bytes
                 .get_or_create(&TenantLabel { tenant: t.clone() })
                 .get();
             (t, v.max(0) as u64)
@@ -83,13 +121,15 @@ pub fn snapshot(metrics: &Metrics, tenants: impl Iterator<Item = String>) -> BTr
 }
 
 /// Prompt and completion tokens settled per tenant so far (`bulkhead_tokens_total`).
-pub fn settled_tokens(metrics: &Metrics, tenants: &[String]) -> BTreeMap<String, (u64, u64)> {
+pub fn settled_tokens(
+    tokens: &Family<TenantKind, Counter>,
+    tenants: &[String],
+) -> BTreeMap<String, (u64, u64)> {
     tenants
         .iter()
         .map(|t| {
             let get = |kind| {
-                metrics
-                    .tokens
+                tokens
                     .get_or_create(&TenantKind {
                         tenant: t.clone(),
                         kind,
@@ -120,9 +160,11 @@ pub fn weighted_since(
 }
 
 /// Report to the node agent until `stop`; failures are logged once per outage and counted,
-/// and never touch the request path (the blocking call runs on the blocking pool).
+/// and never touch the request path (the blocking call runs on the blocking pool). `tokens`:
+/// the settled tokens per tenant (`bulkhead_tokens_total`).
 pub async fn report_loop(
     metrics: Metrics,
+    tokens: Family<TenantKind, Counter>,
     settings: tokio::sync::watch::Receiver<KvSettings>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -150,7 +192,7 @@ pub async fn report_loop(
                     said_no_model = true;
                 }
             } else {
-                let settled = settled_tokens(&metrics, &tenants);
+                let settled = settled_tokens(&tokens, &tenants);
                 let tokens = weighted_since(&settled, &reported, input_cost, output_cost);
                 let report = snapshot(&metrics, tenants.into_iter());
                 let client = AgentClient::new(path).with_timeout(Duration::from_millis(500));
@@ -177,7 +219,7 @@ pub async fn report_loop(
                     reported = settled;
                 }
                 metrics
-                    .kv_reports
+                    .reports
                     .get_or_create(&ResultLabel {
                         result: if ok { "ok" } else { "error" },
                     })

@@ -7,6 +7,7 @@ use agent_common::client::{AgentClient, ClientError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
@@ -14,6 +15,33 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Socket tagging's metrics.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    /// 1 when the node agent's tagging API answered last time, 0 when not.
+    pub available: Gauge,
+    /// Client connections left untagged because the tenant reached its tagged-connection cap.
+    pub cap_reached: Family<TenantLabel, Counter>,
+}
+
+impl Metrics {
+    /// Create the families and register them (`r` is the `bulkhead_` sub-registry).
+    pub fn register(r: &mut Registry) -> Self {
+        let m = Self::default();
+        r.register(
+            "agent_tagging_available",
+            "1 when the node agent's tagging API is reachable",
+            m.available.clone(),
+        );
+        r.register(
+            "tagging_cap_reached",
+            "Client connections left untagged: the tenant had agent.max_tagged_connections_per_tenant tagged",
+            m.cap_reached.clone(),
+        );
+        m
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

@@ -84,7 +84,7 @@ pub(super) fn authenticate(
     let pending = rt.verifier.verify_head(view, unix_now()).map_err(|e| {
         // These come after the signature verified: the tenant header it covers is what a
         // real key signed (for tenant_mismatch, a tenant the key may not speak for).
-        if crate::record::metrics::SIGNED_AUTH_FAILURES.contains(&e.reason()) {
+        if e.after_signature() {
             ex.refused_signed_for(
                 parts
                     .headers

@@ -394,12 +394,7 @@ fn scan_prompt(
     if pats.scans_responses() {
         ex.leak_scan = Some((pats.clone(), crate::record::leaks::ResponseScan::default()));
     }
-    if pats.on_canary == crate::config::OnCanary::Block
-        && ex
-            .leaks
-            .iter()
-            .any(|h| h.kind == crate::record::leaks::Kind::Canary)
-    {
+    if pats.blocks(&ex.leaks) {
         return Err(Refusal::new(
             RefusalCode::CanaryBlocked,
             "the request carries a marker that belongs to another tenant's data",

@@ -7,17 +7,70 @@
 //! no price applies to is counted in `bulkhead_cost_unpriced_total{tenant}`.
 
 pub use crate::config::{CostConfig, OTHER_MODEL, Price, TenantPrices};
-use crate::record::metrics::{Metrics, TenantModel};
+use crate::record::metrics::{CurrencyLabel, TenantLabel, TenantModel};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 
 /// A counter of cost in the configured currency.
 pub type CostCounter = Counter<f64, AtomicU64>;
 
+/// What requests cost, and the price of a GPU-hour.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    /// What requests cost (`[cost]` prices x usage), by tenant and priced model.
+    pub cost: Family<TenantModel, CostCounter>,
+    /// Answers with usage that no `[cost]` price applied to (tenants with prices).
+    pub unpriced: Family<TenantLabel, Counter>,
+    /// `cost.gpu_hour_price`, labelled with `cost.currency` (no series when unset).
+    pub gpu_hour_price: Family<CurrencyLabel, Gauge<f64, AtomicU64>>,
+}
+
+impl Metrics {
+    /// Create the families and register them (`r` is the `bulkhead_` sub-registry).
+    pub fn register(r: &mut Registry) -> Self {
+        let m = Self::default();
+        r.register(
+            "cost",
+            "What requests cost in cost.currency: usage x the [cost] price per million input, \
+             cached input and output tokens, by tenant and model (a model the price tables do \
+             not name is \"other\")",
+            m.cost.clone(),
+        );
+        r.register(
+            "cost_unpriced",
+            "Answers with usage that no [cost] price applied to (neither the served model, nor \
+             the request's model, nor a default; tenants with some price only)",
+            m.unpriced.clone(),
+        );
+        r.register(
+            "gpu_hour_price",
+            "cost.gpu_hour_price: the price of one GPU-hour in cost.currency (recording rules \
+             price each tenant's GPU busy time with it); no series when unset",
+            m.gpu_hour_price.clone(),
+        );
+        m
+    }
+
+    /// Exports `cost.gpu_hour_price` (at start and on every reload).
+    pub fn set_gpu_hour_price(&self, cost: &CostConfig) {
+        self.gpu_hour_price.clear();
+        if let Some(p) = cost.gpu_hour_price {
+            self.gpu_hour_price
+                .get_or_create(&CurrencyLabel {
+                    currency: cost.currency.clone(),
+                })
+                .set(p);
+        }
+    }
+}
+
 /// What `t` costs at `price` (per million tokens; cached prompt tokens at `cached_input`,
 /// `input` when it has none).
-pub fn cost_of(price: &Price, t: Tokens) -> f64 {
+pub fn cost_of(price: &Price, t: Usage) -> f64 {
     let cached = t.cached.min(t.prompt);
     let fresh = t.prompt - cached;
     (fresh as f64 * price.input
@@ -26,13 +79,19 @@ pub fn cost_of(price: &Price, t: Tokens) -> f64 {
         / 1e6
 }
 
-/// Tokens a request used, as settled.
+/// Tokens a request used, as settled (the answer's `usage`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tokens {
+pub struct Usage {
     pub prompt: u64,
     /// Prompt tokens served from the prefix cache (part of `prompt`).
     pub cached: u64,
     pub completion: u64,
+}
+
+impl Usage {
+    pub fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
 }
 
 /// One tenant's resolved prices, each with its counter looked up once.
@@ -102,7 +161,7 @@ impl TenantCost {
         &self,
         served: Option<&str>,
         requested: Option<&str>,
-        tokens: Tokens,
+        tokens: Usage,
     ) -> Option<Charged> {
         let named = |m: Option<&str>| {
             m.and_then(|m| self.models.get_key_value(m))
@@ -139,7 +198,7 @@ mod tests {
             cached_input: Some(0.5),
             output: 8.0,
         };
-        let u = Tokens {
+        let u = Usage {
             prompt: 1_000_000,
             completion: 500_000,
             cached: 400_000,
@@ -172,8 +231,8 @@ output = 4.0
         )
         .unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
-        let m = Metrics::register(&mut reg);
-        let u = Tokens {
+        let m = Metrics::register(reg.sub_registry_with_prefix("bulkhead"));
+        let u = Usage {
             prompt: 1_000_000,
             completion: 0,
             cached: 0,
@@ -214,7 +273,7 @@ output = 4.0
     #[test]
     fn the_gpu_hour_price_is_exported_in_its_currency_only_when_set_and_checked() {
         let mut reg = prometheus_client::registry::Registry::default();
-        let m = Metrics::register(&mut reg);
+        let m = Metrics::register(reg.sub_registry_with_prefix("bulkhead"));
         let c: CostConfig = toml::from_str("currency = \"EUR\"\ngpu_hour_price = 2.5\n").unwrap();
         assert_eq!(c.check(&|_| true), Ok(()));
         m.set_gpu_hour_price(&c);

@@ -1,4 +1,5 @@
-//! What happened and who pays: Prometheus metrics ([`metrics`]), prices ([`cost`]), the
+//! What happened and who pays: the Prometheus plumbing every component's metrics share
+//! ([`metrics`]; [`crate::registry`] registers them all), prices ([`cost`]), the
 //! chained audit log ([`audit`]) and its seal ([`seal`]), and cross-tenant leak detection
 //! ([`leaks`]).
 pub mod audit;

@@ -4,7 +4,7 @@
 //! connects afresh and marks it up (one more line).
 
 use crate::config::RedisLimitsConfig;
-use crate::record::metrics::{KindLabel, Metrics};
+use crate::limits::metrics::{BackendFault, Metrics};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, RedisResult, ScriptInvocation};
@@ -67,7 +67,7 @@ impl Backend {
     /// Starts down, with a probe connecting in the background: the first admissions go to the
     /// fallback until Redis has answered once (a start never waits on Redis).
     pub(super) fn start(cfg: &RedisLimitsConfig, metrics: Metrics) -> Arc<Backend> {
-        metrics.limits_backend_up.set(0);
+        metrics.backend_up.set(0);
         let b = Arc::new(Backend {
             url: cfg.url.clone(),
             urls: cfg.urls.clone(),
@@ -116,12 +116,12 @@ impl Backend {
         match tokio::time::timeout(self.command_timeout, conn.invoke(inv)).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
-                self.failed("error", &e.to_string());
+                self.failed(BackendFault::Error, &e.to_string());
                 None
             }
             Err(_) => {
                 self.failed(
-                    "timeout",
+                    BackendFault::Timeout,
                     "no answer within limits.redis.command_timeout_ms",
                 );
                 None
@@ -129,13 +129,10 @@ impl Backend {
         }
     }
 
-    fn failed(self: &Arc<Self>, kind: &'static str, why: &str) {
-        self.metrics
-            .limits_backend_errors
-            .get_or_create(&KindLabel { kind })
-            .inc();
+    fn failed(self: &Arc<Self>, kind: BackendFault, why: &str) {
+        self.metrics.backend_error(kind);
         if self.up.swap(false, Ordering::AcqRel) {
-            self.metrics.limits_backend_up.set(0);
+            self.metrics.backend_up.set(0);
             tracing::warn!(
                 error = %why,
                 "limits backend (Redis) unavailable: decisions follow \
@@ -197,7 +194,7 @@ async fn probe(b: std::sync::Weak<Backend>, down_since: Option<Instant>) {
             *backend.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(c);
             backend.probing.store(false, Ordering::Release);
             backend.up.store(true, Ordering::Release);
-            backend.metrics.limits_backend_up.set(1);
+            backend.metrics.backend_up.set(1);
             backend.connected.notify_waiters();
             match down_since {
                 Some(t) => tracing::warn!(

@@ -29,7 +29,7 @@ use crate::config::{BackendFailure, LimitsMode, RedisLimitsConfig};
 use crate::limits::local::{
     Admission, LimitNumbers, RateInfo, Rejection, SharedClock, TenantLimits,
 };
-use crate::record::metrics::{Action, Metrics};
+use crate::limits::metrics::Metrics;
 use conn::Backend;
 use scripts::TenantKeys;
 use settle::Pending;
@@ -180,15 +180,7 @@ impl SharedLimits {
     /// Count a decision made without Redis; what `on_backend_failure` says to do.
     fn degraded(&self) -> BackendFailure {
         let action = self.cfg.on_backend_failure;
-        self.metrics
-            .limits_degraded
-            .get_or_create(&Action {
-                action: match action {
-                    BackendFailure::Local => "local",
-                    BackendFailure::Deny => "deny",
-                },
-            })
-            .inc();
+        self.metrics.degraded(action);
         action
     }
 }

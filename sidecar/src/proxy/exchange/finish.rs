@@ -4,7 +4,7 @@
 use super::{Cut, End, Exchange, MAX_MODEL, Usage};
 use crate::proxy::RefusalCode;
 use crate::record::audit::{AuditRecord, LeakRecord, UNAUTHENTICATED};
-use crate::record::metrics::{Reason, TenantCode, TenantLimit, TenantReason};
+use crate::record::metrics::{Reason, TenantCode};
 use crate::telemetry::genai::{Instrument, Series};
 use agent_common::otlp::{self, Attr};
 use http::StatusCode;
@@ -16,26 +16,10 @@ impl Exchange {
         let Some(t) = self.tenant() else { return };
         let m = &self.app.metrics;
         for h in &self.found.leaks {
-            let family = match h.kind {
-                crate::record::leaks::Kind::Marker => {
-                    m.injection_markers
-                        .get_or_create(&crate::record::metrics::TenantMarker {
-                            tenant: t.name.to_string(),
-                            marker: h.owner.to_string(),
-                        })
-                        .inc();
-                    continue;
-                }
-                crate::record::leaks::Kind::Canary => &m.canary_hits,
-                crate::record::leaks::Kind::Keyword => &m.keyword_hits,
-            };
-            family
-                .get_or_create(&crate::record::metrics::LeakLabel {
-                    owner: h.owner.to_string(),
-                    seen_by: t.name.to_string(),
-                    r#where: h.seen.as_str(),
-                })
-                .inc();
+            m.leaks.count(&t.name, h);
+            if h.kind == crate::record::leaks::Kind::Marker {
+                continue;
+            }
             if !self
                 .app
                 .leak_record_allowed(&h.owner, &t.name, h.kind.as_str())
@@ -158,12 +142,7 @@ impl Exchange {
                 if let End::Refused(r) = &self.end
                     && let Some(limit) = r.code.limit()
                 {
-                    m.rate_limited
-                        .get_or_create(&TenantLimit {
-                            tenant: t.name.to_string(),
-                            limit: limit.as_str(),
-                        })
-                        .inc();
+                    m.limits.refused(&t.name, limit);
                 }
                 if self.meter.cut == Some(Cut::WriteTimeout) {
                     tm.write_timeouts.inc();
@@ -174,11 +153,7 @@ impl Exchange {
                     charged = t.cost.charge(
                         self.meter.served_model.as_deref(),
                         self.found.model.as_deref(),
-                        crate::record::cost::Tokens {
-                            prompt: u.prompt,
-                            cached: u.cached,
-                            completion: u.completion,
-                        },
+                        u,
                     );
                     if charged.is_none() && t.cost.is_priced() {
                         // Priced tenants only: without `[cost]` every answer is unpriced.
@@ -198,15 +173,8 @@ impl Exchange {
                     && r.code.is_auth()
                 {
                     tracing::info!(request_id = %self.request_id, reason, "request refused: authentication failed");
-                    m.auth_failures.get_or_create(&Reason { reason }).inc();
-                    if let Some(t) = &self.signed_for {
-                        m.auth_failures_by_tenant
-                            .get_or_create(&TenantReason {
-                                tenant: t.name.to_string(),
-                                reason,
-                            })
-                            .inc();
-                    }
+                    m.auth
+                        .refused(reason, self.signed_for.as_ref().map(|t| &*t.name));
                 }
             }
         }

@@ -27,19 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Tokens a request used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt: u64,
-    pub completion: u64,
-    /// Prompt tokens served from the prefix cache (part of `prompt`).
-    pub cached: u64,
-}
-
-impl Usage {
-    pub fn total(self) -> u64 {
-        self.prompt.saturating_add(self.completion)
-    }
-}
+pub use crate::record::cost::Usage;
 
 /// How the exchange ended (so far).
 #[derive(Debug)]
@@ -446,10 +434,7 @@ impl Exchange {
             Scanned::Event(ev) => scan.event(pats, &who.tenant.name, ev, &mut f.leaks),
             Scanned::Body(b) => scan.body(pats, &who.tenant.name, b, &mut f.leaks),
         }
-        let block = pats.on_canary == crate::config::OnCanary::Block
-            && f.leaks[before..]
-                .iter()
-                .any(|h| h.kind == crate::record::leaks::Kind::Canary);
+        let block = pats.blocks(&f.leaks[before..]);
         f.leak_blocked |= block;
         block
     }
