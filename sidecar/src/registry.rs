@@ -189,7 +189,6 @@ impl Metrics {
         let _ = self.cache.salt_overrides.get_or_create(&l);
         let _ = self.kv.tokens.get_or_create(&l);
         let _ = self.kv.bytes.get_or_create(&l);
-        let _ = self.tagging.cap_reached.get_or_create(&l);
         let _ = self.write_timeouts.get_or_create(&l);
         let _ = self.cost.unpriced.get_or_create(&l);
         let _ = self.queue.gauges(tenant);

@@ -187,11 +187,16 @@ impl App {
         audit: AuditLog,
         clock: SharedClock,
     ) -> Result<Arc<App>, ConfigError> {
+        if config.agent.max_tagged_connections_per_tenant.is_some() {
+            tracing::warn!(
+                "agent.max_tagged_connections_per_tenant is deprecated and ignored: every client \
+                 connection is tagged (the agent keeps tags in socket storage, which nothing \
+                 evicts); remove it from the configuration"
+            );
+        }
         let tagger = Arc::new(Tagger::new(
             config.agent.socket.clone(),
-            config.agent.max_tagged_connections_per_tenant,
             metrics.tagging.available.clone(),
-            metrics.tagging.cap_reached.clone(),
         ));
         let replay = Arc::new(Mutex::new(ReplayCache::new(
             config.auth.replay_cache_capacity,

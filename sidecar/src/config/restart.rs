@@ -9,7 +9,7 @@ pub type KeepField = fn(&mut Config, &Config);
 
 /// Every restart-only field: on reload each keeps its running value (also in the stored
 /// configuration), with a warning naming the field when the new file changed it.
-pub const RESTART_ONLY: [(&str, KeepField); 16] = [
+pub const RESTART_ONLY: [(&str, KeepField); 15] = [
     ("listen.addr", |n, r| n.listen.addr = r.listen.addr),
     ("listen.admin_addr", |n, r| {
         n.listen.admin_addr = r.listen.admin_addr
@@ -37,9 +37,6 @@ pub const RESTART_ONLY: [(&str, KeepField); 16] = [
     }),
     ("agent.socket", |n, r| {
         n.agent.socket.clone_from(&r.agent.socket)
-    }),
-    ("agent.max_tagged_connections_per_tenant", |n, r| {
-        n.agent.max_tagged_connections_per_tenant = r.agent.max_tagged_connections_per_tenant
     }),
     ("auth.replay_cache_capacity", |n, r| {
         n.auth.replay_cache_capacity = r.auth.replay_cache_capacity
@@ -90,7 +87,6 @@ mod tests {
         new.http.max_connections += 1;
         new.http.max_concurrent_streams += 1;
         new.agent.socket = Some("/elsewhere.sock".into());
-        new.agent.max_tagged_connections_per_tenant += 1;
         new.auth.replay_cache_capacity += 1;
         new.limits.backend = super::super::LimitsBackend::Redis;
         new.telemetry.otlp = Some(Default::default());

@@ -187,9 +187,11 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     /// How often to report per-tenant KV-cache bytes (needs `[model]`).
     pub kv_report_interval_ms: u64,
-    /// Client connections tagged per tenant at most; beyond, a tenant's extra connections
-    /// count as untagged, so no tenant can evict others' tags from the agent's map.
-    pub max_tagged_connections_per_tenant: usize,
+    /// Deprecated and ignored: every client connection is tagged. The cap kept a tenant from
+    /// evicting others' tags from the agent's LRU map; the agent now keeps each tag in the
+    /// socket's own storage, which nothing evicts. Still accepted so that a configuration
+    /// that sets it starts; a warning names it.
+    pub max_tagged_connections_per_tenant: Option<usize>,
 }
 
 impl Default for AgentConfig {
@@ -197,19 +199,13 @@ impl Default for AgentConfig {
         Self {
             socket: None,
             kv_report_interval_ms: 5000,
-            max_tagged_connections_per_tenant: 1024,
+            max_tagged_connections_per_tenant: None,
         }
     }
 }
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_tagged_connections_per_tenant == 0 {
-            return Err(invalid(
-                "agent.max_tagged_connections_per_tenant",
-                "must be > 0",
-            ));
-        }
         if self.kv_report_interval_ms < 100 {
             return Err(invalid("agent.kv_report_interval_ms", "must be >= 100"));
         }

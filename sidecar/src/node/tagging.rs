@@ -2,13 +2,10 @@
 //! agent is not reachable, the sidecar runs on, says so once in the log, and sets
 //! `bulkhead_agent_tagging_available` to 0; it tries again at most every [`RETRY_AFTER`].
 
-use crate::record::metrics::TenantLabel;
 use agent_common::client::{AgentClient, ClientError};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -21,8 +18,6 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 pub struct Metrics {
     /// 1 when the node agent's tagging API answered last time, 0 when not.
     pub available: Gauge,
-    /// Client connections left untagged because the tenant reached its tagged-connection cap.
-    pub cap_reached: Family<TenantLabel, Counter>,
 }
 
 impl Metrics {
@@ -33,11 +28,6 @@ impl Metrics {
             "agent_tagging_available",
             "1 when the node agent's tagging API is reachable",
             m.available.clone(),
-        );
-        r.register(
-            "tagging_cap_reached",
-            "Client connections left untagged: the tenant had agent.max_tagged_connections_per_tenant tagged",
-            m.cap_reached.clone(),
         );
         m
     }
@@ -50,32 +40,19 @@ enum State {
     Down(Instant),
 }
 
-/// Client connections tagged now, per tenant.
-type TaggedCounts = Arc<Mutex<HashMap<Arc<str>, usize>>>;
-
 pub struct Tagger {
     client: Option<AgentClient>,
     state: Mutex<State>,
     gauge: Gauge,
-    /// Client connections tagged now, per tenant (capped by
-    /// `agent.max_tagged_connections_per_tenant`; the agent's tags are socket storage, which
-    /// cannot be evicted, so the cap no longer protects other tenants' tags).
-    tagged: TaggedCounts,
-    max_per_tenant: usize,
-    cap_reached: Family<TenantLabel, Counter>,
     /// The (agent error code, tenant) refusals already logged as warnings: each once per
     /// process (tenants are configured names, so this stays small).
     refusals_logged: Mutex<HashSet<(&'static str, String)>>,
 }
 
-/// One client connection's tag under the per-tenant cap; the count drops when it is dropped.
-/// A connection left untagged at the cap keeps a slot holding no count, so that it is
-/// counted in `tagging_cap_reached` once, not on every request.
+/// Which tenant a client connection is tagged with (or was offered to the agent for).
 #[derive(Debug)]
 pub struct TagSlot {
     tenant: Arc<str>,
-    /// The per-tenant counts this slot holds one of; `None` when left untagged.
-    held: Option<TaggedCounts>,
 }
 
 impl TagSlot {
@@ -84,28 +61,8 @@ impl TagSlot {
     }
 }
 
-impl Drop for TagSlot {
-    fn drop(&mut self) {
-        let Some(tagged) = &self.held else {
-            return;
-        };
-        let mut m = tagged.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.tenant);
-            }
-        }
-    }
-}
-
 impl Tagger {
-    pub fn new(
-        socket: Option<PathBuf>,
-        max_per_tenant: usize,
-        gauge: Gauge,
-        cap_reached: Family<TenantLabel, Counter>,
-    ) -> Self {
+    pub fn new(socket: Option<PathBuf>, gauge: Gauge) -> Self {
         if socket.is_none() {
             tracing::info!("socket tagging is off: no agent.socket configured");
         }
@@ -114,63 +71,27 @@ impl Tagger {
             client: socket.map(|p| AgentClient::new(p).with_timeout(Duration::from_millis(500))),
             state: Mutex::new(State::Unknown),
             gauge,
-            tagged: Arc::default(),
-            max_per_tenant,
-            cap_reached,
             refusals_logged: Mutex::default(),
         }
     }
 
-    /// Tag an admitted request's client connection with `tenant`, unless it already is.
-    /// Beyond the per-tenant cap the connection stays untagged, counted once (not on each of
-    /// its requests), and holds no count.
+    /// Tag an admitted request's client connection with `tenant`, unless it already is. Every
+    /// connection is tagged: the agent keeps a tag in the socket's own storage, freed with the
+    /// socket, so there is no shared table a tenant could fill (`http.max_connections` bounds
+    /// the connections there are).
     pub async fn tag_connection(
         &self,
         sock: BorrowedFd<'_>,
         slot: &mut Option<TagSlot>,
         tenant: &Arc<str>,
     ) {
-        if slot
-            .as_ref()
-            .is_some_and(|s| s.tenant == *tenant && s.held.is_some())
-        {
+        if slot.as_ref().is_some_and(|s| s.tenant == *tenant) {
             return;
         }
-        // Left untagged for this tenant before: tagged now if a slot came back, not counted
-        // again if not.
-        let counted = slot.as_ref().is_some_and(|s| s.tenant == *tenant);
-        // Give up the old tenant's slot first (a keep-alive connection changing tenant).
-        let was_tagged = slot.take().is_some_and(|s| s.held.is_some());
-        let at_cap = {
-            let mut m = self.tagged.lock().unwrap_or_else(|e| e.into_inner());
-            let n = m.entry(tenant.clone()).or_default();
-            let full = *n >= self.max_per_tenant;
-            if !full {
-                *n += 1;
-            }
-            full
-        };
-        if at_cap {
-            if !counted {
-                self.cap_reached
-                    .get_or_create(&TenantLabel {
-                        tenant: tenant.to_string(),
-                    })
-                    .inc();
-            }
-            *slot = Some(TagSlot {
-                tenant: tenant.clone(),
-                held: None,
-            });
-            // Never leave the previous tenant's tag on this tenant's bytes.
-            if was_tagged {
-                self.untag(sock).await;
-            }
-            return;
-        }
+        // A keep-alive connection changing tenant.
+        let was_tagged = slot.take().is_some();
         *slot = Some(TagSlot {
             tenant: tenant.clone(),
-            held: Some(self.tagged.clone()),
         });
         // A re-tag the agent did not accept (it does not know the tenant, or no longer allows
         // this process) would leave the previous tenant's tag on this tenant's bytes: untag.
