@@ -67,6 +67,7 @@ INVENTORY = {
     "bulkhead_cache_flushes_total",
     "bulkhead_cache_salt_overrides_total",
     "bulkhead_kv_cache_tokens",
+    "bulkhead_sidecar_kv_inflight_bytes",
     "bulkhead_canary_hits_total",
     "bulkhead_keyword_hits_total",
     "bulkhead_injection_markers_total",

@@ -9,6 +9,7 @@
 #[cfg(any(test, feature = "client", feature = "otlp"))]
 extern crate std;
 
+pub mod bucket;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "otlp")]
@@ -169,6 +170,29 @@ impl core::fmt::Display for TenantNameError {
 }
 
 impl core::error::Error for TenantNameError {}
+
+/// The `result` of `bulkhead_config_reloads_total`, in the agent's and the sidecar's
+/// metrics alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// The new configuration is in force (restart-only fields keep their running values).
+    Ok,
+    /// The file could not be read, parsed, validated or applied: the running configuration
+    /// stays, unchanged.
+    Invalid,
+}
+
+impl ReloadResult {
+    /// Every value, for tables and tests.
+    pub const ALL: [ReloadResult; 2] = [ReloadResult::Ok, ReloadResult::Invalid];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Invalid => "invalid",
+        }
+    }
+}
 
 /// The rule for tenant names, in the agent's and the sidecar's configs alike: 1 to
 /// [`TENANT_NAME_LEN`] bytes of `[A-Za-z0-9._-]`, starting with a letter or a digit, and none

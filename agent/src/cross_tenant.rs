@@ -5,6 +5,7 @@ use crate::config::{Config, EndpointMode};
 use crate::datapath::Maps;
 use crate::metrics::AgentMetrics;
 use crate::tenants::TenantRegistry;
+use agent_common::bucket::TokenBucket;
 use agent_common::{
     AF_INET, AF_INET6, EndpointKey, EndpointValue, FlowEvent, MODE_ALERT, MODE_ENFORCE,
 };
@@ -14,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
-use tokio::io::unix::AsyncFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CrossTenantError {
@@ -149,25 +149,11 @@ fn socket_addr(family: u32, addr: [u8; 16], port: u32) -> SocketAddr {
     SocketAddr::new(ip, port as u16)
 }
 
-/// At most `rate` events a second (bursts of up to `rate`).
-struct TokenBucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn take(&mut self, rate: u32) -> bool {
-        let now = Instant::now();
-        let rate = f64::from(rate);
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+/// At most `rate` events a second (bursts of up to `rate`); `rate` may change between calls.
+fn take(bucket: &mut TokenBucket<Instant>, rate: u32, now: Instant) -> bool {
+    let rate = f64::from(rate);
+    bucket.set_rate(rate, rate);
+    bucket.take(1.0, now)
 }
 
 /// Logs the kernel's flow events (one JSON line each with `--log-format json`), at most
@@ -179,20 +165,16 @@ pub async fn drain_events(
     metrics: AgentMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    // SAFETY: the ring buffer owns its descriptor, which stays open and the same for the
-    // lifetime of the AsyncFd that owns the ring buffer.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
+    let mut fd = match crate::sys::async_fd(ring, tokio::io::Interest::READABLE) {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::error!(error = %std::io::Error::from(e), "cannot poll the flow event ring buffer; flows are counted but not logged");
+            tracing::error!(error = %e, "cannot poll the flow event ring buffer; flows are counted but not logged");
             return;
         }
     };
-    let mut bucket = TokenBucket {
-        tokens: f64::from(rate.load(Ordering::Relaxed)),
-        last: Instant::now(),
+    let mut bucket = {
+        let r = f64::from(rate.load(Ordering::Relaxed));
+        TokenBucket::full(r, r)
     };
     tokio::pin!(shutdown);
     loop {
@@ -209,7 +191,7 @@ pub async fn drain_events(
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             let Some(ev) = decode(&item) else { continue };
-            if !bucket.take(rate.load(Ordering::Relaxed)) {
+            if !take(&mut bucket, rate.load(Ordering::Relaxed), Instant::now()) {
                 metrics.flow_event_suppressed();
                 continue;
             }
@@ -233,6 +215,7 @@ pub async fn drain_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn endpoints_become_map_entries() {
@@ -310,11 +293,13 @@ mod tests {
 
     #[test]
     fn the_bucket_limits_the_rate() {
-        let mut b = TokenBucket {
-            tokens: 3.0,
-            last: Instant::now(),
-        };
-        let taken = (0..100).filter(|_| b.take(3)).count();
+        let mut b = TokenBucket::full(3.0, 3.0);
+        let taken = (0..100).filter(|_| take(&mut b, 3, Instant::now())).count();
         assert!((3..=4).contains(&taken), "{taken}");
+        // A lower rate cuts the burst at once; a pause refills at the rate.
+        let t0 = Instant::now() + Duration::from_secs(10);
+        assert!(take(&mut b, 1, t0));
+        assert!(!take(&mut b, 1, t0));
+        assert!(take(&mut b, 1, t0 + Duration::from_secs(1)));
     }
 }

@@ -26,42 +26,11 @@
 //! that fits what a GPU can draw) or a reset on driver reload (the new value is the delta,
 //! counted in `resets`).
 
-use crate::gpu::{GpuSnapshot, Role, SHARED, UNATTRIBUTED};
-use serde::Deserialize;
+use crate::gpu::source::{GpuSnapshot, ProcSample, UtilSample};
+use crate::gpu::workloads::Role;
+use agent_common::{SHARED_TENANT_NAME as SHARED, UNATTRIBUTED_TENANT_NAME as UNATTRIBUTED};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
-
-/// One device utilization sample: SM busy % over one sample period.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-pub struct UtilSample {
-    /// CPU time of the sample, µs.
-    pub ts_us: u64,
-    pub sm: u32,
-}
-
-/// One process utilization sample (NVML lists only processes busy in the period).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-pub struct ProcSample {
-    pub pid: u32,
-    pub ts_us: u64,
-    pub sm: u32,
-    /// Memory-controller busy % (reported, not used in the split).
-    #[serde(default)]
-    pub mem: u32,
-}
-
-/// One MIG instance of a GPU: its own processes and samples; energy is the parent's.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-pub struct MigInstance {
-    /// The MIG device's UUID (`MIG-...`): its `gpu` label.
-    pub uuid: String,
-    /// Memory of the instance (its share of the GPU's weighs its share of the energy).
-    pub total_bytes: u64,
-    #[serde(default)]
-    pub busy_samples: Vec<UtilSample>,
-    #[serde(default)]
-    pub process_samples: Vec<ProcSample>,
-}
 
 /// Why busy time went to `unattributed`.
 pub const REASON_NO_SAMPLES: &str = "no_process_samples";

@@ -2,15 +2,20 @@
 //!
 //! [`start`] loads and attaches the eBPF programs, opens the tagging API and the admin server,
 //! and returns a [`RunningAgent`] handle; [`RunningAgent::shutdown`] stops it cleanly.
+//!
+//! `unsafe` is denied here and allowed in [`sys`] alone, the agent's interface to the kernel.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod cross_tenant;
 pub mod datapath;
+pub mod exit;
 pub mod gpu;
 pub mod gpu_compute;
 pub mod metrics;
 pub mod otlp;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod tagging;
 pub mod tenants;
@@ -24,7 +29,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +54,9 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    /// Exit status for the binary: 77 (EX_NOPERM) without privileges, 69 (EX_UNAVAILABLE) when
-    /// a kernel feature is missing, 71 (EX_OSERR) otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            AgentError::Sys(sys::SysError::NotPrivileged { .. }) => 77,
-            AgentError::Sys(sys::SysError::NoCgroup2 | sys::SysError::NotCgroup2 { .. }) => 69,
-            _ => 71,
-        }
+    /// The binary's exit status for this error ([`exit::ExitStatus`], the one table).
+    pub fn exit_status(&self) -> exit::ExitStatus {
+        self.into()
     }
 }
 
@@ -89,8 +88,11 @@ impl RunningAgent {
     /// runs on with the old configuration when this returns an error.
     pub fn reload(&mut self, new: Config) -> Result<(), AgentError> {
         let result = self.try_reload(new);
-        self.metrics
-            .reload(if result.is_ok() { "ok" } else { "invalid" });
+        self.metrics.reload(if result.is_ok() {
+            agent_common::ReloadResult::Ok
+        } else {
+            agent_common::ReloadResult::Invalid
+        });
         result
     }
 
@@ -100,7 +102,7 @@ impl RunningAgent {
         match Config::from_file(path) {
             Ok(c) => self.reload(c).map_err(|e| e.to_string()),
             Err(e) => {
-                self.metrics.reload("invalid");
+                self.metrics.reload(agent_common::ReloadResult::Invalid);
                 Err(e.to_string())
             }
         }
@@ -210,32 +212,52 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Checks, without changing anything, that the agent could start here: privileges and the
-/// cgroup-v2 mount. Returns a short report.
-pub fn preflight(config: &Config) -> Result<String, AgentError> {
-    sys::check_privileges()?;
+/// What the agent's start found of the host.
+#[derive(Debug)]
+pub struct Host {
+    pub cgroup: PathBuf,
+    pub bpffs: sys::Bpffs,
+}
+
+/// The host checks of the agent's start, in its order: privileges, bpffs (mounted, or
+/// mountable by this process), the cgroup-v2 directory, kernel BTF, `bpf()` allowed. With
+/// `mount`, a missing bpffs is mounted (the agent's start); without, nothing changes
+/// (`preflight`), so the two fail alike, with the same error.
+pub fn check_host(config: &Config, mount: bool) -> Result<Host, AgentError> {
+    let caps = sys::check_privileges()?;
+    let bpffs = if mount {
+        sys::ensure_bpffs(&config.bpffs, caps)?
+    } else {
+        sys::check_bpffs(&config.bpffs, caps)?
+    };
     let cgroup = sys::resolve_cgroup(config.cgroup_path.as_deref())?;
-    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    sys::check_btf(std::path::Path::new(sys::KERNEL_BTF))?;
+    sys::check_bpf()?;
+    Ok(Host { cgroup, bpffs })
+}
+
+/// Checks, without changing anything, that the agent could start here: what its start checks
+/// before it loads the programs ([`check_host`]). Returns a short report.
+pub fn preflight(config: &Config) -> Result<String, AgentError> {
+    let host = check_host(config, false)?;
     Ok(format!(
-        "privileges: ok\ncgroup v2: {}\nbpffs: {} ({})\nkernel BTF: {}",
-        cgroup.display(),
+        "privileges: ok\nbpffs: {} ({})\ncgroup v2: {}\nkernel BTF: {}\nbpf(): allowed",
         config.bpffs.display(),
-        if sys::is_bpffs(&config.bpffs) {
-            "mounted"
-        } else {
-            "not mounted; the agent will mount it"
+        match host.bpffs {
+            sys::Bpffs::Mounted | sys::Bpffs::MountedNow => "mounted",
+            sys::Bpffs::WillMount => "not mounted; the agent will mount it",
         },
-        if btf { "present" } else { "absent" }
+        host.cgroup.display(),
+        sys::KERNEL_BTF,
     ))
 }
 
 /// Starts the agent. Must run inside a tokio runtime.
 pub async fn start(config: Config) -> Result<RunningAgent, AgentError> {
-    sys::check_privileges()?;
-    if sys::ensure_bpffs(&config.bpffs)? {
+    let Host { cgroup, bpffs } = check_host(&config, true)?;
+    if bpffs == sys::Bpffs::MountedNow {
         tracing::info!(path = %config.bpffs.display(), "mounted bpffs");
     }
-    let cgroup = sys::resolve_cgroup(config.cgroup_path.as_deref())?;
     let must_tag = cross_tenant::must_tag_ids(&config, &cgroup)?;
     let mut datapath = Datapath::load(&cgroup, &config.pin_dir)?;
     let maps = datapath.maps();
@@ -363,11 +385,7 @@ async fn drain_kernel_logs(
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    // SAFETY: the logger owns its ring buffer's descriptor, which stays open and the same for
-    // the logger's lifetime.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
+    let mut fd = match sys::async_fd(logger, tokio::io::Interest::READABLE) {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(error = %e, "cannot poll the kernel log buffer");

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use bulkhead_agent::config::Config;
+use bulkhead_agent::exit::ExitStatus;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,8 +32,9 @@ enum Command {
     Run,
     /// Validate the configuration and print it.
     CheckConfig,
-    /// Check that this process and kernel can run the agent (privileges, cgroup v2, bpffs
-    /// mount point) without changing anything; exit 0 when they can.
+    /// Check, without changing anything, what the agent checks when it starts (privileges,
+    /// bpffs mounted or mountable, cgroup v2, kernel BTF, bpf() allowed); exit 0 when it
+    /// would pass them, else with the exit code the agent would (agent/README.md).
     Preflight,
     /// Print the built-in default configuration.
     DefaultConfig,
@@ -64,7 +66,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bulkhead-agent: {e}");
-            return ExitCode::from(64);
+            return ExitStatus::Config.into();
         }
     };
     match cli.command.unwrap_or(Command::Run) {
@@ -79,7 +81,7 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("bulkhead-agent: {e}");
-                ExitCode::from(e.exit_code() as u8)
+                e.exit_status().into()
             }
         },
         Command::DefaultConfig => {
@@ -91,7 +93,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("bulkhead-agent: {e}");
-                    return ExitCode::from(69);
+                    return ExitStatus::from(&e).into();
                 }
             };
             match bulkhead_agent::datapath::cleanup(&config.pin_dir, &cgroup, remove_maps) {
@@ -106,7 +108,7 @@ fn main() -> ExitCode {
                         "bulkhead-agent: cleanup of {}: {e}",
                         config.pin_dir.display()
                     );
-                    ExitCode::from(71)
+                    ExitStatus::OsError.into()
                 }
             }
         }
@@ -128,7 +130,7 @@ fn gpu_status(config: &Config, json: bool) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("bulkhead-agent: gpu-status: {e}");
-            return ExitCode::from(69);
+            return ExitStatus::Unavailable.into();
         }
     };
     let role = |r: &Option<Role>| match r {
@@ -267,7 +269,7 @@ fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bulkhead-agent: cannot start the runtime: {e}");
-            return ExitCode::from(71);
+            return ExitStatus::OsError.into();
         }
     };
     rt.block_on(async move {
@@ -281,7 +283,7 @@ fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
             Err(e) => {
                 tracing::error!("{e}");
                 eprintln!("bulkhead-agent: {e}");
-                return ExitCode::from(e.exit_code() as u8);
+                return e.exit_status().into();
             }
         };
         tokio::pin!(signal);

@@ -134,8 +134,12 @@ impl AgentMetrics {
         self.flow_events_suppressed.inc();
     }
 
-    pub fn reload(&self, result: &'static str) {
-        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    pub fn reload(&self, result: agent_common::ReloadResult) {
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: result.as_str(),
+            })
+            .inc();
     }
 
     pub fn tag_request(&self, op: &'static str, result: &'static str) {

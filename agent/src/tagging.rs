@@ -12,15 +12,15 @@ use crate::sys::{SocketKind, inspect_socket};
 use crate::tenants::TenantRegistry;
 use agent_common::proto::{ErrorCode, MAX_MESSAGE_LEN, Request, Response};
 use nix::sys::socket::{
-    AddressFamily, Backlog, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
-    UnixCredentials, accept4, bind, getsockopt, listen, recvmsg, send, socket, sockopt,
+    AddressFamily, Backlog, MsgFlags, SockFlag, SockType, UnixAddr, UnixCredentials, bind,
+    getsockopt, listen, send, socket, sockopt,
 };
-use std::io::{self, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaggingError {
@@ -282,8 +282,7 @@ pub async fn serve(
     service: Arc<TagService>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> io::Result<()> {
-    // SAFETY: the OwnedFd stays open, and is the same descriptor, for the AsyncFd's lifetime.
-    let listener = unsafe { AsyncFd::register(listener) }.map_err(io::Error::from)?;
+    let listener = crate::sys::async_fd(listener, Interest::READABLE | Interest::WRITABLE)?;
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut backoff = crate::sys::AcceptBackoff::default();
     tokio::pin!(shutdown);
@@ -292,14 +291,9 @@ pub async fn serve(
             _ = &mut shutdown => return Ok(()),
             guard = listener.readable() => {
                 let mut guard = guard?;
-                match guard.try_io(|fd| {
-                    accept4(fd.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)
-                        .map_err(io::Error::from)
-                }) {
-                    Ok(Ok(raw)) => {
+                match guard.try_io(|fd| crate::sys::accept(fd.get_ref().as_fd())) {
+                    Ok(Ok(conn)) => {
                         backoff.succeeded();
-                        // SAFETY: accept4 returned a new descriptor that nothing else owns.
-                        let conn = unsafe { OwnedFd::from_raw_fd(raw) };
                         let (max, idle) = {
                             let cfg = service.allow.read().unwrap();
                             (cfg.max_connections, std::time::Duration::from_millis(cfg.idle_timeout_ms))
@@ -356,8 +350,7 @@ async fn serve_connection(
     idle: std::time::Duration,
 ) -> io::Result<()> {
     let creds = getsockopt(&conn, sockopt::PeerCredentials).ok();
-    // SAFETY: as for the listener above.
-    let conn = unsafe { AsyncFd::register(conn) }.map_err(io::Error::from)?;
+    let conn = crate::sys::async_fd(conn, Interest::READABLE | Interest::WRITABLE)?;
     let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
     let idle_out = |service: &TagService| {
         service.metrics.tagging_idle_closed();
@@ -367,7 +360,7 @@ async fn serve_connection(
         let received = tokio::time::timeout(idle, async {
             loop {
                 let mut guard = conn.readable().await?;
-                match guard.try_io(|fd| receive(fd.as_raw_fd(), &mut buf)) {
+                match guard.try_io(|fd| receive(fd.get_ref().as_fd(), &mut buf)) {
                     Ok(r) => return r,
                     Err(_would_block) => continue,
                 }
@@ -421,34 +414,14 @@ async fn serve_connection(
 
 /// The most descriptors one message may carry (a request attaches one socket).
 const MAX_FDS: usize = 4;
-/// The kernel's own limit on descriptors in one message (`SCM_MAX_FD`): the control buffer
-/// holds that many, so no descriptor a caller sends is cut off unseen (and left open in this
-/// process): each one arrives here, is owned, and is closed when the message is refused.
-const SCM_MAX_FD: usize = 253;
 
 /// One recvmsg: the bytes, whether the message is over the limits (data cut, or more than
 /// [`MAX_FDS`] descriptors), and the descriptors.
-fn receive(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool, Vec<OwnedFd>)> {
-    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(io::Error::from)?;
-    let mut fds = Vec::new();
-    // With the buffer above the control data is never cut, so this only fails if the kernel
-    // changes its limit: then the message is refused like any other over the limits.
-    let cut = msg.cmsgs().map_or(true, |cmsgs| {
-        for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for r in raw {
-                    // SAFETY: SCM_RIGHTS installed these descriptors in this process for us alone.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
-                }
-            }
-        }
-        false
-    });
+fn receive(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, bool, Vec<OwnedFd>)> {
+    let got = crate::sys::recv_with_fds(fd, buf)?;
     // `buf` is one byte longer than the limit, so a message cut to fit it (MSG_TRUNC) is
-    // over the limit too; control data is never cut (the buffer above), else `cut`.
-    let truncated = cut || msg.bytes > MAX_MESSAGE_LEN || fds.len() > MAX_FDS;
-    Ok((msg.bytes, truncated, fds))
+    // over the limit too; control data is never cut (the sys layer's buffer holds the
+    // kernel's own limit of descriptors), else `control_cut`.
+    let truncated = got.control_cut || got.bytes > MAX_MESSAGE_LEN || got.fds.len() > MAX_FDS;
+    Ok((got.bytes, truncated, got.fds))
 }

@@ -83,3 +83,84 @@ fn the_shipped_kubernetes_config_is_valid() {
         Some("http://otel-collector.bulkhead-system.svc:4318")
     );
 }
+
+/// Preflight runs the agent's own start checks: where the agent would fail on bpffs (not
+/// mounted, and no CAP_SYS_ADMIN to mount it), preflight fails the same way, naming the path,
+/// and with it all in place it passes. Runs as root, with CAP_SYS_ADMIN dropped by setpriv.
+#[test]
+fn preflight_fails_where_the_agent_fails_on_bpffs() {
+    if !nix::unistd::geteuid().is_root() {
+        agent_common::skip::skip("preflight's bpffs check needs root (to drop CAP_SYS_ADMIN)");
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        agent_common::skip::skip("no setpriv (util-linux) to drop CAP_SYS_ADMIN");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("bulkhead-preflight-{}", std::process::id()));
+    let not_bpffs = dir.join("bpf");
+    std::fs::create_dir_all(&not_bpffs).unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "bpffs = {not_bpffs:?}\npin_dir = {:?}\nadmin_addr = \"127.0.0.1:0\"\n\
+             [gpu]\nsource = \"off\"\n[tagging]\nsocket_path = {:?}\n[[tenants]]\nname = \"a\"\n",
+            not_bpffs.join("bulkhead"),
+            dir.join("agent.sock"),
+        ),
+    )
+    .unwrap();
+    let without_sys_admin = |command: &str| {
+        let out = Command::new("setpriv")
+            .args([
+                "--inh-caps=-sys_admin",
+                "--bounding-set=-sys_admin",
+                "--",
+                AGENT,
+                "--config",
+            ])
+            .arg(&cfg)
+            .arg(command)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.code(), stderr)
+    };
+    let named = format!("{} is not a bpffs mount", not_bpffs.display());
+    let (code, preflight) = without_sys_admin("preflight");
+    assert_eq!(code, Some(77), "{preflight}");
+    assert!(preflight.contains(&named), "{preflight}");
+    assert!(preflight.contains("CAP_SYS_ADMIN"), "{preflight}");
+    let (code, agent) = without_sys_admin("run");
+    assert_eq!(code, Some(77), "the agent fails alike: {agent}");
+    assert!(agent.contains(&named), "{agent}");
+    assert_eq!(
+        nix::sys::statfs::statfs(&not_bpffs)
+            .unwrap()
+            .filesystem_type()
+            .0 as u64,
+        nix::sys::statfs::statfs(&dir).unwrap().filesystem_type().0 as u64,
+        "nothing was mounted"
+    );
+
+    // With CAP_SYS_ADMIN the agent would mount it: preflight says so and changes nothing.
+    let out = Command::new(AGENT)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("preflight")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        assert!(
+            stdout.contains("not mounted; the agent will mount it"),
+            "{stdout}"
+        );
+    } else {
+        // A machine that cannot run the agent at all fails a later check, not bpffs.
+        assert!(!stderr.contains(&named), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,7 +2,7 @@
 //! Prometheus text scrapes.
 
 use crate::config::{ProbeConfig, TenantCreds};
-use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
+use bulkhead_client::{SignOptions, TENANT_HEADER, sign_request};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};

@@ -5,9 +5,21 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Why a configuration was refused (the sidecar's error type: `Invalid` names the field as
-/// written in the TOML file).
-pub use bulkhead_sidecar::config::ConfigError;
+/// Why a configuration was refused (`Invalid` names the field as written in the TOML file, or
+/// the flag that set it).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML: {0}")]
+    Parse(String),
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {

@@ -1,4 +1,4 @@
-//! Small HTTP helpers shared by the proxy and the admin server (and used by `bulkhead-sim`).
+//! Small HTTP helpers shared by the proxy and the admin server.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};

@@ -3,9 +3,9 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, bail};
-use bulkhead_sidecar::config::Config;
-use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
-use clap::{Args, Parser, Subcommand};
+use bulkhead_client::{SignOptions, TENANT_HEADER, sign_request};
+use bulkhead_sidecar::config::{Config, ConfigError, KeyEncoding, read_key_file_as};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,9 +69,18 @@ struct RunArgs {
     /// Configuration file (TOML).
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Log as JSON lines.
-    #[arg(long)]
+    /// Log format: `text` or `json` (JSON lines), as the node agent's `--log-format`.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// The same as `--log-format json` (the older spelling).
+    #[arg(long, hide = true, conflicts_with = "log_format")]
     log_json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -149,7 +158,7 @@ fn audit_files(dir: &std::path::Path, tenant: &str) -> anyhow::Result<Vec<PathBu
 }
 
 fn audit_read(a: AuditReadArgs) -> anyhow::Result<ExitCode> {
-    use bulkhead_sidecar::seal::SealKeys;
+    use bulkhead_sidecar::record::seal::SealKeys;
     let files = if a.files.is_empty() {
         audit_files(&a.dir, &a.tenant)?
     } else {
@@ -195,13 +204,13 @@ fn for_each_line(
 }
 
 /// With the tenant's keys: print the records that open, each once, and check their chain
-/// (bulkhead_sidecar::seal::Verifier); exit 1 on any problem.
+/// (bulkhead_sidecar::record::seal::Verifier); exit 1 on any problem.
 fn audit_verify(
     tenant: &str,
-    keys: &bulkhead_sidecar::seal::SealKeys,
+    keys: &bulkhead_sidecar::record::seal::SealKeys,
     files: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
-    use bulkhead_sidecar::seal::{Note, Verifier};
+    use bulkhead_sidecar::record::seal::{Note, Verifier};
     use std::io::Write;
     fn report(notes: Vec<Note>) {
         for n in notes {
@@ -255,7 +264,7 @@ fn audit_verify(
 /// Without keys: print the plain records of `tenant`; a sealed line is an error (give
 /// --key-file).
 fn audit_plain(tenant: &str, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    use bulkhead_sidecar::seal::is_sealed;
+    use bulkhead_sidecar::record::seal::is_sealed;
     use std::io::Write;
     let (mut shown, mut unopened) = (0u64, 0u64);
     let mut out = std::io::stdout().lock();
@@ -293,7 +302,7 @@ fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let cfg = match Config::from_file(file)
         .and_then(|c| c.load_keys().map(|_| c))
         .and_then(|c| c.load_audit_seals().map(|_| c))
-        .and_then(|c| bulkhead_sidecar::jwt::load_jwks_files(&c).map(|_| c))
+        .and_then(|c| bulkhead_sidecar::auth::jwt::load_jwks_files(&c).map(|_| c))
     {
         Ok(c) => c,
         Err(e) => {
@@ -311,16 +320,16 @@ fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 fn sign(a: SignArgs) -> anyhow::Result<ExitCode> {
-    use base64::Engine;
-    let raw =
-        std::fs::read(&a.key_file).with_context(|| format!("reading {}", a.key_file.display()))?;
-    let key = if a.raw_key {
-        raw
+    // The sidecar's own key reader: a key it would refuse is refused here too.
+    let encoding = if a.raw_key {
+        KeyEncoding::Raw
     } else {
-        base64::engine::general_purpose::STANDARD
-            .decode(String::from_utf8_lossy(&raw).trim())
-            .context("key file is not base64 (use --raw-key for raw bytes)")?
+        KeyEncoding::Base64
     };
+    let key = read_key_file_as(&a.key_file, "--key-file", encoding).map_err(|e| match e {
+        ConfigError::Invalid { field, message } => anyhow::anyhow!("{field}: {message}"),
+        e => e.into(),
+    })?;
     let body = match &a.body_file {
         None => Vec::new(),
         Some(p) if p.as_os_str() == "-" => {
@@ -359,7 +368,7 @@ fn serve(a: RunArgs) -> anyhow::Result<ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let sub = tracing_subscriber::fmt().with_env_filter(filter);
-    if a.log_json {
+    if a.log_json || a.log_format == LogFormat::Json {
         sub.json().init();
     } else {
         sub.init();

@@ -3,19 +3,19 @@
 //! needs (limits, upstream pool, metric handles, salt, policy), looked up once after
 //! authentication.
 
-use crate::audit::AuditLog;
+use crate::auth::jwt::{IssuerKeys, JwtVerifier, UrlKeys, UrlSettings};
+use crate::auth::scope::Routes;
+use crate::auth::signature::{ReplayCache, Verifier};
+use crate::cache::{CacheGate, GateSettings, derive_salt};
 use crate::config::{Config, ConfigError, Isolation, TenantConfig, UnknownRoutes};
-use crate::isolation::{CacheGate, GateSettings, derive_salt};
-use crate::jwt::{IssuerKeys, JwtVerifier, UrlKeys, UrlSettings};
-use crate::kv::KvSettings;
-use crate::limits::{LimitNumbers, SharedClock, TenantLimits};
-use crate::metrics::{Metrics, TenantMetrics};
-use crate::scope::Routes;
-use crate::shared_limits::{SharedLimits, SharedTenant};
-use crate::signature::{ReplayCache, Verifier};
-use crate::tagging::Tagger;
-use crate::upstream::{UpstreamClient, upstream_client};
-use crate::wfq::Scheduler;
+use crate::limits::local::{LimitNumbers, SharedClock, TenantLimits};
+use crate::limits::shared::{SharedLimits, SharedTenant};
+use crate::limits::wfq::Scheduler;
+use crate::node::kv::KvSettings;
+use crate::node::tagging::Tagger;
+use crate::proxy::upstream::{UpstreamClient, upstream_client};
+use crate::record::audit::AuditLog;
+use crate::registry::{Metrics, TenantMetrics};
 use http::Uri;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -49,7 +49,7 @@ pub struct TenantRuntime {
     /// `trust_traceparent`: a client's trace context is continued.
     pub trust_traceparent: bool,
     /// The tenant's prices (`[cost]`), with their counters.
-    pub cost: crate::cost::TenantCost,
+    pub cost: crate::record::cost::TenantCost,
 }
 
 impl std::fmt::Debug for TenantRuntime {
@@ -70,9 +70,9 @@ pub struct Runtime {
     /// KV-cache bytes per token from `[model]`; 0 when not configured.
     pub kv_bytes_per_token: u64,
     /// Canaries, keywords and injection markers, compiled.
-    pub leaks: Arc<crate::leaks::LeakPatterns>,
+    pub leaks: Arc<crate::record::leaks::LeakPatterns>,
     /// Tenants whose audit records are sealed, with their keys.
-    pub audit_seals: crate::audit::Seals,
+    pub audit_seals: crate::record::audit::Seals,
     /// `[auth.jwt]`, when configured.
     pub jwt: Option<JwtVerifier>,
     /// Routes that accept an RFC 9421 signature (`auth.hmac_routes`).
@@ -139,7 +139,7 @@ pub struct App {
     pub shared: Option<Arc<SharedLimits>>,
     ids: RequestIds,
     /// Which tenant each stored Responses API answer belongs to.
-    pub responses: crate::responses::ResponseOwners,
+    pub responses: crate::proxy::responses::ResponseOwners,
     pub ready: AtomicBool,
     /// `[telemetry.otlp]`: spans for the requests (read at start only).
     pub tracer: Option<Arc<crate::telemetry::Tracer>>,
@@ -158,7 +158,7 @@ pub struct ConnCtx {
     /// A duplicate of the client socket, kept only when tagging is on.
     pub fd: Option<OwnedFd>,
     /// The tenant the socket is tagged with now, and its slot under the per-tenant cap.
-    pub tag: tokio::sync::Mutex<Option<crate::tagging::TagSlot>>,
+    pub tag: tokio::sync::Mutex<Option<crate::node::tagging::TagSlot>>,
 }
 
 /// Unpredictable request ids: a keyed 128-bit hash of a counter (two SipHash keys drawn at
@@ -187,34 +187,39 @@ impl App {
         audit: AuditLog,
         clock: SharedClock,
     ) -> Result<Arc<App>, ConfigError> {
+        if config.agent.max_tagged_connections_per_tenant.is_some() {
+            tracing::warn!(
+                "agent.max_tagged_connections_per_tenant is deprecated and ignored: every client \
+                 connection is tagged (the agent keeps tags in socket storage, which nothing \
+                 evicts); remove it from the configuration"
+            );
+        }
         let tagger = Arc::new(Tagger::new(
             config.agent.socket.clone(),
-            config.agent.max_tagged_connections_per_tenant,
-            metrics.agent_available.clone(),
-            metrics.tag_cap_reached.clone(),
+            metrics.tagging.available.clone(),
         ));
         let replay = Arc::new(Mutex::new(ReplayCache::new(
             config.auth.replay_cache_capacity,
         )));
-        metrics.set_gpu_hour_price(&config.cost);
-        let gauges = metrics.clone();
+        metrics.cost.set_gpu_hour_price(&config.cost);
+        let gauges = metrics.queue.clone();
         let sched = Scheduler::new(
             config.queue.max_inflight,
             config.queue.max_queue_per_tenant,
             queue_costs(&config),
             queue_tenants(&config),
-            move |t| gauges.sched_gauges(t),
+            move |t| gauges.gauges(t),
         );
         let body_budget = Arc::new(Semaphore::new(config.http.max_inflight_body_bytes));
         let tracer = config
             .telemetry
             .otlp
             .as_ref()
-            .map(|o| crate::telemetry::Tracer::new(o, metrics.clone()));
+            .map(|o| crate::telemetry::Tracer::new(o, metrics.telemetry.clone()));
         let shared = match (&config.limits.backend, &config.limits.redis) {
             (crate::config::LimitsBackend::Redis, Some(r)) => Some(SharedLimits::start(
                 r.clone(),
-                metrics.clone(),
+                metrics.limits.clone(),
                 clock.clone(),
             )),
             _ => None,
@@ -229,7 +234,7 @@ impl App {
             &metrics,
         )?;
         audit.set_seals(runtime.audit_seals.clone());
-        let gate = CacheGate::new(runtime.gate_settings(), metrics.clone());
+        let gate = CacheGate::new(runtime.gate_settings(), metrics.cache.clone());
         let (kv_settings, _) = tokio::sync::watch::channel(runtime.kv_settings());
         Ok(Arc::new(App {
             runtime: RwLock::new(Arc::new(runtime)),
@@ -289,32 +294,10 @@ impl App {
     /// Apply a new (validated) configuration completely or not at all.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
         let old = self.runtime();
-        if old.config.listen != config.listen {
-            tracing::warn!("listen addresses changed: they take effect only after a restart");
-        }
-        let (a, b) = (&old.config.http, &config.http);
-        if old.config.runtime != config.runtime
-            || a.max_header_bytes != b.max_header_bytes
-            || a.header_read_timeout_ms != b.header_read_timeout_ms
-            || a.drain_timeout_ms != b.drain_timeout_ms
-            || a.max_inflight_body_bytes != b.max_inflight_body_bytes
-            || a.max_connections != b.max_connections
-            || a.max_concurrent_streams != b.max_concurrent_streams
-            || old.config.agent.max_tagged_connections_per_tenant
-                != config.agent.max_tagged_connections_per_tenant
-            || old.config.auth.replay_cache_capacity != config.auth.replay_cache_capacity
-            || old.config.agent.socket != config.agent.socket
-            || old.config.limits != config.limits
-            || old.config.telemetry != config.telemetry
-        {
-            tracing::warn!(
-                "runtime.*, http.max_header_bytes, http.header_read_timeout_ms, \
-                 http.drain_timeout_ms, http.max_inflight_body_bytes, http.max_connections, \
-                 http.max_concurrent_streams, agent.socket (for tagging), \
-                 agent.max_tagged_connections_per_tenant, auth.replay_cache_capacity and \
-                 limits.* (the limits backend) and telemetry.* take effect only after a restart"
-            );
-        }
+        // Restart-only fields keep their running values, in the stored configuration too;
+        // what the new file says must still agree with them.
+        let (config, kept) = crate::config::keep_restart_only(&old.config, config);
+        config.validate()?;
         let rt = build_runtime(
             config,
             Some(&old),
@@ -324,11 +307,17 @@ impl App {
             &self.clock,
             &self.metrics,
         )?;
+        for field in kept {
+            tracing::warn!(
+                field,
+                "changing this field takes a restart; keeping the running value"
+            );
+        }
         let c = rt.config.clone();
         self.audit.set_seals(rt.audit_seals.clone());
         self.gate.update(rt.gate_settings());
         let _ = self.kv_settings.send(rt.kv_settings());
-        self.metrics.set_gpu_hour_price(&c.cost);
+        self.metrics.cost.set_gpu_hour_price(&c.cost);
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
         self.sched.update(
             c.queue.max_inflight,
@@ -340,19 +329,21 @@ impl App {
     }
 }
 
-fn queue_costs(c: &Config) -> crate::wfq::Costs {
-    crate::wfq::Costs {
+fn queue_costs(c: &Config) -> crate::limits::wfq::Costs {
+    crate::limits::wfq::Costs {
         fairness: c.queue.fairness,
         input: c.queue.input_token_cost,
         output: c.queue.output_token_cost,
     }
 }
 
-fn queue_tenants(c: &Config) -> impl Iterator<Item = (String, crate::wfq::TenantSettings)> + '_ {
+fn queue_tenants(
+    c: &Config,
+) -> impl Iterator<Item = (String, crate::limits::wfq::TenantSettings)> + '_ {
     c.tenants.iter().map(|(k, v)| {
         (
             k.clone(),
-            crate::wfq::TenantSettings {
+            crate::limits::wfq::TenantSettings {
                 weight: v.weight,
                 max_kv_tokens: v.max_kv_tokens,
             },
@@ -383,7 +374,7 @@ fn build_runtime(
     );
     let jwt = match &config.auth.jwt {
         Some(j) => {
-            let files = crate::jwt::load_jwks_files(&config)?;
+            let files = crate::auth::jwt::load_jwks_files(&config)?;
             let mut keys = Vec::new();
             for (realm, file) in j.realms().iter().zip(files) {
                 let url = match realm.jwks_url {
@@ -404,7 +395,7 @@ fn build_runtime(
                             .and_then(|v| v.url_keys().find(|k| *k.settings() == settings))
                             .cloned();
                         Some(kept.unwrap_or_else(|| {
-                            UrlKeys::start(settings, metrics.jwks_refreshes.clone())
+                            UrlKeys::start(settings, metrics.auth.jwks_refreshes.clone())
                         }))
                     }
                     None => None,
@@ -460,7 +451,7 @@ fn build_runtime(
             )),
         );
     }
-    let leaks = Arc::new(crate::leaks::LeakPatterns::new(&config));
+    let leaks = Arc::new(crate::record::leaks::LeakPatterns::new(&config));
     let audit_seals = Arc::new(config.load_audit_seals()?);
     Ok(Runtime {
         config: Arc::new(config),
@@ -521,6 +512,6 @@ fn tenant_runtime(
         trusted_engine_fields: t.trusted_engine_fields.clone(),
         store_responses: t.store_responses,
         trust_traceparent: t.trust_traceparent,
-        cost: crate::cost::TenantCost::new(&config.cost, name, metrics),
+        cost: crate::record::cost::TenantCost::new(&config.cost, name, &metrics.cost),
     }
 }

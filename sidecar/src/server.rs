@@ -1,12 +1,14 @@
 //! Serving: the proxy listener (HTTP/1.1 and h2c), the admin listener, configuration reload
 //! (SIGHUP or file change) and graceful shutdown.
 
-use crate::audit::{AuditLimits, AuditLog};
 use crate::config::{Config, ConfigError};
 use crate::http_util::{ProxyBody, full};
-use crate::limits::SharedClock;
-use crate::metrics::{Metrics, ResultLabel};
+use crate::limits::local::SharedClock;
+use crate::record::audit::{AuditLimits, AuditLog};
+use crate::record::metrics::ResultLabel;
+use crate::registry::Metrics;
 use crate::runtime::{App, ConnCtx};
+use agent_common::ReloadResult;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,7 +28,7 @@ pub enum SidecarError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] crate::record::audit::AuditError),
     #[error("I/O error on {what}: {source}")]
     Io {
         what: &'static str,
@@ -114,7 +116,7 @@ pub async fn run_with(
                 &key,
                 AuditLimits::from(&config.audit),
                 config.tenants.keys().cloned(),
-                metrics.audit_dropped.clone(),
+                metrics.audit.dropped.clone(),
             )?;
             (a, Some(t))
         }
@@ -157,12 +159,13 @@ pub async fn run_with(
     let exporter = app.tracer.as_ref().map(|t| {
         tokio::spawn(t.exporter(
             app.metrics.genai.clone(),
-            app.metrics.clone(),
+            app.metrics.telemetry.clone(),
             stop_rx.clone(),
         ))
     });
-    let kv_reporter = tokio::spawn(crate::kv::report_loop(
-        app.metrics.clone(),
+    let kv_reporter = tokio::spawn(crate::node::kv::report_loop(
+        app.metrics.kv.clone(),
+        app.metrics.tokens.clone(),
         app.kv_settings(),
         stop_rx.clone(),
     ));
@@ -456,7 +459,7 @@ fn admin_response(app: &App, registry: &Registry, path: &str) -> Response<ProxyB
     let (status, body, ctype) = match path {
         "/metrics" => (
             StatusCode::OK,
-            crate::metrics::encode(registry),
+            crate::record::metrics::encode(registry),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         "/healthz" | "/live" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
@@ -514,8 +517,18 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
 }
 
 fn try_reload(app: &App, metrics: &Metrics, path: &std::path::Path) {
-    let old_audit = app.runtime().config.audit.clone();
     let res = Config::from_file(path).and_then(|c| app.reload(c));
+    let result = if res.is_ok() {
+        ReloadResult::Ok
+    } else {
+        ReloadResult::Invalid
+    };
+    metrics
+        .config_reloads
+        .get_or_create(&ResultLabel {
+            result: result.as_str(),
+        })
+        .inc();
     match res {
         Ok(()) => {
             let config = app.runtime().config.clone();
@@ -524,23 +537,9 @@ fn try_reload(app: &App, metrics: &Metrics, path: &std::path::Path) {
                 AuditLimits::from(&config.audit),
                 config.tenants.keys().cloned(),
             );
-            let (a, b) = (&old_audit, &config.audit);
-            if a.dir != b.dir || a.hash_key_file != b.hash_key_file {
-                tracing::warn!(
-                    "audit.dir and audit.hash_key_file take effect only after a restart"
-                );
-            }
-            metrics
-                .config_reloads
-                .get_or_create(&ResultLabel { result: "ok" })
-                .inc();
             tracing::info!(path = %path.display(), "configuration reloaded");
         }
         Err(e) => {
-            metrics
-                .config_reloads
-                .get_or_create(&ResultLabel { result: "error" })
-                .inc();
             tracing::error!(path = %path.display(), error = %e, "configuration reload rejected; keeping the previous configuration");
         }
     }

@@ -311,8 +311,8 @@ async fn the_prompt_hash_is_the_documented_hmac_of_the_prompt() {
 // files), each run of it a stream; the files are then altered as an attacker (or a crash)
 // would, and the CLI must name what was done, with exit 1 (0 for clean files and restarts).
 
-use bulkhead_sidecar::audit::{AuditLimits, AuditLog, AuditRecord};
-use bulkhead_sidecar::seal::SealKeys;
+use bulkhead_sidecar::record::audit::{AuditLimits, AuditLog, AuditRecord};
+use bulkhead_sidecar::record::seal::SealKeys;
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -19,20 +19,15 @@
 //! The same tagging against the real agent: `tests/tests/sidecar_agent.rs` (root).
 
 mod common;
-use agent_common::proto::Request as AgentRequest;
 use base64::Engine;
 use bulkhead_sim::SimConfig;
+use bulkhead_testkit::agent::{AgentOptions, CallLog, FakeAgent};
+use bulkhead_testkit::sidecar::{Launch, SidecarProcess};
 use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
-use nix::sys::socket::{
-    AddressFamily, Backlog, ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn,
-    UnixAddr, accept, bind, getpeername, getsockname, listen, recvmsg, send, socket,
-};
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SALT_KEY: &[u8] = b"salt-key-0123456789abcdef-012345";
@@ -200,14 +195,7 @@ async fn exclusive_tenants_requests_carry_no_salt_not_even_the_clients() {
     h.shutdown().await;
 }
 
-/// A free port on 127.0.0.1 (bound, then released for the child to bind).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use bulkhead_testkit::free_port;
 
 type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -216,9 +204,7 @@ type HttpClient = hyper_util::client::legacy::Client<
 
 /// The `bulkhead-sidecar` binary, run on a config file, its stdout and stderr captured.
 struct Bin {
-    child: tokio::process::Child,
-    out: tokio::task::JoinHandle<Vec<u8>>,
-    err: tokio::task::JoinHandle<Vec<u8>>,
+    p: SidecarProcess,
     addr: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     client: HttpClient,
@@ -244,65 +230,25 @@ impl Bin {
     /// Start the binary on `config` (from [`bin_config`]) with `RUST_LOG=rust_log`, and wait
     /// until it is ready.
     async fn start(config: &std::path::Path, rust_log: &str, json_log: bool) -> Bin {
-        use tokio::io::AsyncReadExt;
-        const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-sidecar");
         let text = std::fs::read_to_string(config).unwrap();
-        let port_of = |key: &str| -> std::net::SocketAddr {
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(&format!("{key} = ")))
-                .unwrap();
-            line.split('"').nth(1).unwrap().parse().unwrap()
+        let launch = Launch {
+            bin: Some(env!("CARGO_BIN_EXE_bulkhead-sidecar").into()),
+            args: if json_log {
+                vec!["--log-json".into()]
+            } else {
+                Vec::new()
+            },
+            env: vec![("RUST_LOG".into(), rust_log.into())],
         };
-        let (addr, admin) = (port_of("addr"), port_of("admin_addr"));
-        let mut cmd = tokio::process::Command::new(BIN);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", rust_log)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        if json_log {
-            cmd.arg("--log-json");
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let out = tokio::spawn(async move {
-            let mut b = Vec::new();
-            let _ = stdout.read_to_end(&mut b).await;
-            b
-        });
-        let err = tokio::spawn(async move {
-            let mut b = Vec::new();
-            let _ = stderr.read_to_end(&mut b).await;
-            b
-        });
-        let client: HttpClient =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
-        let ready: http::Uri = format!("http://{admin}/readyz").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = client.get(ready.clone()).await
-                && r.status() == StatusCode::OK
-            {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("the sidecar exited before it was ready: {status}");
-            }
-            assert!(Instant::now() < deadline, "the sidecar never became ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let p = SidecarProcess::start_with(&text, config.parent().unwrap(), launch).await;
         Bin {
-            child,
-            out,
-            err,
-            addr,
-            admin,
-            client,
+            addr: p.addr,
+            admin: p.admin,
+            p,
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http(),
         }
     }
 
@@ -335,20 +281,9 @@ impl Bin {
         String::from_utf8(b.to_vec()).unwrap()
     }
 
-    /// SIGTERM, a clean exit, and everything it wrote (stdout, then stderr).
-    async fn stop(mut self) -> String {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("the sidecar stops on SIGTERM")
-            .unwrap();
-        assert!(status.success(), "{status}");
-        let log = [self.out.await.unwrap(), self.err.await.unwrap()].concat();
-        String::from_utf8_lossy(&log).into_owned()
+    /// SIGTERM, a clean exit, and everything it wrote (stdout and stderr).
+    async fn stop(self) -> String {
+        self.p.stop().await
     }
 }
 
@@ -447,94 +382,17 @@ async fn the_salt_never_reaches_the_log() {
 
 // ---- a fake node agent (the real protocol), recording what it was asked ----
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct AgentCall {
-    /// "tag", "untag", "lookup"
-    op: &'static str,
-    tenant: Option<String>,
-    local_port: u16,
-    peer_port: u16,
-    accepted: bool,
-}
-
-type CallLog = Arc<Mutex<Vec<AgentCall>>>;
-
 /// Serves the tagging protocol at `path`: tags of tenants in `refuse` are refused with
 /// `unknown_tenant`, everything else accepted; every call is logged.
 fn fake_agent(path: &std::path::Path, refuse: &'static [&'static str]) -> CallLog {
-    let log: CallLog = Default::default();
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
+    FakeAgent::start(
+        path,
+        AgentOptions {
+            refuse,
+            ..Default::default()
+        },
     )
-    .unwrap();
-    bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
-    listen(&fd, Backlog::new(64).unwrap()).unwrap();
-    let calls = log.clone();
-    std::thread::spawn(move || {
-        let listener = fd;
-        loop {
-            let Ok(conn) = accept(listener.as_raw_fd()) else {
-                return;
-            };
-            let mut buf = [0u8; 4096];
-            let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let Ok(msg) = recvmsg::<UnixAddr>(conn, &mut iov, Some(&mut cmsg), MsgFlags::empty())
-            else {
-                let _ = nix::unistd::close(conn);
-                continue;
-            };
-            let mut fds = Vec::new();
-            for c in msg.cmsgs().unwrap() {
-                if let ControlMessageOwned::ScmRights(f) = c {
-                    fds.extend(f);
-                }
-            }
-            let n = msg.bytes;
-            let req: AgentRequest = serde_json::from_slice(&buf[..n]).unwrap();
-            let reply = match (&req, fds.first()) {
-                (AgentRequest::KvReport { tenants, .. }, _) => {
-                    format!(r#"{{"accepted":{}}}"#, tenants.len())
-                }
-                (_, Some(&sock)) => {
-                    let local: SockaddrIn = getsockname(sock).unwrap();
-                    let peer: SockaddrIn = getpeername(sock).unwrap();
-                    let (op, tenant) = match &req {
-                        AgentRequest::Tag { tenant } => ("tag", Some(tenant.clone())),
-                        AgentRequest::Untag => ("untag", None),
-                        _ => ("lookup", None),
-                    };
-                    let refused = tenant.as_deref().is_some_and(|t| refuse.contains(&t));
-                    calls.lock().unwrap().push(AgentCall {
-                        op,
-                        tenant: tenant.clone(),
-                        local_port: local.port(),
-                        peer_port: peer.port(),
-                        accepted: !refused,
-                    });
-                    if refused {
-                        format!(
-                            r#"{{"error":{{"code":"unknown_tenant","message":"tenant {} is not configured on this agent"}}}}"#,
-                            tenant.unwrap()
-                        )
-                    } else {
-                        let t = tenant.map_or("null".to_string(), |t| format!("\"{t}\""));
-                        format!(r#"{{"tenant":{t},"tenant_id":1,"cookie":7}}"#)
-                    }
-                }
-                _ => r#"{"error":{"code":"missing_socket","message":"no socket"}}"#.to_string(),
-            };
-            let _ = send(conn, reply.as_bytes(), MsgFlags::empty());
-            for f in fds {
-                let _ = nix::unistd::close(f);
-            }
-            let _ = nix::unistd::close(conn);
-        }
-    });
-    log
+    .calls
 }
 
 /// The calls on the client connection whose client port is `port` (sidecar side: local port

@@ -154,3 +154,84 @@ fn a_short_audit_hash_key_is_refused_at_start() {
         );
     }
 }
+
+/// `sign` reads its key as the sidecar reads key files: a key the sidecar would refuse (short,
+/// or not base64) is refused, naming the flag, instead of producing signatures no sidecar
+/// accepts.
+#[test]
+fn sign_refuses_a_key_the_sidecar_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    for (content, raw, why) in [
+        ("MDEyMzQ1Njc4OWFiY2Rl\n", false, "shorter than 16 bytes"),
+        ("not base64!", false, "not valid base64"),
+        ("01234567", true, "shorter than 16 bytes"),
+    ] {
+        std::fs::write(&key, content).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["sign", "--key-id", "gw", "--tenant", "acme", "--key-file"])
+            .arg(&key);
+        if raw {
+            cmd.arg("--raw-key");
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{content:?} was accepted");
+        assert!(
+            err.contains("--key-file") && err.contains(why),
+            "{content:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{content:?}: no headers printed");
+    }
+    // 16 bytes, with the newline a Secret file may end in: accepted.
+    std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZg==\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["sign", "--key-id", "gw", "--tenant", "acme", "--key-file"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `--log-format json` (the agent's flag) writes JSON lines, as the older `--log-json` still
+/// does; `--log-format text` does not.
+#[test]
+fn log_format_json_writes_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    // Invalid (no tenants): the sidecar logs the bad field and exits 78 at once.
+    std::fs::write(&config, "[upstream]\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+    for (flags, json) in [
+        (&["--log-format", "json"][..], true),
+        (&["--log-json"][..], true),
+        (&["--log-format", "text"][..], false),
+    ] {
+        let out = Command::new(BIN)
+            .arg("run")
+            .args(flags)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{flags:?}");
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = log
+            .lines()
+            .find(|l| l.contains("bad configuration"))
+            .unwrap_or_else(|| panic!("{flags:?}: {log}"));
+        assert!(line.contains("tenants"), "{flags:?}: {line}");
+        let parsed = serde_json::from_str::<serde_json::Value>(line);
+        assert_eq!(parsed.is_ok(), json, "{flags:?}: {line}");
+        if let Ok(v) = parsed {
+            assert_eq!(v["level"], "ERROR", "{line}");
+        }
+    }
+}

@@ -104,8 +104,12 @@ fn jwt_config(file: Option<&std::path::Path>, url: Option<&str>, extra: &str) ->
 
 /// A verifier as the sidecar builds one at start: tenant acme's JWT settings (`extra`
 /// appended to `[auth.jwt]`) with the keys of `s` named in `keys`.
-fn jwt_verifier(s: &Signed, keys: &[&str], extra: &str) -> bulkhead_sidecar::jwt::JwtVerifier {
-    use bulkhead_sidecar::jwt::{JwtVerifier, KeySet};
+fn jwt_verifier(
+    s: &Signed,
+    keys: &[&str],
+    extra: &str,
+) -> bulkhead_sidecar::auth::jwt::JwtVerifier {
+    use bulkhead_sidecar::auth::jwt::{JwtVerifier, KeySet};
     let text = format!(
         "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n{}",
         jwt_config(Some(std::path::Path::new("/unused")), None, extra)
@@ -478,7 +482,7 @@ async fn jwks_file_rotation_is_picked_up_without_restart() {
     wait_status(&h, old, StatusCode::UNAUTHORIZED, "old key retired").await;
     expect_ok(&h, new, "new key").await;
     // A broken JWKS file is rejected as a reload; the keys in use stay.
-    let reloads = "bulkhead_config_reloads_total{result=\"error\"}";
+    let reloads = "bulkhead_config_reloads_total{result=\"invalid\"}";
     let errors = h.metric(reloads).await.unwrap_or(0.0);
     write("{\"keys\": 7}".into());
     h.wait_metric(reloads, errors + 1.0).await;
@@ -1110,10 +1114,10 @@ fn a_remembered_token_still_expires_and_a_reload_forgets_it() {
 #[test]
 #[ignore = "a micro-bench: run it in a release build"]
 fn verify_cost() {
-    use bulkhead_sidecar::config::{LoadedKey, TenantBinding};
-    use bulkhead_sidecar::signature::{
+    use bulkhead_sidecar::auth::signature::{
         ReplayCache, RequestView, SignOptions, TENANT_HEADER, Verifier, sign_request,
     };
+    use bulkhead_sidecar::config::{LoadedKey, TenantBinding};
     const BODY: &str = r#"{"model":"bulkhead-sim","max_tokens":16,"messages":[{"role":"user","content":"Say hello to the benchmark"}]}"#;
     let per_op = |n: usize, f: &mut dyn FnMut(usize)| {
         for i in 0..n.min(1000) {

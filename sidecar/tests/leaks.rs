@@ -775,7 +775,7 @@ async fn an_encoded_answer_is_refused_and_identity_is_asked_for() {
 }
 
 mod props {
-    use bulkhead_sidecar::leaks::{LeakPatterns, ResponseScan};
+    use bulkhead_sidecar::record::leaks::{LeakPatterns, ResponseScan};
     use proptest::prelude::*;
 
     const CANARY: &str = "CANARY-acme-7f3a9c5e";

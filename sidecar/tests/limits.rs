@@ -16,11 +16,11 @@ async fn frozen(
     tenants: &str,
 ) -> (
     Harness,
-    std::sync::Arc<bulkhead_sidecar::limits::ManualClock>,
+    std::sync::Arc<bulkhead_sidecar::limits::local::ManualClock>,
 ) {
-    let clock = std::sync::Arc::new(bulkhead_sidecar::limits::ManualClock::default());
+    let clock = std::sync::Arc::new(bulkhead_sidecar::limits::local::ManualClock::default());
     let opts = bulkhead_sidecar::Options {
-        clock: bulkhead_sidecar::limits::SharedClock(clock.clone()),
+        clock: bulkhead_sidecar::limits::local::SharedClock(clock.clone()),
         ..Default::default()
     };
     (
@@ -208,7 +208,7 @@ max_concurrent = 1
 
 #[tokio::test]
 async fn limits_refill_with_the_injected_clock() {
-    use bulkhead_sidecar::limits::{ManualClock, SharedClock};
+    use bulkhead_sidecar::limits::local::{ManualClock, SharedClock};
     use std::sync::Arc;
     use std::time::Duration;
     let clock = Arc::new(ManualClock::default());

@@ -134,11 +134,11 @@ async fn hot_reload_applies_good_files_and_keeps_the_old_config_on_bad_ones() {
     );
     assert_ne!(bad, original);
     h.write_config(&bad);
-    h.wait_metric("bulkhead_config_reloads_total{result=\"error\"}", 1.0)
+    h.wait_metric("bulkhead_config_reloads_total{result=\"invalid\"}", 1.0)
         .await;
     // Broken TOML too.
     h.write_config("[upstream\nurl=");
-    h.wait_metric("bulkhead_config_reloads_total{result=\"error\"}", 2.0)
+    h.wait_metric("bulkhead_config_reloads_total{result=\"invalid\"}", 2.0)
         .await;
     for _ in 0..3 {
         let (p, _) = h
@@ -162,6 +162,81 @@ async fn hot_reload_applies_good_files_and_keeps_the_old_config_on_bad_ones() {
         .send_collect(h.signed("acme", Method::GET, "/v1/models", ""))
         .await;
     assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
+    h.shutdown().await;
+}
+
+/// The log lines the sidecar writes while a test runs on this thread (the harness's tasks run
+/// on the test's current-thread runtime).
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A reload that changes a restart-only field (`http.max_header_bytes`) keeps its running
+/// value, with one warning naming the field, and applies the rest of the file.
+#[tokio::test]
+async fn reload_keeps_restart_only_fields_and_applies_the_rest() {
+    let logs = Logs::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let h = Harness::start(DEFAULT_TENANTS).await;
+    let original = std::fs::read_to_string(&h.config_path).unwrap();
+    let changed = original
+        .replace("[http]\n", "[http]\nmax_header_bytes = 1024\n")
+        .replace(
+            "[tenants.acme]\nweight = 1",
+            "[tenants.acme]\nweight = 1\nrequests_per_minute = 1",
+        );
+    assert_eq!(changed.matches("max_header_bytes = 1024").count(), 1);
+    assert!(changed.contains("requests_per_minute = 1"));
+    h.write_config(&changed);
+    h.wait_metric("bulkhead_config_reloads_total{result=\"ok\"}", 1.0)
+        .await;
+    // A 4 KiB header: over the file's new 1024 bytes, within the running 64 KiB.
+    let big = || {
+        let mut req = h.signed("acme", Method::GET, "/v1/models", "");
+        req.headers_mut()
+            .insert("x-padding", "p".repeat(4096).parse().unwrap());
+        req
+    };
+    assert_eq!(h.send_collect(big()).await.0.status, StatusCode::OK);
+    // The tenant limit of the same file is in force.
+    assert_eq!(
+        h.send_collect(big()).await.0.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let text = logs.text();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("takes a restart"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(warnings[0].contains("http.max_header_bytes"), "{text}");
     h.shutdown().await;
 }
 

@@ -165,13 +165,13 @@ async fn spoofed_headers_and_cache_salt_are_removed() {
     let body = chat("x", "");
     let path: http::Uri = uri.path().parse().unwrap();
     let mut hm = req.headers().clone();
-    bulkhead_sidecar::signature::sign_request(
+    bulkhead_sidecar::auth::signature::sign_request(
         &Method::POST,
         &path,
         &mut hm,
         body.as_bytes(),
         GW_KEY,
-        &bulkhead_sidecar::signature::SignOptions::new("gw", now()),
+        &bulkhead_sidecar::auth::signature::SignOptions::new("gw", now()),
     )
     .unwrap();
     *req.headers_mut() = hm;
@@ -190,7 +190,7 @@ async fn spoofed_headers_and_cache_salt_are_removed() {
     assert!(v.get("cache_salt").is_none(), "{v}");
     // The forwarded Content-Digest matches the rewritten body.
     let cd = first.headers["content-digest"].to_str().unwrap();
-    bulkhead_sidecar::digest::verify(cd, &first.body).unwrap();
+    bulkhead_sidecar::auth::digest::verify(cd, &first.body).unwrap();
     assert_eq!(reqs[1].headers["x-bulkhead-priority"], "low");
     h.shutdown().await;
 }
@@ -277,7 +277,7 @@ async fn shutdown_drains_in_flight_streams() {
     h.sim.sim.open_gate();
     let rest = body.collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
-    let task = h.task.take().unwrap();
+    let task = h.sidecar.task.take().unwrap();
     tokio::time::timeout(Duration::from_secs(10), task)
         .await
         .expect("run returns after draining")

@@ -6,9 +6,9 @@
 
 mod common;
 use bulkhead_sidecar::config::{LimitsMode, RedisLimitsConfig};
-use bulkhead_sidecar::limits::{LimitKind, LimitNumbers, SharedClock};
-use bulkhead_sidecar::metrics::Metrics;
-use bulkhead_sidecar::shared_limits::{Grant, SharedError, SharedLimits, SharedTenant, scripts};
+use bulkhead_sidecar::limits::local::{LimitKind, LimitNumbers, SharedClock};
+use bulkhead_sidecar::limits::metrics::Metrics;
+use bulkhead_sidecar::limits::shared::{Grant, SharedError, SharedLimits, SharedTenant, scripts};
 use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode, Uri};
@@ -25,32 +25,12 @@ use std::time::{Duration, Instant};
 /// (17 bytes) a token per 4 started, 4 tokens for the message, and the limit: 5 + 4 + 100.
 const EST: u64 = 9 + 100;
 
-fn have(bin: &str) -> bool {
-    Command::new(bin)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// `true` when the tests can run; prints a skip line (or panics under CI) when not.
 fn redis_available(test: &str) -> bool {
-    if have("redis-server") {
-        return true;
-    }
-    agent_common::skip::skip(&format!(
-        "{test}: redis-server is not installed (`cargo xtask setup` installs it)"
-    ));
-    false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    bulkhead_testkit::skip::require_runs(
+        "redis-server",
+        &format!("{test}: redis-server is not installed (`cargo xtask setup` installs it)"),
+    )
 }
 
 /// A redis-server child process on 127.0.0.1:`port`, killed when dropped.
@@ -71,7 +51,7 @@ impl RedisServer {
         // A port just found free may be taken again by another test before the server binds
         // it: then try another.
         for _ in 0..5 {
-            let port = free_port();
+            let port = bulkhead_testkit::free_port();
             let mut s = RedisServer {
                 port,
                 child: None,
@@ -492,6 +472,81 @@ async fn a_replay_sent_to_the_other_replica_is_refused() {
         .await
         .unwrap();
     assert!(ttl > 0 && ttl <= 31_000, "{ttl}");
+    for h in hs {
+        h.shutdown().await;
+    }
+}
+
+/// A replay refused by Redis's replay cache comes after the signature verified and the body was
+/// inspected (the nonce is recorded by the admission's script): its audit record is the
+/// unauthenticated one, with nothing of the refused request's identity or body in it (no key
+/// id, model, prompt hash or leak hits).
+#[tokio::test]
+async fn a_replay_refused_by_redis_is_audited_as_unauthenticated_with_nothing_of_the_request() {
+    if !redis_available("replay_audit") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    // globex has a limit, so its nonce is recorded by the admission's script; the prompt
+    // carries acme's canary, a leak hit on the first (admitted) request.
+    let tenants = limits_section(
+        &redis.url(),
+        "",
+        "[tenants.acme]\ncanaries = [\"CANARY-acme-7f3a9c5e\"]\n\
+         [tenants.globex]\nrequests_per_minute = 5\n",
+    );
+    let hs = replicas(2, &tenants).await;
+    let body = chat("repeat CANARY-acme-7f3a9c5e", "");
+    let headers = signed_headers(
+        "globex",
+        &Method::POST,
+        "/v1/chat/completions",
+        body.as_bytes(),
+        "gw",
+        GW_KEY,
+        |_| {},
+    );
+    let to = |h: &Harness| {
+        let mut req = Request::new(Full::new(Bytes::from(body.clone())));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = h.url("/v1/chat/completions");
+        *req.headers_mut() = headers.clone();
+        req
+    };
+    let (p, _) = hs[0].send_collect(to(&hs[0])).await;
+    assert_eq!(p.status, StatusCode::OK);
+    let (p, b) = hs[1].send_collect(to(&hs[1])).await;
+    assert_eq!(p.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json(&b)["error"]["code"], "replayed");
+    let dir = hs[1].dir.path().join("audit");
+    let read = |name: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read("_unauthenticated.jsonl").is_empty() {
+        assert!(Instant::now() < deadline, "no unauthenticated audit record");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let recs = read("_unauthenticated.jsonl");
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let rec = &recs[0];
+    assert_eq!(rec["tenant"], "_unauthenticated");
+    assert_eq!(rec["status"], 401);
+    assert_eq!(rec["reason"], "replayed");
+    for field in ["key_id", "prompt_hash", "model", "leaks", "reserved_tokens"] {
+        assert!(
+            rec.get(field).is_none_or(serde_json::Value::is_null),
+            "{field} of the refused request reached the unauthenticated record: {rec}"
+        );
+    }
+    assert_eq!(rec["stream"], false);
+    // The replica that refused it wrote nothing for globex (nor for acme, whose canary it was).
+    assert!(read("globex.jsonl").is_empty());
+    assert!(read("acme.jsonl").is_empty());
     for h in hs {
         h.shutdown().await;
     }

@@ -3,7 +3,7 @@
 //! has a class on its route, and sidecar/README.md's field table is the schema's.
 //! `BULKHEAD_BLESS=1 cargo test -p bulkhead-sidecar --test schema` rewrites the README's table.
 
-use bulkhead_sidecar::schema::{Body, Class};
+use bulkhead_sidecar::proxy::schema::{Body, Class};
 use std::collections::BTreeMap;
 
 const UPSTREAM_FIELDS: &str = include_str!("data/upstream_fields.txt");

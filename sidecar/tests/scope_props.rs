@@ -7,8 +7,8 @@
 //! default type) by `function.name` and a legacy `functions` entry by `name`; in the Responses
 //! API a `function` tool by its top-level `name`; any other type by its type.
 
+use bulkhead_sidecar::auth::scope::{Scope, ScopeConfig};
 use bulkhead_sidecar::proxy::{Api, Policy, Route, inspect};
-use bulkhead_sidecar::scope::{Scope, ScopeConfig};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -153,7 +153,7 @@ proptest! {
         match &r {
             Ok(_) => prop_assert!(all_allowed, "{} accepted; the upstream reads {:?}", b, reads),
             Err(e) => {
-                prop_assert_eq!(e.code, "permission_denied", "{}: {}", b, e.message);
+                prop_assert_eq!(e.code.as_str(), "permission_denied", "{}: {}", b, e.message);
                 prop_assert!(!all_allowed, "{} refused ({}) though every tool is allowed", b, e.message);
             }
         }

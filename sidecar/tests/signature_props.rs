@@ -3,11 +3,11 @@
 //! never panic, and never accept a request unless what it signs (signature bytes, signature
 //! base, body) is exactly what the real key signed.
 
-use bulkhead_sidecar::config::{LoadedKey, TenantBinding};
-use bulkhead_sidecar::signature::{
+use bulkhead_sidecar::auth::signature::{
     AuthError, ReplayCache, RequestView, SignOptions, Verifier, find_signature, sign_request,
     signature_base,
 };
+use bulkhead_sidecar::config::{LoadedKey, TenantBinding};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use proptest::prelude::*;
 use proptest::sample::Index;

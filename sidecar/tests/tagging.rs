@@ -4,17 +4,10 @@
 //! `kv_report`s: per-tenant KV-cache bytes while a stream is held open, zero after it ends.
 
 mod common;
-use agent_common::proto::Request as AgentRequest;
+use bulkhead_testkit::agent::{AgentOptions, FakeAgent, KvLog, TokenLog};
 use common::*;
 use http::{Method, StatusCode};
-use nix::sys::socket::{
-    AddressFamily, Backlog, ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn,
-    UnixAddr, accept, bind, getpeername, getsockname, listen, recvmsg, send, socket,
-};
 use std::collections::BTreeMap;
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 struct Tagged {
@@ -23,95 +16,29 @@ struct Tagged {
     peer_port: u16,
 }
 
-type KvLog = Arc<Mutex<Vec<BTreeMap<String, u64>>>>;
-/// The `tokens` of each KV report (`None`: the report had none).
-type TokenLog = Arc<Mutex<Vec<Option<BTreeMap<String, u64>>>>>;
-
-fn fake_agent(path: &std::path::Path, log: Arc<Mutex<Vec<Tagged>>>, kv: KvLog) {
-    fake_agent_with(path, log, kv, Default::default(), false)
+/// The tags the fake agent saw, in order.
+fn tags(agent: &FakeAgent) -> Vec<Tagged> {
+    agent
+        .calls()
+        .into_iter()
+        .filter(|c| c.op == "tag")
+        .map(|c| Tagged {
+            tenant: c.tenant.unwrap_or_default(),
+            local_port: c.local_port,
+            peer_port: c.peer_port,
+        })
+        .collect()
 }
 
-/// The fake agent; `old` makes it an agent that predates token counts (it refuses a report
-/// with `tokens` as malformed, as its closed request schema did).
-fn fake_agent_with(
-    path: &std::path::Path,
-    log: Arc<Mutex<Vec<Tagged>>>,
-    kv: KvLog,
-    tokens_log: TokenLog,
-    old: bool,
-) {
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
-    listen(&fd, Backlog::new(64).unwrap()).unwrap();
-    std::thread::spawn(move || {
-        let _keep = fd;
-        loop {
-            let Ok(conn) = accept(_keep.as_raw_fd()) else {
-                return;
-            };
-            let mut buf = [0u8; 4096];
-            let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let (n, fds) =
-                match recvmsg::<UnixAddr>(conn, &mut iov, Some(&mut cmsg), MsgFlags::empty()) {
-                    Ok(msg) => {
-                        let mut fds = Vec::new();
-                        for c in msg.cmsgs().unwrap() {
-                            if let ControlMessageOwned::ScmRights(f) = c {
-                                fds.extend(f);
-                            }
-                        }
-                        (msg.bytes, fds)
-                    }
-                    Err(_) => {
-                        let _ = nix::unistd::close(conn);
-                        continue;
-                    }
-                };
-            let req: AgentRequest = serde_json::from_slice(&buf[..n]).unwrap();
-            if let AgentRequest::KvReport { tenants, tokens } = &req {
-                assert!(fds.is_empty(), "a KV report carries no socket");
-                let reply = if old && tokens.is_some() {
-                    r#"{"error":{"code":"malformed","message":"unknown field `tokens`"}}"#
-                        .to_string()
-                } else {
-                    kv.lock().unwrap().push(tenants.clone());
-                    tokens_log.lock().unwrap().push(tokens.clone());
-                    format!(r#"{{"accepted":{}}}"#, tenants.len())
-                };
-                let _ = send(conn, reply.as_bytes(), MsgFlags::empty());
-            }
-            if let (AgentRequest::Tag { tenant }, Some(&sock)) = (&req, fds.first()) {
-                let local: SockaddrIn = getsockname(sock).unwrap();
-                let peer: SockaddrIn = getpeername(sock).unwrap();
-                log.lock().unwrap().push(Tagged {
-                    tenant: tenant.clone(),
-                    local_port: local.port(),
-                    peer_port: peer.port(),
-                });
-                let reply = format!(r#"{{"tenant":"{tenant}","tenant_id":1,"cookie":7}}"#);
-                let _ = send(conn, reply.as_bytes(), MsgFlags::empty());
-            }
-            for f in fds {
-                let _ = nix::unistd::close(f);
-            }
-            let _ = nix::unistd::close(conn);
-        }
-    });
+fn fake_agent(path: &std::path::Path) -> FakeAgent {
+    FakeAgent::start(path, AgentOptions::default())
 }
 
 #[tokio::test]
 async fn sockets_are_tagged_and_retagged_per_tenant() {
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    fake_agent(&sock, log.clone(), Default::default());
+    let agent = fake_agent(&sock);
     let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
         t.push_str(&format!("\n[agent]\nsocket = \"{}\"\n", sock.display()));
     })
@@ -127,7 +54,7 @@ async fn sockets_are_tagged_and_retagged_per_tenant() {
         h.metric("bulkhead_agent_tagging_available").await,
         Some(1.0)
     );
-    let log = log.lock().unwrap().clone();
+    let log = tags(&agent);
     let client: Vec<&Tagged> = log
         .iter()
         .filter(|t| t.local_port == h.addr.port())
@@ -185,8 +112,7 @@ async fn kv_cache_bytes_are_tracked_and_reported_while_a_stream_runs() {
     use http_body_util::BodyExt;
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");
-    let kv: KvLog = Default::default();
-    fake_agent(&sock, Default::default(), kv.clone());
+    let kv: KvLog = fake_agent(&sock).kv;
     let h = Harness::start_with(DEFAULT_TENANTS, Default::default(), |t| {
         t.push_str(&format!(
             "\n[agent]\nsocket = \"{}\"\nkv_report_interval_ms = 100\n\
@@ -201,7 +127,7 @@ async fn kv_cache_bytes_are_tracked_and_reported_while_a_stream_runs() {
     // message) plus the first generated token.
     h.wait_metric("bulkhead_kv_cache_tokens{tenant=\"acme\"}", 12.0)
         .await;
-    h.wait_metric("bulkhead_kv_cache_bytes{tenant=\"acme\"}", 384.0)
+    h.wait_metric("bulkhead_sidecar_kv_inflight_bytes{tenant=\"acme\"}", 384.0)
         .await;
     wait_report(&kv, "acme = 384", |r| {
         r.get("acme") == Some(&384) && r.get("globex").copied().unwrap_or(0) == 0
@@ -263,14 +189,7 @@ async fn kv_reports_carry_the_tokens_the_simulator_served_each_tenant_weighted_b
 {
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");
-    let tokens: TokenLog = Default::default();
-    fake_agent_with(
-        &sock,
-        Default::default(),
-        Default::default(),
-        tokens.clone(),
-        false,
-    );
+    let tokens: TokenLog = fake_agent(&sock).tokens;
     let h = start_reporting(&sock).await;
     for (tenant, prompt) in [("acme", "a"), ("acme", "b c d e f"), ("globex", "g h")] {
         let (p, _) = h
@@ -304,8 +223,13 @@ async fn kv_reports_carry_the_tokens_the_simulator_served_each_tenant_weighted_b
 async fn an_agent_that_predates_token_counts_still_gets_the_kv_bytes() {
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");
-    let (kv, tokens): (KvLog, TokenLog) = Default::default();
-    fake_agent_with(&sock, Default::default(), kv.clone(), tokens.clone(), true);
+    let FakeAgent { kv, tokens, .. } = FakeAgent::start(
+        &sock,
+        AgentOptions {
+            predates_tokens: true,
+            ..Default::default()
+        },
+    );
     let h = start_reporting(&sock).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while h
@@ -377,9 +301,8 @@ async fn start_tagging(tenants: &str, sock: &std::path::Path, extra_agent: &str)
 }
 
 /// The client-socket tags the fake agent saw, as (tenant, client port).
-fn client_tags(log: &Mutex<Vec<Tagged>>, h: &Harness) -> Vec<(String, u16)> {
-    log.lock()
-        .unwrap()
+fn client_tags(agent: &FakeAgent, h: &Harness) -> Vec<(String, u16)> {
+    tags(agent)
         .iter()
         .filter(|t| t.local_port == h.addr.port())
         .map(|t| (t.tenant.clone(), t.peer_port))
@@ -387,11 +310,12 @@ fn client_tags(log: &Mutex<Vec<Tagged>>, h: &Harness) -> Vec<(String, u16)> {
 }
 
 #[tokio::test]
-async fn client_tags_are_capped_per_tenant_and_the_slot_comes_back_on_close() {
+async fn every_client_connection_is_tagged_and_the_old_per_tenant_cap_is_ignored() {
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    fake_agent(&sock, log.clone(), Default::default());
+    let agent = fake_agent(&sock);
+    // A configuration written for the cap still starts; the cap no longer applies (the agent
+    // keeps tags in socket storage, which no tenant can fill for another).
     let h = start_tagging(
         DEFAULT_TENANTS,
         &sock,
@@ -400,8 +324,7 @@ async fn client_tags_are_capped_per_tenant_and_the_slot_comes_back_on_close() {
     .await;
     let chat_req =
         |tenant: &str| h.signed(tenant, Method::POST, "/v1/chat/completions", &chat("x", ""));
-    // Six keep-alive connections of acme, all kept open, one request each: all are served,
-    // the first three are tagged, the other three are left untagged (and counted).
+    // Six keep-alive connections of acme, all kept open, one request each: every one tagged.
     let mut conns = Vec::new();
     for _ in 0..6 {
         let mut c = H1Conn::open(h.addr).await;
@@ -409,67 +332,33 @@ async fn client_tags_are_capped_per_tenant_and_the_slot_comes_back_on_close() {
         assert_eq!(p.status, StatusCode::OK);
         conns.push(c);
     }
-    h.wait_metric("bulkhead_client_connections", 6.0).await;
-    let first3: Vec<(String, u16)> = conns[..3]
-        .iter()
-        .map(|c| ("acme".to_string(), c.port))
-        .collect();
-    // A second request on an untagged connection leaves it untagged, and counts no more.
+    let all: Vec<(String, u16)> = conns.iter().map(|c| ("acme".to_string(), c.port)).collect();
+    assert_eq!(client_tags(&agent, &h), all);
+    // A second request on a tagged connection is not tagged again.
     let (p, _) = conns[3].request(chat_req("acme")).await.unwrap();
     assert_eq!(p.status, StatusCode::OK);
-    assert_eq!(client_tags(&log, &h), first3);
-    assert_eq!(
-        h.metric("bulkhead_tagging_cap_reached_total{tenant=\"acme\"}")
-            .await,
-        Some(3.0)
-    );
-    // The cap is acme's own: another tenant's connection is still tagged.
+    assert_eq!(client_tags(&agent, &h), all);
+    // Another tenant's connection is tagged with its own tenant.
     let mut globex = H1Conn::open(h.addr).await;
     let (p, _) = globex.request(chat_req("globex")).await.unwrap();
     assert_eq!(p.status, StatusCode::OK);
     assert_eq!(
-        client_tags(&log, &h).last(),
+        client_tags(&agent, &h).last(),
         Some(&("globex".to_string(), globex.port))
     );
-    // Two tagged acme connections close: their slots come back, and a new acme connection
-    // is tagged again (retried until the sidecar has seen the closes).
-    let mut conns = conns.into_iter();
-    conns.next().unwrap().close().await;
-    conns.next().unwrap().close().await;
-    let _keep: Vec<H1Conn> = conns.collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let tagged_again = loop {
-        let mut c = H1Conn::open(h.addr).await;
-        let (p, _) = c.request(chat_req("acme")).await.unwrap();
-        assert_eq!(p.status, StatusCode::OK);
-        if client_tags(&log, &h).contains(&("acme".to_string(), c.port)) {
-            break c;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no acme connection tagged again after two tagged ones closed: {:?}",
-            client_tags(&log, &h)
-        );
-        c.close().await;
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    };
-    // The agent saw four acme tags in all: the first three and the new one.
-    let acme_tags = client_tags(&log, &h)
-        .iter()
-        .filter(|(t, _)| t == "acme")
-        .count();
-    assert_eq!(acme_tags, 4, "{:?}", client_tags(&log, &h));
-    tagged_again.close().await;
-    globex.close().await;
-    h.shutdown().await;
+    assert_eq!(
+        h.metric("bulkhead_tagging_cap_reached_total{tenant=\"acme\"}")
+            .await,
+        None,
+        "the cap's counter is gone with the cap"
+    );
 }
 
 #[tokio::test]
 async fn requests_refused_before_admission_leave_the_connection_untagged() {
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    fake_agent(&sock, log.clone(), Default::default());
+    let agent = fake_agent(&sock);
     let h = start_tagging(
         "[tenants.acme]\nrequests_per_minute = 1\n[tenants.globex]\n",
         &sock,
@@ -521,7 +410,7 @@ async fn requests_refused_before_admission_leave_the_connection_untagged() {
         .unwrap();
     assert_eq!(p.status, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        client_tags(&log, &h),
+        client_tags(&agent, &h),
         [("acme".to_string(), ok.port)],
         "ports: ok {} limited {} bad_sig {} tampered {} mismatch {}",
         ok.port,

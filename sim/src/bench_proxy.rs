@@ -17,7 +17,7 @@ use super::{
     wait_port, which, write_nginx_config, write_sidecar_config,
 };
 use anyhow::Context;
-use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
+use bulkhead_client::{SignOptions, TENANT_HEADER, sign_request};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Full};
@@ -74,9 +74,8 @@ impl Body {
             "messages": [{"role": "user", "content": content}]
         });
         let bytes = Bytes::from(v.to_string());
-        let digest =
-            HeaderValue::from_str(&bulkhead_sidecar::digest::content_digest_sha256(&bytes))
-                .expect("digest header");
+        let digest = HeaderValue::from_str(&bulkhead_client::digest::content_digest_sha256(&bytes))
+            .expect("digest header");
         Self { bytes, digest }
     }
 }

@@ -59,6 +59,9 @@ fn sink() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>)> {
 }
 
 /// One sample of a sidecar's `/metrics`.
+/// The `reason` labels of `bulkhead_telemetry_dropped_spans_total` (sidecar/README.md).
+const DROP_REASONS: [&str; 3] = ["queue_full", "export_failed", "export_timeout"];
+
 fn scrape(admin: SocketAddr, series: &str) -> f64 {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(admin) else {
@@ -196,7 +199,7 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         let cpu = a.cpu / a.ok.max(1) as f64 * 1e6;
         let (p50, p99) = (pct(&a.lat1, 0.5), pct(&a.lat1, 0.99));
         let exported = scrape(*admin, "bulkhead_telemetry_exported_spans_total");
-        let dropped: f64 = bulkhead_sidecar::telemetry::export::DROP_REASONS
+        let dropped: f64 = DROP_REASONS
             .iter()
             .map(|r| {
                 scrape(

@@ -72,11 +72,12 @@
 //! 400 "Cache not flushed because there are pending requests" while busy) empty it.
 #![forbid(unsafe_code)]
 
-use bulkhead_sidecar::http_util::{ProxyBody, full, json_error};
+mod http_util;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use http_util::{ProxyBody, full, json_error};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::VecDeque;

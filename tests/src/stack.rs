@@ -2,15 +2,15 @@
 //! `bulkhead-sidecar` in front of it, on 127.0.0.1:0, with a gateway key that signs requests
 //! for any tenant. Used by the demo and the end-to-end tests (with the real agent beside it).
 
-use base64::Engine;
+use bulkhead_testkit::in_process::InProcess;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// The gateway's HMAC key (test material, not a secret of any deployment).
 pub const GATEWAY_KEY: &[u8] = b"bulkhead-demo-gateway-key-32-bytes!!";
@@ -21,8 +21,7 @@ pub struct Stack {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     client: Client<HttpConnector, Full<Bytes>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), bulkhead_sidecar::SidecarError>>>,
+    sidecar: InProcess,
 }
 
 /// One answered request, as a client sees it.
@@ -50,11 +49,7 @@ impl Stack {
             .expect("start the sim");
         std::fs::create_dir_all(dir).unwrap();
         let key_file = dir.join("gateway.key");
-        std::fs::write(
-            &key_file,
-            base64::engine::general_purpose::STANDARD.encode(GATEWAY_KEY),
-        )
-        .unwrap();
+        bulkhead_testkit::write_key(&key_file, GATEWAY_KEY);
         let agent = agent_socket
             .map(|p| format!("[agent]\nsocket = {:?}\nkv_report_interval_ms = 100\n", p))
             .unwrap_or_default();
@@ -66,38 +61,14 @@ impl Stack {
             dir.join("audit"),
             key_file,
         );
-        let config = bulkhead_sidecar::Config::from_toml(&text)
-            .unwrap_or_else(|e| panic!("sidecar config: {e}\n{text}"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (addr, admin) = (
-            listener.local_addr().unwrap(),
-            admin_l.local_addr().unwrap(),
-        );
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(bulkhead_sidecar::run(
-            listener,
-            admin_l,
-            config,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        let client = Client::builder(TokioExecutor::new()).build_http();
-        let stack = Stack {
+        let sidecar = InProcess::start(&text, bulkhead_sidecar::Options::default()).await;
+        Stack {
             sim,
-            addr,
-            admin,
-            client,
-            stop: Some(tx),
-            task: Some(task),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while stack.get_admin("/readyz").await.map(|(s, _)| s) != Some(StatusCode::OK) {
-            assert!(Instant::now() < deadline, "the sidecar never became ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            addr: sidecar.addr,
+            admin: sidecar.admin,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            sidecar,
         }
-        stack
     }
 
     /// GET on the admin port: (status, body), or None when nothing answers.
@@ -157,26 +128,7 @@ impl Stack {
             "messages": [{"role": "user", "content": prompt}],
         })
         .to_string();
-        let path: Uri = "/v1/chat/completions".parse().unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            bulkhead_sidecar::signature::TENANT_HEADER,
-            HeaderValue::from_str(tenant).unwrap(),
-        );
-        headers.insert("content-type", HeaderValue::from_static("application/json"));
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        bulkhead_sidecar::signature::sign_request(
-            &Method::POST,
-            &path,
-            &mut headers,
-            body.as_bytes(),
-            GATEWAY_KEY,
-            &bulkhead_sidecar::signature::SignOptions::new(GATEWAY_KEY_ID, created),
-        )
-        .expect("sign");
+        let headers = gateway_headers(tenant, &body);
         (headers, body)
     }
 
@@ -210,14 +162,23 @@ impl Stack {
 
     /// Stops the sidecar (draining) and the sim.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.sidecar.stop().await;
         self.sim.stop().await;
     }
+}
+
+/// The headers of a chat completion (`POST /v1/chat/completions`) with `body` for `tenant`,
+/// signed now by the gateway key.
+pub fn gateway_headers(tenant: &str, body: &str) -> HeaderMap {
+    bulkhead_testkit::sidecar::signed_headers(
+        tenant,
+        &Method::POST,
+        "/v1/chat/completions",
+        body.as_bytes(),
+        GATEWAY_KEY_ID,
+        GATEWAY_KEY,
+        |_| {},
+    )
 }
 
 /// A scratch directory removed on drop.

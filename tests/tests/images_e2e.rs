@@ -12,15 +12,15 @@
 //! `--ulimit`s (raising rlimits is refused); see deploy/README.md, "Troubleshooting".
 
 use base64::Engine;
+use bulkhead_testkit::free_port;
 use bulkhead_tests::harness::*;
-use bulkhead_tests::stack::{GATEWAY_KEY, GATEWAY_KEY_ID, TempDir};
-use http::{HeaderMap, HeaderValue, Method, Uri};
+use bulkhead_tests::stack::{GATEWAY_KEY, GATEWAY_KEY_ID, TempDir, gateway_headers};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -99,14 +99,6 @@ fn start(name: &str, args: &[String]) -> Container {
         String::from_utf8_lossy(&out.stderr)
     );
     Container(name.to_string())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The text of the block scalar `key: |` in a YAML ConfigMap (indented 4 spaces under `data:`).
@@ -235,7 +227,8 @@ async fn the_sidecar_image_answers_a_signed_request_through_to_the_sim() {
             "run".into(),
             "--config".into(),
             "/etc/bulkhead/sidecar.toml".into(),
-            "--log-json".into(),
+            "--log-format".into(),
+            "json".into(),
         ],
     );
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
@@ -248,26 +241,7 @@ async fn the_sidecar_image_answers_a_signed_request_through_to_the_sim() {
         "messages": [{"role": "user", "content": "hello from the image test"}],
     })
     .to_string();
-    let uri: Uri = "/v1/chat/completions".parse().unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        bulkhead_sidecar::signature::TENANT_HEADER,
-        HeaderValue::from_static("acme"),
-    );
-    headers.insert("content-type", HeaderValue::from_static("application/json"));
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    bulkhead_sidecar::signature::sign_request(
-        &Method::POST,
-        &uri,
-        &mut headers,
-        body.as_bytes(),
-        GATEWAY_KEY,
-        &bulkhead_sidecar::signature::SignOptions::new(GATEWAY_KEY_ID, created),
-    )
-    .expect("sign");
+    let headers = gateway_headers("acme", &body);
     let mut req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()

@@ -19,12 +19,7 @@ use std::time::{Duration, Instant};
 /// `name` on PATH, from the Debian package `package`; None (a visible skip) when missing,
 /// except under a truthy `CI`, where a missing binary fails the test.
 fn require_bin(name: &str, package: &str) -> Option<String> {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    match found {
+    match bulkhead_testkit::skip::on_path(name) {
         Some(p) => Some(p.to_string_lossy().into_owned()),
         None => {
             agent_common::skip::skip(&format!(

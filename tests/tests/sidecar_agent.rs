@@ -16,9 +16,9 @@
 //!   known limitation, pinned here so that a change to it is seen).
 
 use bulkhead_tests::harness::*;
-use bulkhead_tests::stack::{GATEWAY_KEY, GATEWAY_KEY_ID, Stack, TempDir};
+use bulkhead_tests::stack::{Stack, TempDir, gateway_headers};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -29,27 +29,8 @@ fn signed_chat(addr: SocketAddr, tenant: &str, stream: bool) -> Request<Full<Byt
     let body = format!(
         r#"{{"model":"sim","max_tokens":8,"stream":{stream},"messages":[{{"role":"user","content":"hello from {tenant}"}}]}}"#
     );
-    let path: http::Uri = "/v1/chat/completions".parse().unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        bulkhead_sidecar::signature::TENANT_HEADER,
-        HeaderValue::from_str(tenant).unwrap(),
-    );
-    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let mut headers = gateway_headers(tenant, &body);
     headers.insert("host", HeaderValue::from_str(&addr.to_string()).unwrap());
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    bulkhead_sidecar::signature::sign_request(
-        &Method::POST,
-        &path,
-        &mut headers,
-        body.as_bytes(),
-        GATEWAY_KEY,
-        &bulkhead_sidecar::signature::SignOptions::new(GATEWAY_KEY_ID, created),
-    )
-    .unwrap();
     let mut req = Request::new(Full::new(Bytes::from(body)));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = format!("http://{addr}/v1/chat/completions")

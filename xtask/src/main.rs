@@ -21,6 +21,8 @@
 //!   `bulkhead_gpu_memory_bytes{tenant}` is checked against NVML's per-process figures (5 %).
 //! * `mutants [--fast | FILE ...]`: cargo-mutants over the security and accounting core (see
 //!   TESTING.md); fails when a file scores under 90 % or a survivor is not argued equivalent.
+//! * `structure`: the sidecar's module map drawn from its `use` lines (ARCHITECTURE.md holds it;
+//!   a test checks) and the lines of code of every agent and sidecar source file.
 //! * `deploy-check`: yamllint, kubernetes-validate, hadolint, promtool and consistency checks of
 //!   `deploy/` (installs promtool and a Python venv with the validators when missing).
 //!
@@ -35,6 +37,7 @@ mod gpu_check;
 mod images;
 mod mutants;
 mod setup;
+mod structure;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -51,11 +54,12 @@ fn main() -> Result<()> {
         ["gpu-check"] => gpu_check::run(None),
         ["gpu-check", "--bin-dir", dir] => gpu_check::run(Some(std::path::Path::new(dir))),
         ["mutants", rest @ ..] => mutants::run(rest),
+        ["structure", rest @ ..] => structure::run(rest),
         ["gpu-alloc", bytes] => gpu_check::alloc(bytes),
         ["gpu-busy", fraction] => gpu_check::busy(fraction),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | test | demo [--serve | --replicas N] | bench ebpf | bench agent | bench sidecar | deploy-check | images | gpu-check [--bin-dir DIR] | mutants [--fast | FILE ...]>\n\n\
+                "usage: cargo xtask <setup | test | demo [--serve | --replicas N] | bench ebpf | bench agent | bench sidecar | deploy-check | images | gpu-check [--bin-dir DIR] | mutants [--fast | FILE ...] | structure [--write]>\n\n\
                  setup       install the nightly rust-src and bpf-linker (cached), and redis-server\n\
                  test        setup, fmt, clippy, all tests (what CI runs)\n\
                  demo        run the agent with synthetic tagged traffic, print a per-tenant table\n\
@@ -66,7 +70,8 @@ fn main() -> Result<()> {
                  deploy-check  lint and validate deploy/ (manifests, alert rules and their tests, dashboard)\n\
                  images [--profile release|dev] [--no-build]  build the agent and sidecar images with podman\n\
                  gpu-check   on an NVIDIA GPU machine: the agent's per-tenant GPU memory against NVML's per-process figures\n\
-                 mutants [--fast | FILE ...]  cargo-mutants over the security core; fails under 90 % a file or on an unargued survivor (TESTING.md)"
+                 mutants [--fast | FILE ...]  cargo-mutants over the security core; fails under 90 % a file or on an unargued survivor (TESTING.md)\n\
+                 structure [--write]  the sidecar's module map from its `use` lines, lines of code per file"
             );
             bail!("unknown task {:?}", args);
         }
@@ -299,6 +304,17 @@ fn run_with_agent(bin: &str, rest: &[&str]) -> Result<()> {
 }
 
 fn bench_sidecar(rest: &[&str]) -> Result<()> {
+    if rest == ["--scan"] {
+        // The leak scanner in-process: the sidecar's example, no servers.
+        return run(cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "bulkhead-sidecar",
+            "--example",
+            "bench_scan",
+        ]));
+    }
     let limits = rest.contains(&"--limits");
     if limits {
         // `--limits redis` runs a redis-server beside the sidecars (and no nginx).

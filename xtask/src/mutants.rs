@@ -19,40 +19,66 @@ use std::path::Path;
 pub const CORE: &[(&[&str], &[&str])] = &[
     (
         &[
-            "sidecar/src/signature.rs",
-            "sidecar/src/digest.rs",
+            "sidecar/src/auth/signature/mod.rs",
+            "sidecar/src/auth/signature/params.rs",
+            "sidecar/src/auth/signature/replay.rs",
+            "sidecar/src/auth/digest.rs",
             "sidecar/src/proxy/routes.rs",
-            "sidecar/src/limits.rs",
+            "sidecar/src/limits/local.rs",
             "sidecar/src/proxy/inspect.rs",
-            "sidecar/src/schema.rs",
-            "sidecar/src/scope.rs",
-            "sidecar/src/isolation.rs",
+            "sidecar/src/proxy/schema.rs",
+            "sidecar/src/auth/scope.rs",
+            "sidecar/src/cache/gate.rs",
+            "sidecar/src/cache/flush.rs",
+            "sidecar/src/cache/salt.rs",
         ],
         &["--lib"],
     ),
+    // What the sidecar shares with its clients: the signature base, signing, Content-Digest;
+    // judged by the client's tests and the sidecar's verifier tests, which cover it too.
+    (
+        &["client/src/signature.rs", "client/src/digest.rs"],
+        &["--lib", "--test-package=bulkhead-client,bulkhead-sidecar"],
+    ),
     // The sealed audit's chain, judged with the tests that write real files through the
     // audit writer and read them back with `audit read`.
-    (&["sidecar/src/seal.rs"], &["--lib", "--test=audit"]),
+    (
+        &[
+            "sidecar/src/record/seal/mod.rs",
+            "sidecar/src/record/seal/verify.rs",
+        ],
+        &["--lib", "--test=audit"],
+    ),
     // Leak detection, response metering and pricing, judged with the tests that stream
     // answers through the sidecar from the simulator.
     (
         &[
-            "sidecar/src/leaks.rs",
+            "sidecar/src/record/leaks/mod.rs",
             "sidecar/src/proxy/meter.rs",
-            "sidecar/src/cost.rs",
+            "sidecar/src/record/cost.rs",
         ],
         &["--lib", "--test=leaks", "--test=cost", "--test=sse_split"],
     ),
     // The probe's view of an answer (SSE reassembled per choice and field).
     (&["probe/src/sse.rs"], &["--lib", "--test=probe"]),
     // JWT verification, judged with the tests that sign with an independent library.
-    (&["sidecar/src/jwt.rs"], &["--lib", "--test=jwt"]),
+    (
+        &[
+            "sidecar/src/auth/jwt/mod.rs",
+            "sidecar/src/auth/jwt/jwks.rs",
+        ],
+        &["--lib", "--test=jwt"],
+    ),
     // The shared limits and replay cache, judged with the tests that run a real Redis.
     (
         &[
-            "sidecar/src/shared_limits/mod.rs",
-            "sidecar/src/shared_limits/conn.rs",
-            "sidecar/src/shared_limits/scripts.rs",
+            "sidecar/src/limits/shared/mod.rs",
+            "sidecar/src/limits/shared/tenant.rs",
+            "sidecar/src/limits/shared/settle.rs",
+            "sidecar/src/limits/shared/nonces.rs",
+            "sidecar/src/limits/shared/responses.rs",
+            "sidecar/src/limits/shared/conn.rs",
+            "sidecar/src/limits/shared/scripts.rs",
         ],
         &["--lib", "--test=redis_limits"],
     ),
@@ -67,7 +93,7 @@ pub const CORE: &[(&[&str], &[&str])] = &[
         ],
     ),
 ];
-const FAST: &[&str] = &["sidecar/src/digest.rs", "sidecar/src/proxy/routes.rs"];
+const FAST: &[&str] = &["sidecar/src/auth/digest.rs", "sidecar/src/proxy/routes.rs"];
 const GOAL: f64 = 0.90;
 const CARGO_MUTANTS_VERSION: &str = "27.1.0";
 
@@ -144,7 +170,10 @@ pub fn run(args: &[&str]) -> Result<()> {
             )
             .env("PATH", crate::setup::path_with_linker()?);
         for t in *tests {
-            cmd.arg(format!("--cargo-arg={t}"));
+            match t.strip_prefix("--test-package=") {
+                Some(packages) => cmd.args(["--test-package", packages]),
+                None => cmd.arg(format!("--cargo-arg={t}")),
+            };
         }
         for f in group {
             cmd.args(["--file", f]);
@@ -269,8 +298,8 @@ mod tests {
     #[test]
     fn positions_are_dropped_and_descriptions_kept() {
         assert_eq!(
-            split_mutant("sidecar/src/digest.rs:41:9: replace == with != in verify"),
-            Some(("sidecar/src/digest.rs", "replace == with != in verify"))
+            split_mutant("sidecar/src/auth/digest.rs:41:9: replace == with != in verify"),
+            Some(("sidecar/src/auth/digest.rs", "replace == with != in verify"))
         );
         assert_eq!(split_mutant("no positions here"), None);
     }

@@ -3,7 +3,7 @@
 //! energy delta (nothing counted twice, nothing lost).
 
 use super::*;
-use crate::gpu::GpuProcess;
+use crate::gpu::{GpuProcess, MigInstance};
 
 const S: u64 = 1_000_000; // µs
 

@@ -1,19 +1,15 @@
-//! Test harness: bulkhead-sim (with a prefix cache whose misses are measurably slow) and
-//! bulkhead-sidecar on 127.0.0.1:0 in the test's runtime, two test tenants with their own
-//! keys, and small fake HTTP servers (agent metrics, Pushgateway, a leaky upstream).
+//! Test harness: bulkhead-sim (with a prefix cache whose misses are measurably slow) and the
+//! built bulkhead-sidecar binary in front of it (`bulkhead_testkit`), two test tenants with
+//! their own keys, and small fake HTTP servers (agent metrics, Pushgateway, a leaky upstream).
 #![allow(dead_code)]
 
-use base64::Engine;
-use bulkhead_sidecar::Config;
 use bulkhead_sim::{SimConfig, SimHandle};
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use bulkhead_testkit::sidecar::SidecarProcess;
+use http::StatusCode;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use bulkhead_testkit::http::Fake;
 
 pub const A_KEY: &[u8] = b"probe-a-secret-0123456789abcdef!";
 pub const B_KEY: &[u8] = b"probe-b-secret-0123456789abcdef!";
@@ -64,8 +60,7 @@ pub struct Stack {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), bulkhead_sidecar::SidecarError>>>,
+    sidecar: Option<SidecarProcess>,
 }
 
 impl Stack {
@@ -80,14 +75,9 @@ impl Stack {
         };
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let b64 = base64::engine::general_purpose::STANDARD;
-        std::fs::write(d.join("a.key"), b64.encode(A_KEY)).unwrap();
-        std::fs::write(d.join("b.key"), b64.encode(B_KEY)).unwrap();
-        std::fs::write(
-            d.join("salt.key"),
-            b64.encode(b"salt-key-0123456789abcdef-012345"),
-        )
-        .unwrap();
+        bulkhead_testkit::write_key(&d.join("a.key"), A_KEY);
+        bulkhead_testkit::write_key(&d.join("b.key"), B_KEY);
+        bulkhead_testkit::write_key(&d.join("salt.key"), b"salt-key-0123456789abcdef-012345");
         std::fs::write(d.join("canary"), format!("{CANARY}\n")).unwrap();
         let text = format!(
             r#"
@@ -135,33 +125,13 @@ tenants = ["probe-b"]
                 String::new()
             },
         );
-        let config = Config::from_toml(&text).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let admin = admin_l.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(bulkhead_sidecar::run(
-            listener,
-            admin_l,
-            config,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        // Wait until the sidecar serves (poll with a deadline).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while get(&format!("http://{admin}/readyz")).await.map(|r| r.0) != Some(StatusCode::OK) {
-            assert!(Instant::now() < deadline, "sidecar never became ready");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let sidecar = SidecarProcess::start(&text, d).await;
         Stack {
             sim,
-            addr,
-            admin,
+            addr: sidecar.addr,
+            admin: sidecar.admin,
             dir,
-            stop: Some(tx),
-            task: Some(task),
+            sidecar: Some(sidecar),
         }
     }
 
@@ -206,111 +176,12 @@ key_file = "{b}"
     }
 
     pub async fn shutdown(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.unwrap().unwrap();
+        if let Some(p) = self.sidecar.take() {
+            p.stop().await;
         }
         if let Some(s) = self.sim.take() {
             s.stop().await;
         }
-    }
-}
-
-/// A plain GET: status and body.
-pub async fn get(url: &str) -> Option<(StatusCode, String)> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let r = client.get(url.parse().ok()?).await.ok()?;
-    let status = r.status();
-    let b = r.into_body().collect().await.ok()?.to_bytes();
-    Some((status, String::from_utf8_lossy(&b).into_owned()))
-}
-
-/// A request a [`Fake`] server received.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: http::Method,
-    pub path: String,
-    pub body: Bytes,
-}
-
-type Handler = dyn Fn(&Seen, &[Seen]) -> (StatusCode, &'static str, String) + Send + Sync;
-
-/// A tiny HTTP/1 server on 127.0.0.1:0 answering with `handler(request, every request so far)`
-/// -> (status, content type, body).
-pub struct Fake {
-    pub addr: SocketAddr,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Fake {
-    pub async fn start(
-        handler: impl Fn(&Seen, &[Seen]) -> (StatusCode, &'static str, String) + Send + Sync + 'static,
-    ) -> Fake {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let handler: Arc<Handler> = Arc::new(handler);
-        let s = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (seen, handler) = (s.clone(), handler.clone());
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (seen, handler) = (seen.clone(), handler.clone());
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let this = Seen {
-                            method: parts.method,
-                            path: parts.uri.path().to_string(),
-                            body,
-                        };
-                        let (status, ctype, text) = {
-                            let mut all = seen.lock().unwrap();
-                            all.push(this.clone());
-                            handler(&this, &all)
-                        };
-                        let mut r = Response::new(Full::new(Bytes::from(text)));
-                        *r.status_mut() = status;
-                        r.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static(ctype),
-                        );
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Fake { addr, seen, task }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

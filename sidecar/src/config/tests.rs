@@ -386,3 +386,88 @@ fn telemetry_is_off_by_default_and_its_errors_name_the_field() {
     );
     assert!(Config::from_toml(&trusted).unwrap().tenants["acme"].trust_traceparent);
 }
+
+/// Every key file goes through one reader: base64 (whitespace around it ignored) or, for
+/// `keys[].encoding = "raw"`, the bytes as they are; at least 16 bytes; errors name the field.
+#[test]
+fn key_files_share_one_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, content: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    };
+    let good = write("good", b"  MDEyMzQ1Njc4OWFiY2RlZg==\n");
+    let short = write("short", b"MDEyMzQ1Njc4OWFiY2Rl\n");
+    let not_b64 = write("bad", b"0123456789abcdef0123!");
+    let binary = write("bin", &[0xff; 20]);
+    assert_eq!(read_key_file(&good, "f").unwrap(), b"0123456789abcdef");
+    for (p, why) in [
+        (&short, "key shorter than 16 bytes"),
+        (&not_b64, "not valid base64"),
+        (&binary, "not valid base64"),
+    ] {
+        let e = read_key_file(p, "cache.salt_key_file").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("config field `cache.salt_key_file`: {why}")
+        );
+    }
+    let e = read_key_file_as(&write("raw", b"0123456789abcde"), "f", KeyEncoding::Raw);
+    assert!(e.unwrap_err().to_string().contains("shorter than 16 bytes"));
+    // The same rules for an HMAC key, naming the file's place in the config.
+    let keys = |file: &std::path::Path, encoding: &str| {
+        let text = base().replace("/nonexistent", &file.display().to_string())
+            + &format!("encoding = \"{encoding}\"\n");
+        Config::from_toml(&text).unwrap().load_keys()
+    };
+    assert_eq!(
+        keys(&good, "base64").unwrap()[0].secrets[0],
+        b"0123456789abcdef"
+    );
+    for (p, encoding, why) in [
+        (&short, "base64", "key shorter than 16 bytes"),
+        (&binary, "base64", "not valid base64"),
+        (
+            &write("raw15", b"0123456789abcde"),
+            "raw",
+            "key shorter than 16 bytes",
+        ),
+    ] {
+        let e = keys(p, encoding).unwrap_err().to_string();
+        assert_eq!(e, format!("config field `keys[0].secret_files[0]`: {why}"));
+    }
+    // A raw key is its bytes, newline included.
+    let raw = keys(&write("raw16", b"0123456789abcde\n"), "raw").unwrap();
+    assert_eq!(raw[0].secrets[0], b"0123456789abcde\n");
+}
+
+/// Fields without a default are required by validation, whose error names them (every
+/// section takes its absent fields from its `Default`).
+#[test]
+fn required_fields_are_named() {
+    let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+    assert!(err("").contains("`upstream.url`: required"));
+    assert!(
+        err(&base().replace("url = \"http://127.0.0.1:8000\"", ""))
+            .contains("`upstream.url`: required")
+    );
+    let e = err(&(base() + "\n[telemetry.otlp]\nsample_ratio = 0.5\n"));
+    assert!(e.contains("`telemetry.otlp.endpoint`: required"), "{e}");
+    let e = err(&base().replace("id = \"gw\"\n", ""));
+    assert!(e.contains("`keys[0].id`"), "{e}");
+    let e = err(&base().replace("secret_files = [\"/nonexistent\"]\n", ""));
+    assert!(e.contains("`keys[0].secret_files`"), "{e}");
+    let e = err(&(base() + "[auth.jwt]\naudiences = [\"bh\"]\njwks_file = \"/j\"\n"));
+    assert!(e.contains("`auth.jwt.issuers`"), "{e}");
+    // An absent section is its default.
+    let c = Config::from_toml(&base()).unwrap();
+    assert_eq!(
+        (&c.http, &c.cache, &c.audit),
+        (
+            &HttpLimits::default(),
+            &CacheConfig::default(),
+            &AuditConfig::default()
+        )
+    );
+}

@@ -1,5 +1,5 @@
 //! Body inspection for the routes that run the model. Bodies are closed by default: every
-//! top-level field is looked up in the route's [`schema`](crate::schema) and handled by its
+//! top-level field is looked up in the route's [`schema`](crate::proxy::schema) and handled by its
 //! class (a field in no class is refused as `unknown_field`), and only a body the sidecar fully
 //! parsed is forwarded: the client's bytes, read in one pass ([`super::scan`]), with the
 //! members the sidecar owns or changed written by it and any member whose bytes another parser
@@ -8,14 +8,13 @@
 //! trailing bytes, numbers as strings), the upstream reads exactly the values the sidecar
 //! reserved tokens for and set the salt, request id and priority in.
 
-use super::refusal::Refusal;
+use super::refusal::{Refusal, RefusalCode};
 use super::routes::{Api, Route};
 use super::scan::{self, Kind, Node};
+use crate::auth::scope::{Scope, quoted};
 use crate::config::Flavor;
-use crate::schema::{Body, Class, Engine};
-use crate::scope::{Scope, quoted};
+use crate::proxy::schema::{Body, Class, Engine};
 use bytes::Bytes;
-use http::StatusCode;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 
@@ -26,7 +25,7 @@ mod reference;
 pub const MAX_DEPTH: usize = 64;
 /// Sequences (choices x prompts: `n`, `best_of`, a list `prompt`) per request at most.
 pub const MAX_CHOICES: u64 = 128;
-pub use crate::schema::DEFAULT_MEDIA_TOKENS;
+pub use crate::proxy::schema::DEFAULT_MEDIA_TOKENS;
 
 /// What inspection learned, and the body to forward.
 #[derive(Debug, Default)]
@@ -120,7 +119,10 @@ fn depth_ok(v: &Value) -> bool {
 }
 
 fn bad(field: &str, what: &str) -> Refusal {
-    Refusal::invalid("invalid_parameter", format!("`{field}` must be {what}"))
+    Refusal::new(
+        RefusalCode::InvalidParameter,
+        format!("`{field}` must be {what}"),
+    )
 }
 
 /// A non-negative whole number as a lax (pydantic) integer field reads it: integers, whole
@@ -282,19 +284,20 @@ impl Tally {
 /// body is read a second time, only to name what is wrong).
 fn not_json(body: &[u8], why: scan::Invalid) -> Refusal {
     match serde_json::from_slice::<Value>(body) {
-        Err(e) => Refusal::invalid(
-            "invalid_json",
+        Err(e) => Refusal::new(
+            RefusalCode::InvalidJson,
             format!("the request body is not valid JSON: {e}"),
         ),
-        Ok(v) if !depth_ok(&v) => Refusal::invalid(
-            "invalid_json",
+        Ok(v) if !depth_ok(&v) => Refusal::new(
+            RefusalCode::InvalidJson,
             format!("the request body nests deeper than {MAX_DEPTH} levels"),
         ),
-        Ok(v) if !v.is_object() => {
-            Refusal::invalid("invalid_json", "the request body must be a JSON object")
-        }
-        Ok(_) => Refusal::invalid(
-            "invalid_json",
+        Ok(v) if !v.is_object() => Refusal::new(
+            RefusalCode::InvalidJson,
+            "the request body must be a JSON object",
+        ),
+        Ok(_) => Refusal::new(
+            RefusalCode::InvalidJson,
             format!("the request body is not valid JSON: {why}"),
         ),
     }
@@ -311,8 +314,8 @@ fn not_json(body: &[u8], why: scan::Invalid) -> Refusal {
 /// key are dropped. So the upstream reads exactly the object the sidecar checked.
 pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspected, Refusal> {
     let Some(schema) = route.body() else {
-        return Err(Refusal::invalid(
-            "invalid_parameter",
+        return Err(Refusal::new(
+            RefusalCode::InvalidParameter,
             "this route takes no inspected body",
         ));
     };
@@ -396,7 +399,7 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
             m.value.write_canonical(body, &mut h);
             h.update(b"\n");
         }
-        info.prompt_hash = Some(crate::audit::hex_tag(&h.sign()));
+        info.prompt_hash = Some(crate::record::audit::hex_tag(&h.sign()));
     }
     Ok(info)
 }
@@ -412,7 +415,10 @@ fn splice(
     before: &Map<String, Value>,
 ) -> Result<Vec<u8>, Refusal> {
     let failed = |e: serde_json::Error| {
-        Refusal::invalid("invalid_json", format!("cannot serialise the body: {e}"))
+        Refusal::new(
+            RefusalCode::InvalidJson,
+            format!("cannot serialise the body: {e}"),
+        )
     };
     let mut last = vec![false; doc.members.len()];
     for &i in &doc.order {
@@ -470,8 +476,8 @@ fn class_of(schema: Body, key: &str, policy: Policy<'_>) -> Result<Class, Refusa
     if policy.extra_fields.iter().any(|f| f == key) {
         return Ok(Class::Prompt);
     }
-    Err(Refusal::invalid(
-        "unknown_field",
+    Err(Refusal::new(
+        RefusalCode::UnknownField,
         format!(
             "field {} is not one the sidecar forwards on this route (the operator can allow \
              it with tenants.<name>.extra_fields)",
@@ -511,8 +517,8 @@ fn engine_fields(
             }
             Engine::Priority => {
                 if !obj.get(key).is_some_and(Value::is_null) {
-                    return Err(Refusal::invalid(
-                        "owned_field",
+                    return Err(Refusal::new(
+                        RefusalCode::OwnedField,
                         format!(
                             "`{key}` is set by the sidecar from the tenant's configuration \
                              (tenants.<name>.priority); remove it from the request"
@@ -601,12 +607,7 @@ fn stored_items(doc: &scan::Doc<'_>, body: &[u8]) -> Result<(), Refusal> {
 /// 403 `engine_field`: the body steers the engine, or names its shared state, beyond what the
 /// tenant is trusted with.
 fn engine_field(message: impl Into<std::borrow::Cow<'static, str>>) -> Refusal {
-    Refusal::new(
-        StatusCode::FORBIDDEN,
-        "permission_error",
-        "engine_field",
-        message,
-    )
+    Refusal::new(RefusalCode::EngineField, message)
 }
 
 /// The name a tool goes by for the credential's scope, as each API names things: in the
@@ -873,8 +874,8 @@ fn generation(
     }
     let sequences = choices.saturating_mul(info.prompts);
     if sequences > MAX_CHOICES {
-        return Err(Refusal::invalid(
-            "request_too_large",
+        return Err(Refusal::new(
+            RefusalCode::RequestTooLarge,
             format!(
                 "{} prompts x {choices} choices is {sequences} sequences, more than the \
                  {MAX_CHOICES} a request may generate",
@@ -993,7 +994,7 @@ mod tests {
         .unwrap();
         assert_eq!(i.completion_reserve, 2 * MAX_CHOICES);
         let over = format!(r#"{{"messages":[],"n":{}}}"#, MAX_CHOICES + 1);
-        assert_eq!(chat(&over).unwrap_err().code, "invalid_parameter");
+        assert_eq!(chat(&over).unwrap_err().code.as_str(), "invalid_parameter");
     }
 
     #[test]
@@ -1074,7 +1075,7 @@ mod tests {
             p,
         )
         .unwrap_err();
-        assert_eq!(e.code, "unknown_field");
+        assert_eq!(e.code.as_str(), "unknown_field");
     }
 
     #[test]
@@ -1113,7 +1114,7 @@ mod tests {
             r#","stream":true,"stream_options":3"#,
         ] {
             assert_eq!(
-                chat(extra).unwrap_err().code,
+                chat(extra).unwrap_err().code.as_str(),
                 "invalid_parameter",
                 "{extra}"
             );
@@ -1191,7 +1192,12 @@ mod tests {
             deep.as_bytes(),
         ] {
             let e = inspect(Route::Generate(Api::Completions), b, P).unwrap_err();
-            assert_eq!(e.code, "invalid_json", "{}", String::from_utf8_lossy(b));
+            assert_eq!(
+                e.code.as_str(),
+                "invalid_json",
+                "{}",
+                String::from_utf8_lossy(b)
+            );
         }
         // Duplicate keys: the forwarded body has one, the sidecar's.
         let p = Policy {
@@ -1211,7 +1217,7 @@ mod tests {
 
     #[test]
     fn scopes_hold_models_tools_and_limits_in_every_shape() {
-        let scope = crate::scope::Scope::from_config(&crate::scope::ScopeConfig {
+        let scope = crate::auth::scope::Scope::from_config(&crate::auth::scope::ScopeConfig {
             models: Some(vec!["m".into()]),
             routes: None,
             tools: Some(vec!["ok".into(), "web_search".into()]),
@@ -1225,7 +1231,7 @@ mod tests {
         let code = |route, body: &str| {
             inspect(route, body.as_bytes(), p)
                 .map(|_| "ok")
-                .unwrap_or_else(|r| r.code)
+                .unwrap_or_else(|r| r.code.as_str())
         };
         let chat = Route::Generate(Api::Chat);
         let resp = Route::Generate(Api::Responses);
@@ -1324,14 +1330,17 @@ mod tests {
     fn code(route: Route, body: &str, p: Policy<'_>) -> &'static str {
         inspect(route, body.as_bytes(), p)
             .map(|_| "ok")
-            .unwrap_or_else(|r| r.code)
+            .unwrap_or_else(|r| r.code.as_str())
     }
 
     #[test]
     fn a_field_outside_the_schema_is_refused_by_name_unless_the_tenant_opts_it_in() {
         let chat = Route::Generate(Api::Chat);
         let e = inspect(chat, br#"{"messages":[],"x_secret":"v"}"#, P).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (400, "unknown_field"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (400, "unknown_field")
+        );
         assert!(e.message.contains("\"x_secret\""), "{}", e.message);
         // The name is escaped and cut short.
         let long = format!(r#"{{"messages":[],"{}\n":1}}"#, "k".repeat(300));
@@ -1391,7 +1400,10 @@ mod tests {
         // Choices x prompts beyond MAX_CHOICES: too large.
         let body = format!(r#"{{"prompt":[{}],"n":2}}"#, prompts.join(","));
         let e = inspect(comp, body.as_bytes(), P).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (400, "request_too_large"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (400, "request_too_large")
+        );
         let body = format!(r#"{{"prompt":[{}],"best_of":2}}"#, prompts[..64].join(","));
         assert_eq!(code(comp, &body, P), "ok");
     }
@@ -1469,7 +1481,10 @@ mod tests {
         assert_eq!(code(chat, r#"{"messages":[],"priority":null}"#, p), "ok");
         let kv = r#"{"messages":[],"kv_transfer_params":{"remote_host":"10.0.0.9"}}"#;
         let e = inspect(chat, kv.as_bytes(), p).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (403, "engine_field"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (403, "engine_field")
+        );
         let trusted = ["kv_transfer_params".to_string()];
         let t = Policy {
             trusted: &trusted,
@@ -1505,7 +1520,10 @@ mod tests {
         assert_eq!(fwd(&i)["store"], false);
         assert_eq!(i.stored_response_id, None);
         let e = inspect(resp, br#"{"input":"x","store":true}"#, p).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (403, "permission_denied"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (403, "permission_denied")
+        );
         // Allowed: stored unless the client says not to, under the sidecar's id.
         let s = Policy {
             store_responses: true,
@@ -1526,7 +1544,10 @@ mod tests {
             p,
         )
         .unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (403, "engine_field"));
+        assert_eq!(
+            (e.status().as_u16(), e.code.as_str()),
+            (403, "engine_field")
+        );
         assert_eq!(
             code(
                 resp,
@@ -1546,7 +1567,7 @@ mod tests {
 
     #[test]
     fn tools_are_named_as_each_api_names_them() {
-        let scope = crate::scope::Scope::from_config(&crate::scope::ScopeConfig {
+        let scope = crate::auth::scope::Scope::from_config(&crate::auth::scope::ScopeConfig {
             tools: Some(vec!["lookup".into(), "web_search_preview".into()]),
             ..Default::default()
         })

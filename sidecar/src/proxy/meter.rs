@@ -7,10 +7,10 @@
 //!   client has not taken a frame for `http.response_write_idle_timeout_ms` the response is
 //!   cut, the upstream request dropped (cancelling it) and the exchange finished.
 
-use super::exchange::{Cut, End, Exchange, MAX_MODEL, Scanned, Usage};
-use super::refusal::{Refusal, rate_headers};
+use super::exchange::{Cut, Exchange, MAX_MODEL, Scanned, Usage};
+use super::refusal::{Refusal, RefusalCode, rate_headers};
 use crate::http_util::{BoxError, ProxyBody, full};
-use crate::upstream::strip_hop_by_hop;
+use crate::proxy::upstream::strip_hop_by_hop;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Response, StatusCode};
@@ -262,31 +262,31 @@ fn inspect_event(ev: &[u8], strip_usage: bool, ex: &mut Exchange) -> bool {
         let has_usage = data.windows(7).any(|w| w == b"\"usage\"");
         // The served model, from the first event that names it.
         let has_model =
-            ex.meter.served_model.is_none() && data.windows(7).any(|w| w == b"\"model\"");
+            ex.meter().served_model.is_none() && data.windows(7).any(|w| w == b"\"model\"");
         let view = if has_usage || has_model {
             serde_json::from_slice::<ResponseView>(data).ok()
         } else {
             None
         };
         let Some(v) = view else {
-            ex.meter.chunks += 1;
+            ex.meter().chunks += 1;
             continue;
         };
-        if ex.meter.served_model.is_none() {
-            ex.meter.served_model = v.served_model();
+        if ex.meter().served_model.is_none() {
+            ex.meter().served_model = v.served_model();
         }
         let usage = v
             .usage
             .as_ref()
             .or(v.response.as_ref().and_then(|r| r.usage.as_ref()));
         if let Some(u) = usage {
-            ex.meter.usage = Some(u.usage());
+            ex.meter().usage = Some(u.usage());
         }
         let empty_choices = v.choices.as_ref().is_some_and(|c| c.is_empty());
         if empty_choices && strip_usage {
             keep = false;
         } else if !empty_choices {
-            ex.meter.chunks += 1;
+            ex.meter().chunks += 1;
         }
     }
     keep
@@ -345,7 +345,7 @@ impl Filter {
     fn end(&mut self, ex: &mut Exchange, whole: Option<&[u8]>) -> Option<Bytes> {
         let tail = match self {
             Filter::Json(scan) => {
-                (ex.meter.usage, ex.meter.served_model) = match (scan, whole) {
+                (ex.meter().usage, ex.meter().served_model) = match (scan, whole) {
                     (Some(scan), _) => (scan.usage(), scan.model()),
                     (None, Some(body)) => match serde_json::from_slice::<ResponseView>(body) {
                         Ok(v) => (v.usage.as_ref().map(|u| u.usage()), v.served_model()),
@@ -360,7 +360,7 @@ impl Filter {
                 (!ev.is_empty() && inspect_event(&ev, *strip_usage, ex)).then(|| ev.freeze())
             }
         };
-        ex.meter.ended = true;
+        ex.meter().ended = true;
         tail
     }
 }
@@ -384,26 +384,22 @@ pub async fn respond(
     deadline: tokio::time::Instant,
 ) -> Response<ProxyBody> {
     let (mut parts, mut body) = resp.into_parts();
-    ex.end = End::Answered(parts.status);
-    ex.meter_start = ex.trace.now();
-    // The request body is long gone upstream.
-    ex.body_bytes.take();
+    ex.answered(parts.status);
     strip_hop_by_hop(&mut parts.headers);
-    if let Some(a) = &ex.admission {
-        rate_headers(&mut parts.headers, a.info());
+    if let Some(info) = ex.rate_info() {
+        rate_headers(&mut parts.headers, info);
     }
     if encoded(&parts.headers) {
         // Asked for `identity`; an answer it cannot read can be neither scanned nor metered.
         // Nothing of it is counted: settled like an answer that broke off (refunded).
-        tracing::warn!(request_id = %ex.request_id, "upstream answer is content-encoded");
-        let r = Refusal::server(
-            StatusCode::BAD_GATEWAY,
-            "upstream_encoded_response",
+        tracing::warn!(request_id = %ex.request_id(), "upstream answer is content-encoded");
+        let r = Refusal::new(
+            RefusalCode::UpstreamEncodedResponse,
             "the inference server's answer was content-encoded although the sidecar asked for \
              identity; it cannot be scanned or metered and was withheld",
         );
         let resp = r.response();
-        ex.end = End::Refused(r);
+        ex.refuse(r);
         return resp;
     }
     let sse = parts
@@ -449,10 +445,9 @@ pub async fn respond(
             // The answer carried another tenant's canary: it never reaches the client. The
             // upstream did the work: its usage is settled as answered.
             filter.end(&mut ex, Some(&buf));
-            ex.end = End::Answered(StatusCode::BAD_GATEWAY);
-            let resp = Refusal::server(
-                StatusCode::BAD_GATEWAY,
-                "canary_blocked",
+            ex.withheld(StatusCode::BAD_GATEWAY);
+            let resp = Refusal::new(
+                RefusalCode::CanaryWithheld,
                 "the inference server's answer carried a marker that belongs to another \
                  tenant's data and was withheld",
             )
@@ -471,22 +466,20 @@ pub async fn respond(
             return Response::from_parts(parts, pump(ex, body, filter, Some(prefix), write_idle));
         }
         Ok(Err(e)) => {
-            tracing::warn!(request_id = %ex.request_id, error = %e, "upstream response body failed");
-            Some(Refusal::server(
-                StatusCode::BAD_GATEWAY,
-                "upstream_body_error",
+            tracing::warn!(request_id = %ex.request_id(), error = %e, "upstream response body failed");
+            Some(Refusal::new(
+                RefusalCode::UpstreamBodyError,
                 "the inference server's answer broke off",
             ))
         }
-        Err(_) => Some(Refusal::server(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream_timeout",
+        Err(_) => Some(Refusal::new(
+            RefusalCode::UpstreamTimeout,
             "the inference server did not finish its answer in time",
         )),
     };
     if let Some(r) = refusal {
         let resp = r.response();
-        ex.end = End::Refused(r);
+        ex.refuse(r);
         return resp;
     }
     filter.end(&mut ex, Some(&buf));
@@ -541,12 +534,12 @@ fn pump(
             match tokio::time::timeout(idle, tx.send(Ok(Frame::data(data)))).await {
                 Ok(Ok(())) => true,
                 Ok(Err(_)) => {
-                    ex.meter.cut = Some(Cut::ClientGone);
+                    ex.cut(Cut::ClientGone);
                     false
                 }
                 Err(_) => {
-                    tracing::info!(request_id = %ex.request_id, "response cut: the client stopped reading");
-                    ex.meter.cut = Some(Cut::WriteTimeout);
+                    tracing::info!(request_id = %ex.request_id(), "response cut: the client stopped reading");
+                    ex.cut(Cut::WriteTimeout);
                     false
                 }
             }
@@ -559,7 +552,7 @@ fn pump(
             let frame = tokio::select! {
                 f = body.frame() => f,
                 _ = tx.closed() => {
-                    ex.meter.cut = Some(Cut::ClientGone);
+                    ex.cut(Cut::ClientGone);
                     break;
                 }
             };
@@ -571,8 +564,8 @@ fn pump(
                     break;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(request_id = %ex.request_id, error = %e, "upstream response body failed");
-                    ex.meter.cut = Some(Cut::UpstreamError);
+                    tracing::warn!(request_id = %ex.request_id(), error = %e, "upstream response body failed");
+                    ex.cut(Cut::UpstreamError);
                     break;
                 }
                 Some(Ok(frame)) => match frame.into_data() {
@@ -580,11 +573,11 @@ fn pump(
                         if let Some(out) = filter.data(data, &mut ex) {
                             go = send(&tx, out, write_idle, &mut ex).await;
                         }
-                        if ex.leak_blocked {
+                        if ex.leak_blocked() {
                             // Cut for another tenant's canary: an SSE stream ended with its
                             // error event; any other body breaks off.
                             if !matches!(filter, Filter::Sse { .. }) {
-                                ex.meter.cut = Some(Cut::UpstreamError);
+                                ex.cut(Cut::UpstreamError);
                             }
                             break;
                         }
@@ -593,7 +586,7 @@ fn pump(
                 },
             }
         }
-        if ex.meter.cut.is_some() {
+        if ex.is_cut() {
             flag.store(true, Ordering::Release);
         }
         // Dropping the upstream body cancels the upstream request; `ex` finishes here.

@@ -3,9 +3,9 @@
 //! is refused rather than normalised, so the sidecar and the upstream can never disagree on
 //! which route a request is for.
 
-use super::refusal::Refusal;
-use crate::schema::Body;
-use http::{Method, StatusCode};
+use super::refusal::{Refusal, RefusalCode};
+use crate::proxy::schema::Body;
+use http::Method;
 
 /// The OpenAI-compatible APIs that run the model to generate tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,15 +90,13 @@ impl Route {
 pub fn classify(method: &Method, path: &str) -> Result<Route, Refusal> {
     if !path.starts_with("/v1/") {
         return Err(Refusal::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "not_found",
+            RefusalCode::NotFound,
             "only /v1/ routes are served",
         ));
     }
     if path.contains('%') {
-        return Err(Refusal::invalid(
-            "encoded_path",
+        return Err(Refusal::new(
+            RefusalCode::EncodedPath,
             "percent-encoded request paths are not accepted",
         ));
     }
@@ -107,8 +105,8 @@ pub fn classify(method: &Method, path: &str) -> Result<Route, Refusal> {
         .split('/')
         .any(|seg| seg.is_empty() || seg == "." || seg == "..")
     {
-        return Err(Refusal::invalid(
-            "non_canonical_path",
+        return Err(Refusal::new(
+            RefusalCode::NonCanonicalPath,
             "request paths must not have empty, \".\" or \"..\" segments or a trailing slash",
         ));
     }
@@ -130,9 +128,7 @@ pub fn classify(method: &Method, path: &str) -> Result<Route, Refusal> {
     };
     if !allowed {
         return Err(Refusal::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            "method_not_allowed",
+            RefusalCode::MethodNotAllowed,
             format!("{method} is not allowed on {path}"),
         ));
     }
@@ -146,7 +142,7 @@ mod tests {
     fn code(method: Method, path: &str) -> &'static str {
         classify(&method, path)
             .map(|_| "ok")
-            .unwrap_or_else(|r| r.code)
+            .unwrap_or_else(|r| r.code.as_str())
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use super::genai::{GenAi, SCHEMA_URL};
 use crate::config::OtlpConfig;
-use crate::metrics::Metrics;
+use crate::record::metrics::{Reason, ResultLabel};
 use agent_common::otlp::{self, Source, Span};
 use bytes::Bytes;
 use http::{Request, header};
@@ -13,12 +13,105 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
 /// Why spans were dropped (`bulkhead_telemetry_dropped_spans_total{reason}`).
-pub const DROP_REASONS: [&str; 3] = ["queue_full", "export_failed", "export_timeout"];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanDrop {
+    QueueFull,
+    ExportFailed,
+    ExportTimeout,
+}
+
+impl SpanDrop {
+    pub const ALL: [SpanDrop; 3] = [
+        SpanDrop::QueueFull,
+        SpanDrop::ExportFailed,
+        SpanDrop::ExportTimeout,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SpanDrop::QueueFull => "queue_full",
+            SpanDrop::ExportFailed => "export_failed",
+            SpanDrop::ExportTimeout => "export_timeout",
+        }
+    }
+}
+
+/// The `reason` labels of `bulkhead_telemetry_dropped_spans_total`.
+pub const DROP_REASONS: [&str; 3] = [
+    SpanDrop::QueueFull.as_str(),
+    SpanDrop::ExportFailed.as_str(),
+    SpanDrop::ExportTimeout.as_str(),
+];
+
+/// The exporter's metrics.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    /// Spans not exported, by [`SpanDrop`].
+    pub dropped_spans: Family<Reason, Counter>,
+    /// Spans the collector accepted.
+    pub exported: Counter,
+    /// Spans waiting for export now.
+    pub queued: Gauge,
+    /// GenAI metric exports by result (`ok`, `failed`, `timeout`).
+    pub metric_exports: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    /// Create the families and register them (`r` is the `bulkhead_` sub-registry).
+    pub fn register(r: &mut Registry) -> Self {
+        let m = Self::default();
+        r.register(
+            "telemetry_dropped_spans",
+            "Spans not exported over OTLP, by reason (queue_full, export_failed, export_timeout)",
+            m.dropped_spans.clone(),
+        );
+        r.register(
+            "telemetry_exported_spans",
+            "Spans the OTLP collector accepted",
+            m.exported.clone(),
+        );
+        r.register(
+            "telemetry_queued_spans",
+            "Spans waiting for OTLP export (at most telemetry.otlp.max_queue_spans)",
+            m.queued.clone(),
+        );
+        r.register(
+            "telemetry_metric_exports",
+            "OTLP exports of the GenAI metrics, by result (ok, failed, timeout)",
+            m.metric_exports.clone(),
+        );
+        for reason in SpanDrop::ALL {
+            let _ = m.dropped_spans.get_or_create(&Reason {
+                reason: reason.as_str(),
+            });
+        }
+        m
+    }
+
+    /// `n` spans dropped for `reason`.
+    pub fn dropped(&self, reason: SpanDrop, n: u64) {
+        self.dropped_spans
+            .get_or_create(&Reason {
+                reason: reason.as_str(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn metric_export(&self, result: &'static str) {
+        self.metric_exports
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+}
 
 /// Spans waiting for export, at most `max` of them.
 pub struct SpanQueue {
@@ -56,13 +149,13 @@ impl SpanQueue {
             let mut q = self.spans.lock().unwrap_or_else(|e| e.into_inner());
             if q.len() + n > self.max {
                 drop(q);
-                self.metrics.telemetry_dropped("queue_full", n as u64);
+                self.metrics.dropped(SpanDrop::QueueFull, n as u64);
                 return;
             }
             q.extend(spans);
             q.len()
         };
-        self.metrics.telemetry_queued.set(len as i64);
+        self.metrics.queued.set(len as i64);
         if len >= self.batch {
             self.ready.notify_one();
         }
@@ -72,7 +165,7 @@ impl SpanQueue {
         let mut q = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         let n = q.len().min(self.batch);
         let out: Vec<Span> = q.drain(..n).collect();
-        self.metrics.telemetry_queued.set(q.len() as i64);
+        self.metrics.queued.set(q.len() as i64);
         out
     }
 
@@ -178,21 +271,21 @@ pub async fn run(
             drop(batch);
             match sender.post(&sender.traces, body).await {
                 Sent::Ok => {
-                    metrics.telemetry_exported.inc_by(n);
+                    metrics.exported.inc_by(n);
                     if failing {
                         tracing::info!("OTLP span export works again");
                         failing = false;
                     }
                 }
                 Sent::Failed(why) => {
-                    metrics.telemetry_dropped("export_failed", n);
+                    metrics.dropped(SpanDrop::ExportFailed, n);
                     if !failing {
                         tracing::warn!(reason = %why, endpoint = %sender.traces, "OTLP span export failed; spans are dropped (counted) until it works");
                         failing = true;
                     }
                 }
                 Sent::Timeout => {
-                    metrics.telemetry_dropped("export_timeout", n);
+                    metrics.dropped(SpanDrop::ExportTimeout, n);
                     if !failing {
                         tracing::warn!(endpoint = %sender.traces, "OTLP span export timed out; spans are dropped (counted) until it works");
                         failing = true;
@@ -213,7 +306,7 @@ pub async fn run(
                 Sent::Failed(_) => "failed",
                 Sent::Timeout => "timeout",
             };
-            metrics.telemetry_metric_export(result);
+            metrics.metric_export(result);
             next_metrics = Some(tokio::time::Instant::now() + every);
         }
         if stopping {

@@ -345,7 +345,7 @@ mod tests {
         );
         let mut reg = prometheus_client::registry::Registry::default();
         reg.register_collector(Box::new(GenAiCollector(g.clone())));
-        let text = crate::metrics::encode(&reg);
+        let text = crate::record::metrics::encode(&reg);
         assert!(
             text.contains(
                 "gen_ai_client_token_usage_bucket{le=\"16.0\",bulkhead_tenant=\"acme\",gen_ai_operation_name=\"chat\",gen_ai_token_type=\"input\"} 1"

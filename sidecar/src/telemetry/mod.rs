@@ -10,8 +10,8 @@ pub mod genai;
 pub mod trace;
 
 use crate::config::OtlpConfig;
-use crate::metrics::Metrics;
 use agent_common::otlp::{self, Attr, Event, Link, Span, SpanKind, StatusCode};
+use export::Metrics;
 use http::{HeaderMap, HeaderValue};
 use std::borrow::Cow;
 use std::sync::Arc;

@@ -1,10 +1,10 @@
-//! Shared test harness: a simulator and a sidecar on 127.0.0.1:0 in the test's runtime.
-#![allow(dead_code)]
+//! Shared test harness: a simulator and a sidecar on 127.0.0.1:0 in the test's runtime
+//! (`bulkhead_testkit::in_process`), with the sidecar tests' configuration and keys.
+#![allow(dead_code, unused_imports)]
 
-use base64::Engine;
-use bulkhead_sidecar::Config;
-use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
+use bulkhead_client::SignOptions;
 use bulkhead_sim::{SimConfig, SimHandle};
+use bulkhead_testkit::in_process::InProcess;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
@@ -14,7 +14,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+pub use bulkhead_testkit::http::metric_in;
+pub use bulkhead_testkit::now;
+pub use bulkhead_testkit::sidecar::signed_headers;
 
 pub const GW_KEY: &[u8] = b"gateway-secret-0123456789abcdef!";
 pub const ACME_KEY: &[u8] = b"acme-only-secret-0123456789abcde";
@@ -26,15 +30,7 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub client: Client<HttpConnector, Full<Bytes>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    pub task: Option<tokio::task::JoinHandle<Result<(), bulkhead_sidecar::SidecarError>>>,
-}
-
-pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    pub sidecar: InProcess,
 }
 
 /// The test configuration; `extra` is appended (tenants and overrides).
@@ -103,55 +99,27 @@ impl Harness {
     ) -> Harness {
         let sim = SimHandle::start(sim).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let b64 = base64::engine::general_purpose::STANDARD;
-        std::fs::write(dir.path().join("gw.key"), b64.encode(GW_KEY)).unwrap();
-        std::fs::write(dir.path().join("acme.key"), b64.encode(ACME_KEY)).unwrap();
+        bulkhead_testkit::write_key(&dir.path().join("gw.key"), GW_KEY);
+        bulkhead_testkit::write_key(&dir.path().join("acme.key"), ACME_KEY);
         let mut text = config_text(&sim.url(), dir.path(), tenants);
         tweak(&mut text);
         let config_path = dir.path().join("sidecar.toml");
         std::fs::write(&config_path, &text).unwrap();
-        let config = Config::from_toml(&text).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let admin = admin_l.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         opts.config_path = Some(config_path.clone());
         if opts.reload_poll == bulkhead_sidecar::Options::default().reload_poll {
             opts.reload_poll = Duration::from_millis(25);
         }
-        let task = tokio::spawn(bulkhead_sidecar::run_with(
-            listener,
-            admin_l,
-            config,
-            opts,
-            async move {
-                let _ = rx.await;
-            },
-        ));
+        let sidecar = InProcess::start(&text, opts).await;
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
-        // Wait until the sidecar serves (poll with a deadline).
-        let ready: Uri = format!("http://{admin}/readyz").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = client.get(ready.clone()).await
-                && r.status() == http::StatusCode::OK
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "sidecar never became ready");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         Harness {
             sim,
-            addr,
-            admin,
+            addr: sidecar.addr,
+            admin: sidecar.admin,
             dir,
             config_path,
             client,
-            stop: Some(tx),
-            task: Some(task),
+            sidecar,
         }
     }
 
@@ -253,24 +221,12 @@ impl Harness {
 
     /// Poll until `series` reaches `want` (or panic at the deadline).
     pub async fn wait_metric(&self, series: &str, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let v = self.metric(series).await;
-            if v == Some(want) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{series} is {v:?}, want {want}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let url = format!("http://{}/metrics", self.admin);
+        bulkhead_testkit::http::wait_metric(&url, series, want).await;
     }
 
     pub async fn shutdown(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.unwrap().unwrap();
-        }
+        self.sidecar.shutdown().await;
     }
 
     /// Replace the config file atomically (as a Kubernetes volume update does).
@@ -282,48 +238,13 @@ impl Harness {
 
     /// Shut down and keep the temporary directory (audit files) for inspection.
     pub async fn shutdown_keep_dir(mut self) -> tempfile::TempDir {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.unwrap().unwrap();
-        }
+        self.sidecar.shutdown().await;
         self.dir
     }
 
     pub fn trigger_shutdown(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+        self.sidecar.trigger_shutdown();
     }
-}
-
-/// The headers a gateway sends for `body`: the tenant header, content type and an RFC 9421
-/// signature by `key_id` (`tweak` adjusts the signing options).
-pub fn signed_headers(
-    tenant: &str,
-    method: &Method,
-    path: &str,
-    body: &[u8],
-    key_id: &str,
-    key: &[u8],
-    tweak: impl FnOnce(&mut SignOptions),
-) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert(TENANT_HEADER, HeaderValue::from_str(tenant).unwrap());
-    headers.insert("content-type", HeaderValue::from_static("application/json"));
-    let mut o = SignOptions::new(key_id, now());
-    tweak(&mut o);
-    let path_only: Uri = path.parse().unwrap();
-    sign_request(method, &path_only, &mut headers, body, key, &o).unwrap();
-    headers
-}
-
-pub fn metric_in(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 pub fn chat(content: &str, extra: &str) -> String {

@@ -15,14 +15,12 @@ mod fairness;
 #[path = "../bench_proxy.rs"]
 mod proxy;
 use proxy::{Body, Kind, load, request};
-#[path = "../bench_scan.rs"]
-mod scan;
 #[path = "../bench_telemetry.rs"]
 mod telemetry;
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use bulkhead_sidecar::signature::{SignOptions, TENANT_HEADER, sign_request};
+use bulkhead_client::{SignOptions, TENANT_HEADER, sign_request};
 use bytes::Bytes;
 use clap::Parser;
 use http::{HeaderValue, Method, Request};
@@ -85,9 +83,6 @@ struct Args {
     /// (Jain's index of served tokens, a light tenant's TTFT, the queue's throughput).
     #[arg(long)]
     fairness: bool,
-    /// Instead: the cost of leak scanning per KiB, with 10 and 1,000 canaries.
-    #[arg(long)]
-    scan: bool,
     /// Instead: compare the limits backends. `redis` starts a redis-server (no persistence) and
     /// runs the sidecar with `local`, `redis` strict and `redis` leased limits, interleaved.
     #[arg(long)]
@@ -1053,9 +1048,6 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    if args.scan {
-        return scan::run();
-    }
     if args.fairness {
         let r = fairness::run(&args, &bin_dir, &dir);
         let _ = std::fs::remove_dir_all(&dir);

@@ -7,10 +7,10 @@ use super::{
     Class, Engine, Inspected, MAX_DEPTH, MEDIA_PAYLOAD, MEDIA_TYPES, Policy, bad, class_of,
     depth_ok, engine_field, engine_fields, generation, tool_name,
 };
-use crate::proxy::refusal::Refusal;
+use crate::auth::scope::Scope;
+use crate::proxy::refusal::{Refusal, RefusalCode};
 use crate::proxy::routes::{Api, Route};
-use crate::schema::Body;
-use crate::scope::Scope;
+use crate::proxy::schema::Body;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
@@ -67,26 +67,26 @@ impl Tally {
 /// Parse, check and rewrite the body of an inspected route.
 pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspected, Refusal> {
     let Some(schema) = route.body() else {
-        return Err(Refusal::invalid(
-            "invalid_parameter",
+        return Err(Refusal::new(
+            RefusalCode::InvalidParameter,
             "this route takes no inspected body",
         ));
     };
     let mut v: Value = serde_json::from_slice(body).map_err(|e| {
-        Refusal::invalid(
-            "invalid_json",
+        Refusal::new(
+            RefusalCode::InvalidJson,
             format!("the request body is not valid JSON: {e}"),
         )
     })?;
     if !depth_ok(&v) {
-        return Err(Refusal::invalid(
-            "invalid_json",
+        return Err(Refusal::new(
+            RefusalCode::InvalidJson,
             format!("the request body nests deeper than {MAX_DEPTH} levels"),
         ));
     }
     let Some(obj) = v.as_object_mut() else {
-        return Err(Refusal::invalid(
-            "invalid_json",
+        return Err(Refusal::new(
+            RefusalCode::InvalidJson,
             "the request body must be a JSON object",
         ));
     };
@@ -152,7 +152,7 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
             h.update(&out[r.clone()]);
             h.update(b"\n");
         }
-        info.prompt_hash = Some(crate::audit::hex_tag(&h.sign()));
+        info.prompt_hash = Some(crate::record::audit::hex_tag(&h.sign()));
     }
     info.body = Bytes::from(out);
     Ok(info)
@@ -169,7 +169,10 @@ fn serialise<'k>(
     capacity: usize,
 ) -> Result<(Vec<u8>, PromptRanges<'k>), Refusal> {
     let failed = |e: serde_json::Error| {
-        Refusal::invalid("invalid_json", format!("cannot re-serialise the body: {e}"))
+        Refusal::new(
+            RefusalCode::InvalidJson,
+            format!("cannot re-serialise the body: {e}"),
+        )
     };
     let mut out = Vec::with_capacity(capacity);
     let mut ranges = Vec::with_capacity(prompt_fields.len());
@@ -375,10 +378,10 @@ mod tests {
 #[cfg(test)]
 mod differential {
     use super::super::{Flavor, Inspected, Policy, inspect as single_pass};
+    use crate::auth::scope::{Scope, ScopeConfig};
     use crate::proxy::refusal::Refusal;
     use crate::proxy::routes::{Api, Route};
-    use crate::schema::Body;
-    use crate::scope::{Scope, ScopeConfig};
+    use crate::proxy::schema::Body;
     use proptest::prelude::*;
     use serde_json::{Map, Value};
 
@@ -868,7 +871,12 @@ mod differential {
     }
 
     fn refusal(r: &Refusal) -> (u16, &str, &str, &str) {
-        (r.status.as_u16(), r.kind, r.code, &r.message)
+        (
+            r.status().as_u16(),
+            r.code.kind(),
+            r.code.as_str(),
+            &r.message,
+        )
     }
 
     /// Both paths on one body: the same refusal, or the same reading and forwarded object.
@@ -938,7 +946,7 @@ mod differential {
                     escaped_ok += usize::from(b.contains(&b'\\'));
                 }
                 Err(r) => {
-                    codes.insert(r.code);
+                    codes.insert(r.code.as_str());
                 }
             }
             agree(route, p, &b).unwrap();
@@ -965,8 +973,8 @@ mod differential {
 #[cfg(test)]
 mod cost {
     use super::super::{Policy, inspect as single_pass};
+    use crate::auth::scope::Scope;
     use crate::proxy::routes::{Api, Route};
-    use crate::scope::Scope;
 
     /// A chat body whose user message holds `prompt_bytes` of prose (with line breaks).
     pub fn chat_body(prompt_bytes: usize) -> Vec<u8> {

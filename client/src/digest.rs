@@ -1,0 +1,25 @@
+//! RFC 9530 `Content-Digest` of a body, as a signer sets it.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ring::digest;
+
+/// `sha-256=:<base64>:` for `body`.
+pub fn content_digest_sha256(body: &[u8]) -> String {
+    let d = digest::digest(&digest::SHA256, body);
+    format!("sha-256=:{}:", STANDARD.encode(d.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc9530_example_sha256() {
+        // RFC 9530 section 2: the body `{"hello": "world"}`.
+        assert_eq!(
+            content_digest_sha256(br#"{"hello": "world"}"#),
+            "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"
+        );
+    }
+}
