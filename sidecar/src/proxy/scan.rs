@@ -15,9 +15,11 @@
 //! - `canon`: its bytes are exactly serde_json's compact serialisation (no whitespace, keys in
 //!   order, escapes as serde_json writes them), so the audit hashes them as they are.
 
-use super::inspect::MAX_DEPTH;
 use std::borrow::Cow;
 use std::ops::Range;
+
+/// Nesting beyond this is refused (tool schemas nest, but not this deep).
+pub const MAX_DEPTH: usize = 64;
 
 /// Nesting the parser follows at all, beyond serde_json's own limit (128): deeper is refused
 /// whatever it is, as serde_json refuses it.
