@@ -25,7 +25,10 @@ pub const CORE: &[(&[&str], &[&str])] = &[
             "sidecar/src/auth/digest.rs",
             "sidecar/src/proxy/routes.rs",
             "sidecar/src/limits/local.rs",
-            "sidecar/src/proxy/inspect.rs",
+            "sidecar/src/proxy/inspect/mod.rs",
+            "sidecar/src/proxy/inspect/fields.rs",
+            "sidecar/src/proxy/inspect/scope.rs",
+            "sidecar/src/proxy/scan.rs",
             "sidecar/src/proxy/schema.rs",
             "sidecar/src/auth/scope.rs",
             "sidecar/src/cache/gate.rs",
@@ -294,6 +297,21 @@ pub fn verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_core_file_exists() {
+        let root = crate::root();
+        let missing: Vec<&str> = CORE
+            .iter()
+            .flat_map(|(files, _)| files.iter().copied())
+            .chain(FAST.iter().copied())
+            .filter(|f| !root.join(f).is_file())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "CORE names files that are gone: {missing:?}"
+        );
+    }
 
     #[test]
     fn positions_are_dropped_and_descriptions_kept() {
