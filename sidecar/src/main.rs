@@ -10,6 +10,12 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's malloc: the request path allocates and frees many small,
+/// short-lived buffers, and glibc's `_int_malloc`/`_int_free`/`malloc_consolidate` were about a
+/// tenth of the sidecar's CPU (BENCHMARKS.md, 2026-12-07).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a configuration error (EX_CONFIG).
 const EX_CONFIG: u8 = 78;
 
@@ -383,9 +389,13 @@ fn serve(a: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EX_CONFIG));
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // `runtime.worker_threads`: 0 leaves tokio's default, one per CPU.
+    if config.runtime.worker_threads > 0 {
+        builder.worker_threads(config.runtime.worker_threads);
+    }
+    let rt = builder.enable_all().build()?;
+    let workers = rt.metrics().num_workers();
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen.addr)
             .await
@@ -393,7 +403,7 @@ fn serve(a: RunArgs) -> anyhow::Result<ExitCode> {
         let admin = tokio::net::TcpListener::bind(config.listen.admin_addr)
             .await
             .with_context(|| format!("binding listen.admin_addr {}", config.listen.admin_addr))?;
-        tracing::info!(addr = %config.listen.addr, admin = %config.listen.admin_addr, "bulkhead-sidecar listening");
+        tracing::info!(addr = %config.listen.addr, admin = %config.listen.admin_addr, workers, "bulkhead-sidecar listening");
         let opts = bulkhead_sidecar::Options {
             config_path: Some(path),
             sighup: true,

@@ -235,3 +235,55 @@ fn log_format_json_writes_json_lines() {
         }
     }
 }
+
+/// `runtime.worker_threads` is applied (it was read, validated and documented, but the
+/// runtime was always built with one worker per CPU): the start line names the count.
+#[test]
+fn the_runtime_has_the_configured_worker_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("gw.key");
+    std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
+    for workers in [1usize, 3] {
+        let config = dir.path().join(format!("w{workers}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[upstream]\nurl = \"http://127.0.0.1:1\"\n[listen]\naddr = \"127.0.0.1:0\"\n\
+                 admin_addr = \"127.0.0.1:0\"\n[audit]\ndir = \"{}\"\n[runtime]\n\
+                 worker_threads = {workers}\n[tenants.acme]\n[[keys]]\nid = \"gw\"\n\
+                 secret_files = [\"{}\"]\ntenants = [\"*\"]\n",
+                dir.path().display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Read the log until the start line (or the end of output: the test then fails).
+        let out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .find(|l| l.contains("bulkhead-sidecar listening"))
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !reader.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = reader
+            .join()
+            .unwrap()
+            .expect("the sidecar logged its start");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["fields"]["workers"], workers, "{line}");
+    }
+}

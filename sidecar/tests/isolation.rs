@@ -554,3 +554,39 @@ async fn shared_requests_are_refused_not_held_behind_an_exclusive_window_that_do
         s.h.shutdown().await;
     }
 }
+
+/// The forwarded body differs from the client's (the salt replaced or added), so the
+/// Content-Digest sent along is taken again; it is resumed from the client's digest check where
+/// the two bodies share a prefix. Long prompts (several of the kept 16 KiB states), the salt
+/// added at the end or a client salt replaced at the start: the upstream's digest always
+/// describes the bytes it got.
+#[tokio::test]
+async fn the_forwarded_digest_of_a_long_salted_prompt_describes_the_forwarded_body() {
+    let tenants = "[tenants.acme]\nisolation = \"salted\"\n";
+    // No simulated prefill time: the prompt is long, the cache is not what is tested.
+    let s = start_sim("vllm", tenants, "", SimConfig::default()).await;
+    let h = &s.h;
+    let long = "retrieved passage words ".repeat(1_600);
+    let bodies = [
+        chat(&long, ""),
+        format!(
+            r#"{{"cache_salt":"client-salt","model":"m","messages":[{{"role":"user","content":"{long}"}}]}}"#
+        ),
+    ];
+    for body in &bodies {
+        assert!(body.len() > 2 * 16 * 1024);
+        let (p, _) = h
+            .send_collect(h.signed("acme", Method::POST, "/v1/chat/completions", body))
+            .await;
+        assert_eq!(p.status, StatusCode::OK);
+    }
+    let reqs = h.sim.sim.requests();
+    assert_eq!(reqs.len(), 2);
+    for (r, sent) in reqs.iter().zip(&bodies) {
+        assert_ne!(&r.body[..], sent.as_bytes(), "the salt changed the body");
+        assert!(json(&r.body)["cache_salt"].as_str().is_some());
+        let cd = r.headers["content-digest"].to_str().unwrap();
+        bulkhead_sidecar::auth::digest::verify(cd, &r.body).unwrap();
+    }
+    s.h.shutdown().await;
+}

@@ -506,6 +506,9 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
                     // has run: the large-body runs come after.
                     throughput_rss_kib = hwm;
                 }
+                if trial == 0 {
+                    put(k, "throughput_peak_rss_mib", hwm as f64 / 1024.0);
+                }
                 put(k, "rps", r.rps);
                 put(k, "errors", r.errors as f64);
                 put(
@@ -719,6 +722,10 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             ("req/s at the throughput run", "rps"),
             ("p99 at 1 connection", "p99_us"),
             ("p99 at 1 connection, 256 KiB", "p99_us_256k"),
+            (
+                "peak RSS under the throughput run (MiB, first trial)",
+                "throughput_peak_rss_mib",
+            ),
         ] {
             let r = med(s, name) / med(b, name);
             report.insert(format!("sidecar_vs_baseline_{name}"), r.into());

@@ -41,6 +41,8 @@ pub(super) struct Verified {
     pub key_id: String,
     /// Lowercase names of the headers the credential covers (kept even if reserved).
     pub covered_headers: std::collections::HashSet<String>,
+    /// The client body's SHA-256 prefix states (signed requests with a sha-256 digest).
+    pub digest_prefixes: Option<crate::auth::digest::Sha256Prefixes>,
 }
 
 /// Phase: authenticate from the headers alone and look the tenant up once. A request with

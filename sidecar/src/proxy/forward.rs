@@ -3,6 +3,7 @@
 
 use super::exchange::Exchange;
 use super::{Refusal, RefusalCode};
+use crate::auth::digest::Sha256Prefixes;
 use crate::auth::signature::RESERVED_PREFIX;
 use crate::runtime::{ConnCtx, Runtime, TenantRuntime};
 use bytes::Bytes;
@@ -12,6 +13,15 @@ use http::{Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::time::Duration;
+
+// Header names built once, not parsed from a string on every request.
+const SIGNATURE: HeaderName = HeaderName::from_static("signature");
+const SIGNATURE_INPUT: HeaderName = HeaderName::from_static("signature-input");
+const CONTENT_DIGEST: HeaderName = HeaderName::from_static("content-digest");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The upstream's answer, ready to be metered.
 pub(super) struct Forward {
@@ -28,7 +38,7 @@ pub(super) fn upstream_request(
     conn: &ConnCtx,
     parts: Parts,
     covered: &std::collections::HashSet<String>,
-    body: Bytes,
+    (client_body, prefixes, body): (&Bytes, Option<&Sha256Prefixes>, Bytes),
 ) -> Result<Request<Full<Bytes>>, Refusal> {
     let mut h = parts.headers;
     crate::proxy::upstream::strip_hop_by_hop(&mut h);
@@ -45,33 +55,38 @@ pub(super) fn upstream_request(
         h.remove(k);
     }
     // The body may have been re-serialised: a digest sent along describes the new one.
-    let had_digest = h.contains_key("content-digest");
+    let had_digest = h.contains_key(&CONTENT_DIGEST);
     for k in [
-        "signature",
-        "signature-input",
-        "host",
-        "content-digest",
-        "content-length",
-        "x-request-id",
+        SIGNATURE,
+        SIGNATURE_INPUT,
+        header::HOST,
+        CONTENT_DIGEST,
+        header::CONTENT_LENGTH,
+        X_REQUEST_ID,
     ] {
         h.remove(k);
     }
     if had_digest {
+        // The client's digest check kept the hash of its prefixes: only what the forwarded
+        // body changed (usually the members added at its end) is hashed again.
+        let digest = match prefixes {
+            Some(p) => p.content_digest(client_body, &body),
+            None => crate::auth::digest::content_digest_sha256(&body),
+        };
         h.insert(
-            "content-digest",
-            HeaderValue::from_str(&crate::auth::digest::content_digest_sha256(&body))
-                .expect("a digest is a valid header value"),
+            CONTENT_DIGEST,
+            HeaderValue::from_str(&digest).expect("a digest is a valid header value"),
         );
     }
-    h.insert("x-request-id", ex.request_id_header().clone());
+    h.insert(X_REQUEST_ID, ex.request_id_header().clone());
     // The trace context is the sidecar's: the upstream's spans join the sidecar's trace, never
     // one a client named (a trusted tenant's trace is continued through the sidecar's span).
-    h.remove("traceparent");
-    h.remove("tracestate");
+    h.remove(&TRACEPARENT);
+    h.remove(&TRACESTATE);
     if let Some((parent, state)) = ex.trace().upstream() {
-        h.insert("traceparent", parent);
+        h.insert(TRACEPARENT, parent);
         if let Some(state) = state {
-            h.insert("tracestate", state);
+            h.insert(TRACESTATE, state);
         }
     }
     // Identity headers that routers and engines behind the sidecar read: the verified tenant,
@@ -93,12 +108,12 @@ pub(super) fn upstream_request(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", conn.peer.ip()),
         None => conn.peer.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+        h.insert(X_FORWARDED_FOR, v);
     }
     let mut uri_parts = rt.upstream.clone().into_parts();
     uri_parts.path_and_query = parts.uri.path_and_query().cloned();

@@ -117,6 +117,7 @@ async fn proxy(
                 Verified {
                     key_id: v.key_id,
                     covered_headers: v.covered_headers,
+                    digest_prefixes: v.digest_prefixes,
                 },
                 nonce,
             )
@@ -126,6 +127,7 @@ async fn proxy(
             Verified {
                 key_id: format!("jwt:{}", id.kid),
                 covered_headers: Default::default(),
+                digest_prefixes: None,
             },
             None,
         ),
@@ -133,6 +135,8 @@ async fn proxy(
     // Attributed to the tenant only once everything verified.
     ex.attribute(tenant.clone(), verified.key_id);
     let t = ex.trace().now();
+    // The client's bytes, kept until the forwarded body's digest is taken.
+    let client_body = body.clone();
     let info = async {
         let info = inspect_body(
             &mut ex.inspecting(),
@@ -162,7 +166,15 @@ async fn proxy(
         completion_reserve: info.completion_reserve,
     };
     let (permit, gate) = wait_turn(ex, &tenant, &rt, ask).await?;
-    let up = upstream_request(ex, &rt, conn, parts, &verified.covered_headers, info.body)?;
+    let up = upstream_request(
+        ex,
+        &rt,
+        conn,
+        parts,
+        &verified.covered_headers,
+        (&client_body, verified.digest_prefixes.as_ref(), info.body),
+    )?;
+    drop(client_body);
     let kv = KvCharge::new(
         tenant.metrics.kv_tokens.clone(),
         tenant.metrics.kv_bytes.clone(),

@@ -449,30 +449,36 @@ impl Refusal {
     }
 }
 
-/// OpenAI's `x-ratelimit-*` headers.
+/// OpenAI's `x-ratelimit-*` headers (names built once; counts written as integers).
 pub fn rate_headers(h: &mut HeaderMap, info: &RateInfo) {
-    let mut set = |name: &'static str, v: String| {
-        if let Ok(v) = HeaderValue::from_str(&v) {
+    use http::HeaderName;
+    const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+    const REMAINING_REQUESTS: HeaderName =
+        HeaderName::from_static("x-ratelimit-remaining-requests");
+    const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+    const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+    const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+    const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+    let mut reset = |name: HeaderName, d: Duration| {
+        if let Ok(v) = HeaderValue::from_str(&format_reset(d)) {
             h.insert(name, v);
         }
     };
-    if let Some(v) = info.limit_requests {
-        set("x-ratelimit-limit-requests", v.to_string());
+    if let Some(d) = info.reset_requests {
+        reset(RESET_REQUESTS, d);
     }
-    if let Some(v) = info.remaining_requests {
-        set("x-ratelimit-remaining-requests", v.to_string());
+    if let Some(d) = info.reset_tokens {
+        reset(RESET_TOKENS, d);
     }
-    if let Some(v) = info.reset_requests {
-        set("x-ratelimit-reset-requests", format_reset(v));
-    }
-    if let Some(v) = info.limit_tokens {
-        set("x-ratelimit-limit-tokens", v.to_string());
-    }
-    if let Some(v) = info.remaining_tokens {
-        set("x-ratelimit-remaining-tokens", v.to_string());
-    }
-    if let Some(v) = info.reset_tokens {
-        set("x-ratelimit-reset-tokens", format_reset(v));
+    for (name, v) in [
+        (LIMIT_REQUESTS, info.limit_requests),
+        (REMAINING_REQUESTS, info.remaining_requests),
+        (LIMIT_TOKENS, info.limit_tokens),
+        (REMAINING_TOKENS, info.remaining_tokens),
+    ] {
+        if let Some(v) = v {
+            h.insert(name, HeaderValue::from(v));
+        }
     }
 }
 

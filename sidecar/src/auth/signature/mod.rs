@@ -145,6 +145,9 @@ pub struct Verified {
     pub covered_headers: HashSet<String>,
     /// What the key may ask for.
     pub scope: Arc<Scope>,
+    /// The SHA-256 states of the body's prefixes, kept by the Content-Digest check (when the
+    /// digest has a sha-256 member) for the forwarded body's digest.
+    pub digest_prefixes: Option<digest::Sha256Prefixes>,
 }
 
 /// What the head of a request proved; the body is checked by [`PendingAuth::finish`].
@@ -207,17 +210,16 @@ impl PendingAuth {
         // Re-checked because the replay entry of this nonce is dropped at `forget_at`: a copy
         // whose head was checked in time but whose body ended later must not slip through.
         verifier.check_time(self.created, self.expires, now)?;
-        match &self.content_digest {
-            Some(v) => {
-                digest::verify(v, body).map_err(|e| AuthError::DigestMismatch(e.to_string()))?;
-            }
+        let digest_prefixes = match &self.content_digest {
+            Some(v) => digest::verify_keeping(v, body)
+                .map_err(|e| AuthError::DigestMismatch(e.to_string()))?,
             None if !body.is_empty() => {
                 return Err(malformed(
                     "content-digest must be covered when there is a body",
                 ));
             }
-            None => {}
-        }
+            None => None,
+        };
         let record = NonceRecord {
             key_id: self.key_id.clone(),
             nonce: self.nonce,
@@ -231,6 +233,7 @@ impl PendingAuth {
                 key_id: self.key_id,
                 covered_headers: self.covered_headers,
                 scope: self.scope,
+                digest_prefixes,
             },
             record,
         ))
