@@ -566,6 +566,13 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     let (_, rss_kib) = proc_stats(sidecar.child.id());
+    // The whole run's peak of every target, one value (not per trial).
+    for (k, _, pid) in &targets {
+        let (_, hwm) = proc_stats(*pid);
+        m.entry((*k, "peak_rss_mib".to_string()))
+            .or_default()
+            .push(hwm as f64 / 1024.0);
+    }
     let med = |k: Kind, name: &str| {
         m.get(&(k, name.to_string()))
             .map_or(f64::NAN, |v| median(v.clone()))
@@ -726,6 +733,7 @@ pub fn run(args: &Args, bin_dir: &Path, dir: &Path) -> anyhow::Result<()> {
                 "peak RSS under the throughput run (MiB, first trial)",
                 "throughput_peak_rss_mib",
             ),
+            ("peak RSS over the whole run (MiB)", "peak_rss_mib"),
         ] {
             let r = med(s, name) / med(b, name);
             report.insert(format!("sidecar_vs_baseline_{name}"), r.into());
