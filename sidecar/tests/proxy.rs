@@ -152,6 +152,8 @@ async fn spoofed_headers_and_cache_salt_are_removed() {
     req.headers_mut().insert("x-hop", "1".parse().unwrap());
     req.headers_mut()
         .insert("x-end-to-end", "1".parse().unwrap());
+    req.headers_mut()
+        .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
     let (p, _) = h.send_collect(req).await;
     assert_eq!(p.status, StatusCode::OK);
     // A covered x-bulkhead-* header is kept.
@@ -185,6 +187,11 @@ async fn spoofed_headers_and_cache_salt_are_removed() {
     assert!(!first.headers.contains_key("x-bulkhead-tenant-override"));
     assert!(!first.headers.contains_key("x-hop"));
     assert!(first.headers.contains_key("x-end-to-end"));
+    // The client's address is appended to the chain it sent; the second request sent none.
+    assert_eq!(first.headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(reqs[1].headers["x-forwarded-for"], "127.0.0.1");
+    // The sidecar's own request id, never the client's; no trace context a client named.
+    assert_eq!(first.headers["x-request-id"].len(), 32);
     assert_eq!(first.headers["x-bulkhead-tenant"], "acme");
     let v = json(&first.body);
     assert!(v.get("cache_salt").is_none(), "{v}");

@@ -306,6 +306,25 @@ fn bodies_the_parser_rejects_are_refused() {
             String::from_utf8_lossy(b)
         );
     }
+    // Each refusal names what is wrong, as serde_json reads the body.
+    let message = |b: &[u8]| {
+        inspect(Route::Generate(Api::Completions), b, P)
+            .unwrap_err()
+            .message
+            .into_owned()
+    };
+    assert_eq!(
+        message(br#"["prompt"]"#),
+        "the request body must be a JSON object"
+    );
+    assert_eq!(
+        message(deep.as_bytes()),
+        format!("the request body nests deeper than {MAX_DEPTH} levels")
+    );
+    assert!(
+        message(br#"{"prompt":"x","temperature":NaN}"#)
+            .starts_with("the request body is not valid JSON: ")
+    );
     // Duplicate keys: the forwarded body has one, the sidecar's.
     let p = Policy {
         salt: Some("mine"),
