@@ -375,6 +375,16 @@ fn a_body_is_scanned_raw_and_as_decoded_strings_in_any_split() {
         },
     );
     assert_eq!(got, b"k|aA1\xff\xffzb|l|\"\\/\n\t\r\x08\x0cq|y");
+    // Every hex digit counts: U+1041 and U+0141 are not ASCII, so neither can be a pattern
+    // byte (read with a digit dropped, U+1041 would be "A").
+    let mut j = JsonStrings::default();
+    let mut got = Vec::new();
+    j.decode(br#""\u1041\u0141""#, |t| {
+        if let Some(t) = t {
+            got.extend_from_slice(t)
+        }
+    });
+    assert_eq!(got, b"\xff\xff");
     // An open string's text is scanned as its piece arrives.
     let mut r = ResponseScan::default();
     let mut out = Vec::new();
