@@ -6,8 +6,12 @@ use ring::digest;
 
 /// `sha-256=:<base64>:` for `body`.
 pub fn content_digest_sha256(body: &[u8]) -> String {
-    let d = digest::digest(&digest::SHA256, body);
-    format!("sha-256=:{}:", STANDARD.encode(d.as_ref()))
+    sha256_member(digest::digest(&digest::SHA256, body).as_ref())
+}
+
+/// `sha-256=:<base64>:` for a SHA-256 `digest` already taken (the `Content-Digest` value).
+pub fn sha256_member(digest: &[u8]) -> String {
+    format!("sha-256=:{}:", STANDARD.encode(digest))
 }
 
 #[cfg(test)]

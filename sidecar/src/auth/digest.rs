@@ -159,11 +159,7 @@ impl Sha256Prefixes {
         let (at, ctx) = self.resume_point(old, new);
         let mut ctx = ctx.clone();
         ctx.update(&new[at..]);
-        use base64::Engine;
-        format!(
-            "sha-256=:{}:",
-            base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
-        )
+        bulkhead_client::digest::sha256_member(ctx.finish().as_ref())
     }
 }
 
