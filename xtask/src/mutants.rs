@@ -171,6 +171,9 @@ pub fn run(args: &[&str]) -> Result<()> {
                 "CARGO_TARGET_DIR",
                 root.join(format!("target/mutants/{krate}")),
             )
+            // Each mutant is one rebuild of the mutated crate: incremental, even where the
+            // caller turned incremental builds off for a one-off build (.ci/run).
+            .env("CARGO_INCREMENTAL", "1")
             .env("PATH", crate::setup::path_with_linker()?);
         for t in *tests {
             match t.strip_prefix("--test-package=") {
