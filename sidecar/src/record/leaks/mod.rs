@@ -9,10 +9,16 @@
 //! keyword of tenant A seen in tenant B's prompt or response is a hit (`owner` A, `seen_by` B);
 //! in A's own traffic it is not. Patterns are matched ASCII-case-insensitively and are
 //! printable ASCII without `"` or `\`, so their JSON encoding is themselves.
+//!
+//! The automaton reports every pattern, overlapping ones included (a tenant's own canary must
+//! not hide another's that overlaps it), and so runs without a SIMD prefilter at about 1.5 ns
+//! a byte. Most text holds no pattern at all: a [`Gate`] (a leftmost-first SIMD searcher,
+//! Teddy, over the ASCII-lowercased text) says so first, about ten times faster; the
+//! automaton runs only on text the gate found a pattern in.
 
 use crate::config::{Config, OnCanary};
 use crate::record::metrics::{LeakLabel, TenantMarker};
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind, packed};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -131,10 +137,70 @@ pub struct Hit {
     pub seen: Where,
 }
 
+/// Whether a text holds any pattern, ASCII-case-insensitively: never "no" for text that holds
+/// one. A leftmost-first search finds a match whenever any occurrence exists, and, unlike the
+/// overlapping search, can use the SIMD searcher; that searcher is case-sensitive, so the
+/// text is lowercased, a window at a time, into a buffer on the stack.
+#[derive(Debug)]
+struct Gate {
+    searcher: packed::Searcher,
+    /// The longest pattern less one byte: how far consecutive windows overlap, so a pattern
+    /// that starts in one window is wholly in it.
+    overlap: usize,
+}
+
+/// Text the gate lowercases and searches at a time (plus the overlap).
+const GATE_WINDOW: usize = 8 * 1024;
+/// Text shorter than this goes to the automaton directly (the gate would save little).
+const GATE_MIN: usize = 256;
+/// The longest pattern the configuration allows (`check_pattern`).
+const MAX_PATTERN: usize = 256;
+
+impl Gate {
+    /// `None` where the SIMD searcher is not available (no SSSE3, or more than 64 patterns in
+    /// all): every text then goes to the automaton.
+    fn new(texts: &[&str]) -> Option<Self> {
+        let longest = texts.iter().map(|t| t.len()).max()?;
+        if longest > MAX_PATTERN {
+            return None;
+        }
+        let mut b = packed::Config::new()
+            .match_kind(packed::MatchKind::LeftmostFirst)
+            .builder();
+        for t in texts {
+            b.add(t.to_ascii_lowercase());
+        }
+        Some(Self {
+            searcher: b.build()?,
+            overlap: longest - 1,
+        })
+    }
+
+    fn may_match(&self, text: &[u8]) -> bool {
+        let mut buf = [0u8; GATE_WINDOW + MAX_PATTERN];
+        let mut start = 0;
+        loop {
+            let end = (start + GATE_WINDOW + self.overlap).min(text.len());
+            let window = &text[start..end];
+            for (d, s) in buf.iter_mut().zip(window) {
+                *d = s.to_ascii_lowercase();
+            }
+            if self.searcher.find(&buf[..window.len()]).is_some() {
+                return true;
+            }
+            if end == text.len() {
+                return false;
+            }
+            start += GATE_WINDOW;
+        }
+    }
+}
+
 /// The compiled patterns of one configuration.
 #[derive(Debug)]
 pub struct LeakPatterns {
     ac: Option<AhoCorasick>,
+    gate: Option<Gate>,
     patterns: Vec<Pattern>,
     longest: usize,
     /// The shortest pattern's length: shorter text cannot hold one.
@@ -200,6 +266,7 @@ impl LeakPatterns {
             .flatten();
         Self {
             ac,
+            gate: Gate::new(&texts),
             patterns,
             longest,
             shortest,
@@ -224,13 +291,29 @@ impl LeakPatterns {
         }
     }
 
+    /// The id and end of every pattern occurrence in `text`, overlapping ones included.
+    fn each_match(&self, text: &[u8], mut found: impl FnMut(usize, usize)) {
+        let Some(ac) = &self.ac else { return };
+        if text.len() < self.shortest {
+            return;
+        }
+        if text.len() >= GATE_MIN
+            && let Some(gate) = &self.gate
+            && !gate.may_match(text)
+        {
+            return;
+        }
+        for m in ac.find_overlapping_iter(text) {
+            found(m.pattern().as_usize(), m.end());
+        }
+    }
+
     /// Every pattern in `text` (each once), as seen by `tenant`: markers always, canaries and
     /// keywords only when they belong to another tenant.
     pub fn scan(&self, tenant: &str, text: &[u8], seen: Where, out: &mut Vec<Hit>) {
-        let Some(ac) = &self.ac else { return };
-        for m in ac.find_overlapping_iter(text) {
-            self.push(tenant, m.pattern().as_usize(), seen, out);
-        }
+        self.each_match(text, |id, _| {
+            self.push(tenant, id, seen, out);
+        });
     }
 
     /// Record pattern `id` seen by `tenant` (each hit once in `out`); false when it is no hit
@@ -270,15 +353,17 @@ impl StreamScan {
 
     /// Scan the next piece; `found` gets the id of every pattern that ends in it.
     fn feed_ids(&mut self, pats: &LeakPatterns, data: &[u8], mut found: impl FnMut(usize)) {
-        let Some(ac) = &pats.ac else { return };
+        if pats.ac.is_none() {
+            return;
+        }
         let carried = self.buf.len();
         self.buf.extend_from_slice(data);
-        for m in ac.find_overlapping_iter(&self.buf) {
+        pats.each_match(&self.buf, |id, end| {
             // Matches wholly inside the carried tail were reported with the previous piece.
-            if m.end() > carried {
-                found(m.pattern().as_usize());
+            if end > carried {
+                found(id);
             }
-        }
+        });
         let keep = pats.longest.saturating_sub(1).min(self.buf.len());
         let cut = self.buf.len() - keep;
         self.buf.drain(..cut);
@@ -434,15 +519,11 @@ impl ResponseScan {
         k: &str,
         out: &mut Vec<Hit>,
     ) {
-        let Some(ac) = &pats.ac else { return };
-        if k.len() < pats.shortest {
-            return;
-        }
-        for m in ac.find_overlapping_iter(k) {
-            if pats.push(tenant, m.pattern().as_usize(), Where::Response, out) {
+        pats.each_match(k.as_bytes(), |id, _| {
+            if pats.push(tenant, id, Where::Response, out) {
                 record(&mut self.matches, choice, &format!("{path}{{}}"));
             }
-        }
+        });
     }
 
     fn walk(

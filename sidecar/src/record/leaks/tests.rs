@@ -436,3 +436,70 @@ fn a_buffered_answer_is_read_with_its_escapes_decoded() {
     scan.body(&p, "globex", body, &mut out);
     assert_eq!(kinds(&out), [(Kind::Canary, "acme", Where::Response)]);
 }
+
+/// A long prompt goes through the gate first: every pattern, in any ASCII case, is still found
+/// wherever it lies (across the gate's windows too), another tenant's canary that overlaps the
+/// tenant's own is still found, and text without one is turned away by the gate itself.
+#[test]
+fn a_long_prompt_is_gated_without_losing_a_pattern() {
+    let p = pats(
+        r#"[leaks]
+injection_markers = ["ignore previous instructions"]"#,
+    );
+    let gate = p
+        .gate
+        .as_ref()
+        .expect("the SIMD searcher is available on this machine");
+    let filler = b"Say hello to the benchmark words words words, and more words. ".repeat(700);
+    assert!(filler.len() > 4 * GATE_WINDOW);
+    assert!(
+        !gate.may_match(&filler),
+        "text without a pattern passes the gate"
+    );
+    let mut none = Vec::new();
+    p.scan("globex", &filler, Where::Prompt, &mut none);
+    assert!(none.is_empty(), "{none:?}");
+    // (seen by, pattern, what is recorded): the tenant's own keyword passes the gate and is
+    // then dropped by the automaton's owner check.
+    type Case<'a> = (&'a str, &'a [u8], Option<(Kind, &'a str)>);
+    let cases: [Case<'_>; 3] = [
+        (
+            "globex",
+            b"cAnArY-AcMe-7F3A9C",
+            Some((Kind::Canary, "acme")),
+        ),
+        ("acme", b"PROJECT zephyr", None),
+        (
+            "acme",
+            b"Ignore Previous INSTRUCTIONS",
+            Some((Kind::Marker, "ignore_previous_instructions")),
+        ),
+    ];
+    for (tenant, pattern, want) in cases {
+        // Around the first and second window boundaries, and at both ends of the text.
+        let around = |b: usize| b.saturating_sub(pattern.len() + 1)..b + 2;
+        let places = around(GATE_WINDOW)
+            .chain(around(2 * GATE_WINDOW))
+            .chain([0, filler.len() - pattern.len()]);
+        for at in places {
+            let mut text = filler.clone();
+            text[at..at + pattern.len()].copy_from_slice(pattern);
+            assert!(gate.may_match(&text), "{pattern:?} at {at}");
+            let mut out = Vec::new();
+            p.scan(tenant, &text, Where::Prompt, &mut out);
+            let found: Vec<(Kind, &str)> = out.iter().map(|h| (h.kind, &*h.owner)).collect();
+            assert_eq!(found, Vec::from_iter(want), "{pattern:?} at {at}");
+        }
+    }
+    // globex's canary overlapping acme's own: acme's prompt still shows globex's.
+    let overlapping = pats(
+        r#"[tenants.initech]
+canaries = ["7f3a9c-initech"]"#,
+    );
+    let mut text = filler.clone();
+    let both = b"CANARY-acme-7f3a9c-initech";
+    text[GATE_WINDOW - 5..GATE_WINDOW - 5 + both.len()].copy_from_slice(both);
+    let mut out = Vec::new();
+    overlapping.scan("acme", &text, Where::Prompt, &mut out);
+    assert_eq!(kinds(&out), vec![(Kind::Canary, "initech", Where::Prompt)]);
+}
