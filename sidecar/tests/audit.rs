@@ -290,19 +290,37 @@ async fn the_prompt_hash_is_the_documented_hmac_of_the_prompt() {
             .await;
         assert_eq!(p.status, StatusCode::OK);
     }
+    // A long prompt (hashed after the request went out, from pieces of the client's bytes and
+    // the canonical bytes written for the rest: an escape, the keys out of order).
+    let long = "the quick brown fox ".repeat(2500);
+    let (p, _) = h
+        .send_collect(h.signed(
+            "acme",
+            Method::POST,
+            "/v1/chat/completions",
+            &format!(r#"{{"messages":[{{"role":"user","content":"{long}\u00e9"}}],"model":"m"}}"#),
+        ))
+        .await;
+    assert_eq!(p.status, StatusCode::OK);
     let dir = h.shutdown_keep_dir().await;
     let audit = dir.path().join("audit");
-    let tag = ring::hmac::sign(
-        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
-        br#"messages=[{"content":"hello","role":"user"}]
-"#,
-    );
-    let want: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = |input: &[u8]| -> String {
+        let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), input);
+        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let want = hex(br#"messages=[{"content":"hello","role":"user"}]
+"#);
     for tenant in ["acme", "globex"] {
         let recs = records(&audit, tenant);
-        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert_eq!(recs.len(), if tenant == "acme" { 2 } else { 1 }, "{recs:?}");
         assert_eq!(recs[0]["prompt_hash"], want.as_str(), "{tenant}");
     }
+    let want_long =
+        hex(format!("messages=[{{\"content\":\"{long}\u{e9}\",\"role\":\"user\"}}]\n").as_bytes());
+    assert_eq!(
+        records(&audit, "acme")[1]["prompt_hash"],
+        want_long.as_str()
+    );
 }
 
 // ---- The sealed audit's chain, read back with `bulkhead-sidecar audit read` ----

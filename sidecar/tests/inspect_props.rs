@@ -907,7 +907,7 @@ fn outcome(i: &Inspected) -> (Value, bool, bool, u64, u64, Option<String>) {
         i.strip_usage_chunk,
         i.prompt_estimate,
         i.completion_reserve,
-        i.prompt_hash.clone(),
+        i.prompt_hash.as_ref().map(|h| h.value()),
     )
 }
 

@@ -22,7 +22,9 @@ pub mod schema;
 pub mod upstream;
 
 pub use exchange::Usage;
-pub use inspect::{DEFAULT_MEDIA_TOKENS, Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect};
+pub use inspect::{
+    DEFAULT_MEDIA_TOKENS, Inspected, MAX_CHOICES, MAX_DEPTH, Policy, inspect, inspect_bytes,
+};
 pub use meter::UsageScanner;
 pub use refusal::{Refusal, RefusalCode};
 pub use routes::{Api, ROUTES, Route, classify};
@@ -184,6 +186,11 @@ async fn proxy(
         Held::new(permit, gate, kv, tenant.metrics.inflight.clone()),
         info.prompt_estimate,
     );
+    // A long prompt's audit hash is taken while the upstream works: its task is spawned before
+    // the request is sent, so the connection's task, which the request wakes, runs first.
+    if let Some(h) = &ex.inspecting().prompt_hash {
+        h.start();
+    }
     forward(ex, &rt, &tenant, up, info.strip_usage_chunk).await
 }
 
@@ -310,7 +317,7 @@ fn inspect_body(
                 .map_or(DEFAULT_MEDIA_TOKENS, |m| m.media_part_tokens),
             prompt_key: Some(ex.app.audit.prompt_key()),
         };
-        inspect(route, &body, policy)?
+        inspect_bytes(route, &body, policy)?
     } else if matches!(route, Route::Models | Route::StoredResponse) {
         if !body.is_empty() {
             return Err(Refusal::new(

@@ -201,7 +201,8 @@ impl Exchange {
             latency_ms: elapsed.as_secs_f64() * 1e3,
             ttft_ms: self.meter.ttft.map(|d| d.as_secs_f64() * 1e3),
             queue_ms: self.queue_wait.map(|d| d.as_secs_f64() * 1e3),
-            prompt_hash: self.found.prompt_hash.take(),
+            // A long prompt's hash may still be in its task (or not started): taken now.
+            prompt_hash: self.found.prompt_hash.take().map(|h| h.value()),
             leaks: self
                 .found
                 .leaks

@@ -141,7 +141,7 @@ pub struct Findings {
     /// The request body's `model`, for its price.
     pub model: Option<String>,
     pub stream: bool,
-    pub prompt_hash: Option<String>,
+    pub prompt_hash: Option<crate::proxy::inspect::prompt_hash::PromptHash>,
     /// Canaries, keywords and markers found in the prompt and the response.
     pub leaks: Vec<Hit>,
     /// The response is scanned for other tenants' canaries and keywords.

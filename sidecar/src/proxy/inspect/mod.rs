@@ -10,7 +10,7 @@
 
 use super::refusal::{Refusal, RefusalCode};
 use super::routes::{Api, Route};
-use super::scan::{self, Kind, Node};
+use super::scan::{self, Kind, Node, Out};
 use crate::auth::scope::{Scope, quoted};
 use crate::config::Flavor;
 use crate::proxy::schema::{Body, Class, Engine};
@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use std::borrow::Cow;
 
 mod fields;
+pub mod prompt_hash;
 #[cfg(test)]
 mod reference;
 mod scope;
@@ -48,8 +49,8 @@ pub struct Inspected {
     /// The audit log's keyed hash of the prompt fields (with [`Policy::prompt_key`]; `None`
     /// without one or without prompt fields): HMAC-SHA256 over `<field>=<JSON>\n` for each
     /// prompt-bearing field in key order, the JSON as serde_json writes the field's value
-    /// (compact, keys sorted).
-    pub prompt_hash: Option<String>,
+    /// (compact, keys sorted); a long prompt's is taken later ([`prompt_hash`]).
+    pub prompt_hash: Option<prompt_hash::PromptHash>,
     /// Every prompt-bearing string as the model reads it, concatenated in order: what the
     /// leak scan reads.
     pub prompt_text: Vec<u8>,
@@ -255,6 +256,17 @@ fn not_json(body: &[u8], why: scan::Invalid) -> Refusal {
 /// (`safe`), and written as serde_json writes it otherwise; earlier members of a duplicated
 /// key are dropped. So the upstream reads exactly the object the sidecar checked.
 pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspected, Refusal> {
+    inspect_bytes(route, &Bytes::copy_from_slice(body), policy)
+}
+
+/// [`inspect`] of a body the caller holds as [`Bytes`]: a long prompt's hash keeps a reference
+/// to it, not a copy.
+pub fn inspect_bytes(
+    route: Route,
+    client: &Bytes,
+    policy: Policy<'_>,
+) -> Result<Inspected, Refusal> {
+    let body: &[u8] = client;
     let Some(schema) = route.body() else {
         return Err(Refusal::new(
             RefusalCode::InvalidParameter,
@@ -331,17 +343,30 @@ pub fn inspect(route: Route, body: &[u8], policy: Policy<'_>) -> Result<Inspecte
     info.body = Bytes::from(splice(body, &doc, &is_prompt, obj, &before)?);
     // The audit's prompt hash: HMAC over `<field>=<JSON>\n` for each prompt field in key
     // order, the JSON as serde_json writes the value (the client's bytes when they are that
-    // already).
+    // already); a long prompt's input is recorded, to be hashed off the request path.
     if let Some(key) = policy.prompt_key.filter(|_| !prompt_fields.is_empty()) {
-        let mut h = ring::hmac::Context::with_key(key);
-        for &i in &prompt_fields {
-            let m = &doc.members[i];
-            h.update(m.key.as_bytes());
-            h.update(b"=");
-            m.value.write_canonical(body, &mut h);
-            h.update(b"\n");
+        fn input(prompt_fields: &[usize], doc: &scan::Doc<'_>, body: &[u8], h: &mut impl Out) {
+            for &i in prompt_fields {
+                let m = &doc.members[i];
+                h.put(m.key.as_bytes());
+                h.put(b"=");
+                m.value.write_canonical(body, h);
+                h.put(b"\n");
+            }
         }
-        info.prompt_hash = Some(crate::record::audit::hex_tag(&h.sign()));
+        let long: usize = prompt_fields
+            .iter()
+            .map(|&i| doc.members[i].value.span.len())
+            .sum();
+        info.prompt_hash = Some(if long >= prompt_hash::DEFER_FROM {
+            let mut rec = prompt_hash::Recorder::new(client);
+            input(&prompt_fields, &doc, body, &mut rec);
+            rec.finish(key)
+        } else {
+            let mut h = ring::hmac::Context::with_key(key);
+            input(&prompt_fields, &doc, body, &mut h);
+            prompt_hash::PromptHash::ready(crate::record::audit::hex_tag(&h.sign()))
+        });
     }
     Ok(info)
 }
