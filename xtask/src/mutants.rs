@@ -28,6 +28,7 @@ pub const CORE: &[(&[&str], &[&str])] = &[
             "sidecar/src/proxy/inspect/mod.rs",
             "sidecar/src/proxy/inspect/fields.rs",
             "sidecar/src/proxy/inspect/scope.rs",
+            "sidecar/src/proxy/inspect/prompt_hash.rs",
             "sidecar/src/proxy/scan.rs",
             "sidecar/src/proxy/schema.rs",
             "sidecar/src/auth/scope.rs",
