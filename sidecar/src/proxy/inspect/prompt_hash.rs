@@ -153,10 +153,10 @@ impl Out for Recorder<'_> {
         } else {
             let start = self.own.len();
             self.own.extend_from_slice(bytes);
-            let r = start..self.own.len();
             match self.pieces.last_mut() {
-                Some(Piece::Own(last)) if last.end == r.start => last.end = r.end,
-                _ => self.pieces.push(Piece::Own(r)),
+                // `own` grows only here: the last piece of it ends where this one starts.
+                Some(Piece::Own(last)) => last.end = self.own.len(),
+                _ => self.pieces.push(Piece::Own(start..self.own.len())),
             }
         }
     }
@@ -173,14 +173,38 @@ mod tests {
         let body = Bytes::from_static(b"{\"messages\":[{\"content\":\"hi\"}]}");
         let mut rec = Recorder::new(&body);
         let mut ctx = hmac::Context::with_key(&key);
-        let written: [&[u8]; 5] = [b"messages", b"=", &body[12..31], &body[12..13], b"\n"];
+        let written: [&[u8]; 6] = [
+            b"messages",
+            b"=",
+            &body[12..20],
+            &body[20..31],
+            &body[12..13],
+            b"\n",
+        ];
         for w in written {
             rec.put(w);
             ctx.update(w);
         }
-        // "=" is not in the body: copied; the body's two ranges are not adjacent: two pieces.
+        // Copied: what is not in the body. Adjacent ranges of the body are one piece, a range
+        // that does not follow the last is another: `messages=`, 12..31, 12..13, `\n`.
         assert_eq!(rec.own, b"messages=\n");
-        assert_eq!(rec.pieces.len(), 4);
+        let pieces: Vec<(bool, Range<usize>)> = rec
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Body(r) => (true, r.clone()),
+                Piece::Own(r) => (false, r.clone()),
+            })
+            .collect();
+        assert_eq!(
+            pieces,
+            vec![
+                (false, 0..9),
+                (true, 12..31),
+                (true, 12..13),
+                (false, 9..10)
+            ]
+        );
         let want = crate::record::audit::hex_tag(&ctx.sign());
         let h = rec.finish(&key);
         assert_eq!(format!("{h:?}"), "PromptHash(deferred)");

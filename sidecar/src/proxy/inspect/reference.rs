@@ -937,10 +937,23 @@ mod differential {
 
     /// The generator reaches accepted bodies, with escapes, whitespace and duplicates, and
     /// each kind of refusal.
-    /// Long prompts, whose hash is taken off the request path from recorded pieces: the same
-    /// hash as the tree's, whether the prompt's bytes are canonical as sent or not.
+    /// A short prompt's hash is taken in the inspection; a long prompt's (32 KiB and more) is
+    /// recorded as pieces and taken off the request path: the same hash as the tree's, whether
+    /// the prompt's bytes are canonical as sent or not.
     #[test]
     fn a_long_prompts_deferred_hash_is_the_trees() {
+        let short = format!(
+            r#"{{"messages":[{{"content":"{}","role":"user"}}],"model":"m"}}"#,
+            "the quick brown fox ".repeat(100)
+        );
+        let p = policy(0, None);
+        let now = single_pass(Route::Generate(Api::Chat), short.as_bytes(), p).unwrap();
+        let shown = format!("{:?}", now.prompt_hash);
+        assert!(
+            shown.starts_with("Some(PromptHash(") && !shown.contains("deferred"),
+            "{shown}"
+        );
+        assert!(agree(Route::Generate(Api::Chat), p, short.as_bytes()).unwrap());
         let text = "the quick brown fox ".repeat(2000);
         let bodies = [
             // Canonical as sent: the hash reads the client's bytes.

@@ -456,9 +456,15 @@ injection_markers = ["ignore previous instructions"]"#,
         !gate.may_match(&filler),
         "text without a pattern passes the gate"
     );
+    let runs = || AUTOMATON_RUNS.with(|c| c.get());
+    let before = runs();
     let mut none = Vec::new();
     p.scan("globex", &filler, Where::Prompt, &mut none);
     assert!(none.is_empty(), "{none:?}");
+    assert_eq!(runs(), before, "the gate turned the long text away");
+    // Text under GATE_MIN goes to the automaton directly.
+    p.scan("globex", &filler[..GATE_MIN - 1], Where::Prompt, &mut none);
+    assert_eq!(runs(), before + 1);
     // (seen by, pattern, what is recorded): the tenant's own keyword passes the gate and is
     // then dropped by the automaton's owner check.
     type Case<'a> = (&'a str, &'a [u8], Option<(Kind, &'a str)>);
@@ -486,7 +492,13 @@ injection_markers = ["ignore previous instructions"]"#,
             text[at..at + pattern.len()].copy_from_slice(pattern);
             assert!(gate.may_match(&text), "{pattern:?} at {at}");
             let mut out = Vec::new();
+            let before = runs();
             p.scan(tenant, &text, Where::Prompt, &mut out);
+            assert_eq!(
+                runs(),
+                before + 1,
+                "the automaton reads what the gate let through"
+            );
             let found: Vec<(Kind, &str)> = out.iter().map(|h| (h.kind, &*h.owner)).collect();
             assert_eq!(found, Vec::from_iter(want), "{pattern:?} at {at}");
         }
