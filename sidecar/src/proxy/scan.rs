@@ -21,9 +21,10 @@ use std::ops::Range;
 /// Nesting beyond this is refused (tool schemas nest, but not this deep).
 pub const MAX_DEPTH: usize = 64;
 
-/// Nesting the parser follows at all, beyond serde_json's own limit (128): deeper is refused
-/// whatever it is, as serde_json refuses it.
-const PARSE_DEPTH: usize = 130;
+/// Nesting the parser follows at all: serde_json's own limit (its recursion budget of 128
+/// refuses the 128th level, the top object counted). Deeper is refused whatever it is, as
+/// serde_json refuses it, even under a key written again later.
+const PARSE_DEPTH: usize = 127;
 
 /// A value of the body: where it is and what it holds.
 #[derive(Debug)]
@@ -698,6 +699,12 @@ mod tests {
             r#"{"b" : [1, 2.50, -0, 1e5, 18446744073709551616, "\u00e9\/\ud83d\ude00\n\u0001"], "a":{"z":1,"y":{"q":null,"p":true}}, "a":{"k":"v"}}"#,
             r#"{"pr\u006fmpt":"x","messages":[{"role":"user","content":"hi"}]}"#,
             r#"{"x":-1.7976931348623157e308,"y":5e-324,"z":1E400}"#,
+            // One space inside a nested object: before or after a colon, before or after a
+            // comma (each alone makes the object's bytes non-canonical).
+            r#"{"a":{"k" :1}}"#,
+            r#"{"a":{"k": 1}}"#,
+            r#"{"a":{"k":1 ,"l":2}}"#,
+            r#"{"a":{"k":1, "l":2}}"#,
         ] {
             let b = body.as_bytes();
             match serde_json::from_slice::<serde_json::Value>(b) {
@@ -737,6 +744,36 @@ mod tests {
         assert!(parse(body.as_bytes()).is_ok());
         let body = format!(r#"{{"a":[{deep}]}}"#);
         assert_eq!(parse(body.as_bytes()).unwrap_err(), Invalid::Depth);
+        // A value under a key written again later is dropped, as serde_json drops it, only
+        // as deep as serde_json reads at all: beyond its own limit, the body is refused as
+        // serde_json refuses it.
+        for levels in 120..140 {
+            for (open, close) in [("[", "]"), (r#"{"k":"#, "}")] {
+                let body = format!(
+                    r#"{{"x":{}1{},"x":1}}"#,
+                    open.repeat(levels),
+                    close.repeat(levels)
+                );
+                assert_eq!(
+                    parse(body.as_bytes()).is_ok(),
+                    serde_json::from_slice::<serde_json::Value>(body.as_bytes()).is_ok(),
+                    "{levels} levels of {open}"
+                );
+            }
+        }
+        // Objects count as arrays do: `MAX_DEPTH` levels are read, one more is refused.
+        let objects = |levels: usize| {
+            format!(
+                "{}{{}}{}",
+                r#"{"a":"#.repeat(levels - 1),
+                "}".repeat(levels - 1)
+            )
+        };
+        assert!(parse(objects(MAX_DEPTH).as_bytes()).is_ok());
+        assert_eq!(
+            parse(objects(MAX_DEPTH + 1).as_bytes()).unwrap_err(),
+            Invalid::Depth
+        );
     }
 
     #[test]
@@ -751,6 +788,78 @@ mod tests {
                     "{c} at {at}"
                 );
             }
+        }
+    }
+
+    /// A body that is not an object is named for what is wrong first: trailing bytes after
+    /// the value, else that it is no object; each reason reads as documented.
+    #[test]
+    fn a_value_that_is_no_object_is_named_for_what_is_wrong() {
+        assert_eq!(parse(b"[1]").err(), Some(Invalid::NotObject));
+        // Eight bytes, a string from the second: the word loop must not read past the end.
+        assert_eq!(parse(b"\"abcdef\"").err(), Some(Invalid::NotObject));
+        assert_eq!(parse(b" [1] \n").err(), Some(Invalid::NotObject));
+        assert_eq!(
+            parse(b"[1] x").err(),
+            Some(Invalid::Syntax("trailing characters", 4))
+        );
+        assert_eq!(
+            parse(b"{} x").err(),
+            Some(Invalid::Syntax("trailing characters", 3))
+        );
+        assert_eq!(
+            Invalid::Syntax("trailing characters", 4).to_string(),
+            "trailing characters at byte 4"
+        );
+        assert_eq!(
+            Invalid::Depth.to_string(),
+            format!("nests deeper than {MAX_DEPTH} levels")
+        );
+        assert_eq!(Invalid::NotObject.to_string(), "not a JSON object");
+    }
+
+    /// Bytes that are no UTF-8 are refused however they line up with the 8-byte words the
+    /// string loop reads (eight bytes of 0x80 OR to exactly the words' high bits).
+    #[test]
+    fn invalid_utf8_is_refused_wherever_it_lies() {
+        for lead in 0..9 {
+            for run in 1..=17 {
+                let mut body = br#"{"a":""#.to_vec();
+                body.extend(std::iter::repeat_n(b'x', lead));
+                body.extend(std::iter::repeat_n(0x80, run));
+                body.extend_from_slice(br#""}"#);
+                assert!(
+                    matches!(
+                        parse(&body),
+                        Err(Invalid::Syntax("invalid unicode code point", _))
+                    ),
+                    "{lead} + {run}"
+                );
+            }
+        }
+    }
+
+    /// Escapes and numbers the parser reads as serde_json does: surrogates in upper-case hex
+    /// checked by their value, a number's fraction and exponent with at least one digit.
+    #[test]
+    fn escapes_and_numbers_are_read_as_serde_json_reads_them() {
+        for body in [
+            r#"{"a":"\uD83D\uDE00"}"#,
+            r#"{"a":"\uD83D"}"#,
+            r#"{"a":"\uDE00"}"#,
+            r#"{"a":"\uD83D\u0041"}"#,
+            r#"{"a":"\uFFFF\uABCD\u00E9"}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":1.5e}"#,
+            r#"{"a":1e+}"#,
+            r#"{"a":-}"#,
+            r#"{"a":10.25E-3}"#,
+        ] {
+            assert_eq!(
+                parse(body.as_bytes()).is_ok(),
+                serde_json::from_str::<serde_json::Value>(body).is_ok(),
+                "{body}"
+            );
         }
     }
 }
