@@ -861,5 +861,14 @@ mod tests {
                 "{body}"
             );
         }
+        // A fraction or exponent without digits is named where it stops.
+        assert_eq!(
+            parse(br#"{"a":1.}"#).err(),
+            Some(Invalid::Syntax("invalid number", 7))
+        );
+        assert_eq!(
+            parse(br#"{"a":1e+}"#).err(),
+            Some(Invalid::Syntax("invalid number", 8))
+        );
     }
 }
