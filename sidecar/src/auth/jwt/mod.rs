@@ -294,6 +294,8 @@ impl JwtVerifier {
 
     /// [`JwtVerifier::verify_uncached`], with what the token cache needs.
     fn verify_full(&self, token: &str, now: i64) -> Result<VerifiedToken, AuthError> {
+        #[cfg(test)]
+        FULL_VERIFICATIONS.with(|c| c.set(c.get() + 1));
         if token.len() > self.max_token_bytes {
             return Err(AuthError::Malformed(format!(
                 "the token is larger than {} bytes",
@@ -480,6 +482,12 @@ struct VerifiedToken {
     /// The index of the issuer that verified it, and the URL keys it had then.
     issuer: usize,
     url_keys: Option<Arc<KeySet>>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tokens verified in full on this thread: what the token cache did not answer.
+    static FULL_VERIFICATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// The bearer token of `Authorization`, when there is exactly one such header.

@@ -288,6 +288,66 @@ fn a_cached_token_is_found_while_valid_and_while_its_keys_are_current() {
     assert!(cache.get(&[3; 32], 10, same).is_none());
 }
 
+/// A verified token is remembered: asked again, the verifier answers without checking its
+/// signature, for as long as the keys that verified it are the issuer's (a refresh of the
+/// issuer's JWKS URL checks it again); a token verified with file keys likewise.
+#[test]
+fn a_remembered_token_is_not_verified_again_until_its_url_keys_change() {
+    let text = "[upstream]\nurl = \"http://127.0.0.1:1\"\n[tenants.acme]\n[tenants.globex]\n\
+        [auth.jwt]\naudiences = [\"bh\"]\n\
+        [[auth.jwt.issuers]]\nissuer = \"A\"\njwks_url = \"http://127.0.0.1:9/certs\"\n\
+        tenants = [\"acme\"]\n\
+        [[auth.jwt.issuers]]\nissuer = \"B\"\njwks_file = \"/b\"\ntenants = [\"globex\"]\n";
+    let cfg = Config::from_toml(text).unwrap();
+    let (a, b) = (TestKey::new("a"), TestKey::new("b"));
+    // No runtime here: the URL is never fetched; the test sets its keys.
+    let url = UrlKeys::start(
+        UrlSettings {
+            url: "http://127.0.0.1:9/certs".parse().unwrap(),
+            refresh: Duration::from_secs(600),
+            min_refresh: Duration::from_secs(600),
+            timeout: Duration::from_millis(100),
+            max_bytes: 1024,
+        },
+        Family::default(),
+    );
+    let refresh = || *url.keys.write().unwrap() = Arc::new(TestKey::jwks(&[&a]));
+    refresh();
+    let v = JwtVerifier::new(
+        cfg.auth.jwt.as_ref().unwrap(),
+        vec![
+            IssuerKeys {
+                file: KeySet::default(),
+                url: Some(url.clone()),
+            },
+            TestKey::jwks(&[&b]).into(),
+        ],
+    )
+    .unwrap();
+    let full = || FULL_VERIFICATIONS.with(|c| c.get());
+    let tenant = |t: &str| v.verify(t, NOW).map(|id| id.tenant).map_err(|e| e.reason());
+    let from_url = a.token(serde_json::json!({}), claims("A", "acme"));
+    let from_file = b.token(serde_json::json!({}), claims("B", "globex"));
+    let before = full();
+    for expected in [1, 1, 1] {
+        assert_eq!(tenant(&from_url), Ok("acme".into()));
+        assert_eq!(full() - before, expected);
+    }
+    // The URL's keys refreshed (the same key in a new set): checked once more, then remembered.
+    refresh();
+    for expected in [2, 2] {
+        assert_eq!(tenant(&from_url), Ok("acme".into()));
+        assert_eq!(full() - before, expected);
+    }
+    for expected in [3, 3] {
+        assert_eq!(tenant(&from_file), Ok("globex".into()));
+        assert_eq!(full() - before, expected);
+    }
+    // The key gone from the URL: the remembered token is refused like any other.
+    *url.keys.write().unwrap() = Arc::new(KeySet::default());
+    assert_eq!(tenant(&from_url), Err("unknown_key"));
+}
+
 #[test]
 fn a_full_token_cache_drops_expired_tokens_first_then_everything() {
     let entry = |valid_until: i64| CachedToken {
