@@ -204,6 +204,34 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
     }
 
+    /// Tenants are built again at every configuration reload: the leased mode's list of
+    /// tenants (whose idle leases go back to Redis) keeps only the ones still in use, however
+    /// many reloads came before.
+    #[tokio::test]
+    async fn reloads_leave_no_dropped_tenant_in_the_lease_list() {
+        let cfg = RedisLimitsConfig {
+            url: Some("redis://127.0.0.1:1/".into()),
+            mode: LimitsMode::Leased,
+            ..RedisLimitsConfig::default()
+        };
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let s = SharedLimits::start(cfg, metrics, SharedClock::system());
+        let acme = s.tenant("acme", LimitNumbers::default());
+        for _ in 0..10 {
+            drop(s.tenant("globex", LimitNumbers::default()));
+        }
+        let globex = s.tenant("globex", LimitNumbers::default());
+        let listed: Vec<Arc<SharedTenant>> = s
+            .tenants
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|w| w.upgrade().expect("only tenants in use are listed"))
+            .collect();
+        assert_eq!(listed.len(), 2);
+        assert!(Arc::ptr_eq(&listed[0], &acme) && Arc::ptr_eq(&listed[1], &globex));
+    }
+
     /// A tenant's shared limiter in a log line: which tenant, and the limits it shares; an
     /// admission: what it reserved.
     #[tokio::test]
