@@ -59,10 +59,12 @@ async fn fake_upstream(listener: TcpListener) {
                 return;
             }
             assert_eq!(body["stream_options"]["include_usage"], true);
-            // An upstream that sends no usage, names its model in the first event only, and
-            // ends without the last event's blank line.
+            // An upstream that sends no usage, names its model in the first event only, sends
+            // an event whose data is empty (no content: not charged), and ends without the
+            // last event's blank line.
             let no_usage = concat!(
                 "data: {\"model\":\"served\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"A\"}}]}\n\n",
+                "data:\n\n",
                 "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"B\"}}]}\n\n",
                 "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"C\"}}]}",
             );
