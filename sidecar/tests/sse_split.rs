@@ -39,6 +39,28 @@ async fn fake_upstream(listener: TcpListener) {
                 buf.extend_from_slice(&tmp[..n]);
             }
             let body: serde_json::Value = serde_json::from_slice(&buf[header_end..]).unwrap();
+            if body["messages"][0]["content"] == "two-mebibytes" {
+                // A non-streamed answer of over 2 MiB in chunks (no length), another tenant's
+                // canary at its end.
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await
+                    .unwrap();
+                let text = format!(
+                    r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"{}the secret is CANARY-acme-7f3a9c5e"}}}}]}}"#,
+                    "a".repeat(2 << 20)
+                );
+                for piece in text.as_bytes().chunks(64 * 1024) {
+                    let chunk =
+                        [format!("{:x}\r\n", piece.len()).as_bytes(), piece, b"\r\n"].concat();
+                    // The sidecar hangs up once it has cut the answer.
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+                let _ = s.shutdown().await;
+                return;
+            }
             if body["messages"][0]["content"] == "two-frames" {
                 // A non-streamed answer in two chunks, another tenant's canary in the second.
                 let pieces = [
@@ -174,6 +196,51 @@ async fn a_stream_without_usage_is_charged_its_content_events() {
         1.0,
     )
     .await;
+    h.shutdown().await;
+}
+
+/// A non-streamed answer too large to buffer (chunked: no length) goes out as it is scanned;
+/// another tenant's canary past the first MiB cuts it, in block mode, and the client sees the
+/// body break off with an error, never a clean end that would pass for the whole answer.
+#[tokio::test]
+async fn a_chunked_answer_cut_for_a_canary_ends_in_an_error() {
+    let tenants = "[tenants.acme]\ncanaries = [\"CANARY-acme-7f3a9c5e\"]\n[tenants.globex]\n";
+    let h = behind_fake_upstream(tenants, "\n[leaks]\non_canary = \"block\"\n").await;
+    let r = h
+        .send(h.signed(
+            "globex",
+            Method::POST,
+            "/v1/chat/completions",
+            &chat("two-mebibytes", ""),
+        ))
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the head went out with the first MiB"
+    );
+    let mut body = r.into_body();
+    let (mut got, mut broke) = (Vec::new(), false);
+    while let Some(f) = body.frame().await {
+        match f {
+            Ok(f) => got.extend_from_slice(&f.into_data().unwrap_or_default()),
+            Err(_) => {
+                broke = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        broke,
+        "the body ends in an error ({} bytes came)",
+        got.len()
+    );
+    assert!(
+        got.len() > 1 << 20,
+        "the first MiB and more went out ({})",
+        got.len()
+    );
+    assert!(!String::from_utf8_lossy(&got).contains("CANARY-acme"));
     h.shutdown().await;
 }
 
