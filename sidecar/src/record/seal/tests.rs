@@ -479,3 +479,49 @@ fn a_jump_past_any_audit_file_is_one_range() {
         assert!(has(&notes, true, &want), "{want}: {notes:?}");
     }
 }
+
+/// The reader's account in the corners the random faults do not build: a stream's first record
+/// twice, a stream whose predecessor is missing whole, a predecessor read after the stream that
+/// names it, a record that does not follow the one read before it (a writer forked from the
+/// same state), and an unreadable first line before a stream's later record (which no restart
+/// explains).
+#[test]
+fn the_reader_names_each_corner_of_the_chain() {
+    let keys = SealKeys::parse(&key("k1", 1)).unwrap();
+    let (a, ca) = stream(&keys, 0, 3, None);
+    let (b, cb) = stream(&keys, 3, 2, ca.last());
+    let (c, _) = stream(&keys, 5, 2, cb.last());
+    let problem = |lines: &[Vec<u8>], want: &str| {
+        let (notes, problems, shown) = verify(&keys, lines, false);
+        assert!(problems > 0 && has(&notes, true, want), "{want}: {notes:?}");
+        shown.len()
+    };
+    // A stream's first record again: a duplicate, shown once.
+    let twice = [a.clone(), vec![a[0].clone()]].concat();
+    assert_eq!(problem(&twice, "seq 0 again"), 3);
+    // Stream b deleted whole: c names it, and nothing of it is between a and c.
+    problem(
+        &[a.clone(), c.clone()].concat(),
+        "of which nothing is here between",
+    );
+    // Stream a read after b, which started after it (files in the wrong order).
+    problem(&[b.clone(), a.clone()].concat(), "which started after it");
+    // A forked writer: two records sealed at seq 2 from the same state; the next record of one
+    // fork after the other fork's seq 2.
+    let mut chain = Chain::new(None).unwrap();
+    let mut scratch = Scratch::default();
+    let mut seal = |chain: &mut Chain, n: usize| {
+        let mut out = Vec::new();
+        assert!(keys.seal_chained("acme", chain, &rec(n), &mut out, &mut scratch));
+        out
+    };
+    let (r0, r1) = (seal(&mut chain, 0), seal(&mut chain, 1));
+    let mut fork = chain;
+    let (_, r3) = (seal(&mut chain, 2), seal(&mut chain, 3));
+    let other2 = seal(&mut fork, 99);
+    problem(&[r0, r1, other2, r3], "chain broken");
+    // A cut line first, then seq 1 and 2 of a stream: only a stream's first record can say a
+    // restart ended that line.
+    let cut = [vec![a[0][..40].to_vec()], a[1..].to_vec()].concat();
+    problem(&cut, "unreadable line");
+}
