@@ -478,6 +478,28 @@ fn a_jump_past_any_audit_file_is_one_range() {
         let want = format!("gap: stream {s} seq {range} missing");
         assert!(has(&notes, true, &want), "{want}: {notes:?}");
     }
+    // Far into a stream, a small jump is still read record by record: a record that comes
+    // later in the files is not reported missing.
+    let (mut lines, mut chain) = stream(&keys, 0, 2, None);
+    let s = hex(&chain.stream());
+    chain.next = 2_000_000;
+    let mut far = Vec::new();
+    for i in 0..4 {
+        let mut out = Vec::new();
+        assert!(keys.seal_chained(
+            "acme",
+            &mut chain,
+            &rec(10 + i),
+            &mut out,
+            &mut Scratch::default()
+        ));
+        far.push(out);
+    }
+    lines.extend([far[0].clone(), far[3].clone(), far[1].clone()]);
+    let (notes, _, _) = verify(&keys, &lines, false);
+    let want = format!("gap: stream {s} seq 2000002 missing");
+    assert!(has(&notes, true, &want), "{want}: {notes:?}");
+    assert!(has(&notes, true, "out of order"), "{notes:?}");
 }
 
 /// The reader's account in the corners the random faults do not build: a stream's first record
