@@ -478,6 +478,23 @@ fn a_jump_past_any_audit_file_is_one_range() {
         let want = format!("gap: stream {s} seq {range} missing");
         assert!(has(&notes, true, &want), "{want}: {notes:?}");
     }
+    // A jump of exactly the bound is read record by record: a record of it that comes later in
+    // the files splits what is missing in two.
+    let (mut lines, mut chain) = stream(&keys, 0, 2, None);
+    let s = hex(&chain.stream());
+    let mut between = chain;
+    between.next = 500_000;
+    chain.next = 1_000_001;
+    for c in [&mut chain, &mut between] {
+        let mut out = Vec::new();
+        assert!(keys.seal_chained("acme", c, &rec(9), &mut out, &mut Scratch::default()));
+        lines.push(out);
+    }
+    let (notes, _, _) = verify(&keys, &lines, false);
+    for range in ["2..=499999", "500001..=1000000"] {
+        let want = format!("gap: stream {s} seq {range} missing");
+        assert!(has(&notes, true, &want), "{want}: {notes:?}");
+    }
     // Far into a stream, a small jump is still read record by record: a record that comes
     // later in the files is not reported missing.
     let (mut lines, mut chain) = stream(&keys, 0, 2, None);
@@ -546,4 +563,10 @@ fn the_reader_names_each_corner_of_the_chain() {
     // restart ended that line.
     let cut = [vec![a[0][..40].to_vec()], a[1..].to_vec()].concat();
     problem(&cut, "unreadable line");
+    // Chained records only: no word of the unchained format.
+    let (notes, _, _) = verify(&keys, &a, false);
+    assert!(
+        !notes.iter().any(|n| n.text.contains("unchained")),
+        "{notes:?}"
+    );
 }
