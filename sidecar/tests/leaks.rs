@@ -679,18 +679,7 @@ async fn an_answer_over_a_mebibyte_is_scanned_from_its_first_byte_to_its_last() 
         StatusCode::OK,
         "the head went out with the first MiB"
     );
-    let mut body = r.into_body();
-    let mut got = Vec::new();
-    let mut broke = false;
-    while let Some(f) = body.frame().await {
-        match f {
-            Ok(f) => got.extend_from_slice(&f.into_data().unwrap_or_default()),
-            Err(_) => {
-                broke = true;
-                break;
-            }
-        }
-    }
+    let (got, broke) = read_to_end_or_error(r.into_body()).await;
     assert!(broke, "the client sees the body end in an error");
     assert!(
         got.len() > 1 << 20 && got.len() < 3_000_000,

@@ -219,17 +219,7 @@ async fn a_chunked_answer_cut_for_a_canary_ends_in_an_error() {
         StatusCode::OK,
         "the head went out with the first MiB"
     );
-    let mut body = r.into_body();
-    let (mut got, mut broke) = (Vec::new(), false);
-    while let Some(f) = body.frame().await {
-        match f {
-            Ok(f) => got.extend_from_slice(&f.into_data().unwrap_or_default()),
-            Err(_) => {
-                broke = true;
-                break;
-            }
-        }
-    }
+    let (got, broke) = read_to_end_or_error(r.into_body()).await;
     assert!(
         broke,
         "the body ends in an error ({} bytes came)",

@@ -33,6 +33,19 @@ pub struct Harness {
     pub sidecar: InProcess,
 }
 
+/// A response body's bytes as they came, and whether it ended in an error (a response the
+/// sidecar cut) rather than cleanly.
+pub async fn read_to_end_or_error(mut body: Incoming) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    while let Some(f) = body.frame().await {
+        match f {
+            Ok(f) => got.extend_from_slice(&f.into_data().unwrap_or_default()),
+            Err(_) => return (got, true),
+        }
+    }
+    (got, false)
+}
+
 /// The test configuration; `extra` is appended (tenants and overrides).
 pub fn config_text(upstream: &str, dir: &std::path::Path, tenants: &str) -> String {
     format!(

@@ -140,6 +140,20 @@ impl TestKey {
     }
 }
 
+/// The keys of a JWKS URL, ten minutes between fetches (fetched only inside a runtime).
+fn url_keys(url: &str) -> Arc<UrlKeys> {
+    UrlKeys::start(
+        UrlSettings {
+            url: url.parse().unwrap(),
+            refresh: Duration::from_secs(600),
+            min_refresh: Duration::from_secs(600),
+            timeout: Duration::from_millis(100),
+            max_bytes: 1024,
+        },
+        Family::default(),
+    )
+}
+
 const NOW: i64 = 1_800_000_000;
 
 fn claims(iss: &str, tenant: &str) -> Value {
@@ -301,16 +315,7 @@ fn a_remembered_token_is_not_verified_again_until_its_url_keys_change() {
     let cfg = Config::from_toml(text).unwrap();
     let (a, b) = (TestKey::new("a"), TestKey::new("b"));
     // No runtime here: the URL is never fetched; the test sets its keys.
-    let url = UrlKeys::start(
-        UrlSettings {
-            url: "http://127.0.0.1:9/certs".parse().unwrap(),
-            refresh: Duration::from_secs(600),
-            min_refresh: Duration::from_secs(600),
-            timeout: Duration::from_millis(100),
-            max_bytes: 1024,
-        },
-        Family::default(),
-    );
+    let url = url_keys("http://127.0.0.1:9/certs");
     let refresh = || *url.keys.write().unwrap() = Arc::new(TestKey::jwks(&[&a]));
     refresh();
     let v = JwtVerifier::new(
@@ -402,16 +407,7 @@ fn a_full_token_cache_drops_expired_tokens_first_then_everything() {
 /// remembered, never a token's tenant or key.
 #[tokio::test]
 async fn debug_shows_the_url_and_the_cache_size_only() {
-    let url = UrlKeys::start(
-        UrlSettings {
-            url: "http://127.0.0.1:9/realms/acme/certs".parse().unwrap(),
-            refresh: Duration::from_secs(600),
-            min_refresh: Duration::from_secs(600),
-            timeout: Duration::from_millis(100),
-            max_bytes: 1024,
-        },
-        Family::default(),
-    );
+    let url = url_keys("http://127.0.0.1:9/realms/acme/certs");
     let shown = format!("{url:?}");
     assert!(shown.contains("127.0.0.1:9/realms/acme/certs"), "{shown}");
     let mut cache = TokenCache::default();

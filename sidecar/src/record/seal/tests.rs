@@ -29,16 +29,18 @@ fn rec(n: usize) -> Vec<u8> {
     format!(r#"{{"tenant":"acme","request_id":"r{n}"}}"#).into_bytes()
 }
 
+/// Record `n`, sealed as the next line of `chain`.
+fn sealed(keys: &SealKeys, chain: &mut Chain, n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    assert!(keys.seal_chained("acme", chain, &rec(n), &mut out, &mut Scratch::default()));
+    out
+}
+
 /// `n` records of a new stream (after `after`), as lines; and the chain after them.
 fn stream(keys: &SealKeys, first: usize, n: usize, after: Option<Link>) -> (Vec<Vec<u8>>, Chain) {
     let mut chain = Chain::new(after).unwrap();
-    let mut scratch = Scratch::default();
     let lines = (first..first + n)
-        .map(|i| {
-            let mut out = Vec::new();
-            assert!(keys.seal_chained("acme", &mut chain, &rec(i), &mut out, &mut scratch));
-            out
-        })
+        .map(|i| sealed(keys, &mut chain, i))
         .collect();
     (lines, chain)
 }
@@ -465,15 +467,7 @@ fn a_jump_past_any_audit_file_is_one_range() {
         let (mut lines, mut chain) = stream(&keys, 0, 2, None);
         let s = hex(&chain.stream());
         chain.next = next;
-        let mut out = Vec::new();
-        assert!(keys.seal_chained(
-            "acme",
-            &mut chain,
-            &rec(9),
-            &mut out,
-            &mut Scratch::default()
-        ));
-        lines.push(out);
+        lines.push(sealed(&keys, &mut chain, 9));
         let (notes, _, _) = verify(&keys, &lines, false);
         let want = format!("gap: stream {s} seq {range} missing");
         assert!(has(&notes, true, &want), "{want}: {notes:?}");
@@ -485,11 +479,8 @@ fn a_jump_past_any_audit_file_is_one_range() {
     let mut between = chain;
     between.next = 500_000;
     chain.next = 1_000_001;
-    for c in [&mut chain, &mut between] {
-        let mut out = Vec::new();
-        assert!(keys.seal_chained("acme", c, &rec(9), &mut out, &mut Scratch::default()));
-        lines.push(out);
-    }
+    lines.push(sealed(&keys, &mut chain, 9));
+    lines.push(sealed(&keys, &mut between, 9));
     let (notes, _, _) = verify(&keys, &lines, false);
     for range in ["2..=499999", "500001..=1000000"] {
         let want = format!("gap: stream {s} seq {range} missing");
@@ -500,18 +491,7 @@ fn a_jump_past_any_audit_file_is_one_range() {
     let (mut lines, mut chain) = stream(&keys, 0, 2, None);
     let s = hex(&chain.stream());
     chain.next = 2_000_000;
-    let mut far = Vec::new();
-    for i in 0..4 {
-        let mut out = Vec::new();
-        assert!(keys.seal_chained(
-            "acme",
-            &mut chain,
-            &rec(10 + i),
-            &mut out,
-            &mut Scratch::default()
-        ));
-        far.push(out);
-    }
+    let far: Vec<Vec<u8>> = (10..14).map(|i| sealed(&keys, &mut chain, i)).collect();
     lines.extend([far[0].clone(), far[3].clone(), far[1].clone()]);
     let (notes, _, _) = verify(&keys, &lines, false);
     let want = format!("gap: stream {s} seq 2000002 missing");
@@ -548,16 +528,10 @@ fn the_reader_names_each_corner_of_the_chain() {
     // A forked writer: two records sealed at seq 2 from the same state; the next record of one
     // fork after the other fork's seq 2.
     let mut chain = Chain::new(None).unwrap();
-    let mut scratch = Scratch::default();
-    let mut seal = |chain: &mut Chain, n: usize| {
-        let mut out = Vec::new();
-        assert!(keys.seal_chained("acme", chain, &rec(n), &mut out, &mut scratch));
-        out
-    };
-    let (r0, r1) = (seal(&mut chain, 0), seal(&mut chain, 1));
+    let (r0, r1) = (sealed(&keys, &mut chain, 0), sealed(&keys, &mut chain, 1));
     let mut fork = chain;
-    let (_, r3) = (seal(&mut chain, 2), seal(&mut chain, 3));
-    let other2 = seal(&mut fork, 99);
+    let (_, r3) = (sealed(&keys, &mut chain, 2), sealed(&keys, &mut chain, 3));
+    let other2 = sealed(&keys, &mut fork, 99);
     problem(&[r0, r1, other2, r3], "chain broken");
     // A cut line first, then seq 1 and 2 of a stream: only a stream's first record can say a
     // restart ended that line.
